@@ -1,0 +1,42 @@
+"""LayerSwarm's inference core: model resolution, blocks of layers with per-session KV caches,
+sampling, tokenizer. Knows nothing of HTTP."""
+
+from .block import Block, Span, load_block, parse_span, resolve_device
+from .chain import LocalChain, decode_one_token, generate, prefill
+from .errors import (
+    CacheFullError,
+    InferenceError,
+    LayerRangeError,
+    ModelNotFoundError,
+    SessionError,
+    UnsupportedArchitectureError,
+    WeightFileError,
+)
+from .models import DEFAULT_MODEL, ModelSource, resolve_model
+from .sampling import SamplingParams, sample
+from .tokenizer import Tokenizer
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "Block",
+    "CacheFullError",
+    "InferenceError",
+    "LayerRangeError",
+    "LocalChain",
+    "ModelNotFoundError",
+    "ModelSource",
+    "SamplingParams",
+    "SessionError",
+    "Span",
+    "Tokenizer",
+    "UnsupportedArchitectureError",
+    "WeightFileError",
+    "decode_one_token",
+    "generate",
+    "load_block",
+    "parse_span",
+    "prefill",
+    "resolve_device",
+    "resolve_model",
+    "sample",
+]

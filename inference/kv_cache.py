@@ -1,0 +1,135 @@
+"""Per-session KV caches of one block, and the store that bounds them: a token budget, idle
+expiry, LRU eviction and explicit close."""
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+from .errors import CacheFullError, SessionError
+
+GROW_TOKENS = 256  # capacity grows in steps of this many positions
+
+
+class SessionCache:
+    """Keys and values of one session for the layers of one block, in preallocated buffers.
+
+    The decoder layers call `update` (transformers' Cache protocol); `advance` commits the step.
+    """
+
+    def __init__(self, session_id: str, batch: int):
+        self.session_id = session_id
+        self.batch = batch
+        self.length = 0  # positions committed
+        self.capacity = 0  # positions allocated
+        self.last_used = time.monotonic()
+        self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def grow_to(self, capacity: int) -> None:
+        self.capacity = capacity
+        for layer, (k, v) in list(self._kv.items()):
+            self._kv[layer] = (_resized(k, capacity), _resized(v, capacity))
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # key, value: [B, kv_heads, T, head_dim]
+        end = self.length + key.shape[2]
+        assert end <= self.capacity, f"step to {end} over capacity {self.capacity}"
+        if layer_idx not in self._kv:
+            shape = (key.shape[0], key.shape[1], self.capacity, key.shape[3])
+            self._kv[layer_idx] = (key.new_empty(shape), value.new_empty(shape))
+        k, v = self._kv[layer_idx]
+        k[:, :, self.length : end] = key
+        v[:, :, self.length : end] = value
+        return k[:, :, :end], v[:, :, :end]
+
+    def advance(self, steps: int) -> None:
+        self.length += steps
+
+
+def _resized(t: torch.Tensor, capacity: int) -> torch.Tensor:
+    out = t.new_empty((*t.shape[:2], capacity, t.shape[3]))
+    n = min(capacity, t.shape[2])
+    out[:, :, :n] = t[:, :, :n]
+    return out
+
+
+class CacheStore:
+    """All sessions of one block. Usage is counted in token slots: batch x allocated positions."""
+
+    def __init__(self, max_tokens: int, idle_timeout_s: float, clock: Callable[[], float] = time.monotonic):
+        if max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        if idle_timeout_s <= 0:
+            raise ValueError(f"idle_timeout_s must be positive, got {idle_timeout_s}")
+        self.max_tokens = max_tokens
+        self.idle_timeout_s = idle_timeout_s
+        self._clock = clock
+        self._sessions: OrderedDict[str, SessionCache] = OrderedDict()  # least recently used first
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    @property
+    def used_tokens(self) -> int:
+        return sum(s.batch * s.capacity for s in self._sessions.values())
+
+    def open(self, session_id: str, batch: int) -> SessionCache:
+        """A fresh cache for `session_id`; an existing one of that id is dropped first."""
+        with self._lock:
+            self._sessions.pop(session_id, None)
+            session = SessionCache(session_id, batch)
+            session.last_used = self._clock()
+            self._sessions[session_id] = session
+            return session
+
+    def get(self, session_id: str) -> SessionCache:
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None:
+                raise SessionError(
+                    f"unknown session {session_id!r} (never opened, closed, evicted or expired)"
+                )
+            session.last_used = self._clock()
+            self._sessions.move_to_end(session_id)
+            return session
+
+    def reserve(self, session: SessionCache, new_tokens: int) -> None:
+        """Make room for `new_tokens` more positions of `session`, evicting least recently used
+        other sessions if the budget requires; CacheFullError if the session alone cannot fit."""
+        needed = session.length + new_tokens
+        if needed <= session.capacity:
+            return
+        capacity = -(-needed // GROW_TOKENS) * GROW_TOKENS
+        if session.batch * needed > self.max_tokens:
+            raise CacheFullError(
+                f"session {session.session_id!r} needs {session.batch * needed} KV token slots "
+                f"(batch {session.batch} x {needed} positions); the cache budget is {self.max_tokens}"
+            )
+        capacity = min(capacity, self.max_tokens // session.batch)
+        with self._lock:
+            extra = session.batch * (capacity - session.capacity)
+            for other_id in list(self._sessions):
+                if self.used_tokens + extra <= self.max_tokens:
+                    break
+                if other_id != session.session_id:
+                    del self._sessions[other_id]
+            session.grow_to(capacity)
+
+    def close(self, session_id: str) -> bool:
+        with self._lock:
+            return self._sessions.pop(session_id, None) is not None
+
+    def expire(self) -> list[str]:
+        """Drop sessions idle longer than the timeout; returns their ids."""
+        now = self._clock()
+        with self._lock:
+            dead = [sid for sid, s in self._sessions.items() if now - s.last_used > self.idle_timeout_s]
+            for sid in dead:
+                del self._sessions[sid]
+            return dead

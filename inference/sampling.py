@@ -1,0 +1,62 @@
+"""Sampling as plain functions: greedy, temperature, top-k, top-p, seeded per step so that the
+same seed gives the same tokens whichever peer samples."""
+
+from dataclasses import dataclass
+
+import torch
+
+_MIX = 0x9E3779B97F4A7C15  # odd constant spreading (seed, step) over the generator's seed space
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k cut
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not 0 <= self.temperature <= 100:
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def step_generator(seed: int | None, step: int) -> torch.Generator | None:
+    """A generator for one decoding step: a pure function of (seed, step)."""
+    if seed is None:
+        return None
+    return torch.Generator().manual_seed((seed * _MIX + step) % (1 << 63))
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] -> (tokens [B], logprobs [B]); the logprob is under the unmodified model."""
+    logits = logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
+    if params.greedy:
+        tokens = logits.argmax(dim=-1)
+    else:
+        probs = torch.softmax(_filtered(logits / params.temperature, params), dim=-1)
+        tokens = torch.multinomial(probs.cpu(), 1, generator=step_generator(params.seed, step))[:, 0]
+        tokens = tokens.to(logits.device)
+    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+
+
+def _filtered(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Mask out tokens outside top-k and outside the top-p nucleus (always keeps the best one)."""
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # mass before >= p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits

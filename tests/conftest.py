@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random models of each supported family, saved as safetensors."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.helpers import save_tiny_model  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """model_type -> directory of a tiny random model of that family."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {kind: save_tiny_model(kind, root / kind) for kind in ("llama", "qwen2", "mistral")}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    """The real default model (SmolLM2-135M-Instruct), fetched and converted once."""
+    from inference import DEFAULT_MODEL, resolve_model
+
+    return resolve_model(DEFAULT_MODEL).path

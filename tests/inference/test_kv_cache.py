@@ -1,0 +1,73 @@
+"""The session cache store: budget, LRU eviction, idle expiry, close."""
+
+import pytest
+import torch
+
+from inference import CacheFullError, SessionError, load_block
+from inference.kv_cache import GROW_TOKENS, CacheStore
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_budget_counts_batch_times_allocated_positions():
+    store = CacheStore(max_tokens=4 * GROW_TOKENS, idle_timeout_s=60)
+    a = store.open("a", batch=2)
+    store.reserve(a, 10)
+    assert store.used_tokens == 2 * GROW_TOKENS
+
+
+def test_least_recently_used_session_is_evicted_for_a_new_one():
+    clock = FakeClock()
+    store = CacheStore(max_tokens=2 * GROW_TOKENS, idle_timeout_s=60, clock=clock)
+    for sid in ("a", "b"):
+        store.reserve(store.open(sid, batch=1), 10)
+        clock.now += 1
+    store.get("a")  # a is now the most recently used
+    store.reserve(store.open("c", batch=1), 10)
+    assert "b" not in store and "a" in store and "c" in store
+    with pytest.raises(SessionError, match="unknown session 'b'"):
+        store.get("b")
+
+
+def test_session_over_the_budget_gets_a_clear_error():
+    store = CacheStore(max_tokens=100, idle_timeout_s=60)
+    session = store.open("big", batch=2)
+    with pytest.raises(
+        CacheFullError, match=r"needs 120 KV token slots \(batch 2 x 60 positions\); the cache budget is 100"
+    ):
+        store.reserve(session, 60)
+
+
+def test_idle_sessions_expire_and_close_frees():
+    clock = FakeClock()
+    store = CacheStore(max_tokens=10_000, idle_timeout_s=5, clock=clock)
+    store.open("old", batch=1)
+    clock.now = 3
+    store.open("new", batch=1)
+    clock.now = 6
+    assert store.expire() == ["old"]
+    assert store.close("new") and len(store) == 0
+
+
+def test_block_over_budget_raises_and_stays_usable(tiny_llama):
+    block = load_block(tiny_llama, "0:4", max_cache_tokens=16)
+    with pytest.raises(CacheFullError, match="the cache budget is 16"):
+        block("s", torch.zeros(1, 20, dtype=torch.long), 0)
+    logits = block("t", torch.zeros(1, 8, dtype=torch.long), 0)
+    assert logits.shape == (1, 1, 256)
+
+
+def test_cache_grows_past_its_first_allocation(tiny_llama):
+    block = load_block(tiny_llama, "0:4")
+    ids = torch.arange(GROW_TOKENS + 10).remainder(256)[None]
+    whole = block("whole", ids, 0, last_only=False)
+    block("steps", ids[:, : GROW_TOKENS - 2], 0)
+    for pos in range(GROW_TOKENS - 2, GROW_TOKENS + 10):
+        last = block("steps", ids[:, pos : pos + 1], pos)
+    assert torch.allclose(last[:, -1], whole[:, -1], atol=1e-4)

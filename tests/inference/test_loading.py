@@ -1,0 +1,108 @@
+"""Loading a block reads only its share; bad input fails with one clear error."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import GPT2Config
+
+from inference import (
+    LayerRangeError,
+    ModelNotFoundError,
+    UnsupportedArchitectureError,
+    WeightFileError,
+    load_block,
+    resolve_model,
+)
+from inference.weights import Checkpoint
+from tests.helpers import save_tiny_model
+
+
+def unique_bytes(module) -> int:
+    seen = {id(p): p for p in module.parameters()}
+    return sum(p.numel() * p.element_size() for p in seen.values())
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # untied and tied embeddings
+def test_block_parameter_bytes_equal_its_share(tiny_models, kind):
+    path = tiny_models[kind]
+    ckpt = Checkpoint(path)
+    tensors = ckpt.read(list(ckpt.files))
+    size = {name: t.numel() * 4 for name, t in tensors.items()}
+
+    def layer(i):
+        return sum(v for k, v in size.items() if k.startswith(f"model.layers.{i}."))
+
+    head = size.get("lm_head.weight", size["model.embed_tokens.weight"])
+
+    assert unique_bytes(load_block(path, "1:3")) == layer(1) + layer(2)
+    assert unique_bytes(load_block(path, "0:1")) == size["model.embed_tokens.weight"] + layer(0)
+    assert unique_bytes(load_block(path, "3:4")) == layer(3) + size["model.norm.weight"] + head
+    assert unique_bytes(load_block(path, "0:4")) == sum(size.values())  # tied: one tensor, once
+
+
+def test_loading_the_middle_third_does_not_allocate_the_whole_model(tmp_path):
+    # ~300 MB of float32 weights in 12 layers; the middle third is ~100 MB.
+    path = save_tiny_model(
+        "llama",
+        tmp_path / "big",
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )
+    model_mb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
+    probe = textwrap.dedent(f"""
+        import resource, json
+        from inference import load_block
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        block = load_block({str(path)!r}, "4:8")
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        params = sum(p.numel() * p.element_size() for p in block.parameters())
+        print(json.dumps({{"peak_mb": (after - before) / 1024, "params_mb": params / 2**20}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert model_mb > 250
+    assert abs(got["params_mb"] - model_mb / 3) < 0.05 * model_mb
+    # Reading the block's tensors may briefly hold a second copy of them, never the whole model.
+    assert got["peak_mb"] < 0.7 * model_mb, (got, model_mb)
+
+
+@pytest.mark.parametrize("span", ["4:6", "2:2", "3:1", "-1:2", "a:b", "5"])
+def test_bad_layer_range(tiny_llama, span):
+    with pytest.raises(LayerRangeError):
+        load_block(tiny_llama, span)
+
+
+def test_missing_and_corrupt_weight_files(tiny_llama, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_llama.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])  # truncated
+    with pytest.raises(WeightFileError):
+        load_block(broken, "0:2")
+    weights.unlink()
+    with pytest.raises(WeightFileError, match="no \\*.safetensors"):
+        resolve_model(str(broken))
+    save_file({"model.embed_tokens.weight": torch.zeros(256, 64)}, weights)  # a tensor short
+    with pytest.raises(WeightFileError, match="model.layers.0"):
+        load_block(broken, "0:2")
+
+
+def test_unknown_model_and_unsupported_architecture(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="unknown model 'no-such-model'"):
+        resolve_model("no-such-model")
+    GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path)
+    save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")
+    with pytest.raises(
+        UnsupportedArchitectureError, match="'gpt2' is not supported; supported: llama, mistral, qwen2"
+    ):
+        load_block(tmp_path, "0:1")
