@@ -138,18 +138,30 @@ class Block(nn.Module):
         return self.sessions.close(session_id)
 
     @torch.inference_mode()
-    def forward(self, session_id: str, inputs: torch.Tensor, position: int, last_only: bool = True):
+    def forward(
+        self,
+        session_id: str,
+        inputs: torch.Tensor,
+        position: int,
+        last_only: bool = True,
+        layers: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         """Run one step of a session: prefill (T > 1) or decode (T = 1).
 
-        inputs: token ids [B, T] for the first block, hidden states [B, T, H] otherwise.
+        inputs: token ids [B, T] when the step starts at layer 0, hidden states [B, T, H] otherwise.
         position: index of the first of the T positions; must equal what the session has cached
-        (0 opens the session). Returns hidden states [B, T, H], or float32 logits [B, T', V] from
-        the last block (T' = 1 if last_only).
+        (0 opens the session). layers: the global layers [a, b) to run, a part of this block's
+        span (all of it by default); fixed for the session's life. Returns hidden states
+        [B, T, H], or float32 logits [B, T', V] when b is the model's last layer (T' = 1 if
+        last_only).
         """
-        expect_ids = self.span.is_first
+        start, end = layers or (self.span.start, self.span.end)
+        if not self.span.start <= start < end <= self.span.end:
+            raise ValueError(f"layers {start}:{end} are not inside this block's span {self.span}")
+        expect_ids = start == 0
         if expect_ids != (inputs.dim() == 2):
             want = "token ids [B, T]" if expect_ids else "hidden states [B, T, H]"
-            raise ValueError(f"block {self.span} takes {want}, got a tensor of shape {tuple(inputs.shape)}")
+            raise ValueError(f"layers {start}:{end} take {want}, got a tensor of shape {tuple(inputs.shape)}")
         batch, steps = inputs.shape[:2]
         if steps == 0:
             raise ValueError("a step needs at least one position")
@@ -157,29 +169,33 @@ class Block(nn.Module):
             self.sessions.expire()
             if position == 0:
                 session = self.sessions.open(session_id, batch)
+                session.layers = (start, end)
             else:
                 session = self.sessions.get(session_id)
-                if session.length != position or session.batch != batch:
+                if (session.length, session.batch, session.layers) != (position, batch, (start, end)):
                     raise SessionError(
-                        f"session {session_id!r} holds {session.length} positions of batch {session.batch}; "
-                        f"the step starts at {position} with batch {batch}"
+                        f"session {session_id!r} holds {session.length} positions of batch {session.batch} "
+                        f"for layers {session.layers[0]}:{session.layers[1]}; the step starts at {position} "
+                        f"with batch {batch} for layers {start}:{end}"
                     )
             self.sessions.reserve(session, steps)
-            hidden = self._run(session, inputs.to(self.device), steps)
+            hidden = self._run(session, inputs.to(self.device), start, end)
             session.advance(steps)
-        if not self.span.is_last:
+        if end < self.span.total:
             return hidden
         if last_only:
             hidden = hidden[:, -1:]
         return self.lm_head(self.norm(hidden)).float()
 
-    def _run(self, session, inputs: torch.Tensor, steps: int) -> torch.Tensor:
-        past = session.length
+    def _run(self, session, inputs: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        past, steps = session.length, inputs.shape[1]
         positions = torch.arange(past, past + steps, device=self.device).expand(inputs.shape[0], steps)
-        hidden = self.embed_tokens(inputs) if self.span.is_first else inputs.to(self.dtype)  # [B, T, H]
+        hidden = self.embed_tokens(inputs) if start == 0 else inputs.to(self.dtype)  # [B, T, H]
         cos_sin = self.rotary(hidden, positions)
-        masks = {w: self._mask(past, steps, w) for w in set(self.windows)}
-        for layer, window in zip(self.layers, self.windows, strict=True):
+        local = slice(start - self.span.start, end - self.span.start)
+        windows = self.windows[local]
+        masks = {w: self._mask(past, steps, w) for w in set(windows)}
+        for layer, window in zip(self.layers[local], windows, strict=True):
             hidden = layer(
                 hidden,
                 attention_mask=masks[window],

@@ -24,6 +24,7 @@ class SessionCache:
         self.batch = batch
         self.length = 0  # positions committed
         self.capacity = 0  # positions allocated
+        self.layers = (0, 0)  # the global layers [a, b) this session runs
         self.last_used = time.monotonic()
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -1,4 +1,5 @@
-"""The `peer` command: serve a block of layers, inspect a swarm, or generate locally."""
+"""The `peer` command: serve a block of layers, inspect a swarm, run a local swarm, or generate
+locally through a chain of blocks."""
 
 import argparse
 import logging
@@ -6,6 +7,87 @@ import os
 import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import uvicorn
+
+    from .membership import GossipSettings
+    from .node import NodeConfig, PeerNode
+    from .server import create_app
+
+    gossip = GossipSettings(
+        interval_s=args.gossip_interval,
+        fanout=args.gossip_fanout,
+        suspect_after_s=args.suspect_after,
+        dead_after_s=args.dead_after,
+        tombstone_s=args.tombstone,
+    )
+    config = NodeConfig(
+        model=args.model,
+        layers=args.layers,
+        num_layers=args.num_layers,
+        host=args.host,
+        port=args.port,
+        public_address=args.public_address,
+        join=tuple(args.join or ()),
+        device=args.device,
+        dtype=args.dtype,
+        max_cache_tokens=args.max_cache_tokens,
+        session_idle_s=args.session_idle,
+        hop_timeout_s=args.hop_timeout,
+        failover_timeout_s=args.failover_timeout,
+        ban_s=args.ban,
+        drain_s=args.drain,
+        max_queue=args.max_queue,
+        gossip=gossip,
+    )
+    node = PeerNode(config)  # resolves the model; bad names and layer ranges fail here
+    failed = []
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # announce leaving at once, before draining
+            if self.started and node.table.me.state != "dead":
+                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(node.announce_leaving()))
+            super().handle_exit(sig, frame)
+
+    def on_start_failure(exc: BaseException) -> None:
+        failed.append(exc)
+        server.should_exit = True
+
+    app = create_app(node, on_start_failure)
+    server = Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=int(config.drain_s) + 1,
+            access_log=False,
+        )
+    )
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(server.serve())
+    if failed:
+        print(f"peer: error: {failed[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .sdk import fetch_table, format_table
+
+    print(format_table(fetch_table(args.peer, timeout_s=args.timeout)))
+    return 0
+
+
+def _swarm(args: argparse.Namespace) -> int:
+    from .local_swarm import run_local_swarm
+
+    return run_local_swarm(args.config, args.model)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -17,9 +99,7 @@ def _generate(args: argparse.Namespace) -> int:
     chain = LocalChain(blocks)
     prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     params = SamplingParams(temperature=args.temperature, seed=args.seed)
-    tokens = []
-    for token in generate(chain, prompt, args.max_tokens, params, tokenizer.eos_token_ids):
-        tokens.append(token)
+    tokens = list(generate(chain, prompt, args.max_tokens, params, tokenizer.eos_token_ids))
     print(tokenizer.decode(tokens))
     return 0
 
@@ -27,8 +107,75 @@ def _generate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    defaults = argparse.ArgumentDefaultsHelpFormatter
 
-    gen = sub.add_parser("generate", help="generate locally through a chain of blocks in this process")
+    serve = sub.add_parser(
+        "serve", help="serve a block of layers and the OpenAI API", formatter_class=defaults
+    )
+    serve.add_argument("--model", default="smollm2-135m", help="built-in name, HF directory or .gguf file")
+    serve.add_argument(
+        "--layers", default=None, help="layers START:END to serve; default: chosen automatically"
+    )
+    serve.add_argument(
+        "--num-layers",
+        type=int,
+        default=None,
+        help="without --layers: how many layers (default: what fits memory)",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=7001, help="port to listen on")
+    serve.add_argument(
+        "--public-address", default=None, help="HOST:PORT other peers dial (default: host:port)"
+    )
+    serve.add_argument(
+        "--join", nargs="+", metavar="HOST:PORT", help="one or more peers of the swarm to join through"
+    )
+    serve.add_argument("--device", default=None, help="cpu (default) or cuda[:N]")
+    serve.add_argument(
+        "--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16"
+    )
+    serve.add_argument("--max-cache-tokens", type=int, default=65536, help="KV cache budget in token slots")
+    serve.add_argument(
+        "--session-idle", type=float, default=120.0, help="seconds before an idle session is freed"
+    )
+    serve.add_argument("--hop-timeout", type=float, default=30.0, help="seconds one hop of a step may take")
+    serve.add_argument(
+        "--failover-timeout", type=float, default=60.0, help="seconds an entry keeps re-routing a request"
+    )
+    serve.add_argument(
+        "--ban", type=float, default=5.0, help="seconds a failed peer is first avoided (doubles on repeats)"
+    )
+    serve.add_argument("--drain", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
+    serve.add_argument(
+        "--max-queue", type=int, default=256, help="requests this entry holds at once; more get 503"
+    )
+    serve.add_argument("--gossip-interval", type=float, default=1.0, help="seconds between gossip rounds")
+    serve.add_argument("--gossip-fanout", type=int, default=3, help="peers contacted each round")
+    serve.add_argument(
+        "--suspect-after", type=float, default=4.0, help="seconds of silence before a peer is suspect"
+    )
+    serve.add_argument(
+        "--dead-after", type=float, default=8.0, help="seconds of silence before a peer is dead"
+    )
+    serve.add_argument(
+        "--tombstone", type=float, default=60.0, help="seconds a dead peer's tombstone is kept"
+    )
+    serve.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    serve.set_defaults(run=_serve)
+
+    status = sub.add_parser("status", help="print the swarm as one peer sees it", formatter_class=defaults)
+    status.add_argument("--peer", default="127.0.0.1:7001", help="HOST:PORT of any peer")
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the peer")
+    status.set_defaults(run=_status)
+
+    swarm = sub.add_parser("swarm", help="run a local swarm from a TOML config", formatter_class=defaults)
+    swarm.add_argument("--config", default="configs/local-smollm2.toml", help="the swarm's TOML preset")
+    swarm.add_argument("--model", default=None, help="override the config's model")
+    swarm.set_defaults(run=_swarm)
+
+    gen = sub.add_parser(
+        "generate", help="generate locally through a chain of blocks", formatter_class=defaults
+    )
     gen.add_argument("prompt", help="the user message (sent through the chat template)")
     gen.add_argument("--model", default="smollm2-135m", help="built-in name, HF directory or .gguf file")
     gen.add_argument("--split", default="0:10,10:20,20:30", help="comma-separated layer spans, in order")
@@ -44,11 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from inference import InferenceError
 
+    from .sdk import SwarmAPIError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return args.run(args)
-    except (InferenceError, ValueError) as e:
+    except (InferenceError, ValueError, SwarmAPIError, OSError) as e:
         print(f"peer: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -77,7 +77,7 @@ def test_prefill_in_chunks_equals_one_prefill(tiny_models):
 def test_step_at_wrong_position_is_refused(tiny_llama):
     block = load_block(tiny_llama, "0:2")
     block("s", torch.tensor([PROMPT]), 0)
-    with pytest.raises(SessionError, match="holds 11 positions"):
+    with pytest.raises(SessionError, match="holds 11 positions of batch 1 for layers 0:2"):
         block("s", torch.tensor([[1]]), 5)
     with pytest.raises(SessionError, match="unknown session"):
         block("nope", torch.tensor([[1]]), 3)
@@ -86,7 +86,7 @@ def test_step_at_wrong_position_is_refused(tiny_llama):
 
 def test_block_rejects_wrong_input_kind(tiny_llama):
     first, middle = load_block(tiny_llama, "0:2"), load_block(tiny_llama, "2:4")
-    with pytest.raises(ValueError, match="takes hidden states"):
+    with pytest.raises(ValueError, match="take hidden states"):
         middle("s", torch.tensor([PROMPT]), 0)
-    with pytest.raises(ValueError, match="takes token ids"):
+    with pytest.raises(ValueError, match="take token ids"):
         first("s", torch.zeros(1, 3, 64), 0)

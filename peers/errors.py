@@ -1,0 +1,91 @@
+"""Errors of the swarm and the one place that maps them to HTTP (OpenAI's error JSON).
+
+SwarmError
+├── InvalidRequest     400  the caller's mistake (bad parameter, prompt too long)
+├── ModelNotServed     404  a model this swarm does not serve
+├── SwarmUnavailable   503  no complete route, or failover gave up
+└── HopFailed          502  a peer of the route failed (the entry fails over on it)
+"""
+
+import logging
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+log = logging.getLogger("layerswarm.api")
+
+
+class SwarmError(Exception):
+    status = 500
+    kind = "server_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+    def to_json(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(SwarmError):
+    status = 400
+    kind = "invalid_request_error"
+
+
+class ModelNotServed(SwarmError):
+    status = 404
+    kind = "invalid_request_error"
+
+    def __init__(self, model: str, served: str):
+        super().__init__(
+            f"the model {model!r} does not exist here; this swarm serves {served!r}",
+            "model",
+            "model_not_found",
+        )
+
+
+class SwarmUnavailable(SwarmError):
+    status = 503
+    kind = "service_unavailable"
+
+
+class HopFailed(SwarmError):
+    """A step failed at `peer_id` (refused, timed out, error status, non-finite output)."""
+
+    status = 502
+    kind = "hop_failed"
+
+    def __init__(self, peer_id: str, message: str):
+        super().__init__(f"peer {peer_id} failed: {message}")
+        self.peer_id = peer_id
+
+
+def error_response(error: SwarmError) -> JSONResponse:
+    return JSONResponse(error.to_json(), status_code=error.status)
+
+
+async def swarm_error_handler(_: Request, error: SwarmError) -> JSONResponse:
+    return error_response(error)
+
+
+async def validation_error_handler(_: Request, error: RequestValidationError) -> JSONResponse:
+    first = error.errors()[0] if error.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    message = (
+        f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+    )
+    if first.get("type") == "json_invalid":
+        message = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": ")
+    return error_response(InvalidRequest(message, param=where or None))
+
+
+async def unexpected_error_handler(_: Request, error: Exception) -> JSONResponse:
+    log.exception("unexpected error", exc_info=error)
+    return error_response(SwarmError(f"internal error: {type(error).__name__}: {error}"))
+
+
+def install_handlers(app) -> None:
+    app.add_exception_handler(Exception, unexpected_error_handler)
+    app.add_exception_handler(SwarmError, swarm_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)

@@ -1,0 +1,57 @@
+"""Automatic layer choice: the contiguous span that most needs serving (gaps first, then fewest
+replicas) within this peer's budget of layers."""
+
+from pathlib import Path
+
+import torch
+
+from .membership import DEAD, PeerEntry, Table
+from .routing import coverage
+
+
+def best_span(counts: list[int], budget: int) -> tuple[int, int]:
+    """The window of `budget` layers with the most unserved layers, then the fewest replicas."""
+    total = len(counts)
+    budget = max(1, min(budget, total))
+
+    def score(start: int) -> tuple[int, int, int]:
+        window = counts[start : start + budget]
+        return (-sum(1 for n in window if n == 0), sum(window), start)
+
+    start = min(range(total - budget + 1), key=score)
+    return start, start + budget
+
+
+def others(table: Table, model: str) -> list[PeerEntry]:
+    """Peers of this model that serve or are loading layers, other than this one."""
+    return [
+        e
+        for e in table.live()
+        if e.model == model and e.peer_id != table.me.peer_id and e.start < e.end and e.state != DEAD
+    ]
+
+
+def choose_span(table: Table, model: str, total: int, budget: int) -> tuple[int, int]:
+    return best_span(coverage(others(table, model), total), budget)
+
+
+def layers_fitting_memory(model_path: Path, config, device: str | None, fraction: float = 0.6) -> int:
+    """How many layers fit in `fraction` of the free memory of the device (at least one)."""
+    weights = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
+    per_layer = max(1, weights // max(1, config.num_hidden_layers))
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda":
+        free = torch.cuda.mem_get_info(dev)[0]
+    else:
+        free = _mem_available()
+    return max(1, min(config.num_hidden_layers, int(free * fraction) // per_layer))
+
+
+def _mem_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30

@@ -1,0 +1,114 @@
+"""`peer swarm`: start the peers of a TOML preset on this machine, wait for a complete route,
+print how to use it, and stop every peer on Ctrl-C."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import httpx
+
+START_TIMEOUT_S = 600.0
+
+
+def peer_command(model: str, host: str, peer: dict, seed: str | None, device: str | None) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "peers.cli",
+        "serve",
+        "--model",
+        model,
+        "--host",
+        host,
+        "--port",
+        str(peer["port"]),
+    ]
+    if "layers" in peer:
+        cmd += ["--layers", peer["layers"]]
+    if seed:
+        cmd += ["--join", seed]
+    if device or peer.get("device"):
+        cmd += ["--device", peer.get("device", device)]
+    return cmd + [str(x) for x in peer.get("args", [])]
+
+
+def run_local_swarm(config_path: str, model_override: str | None = None) -> int:
+    preset = tomllib.loads(Path(config_path).read_text())
+    model, host = model_override or preset["model"], preset.get("host", "127.0.0.1")
+    peers = preset.get("peers") or []
+    if not peers:
+        raise ValueError(f"{config_path} lists no [[peers]]")
+    from inference import resolve_model
+
+    resolve_model(model)  # fetch and convert once, before the peers start
+    first = f"{host}:{peers[0]['port']}"
+    procs = []
+    for i, peer in enumerate(peers):
+        cmd = peer_command(model, host, peer, None if i == 0 else first, preset.get("device"))
+        procs.append(subprocess.Popen(cmd, start_new_session=True))
+    try:
+        if not _wait_for_route(first, procs):
+            return 1
+        _print_usage(first, model if model_override or "/" not in model else Path(model).name)
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        print("peer swarm: a peer exited; stopping the others", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\npeer swarm: stopping", file=sys.stderr)
+        return 0
+    finally:
+        stop_all(procs)
+
+
+def _wait_for_route(entry: str, procs: list[subprocess.Popen]) -> bool:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            print("peer swarm: a peer failed to start", file=sys.stderr)
+            return False
+        try:
+            table = httpx.get(f"http://{entry}/swarm/table", timeout=2).json()
+            if not table["gaps"] and httpx.get(f"http://{entry}/health", timeout=2).status_code == 200:
+                return True
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        time.sleep(0.5)
+    print(f"peer swarm: no complete route after {START_TIMEOUT_S:.0f} s", file=sys.stderr)
+    return False
+
+
+def _print_usage(entry: str, model: str) -> None:
+    print(
+        f"""
+LayerSwarm is serving {model} at http://{entry}/v1 (any peer is an entry). Try:
+
+  curl http://{entry}/v1/chat/completions -H 'content-type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}'
+
+  python -c 'from openai import OpenAI; c = OpenAI(base_url="http://{entry}/v1", api_key="-"); \\
+print(c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)'
+
+  peer status --peer {entry}
+
+Ctrl-C stops every peer.""",
+        flush=True,
+    )
+
+
+def stop_all(procs: list[subprocess.Popen], timeout_s: float = 20.0) -> None:
+    """SIGTERM every peer (they leave gracefully), then SIGKILL whoever is still there."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()

@@ -1,0 +1,197 @@
+"""The swarm table each peer keeps, merged by gossip (heartbeats with suspicion, incarnations and
+tombstones, after SWIM and Scuttlebutt). Pure data: the gossip loop lives in the server.
+
+A peer's identity is its public address; each process life has a new, larger incarnation, so a
+restarted peer supersedes its previous life at once. The owner alone advances its heartbeat. A
+peer whose heartbeat has not advanced for `suspect_after_s` is suspect (no new routes), and for
+`dead_after_s` is dead: its tombstone (dead at that incarnation) travels with gossip for
+`tombstone_s`, so stale gossip cannot bring it back. A peer told it is dead starts a new life.
+"""
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+JOINING, SERVING, LEAVING, DEAD = "joining", "serving", "leaving", "dead"
+STATES = (JOINING, SERVING, LEAVING, DEAD)
+
+
+@dataclass(frozen=True)
+class GossipSettings:
+    interval_s: float = 1.0
+    fanout: int = 3
+    suspect_after_s: float = 4.0
+    dead_after_s: float = 8.0
+    tombstone_s: float = 60.0
+    timeout_s: float = 2.0  # one gossip exchange
+
+    def __post_init__(self):
+        for name in ("interval_s", "suspect_after_s", "dead_after_s", "tombstone_s", "timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"gossip {name} must be positive, got {getattr(self, name)}")
+        if self.fanout < 1:
+            raise ValueError(f"gossip fanout must be >= 1, got {self.fanout}")
+        if not self.interval_s < self.suspect_after_s < self.dead_after_s < self.tombstone_s:
+            raise ValueError(
+                "gossip timings must satisfy interval_s < suspect_after_s < dead_after_s < tombstone_s, "
+                f"got {self.interval_s}, {self.suspect_after_s}, {self.dead_after_s}, {self.tombstone_s}"
+            )
+
+
+@dataclass(frozen=True)
+class PeerEntry:
+    """What the swarm knows of one peer; only its owner changes it (but for death)."""
+
+    peer_id: str  # its public address, host:port
+    model: str
+    total_layers: int
+    start: int
+    end: int
+    state: str = JOINING
+    incarnation: int = 0
+    heartbeat: int = 0
+    load: int = 0  # sessions open on it
+
+    @property
+    def version(self) -> tuple[int, int]:
+        return self.incarnation, self.heartbeat
+
+    @property
+    def address(self) -> str:
+        return self.peer_id
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PeerEntry":
+        entry = cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        if entry.state not in STATES:
+            raise ValueError(f"unknown peer state {entry.state!r}")
+        return entry
+
+
+def supersedes(new: PeerEntry, old: PeerEntry) -> bool:
+    """Whether gossip of `new` replaces `old` (same peer): a later life wins; within one life
+    death is final, otherwise the later heartbeat wins."""
+    if new.incarnation != old.incarnation:
+        return new.incarnation > old.incarnation
+    if old.state == DEAD:
+        return False
+    return new.state == DEAD or new.heartbeat > old.heartbeat
+
+
+@dataclass
+class _Local:
+    entry: PeerEntry
+    seen_at: float  # when its version last advanced here
+    died_at: float | None = None
+    suspected: bool = False  # a failure report, until its heartbeat advances
+
+
+@dataclass
+class Table:
+    """This peer's view of the swarm, itself included."""
+
+    me: PeerEntry
+    settings: GossipSettings = field(default_factory=GossipSettings)
+    clock: Callable[[], float] = time.monotonic
+    _peers: dict[str, _Local] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._peers[self.me.peer_id] = _Local(self.me, self.clock())
+
+    # -- the owner's own entry -------------------------------------------------------------
+    def update_me(self, **changes) -> PeerEntry:
+        """Change this peer's own entry; every change is a new heartbeat, so gossip carries it."""
+        changes.setdefault("heartbeat", self.me.heartbeat + 1)
+        self.me = replace(self.me, **changes)
+        self._peers[self.me.peer_id] = _Local(self.me, self.clock())
+        return self.me
+
+    def beat(self, load: int | None = None) -> PeerEntry:
+        """Advance this peer's heartbeat (each gossip round)."""
+        return self.update_me(load=self.me.load if load is None else load)
+
+    # -- gossip ----------------------------------------------------------------------------
+    def merge(self, entries: list[PeerEntry]) -> None:
+        now = self.clock()
+        for entry in entries:
+            if entry.peer_id == self.me.peer_id:
+                if entry.state == DEAD and entry.incarnation >= self.me.incarnation:
+                    # Declared dead while alive (frozen, partitioned): refute with a new life.
+                    self.update_me(incarnation=max(entry.incarnation + 1, _now_us()), heartbeat=0)
+                continue
+            known = self._peers.get(entry.peer_id)
+            if known is None or supersedes(entry, known.entry):
+                # a tombstone is kept too, so that stale gossip of that life cannot revive it
+                died = now if entry.state == DEAD else None
+                self._peers[entry.peer_id] = _Local(entry, now, died_at=died)
+
+    def entries(self) -> list[PeerEntry]:
+        """Everything to gossip: live entries and unexpired tombstones."""
+        return [local.entry for local in self._peers.values()]
+
+    def sweep(self) -> list[str]:
+        """Declare peers dead whose heartbeat stopped; drop old tombstones. Returns the newly dead."""
+        now, s = self.clock(), self.settings
+        newly_dead = []
+        for peer_id, local in list(self._peers.items()):
+            if peer_id == self.me.peer_id:
+                continue
+            if local.entry.state == DEAD:
+                if now - (local.died_at or now) > s.tombstone_s:
+                    del self._peers[peer_id]
+                continue
+            silent = now - local.seen_at
+            if silent > s.dead_after_s or (local.suspected and silent > s.suspect_after_s):
+                local.entry = replace(local.entry, state=DEAD)
+                local.died_at = now
+                newly_dead.append(peer_id)
+        return newly_dead
+
+    def report_failure(self, peer_id: str) -> None:
+        """An entry saw a hop to this peer fail: suspect it until its heartbeat advances."""
+        local = self._peers.get(peer_id)
+        if local is not None and peer_id != self.me.peer_id:
+            local.suspected = True
+            local.seen_at = min(local.seen_at, self.clock())
+
+    def gossip_targets(self, seeds: list[str], rng: random.Random = random) -> list[str]:
+        """A few random live peers to exchange tables with; the seeds while none is known."""
+        live = [p for p, local in self._peers.items() if p != self.me.peer_id and local.entry.state != DEAD]
+        if not live:
+            return [s for s in seeds if s != self.me.peer_id]
+        return rng.sample(live, min(self.settings.fanout, len(live)))
+
+    # -- reading -----------------------------------------------------------------------------
+    def status(self, peer_id: str) -> str | None:
+        """The state as this peer sees it: the gossiped state, or 'suspect' when silent."""
+        local = self._peers.get(peer_id)
+        if local is None:
+            return None
+        if local.entry.state != DEAD and peer_id != self.me.peer_id:
+            silent = self.clock() - local.seen_at
+            if local.suspected or silent > self.settings.suspect_after_s:
+                return "suspect"
+        return local.entry.state
+
+    def serving(self, model: str) -> list[PeerEntry]:
+        """Peers that can take new sessions of `model`: serving, and not suspect."""
+        return [
+            local.entry
+            for peer_id, local in self._peers.items()
+            if local.entry.model == model and local.entry.state == SERVING and self.status(peer_id) == SERVING
+        ]
+
+    def live(self) -> list[PeerEntry]:
+        return [local.entry for local in self._peers.values() if local.entry.state != DEAD]
+
+
+def new_incarnation() -> int:
+    return _now_us()
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000

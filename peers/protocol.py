@@ -1,0 +1,138 @@
+"""The peer-to-peer protocol, shared by the server and the clients of other peers: paths, the
+binary step frame, and the small JSON messages.
+
+A step frame is: 4-byte big-endian length of a JSON header, the header, then the raw bytes of one
+tensor (token ids [B, T] int64, or hidden states [B, T, H]) whose dtype and shape the header gives.
+"""
+
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+PATH_HEALTH = "/health"
+PATH_STEP = "/swarm/step"
+PATH_CLOSE = "/swarm/close"
+PATH_GOSSIP = "/swarm/gossip"
+PATH_TABLE = "/swarm/table"
+STEP_CONTENT_TYPE = "application/x-layerswarm-step"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_LEN = struct.Struct(">I")
+MAX_HEADER_BYTES = 1 << 20
+
+
+class ProtocolError(ValueError):
+    """A frame or message that does not follow the protocol."""
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One peer of a route and the layers [start, end) it runs for this session."""
+
+    peer_id: str
+    address: str  # host:port
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+@dataclass
+class StepRequest:
+    session_id: str
+    position: int  # index of the first position of `tensor` in the session
+    hops: list[Hop]  # this hop first, then the rest of the route
+    sampling: Sampling
+    tensor: torch.Tensor = field(repr=False)
+    hop_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class StepResult:
+    tokens: list[int]  # one per sequence of the session's batch
+    logprobs: list[float]
+
+
+def encode_tensor_frame(header: dict, tensor: torch.Tensor) -> bytes:
+    tensor = tensor.detach().contiguous().cpu()
+    if tensor.dtype not in _NAMES:
+        raise ProtocolError(f"dtype {tensor.dtype} cannot travel; use one of {', '.join(_DTYPES)}")
+    meta = json.dumps({**header, "dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape)}).encode()
+    return _LEN.pack(len(meta)) + meta + tensor.view(torch.uint8).numpy().tobytes()
+
+
+def decode_tensor_frame(body: bytes) -> tuple[dict, torch.Tensor]:
+    if len(body) < _LEN.size:
+        raise ProtocolError("step frame shorter than its length prefix")
+    (n,) = _LEN.unpack_from(body)
+    if n > MAX_HEADER_BYTES or _LEN.size + n > len(body):
+        raise ProtocolError(f"step frame header length {n} does not fit the {len(body)}-byte body")
+    try:
+        header = json.loads(body[_LEN.size : _LEN.size + n])
+        dtype, shape = _DTYPES[header["dtype"]], [int(d) for d in header["shape"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ProtocolError(f"bad step frame header: {e}") from e
+    data = bytearray(body[_LEN.size + n :])
+    expected = dtype.itemsize * _numel(shape)
+    if len(data) != expected:
+        raise ProtocolError(
+            f"tensor of shape {shape} and dtype {header['dtype']} needs {expected} bytes, got {len(data)}"
+        )
+    tensor = (
+        torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape)
+        if data
+        else torch.empty(shape, dtype=dtype)
+    )
+    return header, tensor
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def encode_step(req: StepRequest) -> bytes:
+    header = {
+        "session_id": req.session_id,
+        "position": req.position,
+        "hops": [asdict(h) for h in req.hops],
+        "sampling": asdict(req.sampling),
+        "hop_timeout_s": req.hop_timeout_s,
+    }
+    return encode_tensor_frame(header, req.tensor)
+
+
+def decode_step(body: bytes) -> StepRequest:
+    header, tensor = decode_tensor_frame(body)
+    try:
+        return StepRequest(
+            session_id=str(header["session_id"]),
+            position=int(header["position"]),
+            hops=[Hop(**h) for h in header["hops"]],
+            sampling=Sampling(**header["sampling"]),
+            tensor=tensor,
+            hop_timeout_s=float(header["hop_timeout_s"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ProtocolError(f"bad step header: {e}") from e
+
+
+def step_error_body(message: str, failed_peer: str | None, kind: str) -> dict:
+    """The JSON body of a failed step: which peer failed and why."""
+    return {"error": {"message": message, "failed_peer": failed_peer, "type": kind}}

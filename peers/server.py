@@ -1,0 +1,104 @@
+"""The peer's HTTP server: health, the swarm protocol (step, close, gossip, table) and the
+OpenAI-compatible API, all on one port."""
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from .errors import HopFailed, install_handlers
+from .node import PeerNode
+from .openai_api import router as openai_router
+from .protocol import (
+    PATH_CLOSE,
+    PATH_GOSSIP,
+    PATH_HEALTH,
+    PATH_STEP,
+    PATH_TABLE,
+    ProtocolError,
+    decode_step,
+    step_error_body,
+)
+from .routing import coverage, gaps
+
+log = logging.getLogger("layerswarm.server")
+
+
+def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
+    """The peer's app; `on_start_failure(exc)` is called if joining or loading fails."""
+
+    def started(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the peer failed to start: %s", task.exception())
+            if on_start_failure is not None:
+                on_start_failure(task.exception())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        starting = asyncio.create_task(node.start())
+        starting.add_done_callback(started)
+        try:
+            yield
+        finally:
+            starting.cancel()
+            await node.leave()
+            await node.close()
+
+    app = FastAPI(title="LayerSwarm peer", lifespan=lifespan)
+    install_handlers(app)
+    app.include_router(openai_router(node))
+
+    @app.get(PATH_HEALTH)
+    async def health() -> JSONResponse:
+        me = node.table.me
+        body = {
+            "peer_id": node.peer_id,
+            "model": node.model_id,
+            "layers": [me.start, me.end],
+            "total_layers": node.total_layers,
+            "state": me.state,
+            "sessions": node.block.open_sessions() if node.block else 0,
+        }
+        return JSONResponse(body, status_code=200 if node.ready else 503)
+
+    @app.post(PATH_STEP)
+    async def step(request: Request) -> Response:
+        try:
+            req = decode_step(await request.body())
+        except ProtocolError as e:
+            return JSONResponse(step_error_body(str(e), node.peer_id, "protocol_error"), status_code=400)
+        try:
+            result = await node.run_step(req)
+        except HopFailed as e:
+            return JSONResponse(step_error_body(e.message, e.peer_id, e.kind), status_code=502)
+        return JSONResponse({"tokens": result.tokens, "logprobs": result.logprobs})
+
+    @app.post(PATH_CLOSE)
+    async def close(body: dict) -> dict:
+        closed = bool(node.block and node.block.close(str(body.get("session_id"))))
+        return {"closed": closed}
+
+    @app.post(PATH_GOSSIP)
+    async def gossip(body: dict) -> dict:
+        try:
+            return {"entries": node.receive_gossip(body["entries"])}
+        except (KeyError, TypeError, ValueError) as e:
+            return JSONResponse({"error": {"message": f"bad gossip: {e}"}}, status_code=400)
+
+    @app.get(PATH_TABLE)
+    async def table() -> dict:
+        t = node.table
+        peers = [{**e.to_json(), "status": t.status(e.peer_id)} for e in t.entries()]
+        counts = coverage(t.serving(node.model_id), node.total_layers)
+        return {
+            "me": node.peer_id,
+            "model": node.model_id,
+            "total_layers": node.total_layers,
+            "peers": peers,
+            "coverage": counts,
+            "gaps": gaps(counts),
+        }
+
+    return app

@@ -1,0 +1,49 @@
+"""Tokens to text deltas for one sequence, with stop strings: text that could still become a stop
+string is held back until it cannot."""
+
+from inference import Tokenizer
+
+
+class TextStream:
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.tokens: list[int] = []
+        self.text = ""  # decoded so far
+        self.sent = 0  # characters of text already given out
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add a token; return the text that is now safe to send."""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return ""  # an incomplete UTF-8 sequence: wait for the next token
+        self.text = text
+        for s in self.stop:
+            at = text.find(s, max(0, self.sent - len(s) + 1))
+            if at != -1:
+                self.text, self.stopped = text[:at], True
+                return self._take(len(self.text))
+        return self._take(max(self.sent, len(text) - self._held(text)))
+
+    def _held(self, text: str) -> int:
+        """Length of the longest tail of `text` that begins some stop string."""
+        held = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), held, -1):
+                if text.endswith(s[:k]):
+                    held = k
+                    break
+        return held
+
+    def finish(self) -> str:
+        """The rest of the text, once generation has ended."""
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        if upto <= self.sent:
+            return ""
+        out = self.text[self.sent : upto]
+        self.sent = upto
+        return out

@@ -1,0 +1,142 @@
+"""Real peer processes on free loopback ports, for end-to-end tests. Every peer started here is
+stopped by the owning fixture, whatever happens."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+START_TIMEOUT_S = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Peer:
+    def __init__(
+        self, model: Path | str, layers: str | None, join: list[str], log_dir: Path, args: list[str]
+    ):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.model, self.layers, self.join, self.args, self.log_dir = model, layers, join, args, log_dir
+        self.proc: subprocess.Popen | None = None
+        self.log_path = log_dir / f"peer-{self.port}.log"
+
+    def start(self) -> "Peer":
+        cmd = [
+            sys.executable,
+            "-m",
+            "peers.cli",
+            "serve",
+            "--model",
+            str(self.model),
+            "--port",
+            str(self.port),
+        ]
+        if self.layers:
+            cmd += ["--layers", self.layers]
+        if self.join:
+            cmd += ["--join", *self.join]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd + self.args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if not self.alive():
+            return
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def health(self) -> dict | None:
+        try:
+            r = httpx.get(f"{self.url}/health", timeout=2)
+            return r.json() if r.status_code == 200 else None
+        except httpx.HTTPError:
+            return None
+
+    def table(self) -> dict:
+        return httpx.get(f"{self.url}/swarm/table", timeout=5).json()
+
+
+class Swarm:
+    """A set of peers; `stop()` ends them all."""
+
+    def __init__(self, model: Path | str, log_dir: Path, args: list[str] = ()):
+        self.model, self.log_dir, self.args = model, log_dir, list(args)
+        self.peers: list[Peer] = []
+
+    def add(
+        self, layers: str | None, join: list[str] | None = None, args: list[str] = (), port: int | None = None
+    ) -> Peer:
+        if join is None:
+            join = [self.peers[0].address] if self.peers else []
+        peer = Peer(self.model, layers, join, self.log_dir, self.args + list(args))
+        if port is not None:
+            peer.port, peer.address = port, f"127.0.0.1:{port}"
+            peer.log_path = self.log_dir / f"peer-{port}-{time.monotonic_ns()}.log"
+        self.peers.append(peer.start())
+        return peer
+
+    def wait_ready(self, peers: list[Peer] | None = None, timeout_s: float = START_TIMEOUT_S) -> None:
+        wait_until(lambda: all(p.health() for p in peers or self.peers), timeout_s, self._why)
+
+    def wait_route(self, entry: Peer, timeout_s: float = START_TIMEOUT_S) -> None:
+        wait_until(lambda: entry.health() and not entry.table()["gaps"], timeout_s, self._why)
+
+    def _why(self) -> str:
+        return "\n\n".join(f"--- {p.address} (alive={p.alive()})\n{p.log_tail()}" for p in self.peers)
+
+    def stop(self) -> None:
+        for p in self.peers:
+            p.signal(signal.SIGTERM)
+        for p in self.peers:
+            p.stop()
+
+
+def wait_until(condition, timeout_s: float, why=lambda: "", interval_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            result = condition()
+        except httpx.HTTPError:
+            result = None
+        if result:
+            return result
+        time.sleep(interval_s)
+    raise AssertionError(f"condition not met within {timeout_s} s\n{why()}")

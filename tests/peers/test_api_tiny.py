@@ -1,0 +1,202 @@
+"""Three real peers of a tiny random model, used through HTTP, the SDK and the openai package."""
+
+import asyncio
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from transformers import AutoTokenizer
+
+from peers import AsyncSwarmClient, SwarmAPIError, SwarmClient
+from tests.helpers import monolithic
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    model = monolithic(tiny_llama)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+
+    def greedy_text(prompt_ids: list[int], max_tokens: int) -> str:
+        import torch
+
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=2,
+        )
+        new = out[0, len(prompt_ids) :].tolist()
+        if 2 in new:
+            new = new[: new.index(2)]
+        return tok.decode(new, skip_special_tokens=True)
+
+    def chat_ids(content: str) -> list[int]:
+        ids = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    return greedy_text, chat_ids, tok
+
+
+def post(peer, path, body, timeout=60):
+    return httpx.post(f"{peer.url}{path}", json=body, timeout=timeout)
+
+
+PROMPTS = [
+    "hello swarm",
+    "the quick brown fox",
+    "0123456789",
+    "abc",
+    "LayerSwarm!",
+    "zz top",
+    "pipeline",
+    "x",
+]
+
+
+def test_greedy_output_equals_monolithic(tiny_swarm, reference):
+    greedy_text, chat_ids, tok = reference
+    entry, last = tiny_swarm.peers[0], tiny_swarm.peers[2]
+    for peer in (entry, last):  # any peer is an entry
+        r = post(
+            peer,
+            "/v1/completions",
+            {"model": "llama", "prompt": "hello swarm", "max_tokens": 24, "temperature": 0},
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == greedy_text(tok.encode("hello swarm"), 24)
+    body = {
+        "model": "llama",
+        "messages": [{"role": "user", "content": "hi there"}],
+        "max_tokens": 24,
+        "temperature": 0,
+    }
+    r = post(entry, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["choices"][0]["message"]["content"] == greedy_text(chat_ids("hi there"), 24)
+    assert data["usage"]["prompt_tokens"] == len(chat_ids("hi there"))
+
+
+def test_seeded_sampling_is_reproducible(tiny_swarm):
+    entry = tiny_swarm.peers[1]
+
+    def sampled(seed):
+        body = {"model": "llama", "prompt": "abc", "max_tokens": 16, "temperature": 1.0, "seed": seed}
+        r = post(entry, "/v1/completions", body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    assert sampled(1) == sampled(1)
+    assert len({sampled(1), sampled(2), sampled(3)}) > 1
+
+
+def test_eight_concurrent_requests(tiny_swarm, reference):
+    greedy_text, _, tok = reference
+    entry = tiny_swarm.peers[0]
+
+    def one(prompt):
+        body = {"model": "llama", "prompt": prompt, "max_tokens": 16, "temperature": 0}
+        return post(entry, "/v1/completions", body, timeout=120).json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, PROMPTS))
+    assert got == [greedy_text(tok.encode(p), 16) for p in PROMPTS]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        ({"model": "llama", "prompt": "a", "max_tokens": -3}, 400, "max_tokens"),
+        ({"model": "llama", "messages": []}, 400, "messages"),
+        ({"model": "nope", "prompt": "a"}, 404, "does not exist"),
+        ({"model": "llama", "prompt": "a" * 600}, 400, "maximum context length is 512"),
+        ({"model": "llama", "prompt": "a", "max_tokens": 600}, 400, "maximum context length is 512"),
+        ({"model": "llama", "prompt": "a", "n": 2}, 400, "n must be 1"),
+        ({"model": "llama", "prompt": "a", "temperature": 5}, 400, "temperature"),
+    ],
+)
+def test_invalid_requests_get_openai_errors(tiny_swarm, body, status, says):
+    entry = tiny_swarm.peers[0]
+    path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
+    if isinstance(body, bytes):
+        r = httpx.post(f"{entry.url}{path}", content=body, headers={"content-type": "application/json"})
+    else:
+        r = post(entry, path, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert says in err["message"] and err["type"]
+    assert all(p.health() for p in tiny_swarm.peers)
+
+
+def test_models_and_stop_strings(tiny_swarm, reference):
+    greedy_text, _, tok = reference
+    entry = tiny_swarm.peers[0]
+    assert httpx.get(f"{entry.url}/v1/models").json()["data"][0]["id"] == "llama"
+    full = greedy_text(tok.encode("pipeline"), 24)
+    stop = full[5:7]
+    r = post(
+        entry,
+        "/v1/completions",
+        {"model": "llama", "prompt": "pipeline", "max_tokens": 24, "temperature": 0, "stop": stop},
+    )
+    choice = r.json()["choices"][0]
+    assert choice["text"] == full[: full.index(stop)] and choice["finish_reason"] == "stop"
+
+
+def test_sdk_sync_stream_and_async(tiny_swarm, reference):
+    greedy_text, chat_ids, tok = reference
+    expected = greedy_text(chat_ids("sdk"), 12)
+    with SwarmClient(tiny_swarm.peers[1].address) as client:
+        done = client.chat("sdk", max_tokens=12, temperature=0)
+        assert done.text == expected and done.usage.completion_tokens >= 1
+        assert "".join(client.chat("sdk", max_tokens=12, temperature=0, stream=True)) == expected
+        assert client.complete("x", max_tokens=8, temperature=0).text == greedy_text(tok.encode("x"), 8)
+        with pytest.raises(SwarmAPIError, match="400"):
+            client.complete("x", max_tokens=-1)
+
+    async def run():
+        async with AsyncSwarmClient(tiny_swarm.peers[2].address) as client:
+            whole = await client.chat("sdk", max_tokens=12, temperature=0)
+            streamed = "".join([d async for d in client.stream_chat("sdk", max_tokens=12, temperature=0)])
+            return whole.text, streamed
+
+    assert asyncio.run(run()) == (expected, expected)
+
+
+def test_openai_package_streaming(tiny_swarm, reference):
+    openai = pytest.importorskip("openai")
+    greedy_text, chat_ids, _ = reference
+    client = openai.OpenAI(base_url=f"{tiny_swarm.peers[0].url}/v1", api_key="-", max_retries=0)
+    messages = [{"role": "user", "content": "stream me"}]
+    stream = client.chat.completions.create(
+        model="llama",
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == greedy_text(chat_ids("stream me"), 12)
+    assert chunks[-1].usage.completion_tokens >= 1
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=messages)
+
+
+def test_peer_status_prints_the_swarm(tiny_swarm):
+    done = subprocess.run(
+        [sys.executable, "-m", "peers.cli", "status", "--peer", tiny_swarm.peers[2].address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    for peer in tiny_swarm.peers:
+        assert peer.address in done.stdout
+    assert "0-3: x1" in done.stdout and "gaps: none" in done.stdout
