@@ -30,6 +30,7 @@ class _Request(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # an extension, as in vLLM
+    ignore_eos: bool = False  # an extension, as in vLLM: generate max_tokens whatever comes
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1
@@ -120,7 +121,8 @@ async def _complete(node: PeerNode, req: _Request, prompt_ids: list[int], chat: 
         raise SwarmUnavailable(str(e)) from None
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     sampling = Sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed)
-    run = _Run(node, prompt_ids, max_tokens, sampling, TextStream(node.tokenizer, stops))
+    stop_ids = frozenset() if req.ignore_eos else node.tokenizer.eos_token_ids
+    run = _Run(node, prompt_ids, max_tokens, sampling, TextStream(node.tokenizer, stops), stop_ids)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     shape = _ChatShape(rid, node.model_id) if chat else _TextShape(rid, node.model_id)
     if req.stream:
@@ -133,25 +135,20 @@ async def _complete(node: PeerNode, req: _Request, prompt_ids: list[int], chat: 
 class _Run:
     """One generation: token stream -> text deltas, finish reason and usage."""
 
-    def __init__(self, node: PeerNode, prompt_ids, max_tokens, sampling, text: TextStream):
-        self.node, self.prompt_ids, self.max_tokens, self.sampling, self.text = (
-            node,
-            prompt_ids,
-            max_tokens,
-            sampling,
-            text,
-        )
+    def __init__(self, node: PeerNode, prompt_ids, max_tokens, sampling, text: TextStream, stop_ids):
+        self.node, self.prompt_ids, self.max_tokens = node, prompt_ids, max_tokens
+        self.sampling, self.text, self.stop_ids = sampling, text, stop_ids
         self.finish_reason = "length"
         self.completion_tokens = 0
 
     async def deltas(self) -> AsyncIterator[str]:
         node = self.node
         node.active_requests += 1
-        gen = generate(node, self.prompt_ids, self.max_tokens, self.sampling, node.tokenizer.eos_token_ids)
+        gen = generate(node, self.prompt_ids, self.max_tokens, self.sampling, self.stop_ids)
         try:
             async for tok in gen:
                 self.completion_tokens += 1
-                if tok.token in node.tokenizer.eos_token_ids:
+                if tok.token in self.stop_ids:
                     self.finish_reason = "stop"
                     break
                 delta = self.text.push(tok.token)

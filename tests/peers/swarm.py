@@ -11,6 +11,8 @@ from pathlib import Path
 
 import httpx
 
+from peers.local_swarm import COLOCATED_ENV
+
 START_TIMEOUT_S = 120.0
 
 
@@ -22,11 +24,18 @@ def free_port() -> int:
 
 class Peer:
     def __init__(
-        self, model: Path | str, layers: str | None, join: list[str], log_dir: Path, args: list[str]
+        self,
+        model: Path | str,
+        layers: str | None,
+        join: list[str],
+        log_dir: Path,
+        args: list[str],
+        threads: int | None,
     ):
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.model, self.layers, self.join, self.args, self.log_dir = model, layers, join, args, log_dir
+        self.threads = threads
         self.proc: subprocess.Popen | None = None
         self.log_path = log_dir / f"peer-{self.port}.log"
 
@@ -45,7 +54,9 @@ class Peer:
             cmd += ["--layers", self.layers]
         if self.join:
             cmd += ["--join", *self.join]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        env = {**COLOCATED_ENV, **os.environ, "HF_HUB_OFFLINE": "1"}
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd + self.args, stdout=log, stderr=subprocess.STDOUT, env=env)
         return self
@@ -97,8 +108,8 @@ class Peer:
 class Swarm:
     """A set of peers; `stop()` ends them all."""
 
-    def __init__(self, model: Path | str, log_dir: Path, args: list[str] = ()):
-        self.model, self.log_dir, self.args = model, log_dir, list(args)
+    def __init__(self, model: Path | str, log_dir: Path, args: list[str] = (), threads: int | None = 1):
+        self.model, self.log_dir, self.args, self.threads = model, log_dir, list(args), threads
         self.peers: list[Peer] = []
 
     def add(
@@ -106,7 +117,7 @@ class Swarm:
     ) -> Peer:
         if join is None:
             join = [self.peers[0].address] if self.peers else []
-        peer = Peer(self.model, layers, join, self.log_dir, self.args + list(args))
+        peer = Peer(self.model, layers, join, self.log_dir, self.args + list(args), self.threads)
         if port is not None:
             peer.port, peer.address = port, f"127.0.0.1:{port}"
             peer.log_path = self.log_dir / f"peer-{port}-{time.monotonic_ns()}.log"
