@@ -48,10 +48,24 @@ def _serve(args: argparse.Namespace) -> int:
     failed = []
 
     class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):  # announce leaving at once, before draining
-            if self.started and node.table.me.state != "dead":
-                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(node.announce_leaving()))
+        leaving = False
+
+        def handle_exit(self, sig, frame):
+            """First signal: leave gracefully (announce, drain while still serving, then stop).
+            A second signal stops at once."""
+            if self.started and not self.leaving and node.ready:
+                self.leaving = True
+                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.leave_then_exit(sig, frame)))
+                return
             super().handle_exit(sig, frame)
+            self._captured_signals.clear()  # a graceful stop is a normal exit, not death by signal
+
+        async def leave_then_exit(self, sig, frame):
+            try:
+                await node.leave()
+            finally:
+                super().handle_exit(sig, frame)
+                self._captured_signals.clear()
 
     def on_start_failure(exc: BaseException) -> None:
         failed.append(exc)

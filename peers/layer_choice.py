@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .membership import DEAD, PeerEntry, Table
+from .membership import JOINING, SERVING, PeerEntry, Table
 from .routing import coverage
 
 
@@ -22,17 +22,22 @@ def best_span(counts: list[int], budget: int) -> tuple[int, int]:
     return start, start + budget
 
 
-def others(table: Table, model: str) -> list[PeerEntry]:
-    """Peers of this model that serve or are loading layers, other than this one."""
+def claims(table: Table, model: str) -> list[PeerEntry]:
+    """Spans this peer must respect: those of peers serving the model, and of peers loading it
+    that chose before it could (a smaller id breaks ties between simultaneous newcomers)."""
+    me = table.me
     return [
         e
         for e in table.live()
-        if e.model == model and e.peer_id != table.me.peer_id and e.start < e.end and e.state != DEAD
+        if e.model == model
+        and e.peer_id != me.peer_id
+        and e.start < e.end
+        and (e.state == SERVING or (e.state == JOINING and e.peer_id < me.peer_id))
     ]
 
 
 def choose_span(table: Table, model: str, total: int, budget: int) -> tuple[int, int]:
-    return best_span(coverage(others(table, model), total), budget)
+    return best_span(coverage(claims(table, model), total), budget)
 
 
 def layers_fitting_memory(model_path: Path, config, device: str | None, fraction: float = 0.6) -> int:

@@ -10,6 +10,7 @@ peer whose heartbeat has not advanced for `suspect_after_s` is suspect (no new r
 
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
@@ -98,6 +99,7 @@ class Table:
     settings: GossipSettings = field(default_factory=GossipSettings)
     clock: Callable[[], float] = time.monotonic
     _peers: dict[str, _Local] = field(default_factory=dict)
+    deaths: deque = field(default_factory=lambda: deque(maxlen=1000))  # (peer_id, incarnation) declared here
 
     def __post_init__(self):
         self._peers[self.me.peer_id] = _Local(self.me, self.clock())
@@ -149,7 +151,15 @@ class Table:
                 local.entry = replace(local.entry, state=DEAD)
                 local.died_at = now
                 newly_dead.append(peer_id)
+                self.deaths.append((peer_id, local.entry.incarnation))
         return newly_dead
+
+    def forgive(self) -> None:
+        """Restart every live peer's silence clock (after this process itself stalled)."""
+        now = self.clock()
+        for peer_id, local in self._peers.items():
+            if local.entry.state != DEAD and peer_id != self.me.peer_id:
+                local.seen_at = now
 
     def report_failure(self, peer_id: str) -> None:
         """An entry saw a hop to this peer fail: suspect it until its heartbeat advances."""

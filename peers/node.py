@@ -86,6 +86,7 @@ class PeerNode:
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block")
         self._tasks: list[asyncio.Task] = []
         self.active_requests = 0  # entry requests in flight here
+        self.steps_served = 0  # hops this peer computed
         self.background: set[asyncio.Task] = set()  # fire-and-forget work, e.g. closing sessions
         from .entry import Bans
 
@@ -106,11 +107,7 @@ class PeerNode:
         if self.config.join:
             await self.gossip_round(self.list_seeds())
         if self.config.layers is None:
-            from .layer_choice import choose_span  # needs the swarm's view: wait for gossip first
-
-            await asyncio.sleep(self.config.gossip.interval_s)
-            start, end = choose_span(self.table, self.model_id, self.total_layers, self._layer_budget())
-            self.table.update_me(start=start, end=end)
+            await self._choose_layers()
         me = self.table.me
         log.info("loading layers %d:%d of %s", me.start, me.end, self.model_id)
         loop = asyncio.get_running_loop()
@@ -118,6 +115,23 @@ class PeerNode:
         self.table.update_me(state=SERVING)
         log.info("serving layers %d:%d of %s at %s", me.start, me.end, self.model_id, self.peer_id)
         await self.gossip_round(self.table.gossip_targets(self.list_seeds()))
+
+    async def _choose_layers(self, rounds: int = 5) -> None:
+        """Pick the span that most needs serving; announce it while joining, and move if a peer
+        that chose first claimed the same layers (simultaneous newcomers settle in a few rounds)."""
+        from .layer_choice import choose_span
+
+        interval = self.config.gossip.interval_s
+        budget = self._layer_budget()
+        await asyncio.sleep(interval * random.uniform(1.0, 2.0))  # learn the swarm first
+        for _ in range(rounds):
+            span = choose_span(self.table, self.model_id, self.total_layers, budget)
+            if span == (self.table.me.start, self.table.me.end):
+                return
+            log.info("choosing layers %d:%d", *span)
+            self.table.update_me(start=span[0], end=span[1])
+            await self.gossip_round([], fanout_all=True)
+            await asyncio.sleep(2 * interval)
 
     def _layer_budget(self) -> int:
         if self.config.num_layers is not None:
@@ -145,10 +159,13 @@ class PeerNode:
             return
         await self.announce_leaving()
         deadline = asyncio.get_running_loop().time() + self.config.drain_s
-        while self.active_requests and asyncio.get_running_loop().time() < deadline:
+        while self._busy() and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         self.table.update_me(state=DEAD)
         await self.gossip_round([], fanout_all=True)
+
+    def _busy(self) -> bool:
+        return bool(self.active_requests or (self.block is not None and self.block.open_sessions()))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -162,8 +179,15 @@ class PeerNode:
 
     # -- gossip ----------------------------------------------------------------------------
     async def _gossip_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self.config.gossip.interval_s * random.uniform(0.8, 1.2))
+            pause = self.config.gossip.interval_s * random.uniform(0.8, 1.2)
+            before = loop.time()
+            await asyncio.sleep(pause)
+            if loop.time() - before - pause > self.config.gossip.suspect_after_s:
+                # This process was frozen or starved: its silence view is stale, not the others'.
+                log.warning("gossip stalled for %.1f s; refreshing the view", loop.time() - before)
+                self.table.forgive()
             try:
                 self.table.beat(load=self.block.open_sessions() if self.block else 0)
                 for dead in self.table.sweep():
@@ -208,6 +232,7 @@ class PeerNode:
             out = await loop.run_in_executor(self._compute, self._compute_hop, req, hop)
         except (InferenceError, ValueError) as e:
             raise HopFailed(self.peer_id, str(e)) from e
+        self.steps_served += 1
         if isinstance(out, StepResult):
             return out
         return await self._push(replace(req, hops=req.hops[1:], tensor=out))

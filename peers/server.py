@@ -60,6 +60,8 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
             "total_layers": node.total_layers,
             "state": me.state,
             "sessions": node.block.open_sessions() if node.block else 0,
+            "steps_served": node.steps_served,
+            "incarnation": me.incarnation,
         }
         return JSONResponse(body, status_code=200 if node.ready else 503)
 
@@ -99,6 +101,7 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
             "peers": peers,
             "coverage": counts,
             "gaps": gaps(counts),
+            "declared_dead": [list(d) for d in t.deaths],
         }
 
     return app

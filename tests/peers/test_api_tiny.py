@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 from peers import AsyncSwarmClient, SwarmAPIError, SwarmClient
 from tests.helpers import monolithic
+from tests.peers.swarm import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +188,7 @@ def test_openai_package_streaming(tiny_swarm, reference):
     assert chunks[-1].usage.completion_tokens >= 1
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=messages)
+    client.close()
 
 
 def test_peer_status_prints_the_swarm(tiny_swarm):
@@ -200,3 +202,11 @@ def test_peer_status_prints_the_swarm(tiny_swarm):
     for peer in tiny_swarm.peers:
         assert peer.address in done.stdout
     assert "0-3: x1" in done.stdout and "gaps: none" in done.stdout
+
+
+def test_sessions_are_closed_on_every_peer_after_requests(tiny_swarm):
+    entry = tiny_swarm.peers[0]
+    for stream in (False, True):
+        body = {"model": "llama", "prompt": "close me", "max_tokens": 6, "temperature": 0, "stream": stream}
+        assert post(entry, "/v1/completions", body).status_code == 200
+    wait_until(lambda: all(p.health()["sessions"] == 0 for p in tiny_swarm.peers), 10)

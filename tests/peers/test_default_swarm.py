@@ -50,4 +50,5 @@ def test_openai_client_gets_monolithic_text(smol_swarm, default_model):
             model="smollm2-135m", messages=messages, max_tokens=32, temperature=0, stream=True
         )
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+    client.close()
     assert "Paris" in monolithic_chat(default_model, "What is the capital of France?", 32)

@@ -1,0 +1,168 @@
+"""Peers die, freeze and come back in the middle of generations; the caller's stream does not
+break and the text is exactly the unfailed one. Default model, replicated spans."""
+
+import json
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.peers.swarm import Swarm, wait_until
+
+pytestmark = pytest.mark.slow
+
+GOSSIP = ["--gossip-interval", "0.5", "--suspect-after", "2", "--dead-after", "4", "--tombstone", "12"]
+TIMEOUTS = ["--hop-timeout", "4", "--ban", "3", "--failover-timeout", "60"]
+SPANS = {"first": "0:10", "middle": "10:20", "last": "20:30"}
+
+
+@pytest.fixture(scope="module")
+def swarm(default_model, tmp_path_factory):
+    """An entry peer that is never on a route (layers 0:1; routes take fewest hops) and two
+    replicas of each third of the model."""
+    s = Swarm("smollm2-135m", tmp_path_factory.mktemp("failover-logs"), GOSSIP + TIMEOUTS)
+    try:
+        s.add("0:1")
+        for layers in SPANS.values():
+            s.add(layers)
+            s.add(layers)
+        s.wait_ready(timeout_s=300)
+        s.wait_route(s.peers[0])
+        wait_until(lambda: all(len(p.table()["peers"]) == 7 for p in s.peers), 60, s._why)
+        yield s
+    finally:
+        s.stop()
+
+
+def stream(entry, on_token=None, n=64, temperature=0.0, seed=None):
+    """A streamed chat completion; returns (text, finish_reason, gaps between tokens)."""
+    body = {
+        "model": "smollm2-135m",
+        "messages": [{"role": "user", "content": "Write a long story about a dragon and a knight."}],
+        "max_tokens": n,
+        "temperature": temperature,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    if seed is not None:
+        body["seed"] = seed
+    text, finish, stamps = [], None, []
+    with httpx.stream("POST", f"{entry.url}/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            choice = event["choices"][0]
+            if choice["delta"].get("content"):
+                text.append(choice["delta"]["content"])
+                stamps.append(time.monotonic())
+                if on_token:
+                    on_token(len(text))
+            finish = choice["finish_reason"] or finish
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return "".join(text), finish, gaps
+
+
+def serving_peer(swarm, layers):
+    """The replica of `layers` that holds the running session."""
+    replicas = [p for p in swarm.peers if p.layers == layers and p.alive()]
+    return wait_until(lambda: next((p for p in replicas if (p.health() or {}).get("sessions")), None), 10)
+
+
+@pytest.fixture(scope="module")
+def reference(swarm):
+    text, finish, _ = stream(swarm.peers[0])
+    assert finish == "length" and len(text) > 100
+    return text
+
+
+@pytest.mark.parametrize("where", ["middle", "first", "last"])
+def test_kill_9_mid_stream_keeps_the_text_exact(swarm, reference, where):
+    killed = []
+
+    def on_token(count):
+        if count == 12 and not killed:
+            victim = serving_peer(swarm, SPANS[where])
+            victim.kill()
+            killed.append(victim)
+
+    text, finish, _ = stream(swarm.peers[0], on_token)
+    assert killed, "no replica was killed"
+    assert text == reference and finish == "length"
+
+
+def test_killed_peers_restart_on_their_address_without_ghosts(swarm, reference):
+    dead = [p for p in swarm.peers if not p.alive()]
+    assert len(dead) == 3
+    for p in dead:
+        p.start()  # same port: a new life of the same peer
+    swarm.wait_ready()
+    addresses = sorted(p.address for p in swarm.peers)
+
+    def clean():
+        for p in swarm.peers:
+            rows = p.table()["peers"]
+            if sorted(r["peer_id"] for r in rows) != addresses:  # one row per address: no two lives
+                return False
+            if any(r["status"] != "serving" for r in rows):  # no dead or suspect ghost
+                return False
+        return True
+
+    wait_until(clean, 30, swarm._why)
+    lives = {p.address: p.health()["incarnation"] for p in dead}
+    for p in swarm.peers:
+        for row in p.table()["peers"]:
+            if row["peer_id"] in lives:
+                assert row["incarnation"] == lives[row["peer_id"]]
+    assert stream(swarm.peers[0])[0] == reference
+
+
+def test_frozen_peer_fails_over_after_the_deadline_then_recovers(swarm, reference):
+    frozen = []
+
+    def on_token(count):
+        if count == 12 and not frozen:
+            victim = serving_peer(swarm, SPANS["middle"])
+            victim.signal(signal.SIGSTOP)
+            frozen.append(victim)
+
+    try:
+        text, finish, gaps = stream(swarm.peers[0], on_token)
+    finally:
+        for p in frozen:
+            p.signal(signal.SIGCONT)
+    assert text == reference and finish == "length"
+    assert max(gaps) >= 3.5  # it waited for the hop deadline (4 s) before failing over
+    victim = frozen[0]
+    entry = swarm.peers[0]
+
+    def back():
+        row = next(r for r in entry.table()["peers"] if r["peer_id"] == victim.address)
+        return victim.health() and row["status"] == "serving"
+
+    wait_until(back, 30, swarm._why)
+    served = victim.health()["steps_served"]
+    body = {"model": "smollm2-135m", "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+
+    def used_again():
+        assert httpx.post(f"{entry.url}/v1/completions", json=body, timeout=60).status_code == 200
+        return victim.health()["steps_served"] > served
+
+    wait_until(used_again, 60, swarm._why, interval_s=0)
+
+
+def test_seeded_sampling_survives_a_kill(swarm):
+    expected, _, _ = stream(swarm.peers[0], n=40, temperature=0.8, seed=7)
+    killed = []
+
+    def on_token(count):
+        if count == 10 and not killed:
+            victim = serving_peer(swarm, SPANS["last"])
+            victim.kill()
+            killed.append(victim)
+
+    text, _, _ = stream(swarm.peers[0], on_token, n=40, temperature=0.8, seed=7)
+    assert killed and text == expected

@@ -1,0 +1,57 @@
+"""A peer stops cleanly on SIGTERM and refuses bad flags with one line."""
+
+import signal
+import subprocess
+import sys
+
+from tests.peers.swarm import wait_until
+
+
+def test_sigterm_stops_a_peer_cleanly(tiny_llama, make_swarm):
+    swarm = make_swarm(tiny_llama)
+    peer = swarm.add("0:4")
+    swarm.wait_ready()
+    health = peer.health()
+    assert health["state"] == "serving" and health["layers"] == [0, 4] and health["model"] == "llama"
+    peer.signal(signal.SIGTERM)
+    wait_until(lambda: peer.proc.poll() is not None, 20)
+    assert peer.proc.returncode == 0, peer.log_tail()
+    assert "Traceback" not in peer.log_tail(200)
+
+
+def test_serve_rejects_a_bad_layer_range(tiny_llama):
+    cmd = [
+        sys.executable,
+        "-m",
+        "peers.cli",
+        "serve",
+        "--model",
+        str(tiny_llama),
+        "--layers",
+        "3:9",
+        "--port",
+        "1",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip().splitlines()[-1]
+        == "peer: error: layers 3:9 are not a non-empty range inside [0, 4)"
+    )
+
+
+def test_serve_help_documents_every_flag():
+    done = subprocess.run(
+        [sys.executable, "-m", "peers.cli", "serve", "--help"], capture_output=True, text=True, timeout=60
+    )
+    for flag in (
+        "--model",
+        "--layers",
+        "--join",
+        "--device",
+        "--dtype",
+        "--public-address",
+        "--port",
+        "--host",
+    ):
+        assert flag in done.stdout

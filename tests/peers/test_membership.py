@@ -1,0 +1,103 @@
+"""The swarm table: merge rules, suspicion, death, tombstones, refutation, new lives."""
+
+import random
+
+import pytest
+
+from peers.membership import DEAD, JOINING, SERVING, GossipSettings, PeerEntry, Table, supersedes
+
+S = GossipSettings(interval_s=1, suspect_after_s=3, dead_after_s=6, tombstone_s=30)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def entry(pid="b:1", inc=1, hb=1, state=SERVING) -> PeerEntry:
+    return PeerEntry(pid, "m", 4, 0, 4, state, inc, hb, 0)
+
+
+def table(clock, pid="a:1") -> Table:
+    return Table(entry(pid, inc=1, hb=0, state=JOINING), S, clock)
+
+
+def test_supersedes_orders_lives_then_heartbeats_and_death_is_final():
+    assert supersedes(entry(hb=2), entry(hb=1))
+    assert not supersedes(entry(hb=1), entry(hb=2))
+    assert supersedes(entry(inc=2, hb=0), entry(inc=1, hb=99))
+    assert supersedes(entry(hb=1, state=DEAD), entry(hb=5))
+    assert not supersedes(entry(hb=9), entry(hb=1, state=DEAD))  # stale gossip cannot revive
+
+
+def test_silent_peer_becomes_suspect_then_dead_then_forgotten():
+    clock = Clock()
+    t = table(clock)
+    t.merge([entry()])
+    assert t.status("b:1") == SERVING and [e.peer_id for e in t.serving("m")] == ["b:1"]
+    clock.now += 4
+    assert t.status("b:1") == "suspect" and t.serving("m") == []
+    clock.now += 3
+    assert t.sweep() == ["b:1"] and t.status("b:1") == DEAD
+    t.merge([entry(hb=1)])  # stale gossip of the dead life
+    assert t.status("b:1") == DEAD
+    clock.now += 31
+    t.sweep()
+    assert t.status("b:1") is None
+
+
+def test_heartbeat_refutes_suspicion_and_failure_reports_speed_it_up():
+    clock = Clock()
+    t = table(clock)
+    t.merge([entry(hb=1)])
+    clock.now += 4
+    t.merge([entry(hb=2)])
+    assert t.status("b:1") == SERVING
+    t.report_failure("b:1")
+    assert t.status("b:1") == "suspect"
+    clock.now += 3.5
+    assert t.sweep() == ["b:1"]
+
+
+def test_restarted_peer_is_one_new_life():
+    clock = Clock()
+    t = table(clock)
+    t.merge([entry(inc=1, hb=5)])
+    clock.now += 7
+    t.sweep()
+    t.merge([entry(inc=2, hb=0)])  # same address, new process
+    assert t.status("b:1") == SERVING
+    assert [e.incarnation for e in t.entries() if e.peer_id == "b:1"] == [2]
+
+
+def test_peer_told_it_is_dead_starts_a_new_life():
+    clock = Clock()
+    t = table(clock)
+    old = t.me.incarnation
+    t.merge([PeerEntry("a:1", "m", 4, 0, 4, DEAD, old, 3, 0)])
+    assert t.me.incarnation > old and t.me.state == JOINING
+
+
+def test_own_changes_advance_the_heartbeat():
+    t = table(Clock())
+    hb = t.me.heartbeat
+    t.update_me(state=SERVING)
+    assert t.me.heartbeat == hb + 1
+
+
+def test_gossip_targets_are_live_peers_or_seeds():
+    clock = Clock()
+    t = table(clock)
+    assert t.gossip_targets(["s:1", "a:1"]) == ["s:1"]
+    t.merge([entry(f"p:{i}") for i in range(10)])
+    picked = t.gossip_targets([], random.Random(0))
+    assert len(picked) == S.fanout and "a:1" not in picked
+
+
+@pytest.mark.parametrize("bad", [dict(interval_s=0), dict(fanout=0), dict(suspect_after_s=0.5, interval_s=1)])
+def test_settings_are_validated(bad):
+    with pytest.raises(ValueError):
+        GossipSettings(**bad)

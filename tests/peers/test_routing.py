@@ -1,0 +1,70 @@
+"""Route planning is pure: tiling, fewest hops, rendezvous balance, bounded load, minimal moves."""
+
+from collections import Counter
+
+import pytest
+
+from peers.membership import SERVING, PeerEntry
+from peers.routing import NoRouteError, coverage, gaps, plan_route
+
+TOTAL = 30
+
+
+def peer(name: str, start: int, end: int, load: int = 0) -> PeerEntry:
+    return PeerEntry(name, "m", TOTAL, start, end, SERVING, 1, 1, load)
+
+
+def spans(route):
+    return [(h.peer_id, h.start, h.end) for h in route]
+
+
+def test_route_tiles_all_layers_in_order():
+    peers = [peer("c", 20, 30), peer("a", 0, 10), peer("b", 10, 20)]
+    assert spans(plan_route(peers, TOTAL, "k")) == [("a", 0, 10), ("b", 10, 20), ("c", 20, 30)]
+
+
+def test_fewest_hops_win_and_overlaps_are_cut():
+    peers = [peer("a", 0, 10), peer("b", 10, 20), peer("c", 20, 30), peer("whole", 0, 30)]
+    assert spans(plan_route(peers, TOTAL, "k")) == [("whole", 0, 30)]
+    overlapping = [peer("x", 0, 15), peer("y", 10, 30)]
+    assert spans(plan_route(overlapping, TOTAL, "k")) == [("x", 0, 15), ("y", 15, 30)]
+
+
+def test_missing_layers_are_named():
+    with pytest.raises(NoRouteError, match="no peer serves layers 10-19"):
+        plan_route([peer("a", 0, 10), peer("c", 20, 30)], TOTAL, "k", "m")
+    with pytest.raises(NoRouteError, match="no peer serves layer 29"):
+        plan_route([peer("a", 0, 29)], TOTAL, "k", "m")
+    assert gaps(coverage([peer("a", 0, 10), peer("c", 20, 25)], TOTAL)) == [(10, 20), (25, 30)]
+
+
+def test_excluded_peers_are_avoided():
+    peers = [peer("a1", 0, 30), peer("a2", 0, 30)]
+    for key in map(str, range(50)):
+        assert plan_route(peers, TOTAL, key, exclude={"a1"})[0].peer_id == "a2"
+
+
+def test_rendezvous_balance_within_10_percent():
+    peers = [peer(f"p{i}", 0, TOTAL) for i in range(4)]
+    counts = Counter(plan_route(peers, TOTAL, f"session-{k}")[0].peer_id for k in range(20000))
+    mean = 20000 / 4
+    assert max(counts.values()) <= 1.1 * mean, counts
+
+
+def test_membership_change_moves_only_the_leavers_sessions():
+    peers = [peer(f"p{i}", 0, TOTAL) for i in range(5)]
+    keys = [f"s{k}" for k in range(5000)]
+    before = {k: plan_route(peers, TOTAL, k)[0].peer_id for k in keys}
+    after = {k: plan_route(peers[:-1], TOTAL, k)[0].peer_id for k in keys}
+    moved = [k for k in keys if before[k] != after[k]]
+    assert all(before[k] == "p4" for k in moved)  # only the leaver's sessions move
+    assert 0.15 < len(moved) / len(keys) < 0.25  # about 1/N
+    joined = {k: plan_route([*peers, peer("p5", 0, TOTAL)], TOTAL, k)[0].peer_id for k in keys}
+    assert all(joined[k] in (before[k], "p5") for k in keys)
+
+
+def test_overloaded_peer_is_skipped_while_another_can_serve():
+    peers = [peer("busy", 0, TOTAL, load=10), peer("idle", 0, TOTAL, load=2)]
+    assert {plan_route(peers, TOTAL, str(k))[0].peer_id for k in range(100)} == {"idle"}
+    alone = [peer("busy", 0, TOTAL, load=10)]
+    assert plan_route(alone, TOTAL, "k")[0].peer_id == "busy"
