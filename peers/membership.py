@@ -169,11 +169,15 @@ class Table:
             local.seen_at = min(local.seen_at, self.clock())
 
     def gossip_targets(self, seeds: list[str], rng: random.Random = random) -> list[str]:
-        """A few random live peers to exchange tables with; the seeds while none is known."""
+        """A few random live peers to exchange tables with, plus one seed not (or no longer)
+        known alive: a seed that was down when this peer started is retried, so that peers
+        started together cannot stay split in two swarms."""
         live = [p for p, local in self._peers.items() if p != self.me.peer_id and local.entry.state != DEAD]
-        if not live:
-            return [s for s in seeds if s != self.me.peer_id]
-        return rng.sample(live, min(self.settings.fanout, len(live)))
+        targets = rng.sample(live, min(self.settings.fanout, len(live)))
+        unknown = [s for s in seeds if s != self.me.peer_id and s not in live]
+        if unknown:
+            targets.append(rng.choice(unknown))
+        return targets
 
     # -- reading -----------------------------------------------------------------------------
     def status(self, peer_id: str) -> str | None:

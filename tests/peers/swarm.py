@@ -1,6 +1,7 @@
 """Real peer processes on free loopback ports, for end-to-end tests. Every peer started here is
 stopped by the owning fixture, whatever happens."""
 
+import json
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import httpx
 from peers.local_swarm import COLOCATED_ENV
 
 START_TIMEOUT_S = 120.0
+STORY = "Write a long story about a dragon and a knight."
 
 
 def free_port() -> int:
@@ -151,3 +153,40 @@ def wait_until(condition, timeout_s: float, why=lambda: "", interval_s: float = 
             return result
         time.sleep(interval_s)
     raise AssertionError(f"condition not met within {timeout_s} s\n{why()}")
+
+
+def stream_chat(entry, on_token=None, n=64, temperature=0.0, seed=None, prompt=STORY, model="smollm2-135m"):
+    """A streamed chat completion; returns (text, finish_reason, gaps between tokens)."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": n,
+        "temperature": temperature,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    if seed is not None:
+        body["seed"] = seed
+    text, finish, stamps = [], None, []
+    with httpx.stream("POST", f"{entry.url}/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            choice = event["choices"][0]
+            if choice["delta"].get("content"):
+                text.append(choice["delta"]["content"])
+                stamps.append(time.monotonic())
+                if on_token:
+                    on_token(len(text))
+            finish = choice["finish_reason"] or finish
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return "".join(text), finish, gaps
+
+
+def serving_replica(swarm: Swarm, layers: str) -> Peer:
+    """The live replica of `layers` that holds the running session."""
+    replicas = [p for p in swarm.peers if p.layers == layers and p.alive()]
+    return wait_until(lambda: next((p for p in replicas if (p.health() or {}).get("sessions")), None), 10)

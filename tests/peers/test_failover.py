@@ -1,14 +1,12 @@
 """Peers die, freeze and come back in the middle of generations; the caller's stream does not
 break and the text is exactly the unfailed one. Default model, replicated spans."""
 
-import json
 import signal
-import time
 
 import httpx
 import pytest
 
-from tests.peers.swarm import Swarm, wait_until
+from tests.peers.swarm import Swarm, serving_replica, stream_chat, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -35,46 +33,9 @@ def swarm(default_model, tmp_path_factory):
         s.stop()
 
 
-def stream(entry, on_token=None, n=64, temperature=0.0, seed=None):
-    """A streamed chat completion; returns (text, finish_reason, gaps between tokens)."""
-    body = {
-        "model": "smollm2-135m",
-        "messages": [{"role": "user", "content": "Write a long story about a dragon and a knight."}],
-        "max_tokens": n,
-        "temperature": temperature,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    if seed is not None:
-        body["seed"] = seed
-    text, finish, stamps = [], None, []
-    with httpx.stream("POST", f"{entry.url}/v1/chat/completions", json=body, timeout=120) as r:
-        assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            assert "error" not in event, event
-            choice = event["choices"][0]
-            if choice["delta"].get("content"):
-                text.append(choice["delta"]["content"])
-                stamps.append(time.monotonic())
-                if on_token:
-                    on_token(len(text))
-            finish = choice["finish_reason"] or finish
-    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    return "".join(text), finish, gaps
-
-
-def serving_peer(swarm, layers):
-    """The replica of `layers` that holds the running session."""
-    replicas = [p for p in swarm.peers if p.layers == layers and p.alive()]
-    return wait_until(lambda: next((p for p in replicas if (p.health() or {}).get("sessions")), None), 10)
-
-
 @pytest.fixture(scope="module")
 def reference(swarm):
-    text, finish, _ = stream(swarm.peers[0])
+    text, finish, _ = stream_chat(swarm.peers[0])
     assert finish == "length" and len(text) > 100
     return text
 
@@ -85,11 +46,11 @@ def test_kill_9_mid_stream_keeps_the_text_exact(swarm, reference, where):
 
     def on_token(count):
         if count == 12 and not killed:
-            victim = serving_peer(swarm, SPANS[where])
+            victim = serving_replica(swarm, SPANS[where])
             victim.kill()
             killed.append(victim)
 
-    text, finish, _ = stream(swarm.peers[0], on_token)
+    text, finish, _ = stream_chat(swarm.peers[0], on_token)
     assert killed, "no replica was killed"
     assert text == reference and finish == "length"
 
@@ -117,7 +78,7 @@ def test_killed_peers_restart_on_their_address_without_ghosts(swarm, reference):
         for row in p.table()["peers"]:
             if row["peer_id"] in lives:
                 assert row["incarnation"] == lives[row["peer_id"]]
-    assert stream(swarm.peers[0])[0] == reference
+    assert stream_chat(swarm.peers[0])[0] == reference
 
 
 def test_frozen_peer_fails_over_after_the_deadline_then_recovers(swarm, reference):
@@ -125,12 +86,12 @@ def test_frozen_peer_fails_over_after_the_deadline_then_recovers(swarm, referenc
 
     def on_token(count):
         if count == 12 and not frozen:
-            victim = serving_peer(swarm, SPANS["middle"])
+            victim = serving_replica(swarm, SPANS["middle"])
             victim.signal(signal.SIGSTOP)
             frozen.append(victim)
 
     try:
-        text, finish, gaps = stream(swarm.peers[0], on_token)
+        text, finish, gaps = stream_chat(swarm.peers[0], on_token)
     finally:
         for p in frozen:
             p.signal(signal.SIGCONT)
@@ -155,14 +116,14 @@ def test_frozen_peer_fails_over_after_the_deadline_then_recovers(swarm, referenc
 
 
 def test_seeded_sampling_survives_a_kill(swarm):
-    expected, _, _ = stream(swarm.peers[0], n=40, temperature=0.8, seed=7)
+    expected, _, _ = stream_chat(swarm.peers[0], n=40, temperature=0.8, seed=7)
     killed = []
 
     def on_token(count):
         if count == 10 and not killed:
-            victim = serving_peer(swarm, SPANS["last"])
+            victim = serving_replica(swarm, SPANS["last"])
             victim.kill()
             killed.append(victim)
 
-    text, _, _ = stream(swarm.peers[0], on_token, n=40, temperature=0.8, seed=7)
+    text, _, _ = stream_chat(swarm.peers[0], on_token, n=40, temperature=0.8, seed=7)
     assert killed and text == expected

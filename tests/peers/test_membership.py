@@ -95,6 +95,8 @@ def test_gossip_targets_are_live_peers_or_seeds():
     t.merge([entry(f"p:{i}") for i in range(10)])
     picked = t.gossip_targets([], random.Random(0))
     assert len(picked) == S.fanout and "a:1" not in picked
+    with_seed = t.gossip_targets(["p:1", "down:1"], random.Random(0))  # a seed not yet reached
+    assert len(with_seed) == S.fanout + 1 and with_seed[-1] == "down:1"
 
 
 @pytest.mark.parametrize("bad", [dict(interval_s=0), dict(fanout=0), dict(suspect_after_s=0.5, interval_s=1)])

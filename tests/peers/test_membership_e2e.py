@@ -1,6 +1,9 @@
 """Peers find each other by gossip; routes appear as soon as layers are covered."""
 
+import time
+
 import httpx
+import pytest
 
 from tests.peers.swarm import wait_until
 
@@ -36,3 +39,33 @@ def test_join_through_any_peer_and_route_appears(tiny_llama, make_swarm):
     swarm.wait_route(a, timeout_s=20)
     assert complete(a).status_code == 200
     assert complete(c).status_code == 200
+
+
+def test_failover_gives_up_with_a_503_that_says_why(tiny_llama, make_swarm):
+    swarm = make_swarm(tiny_llama, FAST_GOSSIP + ["--failover-timeout", "2", "--ban", "1"])
+    a = swarm.add("0:2")
+    b = swarm.add("2:4")
+    swarm.wait_ready()
+    swarm.wait_route(a)
+    b.kill()  # the entry still believes in b: the first hop to it fails, then nothing covers 2-3
+    t0 = time.monotonic()
+    r = complete(a)
+    assert r.status_code == 503
+    message = r.json()["error"]["message"]
+    assert "gave up after 2 s of failover" in message and "no peer serves layers 2-3" in message
+    assert time.monotonic() - t0 < 10
+    assert a.health()["sessions"] == 0
+
+
+@pytest.mark.slow
+def test_peers_without_layers_cover_the_model(make_swarm, default_model):
+    swarm = make_swarm("smollm2-135m", FAST_GOSSIP + ["--num-layers", "10"])
+    first = swarm.add(None)
+    swarm.add(None)
+    swarm.add(None)  # all three start at once
+    swarm.wait_ready(timeout_s=300)
+    swarm.wait_route(first, timeout_s=60)
+    spans = sorted(tuple(p.health()["layers"]) for p in swarm.peers)
+    assert spans == [(0, 10), (10, 20), (20, 30)]
+    body = {"model": "smollm2-135m", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+    assert httpx.post(f"{first.url}/v1/completions", json=body, timeout=60).status_code == 200
