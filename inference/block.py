@@ -239,4 +239,4 @@ def load_block(
     checkpoint = Checkpoint(Path(model_path))
     block = Block(config, span, max_cache_tokens, idle_timeout_s)
     block.load_weights(checkpoint, dev, dt)
-    return block.eval()
+    return block.eval().requires_grad_(False)

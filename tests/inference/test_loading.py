@@ -57,21 +57,30 @@ def test_loading_the_middle_third_does_not_allocate_the_whole_model(tmp_path):
         num_key_value_heads=8,
     )
     model_mb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
+    # VmHWM is the peak RSS of this process image (unlike ru_maxrss, it does not carry over from
+    # the forking parent). Touching every parameter pages in whatever the block really holds.
     probe = textwrap.dedent(f"""
-        import resource, json
+        import json
+        import torch
         from inference import load_block
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+        def peak_mb():
+            status = open("/proc/self/status").read()
+            return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+        before = peak_mb()
         block = load_block({str(path)!r}, "4:8")
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with torch.no_grad():
+            sum(float(p.sum()) for p in block.parameters())
         params = sum(p.numel() * p.element_size() for p in block.parameters())
-        print(json.dumps({{"peak_mb": (after - before) / 1024, "params_mb": params / 2**20}}))
+        print(json.dumps({{"peak_mb": peak_mb() - before, "params_mb": params / 2**20}}))
     """)
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert model_mb > 250
     assert abs(got["params_mb"] - model_mb / 3) < 0.05 * model_mb
-    # Reading the block's tensors may briefly hold a second copy of them, never the whole model.
-    assert got["peak_mb"] < 0.7 * model_mb, (got, model_mb)
+    # The block's third, plus page-ins around it; never the whole model.
+    assert model_mb / 3 * 0.9 < got["peak_mb"] < 0.6 * model_mb, (got, model_mb)
 
 
 @pytest.mark.parametrize("span", ["4:6", "2:2", "3:1", "-1:2", "a:b", "5"])
