@@ -17,26 +17,32 @@ START_TIMEOUT_S = 600.0
 COLOCATED_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def peer_command(model: str, host: str, peer: dict, seed: str | None, device: str | None) -> list[str]:
+def serve_command(
+    model: str,
+    port: int,
+    layers: str | None = None,
+    join: list[str] = (),
+    host: str = "127.0.0.1",
+    args: list[str] = (),
+) -> list[str]:
+    """The `peer serve` command line of one peer, run with this Python."""
     cmd = [
         sys.executable,
         "-m",
         "peers.cli",
         "serve",
         "--model",
-        model,
+        str(model),
         "--host",
         host,
         "--port",
-        str(peer["port"]),
+        str(port),
     ]
-    if "layers" in peer:
-        cmd += ["--layers", peer["layers"]]
-    if seed:
-        cmd += ["--join", seed]
-    if device or peer.get("device"):
-        cmd += ["--device", peer.get("device", device)]
-    return cmd + [str(x) for x in peer.get("args", [])]
+    if layers:
+        cmd += ["--layers", layers]
+    if join:
+        cmd += ["--join", *join]
+    return cmd + [str(a) for a in args]
 
 
 def run_local_swarm(config_path: str, model_override: str | None = None) -> int:
@@ -52,7 +58,10 @@ def run_local_swarm(config_path: str, model_override: str | None = None) -> int:
     procs = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that `finally` stops the peers
     for i, peer in enumerate(peers):
-        cmd = peer_command(model, host, peer, None if i == 0 else first, preset.get("device"))
+        device = peer.get("device", preset.get("device"))
+        extra = ["--device", device] if device else []
+        join = [first] if i else []
+        cmd = serve_command(model, peer["port"], peer.get("layers"), join, host, extra + peer.get("args", []))
         env = {**COLOCATED_ENV, **os.environ}
         procs.append(subprocess.Popen(cmd, start_new_session=True, env=env))
     try:

@@ -68,9 +68,10 @@ def monolithic(path: Path):
     return model.eval()
 
 
-def greedy_reference(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' own greedy generate, run to exactly max_new_tokens (no end-of-sequence stop)."""
-    model.generation_config.eos_token_id = None
+def greedy_reference(model, prompt_ids: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
+    """transformers' own greedy generate: up to the first `eos` (excluded), else exactly
+    max_new_tokens."""
+    model.generation_config.eos_token_id = eos
     out = model.generate(
         torch.tensor([prompt_ids]),
         attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
@@ -78,4 +79,5 @@ def greedy_reference(model, prompt_ids: list[int], max_new_tokens: int) -> list[
         do_sample=False,
         pad_token_id=0,
     )
-    return out[0, len(prompt_ids) :].tolist()
+    new = out[0, len(prompt_ids) :].tolist()
+    return new[: new.index(eos)] if eos in new else new

@@ -6,13 +6,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from peers.local_swarm import COLOCATED_ENV
+from peers.local_swarm import COLOCATED_ENV, serve_command
 
 START_TIMEOUT_S = 120.0
 STORY = "Write a long story about a dragon and a knight."
@@ -42,25 +41,12 @@ class Peer:
         self.log_path = log_dir / f"peer-{self.port}.log"
 
     def start(self) -> "Peer":
-        cmd = [
-            sys.executable,
-            "-m",
-            "peers.cli",
-            "serve",
-            "--model",
-            str(self.model),
-            "--port",
-            str(self.port),
-        ]
-        if self.layers:
-            cmd += ["--layers", self.layers]
-        if self.join:
-            cmd += ["--join", *self.join]
+        cmd = serve_command(self.model, self.port, self.layers, self.join, args=self.args)
         env = {**COLOCATED_ENV, **os.environ, "HF_HUB_OFFLINE": "1"}
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd + self.args, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         return self
 
     @property

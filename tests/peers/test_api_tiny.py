@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from peers import AsyncSwarmClient, SwarmAPIError, SwarmClient
-from tests.helpers import monolithic
+from tests.helpers import greedy_reference, monolithic
 from tests.peers.swarm import wait_until
 
 
@@ -20,20 +20,7 @@ def reference(tiny_llama):
     tok = AutoTokenizer.from_pretrained(tiny_llama)
 
     def greedy_text(prompt_ids: list[int], max_tokens: int) -> str:
-        import torch
-
-        out = model.generate(
-            torch.tensor([prompt_ids]),
-            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-            max_new_tokens=max_tokens,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=2,
-        )
-        new = out[0, len(prompt_ids) :].tolist()
-        if 2 in new:
-            new = new[: new.index(2)]
-        return tok.decode(new, skip_special_tokens=True)
+        return tok.decode(greedy_reference(model, prompt_ids, max_tokens, eos=2), skip_special_tokens=True)
 
     def chat_ids(content: str) -> list[int]:
         ids = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)

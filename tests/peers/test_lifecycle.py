@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 
+from peers.local_swarm import serve_command
 from tests.peers.swarm import wait_until
 
 
@@ -20,18 +21,7 @@ def test_sigterm_stops_a_peer_cleanly(tiny_llama, make_swarm):
 
 
 def test_serve_rejects_a_bad_layer_range(tiny_llama):
-    cmd = [
-        sys.executable,
-        "-m",
-        "peers.cli",
-        "serve",
-        "--model",
-        str(tiny_llama),
-        "--layers",
-        "3:9",
-        "--port",
-        "1",
-    ]
+    cmd = serve_command(tiny_llama, 1, "3:9")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert (
