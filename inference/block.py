@@ -178,7 +178,12 @@ class Block(nn.Module):
                         f"for layers {session.layers[0]}:{session.layers[1]}; the step starts at {position} "
                         f"with batch {batch} for layers {start}:{end}"
                     )
-            self.sessions.reserve(session, steps)
+            try:
+                self.sessions.reserve(session, steps)
+            except Exception:
+                if position == 0:
+                    self.sessions.close(session_id)  # leave no empty session behind
+                raise
             hidden = self._run(session, inputs.to(self.device), start, end)
             session.advance(steps)
         if end < self.span.total:

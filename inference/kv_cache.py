@@ -11,6 +11,7 @@ import torch
 from .errors import CacheFullError, SessionError
 
 GROW_TOKENS = 256  # capacity grows in steps of this many positions
+EVICT_IDLE_S = 2.0  # only sessions idle this long may be evicted to make room
 
 
 class SessionCache:
@@ -102,7 +103,8 @@ class CacheStore:
 
     def reserve(self, session: SessionCache, new_tokens: int) -> None:
         """Make room for `new_tokens` more positions of `session`, evicting least recently used
-        other sessions if the budget requires; CacheFullError if the session alone cannot fit."""
+        sessions idle for EVICT_IDLE_S if the budget requires; CacheFullError if the session
+        alone cannot fit, or if active sessions hold the room."""
         needed = session.length + new_tokens
         if needed <= session.capacity:
             return
@@ -115,11 +117,17 @@ class CacheStore:
         capacity = min(capacity, self.max_tokens // session.batch)
         with self._lock:
             extra = session.batch * (capacity - session.capacity)
-            for other_id in list(self._sessions):
+            now = self._clock()
+            for other_id, other in list(self._sessions.items()):  # least recently used first
                 if self.used_tokens + extra <= self.max_tokens:
                     break
-                if other_id != session.session_id:
+                if other_id != session.session_id and now - other.last_used >= EVICT_IDLE_S:
                     del self._sessions[other_id]
+            if self.used_tokens + extra > self.max_tokens:
+                raise CacheFullError(
+                    f"the KV cache is full: {self.used_tokens} of {self.max_tokens} token slots are held by "
+                    f"active sessions; session {session.session_id!r} needs {extra} more"
+                )
             session.grow_to(capacity)
 
     def close(self, session_id: str) -> bool:

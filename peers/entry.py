@@ -93,15 +93,20 @@ async def generate(
     key = uuid.uuid4().hex  # routing key; prefix-keyed routing comes with prefix KV reuse
     session_id, route = key, None
     failing_since: float | None = None
+    full: dict[str, str] = {}  # peers with no room for this request -> why (avoided, not banned)
     delay = 0.05
     try:
         while len(generated) < max_tokens:
             if route is None:
                 try:
-                    route = current_route(node, key, banned_now(node))
+                    route = current_route(node, key, banned_now(node) | set(full))
                 except NoRouteError as e:
                     if failing_since is None:
                         raise SwarmUnavailable(str(e)) from None
+                    if full:  # healthy peers without room: say so now, the caller may retry
+                        raise SwarmUnavailable(
+                            f"no room for this request: {next(iter(full.values()))}"
+                        ) from None
                     _give_up_if_late(node, failing_since, str(e))
                     await asyncio.sleep(delay)
                     delay = min(1.0, delay * 2)
@@ -111,7 +116,7 @@ async def generate(
                 result = await step(node, route, session_id, pending, position, sampling)
             except HopFailed as e:
                 failing_since = failing_since or time.monotonic()
-                _handle_failure(node, e, route, session_id)
+                _handle_failure(node, e, route, session_id, full)
                 _give_up_if_late(node, failing_since, e.message)
                 session_id, route = uuid.uuid4().hex, None
                 continue
@@ -132,11 +137,21 @@ async def generate(
             _background(node, node.close_sessions(session_id, route))
 
 
-def _handle_failure(node: PeerNode, e: HopFailed, route: list[Hop], session_id: str) -> None:
-    entry = next((x for x in node.table.live() if x.peer_id == e.peer_id), None)
-    duration = node.bans.ban(e.peer_id, entry.incarnation if entry else 0)
-    node.table.report_failure(e.peer_id)
-    log.warning("%s; banned for %.1f s, re-routing", e.message, duration)
+def _handle_failure(
+    node: PeerNode, e: HopFailed, route: list[Hop], session_id: str, full: dict[str, str]
+) -> None:
+    """Only a peer at fault is banned; one without room is avoided by this request; a lost
+    session is simply replayed."""
+    if e.reason == "failed":
+        entry = next((x for x in node.table.live() if x.peer_id == e.peer_id), None)
+        duration = node.bans.ban(e.peer_id, entry.incarnation if entry else 0)
+        node.table.report_failure(e.peer_id)
+        log.warning("%s; banned for %.1f s, re-routing", e.message, duration)
+    elif e.reason in ("cache_full", "busy"):
+        full[e.peer_id] = e.message
+        log.info("%s; re-routing around it", e.message)
+    else:
+        log.info("%s; replaying", e.message)
     survivors = [h for h in route if h.peer_id != e.peer_id]
     _background(node, node.close_sessions(session_id, survivors))
 

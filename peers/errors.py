@@ -51,14 +51,18 @@ class SwarmUnavailable(SwarmError):
 
 
 class HopFailed(SwarmError):
-    """A step failed at `peer_id` (refused, timed out, error status, non-finite output)."""
+    """A step failed at `peer_id`. `reason`: "failed" (refused, timed out, error status,
+    non-finite output: the peer is at fault), "session_lost" (it no longer holds the session),
+    "cache_full" or "busy" (it is healthy but has no room now)."""
 
     status = 502
     kind = "hop_failed"
+    REASONS = ("failed", "session_lost", "cache_full", "busy")
 
-    def __init__(self, peer_id: str, message: str):
+    def __init__(self, peer_id: str, message: str, reason: str = "failed"):
         super().__init__(f"peer {peer_id} failed: {message}")
-        self.peer_id = peer_id
+        assert reason in self.REASONS, reason
+        self.peer_id, self.reason = peer_id, reason
 
 
 def error_response(error: SwarmError) -> JSONResponse:

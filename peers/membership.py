@@ -53,6 +53,7 @@ class PeerEntry:
     incarnation: int = 0
     heartbeat: int = 0
     load: int = 0  # sessions open on it
+    dead_for_s: float = 0.0  # on a tombstone: how long ago the sender saw the death
 
     @property
     def version(self) -> tuple[int, int]:
@@ -126,14 +127,21 @@ class Table:
                     self.update_me(incarnation=max(entry.incarnation + 1, _now_us()), heartbeat=0)
                 continue
             known = self._peers.get(entry.peer_id)
+            died = now - max(0.0, entry.dead_for_s) if entry.state == DEAD else None
             if known is None or supersedes(entry, known.entry):
-                # a tombstone is kept too, so that stale gossip of that life cannot revive it
-                died = now if entry.state == DEAD else None
-                self._peers[entry.peer_id] = _Local(entry, now, died_at=died)
+                # a tombstone is kept too, so that stale gossip of that life cannot revive it; it
+                # keeps its age, so that tombstones expire everywhere instead of bouncing around
+                self._peers[entry.peer_id] = _Local(replace(entry, dead_for_s=0.0), now, died_at=died)
+            elif died is not None and known.died_at is not None and entry.version == known.entry.version:
+                known.died_at = min(known.died_at, died)
 
     def entries(self) -> list[PeerEntry]:
-        """Everything to gossip: live entries and unexpired tombstones."""
-        return [local.entry for local in self._peers.values()]
+        """Everything to gossip: live entries and unexpired tombstones (with their age)."""
+        now = self.clock()
+        return [
+            replace(local.entry, dead_for_s=now - local.died_at) if local.died_at is not None else local.entry
+            for local in self._peers.values()
+        ]
 
     def sweep(self) -> list[str]:
         """Declare peers dead whose heartbeat stopped; drop old tombstones. Returns the newly dead."""

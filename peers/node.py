@@ -10,7 +10,16 @@ from dataclasses import dataclass, field, replace
 import httpx
 import torch
 
-from inference import Block, InferenceError, SamplingParams, Tokenizer, load_block, resolve_model, sample
+from inference import (
+    Block,
+    CacheFullError,
+    SamplingParams,
+    SessionError,
+    Tokenizer,
+    load_block,
+    resolve_model,
+    sample,
+)
 from inference.block import load_config
 
 from .errors import HopFailed
@@ -81,12 +90,14 @@ class PeerNode:
         )
         self.table = Table(me, config.gossip)
         self.http = httpx.AsyncClient(
-            timeout=config.hop_timeout_s, limits=httpx.Limits(max_keepalive_connections=64)
+            timeout=config.hop_timeout_s,
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
         )
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block")
         self._tasks: list[asyncio.Task] = []
         self.active_requests = 0  # entry requests in flight here
         self.steps_served = 0  # hops this peer computed
+        self.steps_in_flight = 0  # hops waiting for or using the compute thread
         self.background: set[asyncio.Task] = set()  # fire-and-forget work, e.g. closing sessions
         from .entry import Bans
 
@@ -189,6 +200,8 @@ class PeerNode:
                 log.warning("gossip stalled for %.1f s; refreshing the view", loop.time() - before)
                 self.table.forgive()
             try:
+                if self.block is not None:
+                    self.block.sessions.expire()  # sessions of vanished entries; also when no step comes
                 self.table.beat(load=self.block.open_sessions() if self.block else 0)
                 for dead in self.table.sweep():
                     log.info("peer %s declared dead", dead)
@@ -227,11 +240,24 @@ class PeerNode:
             raise HopFailed(
                 self.peer_id, f"layers {hop.start}:{hop.end} are not inside its span {block.span}"
             )
+        if self.steps_in_flight >= self.config.max_queue:
+            raise HopFailed(self.peer_id, f"{self.steps_in_flight} steps already queued (max_queue)", "busy")
         loop = asyncio.get_running_loop()
+        self.steps_in_flight += 1
         try:
-            out = await loop.run_in_executor(self._compute, self._compute_hop, req, hop)
-        except (InferenceError, ValueError) as e:
-            raise HopFailed(self.peer_id, str(e)) from e
+            work = loop.run_in_executor(self._compute, self._compute_hop, req, hop)
+            out = await asyncio.wait_for(work, req.hop_timeout_s)
+        except TimeoutError:
+            raise HopFailed(self.peer_id, f"its own layers took over {req.hop_timeout_s:.1f} s") from None
+        except SessionError as e:
+            raise HopFailed(self.peer_id, str(e), "session_lost") from e
+        except CacheFullError as e:
+            raise HopFailed(self.peer_id, str(e), "cache_full") from e
+        except Exception as e:  # a bug, a torch or CUDA error: this hop failed, the entry fails over
+            log.warning("step failed here: %s: %s", type(e).__name__, e)
+            raise HopFailed(self.peer_id, f"{type(e).__name__}: {e}") from e
+        finally:
+            self.steps_in_flight -= 1
         self.steps_served += 1
         if isinstance(out, StepResult):
             return out
@@ -294,9 +320,9 @@ def parse_step_reply(r: httpx.Response, peer_id: str) -> StepResult:
     if r.status_code != 200:
         err = data.get("error", {}) if isinstance(data, dict) else {}
         failed = err.get("failed_peer") or peer_id
-        raise HopFailed(
-            failed, err.get("message", f"status {r.status_code}").removeprefix(f"peer {failed} failed: ")
-        )
+        reason = err.get("type") if err.get("type") in HopFailed.REASONS else "failed"
+        message = err.get("message", f"status {r.status_code}").removeprefix(f"peer {failed} failed: ")
+        raise HopFailed(failed, message, reason)
     try:
         return StepResult([int(t) for t in data["tokens"]], [float(x) for x in data["logprobs"]])
     except (KeyError, TypeError, ValueError):

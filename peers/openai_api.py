@@ -2,6 +2,7 @@
 streaming as server-sent events."""
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -10,6 +11,7 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 
 from .entry import banned_now, current_route, generate
 from .errors import InvalidRequest, ModelNotServed, SwarmError, SwarmUnavailable
@@ -17,6 +19,8 @@ from .node import PeerNode
 from .protocol import Sampling
 from .routing import NoRouteError
 from .textstream import TextStream
+
+log = logging.getLogger("layerswarm.api")
 
 DEFAULT_MAX_TOKENS = 1024  # when a request names none: this, or what the context has left
 
@@ -78,7 +82,12 @@ def router(node: PeerNode) -> APIRouter:
             {"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
             for m in req.messages
         ]
-        prompt_ids = node.tokenizer.encode_chat(messages)
+        try:
+            prompt_ids = node.tokenizer.encode_chat(messages)
+        except Exception as e:  # the chat template refused these messages (e.g. roles not alternating)
+            raise InvalidRequest(
+                f"the model's chat template rejected the messages: {e}", param="messages"
+            ) from e
         return await _complete(node, req, prompt_ids, chat=True)
 
     @api.post("/v1/completions")
@@ -115,6 +124,29 @@ async def _complete(node: PeerNode, req: _Request, prompt_ids: list[int], chat: 
     max_tokens = _check(node, req, prompt_ids)
     if node.active_requests >= node.config.max_queue:
         raise SwarmUnavailable(f"this peer already holds {node.active_requests} requests (max_queue)")
+    node.active_requests += 1  # counted from now, released once when the response is done
+    release = _once(lambda: setattr(node, "active_requests", node.active_requests - 1))
+    try:
+        return await _respond(node, req, prompt_ids, max_tokens, chat, release)
+    except BaseException:
+        release()
+        raise
+
+
+def _once(fn):
+    done = []
+
+    def call():
+        if not done:
+            done.append(True)
+            fn()
+
+    return call
+
+
+async def _respond(
+    node: PeerNode, req: _Request, prompt_ids: list[int], max_tokens: int, chat: bool, release
+):
     try:  # a missing route is a 503 before anything is streamed
         current_route(node, "probe", banned_now(node))
     except NoRouteError as e:
@@ -127,8 +159,15 @@ async def _complete(node: PeerNode, req: _Request, prompt_ids: list[int], chat: 
     shape = _ChatShape(rid, node.model_id) if chat else _TextShape(rid, node.model_id)
     if req.stream:
         usage = bool((req.stream_options or {}).get("include_usage"))
-        return StreamingResponse(_sse(run, shape, usage), media_type="text/event-stream")
-    text = "".join([delta async for delta in run.deltas()])
+        return StreamingResponse(
+            _sse(run, shape, usage, release),
+            media_type="text/event-stream",
+            background=BackgroundTask(release),
+        )
+    try:
+        text = "".join([delta async for delta in run.deltas()])
+    finally:
+        release()
     return shape.whole(text, run.finish_reason, run.usage())
 
 
@@ -143,7 +182,6 @@ class _Run:
 
     async def deltas(self) -> AsyncIterator[str]:
         node = self.node
-        node.active_requests += 1
         gen = generate(node, self.prompt_ids, self.max_tokens, self.sampling, self.stop_ids)
         try:
             async for tok in gen:
@@ -162,7 +200,6 @@ class _Run:
                 yield rest
         finally:
             await gen.aclose()
-            node.active_requests -= 1
 
     def usage(self) -> dict:
         p, c = len(self.prompt_ids), self.completion_tokens
@@ -215,7 +252,7 @@ def _event(data: dict | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
 
 
-async def _sse(run: _Run, shape: _ChatShape, include_usage: bool) -> AsyncIterator[bytes]:
+async def _sse(run: _Run, shape: _ChatShape, include_usage: bool, release) -> AsyncIterator[bytes]:
     try:
         if not isinstance(shape, _TextShape):  # chat streams open with the assistant's role
             yield _event(shape.chunk(None, None, first=True))
@@ -226,4 +263,9 @@ async def _sse(run: _Run, shape: _ChatShape, include_usage: bool) -> AsyncIterat
             yield _event(shape.usage_chunk(run.usage()))
     except SwarmError as e:  # the stream has started: the error travels as an event
         yield _event(e.to_json())
+    except Exception as e:
+        log.exception("stream failed")
+        yield _event(SwarmError(f"internal error: {type(e).__name__}: {e}").to_json())
+    finally:
+        release()
     yield _event("[DONE]")

@@ -133,6 +133,6 @@ def decode_step(body: bytes) -> StepRequest:
         raise ProtocolError(f"bad step header: {e}") from e
 
 
-def step_error_body(message: str, failed_peer: str | None, kind: str) -> dict:
-    """The JSON body of a failed step: which peer failed and why."""
-    return {"error": {"message": message, "failed_peer": failed_peer, "type": kind}}
+def step_error_body(message: str, failed_peer: str | None, reason: str) -> dict:
+    """The JSON body of a failed step: which peer failed, and why (a HopFailed reason)."""
+    return {"error": {"message": message, "failed_peer": failed_peer, "type": reason}}

@@ -70,11 +70,11 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
         try:
             req = decode_step(await request.body())
         except ProtocolError as e:
-            return JSONResponse(step_error_body(str(e), node.peer_id, "protocol_error"), status_code=400)
+            return JSONResponse(step_error_body(str(e), node.peer_id, "failed"), status_code=400)
         try:
             result = await node.run_step(req)
         except HopFailed as e:
-            return JSONResponse(step_error_body(e.message, e.peer_id, e.kind), status_code=502)
+            return JSONResponse(step_error_body(e.message, e.peer_id, e.reason), status_code=502)
         return JSONResponse({"tokens": result.tokens, "logprobs": result.logprobs})
 
     @app.post(PATH_CLOSE)

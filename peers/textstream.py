@@ -20,11 +20,10 @@ class TextStream:
         if text.endswith("\ufffd"):
             return ""  # an incomplete UTF-8 sequence: wait for the next token
         self.text = text
-        for s in self.stop:
-            at = text.find(s, max(0, self.sent - len(s) + 1))
-            if at != -1:
-                self.text, self.stopped = text[:at], True
-                return self._take(len(self.text))
+        hits = [at for s in self.stop if (at := text.find(s, max(0, self.sent - len(s) + 1))) != -1]
+        if hits:  # the earliest match in the text wins, whichever stop string it is
+            self.text, self.stopped = text[: min(hits)], True
+            return self._take(len(self.text))
         return self._take(max(self.sent, len(text) - self._held(text)))
 
     def _held(self, text: str) -> int:

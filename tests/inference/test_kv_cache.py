@@ -29,6 +29,11 @@ def test_least_recently_used_session_is_evicted_for_a_new_one():
         store.reserve(store.open(sid, batch=1), 10)
         clock.now += 1
     store.get("a")  # a is now the most recently used
+    with pytest.raises(CacheFullError, match="held by active sessions"):
+        store.reserve(store.open("c", batch=1), 10)  # a and b are active: nothing is evicted
+    assert "a" in store and "b" in store
+    clock.now += 5  # both idle now
+    store.get("a")
     store.reserve(store.open("c", batch=1), 10)
     assert "b" not in store and "a" in store and "c" in store
     with pytest.raises(SessionError, match="unknown session 'b'"):
@@ -59,6 +64,7 @@ def test_block_over_budget_raises_and_stays_usable(tiny_llama):
     block = load_block(tiny_llama, "0:4", max_cache_tokens=16)
     with pytest.raises(CacheFullError, match="the cache budget is 16"):
         block("s", torch.zeros(1, 20, dtype=torch.long), 0)
+    assert block.open_sessions() == 0  # no empty session left behind
     logits = block("t", torch.zeros(1, 8, dtype=torch.long), 0)
     assert logits.shape == (1, 1, 256)
 

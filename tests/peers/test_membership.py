@@ -103,3 +103,20 @@ def test_gossip_targets_are_live_peers_or_seeds():
 def test_settings_are_validated(bad):
     with pytest.raises(ValueError):
         GossipSettings(**bad)
+
+
+def test_tombstones_keep_their_age_and_expire_everywhere():
+    clock = Clock()
+    a, b = table(clock, "a:1"), table(clock, "b:1")
+    for t in (a, b):
+        t.merge([entry("c:1")])
+    clock.now += 7
+    a.sweep()  # a declares c dead; b has not yet
+    b.merge(a.entries())
+    assert b.status("c:1") == DEAD
+    for _ in range(40):  # they keep gossiping; the tombstone must not be renewed by the exchange
+        clock.now += 1
+        a.sweep(), b.sweep()
+        a.merge(b.entries())
+        b.merge(a.entries())
+    assert a.status("c:1") is None and b.status("c:1") is None

@@ -69,3 +69,17 @@ def test_peers_without_layers_cover_the_model(make_swarm, default_model):
     assert spans == [(0, 10), (10, 20), (20, 30)]
     body = {"model": "smollm2-135m", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
     assert httpx.post(f"{first.url}/v1/completions", json=body, timeout=60).status_code == 200
+
+
+def test_request_over_the_cache_budget_gets_a_quick_503(tiny_llama, make_swarm):
+    swarm = make_swarm(tiny_llama, FAST_GOSSIP + ["--max-cache-tokens", "64"])
+    a = swarm.add("0:4")
+    swarm.wait_ready()
+    swarm.wait_route(a)
+    t0 = time.monotonic()
+    r = complete(a, prompt="x" * 100)
+    assert r.status_code == 503, r.text
+    assert "no room for this request" in r.json()["error"]["message"]
+    assert "the cache budget is 64" in r.json()["error"]["message"]
+    assert time.monotonic() - t0 < 10
+    assert complete(a).status_code == 200  # the peer was not banned
