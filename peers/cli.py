@@ -44,6 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         gossip=gossip,
     )
+    sock = _listen(args.host, args.port)  # before anything else: a taken port fails here, in one line
     node = PeerNode(config)  # resolves the model; bad names and layer ranges fail here
     failed = []
 
@@ -84,11 +85,26 @@ def _serve(args: argparse.Namespace) -> int:
     )
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    loop.run_until_complete(server.serve())
+    loop.run_until_complete(server.serve(sockets=[sock]))
     if failed:
         print(f"peer: error: {failed[0]}", file=sys.stderr)
         return 1
     return 0
+
+
+def _listen(host: str, port: int):
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _status(args: argparse.Namespace) -> int:
