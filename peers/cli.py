@@ -42,6 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
         ban_s=args.ban,
         drain_s=args.drain,
         max_queue=args.max_queue,
+        rebalance=not args.no_rebalance,
         gossip=gossip,
     )
     sock = _listen(args.host, args.port)  # before anything else: a taken port fails here, in one line
@@ -178,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
     serve.add_argument(
         "--max-queue", type=int, default=256, help="requests this entry holds at once; more get 503"
+    )
+    serve.add_argument(
+        "--no-rebalance",
+        action="store_true",
+        help="without --layers: keep the chosen span even when a gap opens",
     )
     serve.add_argument("--gossip-interval", type=float, default=1.0, help="seconds between gossip rounds")
     serve.add_argument("--gossip-fanout", type=int, default=3, help="peers contacted each round")

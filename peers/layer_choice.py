@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from .membership import JOINING, SERVING, PeerEntry, Table
-from .routing import coverage
+from .routing import coverage, gaps
 
 
 def best_span(counts: list[int], budget: int) -> tuple[int, int]:
@@ -60,3 +60,18 @@ def _mem_available() -> int:
     except OSError:
         pass
     return 8 << 30
+
+
+def rebalance_target(table: Table, model: str, total: int) -> tuple[int, int] | None:
+    """Where this serving peer should move, or None to stay: somewhere that covers unserved layers,
+    and only if every layer of its own span stays served by peers with smaller ids (the smallest-id
+    server of any layer never moves, so moving never opens a gap)."""
+    me = table.me
+    claimed = claims(table, model)
+    if not gaps(coverage([*claimed, me], total)):
+        return None
+    smaller = [e for e in table.serving(model) if e.peer_id < me.peer_id]
+    if any(n == 0 for n in coverage(smaller, total)[me.start : me.end]):
+        return None
+    target = best_span(coverage(claimed, total), me.end - me.start)
+    return target if target != (me.start, me.end) else None

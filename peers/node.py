@@ -57,6 +57,7 @@ class NodeConfig:
     ban_s: float = 5.0  # first ban of a failed peer; doubles on each repeat, up to ban_max_s
     ban_max_s: float = 120.0
     drain_s: float = 10.0  # on leave: how long in-flight requests may finish
+    rebalance: bool = True  # with layers None: move to fill a gap when this peer's span is redundant
     max_queue: int = 256  # requests an entry holds at once; more get 503
     gossip: GossipSettings = field(default_factory=GossipSettings)
 
@@ -98,6 +99,8 @@ class PeerNode:
         self.active_requests = 0  # entry requests in flight here
         self.steps_served = 0  # hops this peer computed
         self.steps_in_flight = 0  # hops waiting for or using the compute thread
+        self._serving_since: float | None = None  # loop time this span started serving
+        self._moving = False
         self.background: set[asyncio.Task] = set()  # fire-and-forget work, e.g. closing sessions
         from .entry import Bans
 
@@ -119,13 +122,44 @@ class PeerNode:
             await self.gossip_round(self.list_seeds())
         if self.config.layers is None:
             await self._choose_layers()
+        await self._load_and_serve()
+
+    async def _load_and_serve(self) -> None:
         me = self.table.me
         log.info("loading layers %d:%d of %s", me.start, me.end, self.model_id)
         loop = asyncio.get_running_loop()
         self.block = await loop.run_in_executor(self._compute, self._load_block, me.start, me.end)
         self.table.update_me(state=SERVING)
+        self._serving_since = loop.time()
         log.info("serving layers %d:%d of %s at %s", me.start, me.end, self.model_id, self.peer_id)
         await self.gossip_round(self.table.gossip_targets(self.list_seeds()))
+
+    async def _maybe_rebalance(self) -> None:
+        """An automatically placed peer whose layers others also serve moves to fill a gap."""
+        from .layer_choice import rebalance_target
+
+        settle_s = 3 * self.config.gossip.dead_after_s  # let views agree before acting on them
+        if self._moving or not self.ready or self.config.layers is not None or not self.config.rebalance:
+            return
+        if asyncio.get_running_loop().time() - (self._serving_since or 0) < settle_s:
+            return
+        target = rebalance_target(self.table, self.model_id, self.total_layers)
+        if target is None:
+            return
+        self._moving = True
+        try:
+            log.info(
+                "moving from layers %d:%d to %d:%d to fill a gap",
+                self.table.me.start,
+                self.table.me.end,
+                *target,
+            )
+            self.block = None  # steps in flight on the old layers fail over
+            self.table.update_me(state=JOINING, start=target[0], end=target[1])
+            await self.gossip_round([], fanout_all=True)
+            await self._load_and_serve()
+        finally:
+            self._moving = False
 
     async def _choose_layers(self, rounds: int = 5) -> None:
         """Pick the span that most needs serving; announce it while joining, and move if a peer
@@ -206,6 +240,9 @@ class PeerNode:
                 for dead in self.table.sweep():
                     log.info("peer %s declared dead", dead)
                 await self.gossip_round(self.table.gossip_targets(self.list_seeds()))
+                if not self._moving:
+                    self._tasks.append(asyncio.create_task(self._maybe_rebalance()))
+                    self._tasks = [t for t in self._tasks if not t.done()]
             except Exception:  # the loop must outlive any one bad round
                 log.exception("gossip round failed")
 
@@ -245,7 +282,7 @@ class PeerNode:
         loop = asyncio.get_running_loop()
         self.steps_in_flight += 1
         try:
-            work = loop.run_in_executor(self._compute, self._compute_hop, req, hop)
+            work = loop.run_in_executor(self._compute, self._compute_hop, block, req, hop)
             out = await asyncio.wait_for(work, req.hop_timeout_s)
         except TimeoutError:
             raise HopFailed(self.peer_id, f"its own layers took over {req.hop_timeout_s:.1f} s") from None
@@ -263,8 +300,8 @@ class PeerNode:
             return out
         return await self._push(replace(req, hops=req.hops[1:], tensor=out))
 
-    def _compute_hop(self, req: StepRequest, hop: Hop):
-        out = self.block(req.session_id, req.tensor, req.position, layers=(hop.start, hop.end))
+    def _compute_hop(self, block: Block, req: StepRequest, hop: Hop):
+        out = block(req.session_id, req.tensor, req.position, layers=(hop.start, hop.end))
         if not torch.isfinite(out).all():
             raise ValueError(f"non-finite values in the output of layers {hop.start}:{hop.end}")
         if hop.end < self.total_layers:

@@ -120,3 +120,20 @@ def test_tombstones_keep_their_age_and_expire_everywhere():
         a.merge(b.entries())
         b.merge(a.entries())
     assert a.status("c:1") is None and b.status("c:1") is None
+
+
+def test_rebalance_moves_only_a_redundant_larger_id_peer_into_a_gap():
+    from peers.layer_choice import rebalance_target
+
+    def span(pid, start, end):
+        return PeerEntry(pid, "m", 4, start, end, SERVING, 1, 1, 0)
+
+    clock = Clock()
+    low = Table(span("a:1", 0, 2), S, clock)
+    high = Table(span("b:1", 0, 2), S, clock)
+    low.merge([span("b:1", 0, 2)])
+    high.merge([span("a:1", 0, 2)])
+    assert rebalance_target(high, "m", 4) == (2, 4)  # layers 2-3 unserved; a:1 keeps 0-1 served
+    assert rebalance_target(low, "m", 4) is None  # the smallest id never moves
+    high.merge([span("c:1", 2, 4)])
+    assert rebalance_target(high, "m", 4) is None  # no gap: stay

@@ -83,3 +83,19 @@ def test_request_over_the_cache_budget_gets_a_quick_503(tiny_llama, make_swarm):
     assert "the cache budget is 64" in r.json()["error"]["message"]
     assert time.monotonic() - t0 < 10
     assert complete(a).status_code == 200  # the peer was not banned
+
+
+def test_a_redundant_automatic_peer_moves_into_a_gap(tiny_llama, make_swarm):
+    swarm = make_swarm(tiny_llama, FAST_GOSSIP + ["--num-layers", "2"])
+    for _ in range(3):  # one after the other: 0:2, 2:4, then a second 0:2
+        swarm.add(None)
+        swarm.wait_ready()
+    spans = {p.address: tuple(p.health()["layers"]) for p in swarm.peers}
+    assert sorted(spans.values()) == [(0, 2), (0, 2), (2, 4)]
+    lone = next(p for p in swarm.peers if spans[p.address] == (2, 4))
+    lone.kill()
+    survivors = [p for p in swarm.peers if p is not lone]
+    wait_until(lambda: complete(survivors[0]).status_code == 200, 60, swarm._why, interval_s=0.5)
+    assert sorted(tuple(p.health()["layers"]) for p in survivors) == [(0, 2), (2, 4)]
+    mover = max(survivors, key=lambda p: p.address)  # the larger id moved; the smaller kept 0:2
+    assert tuple(mover.health()["layers"]) == (2, 4)
