@@ -35,10 +35,13 @@ class Bans:
         self._bans: dict[str, _Ban] = {}
 
     def ban(self, peer_id: str, incarnation: int) -> float:
+        now = self.clock()
+        for p in [p for p, b in self._bans.items() if b.until + self.max_s < now]:
+            del self._bans[p]  # long expired: its strikes are forgiven (keeps the map bounded)
         old = self._bans.get(peer_id)
         strikes = old.strikes + 1 if old and old.incarnation == incarnation else 1
         duration = min(self.max_s, self.first_s * 2 ** (strikes - 1))
-        self._bans[peer_id] = _Ban(self.clock() + duration, strikes, incarnation)
+        self._bans[peer_id] = _Ban(now + duration, strikes, incarnation)
         return duration
 
     def banned(self, incarnations: dict[str, int]) -> set[str]:
@@ -82,7 +85,7 @@ async def step(
     )
     if route[0].peer_id == node.peer_id:
         return await node.run_step(req)
-    return await node._push(req)
+    return await node.push(req)
 
 
 async def generate(

@@ -298,7 +298,7 @@ class PeerNode:
         self.steps_served += 1
         if isinstance(out, StepResult):
             return out
-        return await self._push(replace(req, hops=req.hops[1:], tensor=out))
+        return await self.push(replace(req, hops=req.hops[1:], tensor=out))
 
     def _compute_hop(self, block: Block, req: StepRequest, hop: Hop):
         out = block(req.session_id, req.tensor, req.position, layers=(hop.start, hop.end))
@@ -312,7 +312,7 @@ class PeerNode:
         tokens, logprobs = sample(out[:, -1], params, step)
         return StepResult(tokens.tolist(), logprobs.tolist())
 
-    async def _push(self, req: StepRequest) -> StepResult:
+    async def push(self, req: StepRequest) -> StepResult:
         """Send the step on to the next hop; its reply (or which peer failed) comes back."""
         nxt = req.hops[0]
         timeout = req.hop_timeout_s * len(req.hops)
