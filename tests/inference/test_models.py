@@ -1,0 +1,69 @@
+"""Model resolution: GGUF files convert once into the cache, safely under concurrent first uses."""
+
+import json
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from inference import load_block, resolve_model
+from inference import models as models_module
+
+
+def _fake_convert(gguf: Path, out: Path) -> None:
+    """Stands in for the real converter: slow, and counts its runs in a log beside the GGUF."""
+    with open(gguf.parent / "conversions.log", "a") as log:
+        log.write("run\n")
+    (out / "model.safetensors").write_bytes(b"x" * 1000)
+    time.sleep(0.5)  # long enough for the other process to arrive while this one works
+    (out / "config.json").write_text(json.dumps({"source": str(gguf)}))
+
+
+def _resolve_in_child(gguf: str, cache: str, queue) -> None:
+    import os
+
+    os.environ["LAYERSWARM_CACHE"] = cache
+    models_module._convert_gguf = _fake_convert
+    source = resolve_model(gguf)
+    queue.put((source.model_id, str(source.path)))
+
+
+def test_gguf_converts_once_under_concurrent_first_uses(tmp_path):
+    gguf = tmp_path / "tiny-model.gguf"
+    gguf.write_bytes(b"GGUF fake")
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_resolve_in_child, args=(str(gguf), str(tmp_path / "cache"), queue))
+        for _ in range(3)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    results = [queue.get(timeout=5) for _ in procs]
+    assert len(set(results)) == 1
+    model_id, path = results[0]
+    assert model_id == "tiny-model"
+    assert json.loads((Path(path) / "config.json").read_text())["source"] == str(gguf)
+    assert (gguf.parent / "conversions.log").read_text().count("run") == 1
+    leftovers = [p.name for p in Path(path).parent.iterdir() if p.name.startswith(".") and p.is_dir()]
+    assert leftovers == []  # no half-written temp directory left behind
+
+
+def test_cuda_asked_on_a_cpu_machine_is_a_clear_error(tiny_llama):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        load_block(tiny_llama, "0:2", device="cuda")
+
+
+def test_bfloat16_blocks_run_on_cpu(tiny_llama):
+    block = load_block(tiny_llama, "0:4", dtype="bfloat16")
+    assert block.dtype == torch.bfloat16
+    logits = block("s", torch.tensor([[5, 6, 7]]), 0)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="dtype 'int8' is not one of"):
+        load_block(tiny_llama, "0:4", dtype="int8")
