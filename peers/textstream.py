@@ -1,5 +1,7 @@
 """Tokens to text deltas for one sequence, with stop strings: text that could still become a stop
-string is held back until it cannot."""
+string is held back until it cannot. Decoding is incremental: each token decodes only a short
+window (the last settled tokens as context, then the new ones), so a long generation costs linear,
+not quadratic, tokenizer time."""
 
 from inference import Tokenizer
 
@@ -12,13 +14,18 @@ class TextStream:
         self.text = ""  # decoded so far
         self.sent = 0  # characters of text already given out
         self.stopped = False
+        self._context = 0  # tokens[_context:_settled] are decoded already and give context
+        self._settled = 0
 
     def push(self, token: int) -> str:
         """Add a token; return the text that is now safe to send."""
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens)
-        if text.endswith("\ufffd"):
-            return ""  # an incomplete UTF-8 sequence: wait for the next token
+        before = self.tokenizer.decode(self.tokens[self._context : self._settled])
+        after = self.tokenizer.decode(self.tokens[self._context :])
+        if after.endswith("\ufffd") or len(after) <= len(before):
+            return ""  # an incomplete UTF-8 sequence, or nothing visible yet: wait for more tokens
+        text = self.text + after[len(before) :]
+        self._context, self._settled = self._settled, len(self.tokens)
         self.text = text
         hits = [at for s in self.stop if (at := text.find(s, max(0, self.sent - len(s) + 1))) != -1]
         if hits:  # the earliest match in the text wins, whichever stop string it is
