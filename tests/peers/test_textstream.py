@@ -31,3 +31,21 @@ def test_earliest_stop_string_wins():
 def test_stop_string_split_over_tokens():
     deltas, stream = feed("one two three", ["two"])
     assert "".join(deltas) == "one " and stream.stopped
+
+
+def test_incremental_text_equals_a_full_decode(default_model):
+    import random
+
+    from inference import Tokenizer
+
+    tok = Tokenizer(default_model)
+    ids = tok.encode(
+        "Héllo wörld! 日本語のテキスト, emojis 🎉🚀 and code: def f(x): return x ** 2  \n\n done."
+    )
+    rng = random.Random(0)
+    for _ in range(200):
+        seq = [rng.choice([*ids, rng.randrange(49152)]) for _ in range(rng.randrange(1, 50))]
+        stream = TextStream(tok, [])
+        text = "".join(stream.push(t) for t in seq) + stream.finish()
+        full = tok.decode(seq)
+        assert text == full or full.endswith("\ufffd"), (seq, text, full)
