@@ -45,6 +45,13 @@ def _serve(args: argparse.Namespace) -> int:
         rebalance=not args.no_rebalance,
         gossip=gossip,
     )
+    if args.host in ("0.0.0.0", "::") and not args.public_address:
+        logging.getLogger("layerswarm.peer").warning(
+            "listening on %s without --public-address: other peers will be told to dial %s, which only "
+            "works on this machine; pass --public-address HOST:PORT",
+            args.host,
+            config.address,
+        )
     sock = _listen(args.host, args.port)  # before anything else: a taken port fails here, in one line
     node = PeerNode(config)  # resolves the model; bad names and layer ranges fail here
     failed = []
