@@ -67,7 +67,8 @@ def run_local_swarm(config_path: str, model_override: str | None = None) -> int:
     try:
         if not _wait_for_route(first, procs):
             return 1
-        _print_usage(first, model if model_override or "/" not in model else Path(model).name)
+        served = httpx.get(f"http://{first}/v1/models", timeout=5).json()["data"][0]["id"]
+        _print_usage(first, served)
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
         print("peer swarm: a peer exited; stopping the others", file=sys.stderr)

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
@@ -77,7 +77,7 @@ def router(node: PeerNode) -> APIRouter:
         return {"object": "list", "data": [card]}
 
     @api.post("/v1/chat/completions")
-    async def chat(req: ChatRequest, request: Request):
+    async def chat(req: ChatRequest):
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
             for m in req.messages
@@ -91,7 +91,7 @@ def router(node: PeerNode) -> APIRouter:
         return await _complete(node, req, prompt_ids, chat=True)
 
     @api.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
+    async def completions(req: CompletionRequest):
         if not req.prompt:
             raise InvalidRequest("prompt must not be empty", param="prompt")
         return await _complete(node, req, node.tokenizer.encode(req.prompt), chat=False)

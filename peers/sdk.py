@@ -74,20 +74,23 @@ def _completion(data: dict, chat: bool) -> Completion:
     return Completion(text, choice["finish_reason"], Usage(**data["usage"]), data["model"])
 
 
-def _deltas(lines: Iterator[str], chat: bool) -> Iterator[str]:
-    for line in lines:
-        if not line.startswith("data: "):
-            continue
-        data = line[len("data: ") :]
-        if data == "[DONE]":
-            return
-        event = json.loads(data)
-        if "error" in event:
-            raise SwarmAPIError(503, event["error"].get("message", ""), event["error"].get("type"))
-        for choice in event.get("choices", []):
-            text = choice.get("delta", {}).get("content") if chat else choice.get("text")
-            if text:
-                yield text
+_DONE = object()
+
+
+def _parse_line(line: str, chat: bool):
+    """One server-sent-events line -> the text it carries ("" for none), or _DONE at the end."""
+    if not line.startswith("data: "):
+        return ""
+    data = line[len("data: ") :]
+    if data == "[DONE]":
+        return _DONE
+    event = json.loads(data)
+    if "error" in event:
+        raise SwarmAPIError(503, event["error"].get("message", ""), event["error"].get("type"))
+    texts = [
+        (c.get("delta", {}).get("content") if chat else c.get("text")) or "" for c in event.get("choices", [])
+    ]
+    return "".join(texts)
 
 
 class SwarmClient:
@@ -149,7 +152,12 @@ class SwarmClient:
                 if r.status_code >= 400:
                     r.read()
                     _raise_for(r)
-                yield from _deltas(r.iter_lines(), chat)
+                for line in r.iter_lines():
+                    text = _parse_line(line, chat)
+                    if text is _DONE:
+                        return
+                    if text:
+                        yield text
         except httpx.HTTPError as e:
             raise SwarmConnectionError(f"stream from {self._http.base_url} broke: {e}") from None
 
@@ -208,10 +216,11 @@ class AsyncSwarmClient:
                     await r.aread()
                     _raise_for(r)
                 async for line in r.aiter_lines():
-                    for delta in _deltas(iter([line]), chat):
-                        yield delta
-                    if line == "data: [DONE]":
+                    text = _parse_line(line, chat)
+                    if text is _DONE:
                         return
+                    if text:
+                        yield text
         except httpx.HTTPError as e:
             raise SwarmConnectionError(f"stream from {self._http.base_url} broke: {e}") from None
 

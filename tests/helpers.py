@@ -31,6 +31,16 @@ CONFIGS = {
 }
 
 
+class FakeClock:
+    """A clock for code that takes one: call it for the time, move it by setting `now`."""
+
+    def __init__(self, start: float = 0.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def save_tiny_model(kind: str, path: Path, seed: int = 0, **overrides) -> Path:
     """A random model of family `kind` with a byte-level tokenizer, saved to `path`."""
     torch.manual_seed(seed)

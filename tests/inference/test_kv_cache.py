@@ -5,14 +5,7 @@ import torch
 
 from inference import CacheFullError, SessionError, load_block
 from inference.kv_cache import GROW_TOKENS, CacheStore
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
+from tests.helpers import FakeClock
 
 
 def test_budget_counts_batch_times_allocated_positions():

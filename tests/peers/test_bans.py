@@ -1,18 +1,11 @@
 """The entry's bans: doubling backoff, lifted by success or by a new life of the peer."""
 
 from peers.entry import Bans
-
-
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
+from tests.helpers import FakeClock
 
 
 def test_ban_doubles_on_repeats_and_is_capped():
-    clock = Clock()
+    clock = FakeClock()
     bans = Bans(first_s=1, max_s=5, clock=clock)
     assert [bans.ban("p", 1) for _ in range(5)] == [1, 2, 4, 5, 5]
     assert bans.banned({"p": 1}) == {"p"}
@@ -23,7 +16,7 @@ def test_ban_doubles_on_repeats_and_is_capped():
 
 
 def test_ban_is_lifted_by_success_or_a_new_life():
-    clock = Clock()
+    clock = FakeClock()
     bans = Bans(first_s=10, max_s=60, clock=clock)
     bans.ban("p", 1)
     assert bans.banned({"p": 2}) == set()  # restarted: a new incarnation is not banned

@@ -5,16 +5,9 @@ import random
 import pytest
 
 from peers.membership import DEAD, JOINING, SERVING, GossipSettings, PeerEntry, Table, supersedes
+from tests.helpers import FakeClock
 
 S = GossipSettings(interval_s=1, suspect_after_s=3, dead_after_s=6, tombstone_s=30)
-
-
-class Clock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
 
 
 def entry(pid="b:1", inc=1, hb=1, state=SERVING) -> PeerEntry:
@@ -34,7 +27,7 @@ def test_supersedes_orders_lives_then_heartbeats_and_death_is_final():
 
 
 def test_silent_peer_becomes_suspect_then_dead_then_forgotten():
-    clock = Clock()
+    clock = FakeClock(100.0)
     t = table(clock)
     t.merge([entry()])
     assert t.status("b:1") == SERVING and [e.peer_id for e in t.serving("m")] == ["b:1"]
@@ -50,7 +43,7 @@ def test_silent_peer_becomes_suspect_then_dead_then_forgotten():
 
 
 def test_heartbeat_refutes_suspicion_and_failure_reports_speed_it_up():
-    clock = Clock()
+    clock = FakeClock(100.0)
     t = table(clock)
     t.merge([entry(hb=1)])
     clock.now += 4
@@ -63,7 +56,7 @@ def test_heartbeat_refutes_suspicion_and_failure_reports_speed_it_up():
 
 
 def test_restarted_peer_is_one_new_life():
-    clock = Clock()
+    clock = FakeClock(100.0)
     t = table(clock)
     t.merge([entry(inc=1, hb=5)])
     clock.now += 7
@@ -74,7 +67,7 @@ def test_restarted_peer_is_one_new_life():
 
 
 def test_peer_told_it_is_dead_starts_a_new_life():
-    clock = Clock()
+    clock = FakeClock(100.0)
     t = table(clock)
     old = t.me.incarnation
     t.merge([PeerEntry("a:1", "m", 4, 0, 4, DEAD, old, 3, 0)])
@@ -82,14 +75,14 @@ def test_peer_told_it_is_dead_starts_a_new_life():
 
 
 def test_own_changes_advance_the_heartbeat():
-    t = table(Clock())
+    t = table(FakeClock(100.0))
     hb = t.me.heartbeat
     t.update_me(state=SERVING)
     assert t.me.heartbeat == hb + 1
 
 
 def test_gossip_targets_are_live_peers_or_seeds():
-    clock = Clock()
+    clock = FakeClock(100.0)
     t = table(clock)
     assert t.gossip_targets(["s:1", "a:1"]) == ["s:1"]
     t.merge([entry(f"p:{i}") for i in range(10)])
@@ -106,7 +99,7 @@ def test_settings_are_validated(bad):
 
 
 def test_tombstones_keep_their_age_and_expire_everywhere():
-    clock = Clock()
+    clock = FakeClock(100.0)
     a, b = table(clock, "a:1"), table(clock, "b:1")
     for t in (a, b):
         t.merge([entry("c:1")])
@@ -128,7 +121,7 @@ def test_rebalance_moves_only_a_redundant_larger_id_peer_into_a_gap():
     def span(pid, start, end):
         return PeerEntry(pid, "m", 4, start, end, SERVING, 1, 1, 0)
 
-    clock = Clock()
+    clock = FakeClock(100.0)
     low = Table(span("a:1", 0, 2), S, clock)
     high = Table(span("b:1", 0, 2), S, clock)
     low.merge([span("b:1", 0, 2)])
