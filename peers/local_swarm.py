@@ -116,14 +116,24 @@ Ctrl-C stops every peer.""",
 
 
 def stop_all(procs: list[subprocess.Popen], timeout_s: float = 20.0) -> None:
-    """SIGTERM every peer (they leave gracefully), then SIGKILL whoever is still there."""
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
+    """SIGTERM every peer (they leave gracefully), then SIGKILL whoever is still there. Another
+    Ctrl-C or SIGTERM meanwhile kills them at once instead of leaving them behind."""
+
+    def signal_all(sig: int) -> None:
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda *_: signal_all(signal.SIGKILL))
+    signal_all(signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     for p in procs:
         try:
             p.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
+            signal_all(signal.SIGKILL)
             p.wait()
