@@ -2,7 +2,6 @@
 that session's KV cache. The first block embeds token ids; the last applies the final norm and
 lm_head and returns logits."""
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +11,9 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from .architectures import get_architecture, sliding_window
-from .errors import LayerRangeError, ModelNotFoundError, SessionError
-from .kv_cache import CacheStore
+from .batch import ATTENTION, BatchCache, Segment, Step
+from .errors import InferenceError, LayerRangeError, ModelNotFoundError, SessionError
+from .kv_cache import CacheStore, SessionCache
 from .weights import Checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,7 +72,7 @@ def load_config(path: Path) -> PretrainedConfig:
     except (OSError, ValueError) as e:
         raise ModelNotFoundError(f"cannot read the model config in {path}: {e}") from e
     get_architecture(config)  # unsupported architectures fail here, before any weight is read
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = ATTENTION  # varlen attention over many sessions' caches
     return config
 
 
@@ -91,7 +91,6 @@ class Block(nn.Module):
         self.rotary = arch.rotary(config)  # a few buffers, computed here, not loaded
         self.windows = [sliding_window(config, i) for i in range(span.start, span.end)]
         self.sessions = CacheStore(max_cache_tokens, idle_timeout_s)
-        self._lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -146,7 +145,7 @@ class Block(nn.Module):
         last_only: bool = True,
         layers: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Run one step of a session: prefill (T > 1) or decode (T = 1).
+        """Run one step of one session: prefill (T > 1) or decode (T = 1).
 
         inputs: token ids [B, T] when the step starts at layer 0, hidden states [B, T, H] otherwise.
         position: index of the first of the T positions; must equal what the session has cached
@@ -155,72 +154,131 @@ class Block(nn.Module):
         [B, T, H], or float32 logits [B, T', V] when b is the model's last layer (T' = 1 if
         last_only).
         """
-        start, end = layers or (self.span.start, self.span.end)
+        (out,) = self.forward_batch([Step(session_id, inputs, position, layers, last_only)])
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    @torch.inference_mode()
+    def forward_batch(self, steps: list[Step]) -> list[torch.Tensor | Exception]:
+        """Run the steps of many sessions together: one forward per layer range among them.
+
+        Returns, per step, its output (as `forward`) or the error that refused it (SessionError,
+        CacheFullError, ValueError); a refused step leaves the others untouched.
+        """
+        results: list[torch.Tensor | Exception | None] = [None] * len(steps)
+        groups: dict[tuple[int, int], list[tuple[int, Step, SessionCache]]] = {}
+        seen: set[str] = set()
+        self.sessions.expire()
+        for i, step in enumerate(steps):
+            try:
+                layers = self._check(step, seen)
+                groups.setdefault(layers, []).append((i, step, self._session_for(step, layers)))
+                seen.add(step.session_id)
+            except (InferenceError, ValueError) as e:
+                results[i] = e
+        for (start, end), items in groups.items():
+            try:
+                outs = self._run(start, end, [(step, session) for _, step, session in items])
+            except Exception as e:  # a bug or a torch error: every step of this forward failed
+                for _, step, _ in items:
+                    if step.position == 0:
+                        self.sessions.close(step.session_id)
+                outs = [e] * len(items)
+            for (i, _, _), out in zip(items, outs, strict=True):
+                results[i] = out
+        return results
+
+    def _check(self, step: Step, seen: set[str]) -> tuple[int, int]:
+        start, end = step.layers or (self.span.start, self.span.end)
         if not self.span.start <= start < end <= self.span.end:
             raise ValueError(f"layers {start}:{end} are not inside this block's span {self.span}")
+        inputs = step.inputs
         expect_ids = start == 0
-        if expect_ids != (inputs.dim() == 2):
-            want = "token ids [B, T]" if expect_ids else "hidden states [B, T, H]"
+        if expect_ids != (inputs.dim() == 2) or (
+            not expect_ids and inputs.shape[-1] != self.config.hidden_size
+        ):
+            want = "token ids [B, T]" if expect_ids else f"hidden states [B, T, {self.config.hidden_size}]"
             raise ValueError(f"layers {start}:{end} take {want}, got a tensor of shape {tuple(inputs.shape)}")
-        batch, steps = inputs.shape[:2]
-        if steps == 0:
-            raise ValueError("a step needs at least one position")
-        with self._lock:
-            self.sessions.expire()
-            if position == 0:
-                session = self.sessions.open(session_id, batch)
-                session.layers = (start, end)
-            else:
-                session = self.sessions.get(session_id)
-                if (session.length, session.batch, session.layers) != (position, batch, (start, end)):
-                    raise SessionError(
-                        f"session {session_id!r} holds {session.length} positions of batch {session.batch} "
-                        f"for layers {session.layers[0]}:{session.layers[1]}; the step starts at {position} "
-                        f"with batch {batch} for layers {start}:{end}"
-                    )
-            try:
-                self.sessions.reserve(session, steps)
-            except Exception:
-                if position == 0:
-                    self.sessions.close(session_id)  # leave no empty session behind
-                raise
-            hidden = self._run(session, inputs.to(self.device), start, end)
-            session.advance(steps)
-        if end < self.span.total:
-            return hidden
-        if last_only:
-            hidden = hidden[:, -1:]
-        return self.lm_head(self.norm(hidden)).float()
+        if inputs.shape[0] < 1 or inputs.shape[1] < 1:
+            raise ValueError(
+                f"a step needs at least one sequence and one position, got {tuple(inputs.shape)}"
+            )
+        if step.session_id in seen:
+            raise SessionError(f"session {step.session_id!r} has two steps in one batch")
+        return start, end
 
-    def _run(self, session, inputs: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        past, steps = session.length, inputs.shape[1]
-        positions = torch.arange(past, past + steps, device=self.device).expand(inputs.shape[0], steps)
-        hidden = self.embed_tokens(inputs) if start == 0 else inputs.to(self.dtype)  # [B, T, H]
-        cos_sin = self.rotary(hidden, positions)
+    def _session_for(self, step: Step, layers: tuple[int, int]) -> SessionCache:
+        """Open, check and reserve the session of a step (CacheFullError, SessionError)."""
+        batch, steps = step.inputs.shape[:2]
+        if step.position == 0:
+            if self.sessions.closed_recently(step.session_id):
+                raise SessionError(f"session {step.session_id!r} was closed")
+            session = self.sessions.open(step.session_id, batch)
+            session.layers = layers
+        else:
+            session = self.sessions.get(step.session_id)
+            if session.batch == 1 < batch and session.length == step.position:
+                self.sessions.widen(session, batch)  # n sequences continue from one shared prompt
+            if (session.length, session.batch, session.layers) != (step.position, batch, layers):
+                raise SessionError(
+                    f"session {step.session_id!r} holds {session.length} positions of batch {session.batch} "
+                    f"for layers {session.layers[0]}:{session.layers[1]}; the step starts at {step.position} "
+                    f"with batch {batch} for layers {layers[0]}:{layers[1]}"
+                )
+        try:
+            self.sessions.reserve(session, steps)
+        except Exception:
+            if step.position == 0:
+                self.sessions.close(step.session_id)  # leave no empty session behind
+            raise
+        return session
+
+    def _run(self, start: int, end: int, items: list[tuple[Step, SessionCache]]) -> list[torch.Tensor]:
+        segments, flat, positions, offset = [], [], [], 0
+        for step, session in items:
+            batch, steps = step.inputs.shape[:2]
+            for row in range(batch):
+                segments.append(Segment(session, row, offset, steps, session.length))
+                offset += steps
+            x = step.inputs.to(self.device)
+            flat.append(
+                x.reshape(batch * steps) if start == 0 else x.reshape(batch * steps, -1).to(self.dtype)
+            )
+            positions.append(
+                torch.arange(session.length, session.length + steps, device=self.device).repeat(batch)
+            )
+        x = torch.cat(flat)[None]  # [1, N] ids or [1, N, H]
+        pos = torch.cat(positions)[None]  # [1, N]
+        hidden = self.embed_tokens(x) if start == 0 else x  # [1, N, H]
+        cos_sin = self.rotary(hidden, pos)
         local = slice(start - self.span.start, end - self.span.start)
-        windows = self.windows[local]
-        masks = {w: self._mask(past, steps, w) for w in set(windows)}
-        for layer, window in zip(self.layers[local], windows, strict=True):
+        cache = BatchCache(segments, dict(zip(range(start, end), self.windows[local], strict=True)))
+        for layer in self.layers[local]:
             hidden = layer(
                 hidden,
-                attention_mask=masks[window],
-                position_ids=positions,
-                cache=session,
+                position_ids=pos,
+                cache=cache,
                 use_cache=True,
                 position_embeddings=cos_sin,
+                batch=cache,
             )
-        return hidden
-
-    def _mask(self, past: int, steps: int, window: int | None) -> torch.Tensor | None:
-        """Boolean mask [1, 1, T, past + T] (True = attend), or None where plain causal is exact."""
-        if window is None and (steps == 1 or past == 0):
-            return None  # decode attends to all; a fresh prefill is SDPA's own causal case
-        query = torch.arange(past, past + steps, device=self.device)[:, None]
-        key = torch.arange(past + steps, device=self.device)[None, :]
-        allowed = key <= query
-        if window is not None:
-            allowed &= query - key < window
-        return allowed[None, None]
+        missing = sorted(set(range(start, end)) - cache.updated)
+        if missing:
+            raise RuntimeError(f"layers {missing} ran without this step's KV cache")
+        outs, offset = [], 0
+        for step, session in items:
+            batch, steps = step.inputs.shape[:2]
+            outs.append(hidden[0, offset : offset + batch * steps].view(batch, steps, -1))
+            offset += batch * steps
+            session.advance(steps)
+        if end < self.span.total:
+            return outs  # hidden states [B, T, H] each
+        picked = [h[:, -1:] if step.last_only else h for h, (step, _) in zip(outs, items, strict=True)]
+        shapes = [p.shape[:2] for p in picked]
+        logits = self.lm_head(self.norm(torch.cat([p.reshape(-1, p.shape[-1]) for p in picked]))).float()
+        chunks = logits.split([b * t for b, t in shapes])
+        return [chunk.view(b, t, -1) for chunk, (b, t) in zip(chunks, shapes, strict=True)]  # [B, T', V]
 
 
 def load_block(

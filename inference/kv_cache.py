@@ -12,6 +12,7 @@ from .errors import CacheFullError, SessionError
 
 GROW_TOKENS = 256  # capacity grows in steps of this many positions
 EVICT_IDLE_S = 2.0  # only sessions idle this long may be evicted to make room
+MAX_CLOSED_IDS = 65536  # closed session ids remembered (refused if a late step reopens them)
 
 
 class SessionCache:
@@ -34,17 +35,28 @@ class SessionCache:
         for layer, (k, v) in list(self._kv.items()):
             self._kv[layer] = (_resized(k, capacity), _resized(v, capacity))
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        # key, value: [B, kv_heads, T, head_dim]
-        end = self.length + key.shape[2]
+    def write(self, layer: int, row: int, start: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store one sequence's new keys and values [1, kv_heads, T, head_dim] at `start`."""
+        end = start + key.shape[2]
         assert end <= self.capacity, f"step to {end} over capacity {self.capacity}"
-        if layer_idx not in self._kv:
-            shape = (key.shape[0], key.shape[1], self.capacity, key.shape[3])
-            self._kv[layer_idx] = (key.new_empty(shape), value.new_empty(shape))
-        k, v = self._kv[layer_idx]
-        k[:, :, self.length : end] = key
-        v[:, :, self.length : end] = value
-        return k[:, :, :end], v[:, :, :end]
+        if layer not in self._kv:
+            shape = (self.batch, key.shape[1], self.capacity, key.shape[3])
+            self._kv[layer] = (key.new_empty(shape), value.new_empty(shape))
+        k, v = self._kv[layer]
+        k[row : row + 1, :, start:end] = key
+        v[row : row + 1, :, start:end] = value
+
+    def read(self, layer: int, row: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [1, kv_heads, end, head_dim] of one sequence (views, no copy)."""
+        k, v = self._kv[layer]
+        return k[row : row + 1, :, :end], v[row : row + 1, :, :end]
+
+    def widen(self, batch: int) -> None:
+        """A session of one sequence becomes `batch` sequences that share what it holds."""
+        assert self.batch == 1, f"only a session of one sequence widens, this one has {self.batch}"
+        self.batch = batch
+        for layer, (k, v) in list(self._kv.items()):
+            self._kv[layer] = (k.expand(batch, -1, -1, -1).clone(), v.expand(batch, -1, -1, -1).clone())
 
     def advance(self, steps: int) -> None:
         self.length += steps
@@ -69,6 +81,7 @@ class CacheStore:
         self.idle_timeout_s = idle_timeout_s
         self._clock = clock
         self._sessions: OrderedDict[str, SessionCache] = OrderedDict()  # least recently used first
+        self._closed: OrderedDict[str, float] = OrderedDict()  # session id -> when it was closed
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -116,23 +129,48 @@ class CacheStore:
             )
         capacity = min(capacity, self.max_tokens // session.batch)
         with self._lock:
-            extra = session.batch * (capacity - session.capacity)
-            now = self._clock()
-            for other_id, other in list(self._sessions.items()):  # least recently used first
-                if self.used_tokens + extra <= self.max_tokens:
-                    break
-                if other_id != session.session_id and now - other.last_used >= EVICT_IDLE_S:
-                    del self._sessions[other_id]
-            if self.used_tokens + extra > self.max_tokens:
-                raise CacheFullError(
-                    f"the KV cache is full: {self.used_tokens} of {self.max_tokens} token slots are held by "
-                    f"active sessions; session {session.session_id!r} needs {extra} more"
-                )
+            self._make_room(session, session.batch * (capacity - session.capacity))
             session.grow_to(capacity)
 
-    def close(self, session_id: str) -> bool:
+    def widen(self, session: SessionCache, batch: int) -> None:
+        """Turn a session of one sequence into `batch` sequences sharing its positions (n > 1
+        completions of one prompt); CacheFullError if the budget cannot hold them."""
+        if batch * session.capacity > self.max_tokens:
+            raise CacheFullError(
+                f"session {session.session_id!r} needs {batch * session.capacity} KV token slots "
+                f"(batch {batch} x {session.capacity} positions); the cache budget is {self.max_tokens}"
+            )
         with self._lock:
+            self._make_room(session, (batch - session.batch) * session.capacity)
+            session.widen(batch)
+
+    def _make_room(self, session: SessionCache, extra: int) -> None:
+        """Evict least recently used sessions idle for EVICT_IDLE_S until `extra` more token
+        slots fit; CacheFullError if active sessions hold the room. Caller holds the lock."""
+        now = self._clock()
+        for other_id, other in list(self._sessions.items()):  # least recently used first
+            if self.used_tokens + extra <= self.max_tokens:
+                break
+            if other_id != session.session_id and now - other.last_used >= EVICT_IDLE_S:
+                del self._sessions[other_id]
+        if self.used_tokens + extra > self.max_tokens:
+            raise CacheFullError(
+                f"the KV cache is full: {self.used_tokens} of {self.max_tokens} token slots are held by "
+                f"active sessions; session {session.session_id!r} needs {extra} more"
+            )
+
+    def close(self, session_id: str) -> bool:
+        """Free a session; its id is remembered for a while so that a step still travelling
+        cannot open it again."""
+        with self._lock:
+            self._closed[session_id] = self._clock()
+            while len(self._closed) > MAX_CLOSED_IDS:
+                self._closed.popitem(last=False)
             return self._sessions.pop(session_id, None) is not None
+
+    def closed_recently(self, session_id: str) -> bool:
+        at = self._closed.get(session_id)
+        return at is not None and self._clock() - at < self.idle_timeout_s
 
     def expire(self) -> list[str]:
         """Drop sessions idle longer than the timeout; returns their ids."""

@@ -60,3 +60,25 @@ def _filtered(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def sample_many(
+    logits: list[torch.Tensor], params: list[SamplingParams], steps: list[int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Sample the next tokens of many sessions at once: logits [B_i, V] each -> (tokens [B_i],
+    logprobs [B_i]) each. One log-softmax and one argmax for all rows; sampled sessions draw
+    from their own (seed, step) generator, so a session's tokens do not depend on its batch."""
+    sizes = [x.shape[0] for x in logits]
+    flat = torch.cat(logits).float()  # [sum B_i, V]
+    logprobs = torch.log_softmax(flat, dim=-1).split(sizes)
+    best = flat.argmax(dim=-1).split(sizes)
+    out = []
+    for x, p, step, lp, top in zip(logits, params, steps, logprobs, best, strict=True):
+        if p.greedy:
+            tokens = top
+        else:
+            probs = torch.softmax(_filtered(x.float() / p.temperature, p), dim=-1)
+            tokens = torch.multinomial(probs.cpu(), 1, generator=step_generator(p.seed, step))[:, 0]
+            tokens = tokens.to(x.device)
+        out.append((tokens, lp.gather(-1, tokens[:, None])[:, 0]))
+    return out

@@ -1,0 +1,105 @@
+"""One forward of a block over the steps of many sessions at once (continuous batching).
+
+The steps are laid end to end as one sequence [1, N, H] (N = the sum of every step's B x T
+positions): norms, projections and MLPs run on all positions together, and attention runs per
+sequence against that sequence's own KV cache (varlen attention), so sessions of different
+lengths, decode steps and prefill chunks share one forward without padding.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from .kv_cache import SessionCache
+
+ATTENTION = "layerswarm_varlen"
+
+
+@dataclass
+class Step:
+    """One session's step through a block: prefill or prefill chunk (T > 1) or decode (T = 1)."""
+
+    session_id: str
+    inputs: torch.Tensor  # token ids [B, T] at layer 0, hidden states [B, T, H] after
+    position: int  # the index of the first of the T positions in the session
+    layers: tuple[int, int] | None = None  # global layers [a, b) to run; the block's span if None
+    last_only: bool = True  # at the model's last layer: logits of the last position only
+    prefix: tuple[int, ...] = ()  # hashes of the session's leading token blocks (prefix reuse)
+
+
+@dataclass
+class Segment:
+    """One sequence (a row of a step) inside the flat batch."""
+
+    cache: SessionCache
+    row: int
+    offset: int  # where its positions start in the flat sequence
+    steps: int  # T
+    past: int  # positions cached before this step
+
+
+class BatchCache:
+    """transformers' Cache protocol for the flat batch: each layer's new keys and values are
+    written into the sessions' own buffers; attention reads them back per sequence."""
+
+    def __init__(self, segments: list[Segment], windows: dict[int, int | None]):
+        self.segments = segments
+        self.windows = windows  # global layer -> sliding window or None
+        self.updated: set[int] = set()
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # key, value: [1, kv_heads, N, head_dim]
+        for s in self.segments:
+            s.cache.write(
+                layer_idx,
+                s.row,
+                s.past,
+                key[:, :, s.offset : s.offset + s.steps],
+                value[:, :, s.offset : s.offset + s.steps],
+            )
+        self.updated.add(layer_idx)
+        return key, value
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """query [1, heads, N, d] -> ([1, N, heads, d], None): each sequence attends to its cache."""
+    batch: BatchCache = kwargs["batch"]
+    layer = module.layer_idx
+    if layer not in batch.updated:  # e.g. a transformers release that does not pass `cache` on
+        raise RuntimeError(f"layer {layer} ran attention without this step's KV cache")
+    window = batch.windows.get(layer)
+    outs = []
+    for s in batch.segments:
+        end = s.past + s.steps
+        k, v = s.cache.read(layer, s.row, end)  # [1, kv_heads, end, d]
+        q = query[:, :, s.offset : s.offset + s.steps]
+        mask, causal = None, False
+        if s.steps == 1:
+            if window is not None and end > window:
+                k, v = k[:, :, end - window :], v[:, :, end - window :]
+        elif window is None and s.past == 0:
+            causal = True
+        else:
+            mask = _mask(s.past, s.steps, window, q.device)
+        outs.append(
+            F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=True
+            )
+        )
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _mask(past: int, steps: int, window: int | None, device) -> torch.Tensor:
+    """Boolean mask [T, past + T] (True = attend)."""
+    query = torch.arange(past, past + steps, device=device)[:, None]
+    key = torch.arange(past + steps, device=device)[None, :]
+    allowed = key <= query
+    if window is not None:
+        allowed &= query - key < window
+    return allowed
+
+
+AttentionInterface.register(ATTENTION, varlen_attention)
