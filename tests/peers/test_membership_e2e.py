@@ -1,7 +1,5 @@
 """Peers find each other by gossip; routes appear as soon as layers are covered."""
 
-import time
-
 import httpx
 import pytest
 
@@ -10,9 +8,9 @@ from tests.peers.swarm import wait_until
 FAST_GOSSIP = ["--gossip-interval", "0.3", "--suspect-after", "1.5", "--dead-after", "3", "--tombstone", "20"]
 
 
-def complete(peer, **kw):
+def complete(peer, timeout_s=60.0, **kw):
     body = {"model": "llama", "prompt": "abc", "max_tokens": 4, "temperature": 0, **kw}
-    return httpx.post(f"{peer.url}/v1/completions", json=body, timeout=60)
+    return httpx.post(f"{peer.url}/v1/completions", json=body, timeout=timeout_s)
 
 
 def test_join_through_any_peer_and_route_appears(tiny_llama, make_swarm):
@@ -48,12 +46,10 @@ def test_failover_gives_up_with_a_503_that_says_why(tiny_llama, make_swarm):
     swarm.wait_ready()
     swarm.wait_route(a)
     b.kill()  # the entry still believes in b: the first hop to it fails, then nothing covers 2-3
-    t0 = time.monotonic()
-    r = complete(a)
+    r = complete(a, timeout_s=30)  # the 2 s failover gives up long before the call would time out
     assert r.status_code == 503
     message = r.json()["error"]["message"]
     assert "gave up after 2 s of failover" in message and "no peer serves layers 2-3" in message
-    assert time.monotonic() - t0 < 10
     assert a.health()["sessions"] == 0
 
 
@@ -76,12 +72,13 @@ def test_request_over_the_cache_budget_gets_a_quick_503(tiny_llama, make_swarm):
     a = swarm.add("0:4")
     swarm.wait_ready()
     swarm.wait_route(a)
-    t0 = time.monotonic()
-    r = complete(a, prompt="x" * 100)
+    # The failover timeout is the default 60 s: a 503 within the call's 30 s means the entry said
+    # "no room" at once instead of re-routing until it gave up.
+    r = complete(a, timeout_s=30, prompt="x" * 100)
     assert r.status_code == 503, r.text
-    assert "no room for this request" in r.json()["error"]["message"]
-    assert "the cache budget is 64" in r.json()["error"]["message"]
-    assert time.monotonic() - t0 < 10
+    message = r.json()["error"]["message"]
+    assert "no room for this request" in message and "the cache budget is 64" in message
+    assert "gave up" not in message
     assert complete(a).status_code == 200  # the peer was not banned
 
 
