@@ -26,7 +26,6 @@ class Step:
     position: int  # the index of the first of the T positions in the session
     layers: tuple[int, int] | None = None  # global layers [a, b) to run; the block's span if None
     last_only: bool = True  # at the model's last layer: logits of the last position only
-    prefix: tuple[int, ...] = ()  # hashes of the session's leading token blocks (prefix reuse)
 
 
 @dataclass

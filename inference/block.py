@@ -14,6 +14,7 @@ from .architectures import get_architecture, sliding_window
 from .batch import ATTENTION, BatchCache, Segment, Step
 from .errors import InferenceError, LayerRangeError, ModelNotFoundError, SessionError
 from .kv_cache import CacheStore, SessionCache
+from .prefix_cache import BLOCK_TOKENS, PrefixCache
 from .weights import Checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,7 +78,14 @@ def load_config(path: Path) -> PretrainedConfig:
 
 
 class Block(nn.Module):
-    def __init__(self, config: PretrainedConfig, span: Span, max_cache_tokens: int, idle_timeout_s: float):
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        span: Span,
+        max_cache_tokens: int,
+        idle_timeout_s: float,
+        prefix_cache_tokens: int = 0,
+    ):
         super().__init__()
         arch = get_architecture(config)
         self.config, self.span = config, span
@@ -91,6 +99,7 @@ class Block(nn.Module):
         self.rotary = arch.rotary(config)  # a few buffers, computed here, not loaded
         self.windows = [sliding_window(config, i) for i in range(span.start, span.end)]
         self.sessions = CacheStore(max_cache_tokens, idle_timeout_s)
+        self.prefixes = PrefixCache(prefix_cache_tokens)
 
     @property
     def device(self) -> torch.device:
@@ -135,6 +144,49 @@ class Block(nn.Module):
 
     def close(self, session_id: str) -> bool:
         return self.sessions.close(session_id)
+
+    def restore_prefix(
+        self, session_id: str, layers: tuple[int, int], prefix: tuple[int, ...], position: int, steps: int
+    ) -> int:
+        """Before the first forward of a one-sequence step whose prompt starts with the blocks
+        hashed in `prefix`: open its session from the prefix cache where it holds them. Returns
+        how many leading positions of the step need no computing (at position 0: the held
+        blocks, leaving at least the last position to compute). A step that starts past 0 on a
+        session this peer does not have continues a prefix the previous peer reused: it opens
+        from the cache, or SessionError if the cache does not hold that much."""
+        if not prefix or session_id in self.sessions or self.sessions.closed_recently(session_id):
+            return 0
+        held = self.prefixes.match(layers, prefix)
+        if position == 0:
+            blocks = min(held, (steps - 1) // BLOCK_TOKENS)
+            self.prefixes.misses += (min(len(prefix), (steps - 1) // BLOCK_TOKENS) - blocks) * BLOCK_TOKENS
+            if blocks == 0:
+                return 0
+        elif position % BLOCK_TOKENS or position // BLOCK_TOKENS > held:
+            raise SessionError(
+                f"session {session_id!r} continues at {position} from a reused prefix; this peer holds "
+                f"{held * BLOCK_TOKENS} positions of it"
+            )
+        else:
+            blocks = position // BLOCK_TOKENS
+        session = self.sessions.open(session_id, 1)
+        session.layers = layers
+        try:
+            self.sessions.reserve(session, blocks * BLOCK_TOKENS)
+        except Exception:
+            self.sessions.close(session_id)
+            raise
+        self.prefixes.restore(session, layers, prefix[:blocks])
+        session.advance(blocks * BLOCK_TOKENS)
+        return blocks * BLOCK_TOKENS - position
+
+    def store_prefix(self, session_id: str, prefix: tuple[int, ...]) -> None:
+        """Keep the KV of a session's leading prompt blocks for later requests."""
+        session = self.sessions.find(session_id)
+        if session is None or session.batch != 1:
+            return
+        blocks = min(len(prefix), session.length // BLOCK_TOKENS)
+        self.prefixes.store(session, session.layers, prefix[:blocks])
 
     @torch.inference_mode()
     def forward(
@@ -288,6 +340,7 @@ def load_block(
     dtype: str | None = None,
     max_cache_tokens: int = 65536,
     idle_timeout_s: float = 300.0,
+    prefix_cache_tokens: int = 0,
 ) -> Block:
     """Build the block's modules empty and read only its tensors. `layers` None means all."""
     config = load_config(model_path)
@@ -300,6 +353,6 @@ def load_block(
         span = Span(layers[0], layers[1], total)
     dev, dt = resolve_device(device, dtype)
     checkpoint = Checkpoint(Path(model_path))
-    block = Block(config, span, max_cache_tokens, idle_timeout_s)
+    block = Block(config, span, max_cache_tokens, idle_timeout_s, prefix_cache_tokens)
     block.load_weights(checkpoint, dev, dt)
     return block.eval().requires_grad_(False)

@@ -114,6 +114,10 @@ class CacheStore:
             self._sessions.move_to_end(session_id)
             return session
 
+    def find(self, session_id: str) -> SessionCache | None:
+        with self._lock:
+            return self._sessions.get(session_id)
+
     def reserve(self, session: SessionCache, new_tokens: int) -> None:
         """Make room for `new_tokens` more positions of `session`, evicting least recently used
         sessions idle for EVICT_IDLE_S if the budget requires; CacheFullError if the session

@@ -16,6 +16,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .membership import GossipSettings
     from .node import NodeConfig, PeerNode
+    from .scheduler import SchedulerSettings
     from .server import create_app
 
     gossip = GossipSettings(
@@ -35,13 +36,23 @@ def _serve(args: argparse.Namespace) -> int:
         join=tuple(args.join or ()),
         device=args.device,
         dtype=args.dtype,
+        threads=args.threads,
         max_cache_tokens=args.max_cache_tokens,
         session_idle_s=args.session_idle,
         hop_timeout_s=args.hop_timeout,
+        hop_timeout_per_token_s=args.hop_timeout_per_token,
         failover_timeout_s=args.failover_timeout,
         ban_s=args.ban,
         drain_s=args.drain,
-        max_queue=args.max_queue,
+        max_requests=args.max_requests,
+        prefix_reuse=not args.no_prefix_reuse,
+        prefix_cache_tokens=args.prefix_cache_tokens,
+        scheduler=SchedulerSettings(
+            max_batch_tokens=args.max_batch_tokens,
+            prefill_chunk=args.prefill_chunk,
+            max_queue=args.max_step_queue,
+            max_queue_wait_s=args.max_queue_wait,
+        ),
         rebalance=not args.no_rebalance,
         gossip=gossip,
     )
@@ -172,11 +183,56 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16"
     )
+    serve.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: this machine's cores shared among the peers it runs)",
+    )
+    serve.add_argument(
+        "--omp-wait-policy",
+        choices=["passive", "active"],
+        default="passive",
+        help="how idle OpenMP threads wait: passive leaves the cores to co-located peers "
+        "(ignored when OMP_WAIT_POLICY is set)",
+    )
     serve.add_argument("--max-cache-tokens", type=int, default=65536, help="KV cache budget in token slots")
+    serve.add_argument(
+        "--max-batch-tokens", type=int, default=512, help="positions in one forward (all its steps together)"
+    )
+    serve.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=256,
+        help="a prompt runs in chunks of at most this many positions",
+    )
+    serve.add_argument(
+        "--max-step-queue", type=int, default=1024, help="steps queued here at once; more are answered busy"
+    )
+    serve.add_argument(
+        "--max-queue-wait",
+        type=float,
+        default=10.0,
+        help="seconds a step may wait to start before it is busy",
+    )
+    serve.add_argument(
+        "--no-prefix-reuse", action="store_true", help="never reuse the KV of prompt prefixes computed before"
+    )
+    serve.add_argument(
+        "--prefix-cache-tokens", type=int, default=16384, help="KV token slots kept for prefix reuse"
+    )
     serve.add_argument(
         "--session-idle", type=float, default=120.0, help="seconds before an idle session is freed"
     )
-    serve.add_argument("--hop-timeout", type=float, default=30.0, help="seconds one hop of a step may take")
+    serve.add_argument(
+        "--hop-timeout", type=float, default=30.0, help="seconds one hop of a step may take, plus the next"
+    )
+    serve.add_argument(
+        "--hop-timeout-per-token",
+        type=float,
+        default=0.02,
+        help="extra seconds a hop may take per position it carries (a long prefill is not a dead peer)",
+    )
     serve.add_argument(
         "--failover-timeout", type=float, default=60.0, help="seconds an entry keeps re-routing a request"
     )
@@ -185,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--drain", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
     serve.add_argument(
-        "--max-queue", type=int, default=256, help="requests this entry holds at once; more get 503"
+        "--max-requests", type=int, default=64, help="requests this entry serves at once; more get 429"
     )
     serve.add_argument(
         "--no-rebalance",
@@ -232,11 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "omp_wait_policy", None):  # read by OpenMP when torch loads: set it first
+        os.environ.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy.upper())
     from inference import InferenceError
 
     from .sdk import SwarmAPIError
 
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:

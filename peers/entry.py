@@ -1,6 +1,7 @@
-"""The entry's generation loop: plan a route, prefill, decode token by token; on a failed hop,
-ban the peer, re-plan and replay prompt + generated tokens as one prefill, then go on. Retries
-and backoff live here and nowhere else."""
+"""The entry's generation loop: plan a route, prefill, decode step by step; on a failed hop, ban
+the peer, re-plan and replay prompt + generated tokens as one prefill, then go on. A busy or full
+peer is not at fault: it is avoided, and a request that finds no room before its first token is
+told to retry later (429). Retries and backoff live here and nowhere else."""
 
 import asyncio
 import logging
@@ -11,49 +12,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import HopFailed, SwarmUnavailable
+from .errors import HopFailed, Overloaded, SwarmError, SwarmUnavailable
 from .node import PeerNode
+from .prefix import prefix_hashes, routing_key
 from .protocol import Hop, Sampling, StepRequest, StepResult
 from .routing import NoRouteError, plan_route
 
 log = logging.getLogger("layerswarm.entry")
 
-
-@dataclass
-class _Ban:
-    until: float
-    strikes: int
-    incarnation: int
-
-
-class Bans:
-    """Peers this entry avoids after failures: the ban doubles with each repeat; it is lifted by
-    a success through that peer or by a new life (incarnation) of it."""
-
-    def __init__(self, first_s: float, max_s: float, clock=time.monotonic):
-        self.first_s, self.max_s, self.clock = first_s, max_s, clock
-        self._bans: dict[str, _Ban] = {}
-
-    def ban(self, peer_id: str, incarnation: int) -> float:
-        now = self.clock()
-        for p in [p for p, b in self._bans.items() if b.until + self.max_s < now]:
-            del self._bans[p]  # long expired: its strikes are forgiven (keeps the map bounded)
-        old = self._bans.get(peer_id)
-        strikes = old.strikes + 1 if old and old.incarnation == incarnation else 1
-        duration = min(self.max_s, self.first_s * 2 ** (strikes - 1))
-        self._bans[peer_id] = _Ban(now + duration, strikes, incarnation)
-        return duration
-
-    def banned(self, incarnations: dict[str, int]) -> set[str]:
-        now = self.clock()
-        return {
-            p
-            for p, b in self._bans.items()
-            if b.until > now and incarnations.get(p, b.incarnation) == b.incarnation
-        }
-
-    def proven(self, peer_id: str) -> None:
-        self._bans.pop(peer_id, None)
+RETRY_AFTER_S = 1
 
 
 @dataclass(frozen=True)
@@ -73,54 +40,77 @@ def banned_now(node: PeerNode) -> set[str]:
 
 
 async def step(
-    node: PeerNode, route: list[Hop], session_id: str, ids: list[int], position: int, sampling: Sampling
+    node: PeerNode,
+    route: list[Hop],
+    session_id: str,
+    rows: list[list[int]],
+    position: int,
+    sampling: Sampling,
+    prefix: tuple[int, ...] = (),
 ) -> StepResult:
     req = StepRequest(
         session_id=session_id,
         position=position,
         hops=route,
         sampling=sampling,
-        tensor=torch.tensor([ids], dtype=torch.int64),
-        hop_timeout_s=node.config.hop_timeout_s,
+        tensor=torch.tensor(rows, dtype=torch.int64),  # [B, T]
+        prefix=prefix,
     )
     if route[0].peer_id == node.peer_id:
         return await node.run_step(req)
-    return await node.push(req)
+    return await node.forwarder.push(req)
 
 
 async def generate(
-    node: PeerNode, prompt_ids: list[int], max_tokens: int, sampling: Sampling, stop_ids: frozenset[int]
-) -> AsyncIterator[Token]:
-    """Yield the new tokens of one sequence; survives failing peers until failover_timeout_s."""
-    generated: list[int] = []
-    key = uuid.uuid4().hex  # routing key; prefix-keyed routing comes with prefix KV reuse
-    session_id, route = key, None
+    node: PeerNode,
+    prompt_ids: list[int],
+    max_tokens: int,
+    sampling: Sampling,
+    stop_ids: frozenset[int],
+    n: int = 1,
+) -> AsyncIterator[list[Token]]:
+    """Yield the next token of each of `n` sequences of one prompt, step by step, until every
+    sequence met a stop id or max_tokens; survives failing peers until failover_timeout_s."""
+    generated: list[list[int]] = [[] for _ in range(n)]
+    finished = [False] * n
+    key = routing_key(prompt_ids)  # requests sharing a prefix reach the same peers
+    reuse = node.config.prefix_reuse
+    session_id, route = uuid.uuid4().hex, None
     failing_since: float | None = None
     full: dict[str, str] = {}  # peers with no room for this request -> why (avoided, not banned)
     delay = 0.05
     try:
-        while len(generated) < max_tokens:
+        while len(generated[0]) < max_tokens:
+            if node.stopping:
+                raise SwarmUnavailable("this peer is shutting down; the request was cut short")
             if route is None:
                 try:
                     route = current_route(node, key, banned_now(node) | set(full))
                 except NoRouteError as e:
                     if failing_since is None:
                         raise SwarmUnavailable(str(e)) from None
-                    if full:  # healthy peers without room: say so now, the caller may retry
-                        raise SwarmUnavailable(
-                            f"no room for this request: {next(iter(full.values()))}"
+                    if full and not generated[0]:  # healthy peers without room: come back later
+                        raise Overloaded(
+                            f"no room for this request: {next(iter(full.values()))}", RETRY_AFTER_S
                         ) from None
                     _give_up_if_late(node, failing_since, str(e))
                     await asyncio.sleep(delay)
                     delay = min(1.0, delay * 2)
+                    full.clear()  # room may have freed up meanwhile
                     continue
-                pending, position = prompt_ids + generated, 0  # (re)play everything so far
+                plan = _plan(prompt_ids, generated, n)  # (re)play everything so far
+                position = 0
+            rows, widen = plan[0]
+            prefix = prefix_hashes(prompt_ids) if reuse and position == 0 else ()
             try:
-                result = await step(node, route, session_id, pending, position, sampling)
+                result = await step(node, route, session_id, rows, position, sampling, prefix)
             except HopFailed as e:
                 failing_since = failing_since or time.monotonic()
+                node.failovers += 1
                 _handle_failure(node, e, route, session_id, full)
                 _give_up_if_late(node, failing_since, e.message)
+                if e.reason == "session_lost":
+                    reuse = False  # a peer could not rebuild a reused prefix: compute it in full
                 session_id, route = uuid.uuid4().hex, None
                 continue
             if failing_since is not None:
@@ -128,16 +118,37 @@ async def generate(
                 for hop in route:
                     node.bans.proven(hop.peer_id)
                 failing_since, delay = None, 0.05
-            token = result.tokens[0]
-            generated.append(token)
-            yield Token(token, result.logprobs[0])
-            if token in stop_ids:
+            position += len(rows[0])
+            plan = plan[1:]
+            if widen:
+                continue  # the prompt's last token was sent n times; this step's tokens follow
+            if plan:  # the prompt's last token is next, sent to every sequence
+                continue
+            tokens = [Token(t, lp) for t, lp in zip(result.tokens, result.logprobs, strict=True)]
+            if len(tokens) != n:
+                raise SwarmError(f"the last peer sampled {len(tokens)} sequences, {n} were asked for")
+            for i, tok in enumerate(tokens):
+                generated[i].append(tok.token)
+                finished[i] = finished[i] or tok.token in stop_ids
+            yield tokens
+            if all(finished):
                 return
-            position += len(pending)
-            pending = [token]
+            plan = [([[g[-1]] for g in generated], False)]
     finally:
         if route is not None:
-            _background(node, node.close_sessions(session_id, route))
+            node.spawn(node.close_sessions(session_id, route))
+
+
+def _plan(prompt_ids: list[int], generated: list[list[int]], n: int) -> list[tuple[list[list[int]], bool]]:
+    """The steps that (re)build a session: [(rows [B][T], widens)]. One sequence: the whole
+    history as one prefill. Several from scratch: the prompt but its last token once, then that
+    token once per sequence (the session widens; every sequence samples its own first token).
+    Several after a failover: each sequence's own history, all in one prefill."""
+    if n == 1 or generated[0]:
+        return [([prompt_ids + g for g in generated], False)]
+    if len(prompt_ids) == 1:
+        return [([prompt_ids] * n, False)]
+    return [([prompt_ids[:-1]], True), ([prompt_ids[-1:]] * n, False)]
 
 
 def _handle_failure(
@@ -153,18 +164,13 @@ def _handle_failure(
     elif e.reason in ("cache_full", "busy"):
         full[e.peer_id] = e.message
         log.info("%s; re-routing around it", e.message)
+    elif e.reason == "bad_request":
+        raise SwarmError(f"a peer refused this entry's step: {e.message}")
     else:
         log.info("%s; replaying", e.message)
-    survivors = [h for h in route if h.peer_id != e.peer_id]
-    _background(node, node.close_sessions(session_id, survivors))
+    node.spawn(node.close_sessions(session_id, route))
 
 
 def _give_up_if_late(node: PeerNode, since: float, why: str) -> None:
     if time.monotonic() - since > node.config.failover_timeout_s:
         raise SwarmUnavailable(f"gave up after {node.config.failover_timeout_s:.0f} s of failover: {why}")
-
-
-def _background(node: PeerNode, coro) -> None:
-    task = asyncio.ensure_future(coro)
-    node.background.add(task)
-    task.add_done_callback(node.background.discard)

@@ -3,6 +3,7 @@
 SwarmError
 ├── InvalidRequest     400  the caller's mistake (bad parameter, prompt too long)
 ├── ModelNotServed     404  a model this swarm does not serve
+├── Overloaded         429  no room now (request limit, busy or full peers): retry after a while
 ├── SwarmUnavailable   503  no complete route, or failover gave up
 └── HopFailed          502  a peer of the route failed (the entry fails over on it)
 """
@@ -45,6 +46,15 @@ class ModelNotServed(SwarmError):
         )
 
 
+class Overloaded(SwarmError):
+    status = 429
+    kind = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message, code="overloaded")
+        self.retry_after_s = retry_after_s
+
+
 class SwarmUnavailable(SwarmError):
     status = 503
     kind = "service_unavailable"
@@ -53,11 +63,12 @@ class SwarmUnavailable(SwarmError):
 class HopFailed(SwarmError):
     """A step failed at `peer_id`. `reason`: "failed" (refused, timed out, error status,
     non-finite output: the peer is at fault), "session_lost" (it no longer holds the session),
-    "cache_full" or "busy" (it is healthy but has no room now)."""
+    "cache_full" or "busy" (it is healthy but has no room now), "bad_request" (the sender's
+    step did not fit: nobody is at fault)."""
 
     status = 502
     kind = "hop_failed"
-    REASONS = ("failed", "session_lost", "cache_full", "busy")
+    REASONS = ("failed", "session_lost", "cache_full", "busy", "bad_request")
 
     def __init__(self, peer_id: str, message: str, reason: str = "failed"):
         super().__init__(f"peer {peer_id} failed: {message}")
@@ -66,7 +77,8 @@ class HopFailed(SwarmError):
 
 
 def error_response(error: SwarmError) -> JSONResponse:
-    return JSONResponse(error.to_json(), status_code=error.status)
+    headers = {"retry-after": str(error.retry_after_s)} if isinstance(error, Overloaded) else None
+    return JSONResponse(error.to_json(), status_code=error.status, headers=headers)
 
 
 async def swarm_error_handler(_: Request, error: SwarmError) -> JSONResponse:

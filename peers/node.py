@@ -1,40 +1,26 @@
-"""A peer: its block of layers, its view of the swarm, and the step that runs its hop of a route
-and pushes the hidden states on to the next peer."""
+"""A peer: its block of layers and its life in the swarm (join, load, serve, move, leave). The
+compute belongs to the scheduler, sending to other peers to the forwarder, and the gossip loop
+to peers/gossip.py; this module wires them together and runs one hop of a step."""
 
 import asyncio
 import logging
+import os
 import random
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import httpx
 import torch
 
-from inference import (
-    Block,
-    CacheFullError,
-    SamplingParams,
-    SessionError,
-    Tokenizer,
-    load_block,
-    resolve_model,
-    sample,
-)
+from inference import Block, CacheFullError, SessionError, Tokenizer, load_block, resolve_model
 from inference.block import load_config
 
+from .bans import Bans
 from .errors import HopFailed
+from .forwarding import Forwarder
+from .gossip import Gossip
 from .membership import DEAD, JOINING, LEAVING, SERVING, GossipSettings, PeerEntry, Table, new_incarnation
-from .protocol import (
-    PATH_CLOSE,
-    PATH_GOSSIP,
-    PATH_STEP,
-    STEP_CONTENT_TYPE,
-    Hop,
-    ProtocolError,
-    StepRequest,
-    StepResult,
-    encode_step,
-)
+from .protocol import Hop, StepRequest, StepResult
+from .scheduler import Busy, Job, NonFinite, Scheduler, SchedulerSettings
 
 log = logging.getLogger("layerswarm.peer")
 
@@ -50,15 +36,20 @@ class NodeConfig:
     join: tuple[str, ...] = ()
     device: str | None = None
     dtype: str | None = None
+    threads: int | None = None  # torch threads; None: the cores shared among this host's peers
     max_cache_tokens: int = 65536
     session_idle_s: float = 120.0
-    hop_timeout_s: float = 30.0  # one hop of a step; a chain call allows this per remaining hop
+    hop_timeout_s: float = 30.0  # a hop's deadline: this, plus hop_timeout_per_token_s per position
+    hop_timeout_per_token_s: float = 0.02
     failover_timeout_s: float = 60.0  # how long an entry keeps trying to re-route one request
     ban_s: float = 5.0  # first ban of a failed peer; doubles on each repeat, up to ban_max_s
     ban_max_s: float = 120.0
     drain_s: float = 10.0  # on leave: how long in-flight requests may finish
     rebalance: bool = True  # with layers None: move to fill a gap when this peer's span is redundant
-    max_queue: int = 256  # requests an entry holds at once; more get 503
+    max_requests: int = 64  # requests this entry serves at once; more get 429
+    prefix_reuse: bool = True  # reuse the KV of prompt prefixes this peer computed before
+    prefix_cache_tokens: int = 16384  # token slots of KV kept for prefix reuse
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     gossip: GossipSettings = field(default_factory=GossipSettings)
 
     def __post_init__(self):
@@ -67,8 +58,13 @@ class NodeConfig:
         for name in ("hop_timeout_s", "failover_timeout_s", "ban_s", "session_idle_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_layers is not None and self.num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+        if self.hop_timeout_per_token_s < 0:
+            raise ValueError(f"hop_timeout_per_token_s must be >= 0, got {self.hop_timeout_per_token_s}")
+        for name in ("num_layers", "threads", "max_requests"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefix_cache_tokens < 0:
+            raise ValueError(f"prefix_cache_tokens must be >= 0, got {self.prefix_cache_tokens}")
 
     @property
     def address(self) -> str:
@@ -76,7 +72,9 @@ class NodeConfig:
 
 
 class PeerNode:
-    def __init__(self, config: NodeConfig):
+    def __init__(self, config: NodeConfig, http: httpx.AsyncClient | None = None):
+        """`http` carries every request to other peers; tests may pass one over an in-memory
+        transport. By default a pooled keep-alive client."""
         self.config = config
         source = resolve_model(config.model)
         self.model_id, self.model_path = source.model_id, source.path
@@ -90,21 +88,25 @@ class PeerNode:
             config.address, self.model_id, self.total_layers, start, end, JOINING, new_incarnation(), 0, 0
         )
         self.table = Table(me, config.gossip)
-        self.http = httpx.AsyncClient(
+        self.http = http or httpx.AsyncClient(
             timeout=config.hop_timeout_s,
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
         )
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block")
-        self._tasks: list[asyncio.Task] = []
+        self.forwarder = Forwarder(
+            me.peer_id, self.http, config.hop_timeout_s, config.hop_timeout_per_token_s
+        )
+        self.gossip = Gossip(self.table, self.http, self.list_seeds(), self._housekeeping)
+        self.scheduler = Scheduler(lambda: self.block, config.scheduler)
+        self.bans = Bans(config.ban_s, config.ban_max_s)
         self.active_requests = 0  # entry requests in flight here
         self.steps_served = 0  # hops this peer computed
-        self.steps_in_flight = 0  # hops waiting for or using the compute thread
+        self.failovers = 0  # re-routes this entry made (a failed, busy or full peer, a lost session)
+        self.stopping = False  # set when draining ends: requests still running end with an error
+        self.on_fatal = None  # called with the exception when this peer cannot go on
+        self._threads = 0
         self._serving_since: float | None = None  # loop time this span started serving
         self._moving = False
-        self.background: set[asyncio.Task] = set()  # fire-and-forget work, e.g. closing sessions
-        from .entry import Bans
-
-        self.bans = Bans(config.ban_s, config.ban_max_s)
+        self._tasks: set[asyncio.Task] = set()  # background work, e.g. closing sessions
 
     @property
     def peer_id(self) -> str:
@@ -114,12 +116,26 @@ class PeerNode:
     def ready(self) -> bool:
         return self.block is not None and self.table.me.state == SERVING
 
+    def spawn(self, coro) -> asyncio.Task:
+        """Run `coro` in the background; its exception, if any, is logged, never dropped."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
     # -- life ------------------------------------------------------------------------------
     async def start(self) -> None:
         """Join the swarm, load this peer's block, then serve."""
-        self._tasks.append(asyncio.create_task(self._gossip_loop()))
+        self.scheduler.start()
+        self._apply_threads()
+        self.spawn(self.gossip.loop())
         if self.config.join:
-            await self.gossip_round(self.list_seeds())
+            await self.gossip.round(self.list_seeds())
         if self.config.layers is None:
             await self._choose_layers()
         await self._load_and_serve()
@@ -127,15 +143,16 @@ class PeerNode:
     async def _load_and_serve(self) -> None:
         me = self.table.me
         log.info("loading layers %d:%d of %s", me.start, me.end, self.model_id)
-        loop = asyncio.get_running_loop()
-        self.block = await loop.run_in_executor(self._compute, self._load_block, me.start, me.end)
+        self.block = await self.scheduler.run_in_compute(self._load_block, me.start, me.end)
         self.table.update_me(state=SERVING)
-        self._serving_since = loop.time()
+        self._serving_since = asyncio.get_running_loop().time()
         log.info("serving layers %d:%d of %s at %s", me.start, me.end, self.model_id, self.peer_id)
-        await self.gossip_round(self.table.gossip_targets(self.list_seeds()))
+        await self.gossip.round(self.table.gossip_targets(self.list_seeds()))
 
     async def _maybe_rebalance(self) -> None:
-        """An automatically placed peer whose layers others also serve moves to fill a gap."""
+        """An automatically placed peer whose layers others also serve moves to fill a gap; if
+        the new layers cannot be loaded it goes back to the old ones, and if that fails too the
+        peer stops (on_fatal) rather than stay `joining` for ever."""
         from .layer_choice import rebalance_target
 
         settle_s = 3 * self.config.gossip.dead_after_s  # let views agree before acting on them
@@ -147,17 +164,24 @@ class PeerNode:
         if target is None:
             return
         self._moving = True
+        old = (self.table.me.start, self.table.me.end)
         try:
-            log.info(
-                "moving from layers %d:%d to %d:%d to fill a gap",
-                self.table.me.start,
-                self.table.me.end,
-                *target,
-            )
+            log.info("moving from layers %d:%d to %d:%d to fill a gap", *old, *target)
             self.block = None  # steps in flight on the old layers fail over
             self.table.update_me(state=JOINING, start=target[0], end=target[1])
-            await self.gossip_round([], fanout_all=True)
-            await self._load_and_serve()
+            await self.gossip.round([], fanout_all=True)
+            try:
+                await self._load_and_serve()
+            except Exception:
+                log.exception("loading layers %d:%d failed; going back to %d:%d", *target, *old)
+                self.table.update_me(state=JOINING, start=old[0], end=old[1])
+                try:
+                    await self._load_and_serve()
+                except Exception as e:
+                    log.exception("reloading layers %d:%d failed too; this peer stops", *old)
+                    if self.on_fatal is not None:
+                        self.on_fatal(e)
+                    raise
         finally:
             self._moving = False
 
@@ -175,7 +199,7 @@ class PeerNode:
                 return
             log.info("choosing layers %d:%d", *span)
             self.table.update_me(start=span[0], end=span[1])
-            await self.gossip_round([], fanout_all=True)
+            await self.gossip.round([], fanout_all=True)
             await asyncio.sleep(2 * interval)
 
     def _layer_budget(self) -> int:
@@ -187,84 +211,75 @@ class PeerNode:
 
     def _load_block(self, start: int, end: int) -> Block:
         c = self.config
+        prefix_tokens = c.prefix_cache_tokens if c.prefix_reuse else 0
         return load_block(
-            self.model_path, (start, end), c.device, c.dtype, c.max_cache_tokens, c.session_idle_s
+            self.model_path,
+            (start, end),
+            c.device,
+            c.dtype,
+            c.max_cache_tokens,
+            c.session_idle_s,
+            prefix_tokens,
         )
+
+    def _housekeeping(self) -> None:
+        """Before each gossip round: expire idle sessions, publish load, maybe move, fit threads."""
+        if self.block is not None:
+            self.block.sessions.expire()  # sessions of vanished entries; also when no step comes
+        self.table.beat(load=self.block.open_sessions() if self.block else 0)
+        if not self._moving:
+            self.spawn(self._maybe_rebalance())
+        self._apply_threads()
+
+    def _apply_threads(self) -> None:
+        """torch threads: --threads, or this host's cores shared among the peers it runs."""
+        n = self.config.threads or _fair_share(os.cpu_count() or 1, self._colocated_peers())
+        if n != self._threads:
+            self._threads = n
+            torch.set_num_threads(n)
+
+    def _colocated_peers(self) -> int:
+        host = self.peer_id.rsplit(":", 1)[0]
+        return max(1, sum(1 for e in self.table.live() if e.peer_id.rsplit(":", 1)[0] == host))
 
     async def announce_leaving(self) -> None:
         """Tell the swarm this peer is leaving: new sessions avoid it from now on."""
         if self.table.me.state in (LEAVING, DEAD):
             return
         self.table.update_me(state=LEAVING)
-        await self.gossip_round([], fanout_all=True)
+        await self.gossip.round([], fanout_all=True)
 
     async def leave(self) -> None:
-        """Announce leaving, let in-flight requests finish (bounded), then announce departure."""
+        """Announce leaving, let in-flight requests finish (bounded by drain_s); requests still
+        running then end with an error (their streams get an error event and [DONE]) and close
+        their sessions; then announce departure."""
         if self.table.me.state == DEAD:
             return
         await self.announce_leaving()
-        deadline = asyncio.get_running_loop().time() + self.config.drain_s
-        while self._busy() and asyncio.get_running_loop().time() < deadline:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_s
+        while self._busy() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        self.stopping = True
+        deadline = loop.time() + 2.0
+        while self.active_requests and loop.time() < deadline:
             await asyncio.sleep(0.05)
         self.table.update_me(state=DEAD)
-        await self.gossip_round([], fanout_all=True)
+        await self.gossip.round([], fanout_all=True)
 
     def _busy(self) -> bool:
         return bool(self.active_requests or (self.block is not None and self.block.open_sessions()))
 
     async def close(self) -> None:
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.scheduler.close()
         await self.http.aclose()
-        self._compute.shutdown(wait=False, cancel_futures=True)
 
     def list_seeds(self) -> list[str]:
-        return [s for s in self.config.join if s != self.peer_id]
-
-    # -- gossip ----------------------------------------------------------------------------
-    async def _gossip_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            pause = self.config.gossip.interval_s * random.uniform(0.8, 1.2)
-            before = loop.time()
-            await asyncio.sleep(pause)
-            if loop.time() - before - pause > self.config.gossip.suspect_after_s:
-                # This process was frozen or starved: its silence view is stale, not the others'.
-                log.warning("gossip stalled for %.1f s; refreshing the view", loop.time() - before)
-                self.table.forgive()
-            try:
-                if self.block is not None:
-                    self.block.sessions.expire()  # sessions of vanished entries; also when no step comes
-                self.table.beat(load=self.block.open_sessions() if self.block else 0)
-                for dead in self.table.sweep():
-                    log.info("peer %s declared dead", dead)
-                await self.gossip_round(self.table.gossip_targets(self.list_seeds()))
-                if not self._moving:
-                    self._tasks.append(asyncio.create_task(self._maybe_rebalance()))
-                    self._tasks = [t for t in self._tasks if not t.done()]
-            except Exception:  # the loop must outlive any one bad round
-                log.exception("gossip round failed")
-
-    async def gossip_round(self, targets: list[str], fanout_all: bool = False) -> None:
-        if fanout_all:
-            targets = [e.peer_id for e in self.table.live() if e.peer_id != self.peer_id][:32]
-        await asyncio.gather(*(self._exchange(t) for t in targets))
-
-    async def _exchange(self, address: str) -> None:
-        body = {"entries": [e.to_json() for e in self.table.entries()]}
-        try:
-            r = await self.http.post(
-                f"http://{address}{PATH_GOSSIP}", json=body, timeout=self.config.gossip.timeout_s
-            )
-            r.raise_for_status()
-            self.table.merge([PeerEntry.from_json(e) for e in r.json()["entries"]])
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
-            log.debug("gossip with %s failed: %s", address, e)
-
-    def receive_gossip(self, entries: list[dict]) -> list[dict]:
-        self.table.merge([PeerEntry.from_json(e) for e in entries])
-        return [e.to_json() for e in self.table.entries()]
+        return [s for s in self.config.join if s != self.config.address]
 
     # -- steps -----------------------------------------------------------------------------
     async def run_step(self, req: StepRequest) -> StepResult:
@@ -272,98 +287,52 @@ class PeerNode:
         hop = req.hops[0]
         block = self.block
         if block is None or hop.peer_id != self.peer_id:
-            raise HopFailed(self.peer_id, f"this peer cannot run hop {hop.start}:{hop.end} for {hop.peer_id}")
+            raise HopFailed(
+                self.peer_id, f"this peer cannot run hop {hop.start}:{hop.end} for {hop.peer_id}", "busy"
+            )
         if not block.span.start <= hop.start < hop.end <= block.span.end:
             raise HopFailed(
                 self.peer_id, f"layers {hop.start}:{hop.end} are not inside its span {block.span}"
             )
-        if self.steps_in_flight >= self.config.max_queue:
-            raise HopFailed(self.peer_id, f"{self.steps_in_flight} steps already queued (max_queue)", "busy")
-        loop = asyncio.get_running_loop()
-        self.steps_in_flight += 1
+        last = hop.end == self.total_layers
+        job = Job(
+            req.session_id,
+            req.tensor,
+            req.position,
+            (hop.start, hop.end),
+            req.sampling if last else None,
+            req.prefix,
+        )
         try:
-            work = loop.run_in_executor(self._compute, self._compute_hop, block, req, hop)
-            out = await asyncio.wait_for(work, req.hop_timeout_s)
-        except TimeoutError:
-            raise HopFailed(self.peer_id, f"its own layers took over {req.hop_timeout_s:.1f} s") from None
+            out = await self.scheduler.run(job)
+        except Busy as e:
+            raise HopFailed(self.peer_id, str(e), "busy") from None
         except SessionError as e:
-            raise HopFailed(self.peer_id, str(e), "session_lost") from e
+            raise HopFailed(self.peer_id, str(e), "session_lost") from None
         except CacheFullError as e:
-            raise HopFailed(self.peer_id, str(e), "cache_full") from e
+            raise HopFailed(self.peer_id, str(e), "cache_full") from None
+        except NonFinite as e:
+            raise HopFailed(self.peer_id, str(e)) from None
+        except ValueError as e:  # the sender's step does not fit these layers
+            raise HopFailed(self.peer_id, str(e), "bad_request") from None
         except Exception as e:  # a bug, a torch or CUDA error: this hop failed, the entry fails over
             log.warning("step failed here: %s: %s", type(e).__name__, e)
             raise HopFailed(self.peer_id, f"{type(e).__name__}: {e}") from e
-        finally:
-            self.steps_in_flight -= 1
         self.steps_served += 1
         if isinstance(out, StepResult):
             return out
-        return await self.push(replace(req, hops=req.hops[1:], tensor=out))
-
-    def _compute_hop(self, block: Block, req: StepRequest, hop: Hop):
-        out = block(req.session_id, req.tensor, req.position, layers=(hop.start, hop.end))
-        if not torch.isfinite(out).all():
-            raise ValueError(f"non-finite values in the output of layers {hop.start}:{hop.end}")
-        if hop.end < self.total_layers:
-            return out  # hidden states [B, T, H]
-        s = req.sampling
-        params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
-        step = req.position + req.tensor.shape[1]  # the position of the token being chosen
-        tokens, logprobs = sample(out[:, -1], params, step)
-        return StepResult(tokens.tolist(), logprobs.tolist())
-
-    async def push(self, req: StepRequest) -> StepResult:
-        """Send the step on to the next hop; its reply (or which peer failed) comes back."""
-        nxt = req.hops[0]
-        timeout = req.hop_timeout_s * len(req.hops)
-        try:
-            r = await self.http.post(
-                f"http://{nxt.address}{PATH_STEP}",
-                content=encode_step(req),
-                headers={"content-type": STEP_CONTENT_TYPE},
-                timeout=timeout,
-            )
-        except httpx.TimeoutException:
-            raise HopFailed(nxt.peer_id, f"no answer within {timeout:.1f} s") from None
-        except httpx.HTTPError as e:
-            raise HopFailed(nxt.peer_id, f"{type(e).__name__}: {e}") from None
-        except ProtocolError as e:
-            raise HopFailed(self.peer_id, str(e)) from None
-        return parse_step_reply(r, nxt.peer_id)
+        position = req.position + job.skipped  # the positions restored from the prefix cache stay behind
+        return await self.forwarder.push(replace(req, hops=req.hops[1:], tensor=out, position=position))
 
     async def close_sessions(self, session_id: str, hops: list[Hop]) -> None:
         """Free the session on every peer of a route (best effort, bounded)."""
-
-        async def close_one(hop: Hop) -> None:
-            if hop.peer_id == self.peer_id:
-                if self.block is not None:
-                    self.block.close(session_id)
-                return
-            try:
-                await self.http.post(
-                    f"http://{hop.address}{PATH_CLOSE}", json={"session_id": session_id}, timeout=2.0
-                )
-            except httpx.HTTPError:
-                pass  # the peer's idle expiry frees it
-
-        await asyncio.gather(*(close_one(h) for h in hops))
+        if any(h.peer_id == self.peer_id for h in hops) and self.block is not None:
+            self.block.close(session_id)
+        await self.forwarder.close_remote(session_id, hops)
 
 
-def parse_step_reply(r: httpx.Response, peer_id: str) -> StepResult:
-    try:
-        data = r.json()
-    except ValueError:
-        raise HopFailed(peer_id, f"status {r.status_code} with a body that is not JSON") from None
-    if r.status_code != 200:
-        err = data.get("error", {}) if isinstance(data, dict) else {}
-        failed = err.get("failed_peer") or peer_id
-        reason = err.get("type") if err.get("type") in HopFailed.REASONS else "failed"
-        message = err.get("message", f"status {r.status_code}").removeprefix(f"peer {failed} failed: ")
-        raise HopFailed(failed, message, reason)
-    try:
-        return StepResult([int(t) for t in data["tokens"]], [float(x) for x in data["logprobs"]])
-    except (KeyError, TypeError, ValueError):
-        raise HopFailed(peer_id, "a step reply without tokens") from None
+def _fair_share(cores: int, peers: int) -> int:
+    return max(1, cores // max(1, peers))
 
 
 def _initial_span(layers: str | None, total: int) -> tuple[int, int]:

@@ -1,24 +1,29 @@
 """The OpenAI-compatible API every peer serves: /v1/models, /v1/chat/completions, /v1/completions,
 streaming as server-sent events."""
 
+import asyncio
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
-from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
-from .entry import banned_now, current_route, generate
-from .errors import InvalidRequest, ModelNotServed, SwarmError, SwarmUnavailable
+from .entry import RETRY_AFTER_S, banned_now, current_route, generate
+from .errors import InvalidRequest, ModelNotServed, Overloaded, SwarmError, SwarmUnavailable
 from .node import PeerNode
 from .protocol import Sampling
 from .routing import NoRouteError
 from .textstream import TextStream
+
+MAX_N = 16  # sequences per request
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 
 log = logging.getLogger("layerswarm.api")
 
@@ -37,7 +42,7 @@ class _Request(BaseModel):
     ignore_eos: bool = False  # an extension, as in vLLM: generate max_tokens whatever comes
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: dict | None = None
 
@@ -70,6 +75,7 @@ def _text_of(content: str | list[dict]) -> str:
 
 def router(node: PeerNode) -> APIRouter:
     api = APIRouter()
+    tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")  # off the event loop
 
     @api.get("/v1/models")
     async def models() -> dict:
@@ -77,34 +83,50 @@ def router(node: PeerNode) -> APIRouter:
         return {"object": "list", "data": [card]}
 
     @api.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, request: Request):
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
             for m in req.messages
         ]
+        _admit(node, req)
+        loop = asyncio.get_running_loop()
         try:
-            prompt_ids = node.tokenizer.encode_chat(messages)
+            prompt_ids = await loop.run_in_executor(tokenize, node.tokenizer.encode_chat, messages)
         except Exception as e:  # the chat template refused these messages (e.g. roles not alternating)
             raise InvalidRequest(
                 f"the model's chat template rejected the messages: {e}", param="messages"
             ) from e
-        return await _complete(node, req, prompt_ids, chat=True)
+        return await _complete(node, req, prompt_ids, True, request)
 
     @api.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         if not req.prompt:
             raise InvalidRequest("prompt must not be empty", param="prompt")
-        return await _complete(node, req, node.tokenizer.encode(req.prompt), chat=False)
+        _admit(node, req)
+        prompt_ids = await asyncio.get_running_loop().run_in_executor(
+            tokenize, node.tokenizer.encode, req.prompt
+        )
+        return await _complete(node, req, prompt_ids, False, request)
 
     return api
 
 
-def _check(node: PeerNode, req: _Request, prompt_ids: list[int]) -> int:
-    """Validate what pydantic cannot; returns max_tokens."""
+def _admit(node: PeerNode, req: "_Request") -> None:
+    """Checks that need no tokens: the model, and room for one more request at this entry."""
     if req.model != node.model_id:
         raise ModelNotServed(req.model, node.model_id)
-    if req.n != 1:
-        raise InvalidRequest(f"n must be 1 (got {req.n}); send several requests instead", param="n")
+    if node.active_requests >= node.config.max_requests:
+        raise Overloaded(
+            f"this peer already serves {node.active_requests} requests at once (--max-requests "
+            f"{node.config.max_requests}); retry in {RETRY_AFTER_S} s or use another peer",
+            RETRY_AFTER_S,
+        )
+    if node.stopping or node.table.me.state in ("leaving", "dead"):
+        raise SwarmUnavailable("this peer is shutting down; send the request to another peer")
+
+
+def _check(node: PeerNode, req: "_Request", prompt_ids: list[int]) -> int:
+    """Validate what pydantic cannot; returns max_tokens."""
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
     if len(stops) > 4:
         raise InvalidRequest(f"at most 4 stop sequences, got {len(stops)}", param="stop")
@@ -120,14 +142,13 @@ def _check(node: PeerNode, req: _Request, prompt_ids: list[int]) -> int:
     return asked or min(DEFAULT_MAX_TOKENS, room)
 
 
-async def _complete(node: PeerNode, req: _Request, prompt_ids: list[int], chat: bool):
+async def _complete(node: PeerNode, req: "_Request", prompt_ids: list[int], chat: bool, request: Request):
     max_tokens = _check(node, req, prompt_ids)
-    if node.active_requests >= node.config.max_queue:
-        raise SwarmUnavailable(f"this peer already holds {node.active_requests} requests (max_queue)")
+    _admit(node, req)  # again: the count may have grown while the prompt was tokenized
     node.active_requests += 1  # counted from now, released once when the response is done
     release = _once(lambda: setattr(node, "active_requests", node.active_requests - 1))
     try:
-        return await _respond(node, req, prompt_ids, max_tokens, chat, release)
+        return await _respond(node, req, prompt_ids, max_tokens, chat, release, request)
     except BaseException:
         release()
         raise
@@ -145,61 +166,119 @@ def _once(fn):
 
 
 async def _respond(
-    node: PeerNode, req: _Request, prompt_ids: list[int], max_tokens: int, chat: bool, release
+    node: PeerNode,
+    req: "_Request",
+    prompt_ids: list[int],
+    max_tokens: int,
+    chat: bool,
+    release,
+    request: Request,
 ):
-    try:  # a missing route is a 503 before anything is streamed
+    try:  # a missing route is a 503 before anything is computed
         current_route(node, "probe", banned_now(node))
     except NoRouteError as e:
         raise SwarmUnavailable(str(e)) from None
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     sampling = Sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed)
     stop_ids = frozenset() if req.ignore_eos else node.tokenizer.eos_token_ids
-    run = _Run(node, prompt_ids, max_tokens, sampling, TextStream(node.tokenizer, stops), stop_ids)
+    run = _Run(node, prompt_ids, max_tokens, sampling, stops, stop_ids, req.n)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     shape = _ChatShape(rid, node.model_id) if chat else _TextShape(rid, node.model_id)
+    events = run.events()
     if req.stream:
+        # The first token is computed before the response starts, so that a request that
+        # cannot start (no route, no room) gets its real status instead of 200 and an error.
+        try:
+            first = [e async for e in _until_token(events)]
+        except BaseException:
+            await events.aclose()
+            raise
         usage = bool((req.stream_options or {}).get("include_usage"))
         return StreamingResponse(
-            _sse(run, shape, usage, release),
+            _sse(first, events, run, shape, usage, release),
             media_type="text/event-stream",
             background=BackgroundTask(release),
         )
+    task = asyncio.ensure_future(_collect(events, req.n))
     try:
-        text = "".join([delta async for delta in run.deltas()])
+        while not task.done():  # a client that hangs up stops its generation within a step
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                log.info("client went away; generation stopped")
+                return Response(status_code=499)  # nobody reads it
+        texts = task.result()
     finally:
+        if not task.done():
+            task.cancel()
         release()
-    return shape.whole(text, run.finish_reason, run.usage())
+    return shape.whole(texts, run.finish, run.usage())
+
+
+async def _until_token(events: AsyncIterator) -> AsyncIterator:
+    """The events up to and including the first one that follows a generated token."""
+    async for event in events:
+        yield event
+        if event[0] == "token":
+            return
+
+
+async def _collect(events: AsyncIterator, n: int) -> list[str]:
+    texts = [[] for _ in range(n)]
+    async for kind, index, delta, _ in events:
+        if kind == "delta":
+            texts[index].append(delta)
+    return ["".join(t) for t in texts]
 
 
 class _Run:
-    """One generation: token stream -> text deltas, finish reason and usage."""
+    """One generation of n sequences: tokens -> text deltas, finish reasons and usage."""
 
-    def __init__(self, node: PeerNode, prompt_ids, max_tokens, sampling, text: TextStream, stop_ids):
+    def __init__(self, node: PeerNode, prompt_ids, max_tokens, sampling, stops, stop_ids, n: int):
         self.node, self.prompt_ids, self.max_tokens = node, prompt_ids, max_tokens
-        self.sampling, self.text, self.stop_ids = sampling, text, stop_ids
-        self.finish_reason = "length"
+        self.sampling, self.stop_ids, self.n = sampling, stop_ids, n
+        self.texts = [TextStream(node.tokenizer, stops) for _ in range(n)]
+        self.finish = ["length"] * n
+        self.done = [False] * n
         self.completion_tokens = 0
 
-    async def deltas(self) -> AsyncIterator[str]:
-        node = self.node
-        gen = generate(node, self.prompt_ids, self.max_tokens, self.sampling, self.stop_ids)
+    async def events(self) -> AsyncIterator[tuple[str, int, str | None, str | None]]:
+        """("token", -1, None, None) after each step, ("delta", i, text, None) and
+        ("finish", i, None, reason) per sequence i."""
+        gen = generate(self.node, self.prompt_ids, self.max_tokens, self.sampling, self.stop_ids, self.n)
         try:
-            async for tok in gen:
-                self.completion_tokens += 1
-                if tok.token in self.stop_ids:
-                    self.finish_reason = "stop"
+            async for tokens in gen:
+                for i, tok in enumerate(tokens):
+                    if self.done[i]:
+                        continue
+                    self.completion_tokens += 1
+                    if tok.token in self.stop_ids:
+                        for event in self._end(i, "stop"):
+                            yield event
+                        continue
+                    delta = self.texts[i].push(tok.token)
+                    if delta:
+                        yield ("delta", i, delta, None)
+                    if self.texts[i].stopped:
+                        for event in self._end(i, "stop"):
+                            yield event
+                yield ("token", -1, None, None)
+                if all(self.done):
                     break
-                delta = self.text.push(tok.token)
-                if delta:
-                    yield delta
-                if self.text.stopped:
-                    self.finish_reason = "stop"
-                    break
-            rest = self.text.finish()
-            if rest:
-                yield rest
+            for i in range(self.n):
+                if not self.done[i]:
+                    for event in self._end(i, "length"):
+                        yield event
         finally:
             await gen.aclose()
+
+    def _end(self, i: int, reason: str):
+        self.done[i], self.finish[i] = True, reason
+        rest = self.texts[i].finish()
+        if rest:
+            yield ("delta", i, rest, None)
+        yield ("finish", i, None, reason)
 
     def usage(self) -> dict:
         p, c = len(self.prompt_ids), self.completion_tokens
@@ -213,22 +292,25 @@ class _ChatShape:
     def _base(self, obj: str) -> dict:
         return {"id": self.rid, "object": obj, "created": self.created, "model": self.model}
 
-    def whole(self, text: str, finish: str, usage: dict) -> dict:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": finish,
-        }
-        return {**self._base("chat.completion"), "choices": [choice], "usage": usage}
+    def whole(self, texts: list[str], finish: list[str], usage: dict) -> dict:
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish[i],
+            }
+            for i, text in enumerate(texts)
+        ]
+        return {**self._base("chat.completion"), "choices": choices, "usage": usage}
 
-    def chunk(self, delta: str | None, finish: str | None, first: bool = False) -> dict:
+    def chunk(self, index: int, delta: str | None, finish: str | None, first: bool = False) -> dict:
         d = (
             {"role": "assistant", "content": ""}
             if first
             else ({"content": delta} if delta is not None else {})
         )
-        choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+        choice = {"index": index, "delta": d, "logprobs": None, "finish_reason": finish}
         return {**self._base("chat.completion.chunk"), "choices": [choice]}
 
     def usage_chunk(self, usage: dict) -> dict:
@@ -236,12 +318,15 @@ class _ChatShape:
 
 
 class _TextShape(_ChatShape):
-    def whole(self, text: str, finish: str, usage: dict) -> dict:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return {**self._base("text_completion"), "choices": [choice], "usage": usage}
+    def whole(self, texts: list[str], finish: list[str], usage: dict) -> dict:
+        choices = [
+            {"index": i, "text": text, "logprobs": None, "finish_reason": finish[i]}
+            for i, text in enumerate(texts)
+        ]
+        return {**self._base("text_completion"), "choices": choices, "usage": usage}
 
-    def chunk(self, delta: str | None, finish: str | None, first: bool = False) -> dict:
-        choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+    def chunk(self, index: int, delta: str | None, finish: str | None, first: bool = False) -> dict:
+        choice = {"index": index, "text": delta or "", "logprobs": None, "finish_reason": finish}
         return {**self._base("text_completion"), "choices": [choice]}
 
     def usage_chunk(self, usage: dict) -> dict:
@@ -252,13 +337,24 @@ def _event(data: dict | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
 
 
-async def _sse(run: _Run, shape: _ChatShape, include_usage: bool, release) -> AsyncIterator[bytes]:
+async def _sse(
+    first: list, events: AsyncIterator, run: _Run, shape: _ChatShape, include_usage: bool, release
+):
+    async def all_events():
+        for event in first:
+            yield event
+        async for event in events:
+            yield event
+
     try:
         if not isinstance(shape, _TextShape):  # chat streams open with the assistant's role
-            yield _event(shape.chunk(None, None, first=True))
-        async for delta in run.deltas():
-            yield _event(shape.chunk(delta, None))
-        yield _event(shape.chunk(None, run.finish_reason))
+            for i in range(run.n):
+                yield _event(shape.chunk(i, None, None, first=True))
+        async for kind, index, delta, finish in all_events():
+            if kind == "delta":
+                yield _event(shape.chunk(index, delta, None))
+            elif kind == "finish":
+                yield _event(shape.chunk(index, None, finish))
         if include_usage:
             yield _event(shape.usage_chunk(run.usage()))
     except SwarmError as e:  # the stream has started: the error travels as an event
@@ -267,5 +363,6 @@ async def _sse(run: _Run, shape: _ChatShape, include_usage: bool, release) -> As
         log.exception("stream failed")
         yield _event(SwarmError(f"internal error: {type(e).__name__}: {e}").to_json())
     finally:
+        await events.aclose()
         release()
     yield _event("[DONE]")

@@ -58,7 +58,7 @@ class StepRequest:
     hops: list[Hop]  # this hop first, then the rest of the route
     sampling: Sampling
     tensor: torch.Tensor = field(repr=False)
-    hop_timeout_s: float = 30.0
+    prefix: tuple[int, ...] = ()  # hashes of the session's leading token blocks (prefix reuse)
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def encode_step(req: StepRequest) -> bytes:
         "position": req.position,
         "hops": [asdict(h) for h in req.hops],
         "sampling": asdict(req.sampling),
-        "hop_timeout_s": req.hop_timeout_s,
+        "prefix": list(req.prefix),
     }
     return encode_tensor_frame(header, req.tensor)
 
@@ -121,16 +121,46 @@ def encode_step(req: StepRequest) -> bytes:
 def decode_step(body: bytes) -> StepRequest:
     header, tensor = decode_tensor_frame(body)
     try:
-        return StepRequest(
-            session_id=str(header["session_id"]),
-            position=int(header["position"]),
-            hops=[Hop(**h) for h in header["hops"]],
-            sampling=Sampling(**header["sampling"]),
+        req = StepRequest(
+            session_id=_typed(header["session_id"], str, "session_id"),
+            position=_typed(header["position"], int, "position"),
+            hops=[
+                Hop(
+                    _typed(h["peer_id"], str, "peer_id"),
+                    _typed(h["address"], str, "address"),
+                    _typed(h["start"], int, "start"),
+                    _typed(h["end"], int, "end"),
+                )
+                for h in header["hops"]
+            ],
+            sampling=_sampling(header["sampling"]),
             tensor=tensor,
-            hop_timeout_s=float(header["hop_timeout_s"]),
+            prefix=tuple(_typed(x, int, "prefix") for x in header.get("prefix", ())),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ProtocolError(f"bad step header: {e}") from e
+    if req.position < 0 or not req.hops or tensor.dim() not in (2, 3) or 0 in tensor.shape[:2]:
+        raise ProtocolError(
+            f"bad step: position {req.position}, {len(req.hops)} hops, tensor of shape {list(tensor.shape)}"
+        )
+    if (tensor.dim() == 2) != (tensor.dtype == torch.int64):
+        raise ProtocolError("token ids travel as int64 [B, T] and hidden states as floats [B, T, H]")
+    return req
+
+
+def _typed(value, kind: type, name: str):
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"{name} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _sampling(data: dict) -> Sampling:
+    s = Sampling(**data)
+    if not isinstance(s.temperature, (int, float)) or not isinstance(s.top_p, (int, float)):
+        raise ValueError(f"bad sampling {data!r}")
+    if not isinstance(s.top_k, int) or (s.seed is not None and not isinstance(s.seed, int)):
+        raise ValueError(f"bad sampling {data!r}")
+    return s
 
 
 def step_error_body(message: str, failed_peer: str | None, reason: str) -> dict:

@@ -35,6 +35,8 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
             if on_start_failure is not None:
                 on_start_failure(task.exception())
 
+    node.on_fatal = on_start_failure
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         starting = asyncio.create_task(node.start())
@@ -62,15 +64,25 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
             "sessions": node.block.open_sessions() if node.block else 0,
             "steps_served": node.steps_served,
             "incarnation": me.incarnation,
+            "active_requests": node.active_requests,
+            "failovers": node.failovers,
+            "queued_steps": len(node.scheduler),
+            "scheduler": node.scheduler.stats.to_json(),
+            "prefix_cache": {
+                "blocks": len(node.block.prefixes) if node.block else 0,
+                "hit_positions": node.block.prefixes.hits if node.block else 0,
+                "miss_positions": node.block.prefixes.misses if node.block else 0,
+            },
         }
         return JSONResponse(body, status_code=200 if node.ready else 503)
 
     @app.post(PATH_STEP)
     async def step(request: Request) -> Response:
+        body = await request.body()
         try:
-            req = decode_step(await request.body())
-        except ProtocolError as e:
-            return JSONResponse(step_error_body(str(e), node.peer_id, "failed"), status_code=400)
+            req = await asyncio.to_thread(decode_step, body) if len(body) > (1 << 20) else decode_step(body)
+        except ProtocolError as e:  # the sender's mistake: nobody is banned for it
+            return JSONResponse(step_error_body(str(e), None, "bad_request"), status_code=400)
         try:
             result = await node.run_step(req)
         except HopFailed as e:
@@ -85,7 +97,7 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
     @app.post(PATH_GOSSIP)
     async def gossip(body: dict) -> dict:
         try:
-            return {"entries": node.receive_gossip(body["entries"])}
+            return {"entries": node.gossip.receive(body["entries"])}
         except (KeyError, TypeError, ValueError) as e:
             return JSONResponse({"error": {"message": f"bad gossip: {e}"}}, status_code=400)
 

@@ -1,0 +1,281 @@
+"""The one owner of a peer's compute. Steps wait in a queue; whatever waits when the previous
+forward ends runs as the next one (continuous batching): decode steps of many sessions together
+with prefill chunks, so a long prompt cannot stall the others. Queue wait and compute time are
+measured apart; a step that waits too long, or finds the queue full, is `Busy`, not failed."""
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from inference import Block, SamplingParams
+from inference.batch import Step
+from inference.sampling import sample_many
+
+from .protocol import Sampling, StepResult
+
+log = logging.getLogger("layerswarm.scheduler")
+
+
+class Busy(Exception):
+    """This peer is healthy but cannot take the step now; the message names the limit."""
+
+
+class NonFinite(Exception):
+    """This peer's layers produced NaN or infinity."""
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    max_batch_tokens: int = 512  # positions in one forward (B x T summed over its steps)
+    prefill_chunk: int = 256  # a prompt runs in chunks of at most this many positions
+    max_queue: int = 1024  # steps waiting or running; more are Busy at once
+    max_queue_wait_s: float = 10.0  # a step not started by then is Busy
+
+    def __post_init__(self):
+        for name in ("max_batch_tokens", "prefill_chunk", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue_wait_s <= 0:
+            raise ValueError(f"max_queue_wait_s must be positive, got {self.max_queue_wait_s}")
+
+
+@dataclass(eq=False)
+class Job:
+    """One session's step through this peer's layers."""
+
+    session_id: str
+    inputs: torch.Tensor  # [B, T] ids or [B, T, H] hidden states
+    position: int
+    layers: tuple[int, int]
+    sampling: Sampling | None = None  # set when these layers end the model: sample the next token
+    prefix: tuple[int, ...] = ()
+    future: asyncio.Future | None = None
+    enqueued: float = 0.0
+    started: float | None = None
+    done: int = 0  # positions computed (or restored from the prefix cache) so far
+    skipped: int = 0  # leading positions restored from the prefix cache: the output starts after them
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    compute_s: float = 0.0
+
+    @property
+    def batch(self) -> int:
+        return self.inputs.shape[0]
+
+    @property
+    def remaining(self) -> int:
+        return self.inputs.shape[1] - self.done
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0
+    batches: int = 0
+    positions: int = 0
+    busy: int = 0
+    queue_wait_s: float = 0.0  # summed over started steps
+    compute_s: float = 0.0  # summed over forwards
+    max_batch_steps: int = 0
+
+    def to_json(self) -> dict:
+        return {
+            "steps": self.steps,
+            "batches": self.batches,
+            "positions": self.positions,
+            "busy": self.busy,
+            "mean_batch_steps": round(self.steps / self.batches, 2) if self.batches else 0.0,
+            "max_batch_steps": self.max_batch_steps,
+            "mean_queue_wait_ms": round(1000 * self.queue_wait_s / self.steps, 2) if self.steps else 0.0,
+            "compute_s": round(self.compute_s, 3),
+        }
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block: Callable[[], Block | None],
+        settings: SchedulerSettings = SchedulerSettings(),
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._block, self.settings, self._clock = block, settings, clock
+        self._queue: deque[Job] = deque()
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self._task: asyncio.Task | None = None
+        self.stats = SchedulerStats()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for job in self._queue:
+            if not job.future.done():
+                job.future.set_exception(Busy("this peer is shutting down"))
+        self._queue.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def run_in_compute(self, fn, *args):
+        """Run `fn` on the compute thread (e.g. loading a block), between forwards."""
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def run(self, job: Job) -> torch.Tensor | StepResult:
+        """Queue a step and wait for its output: hidden states [B, T, H], or the sampled tokens."""
+        self.start()
+        if len(self._queue) >= self.settings.max_queue:
+            self.stats.busy += 1
+            raise Busy(f"its step queue is full ({len(self._queue)} steps; --max-step-queue)")
+        job.future = asyncio.get_running_loop().create_future()
+        job.enqueued = self._clock()
+        self._queue.append(job)
+        self._wake.set()
+        return await job.future
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            batch = self._form_batch()
+            if not batch:
+                continue
+            block = self._block()
+            t0 = self._clock()
+            try:
+                results = await loop.run_in_executor(self._executor, _compute, block, batch)
+            except Exception as e:  # the block is gone (moving) or the thread pool shut down
+                results = [e] * len(batch)
+            elapsed = self._clock() - t0
+            self.stats.batches += 1
+            self.stats.compute_s += elapsed
+            self.stats.max_batch_steps = max(self.stats.max_batch_steps, len(batch))
+            for (job, size), result in zip(batch, results, strict=True):
+                job.compute_s += elapsed
+                self.stats.positions += size * job.batch
+                if isinstance(result, BaseException):
+                    self._finish(job, error=result)
+                    continue
+                job.done += size
+                if result is not None:
+                    job.outputs.append(result)
+                if job.remaining == 0:
+                    self.stats.steps += 1
+                    out = job.outputs[-1] if job.sampling is not None else _joined(job.outputs)
+                    self._finish(job, result=out)
+
+    def _form_batch(self) -> list[tuple[Job, int]]:
+        """Decode steps first, then prefill chunks in arrival order, within max_batch_tokens."""
+        now, s = self._clock(), self.settings
+        for job in list(self._queue):
+            if job.future.done():  # its caller gave up
+                self._queue.remove(job)
+            elif job.started is None and now - job.enqueued > s.max_queue_wait_s:
+                self.stats.busy += 1
+                self._finish(
+                    job,
+                    error=Busy(
+                        f"the step waited {now - job.enqueued:.1f} s in a queue of {len(self._queue)} "
+                        f"steps (--max-queue-wait {s.max_queue_wait_s:g} s)"
+                    ),
+                )
+        budget, batch = s.max_batch_tokens, []
+        decodes = [j for j in self._queue if j.remaining == 1]
+        prefills = [j for j in self._queue if j.remaining > 1]
+        for job in decodes + prefills:
+            size = min(job.remaining, s.prefill_chunk, budget // job.batch)
+            if size < 1:
+                if batch:
+                    continue
+                size = min(job.remaining, s.prefill_chunk)  # one step larger than the budget runs alone
+            batch.append((job, size))
+            budget -= size * job.batch
+            if job.started is None:
+                job.started = now
+                self.stats.queue_wait_s += now - job.enqueued
+        return batch
+
+    def _finish(self, job: Job, result=None, error: BaseException | None = None) -> None:
+        if job in self._queue:
+            self._queue.remove(job)
+        if job.future.done():
+            return
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+
+
+def _joined(outputs: list[torch.Tensor]) -> torch.Tensor:
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+
+def _compute(block: Block | None, batch: list[tuple[Job, int]]) -> list:
+    """On the compute thread: one forward of the block over the batch's chunks; sampling for
+    the steps that end the model. Per chunk: hidden states, None (a non-final chunk at the last
+    layer), a StepResult, or the exception that refused it."""
+    if block is None:
+        raise Busy("this peer is loading its layers")
+    refused: dict[int, Exception] = {}
+    for i, (job, size) in enumerate(batch):
+        if job.done == 0 and job.prefix and job.batch == 1:
+            try:
+                job.skipped = block.restore_prefix(
+                    job.session_id, job.layers, job.prefix, job.position, job.inputs.shape[1]
+                )
+            except Exception as e:
+                refused[i] = e
+            job.done = job.skipped
+            batch[i] = (job, min(size, job.remaining))
+    runnable = [i for i in range(len(batch)) if i not in refused]
+    steps = []
+    for i in runnable:
+        job, size = batch[i]
+        steps.append(
+            Step(
+                job.session_id, job.inputs[:, job.done : job.done + size], job.position + job.done, job.layers
+            )
+        )
+    outs = dict(zip(runnable, block.forward_batch(steps), strict=True)) | refused
+    results: list = []
+    to_sample = []
+    for i, (job, size) in enumerate(batch):
+        out = outs[i]
+        if job.prefix and not isinstance(out, Exception) and job.remaining == size:
+            block.store_prefix(job.session_id, job.prefix)
+        if isinstance(out, Exception):
+            results.append(out)
+        elif not torch.isfinite(out).all():
+            a, b = job.layers
+            results.append(NonFinite(f"non-finite values in the output of layers {a}:{b}"))
+        elif job.sampling is None:
+            results.append(out)
+        elif job.remaining > size:
+            results.append(None)  # logits of a prompt's inner chunk: not needed
+        else:
+            results.append(out)
+            to_sample.append(len(results) - 1)
+    if to_sample:
+        logits = [results[i][:, -1] for i in to_sample]  # [B, V] each
+        params, positions = [], []
+        for i in to_sample:
+            job = batch[i][0]
+            s = job.sampling
+            params.append(
+                SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
+            )
+            positions.append(job.position + job.inputs.shape[1])  # the position of the token chosen
+        for i, (tokens, logprobs) in zip(to_sample, sample_many(logits, params, positions), strict=True):
+            results[i] = StepResult(tokens.tolist(), logprobs.tolist())
+    return results
