@@ -2,6 +2,7 @@
 that session's KV cache. The first block embeds token ids; the last applies the final norm and
 lm_head and returns logits."""
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .kv_cache import CacheStore, SessionCache
 from .prefix_cache import BLOCK_TOKENS, PrefixCache
 from .weights import Checkpoint
 
+_LOADING = threading.Lock()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -353,6 +355,7 @@ def load_block(
         span = Span(layers[0], layers[1], total)
     dev, dt = resolve_device(device, dtype)
     checkpoint = Checkpoint(Path(model_path))
-    block = Block(config, span, max_cache_tokens, idle_timeout_s, prefix_cache_tokens)
-    block.load_weights(checkpoint, dev, dt)
+    with _LOADING:  # init_empty_weights patches torch for the whole process while it runs
+        block = Block(config, span, max_cache_tokens, idle_timeout_s, prefix_cache_tokens)
+        block.load_weights(checkpoint, dev, dt)
     return block.eval().requires_grad_(False)

@@ -1,0 +1,120 @@
+"""Several peers in one process over httpx's in-memory transport: many concurrent generations
+through one swarm equal each alone, and a peer that drops out mid-generation is failed over
+exactly. No sockets, so scheduling and failover are tested without timing noise."""
+
+import asyncio
+
+import httpx
+import torch
+
+from peers.entry import generate
+from peers.membership import GossipSettings
+from peers.node import NodeConfig, PeerNode
+from peers.protocol import Sampling
+from peers.server import create_app
+from tests.helpers import greedy_reference, monolithic
+
+GOSSIP = GossipSettings(interval_s=0.05, suspect_after_s=5, dead_after_s=10, tombstone_s=30)
+PROMPTS = [[5, 17, 99, 42, 7, 3, 250, 64, 12, 8, 77], [9, 9, 1, 200, 31], [44] * 3, list(range(3, 40))] * 2
+
+
+class Loopback(httpx.AsyncBaseTransport):
+    """Routes each request to the app of the peer it names; a peer in `down` refuses."""
+
+    def __init__(self):
+        self.apps: dict[str, httpx.ASGITransport] = {}
+        self.down: set[str] = set()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        address = f"{request.url.host}:{request.url.port}"
+        if address in self.down or address not in self.apps:
+            raise httpx.ConnectError(f"connection to {address} refused", request=request)
+        return await self.apps[address].handle_async_request(request)
+
+
+async def start_swarm(model, spans):
+    net = Loopback()
+    nodes = []
+    for i, layers in enumerate(spans):
+        config = NodeConfig(
+            model=str(model),
+            layers=layers,
+            port=9000 + i,
+            join=("127.0.0.1:9000",) if i else (),
+            threads=torch.get_num_threads(),
+            gossip=GOSSIP,
+            ban_s=60,
+        )
+        node = PeerNode(config, http=httpx.AsyncClient(transport=net))
+        net.apps[config.address] = httpx.ASGITransport(app=create_app(node))
+        nodes.append(node)
+    await asyncio.gather(*(n.start() for n in nodes))
+    for _ in range(200):  # until every table knows every peer
+        if all(len(n.table.serving(n.model_id)) == len(nodes) for n in nodes):
+            break
+        await asyncio.sleep(0.05)
+    return net, nodes
+
+
+async def stop_swarm(nodes):
+    await asyncio.gather(*(n.close() for n in nodes))
+
+
+async def tokens_of(node, prompt, n, on_token=None):
+    out = []
+    async for step in generate(node, prompt, n, Sampling(temperature=0), frozenset()):
+        out.append(step[0].token)
+        if on_token:
+            on_token(len(out))
+    return out
+
+
+def test_concurrent_generations_batch_and_equal_each_alone(tiny_llama):
+    model = monolithic(tiny_llama)
+    expected = [greedy_reference(model, p, 16) for p in PROMPTS]
+
+    async def main():
+        net, nodes = await start_swarm(tiny_llama, ["0:1", "1:3", "3:4"])
+        try:
+            got = await asyncio.gather(*(tokens_of(nodes[0], p, 16) for p in PROMPTS))
+            return (
+                got,
+                [n.scheduler.stats.max_batch_steps for n in nodes],
+                [n.block.open_sessions() for n in nodes],
+            )
+        finally:
+            await stop_swarm(nodes)
+
+    got, batch_sizes, _ = asyncio.run(main())
+    assert got == expected
+    assert all(size > 1 for size in batch_sizes), batch_sizes  # every peer batched sessions
+
+
+def test_a_peer_dropping_out_mid_generation_is_failed_over_exactly(tiny_llama):
+    model = monolithic(tiny_llama)
+    expected = [greedy_reference(model, p, 16) for p in PROMPTS]
+
+    async def main():
+        net, nodes = await start_swarm(tiny_llama, ["0:4", "0:2", "0:2", "2:4"])  # entry, 2 replicas, tail
+        entry, replicas = nodes[0], nodes[1:3]
+        dropped = []
+
+        def drop(count):
+            if count == 6 and not dropped:  # the replica holding the sessions goes away
+                victim = max(replicas, key=lambda n: n.block.open_sessions())
+                assert victim.block.open_sessions() > 0
+                net.down.add(victim.peer_id)
+                dropped.append(victim)
+
+        try:
+            # routes take the fewest hops: keep the entry off them by banning it on itself
+            entry.bans.ban(entry.peer_id, entry.table.me.incarnation)
+            got = await asyncio.gather(*(tokens_of(entry, p, 16, drop) for p in PROMPTS))
+            return got, entry.failovers, dropped
+        finally:
+            await stop_swarm(nodes)
+
+    got, failovers, dropped = asyncio.run(main())
+    assert dropped, "no replica was dropped"
+    assert failovers >= 1
+    assert got == expected

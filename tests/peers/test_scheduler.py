@@ -1,0 +1,166 @@
+"""The step scheduler in one process: batches form from whatever waits, a long prompt runs in
+chunks between other sessions' decode steps, a full or slow queue answers busy, and prefix reuse
+restores KV without changing the output."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from inference import load_block
+from peers.prefix import prefix_hashes
+from peers.protocol import Sampling, StepResult
+from peers.scheduler import Busy, Job, Scheduler, SchedulerSettings
+
+GREEDY = Sampling(temperature=0)
+PROMPTS = [[5, 17, 99, 42, 7, 3, 250, 64, 12, 8, 77], [9, 9, 1, 200, 31], [44] * 3, list(range(3, 40))]
+
+
+def job(sid, ids, position=0, layers=(0, 4), sampling=GREEDY, prefix=()):
+    return Job(sid, torch.tensor(ids), position, layers, sampling, prefix)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_steps_run_as_one_batch_and_equal_each_alone(tiny_llama):
+    block, alone = load_block(tiny_llama), load_block(tiny_llama)
+
+    async def main():
+        sched = Scheduler(lambda: block)
+        try:
+            return await asyncio.gather(
+                *(sched.run(job(f"s{i}", [p])) for i, p in enumerate(PROMPTS))
+            ), sched.stats
+        finally:
+            await sched.close()
+
+    results, stats = run(main())
+    assert stats.batches == 1 and stats.max_batch_steps == len(PROMPTS)
+    for i, (p, result) in enumerate(zip(PROMPTS, results, strict=True)):
+        assert isinstance(result, StepResult)
+        assert result.tokens == [int(alone.forward(f"a{i}", torch.tensor([p]), 0)[0, -1].argmax())]
+
+
+def test_a_long_prompt_runs_in_chunks_between_decode_steps(tiny_llama):
+    block = load_block(tiny_llama)
+    order = []
+
+    async def main():
+        sched = Scheduler(lambda: block, SchedulerSettings(prefill_chunk=8, max_batch_tokens=9))
+        try:
+            first = await sched.run(job("short", [PROMPTS[1]]))
+            long_prompt = list(range(3, 203))  # 200 positions: 25 chunks
+
+            async def decode_steps():
+                token, position = first.tokens[0], len(PROMPTS[1])
+                for _ in range(5):
+                    out = await sched.run(job("short", [[token]], position))
+                    token, position = out.tokens[0], position + 1
+                order.append("decodes done")
+
+            async def prefill():
+                await sched.run(job("long", [long_prompt]))
+                order.append("prefill done")
+
+            await asyncio.gather(prefill(), decode_steps())
+            return sched.stats
+        finally:
+            await sched.close()
+
+    stats = run(main())
+    assert order == ["decodes done", "prefill done"]  # the prompt did not stall the short session
+    assert stats.max_batch_steps == 2  # a chunk and a decode step shared forwards
+
+
+def test_chunked_prefill_output_equals_one_forward(tiny_llama):
+    block, alone = load_block(tiny_llama), load_block(tiny_llama)
+    prompt = list(range(3, 103))
+
+    async def main():
+        sched = Scheduler(lambda: block, SchedulerSettings(prefill_chunk=16))
+        try:
+            return await sched.run(job("p", [prompt], layers=(0, 2), sampling=None))
+        finally:
+            await sched.close()
+
+    hidden = run(main())
+    expected = alone.forward("p", torch.tensor([prompt]), 0, layers=(0, 2))
+    assert hidden.shape == expected.shape and torch.allclose(hidden, expected, atol=1e-5)
+
+
+class SlowBlock:
+    """Stands in for a block whose forwards take a while."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.started = seconds, threading.Event()
+
+    def forward_batch(self, steps):
+        self.started.set()
+        time.sleep(self.seconds)
+        return [torch.zeros(*s.inputs.shape[:2], 8) for s in steps]
+
+
+def test_a_full_queue_answers_busy_at_once():
+    async def main():
+        sched = Scheduler(lambda: SlowBlock(0.3), SchedulerSettings(max_queue=2))
+        try:
+            running = [asyncio.ensure_future(sched.run(job(f"s{i}", [[1]], sampling=None))) for i in range(2)]
+            await asyncio.sleep(0.05)
+            t0 = time.monotonic()
+            with pytest.raises(Busy, match="queue is full"):
+                await sched.run(job("third", [[1]], sampling=None))
+            refused_after = time.monotonic() - t0
+            await asyncio.gather(*running)
+            return refused_after, sched.stats.busy
+        finally:
+            await sched.close()
+
+    refused_after, busy = run(main())
+    assert busy == 1
+    assert refused_after < 0.3  # it did not wait for the queue to drain
+
+
+def test_a_step_waiting_too_long_is_busy_not_failed():
+    block = SlowBlock(0.5)
+
+    async def main():
+        sched = Scheduler(lambda: block, SchedulerSettings(max_queue_wait_s=0.1, max_batch_tokens=1))
+        try:
+            first = asyncio.ensure_future(sched.run(job("a", [[1]], sampling=None)))
+            await asyncio.to_thread(block.started.wait)
+            with pytest.raises(Busy, match="waited"):
+                await sched.run(job("b", [[1]], sampling=None))  # queued behind a 0.5 s forward
+            await first
+        finally:
+            await sched.close()
+
+    run(main())
+
+
+def test_prefix_reuse_restores_kv_and_keeps_the_output(tiny_llama):
+    system = list(range(3, 80))  # 77 tokens: two full blocks of 32
+    block, alone = load_block(tiny_llama, prefix_cache_tokens=1024), load_block(tiny_llama)
+
+    async def main():
+        sched = Scheduler(lambda: block)
+        try:
+            outs = []
+            for i, question in enumerate(([7, 8, 9], [10, 11])):
+                ids = system + question
+                j = job(f"q{i}", [ids], layers=(0, 2), sampling=None, prefix=prefix_hashes(ids))
+                outs.append((await sched.run(j), j.skipped))
+            return outs
+        finally:
+            await sched.close()
+
+    (first, skipped_first), (second, skipped_second) = run(main())
+    assert skipped_first == 0 and skipped_second == 64
+    ids = system + [10, 11]
+    expected = alone.forward("ref", torch.tensor([ids]), 0, layers=(0, 2))
+    assert second.shape[1] == len(ids) - 64  # only the positions after the reused blocks travel on
+    assert torch.allclose(second, expected[:, 64:], atol=1e-5)
+    assert block.prefixes.hits == 64
