@@ -6,7 +6,8 @@ InferenceError
 ├── UnsupportedArchitectureError
 ├── LayerRangeError           a block span outside [0, L) or empty
 ├── SessionError              unknown session, or a step at the wrong position
-└── CacheFullError            a session does not fit the KV cache budget
+└── CacheFullError            the KV cache has no room now for a session's step
+    └── RequestTooLarge       the session would not fit even an empty cache
 """
 
 
@@ -35,4 +36,8 @@ class SessionError(InferenceError):
 
 
 class CacheFullError(InferenceError):
+    pass
+
+
+class RequestTooLarge(CacheFullError):
     pass

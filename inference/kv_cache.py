@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import CacheFullError, SessionError
+from .errors import CacheFullError, RequestTooLarge, SessionError
 
 GROW_TOKENS = 256  # capacity grows in steps of this many positions
 EVICT_IDLE_S = 2.0  # only sessions idle this long may be evicted to make room
@@ -127,7 +127,7 @@ class CacheStore:
             return
         capacity = -(-needed // GROW_TOKENS) * GROW_TOKENS
         if session.batch * needed > self.max_tokens:
-            raise CacheFullError(
+            raise RequestTooLarge(
                 f"session {session.session_id!r} needs {session.batch * needed} KV token slots "
                 f"(batch {session.batch} x {needed} positions); the cache budget is {self.max_tokens}"
             )
@@ -140,7 +140,7 @@ class CacheStore:
         """Turn a session of one sequence into `batch` sequences sharing its positions (n > 1
         completions of one prompt); CacheFullError if the budget cannot hold them."""
         if batch * session.capacity > self.max_tokens:
-            raise CacheFullError(
+            raise RequestTooLarge(
                 f"session {session.session_id!r} needs {batch * session.capacity} KV token slots "
                 f"(batch {batch} x {session.capacity} positions); the cache budget is {self.max_tokens}"
             )

@@ -77,7 +77,8 @@ async def generate(
     reuse = node.config.prefix_reuse
     session_id, route = uuid.uuid4().hex, None
     failing_since: float | None = None
-    full: dict[str, str] = {}  # peers with no room for this request -> why (avoided, not banned)
+    full: dict[str, str] = {}  # peers with no room for this request now -> why (avoided, not banned)
+    too_large: dict[str, str] = {}  # peers this request can never fit -> why
     delay = 0.05
     try:
         while len(generated[0]) < max_tokens:
@@ -85,7 +86,7 @@ async def generate(
                 raise SwarmUnavailable("this peer is shutting down; the request was cut short")
             if route is None:
                 try:
-                    route = current_route(node, key, banned_now(node) | set(full))
+                    route = current_route(node, key, banned_now(node) | set(full) | set(too_large))
                 except NoRouteError as e:
                     if failing_since is None:
                         raise SwarmUnavailable(str(e)) from None
@@ -107,7 +108,7 @@ async def generate(
             except HopFailed as e:
                 failing_since = failing_since or time.monotonic()
                 node.failovers += 1
-                _handle_failure(node, e, route, session_id, full)
+                _handle_failure(node, e, route, session_id, too_large if e.reason == "too_large" else full)
                 _give_up_if_late(node, failing_since, e.message)
                 if e.reason == "session_lost":
                     reuse = False  # a peer could not rebuild a reused prefix: compute it in full
@@ -161,7 +162,7 @@ def _handle_failure(
         duration = node.bans.ban(e.peer_id, entry.incarnation if entry else 0)
         node.table.report_failure(e.peer_id)
         log.warning("%s; banned for %.1f s, re-routing", e.message, duration)
-    elif e.reason in ("cache_full", "busy"):
+    elif e.reason in ("cache_full", "busy", "too_large"):
         full[e.peer_id] = e.message
         log.info("%s; re-routing around it", e.message)
     elif e.reason == "bad_request":

@@ -63,12 +63,13 @@ class SwarmUnavailable(SwarmError):
 class HopFailed(SwarmError):
     """A step failed at `peer_id`. `reason`: "failed" (refused, timed out, error status,
     non-finite output: the peer is at fault), "session_lost" (it no longer holds the session),
-    "cache_full" or "busy" (it is healthy but has no room now), "bad_request" (the sender's
+    "cache_full" or "busy" (it is healthy but has no room now), "too_large" (the request would
+    not fit it even when idle), "bad_request" (the sender's
     step did not fit: nobody is at fault)."""
 
     status = 502
     kind = "hop_failed"
-    REASONS = ("failed", "session_lost", "cache_full", "busy", "bad_request")
+    REASONS = ("failed", "session_lost", "cache_full", "busy", "too_large", "bad_request")
 
     def __init__(self, peer_id: str, message: str, reason: str = "failed"):
         super().__init__(f"peer {peer_id} failed: {message}")

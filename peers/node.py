@@ -11,7 +11,15 @@ from dataclasses import dataclass, field, replace
 import httpx
 import torch
 
-from inference import Block, CacheFullError, SessionError, Tokenizer, load_block, resolve_model
+from inference import (
+    Block,
+    CacheFullError,
+    RequestTooLarge,
+    SessionError,
+    Tokenizer,
+    load_block,
+    resolve_model,
+)
 from inference.block import load_config
 
 from .bans import Bans
@@ -107,6 +115,7 @@ class PeerNode:
         self._serving_since: float | None = None  # loop time this span started serving
         self._moving = False
         self._tasks: set[asyncio.Task] = set()  # background work, e.g. closing sessions
+        self._gossip_task: asyncio.Task | None = None
 
     @property
     def peer_id(self) -> str:
@@ -133,7 +142,7 @@ class PeerNode:
         """Join the swarm, load this peer's block, then serve."""
         self.scheduler.start()
         self._apply_threads()
-        self.spawn(self.gossip.loop())
+        self._gossip_task = self.spawn(self.gossip.loop())
         if self.config.join:
             await self.gossip.round(self.list_seeds())
         if self.config.layers is None:
@@ -232,8 +241,11 @@ class PeerNode:
         self._apply_threads()
 
     def _apply_threads(self) -> None:
-        """torch threads: --threads, or this host's cores shared among the peers it runs."""
-        n = self.config.threads or _fair_share(os.cpu_count() or 1, self._colocated_peers())
+        """torch threads: --threads, else OMP_NUM_THREADS, else this host's cores shared among the
+        peers it runs (re-checked as peers come and go)."""
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        n = self.config.threads or (int(env) if env.isdigit() and int(env) > 0 else 0)
+        n = n or _fair_share(os.cpu_count() or 1, self._colocated_peers())
         if n != self._threads:
             self._threads = n
             torch.set_num_threads(n)
@@ -264,6 +276,9 @@ class PeerNode:
         deadline = loop.time() + 2.0
         while self.active_requests and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        closing = [t for t in self._tasks if t is not self._gossip_task]  # e.g. closing sessions
+        if closing:
+            await asyncio.wait(closing, timeout=2.0)
         self.table.update_me(state=DEAD)
         await self.gossip.round([], fanout_all=True)
 
@@ -309,6 +324,8 @@ class PeerNode:
             raise HopFailed(self.peer_id, str(e), "busy") from None
         except SessionError as e:
             raise HopFailed(self.peer_id, str(e), "session_lost") from None
+        except RequestTooLarge as e:
+            raise HopFailed(self.peer_id, str(e), "too_large") from None
         except CacheFullError as e:
             raise HopFailed(self.peer_id, str(e), "cache_full") from None
         except NonFinite as e:

@@ -1,8 +1,10 @@
 """Three real peers of a tiny random model, used through HTTP, the SDK and the openai package."""
 
 import asyncio
+import json
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -93,6 +95,75 @@ def test_eight_concurrent_requests(tiny_swarm, reference):
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(one, PROMPTS))
     assert got == [greedy_text(tok.encode(p), 16) for p in PROMPTS]
+
+
+def test_staggered_concurrent_requests_of_mixed_lengths(tiny_swarm, reference):
+    """Requests arriving while others decode, with different prompt and output lengths: each
+    equals its own monolithic greedy text, and seeded sampled text equals the text it gives alone."""
+    greedy_text, _, tok = reference
+    entry = tiny_swarm.peers[1]
+    seeded = {"model": "llama", "prompt": "seeded", "max_tokens": 20, "temperature": 0.9, "seed": 11}
+    alone = post(entry, "/v1/completions", seeded).json()["choices"][0]["text"]
+
+    def one(i):
+        time.sleep(0.05 * i)  # staggered arrivals
+        if i == 3:
+            return post(entry, "/v1/completions", seeded, timeout=120).json()["choices"][0]["text"]
+        body = {
+            "model": "llama",
+            "prompt": PROMPTS[i] * (1 + i % 3),
+            "max_tokens": 8 + 4 * i,
+            "temperature": 0,
+        }
+        return post(entry, "/v1/completions", body, timeout=120).json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, range(8)))
+    for i, text in enumerate(got):
+        expected = alone if i == 3 else greedy_text(tok.encode(PROMPTS[i] * (1 + i % 3)), 8 + 4 * i)
+        assert text == expected, i
+
+
+def test_n_sequences_share_one_prompt(tiny_swarm, reference):
+    greedy_text, _, tok = reference
+    entry = tiny_swarm.peers[0]
+    body = {"model": "llama", "prompt": "the quick brown fox", "max_tokens": 12, "temperature": 0, "n": 3}
+    r = post(entry, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    texts = [c["text"] for c in r.json()["choices"]]
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2]
+    assert texts == [greedy_text(tok.encode("the quick brown fox"), 12)] * 3  # greedy: all alike
+    used = r.json()["usage"]["completion_tokens"]
+    assert used % 3 == 0 and 3 <= used <= 36  # three alike sequences of at most 12 tokens
+
+    sampled = {**body, "temperature": 1.0, "seed": 5, "stream": True}
+    deltas: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    finishes = {}
+    with httpx.stream("POST", f"{entry.url}/v1/completions", json=sampled, timeout=60) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                deltas[choice["index"]].append(choice["text"])
+                if choice["finish_reason"]:
+                    finishes[choice["index"]] = choice["finish_reason"]
+    streamed = ["".join(deltas[i]) for i in range(3)]
+    assert len(set(streamed)) > 1  # the sequences sample on their own
+    assert set(finishes) == {0, 1, 2}
+    whole = post(entry, "/v1/completions", {**sampled, "stream": False}).json()
+    assert [c["text"] for c in whole["choices"]] == streamed  # seeded: the same again
+
+
+def test_requests_sharing_a_prefix_reuse_its_kv(tiny_swarm, reference):
+    greedy_text, _, tok = reference
+    entry = tiny_swarm.peers[2]
+    system = "You are a helpful assistant of the LayerSwarm project. " * 2  # > 3 blocks of 32 tokens
+    hits = [p.health()["prefix_cache"]["hit_positions"] for p in tiny_swarm.peers]
+    for question in ("what is a swarm?", "who serves layer 2?"):
+        body = {"model": "llama", "prompt": system + question, "max_tokens": 10, "temperature": 0}
+        r = post(entry, "/v1/completions", body)
+        assert r.json()["choices"][0]["text"] == greedy_text(tok.encode(system + question), 10)
+    after = [p.health()["prefix_cache"]["hit_positions"] for p in tiny_swarm.peers]
+    assert all(a >= h + 96 for h, a in zip(hits, after, strict=True)), (hits, after)
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,10 @@ through one swarm equal each alone, and a peer that drops out mid-generation is 
 exactly. No sockets, so scheduling and failover are tested without timing noise."""
 
 import asyncio
+from dataclasses import replace
 
 import httpx
+import pytest
 import torch
 
 from peers.entry import generate
@@ -118,3 +120,35 @@ def test_a_peer_dropping_out_mid_generation_is_failed_over_exactly(tiny_llama):
     assert dropped, "no replica was dropped"
     assert failovers >= 1
     assert got == expected
+
+
+def test_a_failed_move_goes_back_to_its_layers_or_stops_the_peer(tiny_llama, monkeypatch):
+    monkeypatch.setattr("peers.layer_choice.rebalance_target", lambda *args: (2, 4))
+
+    async def main():
+        _, nodes = await start_swarm(tiny_llama, ["0:4"])
+        node = nodes[0]
+        node.config = replace(node.config, layers=None)  # as if it had placed itself
+        node._serving_since = -1e9
+        real, fatal = node._load_block, []
+        node.on_fatal = fatal.append
+
+        def load(start, end):
+            if (start, end) == (2, 4) or node.disk_gone:
+                raise OSError("the weights cannot be read")
+            return real(start, end)
+
+        node._load_block, node.disk_gone = load, False
+        try:
+            await node._maybe_rebalance()  # the move fails: back to 0:4, serving
+            back = (node.table.me.start, node.table.me.end, node.table.me.state, node.ready)
+            node.disk_gone, node._serving_since = True, -1e9
+            with pytest.raises(OSError):
+                await node._maybe_rebalance()  # the way back fails too: the peer stops
+            return back, fatal
+        finally:
+            await stop_swarm(nodes)
+
+    back, fatal = asyncio.run(main())
+    assert back == (0, 4, "serving", True)
+    assert len(fatal) == 1 and isinstance(fatal[0], OSError)

@@ -110,18 +110,16 @@ def test_a_full_queue_answers_busy_at_once():
         try:
             running = [asyncio.ensure_future(sched.run(job(f"s{i}", [[1]], sampling=None))) for i in range(2)]
             await asyncio.sleep(0.05)
-            t0 = time.monotonic()
             with pytest.raises(Busy, match="queue is full"):
                 await sched.run(job("third", [[1]], sampling=None))
-            refused_after = time.monotonic() - t0
+            still_running = not any(r.done() for r in running)  # refused without waiting for them
             await asyncio.gather(*running)
-            return refused_after, sched.stats.busy
+            return still_running, sched.stats.busy
         finally:
             await sched.close()
 
-    refused_after, busy = run(main())
-    assert busy == 1
-    assert refused_after < 0.3  # it did not wait for the queue to drain
+    still_running, busy = run(main())
+    assert busy == 1 and still_running
 
 
 def test_a_step_waiting_too_long_is_busy_not_failed():
