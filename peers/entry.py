@@ -90,7 +90,11 @@ async def generate(
                 except NoRouteError as e:
                     if failing_since is None:
                         raise SwarmUnavailable(str(e)) from None
-                    if full and not generated[0]:  # healthy peers without room: come back later
+                    if too_large:  # no peer that could serve these layers can ever hold it
+                        raise SwarmUnavailable(
+                            f"no room for this request: {next(iter(too_large.values()))}"
+                        ) from None
+                    if full and not generated[0]:  # healthy peers without room now: come back later
                         raise Overloaded(
                             f"no room for this request: {next(iter(full.values()))}", RETRY_AFTER_S
                         ) from None
