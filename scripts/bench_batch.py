@@ -22,8 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from inference import load_block, resolve_model  # noqa: E402
-from inference.batch import ATTENTION  # noqa: E402
-from inference.batch import Step  # noqa: E402
+from inference.batch import ATTENTION, Step  # noqa: E402
 
 
 def padded_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -71,7 +70,9 @@ def timed_decode(block, n: int, context: int, layout: str, tag: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--layers", default="0:10")
     parser.add_argument("--context", type=int, default=256)
@@ -79,10 +80,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    block = load_block(resolve_model(args.model).path, args.layers, max_cache_tokens=1 << 22, idle_timeout_s=3600)
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?"
+    block = load_block(
+        resolve_model(args.model).path, args.layers, max_cache_tokens=1 << 22, idle_timeout_s=3600
     )
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
     print(f"CPU: {cpu}, {os.cpu_count()} cores; layers {args.layers} of {args.model}; context {args.context}")
     print("| sessions | varlen ms/forward | padded ms/forward | varlen ms/token | padded / varlen |")
     print("| ---: | ---: | ---: | ---: | ---: |")

@@ -68,7 +68,7 @@ def open_sessions(swarm) -> list[int]:
 
 def test_128_concurrent_requests_complete_or_get_a_quick_429(smol_swarm):
     entry = smol_swarm.peers[0]
-    body = {"model": "smollm2-135m", "max_tokens": 8, "temperature": 0}
+    body = {"model": "smollm2-135m", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
 
     async def one(client, i):
         chat = {**body, "messages": [{"role": "user", "content": f"Count to {i}."}]}
@@ -145,9 +145,10 @@ def test_a_stream_that_cannot_start_gets_its_real_status(smol_swarm):
     }
     with httpx.stream("POST", f"{entry.url}/v1/chat/completions", json=body, timeout=120) as first:
         assert first.status_code == 200
-        next(first.iter_lines())  # the first request is under way
+        lines = first.iter_lines()
+        seen = [next(lines), next(lines), next(lines)]  # the first request is under way
         r = httpx.post(f"{entry.url}/v1/chat/completions", json=body, timeout=30)
-    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert r.status_code == 429 and r.headers["retry-after"] == "1", (seen, r.text[:300])
     assert "--max-requests 1" in r.json()["error"]["message"]
     entry.stop()
 
