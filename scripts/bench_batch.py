@@ -63,7 +63,7 @@ def timed_decode(block, n: int, context: int, layout: str, tag: str) -> float:
     t0 = time.perf_counter()
     outs = block.forward_batch([Step(sid, step, context) for sid in ids])
     elapsed = time.perf_counter() - t0
-    assert not any(isinstance(o, Exception) for o in outs), outs
+    assert not any(isinstance(o, Exception) for o in outs), [o for o in outs if isinstance(o, Exception)][:1]
     for sid in ids:
         block.close(sid)
     return elapsed
@@ -92,7 +92,7 @@ def main() -> None:
         times = {"varlen": [], "padded": []}
         for run in range(args.runs):
             for layout in ("varlen", "padded") if run % 2 == 0 else ("padded", "varlen"):
-                times[layout].append(timed_decode(block, n, args.context, layout, f"{layout}{run}"))
+                times[layout].append(timed_decode(block, n, args.context, layout, f"{layout}{run}-{n}"))
         v, p = statistics.median(times["varlen"]), statistics.median(times["padded"])
         print(f"| {n} | {1000 * v:.1f} | {1000 * p:.1f} | {1000 * v / n:.2f} | {p / v:.2f} |")
 
