@@ -52,6 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
             prefill_chunk=args.prefill_chunk,
             max_queue=args.max_step_queue,
             max_queue_wait_s=args.max_queue_wait,
+            batch_wait_s=args.batch_wait,
         ),
         rebalance=not args.no_rebalance,
         gossip=gossip,
@@ -214,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=10.0,
         help="seconds a step may wait to start before it is busy",
+    )
+    serve.add_argument(
+        "--batch-wait",
+        type=float,
+        default=0.05,
+        help="seconds a forward may wait for sessions that are mid-round on other peers (never when idle)",
     )
     serve.add_argument(
         "--no-prefix-reuse", action="store_true", help="never reuse the KV of prompt prefixes computed before"

@@ -345,6 +345,7 @@ class PeerNode:
         """Free the session on every peer of a route (best effort, bounded)."""
         if any(h.peer_id == self.peer_id for h in hops) and self.block is not None:
             self.block.close(session_id)
+            self.scheduler.forget(session_id)
         await self.forwarder.close_remote(session_id, hops)
 
 

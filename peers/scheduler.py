@@ -21,6 +21,8 @@ from .protocol import Sampling, StepResult
 
 log = logging.getLogger("layerswarm.scheduler")
 
+RECENT_S = 2.0  # a session that took a decode step here this recently is expected back
+
 
 class Busy(Exception):
     """This peer is healthy but cannot take the step now; the message names the limit."""
@@ -36,6 +38,11 @@ class SchedulerSettings:
     prefill_chunk: int = 256  # a prompt runs in chunks of at most this many positions
     max_queue: int = 1024  # steps waiting or running; more are Busy at once
     max_queue_wait_s: float = 10.0  # a step not started by then is Busy
+    # While sessions that stepped here moments ago are still on their way back (mid-round on
+    # the other peers), a forward waits up to this long for them, so that the sessions of a
+    # swarm move in waves and batches stay large. Never when idle: only sessions seen within
+    # RECENT_S wait for, and their arrival starts the forward at once.
+    batch_wait_s: float = 0.05
 
     def __post_init__(self):
         for name in ("max_batch_tokens", "prefill_chunk", "max_queue"):
@@ -43,6 +50,8 @@ class SchedulerSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue_wait_s <= 0:
             raise ValueError(f"max_queue_wait_s must be positive, got {self.max_queue_wait_s}")
+        if self.batch_wait_s < 0:
+            raise ValueError(f"batch_wait_s must be >= 0, got {self.batch_wait_s}")
 
 
 @dataclass(eq=False)
@@ -107,6 +116,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._task: asyncio.Task | None = None
+        self._recent: dict[str, float] = {}  # session id -> when its last decode step started here
         self.stats = SchedulerStats()
 
     def __len__(self) -> int:
@@ -142,12 +152,37 @@ class Scheduler:
         self._wake.set()
         return await job.future
 
+    def forget(self, session_id: str) -> None:
+        """A session ended: no forward waits for it any more."""
+        self._recent.pop(session_id, None)
+
+    async def _gather(self) -> None:
+        """Wait (bounded by batch_wait_s from the oldest queued step) while sessions that stepped
+        here within RECENT_S are neither queued nor gone."""
+        window = self.settings.batch_wait_s
+        while window > 0:
+            now = self._clock()
+            for sid in [sid for sid, t in self._recent.items() if now - t > RECENT_S]:
+                del self._recent[sid]
+            queued = {j.session_id for j in self._queue}
+            if not self._recent.keys() - queued:
+                return
+            left = min(j.enqueued for j in self._queue) + window - now
+            if left <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except TimeoutError:
+                return
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
+            await self._gather()
             batch = self._form_batch()
             if not batch:
                 continue
@@ -201,6 +236,8 @@ class Scheduler:
                 size = min(job.remaining, s.prefill_chunk)  # one step larger than the budget runs alone
             batch.append((job, size))
             budget -= size * job.batch
+            if job.remaining == 1:
+                self._recent[job.session_id] = now
             if job.started is None:
                 job.started = now
                 self.stats.queue_wait_s += now - job.enqueued

@@ -91,7 +91,9 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
 
     @app.post(PATH_CLOSE)
     async def close(body: dict) -> dict:
-        closed = bool(node.block and node.block.close(str(body.get("session_id"))))
+        session_id = str(body.get("session_id"))
+        node.scheduler.forget(session_id)
+        closed = bool(node.block and node.block.close(session_id))
         return {"closed": closed}
 
     @app.post(PATH_GOSSIP)
