@@ -162,3 +162,38 @@ def test_prefix_reuse_restores_kv_and_keeps_the_output(tiny_llama):
     assert second.shape[1] == len(ids) - 64  # only the positions after the reused blocks travel on
     assert torch.allclose(second, expected[:, 64:], atol=1e-5)
     assert block.prefixes.hits == 64
+
+
+def test_a_forward_waits_for_sessions_mid_round_but_never_when_alone(tiny_llama):
+    block = load_block(tiny_llama)
+
+    async def main():
+        sched = Scheduler(lambda: block, SchedulerSettings(batch_wait_s=10.0))
+        try:
+            # alone: five decode steps in a row never wait for anybody (10 s would time out)
+            out = await sched.run(job("solo", [PROMPTS[0]]))
+            token, position = out.tokens[0], len(PROMPTS[0])
+            for _ in range(5):
+                out = await asyncio.wait_for(sched.run(job("solo", [[token]], position)), 5)
+                token, position = out.tokens[0], position + 1
+            sched.forget("solo")
+            # two sessions in rounds: when one comes back first, the forward waits for the other
+            outs = await asyncio.gather(*(sched.run(job(s, [PROMPTS[1]])) for s in "ab"))
+            position = len(PROMPTS[1])
+            outs = await asyncio.gather(
+                *(sched.run(job(s, [[o.tokens[0]]], position)) for s, o in zip("ab", outs, strict=True))
+            )
+            steps = [job(s, [[o.tokens[0]]], position + 1) for s, o in zip("ab", outs, strict=True)]
+            before = sched.stats.batches
+
+            async def late():
+                await asyncio.sleep(0.3)  # b is still on its way through other peers
+                return await sched.run(steps[1])
+
+            await asyncio.wait_for(asyncio.gather(sched.run(steps[0]), late()), 5)
+            return sched.stats.batches - before, sched.stats.max_batch_steps
+        finally:
+            await sched.close()
+
+    batches, largest = run(main())
+    assert batches == 1 and largest == 2
