@@ -1,6 +1,6 @@
-"""Sending a step's output on to the next hop, and closing sessions along a route. The HTTP
-client is given, not built here, so that several peers can run in one test process over httpx's
-in-memory transports."""
+"""Sending steps' outputs on to their next hops (coalesced per next peer), and closing sessions
+along a route. The HTTP client is given, not built here, so that several peers can run in one
+test process over httpx's in-memory transports."""
 
 import asyncio
 
@@ -9,13 +9,13 @@ import httpx
 from .errors import HopFailed
 from .protocol import (
     PATH_CLOSE,
-    PATH_STEP,
+    PATH_STEPS,
     STEP_CONTENT_TYPE,
     Hop,
     ProtocolError,
     StepRequest,
     StepResult,
-    encode_step,
+    encode_steps,
 )
 
 ENCODE_IN_THREAD_BYTES = 1 << 20  # frames larger than this are built off the event loop
@@ -24,6 +24,9 @@ ENCODE_IN_THREAD_BYTES = 1 << 20  # frames larger than this are built off the ev
 class Forwarder:
     """Pushes steps to the next hop of their route on behalf of peer `me`.
 
+    Steps bound for the same peer in the same turn of the event loop (the outputs of one batched
+    forward) travel as one message, and their results come back in one reply.
+
     A hop's deadline grows with the work it carries: `hop_timeout_s` for queueing and a decode,
     plus `per_token_s` for each position of the step, for each hop still ahead (calls are nested:
     the reply comes back once the rest of the route has run)."""
@@ -31,6 +34,10 @@ class Forwarder:
     def __init__(self, me: str, http: httpx.AsyncClient, hop_timeout_s: float, per_token_s: float):
         self.me, self.http = me, http
         self.hop_timeout_s, self.per_token_s = hop_timeout_s, per_token_s
+        self._outbox: dict[str, list[tuple[StepRequest, asyncio.Future]]] = {}
+        self._sending: set[asyncio.Task] = set()
+        self.messages = 0  # step messages sent
+        self.frames = 0  # step frames sent in them
 
     def deadline_s(self, req: StepRequest) -> float:
         positions = req.tensor.shape[0] * req.tensor.shape[1]
@@ -38,26 +45,55 @@ class Forwarder:
 
     async def push(self, req: StepRequest) -> StepResult:
         """Send the step to its next hop; its reply (or which peer failed) comes back."""
-        nxt = req.hops[0]
-        timeout = self.deadline_s(req)
-        if req.tensor.numel() * req.tensor.element_size() > ENCODE_IN_THREAD_BYTES:
-            body = await asyncio.to_thread(encode_step, req)
-        else:
-            body = encode_step(req)
+        loop = asyncio.get_running_loop()
+        address = req.hops[0].address
+        box = self._outbox.setdefault(address, [])
+        if not box:
+            loop.call_soon(self._flush, address)  # after the other steps ready in this turn
+        future = loop.create_future()
+        box.append((req, future))
+        return await future
+
+    def _flush(self, address: str) -> None:
+        items = self._outbox.pop(address, [])
+        if items:
+            task = asyncio.ensure_future(self._send(items))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, items: list[tuple[StepRequest, asyncio.Future]]) -> None:
+        reqs = [req for req, _ in items]
+        nxt = reqs[0].hops[0]
+        timeout = max(self.deadline_s(r) for r in reqs)
         try:
+            if sum(r.tensor.numel() * r.tensor.element_size() for r in reqs) > ENCODE_IN_THREAD_BYTES:
+                body = await asyncio.to_thread(encode_steps, reqs)
+            else:
+                body = encode_steps(reqs)
+            self.messages += 1
+            self.frames += len(reqs)
             r = await self.http.post(
-                f"http://{nxt.address}{PATH_STEP}",
+                f"http://{nxt.address}{PATH_STEPS}",
                 content=body,
                 headers={"content-type": STEP_CONTENT_TYPE},
                 timeout=timeout,
             )
+            results = parse_steps_reply(r, nxt.peer_id, len(reqs))
         except httpx.TimeoutException:
-            raise HopFailed(nxt.peer_id, f"no answer within {timeout:.1f} s") from None
+            results = [HopFailed(nxt.peer_id, f"no answer within {timeout:.1f} s")] * len(reqs)
         except httpx.HTTPError as e:
-            raise HopFailed(nxt.peer_id, f"{type(e).__name__}: {e}") from None
+            results = [HopFailed(nxt.peer_id, f"{type(e).__name__}: {e}")] * len(reqs)
         except ProtocolError as e:
-            raise HopFailed(self.me, str(e)) from None
-        return parse_step_reply(r, nxt.peer_id)
+            results = [HopFailed(self.me, str(e))] * len(reqs)
+        except Exception as e:  # never leave a caller waiting
+            results = [HopFailed(self.me, f"{type(e).__name__}: {e}")] * len(reqs)
+        for (_, future), result in zip(items, results, strict=True):
+            if future.done():  # its caller gave up (e.g. the client hung up)
+                continue
+            if isinstance(result, HopFailed):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
 
     async def close_remote(self, session_id: str, hops: list[Hop]) -> None:
         """Free the session on the other peers of a route (best effort, bounded)."""
@@ -73,16 +109,43 @@ class Forwarder:
         await asyncio.gather(*(close_one(h) for h in hops if h.peer_id != self.me))
 
 
+def parse_steps_reply(r: httpx.Response, peer_id: str, count: int) -> list[StepResult | HopFailed]:
+    """One result per frame; a reply that is not a list of `count` results fails them all."""
+    if r.status_code != 200:
+        try:
+            parse_step_reply(r, peer_id)
+        except HopFailed as e:
+            return [e] * count
+    try:
+        items = r.json()["results"]
+        if not isinstance(items, list) or len(items) != count:
+            raise ValueError(f"{count} results expected")
+    except (ValueError, KeyError, TypeError) as e:
+        return [HopFailed(peer_id, f"a steps reply that does not fit its message: {e}")] * count
+    return [_result(item, peer_id) for item in items]
+
+
+def _result(item, peer_id: str) -> StepResult | HopFailed:
+    try:
+        return _parse(item, 200 if isinstance(item, dict) and "error" not in item else 502, peer_id)
+    except HopFailed as e:
+        return e
+
+
 def parse_step_reply(r: httpx.Response, peer_id: str) -> StepResult:
     try:
         data = r.json()
     except ValueError:
         raise HopFailed(peer_id, f"status {r.status_code} with a body that is not JSON") from None
-    if r.status_code != 200:
+    return _parse(data, r.status_code, peer_id)
+
+
+def _parse(data, status: int, peer_id: str) -> StepResult:
+    if status != 200:
         err = data.get("error", {}) if isinstance(data, dict) else {}
         failed = err.get("failed_peer") or peer_id
         reason = err.get("type") if err.get("type") in HopFailed.REASONS else "failed"
-        message = err.get("message", f"status {r.status_code}").removeprefix(f"peer {failed} failed: ")
+        message = err.get("message", f"status {status}").removeprefix(f"peer {failed} failed: ")
         raise HopFailed(str(failed), str(message), reason)
     try:
         return StepResult([int(t) for t in data["tokens"]], [float(x) for x in data["logprobs"]])

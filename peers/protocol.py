@@ -3,6 +3,8 @@ binary step frame, and the small JSON messages.
 
 A step frame is: 4-byte big-endian length of a JSON header, the header, then the raw bytes of one
 tensor (token ids [B, T] int64, or hidden states [B, T, H]) whose dtype and shape the header gives.
+A steps message is a 4-byte count, then each frame behind its 4-byte length; its reply is JSON,
+one result (tokens or error) per frame, in order.
 """
 
 import json
@@ -13,6 +15,7 @@ import torch
 
 PATH_HEALTH = "/health"
 PATH_STEP = "/swarm/step"
+PATH_STEPS = "/swarm/steps"  # several step frames in one message (coalesced for one next peer)
 PATH_CLOSE = "/swarm/close"
 PATH_GOSSIP = "/swarm/gossip"
 PATH_TABLE = "/swarm/table"
@@ -82,8 +85,10 @@ def decode_tensor_frame(body: bytes) -> tuple[dict, torch.Tensor]:
     if n > MAX_HEADER_BYTES or _LEN.size + n > len(body):
         raise ProtocolError(f"step frame header length {n} does not fit the {len(body)}-byte body")
     try:
-        header = json.loads(body[_LEN.size : _LEN.size + n])
+        header = json.loads(bytes(body[_LEN.size : _LEN.size + n]))
         dtype, shape = _DTYPES[header["dtype"]], [int(d) for d in header["shape"]]
+        if any(d < 0 for d in shape):
+            raise ValueError(f"negative dimension in shape {shape}")
     except (ValueError, KeyError, TypeError) as e:
         raise ProtocolError(f"bad step frame header: {e}") from e
     data = bytearray(body[_LEN.size + n :])
@@ -161,6 +166,44 @@ def _sampling(data: dict) -> Sampling:
     if not isinstance(s.top_k, int) or (s.seed is not None and not isinstance(s.seed, int)):
         raise ValueError(f"bad sampling {data!r}")
     return s
+
+
+MAX_STEPS_PER_MESSAGE = 4096
+
+
+def encode_steps(reqs: list[StepRequest]) -> bytes:
+    parts = [_LEN.pack(len(reqs))]
+    for req in reqs:
+        frame = encode_step(req)
+        parts += [_LEN.pack(len(frame)), frame]
+    return b"".join(parts)
+
+
+def decode_steps(body: bytes) -> list[StepRequest]:
+    if len(body) < _LEN.size:
+        raise ProtocolError("steps message shorter than its count")
+    (count,) = _LEN.unpack_from(body)
+    if not 1 <= count <= MAX_STEPS_PER_MESSAGE:
+        raise ProtocolError(
+            f"a steps message carries 1 to {MAX_STEPS_PER_MESSAGE} frames, this one says {count}"
+        )
+    view, offset, reqs = memoryview(body), _LEN.size, []
+    for _ in range(count):
+        if offset + _LEN.size > len(body):
+            raise ProtocolError(f"steps message truncated after {len(reqs)} of {count} frames")
+        (n,) = _LEN.unpack_from(body, offset)
+        offset += _LEN.size
+        if offset + n > len(body):
+            raise ProtocolError(f"frame {len(reqs)} of the steps message is truncated")
+        reqs.append(decode_step(view[offset : offset + n]))
+        offset += n
+    if offset != len(body):
+        raise ProtocolError(f"{len(body) - offset} bytes after the last frame of the steps message")
+    return reqs
+
+
+def step_result_body(result: StepResult) -> dict:
+    return {"tokens": result.tokens, "logprobs": result.logprobs}
 
 
 def step_error_body(message: str, failed_peer: str | None, reason: str) -> dict:

@@ -16,10 +16,13 @@ from .protocol import (
     PATH_GOSSIP,
     PATH_HEALTH,
     PATH_STEP,
+    PATH_STEPS,
     PATH_TABLE,
     ProtocolError,
     decode_step,
+    decode_steps,
     step_error_body,
+    step_result_body,
 )
 from .routing import coverage, gaps
 
@@ -68,6 +71,7 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
             "failovers": node.failovers,
             "queued_steps": len(node.scheduler),
             "scheduler": node.scheduler.stats.to_json(),
+            "forwarded": {"messages": node.forwarder.messages, "frames": node.forwarder.frames},
             "prefix_cache": {
                 "blocks": len(node.block.prefixes) if node.block else 0,
                 "hit_positions": node.block.prefixes.hits if node.block else 0,
@@ -83,11 +87,26 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
             req = await asyncio.to_thread(decode_step, body) if len(body) > (1 << 20) else decode_step(body)
         except ProtocolError as e:  # the sender's mistake: nobody is banned for it
             return JSONResponse(step_error_body(str(e), None, "bad_request"), status_code=400)
+        result = await _run(req)
+        return JSONResponse(result, status_code=502 if "error" in result else 200)
+
+    @app.post(PATH_STEPS)
+    async def steps(request: Request) -> Response:
+        """Several steps in one message; each runs as if it came alone, one result each."""
+        body = await request.body()
         try:
-            result = await node.run_step(req)
+            reqs = (
+                await asyncio.to_thread(decode_steps, body) if len(body) > (1 << 20) else decode_steps(body)
+            )
+        except ProtocolError as e:
+            return JSONResponse(step_error_body(str(e), None, "bad_request"), status_code=400)
+        return JSONResponse({"results": list(await asyncio.gather(*(_run(r) for r in reqs)))})
+
+    async def _run(req) -> dict:
+        try:
+            return step_result_body(await node.run_step(req))
         except HopFailed as e:
-            return JSONResponse(step_error_body(e.message, e.peer_id, e.reason), status_code=502)
-        return JSONResponse({"tokens": result.tokens, "logprobs": result.logprobs})
+            return step_error_body(e.message, e.peer_id, e.reason)
 
     @app.post(PATH_CLOSE)
     async def close(body: dict) -> dict:

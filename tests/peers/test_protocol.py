@@ -1,0 +1,80 @@
+"""The step frames and the coalesced steps message: round trips, and hostile bodies refused with
+a ProtocolError (a 400 for the sender, nobody banned) instead of a crash."""
+
+import struct
+
+import pytest
+import torch
+
+from peers.protocol import (
+    Hop,
+    ProtocolError,
+    Sampling,
+    StepRequest,
+    decode_step,
+    decode_steps,
+    encode_step,
+    encode_steps,
+)
+
+
+def request(i: int, hidden: bool = False) -> StepRequest:
+    tensor = torch.randn(1, 3, 8) if hidden else torch.tensor([[i, i + 1, i + 2]])
+    hops = [Hop("127.0.0.1:7001", "127.0.0.1:7001", 0, 2), Hop("127.0.0.1:7002", "127.0.0.1:7002", 2, 4)]
+    return StepRequest(f"s{i}", i, hops, Sampling(temperature=0.5, seed=i), tensor, prefix=(i, 7))
+
+
+def test_steps_round_trip():
+    reqs = [request(0), request(1, hidden=True), request(2)]
+    got = decode_steps(encode_steps(reqs))
+    assert [r.session_id for r in got] == ["s0", "s1", "s2"]
+    for a, b in zip(reqs, got, strict=True):
+        assert torch.equal(a.tensor, b.tensor) and a.hops == b.hops and a.sampling == b.sampling
+        assert a.prefix == b.prefix and a.position == b.position
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        struct.pack(">I", 0),
+        struct.pack(">I", 10**6),
+        struct.pack(">I", 2) + struct.pack(">I", 5) + b"abc",
+        encode_steps([request(0)]) + b"trailing",
+    ],
+    ids=["empty", "no frames", "too many frames", "truncated", "trailing bytes"],
+)
+def test_hostile_steps_messages_are_protocol_errors(body):
+    with pytest.raises(ProtocolError):
+        decode_steps(body)
+
+
+def _frame_with(**changes) -> bytes:
+    import json
+
+    frame = encode_step(request(0))
+    (n,) = struct.unpack_from(">I", frame)
+    header = json.loads(frame[4 : 4 + n])
+    header.update(changes)
+    meta = json.dumps(header).encode()
+    return struct.pack(">I", len(meta)) + meta + frame[4 + n :]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"position": "0"},
+        {"position": -1},
+        {"session_id": 5},
+        {"hops": []},
+        {"hops": [{"peer_id": "a", "address": "b", "start": "0", "end": 2}]},
+        {"sampling": {"temperature": "hot"}},
+        {"prefix": ["x"]},
+        {"shape": [1, -3]},
+        {"dtype": "float32"},
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_step_headers_of_the_wrong_type_are_refused(changes):
+    with pytest.raises(ProtocolError):
+        decode_step(_frame_with(**changes))
