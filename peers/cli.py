@@ -219,8 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--batch-wait",
         type=float,
-        default=0.05,
-        help="seconds a forward may wait for sessions that are mid-round on other peers (never when idle)",
+        default=None,
+        help="seconds a forward may wait for sessions that are mid-round on other peers, never when idle "
+        "(default: 0.05 while other peers share this machine's cores, else 0)",
     )
     serve.add_argument(
         "--no-prefix-reuse", action="store_true", help="never reuse the KV of prompt prefixes computed before"

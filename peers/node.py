@@ -243,6 +243,7 @@ class PeerNode:
     def _apply_threads(self) -> None:
         """torch threads: --threads, else OMP_NUM_THREADS, else this host's cores shared among the
         peers it runs (re-checked as peers come and go)."""
+        self.scheduler.colocated = self._colocated_peers() > 1
         env = os.environ.get("OMP_NUM_THREADS", "")
         n = self.config.threads or (int(env) if env.isdigit() and int(env) > 0 else 0)
         n = n or _fair_share(os.cpu_count() or 1, self._colocated_peers())

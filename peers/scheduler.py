@@ -22,6 +22,7 @@ from .protocol import Sampling, StepResult
 log = logging.getLogger("layerswarm.scheduler")
 
 RECENT_S = 2.0  # a session that took a decode step here this recently is expected back
+COLOCATED_WAIT_S = 0.05
 
 
 class Busy(Exception):
@@ -41,8 +42,10 @@ class SchedulerSettings:
     # While sessions that stepped here moments ago are still on their way back (mid-round on
     # the other peers), a forward waits up to this long for them, so that the sessions of a
     # swarm move in waves and batches stay large. Never when idle: only sessions seen within
-    # RECENT_S wait for, and their arrival starts the forward at once.
-    batch_wait_s: float = 0.05
+    # RECENT_S wait for, and their arrival starts the forward at once. None: COLOCATED_WAIT_S
+    # while this peer shares its machine's cores with other peers (waves cost nothing there and
+    # save per-forward overhead), else 0 (every peer computes while the others' outputs travel).
+    batch_wait_s: float | None = None
 
     def __post_init__(self):
         for name in ("max_batch_tokens", "prefill_chunk", "max_queue"):
@@ -50,7 +53,7 @@ class SchedulerSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue_wait_s <= 0:
             raise ValueError(f"max_queue_wait_s must be positive, got {self.max_queue_wait_s}")
-        if self.batch_wait_s < 0:
+        if self.batch_wait_s is not None and self.batch_wait_s < 0:
             raise ValueError(f"batch_wait_s must be >= 0, got {self.batch_wait_s}")
 
 
@@ -117,6 +120,7 @@ class Scheduler:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._task: asyncio.Task | None = None
         self._recent: dict[str, float] = {}  # session id -> when its last decode step started here
+        self.colocated = False  # other peers share this machine's cores (set by the node)
         self.stats = SchedulerStats()
 
     def __len__(self) -> int:
@@ -160,6 +164,8 @@ class Scheduler:
         """Wait (bounded by batch_wait_s from the oldest queued step) while sessions that stepped
         here within RECENT_S are neither queued nor gone."""
         window = self.settings.batch_wait_s
+        if window is None:
+            window = COLOCATED_WAIT_S if self.colocated else 0.0
         while window > 0:
             now = self._clock()
             for sid in [sid for sid, t in self._recent.items() if now - t > RECENT_S]:
