@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=None,
-        help="torch threads (default: this machine's cores shared among the peers it runs)",
+        help="torch threads of this peer's forwards (default: OMP_NUM_THREADS, else every core)",
     )
     serve.add_argument(
         "--omp-wait-policy",

@@ -5,7 +5,6 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -69,7 +68,7 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
             "steps_served": node.steps_served,
             "incarnation": me.incarnation,
             "active_requests": node.active_requests,
-            "threads": torch.get_num_threads(),
+            "threads": node.threads,
             "failovers": node.failovers,
             "queued_steps": len(node.scheduler),
             "scheduler": node.scheduler.stats.to_json(),
