@@ -171,7 +171,7 @@ class Block(nn.Module):
             )
         else:
             blocks = position // BLOCK_TOKENS
-        session = self.sessions.open(session_id, 1)
+        session = self.sessions.open(session_id, 1, refuse_closed=True)
         session.layers = layers
         try:
             self.sessions.reserve(session, blocks * BLOCK_TOKENS)
@@ -258,6 +258,14 @@ class Block(nn.Module):
             raise ValueError(
                 f"a step needs at least one sequence and one position, got {tuple(inputs.shape)}"
             )
+        if (
+            expect_ids
+            and inputs.numel()
+            and not 0 <= int(inputs.min()) <= int(inputs.max()) < self.config.vocab_size
+        ):
+            raise ValueError(
+                f"token ids must be in [0, {self.config.vocab_size}), got {int(inputs.min())}..{int(inputs.max())}"
+            )
         if step.session_id in seen:
             raise SessionError(f"session {step.session_id!r} has two steps in one batch")
         return start, end
@@ -266,9 +274,7 @@ class Block(nn.Module):
         """Open, check and reserve the session of a step (CacheFullError, SessionError)."""
         batch, steps = step.inputs.shape[:2]
         if step.position == 0:
-            if self.sessions.closed_recently(step.session_id):
-                raise SessionError(f"session {step.session_id!r} was closed")
-            session = self.sessions.open(step.session_id, batch)
+            session = self.sessions.open(step.session_id, batch, refuse_closed=True)
             session.layers = layers
         else:
             session = self.sessions.get(step.session_id)

@@ -11,7 +11,7 @@ import torch
 from .errors import CacheFullError, RequestTooLarge, SessionError
 
 GROW_TOKENS = 256  # capacity grows in steps of this many positions
-EVICT_IDLE_S = 2.0  # only sessions idle this long may be evicted to make room
+EVICT_IDLE_S = 30.0  # only sessions idle this long may be evicted (a step may queue for a while)
 MAX_CLOSED_IDS = 65536  # closed session ids remembered (refused if a late step reopens them)
 
 
@@ -94,9 +94,12 @@ class CacheStore:
     def used_tokens(self) -> int:
         return sum(s.batch * s.capacity for s in self._sessions.values())
 
-    def open(self, session_id: str, batch: int) -> SessionCache:
-        """A fresh cache for `session_id`; an existing one of that id is dropped first."""
+    def open(self, session_id: str, batch: int, refuse_closed: bool = False) -> SessionCache:
+        """A fresh cache for `session_id`; an existing one of that id is dropped first. With
+        refuse_closed, a session closed within the idle timeout is not opened again (SessionError)."""
         with self._lock:
+            if refuse_closed and self.closed_recently(session_id):
+                raise SessionError(f"session {session_id!r} was closed")
             self._sessions.pop(session_id, None)
             session = SessionCache(session_id, batch)
             session.last_used = self._clock()
@@ -113,6 +116,13 @@ class CacheStore:
             session.last_used = self._clock()
             self._sessions.move_to_end(session_id)
             return session
+
+    def touch(self, session_id: str) -> None:
+        """A step of this session is on its way: it is in use, not idle."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None:
+                session.last_used = self._clock()
 
     def find(self, session_id: str) -> SessionCache | None:
         with self._lock:

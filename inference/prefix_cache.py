@@ -35,9 +35,9 @@ class PrefixCache:
     def restore(self, session, layers: tuple[int, int], hashes: tuple[int, ...]) -> None:
         """Write the KV of these (held) blocks into `session` at positions 0.. ."""
         with self._lock:
-            for i, h in enumerate(hashes):
-                kv = self._blocks[(layers, h)]
-                self._blocks.move_to_end((layers, h))
+            for i in reversed(range(len(hashes))):  # the head of a chain ends most recently used
+                kv = self._blocks[(layers, hashes[i])]
+                self._blocks.move_to_end((layers, hashes[i]))
                 for layer, (k, v) in kv.items():
                     session.write(layer, 0, i * BLOCK_TOKENS, k, v)
         self.hits += len(hashes) * BLOCK_TOKENS
@@ -47,7 +47,10 @@ class PrefixCache:
         if self.max_tokens < BLOCK_TOKENS:
             return
         with self._lock:
-            for i, h in enumerate(hashes):
+            # tail first, so that eviction (least recently used first) takes a chain's tail before
+            # its head: a hit needs the leading blocks
+            for i in reversed(range(len(hashes))):
+                h = hashes[i]
                 key = (layers, h)
                 if key in self._blocks:
                     self._blocks.move_to_end(key)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+MIN_TEMPERATURE = 1e-5
 _MIX = 0x9E3779B97F4A7C15  # odd constant spreading (seed, step) over the generator's seed space
 
 
@@ -25,7 +26,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        """Temperatures below MIN_TEMPERATURE are greedy: dividing logits by them overflows."""
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
 def step_generator(seed: int | None, step: int) -> torch.Generator | None:

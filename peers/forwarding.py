@@ -24,8 +24,9 @@ ENCODE_IN_THREAD_BYTES = 1 << 20  # frames larger than this are built off the ev
 class Forwarder:
     """Pushes steps to the next hop of their route on behalf of peer `me`.
 
-    Steps bound for the same peer in the same turn of the event loop (the outputs of one batched
-    forward) travel as one message, and their results come back in one reply.
+    Decode steps bound for the same peer in the same turn of the event loop (the outputs of one
+    batched forward) travel as one message, and their results come back in one reply; a prompt's
+    step travels alone, so that no decode step waits for a prefill downstream.
 
     A hop's deadline grows with the work it carries: `hop_timeout_s` for queueing and a decode,
     plus `per_token_s` for each position of the step, for each hop still ahead (calls are nested:
@@ -46,20 +47,26 @@ class Forwarder:
     async def push(self, req: StepRequest) -> StepResult:
         """Send the step to its next hop; its reply (or which peer failed) comes back."""
         loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if req.tensor.shape[1] > 1:  # a prompt travels alone: decode steps must not wait for it
+            self._start(self._send([(req, future)]))
+            return await future
         address = req.hops[0].address
         box = self._outbox.setdefault(address, [])
         if not box:
             loop.call_soon(self._flush, address)  # after the other steps ready in this turn
-        future = loop.create_future()
         box.append((req, future))
         return await future
 
     def _flush(self, address: str) -> None:
         items = self._outbox.pop(address, [])
         if items:
-            task = asyncio.ensure_future(self._send(items))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+            self._start(self._send(items))
+
+    def _start(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
     async def _send(self, items: list[tuple[StepRequest, asyncio.Future]]) -> None:
         reqs = [req for req, _ in items]
@@ -143,11 +150,17 @@ def parse_step_reply(r: httpx.Response, peer_id: str) -> StepResult:
 def _parse(data, status: int, peer_id: str) -> StepResult:
     if status != 200:
         err = data.get("error", {}) if isinstance(data, dict) else {}
-        failed = err.get("failed_peer") or peer_id
+        err = err if isinstance(err, dict) else {"message": str(err)}
+        failed = str(err.get("failed_peer") or peer_id)
         reason = err.get("type") if err.get("type") in HopFailed.REASONS else "failed"
-        message = err.get("message", f"status {status}").removeprefix(f"peer {failed} failed: ")
+        message = str(err.get("message", f"status {status}")).removeprefix(f"peer {failed} failed: ")
         raise HopFailed(str(failed), str(message), reason)
     try:
-        return StepResult([int(t) for t in data["tokens"]], [float(x) for x in data["logprobs"]])
+        result = StepResult([int(t) for t in data["tokens"]], [float(x) for x in data["logprobs"]])
     except (KeyError, TypeError, ValueError):
         raise HopFailed(peer_id, "a step reply without tokens") from None
+    if not result.tokens or len(result.tokens) != len(result.logprobs):
+        raise HopFailed(
+            peer_id, f"a step reply with {len(result.tokens)} tokens and {len(result.logprobs)} logprobs"
+        )
+    return result

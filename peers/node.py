@@ -317,6 +317,9 @@ class PeerNode:
             raise HopFailed(
                 self.peer_id, f"layers {hop.start}:{hop.end} are not inside its span {block.span}"
             )
+        bad = _route_problem(req.hops, self.total_layers)
+        if bad:
+            raise HopFailed(self.peer_id, bad, "bad_request")
         last = hop.end == self.total_layers
         job = Job(
             req.session_id,
@@ -325,6 +328,7 @@ class PeerNode:
             (hop.start, hop.end),
             req.sampling if last else None,
             req.prefix,
+            block=block,
         )
         try:
             out = await self.scheduler.run(job)
@@ -355,6 +359,19 @@ class PeerNode:
             self.block.close(session_id)
             self.scheduler.forget(session_id)
         await self.forwarder.close_remote(session_id, hops)
+
+
+def _route_problem(hops: list[Hop], total: int) -> str | None:
+    """What is wrong with a route: hops must tile [first start, total) in order, each named by
+    its address."""
+    for a, b in zip(hops, hops[1:], strict=False):
+        if a.end != b.start:
+            return f"the route skips or repeats layers: {a.start}:{a.end} is followed by {b.start}:{b.end}"
+    if hops[-1].end != total:
+        return f"the route ends at layer {hops[-1].end}, not at the model's last layer {total}"
+    if any(h.peer_id != h.address or not 0 <= h.start < h.end for h in hops):
+        return "a hop of the route has a bad layer range or a peer id that is not its address"
+    return None
 
 
 def _initial_span(layers: str | None, total: int) -> tuple[int, int]:

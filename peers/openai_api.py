@@ -188,8 +188,12 @@ async def _respond(
     if req.stream:
         # The first token is computed before the response starts, so that a request that
         # cannot start (no route, no room) gets its real status instead of 200 and an error.
+        priming = asyncio.ensure_future(_first_events(events))
         try:
-            first = [e async for e in _until_token(events)]
+            if not await _unless_gone(priming, request):
+                release()
+                return Response(status_code=499)  # nobody reads it
+            first = priming.result()
         except BaseException:
             await events.aclose()
             raise
@@ -201,19 +205,33 @@ async def _respond(
         )
     task = asyncio.ensure_future(_collect(events, req.n))
     try:
-        while not task.done():  # a client that hangs up stops its generation within a step
+        if not await _unless_gone(task, request):
+            return Response(status_code=499)  # nobody reads it
+        texts = task.result()
+    finally:
+        release()
+    return shape.whole(texts, run.finish, run.usage())
+
+
+async def _unless_gone(task: asyncio.Future, request: Request) -> bool:
+    """Wait for `task`; if the client hangs up first, cancel it (its generation stops within a
+    step and its sessions close) and return False."""
+    try:
+        while not task.done():
             await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
             if not task.done() and await request.is_disconnected():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
                 log.info("client went away; generation stopped")
-                return Response(status_code=499)  # nobody reads it
-        texts = task.result()
+                return False
+        return True
     finally:
-        if not task.done():
+        if not task.done():  # this handler itself was cancelled
             task.cancel()
-        release()
-    return shape.whole(texts, run.finish, run.usage())
+
+
+async def _first_events(events: AsyncIterator) -> list:
+    return [e async for e in _until_token(events)]
 
 
 async def _until_token(events: AsyncIterator) -> AsyncIterator:

@@ -8,6 +8,7 @@ one result (tokens or error) per frame, in order.
 """
 
 import json
+import math
 import struct
 from dataclasses import asdict, dataclass, field
 
@@ -161,10 +162,16 @@ def _typed(value, kind: type, name: str):
 
 def _sampling(data: dict) -> Sampling:
     s = Sampling(**data)
-    if not isinstance(s.temperature, (int, float)) or not isinstance(s.top_p, (int, float)):
-        raise ValueError(f"bad sampling {data!r}")
-    if not isinstance(s.top_k, int) or (s.seed is not None and not isinstance(s.seed, int)):
-        raise ValueError(f"bad sampling {data!r}")
+    for name in ("temperature", "top_p"):
+        value = getattr(s, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"sampling {name} must be a finite number, got {value!r}")
+    if not 0 <= s.temperature <= 100 or not 0 < s.top_p <= 1:
+        raise ValueError(f"sampling out of range: temperature {s.temperature}, top_p {s.top_p}")
+    if not isinstance(s.top_k, int) or isinstance(s.top_k, bool) or s.top_k < 0:
+        raise ValueError(f"sampling top_k must be an integer >= 0, got {s.top_k!r}")
+    if s.seed is not None and (not isinstance(s.seed, int) or isinstance(s.seed, bool)):
+        raise ValueError(f"sampling seed must be an integer, got {s.seed!r}")
     return s
 
 

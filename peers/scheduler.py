@@ -74,6 +74,7 @@ class Job:
     skipped: int = 0  # leading positions restored from the prefix cache: the output starts after them
     outputs: list[torch.Tensor] = field(default_factory=list)
     compute_s: float = 0.0
+    block: Block | None = None  # the block the step was checked against; another one refuses it
 
     @property
     def batch(self) -> int:
@@ -129,6 +130,16 @@ class Scheduler:
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._loop())
+            self._task.add_done_callback(self._stopped)
+
+    def _stopped(self, task: asyncio.Task) -> None:
+        """The loop ended: a cancel on close, or a bug. Nothing queued may wait for ever."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the scheduler stopped", exc_info=task.exception())
+        for job in self._queue:
+            if job.future is not None and not job.future.done():
+                job.future.set_exception(Busy("this peer's scheduler stopped"))
+        self._queue.clear()
 
     async def close(self) -> None:
         if self._task is not None:
@@ -152,6 +163,8 @@ class Scheduler:
             raise Busy(f"its step queue is full ({len(self._queue)} steps; --max-step-queue)")
         job.future = asyncio.get_running_loop().create_future()
         job.enqueued = self._clock()
+        if job.block is not None:
+            job.block.sessions.touch(job.session_id)  # queued is in use: not to be evicted
         self._queue.append(job)
         self._wake.set()
         return await job.future
@@ -219,6 +232,8 @@ class Scheduler:
     def _form_batch(self) -> list[tuple[Job, int]]:
         """Decode steps first, then prefill chunks in arrival order, within max_batch_tokens."""
         now, s = self._clock(), self.settings
+        for sid in [sid for sid, t in self._recent.items() if now - t > RECENT_S]:
+            del self._recent[sid]  # sessions whose close never came
         for job in list(self._queue):
             if job.future.done():  # its caller gave up
                 self._queue.remove(job)
@@ -266,12 +281,16 @@ def _joined(outputs: list[torch.Tensor]) -> torch.Tensor:
 
 def _compute(block: Block | None, batch: list[tuple[Job, int]]) -> list:
     """On the compute thread: one forward of the block over the batch's chunks; sampling for
-    the steps that end the model. Per chunk: hidden states, None (a non-final chunk at the last
-    layer), a StepResult, or the exception that refused it."""
+    the steps that end the model. Per chunk: hidden states (on the CPU, ready to travel), None
+    (a non-final chunk at the last layer), a StepResult, or the exception that refused it. One
+    step's failure never fails the others."""
     if block is None:
         raise Busy("this peer is loading its layers")
     refused: dict[int, Exception] = {}
     for i, (job, size) in enumerate(batch):
+        if job.block is not None and job.block is not block:
+            refused[i] = Busy("this peer moved to other layers while the step waited")
+            continue
         if job.done == 0 and job.prefix and job.batch == 1:
             try:
                 job.skipped = block.restore_prefix(
@@ -295,30 +314,49 @@ def _compute(block: Block | None, batch: list[tuple[Job, int]]) -> list:
     to_sample = []
     for i, (job, size) in enumerate(batch):
         out = outs[i]
-        if job.prefix and not isinstance(out, Exception) and job.remaining == size:
-            block.store_prefix(job.session_id, job.prefix)
         if isinstance(out, Exception):
             results.append(out)
-        elif not torch.isfinite(out).all():
+            continue
+        if not torch.isfinite(out).all():
             a, b = job.layers
             results.append(NonFinite(f"non-finite values in the output of layers {a}:{b}"))
-        elif job.sampling is None:
-            results.append(out)
+            continue
+        if job.prefix and job.remaining == size:
+            try:
+                block.store_prefix(job.session_id, job.prefix)
+            except Exception as e:  # keeping a prefix is an optimisation: never fail the step for it
+                log.warning("keeping the prefix of %s failed: %s", job.session_id, e)
+        if job.sampling is None:
+            results.append(out if out.device.type == "cpu" else out.cpu())
         elif job.remaining > size:
             results.append(None)  # logits of a prompt's inner chunk: not needed
         else:
             results.append(out)
             to_sample.append(len(results) - 1)
     if to_sample:
-        logits = [results[i][:, -1] for i in to_sample]  # [B, V] each
-        params, positions = [], []
-        for i in to_sample:
-            job = batch[i][0]
-            s = job.sampling
-            params.append(
-                SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
-            )
-            positions.append(job.position + job.inputs.shape[1])  # the position of the token chosen
-        for i, (tokens, logprobs) in zip(to_sample, sample_many(logits, params, positions), strict=True):
-            results[i] = StepResult(tokens.tolist(), logprobs.tolist())
+        try:
+            sampled = _sample(batch, results, to_sample)
+        except Exception:  # sample one by one, so that one step's failure stays its own
+            sampled = []
+            for i in to_sample:
+                try:
+                    sampled.append(_sample(batch, results, [i])[0])
+                except Exception as e:
+                    sampled.append(e)
+        for i, result in zip(to_sample, sampled, strict=True):
+            results[i] = result
     return results
+
+
+def _sample(batch: list[tuple[Job, int]], results: list, which: list[int]) -> list[StepResult]:
+    logits = [results[i][:, -1] for i in which]  # [B, V] each
+    params, positions = [], []
+    for i in which:
+        job = batch[i][0]
+        s = job.sampling
+        params.append(SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed))
+        positions.append(job.position + job.inputs.shape[1])  # the position of the token chosen
+    return [
+        StepResult(tokens.tolist(), logprobs.tolist())
+        for tokens, logprobs in sample_many(logits, params, positions)
+    ]

@@ -108,6 +108,9 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
             return step_result_body(await node.run_step(req))
         except HopFailed as e:
             return step_error_body(e.message, e.peer_id, e.reason)
+        except Exception as e:  # one frame's bug must not fail the others of its message
+            log.exception("step failed")
+            return step_error_body(f"{type(e).__name__}: {e}", node.peer_id, "failed")
 
     @app.post(PATH_CLOSE)
     async def close(body: dict) -> dict:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from inference import CacheFullError, SessionError, load_block
-from inference.kv_cache import GROW_TOKENS, CacheStore
+from inference.kv_cache import EVICT_IDLE_S, GROW_TOKENS, CacheStore
 from tests.helpers import FakeClock
 
 
@@ -25,7 +25,7 @@ def test_least_recently_used_session_is_evicted_for_a_new_one():
     with pytest.raises(CacheFullError, match="held by active sessions"):
         store.reserve(store.open("c", batch=1), 10)  # a and b are active: nothing is evicted
     assert "a" in store and "b" in store
-    clock.now += 5  # both idle now
+    clock.now += EVICT_IDLE_S + 1  # both idle now
     store.get("a")
     store.reserve(store.open("c", batch=1), 10)
     assert "b" not in store and "a" in store and "c" in store
