@@ -114,3 +114,18 @@ def test_sample_many_equals_sample_per_session():
         ref_tokens, ref_logprobs = sample(x, p, s)
         assert torch.equal(tokens, ref_tokens)
         assert torch.allclose(logprobs, ref_logprobs)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_alone(tiny_llama):
+    block = load_block(tiny_llama)
+    outs = block.forward_batch(
+        [Step("ok", torch.tensor([PROMPTS[1]]), 0), Step("bad", torch.tensor([[3, 10**6]]), 0)]
+    )
+    assert isinstance(outs[1], ValueError) and "token ids must be in [0, 256)" in str(outs[1])
+    assert outs[0].shape == (1, 1, 256)
+
+
+def test_a_tiny_temperature_is_greedy_not_an_overflow():
+    logits = torch.tensor([[0.0, 3.0, 1.0]])
+    tokens, _ = sample(logits, SamplingParams(temperature=1e-30, seed=1), 0)
+    assert tokens.tolist() == [1]

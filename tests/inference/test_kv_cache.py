@@ -70,3 +70,29 @@ def test_cache_grows_past_its_first_allocation(tiny_llama):
     for pos in range(GROW_TOKENS - 2, GROW_TOKENS + 10):
         last = block("steps", ids[:, pos : pos + 1], pos)
     assert torch.allclose(last[:, -1], whole[:, -1], atol=1e-4)
+
+
+def test_a_session_with_a_queued_step_is_not_evicted():
+    clock = FakeClock()
+    store = CacheStore(max_tokens=2 * GROW_TOKENS, idle_timeout_s=600, clock=clock)
+    for sid in ("a", "b"):
+        store.reserve(store.open(sid, batch=1), 10)
+    clock.now += EVICT_IDLE_S + 1
+    store.touch("a")  # a step of a waits in a queue
+    store.reserve(store.open("c", batch=1), 10)
+    assert "a" in store and "b" not in store
+
+
+def test_prefix_cache_evicts_a_chains_tail_before_its_head():
+    from inference.prefix_cache import BLOCK_TOKENS, PrefixCache
+
+    class Fake:
+        def read(self, layer, row, end):
+            t = torch.zeros(1, 1, end, 2)
+            return t, t
+
+    cache = PrefixCache(max_tokens=4 * BLOCK_TOKENS)
+    cache.store(Fake(), (0, 1), (1, 2, 3))
+    cache.store(Fake(), (0, 1), (7, 8, 9))  # room for 4 blocks: two of the first chain go
+    assert cache.match((0, 1), (1, 2, 3)) == 1  # its head survived, not its tail
+    assert cache.match((0, 1), (7, 8, 9)) == 3

@@ -124,6 +124,16 @@ def test_staggered_concurrent_requests_of_mixed_lengths(tiny_swarm, reference):
         assert text == expected, i
 
 
+def test_a_tiny_temperature_is_greedy_not_a_failed_batch(tiny_swarm, reference):
+    """1e-30 passes validation; dividing logits by it would make the whole forward's sampling
+    fail (and get the last peer banned by every entry with a session in it)."""
+    greedy_text, _, tok = reference
+    body = {"model": "llama", "prompt": "abc", "max_tokens": 8, "temperature": 1e-30}
+    r = post(tiny_swarm.peers[0], "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == greedy_text(tok.encode("abc"), 8)
+
+
 def test_n_sequences_share_one_prompt(tiny_swarm, reference):
     greedy_text, _, tok = reference
     entry = tiny_swarm.peers[0]

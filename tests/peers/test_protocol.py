@@ -69,6 +69,9 @@ def _frame_with(**changes) -> bytes:
         {"hops": []},
         {"hops": [{"peer_id": "a", "address": "b", "start": "0", "end": 2}]},
         {"sampling": {"temperature": "hot"}},
+        {"sampling": {"temperature": float("nan")}},
+        {"sampling": {"temperature": 0.5, "top_p": 0}},
+        {"sampling": {"temperature": 0.5, "top_k": -1}},
         {"prefix": ["x"]},
         {"shape": [1, -3]},
         {"dtype": "float32"},
@@ -78,3 +81,13 @@ def _frame_with(**changes) -> bytes:
 def test_step_headers_of_the_wrong_type_are_refused(changes):
     with pytest.raises(ProtocolError):
         decode_step(_frame_with(**changes))
+
+
+def test_a_route_must_tile_the_layers_to_the_end():
+    from peers.node import _route_problem
+
+    hop = lambda a, b, p="127.0.0.1:1": Hop(p, p, a, b)  # noqa: E731
+    assert _route_problem([hop(0, 2), hop(2, 4)], 4) is None
+    assert "skips or repeats" in _route_problem([hop(0, 2), hop(3, 4)], 4)
+    assert "ends at layer 2" in _route_problem([hop(0, 2)], 4)
+    assert "not its address" in _route_problem([Hop("a", "127.0.0.1:9", 0, 4)], 4)

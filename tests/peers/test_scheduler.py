@@ -197,3 +197,30 @@ def test_a_forward_waits_for_sessions_mid_round_but_never_when_alone(tiny_llama)
 
     batches, largest = run(main())
     assert batches == 1 and largest == 2
+
+
+def test_one_steps_sampling_failure_stays_its_own(tiny_llama, monkeypatch):
+    import peers.scheduler as scheduler
+
+    real = scheduler.sample_many
+
+    def fragile(logits, params, steps):
+        if any(p.seed == 666 for p in params):
+            raise RuntimeError("this session's sampling broke")
+        return real(logits, params, steps)
+
+    monkeypatch.setattr(scheduler, "sample_many", fragile)
+    block = load_block(tiny_llama)
+
+    async def main():
+        sched = Scheduler(lambda: block)
+        try:
+            good = job("good", [PROMPTS[0]])
+            bad = job("bad", [PROMPTS[1]], sampling=Sampling(temperature=1.0, seed=666))
+            return await asyncio.gather(sched.run(good), sched.run(bad), return_exceptions=True), sched.stats
+        finally:
+            await sched.close()
+
+    (good, bad), stats = run(main())
+    assert stats.batches == 1  # they shared a forward
+    assert isinstance(good, StepResult) and isinstance(bad, RuntimeError)
