@@ -249,8 +249,11 @@ class Scheduler:
         budget, batch = s.max_batch_tokens, []
         decodes = [j for j in self._queue if j.remaining == 1]
         prefills = [j for j in self._queue if j.remaining > 1]
+        # while prompts wait, decode steps leave room for one chunk, so that no prompt starves
+        reserved = min(s.prefill_chunk, s.max_batch_tokens // 2) if prefills else 0
         for job in decodes + prefills:
-            size = min(job.remaining, s.prefill_chunk, budget // job.batch)
+            room = budget - (reserved if job.remaining == 1 else 0)
+            size = min(job.remaining, s.prefill_chunk, room // job.batch)
             if size < 1:
                 if batch:
                     continue

@@ -224,3 +224,27 @@ def test_one_steps_sampling_failure_stays_its_own(tiny_llama, monkeypatch):
     (good, bad), stats = run(main())
     assert stats.batches == 1  # they shared a forward
     assert isinstance(good, StepResult) and isinstance(bad, RuntimeError)
+
+
+def test_decode_steps_leave_room_for_a_waiting_prompt(tiny_llama):
+    """Decode steps enough to fill a forward still leave a chunk's room for a waiting prompt."""
+    block = load_block(tiny_llama)
+    forwards = []
+
+    class Recording:
+        def forward_batch(self, steps):
+            forwards.append(sorted(s.inputs.shape[1] for s in steps))
+            return block.forward_batch(steps)
+
+    async def main():
+        sched = Scheduler(lambda: Recording(), SchedulerSettings(max_batch_tokens=8, prefill_chunk=4))
+        try:
+            opened = await asyncio.gather(*(sched.run(job(f"d{i}", [[5, 6]])) for i in range(8)))
+            forwards.clear()
+            steps = [sched.run(job(f"d{i}", [[o.tokens[0]]], 2)) for i, o in enumerate(opened)]
+            await asyncio.gather(*steps, sched.run(job("p", [list(range(3, 40))])))
+        finally:
+            await sched.close()
+
+    run(main())
+    assert forwards[0] == [1, 1, 1, 1, 4]  # four decode steps and a chunk of the prompt
