@@ -19,14 +19,16 @@ from .protocol import (
 )
 
 ENCODE_IN_THREAD_BYTES = 1 << 20  # frames larger than this are built off the event loop
+COALESCE_MAX_POSITIONS = 64  # steps up to this long share messages; longer prompts travel alone
 
 
 class Forwarder:
     """Pushes steps to the next hop of their route on behalf of peer `me`.
 
-    Decode steps bound for the same peer in the same turn of the event loop (the outputs of one
-    batched forward) travel as one message, and their results come back in one reply; a prompt's
-    step travels alone, so that no decode step waits for a prefill downstream.
+    Steps bound for the same peer in the same turn of the event loop (the outputs of one batched
+    forward) travel as one message, and their results come back in one reply; a prompt longer
+    than COALESCE_MAX_POSITIONS travels alone, so that no decode step waits for a long prefill
+    downstream.
 
     A hop's deadline grows with the work it carries: `hop_timeout_s` for queueing and a decode,
     plus `per_token_s` for each position of the step, for each hop still ahead (calls are nested:
@@ -48,7 +50,8 @@ class Forwarder:
         """Send the step to its next hop; its reply (or which peer failed) comes back."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        if req.tensor.shape[1] > 1:  # a prompt travels alone: decode steps must not wait for it
+        if req.tensor.shape[1] > COALESCE_MAX_POSITIONS:  # a long prompt travels alone: no
+            # decode step must wait for its prefill downstream
             self._start(self._send([(req, future)]))
             return await future
         address = req.hops[0].address
