@@ -92,17 +92,19 @@ def test_128_concurrent_requests_complete_or_get_a_quick_429(smol_swarm):
     wait_until(lambda: not any(open_sessions(smol_swarm)), 30, smol_swarm._why)
 
 
-def stream_some(entry, tokens: int, max_tokens: int = 400) -> None:
+LONG_STORY = {
+    "model": "smollm2-135m",
+    "messages": [{"role": "user", "content": "Write a very long story."}],
+    "max_tokens": 400,
+    "ignore_eos": True,
+    "stream": True,
+}
+
+
+def stream_some(entry, tokens: int) -> None:
     """Start a long streamed generation, read `tokens` deltas, then hang up."""
-    body = {
-        "model": "smollm2-135m",
-        "messages": [{"role": "user", "content": "Write a very long story."}],
-        "max_tokens": max_tokens,
-        "ignore_eos": True,
-        "stream": True,
-    }
     seen = 0
-    with httpx.stream("POST", f"{entry.url}/v1/chat/completions", json=body, timeout=120) as r:
+    with httpx.stream("POST", f"{entry.url}/v1/chat/completions", json=LONG_STORY, timeout=120) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("data: ") and '"content"' in line:
@@ -136,18 +138,11 @@ def test_a_stream_that_cannot_start_gets_its_real_status(smol_swarm):
     entry = smol_swarm.add("0:1", args=["--max-requests", "1"])
     smol_swarm.wait_ready([entry], timeout_s=300)
     smol_swarm.wait_route(entry)
-    body = {
-        "model": "smollm2-135m",
-        "messages": [{"role": "user", "content": "Write a very long story."}],
-        "max_tokens": 400,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    with httpx.stream("POST", f"{entry.url}/v1/chat/completions", json=body, timeout=120) as first:
+    with httpx.stream("POST", f"{entry.url}/v1/chat/completions", json=LONG_STORY, timeout=120) as first:
         assert first.status_code == 200
         lines = first.iter_lines()
         seen = [next(lines), next(lines), next(lines)]  # the first request is under way
-        r = httpx.post(f"{entry.url}/v1/chat/completions", json=body, timeout=30)
+        r = httpx.post(f"{entry.url}/v1/chat/completions", json=LONG_STORY, timeout=30)
     assert r.status_code == 429 and r.headers["retry-after"] == "1", (seen, r.text[:300])
     assert "--max-requests 1" in r.json()["error"]["message"]
     entry.stop()
@@ -159,15 +154,8 @@ def test_sigterm_on_an_entry_ends_its_streams_cleanly(smol_swarm):
     entry = smol_swarm.add("0:1", args=["--drain", "1"])
     smol_swarm.wait_ready([entry], timeout_s=300)
     smol_swarm.wait_route(entry)
-    body = {
-        "model": "smollm2-135m",
-        "messages": [{"role": "user", "content": "Write a very long story."}],
-        "max_tokens": 400,
-        "ignore_eos": True,
-        "stream": True,
-    }
     events = []
-    with httpx.stream("POST", f"{entry.url}/v1/chat/completions", json=body, timeout=120) as r:
+    with httpx.stream("POST", f"{entry.url}/v1/chat/completions", json=LONG_STORY, timeout=120) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if not line.startswith("data: "):
