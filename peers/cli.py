@@ -193,9 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--omp-wait-policy",
         choices=["passive", "active"],
-        default="passive",
-        help="how idle OpenMP threads wait: passive leaves the cores to co-located peers "
-        "(ignored when OMP_WAIT_POLICY is set)",
+        default=None,
+        help="how idle OpenMP threads wait (default: OMP_WAIT_POLICY if set, else passive, which leaves "
+        "the cores to co-located peers)",
     )
     serve.add_argument("--max-cache-tokens", type=int, default=65536, help="KV cache budget in token slots")
     serve.add_argument(
@@ -297,8 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "omp_wait_policy", None):  # read by OpenMP when torch loads: set it first
-        os.environ.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy.upper())
+    if args.command == "serve":  # read by OpenMP when torch loads: set it first
+        if args.omp_wait_policy:
+            os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
+        else:
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from inference import InferenceError
 
     from .sdk import SwarmAPIError
