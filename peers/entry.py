@@ -157,17 +157,17 @@ def _plan(prompt_ids: list[int], generated: list[list[int]], n: int) -> list[tup
 
 
 def _handle_failure(
-    node: PeerNode, e: HopFailed, route: list[Hop], session_id: str, full: dict[str, str]
+    node: PeerNode, e: HopFailed, route: list[Hop], session_id: str, avoided: dict[str, str]
 ) -> None:
-    """Only a peer at fault is banned; one without room is avoided by this request; a lost
-    session is simply replayed."""
+    """Only a peer at fault is banned; one without room is avoided by this request (in
+    `avoided`: full or busy now, or too small for it ever); a lost session is simply replayed."""
     if e.reason == "failed":
         entry = next((x for x in node.table.live() if x.peer_id == e.peer_id), None)
         duration = node.bans.ban(e.peer_id, entry.incarnation if entry else 0)
         node.table.report_failure(e.peer_id)
         log.warning("%s; banned for %.1f s, re-routing", e.message, duration)
     elif e.reason in ("cache_full", "busy", "too_large"):
-        full[e.peer_id] = e.message
+        avoided[e.peer_id] = e.message
         log.info("%s; re-routing around it", e.message)
     elif e.reason == "bad_request":
         raise SwarmError(f"a peer refused this entry's step: {e.message}")

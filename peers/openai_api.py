@@ -231,15 +231,15 @@ async def _unless_gone(task: asyncio.Future, request: Request) -> bool:
 
 
 async def _first_events(events: AsyncIterator) -> list:
-    return [e async for e in _until_token(events)]
-
-
-async def _until_token(events: AsyncIterator) -> AsyncIterator:
-    """The events up to and including the first one that follows a generated token."""
-    async for event in events:
-        yield event
-        if event[0] == "token":
-            return
+    """The events up to and including the first one that follows a generated token (the
+    generator stays open for the rest)."""
+    first = []
+    while not first or first[-1][0] != "token":
+        try:
+            first.append(await anext(events))
+        except StopAsyncIteration:
+            break
+    return first
 
 
 async def _collect(events: AsyncIterator, n: int) -> list[str]:

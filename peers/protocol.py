@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 PATH_HEALTH = "/health"
-PATH_STEP = "/swarm/step"
 PATH_STEPS = "/swarm/steps"  # several step frames in one message (coalesced for one next peer)
 PATH_CLOSE = "/swarm/close"
 PATH_GOSSIP = "/swarm/gossip"

@@ -15,11 +15,9 @@ from .protocol import (
     PATH_CLOSE,
     PATH_GOSSIP,
     PATH_HEALTH,
-    PATH_STEP,
     PATH_STEPS,
     PATH_TABLE,
     ProtocolError,
-    decode_step,
     decode_steps,
     step_error_body,
     step_result_body,
@@ -80,16 +78,6 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
             },
         }
         return JSONResponse(body, status_code=200 if node.ready else 503)
-
-    @app.post(PATH_STEP)
-    async def step(request: Request) -> Response:
-        body = await request.body()
-        try:
-            req = await asyncio.to_thread(decode_step, body) if len(body) > (1 << 20) else decode_step(body)
-        except ProtocolError as e:  # the sender's mistake: nobody is banned for it
-            return JSONResponse(step_error_body(str(e), None, "bad_request"), status_code=400)
-        result = await _run(req)
-        return JSONResponse(result, status_code=502 if "error" in result else 200)
 
     @app.post(PATH_STEPS)
     async def steps(request: Request) -> Response:

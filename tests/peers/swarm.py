@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from peers.local_swarm import COLOCATED_ENV, serve_command
+from peers.local_swarm import serve_command
 
 START_TIMEOUT_S = 120.0
 STORY = "Write a long story about a dragon and a knight."
@@ -51,7 +51,7 @@ class Peer:
 
     def start(self) -> "Peer":
         cmd = serve_command(self.model, self.port, self.layers, self.join, args=self.args)
-        env = {**COLOCATED_ENV, **os.environ, "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
         with open(self.log_path, "ab") as log:
