@@ -88,31 +88,36 @@ def router(node: PeerNode) -> APIRouter:
             {"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
             for m in req.messages
         ]
-        _admit(node, req)
-        loop = asyncio.get_running_loop()
-        try:
-            prompt_ids = await loop.run_in_executor(tokenize, node.tokenizer.encode_chat, messages)
-        except Exception as e:  # the chat template refused these messages (e.g. roles not alternating)
-            raise InvalidRequest(
-                f"the model's chat template rejected the messages: {e}", param="messages"
-            ) from e
+
+        async def prompt_ids() -> list[int]:
+            loop = asyncio.get_running_loop()
+            try:
+                return await loop.run_in_executor(tokenize, node.tokenizer.encode_chat, messages)
+            except Exception as e:  # the chat template refused these messages (e.g. roles not alternating)
+                raise InvalidRequest(
+                    f"the model's chat template rejected the messages: {e}", param="messages"
+                ) from e
+
         return await _complete(node, req, prompt_ids, True, request)
 
     @api.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         if not req.prompt:
             raise InvalidRequest("prompt must not be empty", param="prompt")
-        _admit(node, req)
-        prompt_ids = await asyncio.get_running_loop().run_in_executor(
-            tokenize, node.tokenizer.encode, req.prompt
-        )
+
+        async def prompt_ids() -> list[int]:
+            return await asyncio.get_running_loop().run_in_executor(
+                tokenize, node.tokenizer.encode, req.prompt
+            )
+
         return await _complete(node, req, prompt_ids, False, request)
 
     return api
 
 
 def _admit(node: PeerNode, req: "_Request") -> None:
-    """Checks that need no tokens: the model, and room for one more request at this entry."""
+    """Before any work: the model, and room for one more request at this entry (so that no more
+    than --max-requests prompts wait for the tokenizer either)."""
     if req.model != node.model_id:
         raise ModelNotServed(req.model, node.model_id)
     if node.active_requests >= node.config.max_requests:
@@ -142,13 +147,15 @@ def _check(node: PeerNode, req: "_Request", prompt_ids: list[int]) -> int:
     return asked or min(DEFAULT_MAX_TOKENS, room)
 
 
-async def _complete(node: PeerNode, req: "_Request", prompt_ids: list[int], chat: bool, request: Request):
-    max_tokens = _check(node, req, prompt_ids)
-    _admit(node, req)  # again: the count may have grown while the prompt was tokenized
-    node.active_requests += 1  # counted from now, released once when the response is done
+async def _complete(node: PeerNode, req: "_Request", prompt_ids, chat: bool, request: Request):
+    """Admit the request, tokenize its prompt (`prompt_ids()`), then answer it."""
+    _admit(node, req)
+    node.active_requests += 1  # counted from admission, released once when the response is done
     release = _once(lambda: setattr(node, "active_requests", node.active_requests - 1))
     try:
-        return await _respond(node, req, prompt_ids, max_tokens, chat, release, request)
+        ids = await prompt_ids()
+        max_tokens = _check(node, req, ids)
+        return await _respond(node, req, ids, max_tokens, chat, release, request)
     except BaseException:
         release()
         raise
