@@ -152,3 +152,35 @@ def test_a_failed_move_goes_back_to_its_layers_or_stops_the_peer(tiny_llama, mon
     back, fatal = asyncio.run(main())
     assert back == (0, 4, "serving", True)
     assert len(fatal) == 1 and isinstance(fatal[0], OSError)
+
+
+def test_one_frame_that_breaks_does_not_fail_its_whole_message(tiny_llama):
+    """A coalesced /swarm/steps message: a frame whose step raises anything gets its own error
+    result; the other frames of the message are answered normally."""
+    from peers.protocol import PATH_STEPS, Hop, StepRequest, encode_steps
+
+    async def main():
+        net, nodes = await start_swarm(tiny_llama, ["0:4"])
+        node = nodes[0]
+        real = node.run_step
+
+        async def run_step(req):
+            if req.session_id == "broken":
+                raise RuntimeError("a bug in one step")
+            return await real(req)
+
+        node.run_step = run_step
+        hop = Hop(node.peer_id, node.peer_id, 0, 4)
+        reqs = [
+            StepRequest(sid, 0, [hop], Sampling(temperature=0), torch.tensor([PROMPTS[0]]))
+            for sid in ("fine", "broken")
+        ]
+        try:
+            r = await node.http.post(f"http://{node.peer_id}{PATH_STEPS}", content=encode_steps(reqs))
+            return r.status_code, r.json()["results"]
+        finally:
+            await stop_swarm(nodes)
+
+    status, (fine, broken) = asyncio.run(main())
+    assert status == 200
+    assert fine["tokens"] and "RuntimeError" in broken["error"]["message"]
