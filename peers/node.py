@@ -243,8 +243,9 @@ class PeerNode:
     def _apply_threads(self) -> None:
         """Torch threads of the compute thread: --threads, else OMP_NUM_THREADS, else every core.
         Co-located peers compute mostly in turns (see batch_wait_s) and their idle OpenMP threads
-        wait passively, so each may use all cores: measured on 2 cores with three peers, 2 threads
-        each gave 8.6 tokens/s for one stream and 45 for eight, 1 thread each 7.6 and 35."""
+        sleep after a moment (--omp-wait-policy brief), so each may use all cores: measured on 2
+        cores with three peers, 2 threads each gave 8.6 tokens/s for one stream and 45 for eight,
+        1 thread each 7.6 and 35."""
         self.scheduler.colocated = self._colocated_peers() > 1
         if self._threads:
             return

@@ -22,7 +22,9 @@ from .protocol import Sampling, StepResult
 log = logging.getLogger("layerswarm.scheduler")
 
 RECENT_S = 2.0  # a session that took a decode step here this recently is expected back
-COLOCATED_WAIT_S = 0.05
+COLOCATED_WAIT_S = 0.05  # how long to wait for a session whose round time is not known yet
+ROUND_SLACK = 1.5  # a session is expected back within this many of its last round times
+MAX_MERGE_WAIT_S = 1.0  # the longest a forward waits for sessions expected back
 
 
 class Busy(Exception):
@@ -41,10 +43,13 @@ class SchedulerSettings:
     max_queue_wait_s: float = 10.0  # a step not started by then is Busy
     # While sessions that stepped here moments ago are still on their way back (mid-round on
     # the other peers), a forward waits up to this long for them, so that the sessions of a
-    # swarm move in waves and batches stay large. Never when idle: only sessions seen within
-    # RECENT_S wait for, and their arrival starts the forward at once. None: COLOCATED_WAIT_S
-    # while this peer shares its machine's cores with other peers (waves cost nothing there and
-    # save per-forward overhead), else 0 (every peer computes while the others' outputs travel).
+    # swarm move in one wave and batches stay large. Never when idle: only sessions seen within
+    # RECENT_S are waited for, and their arrival starts the forward at once. None: while this
+    # peer shares its machine's cores with other peers, wait for each such session until it is
+    # due back (ROUND_SLACK x its last round time here; COLOCATED_WAIT_S while that is unknown;
+    # at most MAX_MERGE_WAIT_S), so that waves that drifted apart merge: there, forwards run in
+    # turns on the same cores, and one forward of all sessions costs little more than one of a
+    # few. Otherwise 0: every peer computes while the others' outputs travel.
     batch_wait_s: float | None = None
 
     def __post_init__(self):
@@ -120,7 +125,8 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._task: asyncio.Task | None = None
-        self._recent: dict[str, float] = {}  # session id -> when its last decode step started here
+        # session id -> (when its last decode step started here, the time since the one before)
+        self._recent: dict[str, tuple[float, float | None]] = {}
         self.colocated = False  # other peers share this machine's cores (set by the node)
         self.stats = SchedulerStats()
 
@@ -174,26 +180,39 @@ class Scheduler:
         self._recent.pop(session_id, None)
 
     async def _gather(self) -> None:
-        """Wait (bounded by batch_wait_s from the oldest queued step) while sessions that stepped
-        here within RECENT_S are neither queued nor gone."""
-        window = self.settings.batch_wait_s
-        if window is None:
-            window = COLOCATED_WAIT_S if self.colocated else 0.0
-        while window > 0:
+        """Wait while sessions that stepped here within RECENT_S are neither queued nor gone: up
+        to batch_wait_s from the oldest queued step, or (batch_wait_s None, co-located) until
+        each is due back."""
+        fixed = self.settings.batch_wait_s
+        if fixed is None and not self.colocated or fixed == 0:
+            return
+        while True:
             now = self._clock()
-            for sid in [sid for sid, t in self._recent.items() if now - t > RECENT_S]:
-                del self._recent[sid]
+            self._drop_stale(now)
             queued = {j.session_id for j in self._queue}
-            if not self._recent.keys() - queued:
+            missing = [self._recent[sid] for sid in self._recent.keys() - queued]
+            if not missing:
                 return
-            left = min(j.enqueued for j in self._queue) + window - now
-            if left <= 0:
+            oldest = min(j.enqueued for j in self._queue)
+            if fixed is not None:
+                until = oldest + fixed
+            else:
+                due = max(
+                    last + ROUND_SLACK * rtt if rtt is not None else oldest + COLOCATED_WAIT_S
+                    for last, rtt in missing
+                )
+                until = min(due, oldest + MAX_MERGE_WAIT_S)
+            if until <= now:
                 return
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), left)
+                await asyncio.wait_for(self._wake.wait(), until - now)
             except TimeoutError:
                 return
+
+    def _drop_stale(self, now: float) -> None:
+        for sid in [sid for sid, (t, _) in self._recent.items() if now - t > RECENT_S]:
+            del self._recent[sid]  # sessions whose close never came
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -232,8 +251,7 @@ class Scheduler:
     def _form_batch(self) -> list[tuple[Job, int]]:
         """Decode steps first, then prefill chunks in arrival order, within max_batch_tokens."""
         now, s = self._clock(), self.settings
-        for sid in [sid for sid, t in self._recent.items() if now - t > RECENT_S]:
-            del self._recent[sid]  # sessions whose close never came
+        self._drop_stale(now)
         for job in list(self._queue):
             if job.future.done():  # its caller gave up
                 self._queue.remove(job)
@@ -261,7 +279,8 @@ class Scheduler:
             batch.append((job, size))
             budget -= size * job.batch
             if job.remaining == 1:
-                self._recent[job.session_id] = now
+                last = self._recent.get(job.session_id)
+                self._recent[job.session_id] = (now, now - last[0] if last else None)
             if job.started is None:
                 job.started = now
                 self.stats.queue_wait_s += now - job.enqueued

@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import random
+import shlex
 import statistics
 import sys
 import tempfile
@@ -372,7 +373,7 @@ def prefix_scenario(args, model_id: str, tokenizer: Tokenizer, reuse_entry: str)
     on the normal swarm vs one started with --no-prefix-reuse; alternating, every run."""
     system, system_tokens = shared_system_prompt(tokenizer)
     result = {"system_prompt_tokens": system_tokens, "available": False}
-    plain, why = start_swarm(args.model, args.threads, ["--no-prefix-reuse"])
+    plain, why = start_swarm(args.model, args.threads, [*shlex.split(args.peer_args), "--no-prefix-reuse"])
     try:
         if why is not None:
             result["why"] = why
@@ -478,6 +479,11 @@ def main() -> int:
         "--threads", type=int, default=None, help="torch threads per peer (default: the peers choose)"
     )
     parser.add_argument(
+        "--peer-args",
+        default="",
+        help="more arguments for every peer's serve command, e.g. '--omp-wait-policy passive'",
+    )
+    parser.add_argument(
         "--prefix",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -503,7 +509,7 @@ def main() -> int:
     swarm_runs = {n: [] for n in levels}
     mono_runs = {n: [] for n in levels}
     prefix = None
-    swarm, why = start_swarm(args.model, args.threads)
+    swarm, why = start_swarm(args.model, args.threads, shlex.split(args.peer_args))
     try:
         if why is not None:
             print(f"the swarm did not start: {why}", file=sys.stderr)

@@ -1,9 +1,14 @@
 """The `peer` command fails on bad input with one line and a non-zero exit, no traceback."""
 
+import asyncio
+import os
+import socket
 import subprocess
 import sys
 
 import pytest
+
+from peers import cli
 
 
 def run_peer(*args: str) -> subprocess.CompletedProcess:
@@ -36,3 +41,50 @@ def test_generate_prints_text(tiny_llama):
     done = run_peer("generate", "hi", "--model", str(tiny_llama), "--split", "0:3,3:4", "--max-tokens", "5")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
+
+
+def test_connections_to_a_peer_send_at_once():
+    """A reply's body must not wait behind its headers for the client's delayed ACK (Nagle,
+    ~40 ms a hop): asyncio sets TCP_NODELAY on accepted connections only when the listening
+    socket names IPPROTO_TCP."""
+    sock = cli._listen("127.0.0.1", 0)
+
+    async def main():
+        seen = asyncio.get_running_loop().create_future()
+
+        async def handle(reader, writer):
+            seen.set_result(
+                writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            )
+            writer.close()
+
+        server = await asyncio.start_server(handle, sock=sock)  # as uvicorn serves it
+        try:
+            _, writer = await asyncio.open_connection(*sock.getsockname())
+            nodelay = await asyncio.wait_for(seen, 10)
+            writer.close()
+            return nodelay
+        finally:
+            server.close()
+
+    assert asyncio.run(main()) != 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "env", "policy", "spins"),
+    [
+        (None, {}, "PASSIVE", str(cli.BRIEF_SPINS)),  # the default: brief
+        ("brief", {"GOMP_SPINCOUNT": "5000"}, "PASSIVE", "5000"),  # an explicit spin count wins
+        ("passive", {"GOMP_SPINCOUNT": "5000"}, "PASSIVE", None),
+        ("active", {}, "ACTIVE", None),
+        (None, {"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE", None),  # the environment's, untouched
+    ],
+)
+def test_omp_wait_policy(monkeypatch, flag, env, policy, spins):
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    cli._set_wait_policy(flag)
+    assert os.environ.get("OMP_WAIT_POLICY") == policy
+    assert os.environ.get("GOMP_SPINCOUNT") == spins

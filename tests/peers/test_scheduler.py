@@ -199,6 +199,40 @@ def test_a_forward_waits_for_sessions_mid_round_but_never_when_alone(tiny_llama)
     assert batches == 1 and largest == 2
 
 
+def test_colocated_waves_that_drifted_apart_merge(tiny_llama):
+    """Co-located (forwards take turns on the same cores): two sessions whose rounds are out of
+    step by three times COLOCATED_WAIT_S are each waited for until due back, so they end up in
+    one forward per round instead of one each."""
+    block = load_block(tiny_llama)
+    rounds, travel_s = 6, 0.3  # travel: the time a step spends on the other peers of its route
+
+    async def main():
+        sched = Scheduler(lambda: block)
+        sched.colocated = True
+        try:
+
+            async def session(sid: str, late_s: float) -> list[int]:
+                await asyncio.sleep(late_s)
+                out = await sched.run(job(sid, [PROMPTS[1]]))
+                tokens, position = out.tokens, len(PROMPTS[1])
+                for _ in range(rounds):
+                    await asyncio.sleep(travel_s)
+                    out = await sched.run(job(sid, [tokens[-1:]], position))
+                    tokens, position = tokens + out.tokens, position + 1
+                return tokens
+
+            t0 = time.monotonic()
+            got = await asyncio.wait_for(asyncio.gather(session("a", 0), session("b", 0.15)), 30)
+            return got, sched.stats, time.monotonic() - t0
+        finally:
+            await sched.close()
+
+    (a, b), stats, _ = run(main())
+    assert a == b  # the same prompt, greedy: the same tokens, whatever the batch
+    assert stats.max_batch_steps == 2  # merged ...
+    assert stats.batches <= 2 + 2 * rounds - 2  # ... for good: at least two rounds in one forward
+
+
 def test_one_steps_sampling_failure_stays_its_own(tiny_llama, monkeypatch):
     import peers.scheduler as scheduler
 
