@@ -23,7 +23,7 @@ log = logging.getLogger("layerswarm.scheduler")
 
 RECENT_S = 2.0  # a session that took a decode step here this recently is expected back
 COLOCATED_WAIT_S = 0.05  # how long to wait for a session whose round time is not known yet
-ROUND_SLACK = 1.5  # a session is expected back within this many of its last round times
+MERGE_FRACTION = 0.5  # co-located: wait up to this share of the queued sessions' round time
 MAX_MERGE_WAIT_S = 1.0  # the longest a forward waits for sessions expected back
 
 
@@ -45,11 +45,13 @@ class SchedulerSettings:
     # the other peers), a forward waits up to this long for them, so that the sessions of a
     # swarm move in one wave and batches stay large. Never when idle: only sessions seen within
     # RECENT_S are waited for, and their arrival starts the forward at once. None: while this
-    # peer shares its machine's cores with other peers, wait for each such session until it is
-    # due back (ROUND_SLACK x its last round time here; COLOCATED_WAIT_S while that is unknown;
-    # at most MAX_MERGE_WAIT_S), so that waves that drifted apart merge: there, forwards run in
-    # turns on the same cores, and one forward of all sessions costs little more than one of a
-    # few. Otherwise 0: every peer computes while the others' outputs travel.
+    # peer shares its machine's cores with other peers, wait for those due back (by their last
+    # round time here) within MERGE_FRACTION of the queued sessions' round time (COLOCATED_WAIT_S
+    # while either is unknown; at most MAX_MERGE_WAIT_S), so that waves that drifted apart merge
+    # (of two waves, one is at most half a round behind the other), while a session that is
+    # slow to come back does not hold the others: there, forwards run in turns on the same
+    # cores, and one forward of all sessions costs far less than one per wave. Otherwise 0:
+    # every peer computes while the others' outputs travel.
     batch_wait_s: float | None = None
 
     def __post_init__(self):
@@ -181,12 +183,12 @@ class Scheduler:
 
     async def _gather(self) -> None:
         """Wait while sessions that stepped here within RECENT_S are neither queued nor gone: up
-        to batch_wait_s from the oldest queued step, or (batch_wait_s None, co-located) until
-        each is due back."""
+        to batch_wait_s from the oldest queued step, or (batch_wait_s None, co-located) for
+        those due back soon (see SchedulerSettings.batch_wait_s)."""
         fixed = self.settings.batch_wait_s
         if fixed is None and not self.colocated or fixed == 0:
             return
-        while True:
+        while self._queue:
             now = self._clock()
             self._drop_stale(now)
             queued = {j.session_id for j in self._queue}
@@ -194,14 +196,7 @@ class Scheduler:
             if not missing:
                 return
             oldest = min(j.enqueued for j in self._queue)
-            if fixed is not None:
-                until = oldest + fixed
-            else:
-                due = max(
-                    last + ROUND_SLACK * rtt if rtt is not None else oldest + COLOCATED_WAIT_S
-                    for last, rtt in missing
-                )
-                until = min(due, oldest + MAX_MERGE_WAIT_S)
+            until = oldest + fixed if fixed is not None else self._merge_until(oldest, queued, missing)
             if until <= now:
                 return
             self._wake.clear()
@@ -209,6 +204,18 @@ class Scheduler:
                 await asyncio.wait_for(self._wake.wait(), until - now)
             except TimeoutError:
                 return
+
+    def _merge_until(
+        self, oldest: float, queued: set[str], missing: list[tuple[float, float | None]]
+    ) -> float:
+        rounds = sorted(r for sid in queued if (r := self._recent.get(sid, (0, None))[1]) is not None)
+        if not rounds:
+            return oldest + COLOCATED_WAIT_S
+        end = oldest + min(max(COLOCATED_WAIT_S, MERGE_FRACTION * rounds[len(rounds) // 2]), MAX_MERGE_WAIT_S)
+        due = [last + rtt for last, rtt in missing if rtt is not None]
+        if len(due) < len(missing):  # a session whose round time is not known yet
+            return max(oldest + COLOCATED_WAIT_S, end if any(d <= end for d in due) else 0)
+        return end if any(d <= end for d in due) else oldest
 
     def _drop_stale(self, now: float) -> None:
         for sid in [sid for sid, (t, _) in self._recent.items() if now - t > RECENT_S]:

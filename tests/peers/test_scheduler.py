@@ -199,38 +199,64 @@ def test_a_forward_waits_for_sessions_mid_round_but_never_when_alone(tiny_llama)
     assert batches == 1 and largest == 2
 
 
+async def _rounds(sched: Scheduler, sid: str, rounds: int, travel_s: float, late_s: float = 0.0):
+    """One session's decode rounds; between its steps here it travels through other peers.
+    Returns its tokens and the seconds its rounds took."""
+    await asyncio.sleep(late_s)
+    out = await sched.run(job(sid, [PROMPTS[1]]))
+    tokens, position, t0 = out.tokens, len(PROMPTS[1]), time.monotonic()
+    for _ in range(rounds):
+        await asyncio.sleep(travel_s)
+        out = await sched.run(job(sid, [tokens[-1:]], position))
+        tokens, position = tokens + out.tokens, position + 1
+    return tokens, time.monotonic() - t0
+
+
 def test_colocated_waves_that_drifted_apart_merge(tiny_llama):
     """Co-located (forwards take turns on the same cores): two sessions whose rounds are out of
-    step by three times COLOCATED_WAIT_S are each waited for until due back, so they end up in
-    one forward per round instead of one each."""
+    step by more than twice COLOCATED_WAIT_S end up in one forward per round."""
     block = load_block(tiny_llama)
-    rounds, travel_s = 6, 0.3  # travel: the time a step spends on the other peers of its route
+    rounds = 6
 
     async def main():
         sched = Scheduler(lambda: block)
         sched.colocated = True
         try:
-
-            async def session(sid: str, late_s: float) -> list[int]:
-                await asyncio.sleep(late_s)
-                out = await sched.run(job(sid, [PROMPTS[1]]))
-                tokens, position = out.tokens, len(PROMPTS[1])
-                for _ in range(rounds):
-                    await asyncio.sleep(travel_s)
-                    out = await sched.run(job(sid, [tokens[-1:]], position))
-                    tokens, position = tokens + out.tokens, position + 1
-                return tokens
-
-            t0 = time.monotonic()
-            got = await asyncio.wait_for(asyncio.gather(session("a", 0), session("b", 0.15)), 30)
-            return got, sched.stats, time.monotonic() - t0
+            got = await asyncio.wait_for(
+                asyncio.gather(
+                    _rounds(sched, "a", rounds, 0.4), _rounds(sched, "b", rounds, 0.4, late_s=0.12)
+                ),
+                30,
+            )
+            return got, sched.stats
         finally:
             await sched.close()
 
-    (a, b), stats, _ = run(main())
+    ((a, _), (b, _)), stats = run(main())
     assert a == b  # the same prompt, greedy: the same tokens, whatever the batch
     assert stats.max_batch_steps == 2  # merged ...
     assert stats.batches <= 2 + 2 * rounds - 2  # ... for good: at least two rounds in one forward
+
+
+def test_colocated_a_slow_session_does_not_hold_the_others(tiny_llama):
+    """A session that comes back seldom (a slow client, a far entry) is not waited for by the
+    sessions that come back often: they keep their own pace."""
+    block = load_block(tiny_llama)
+
+    async def main():
+        sched = Scheduler(lambda: block)
+        sched.colocated = True
+        try:
+            fast, _ = await asyncio.wait_for(
+                asyncio.gather(_rounds(sched, "fast", 30, 0.05), _rounds(sched, "slow", 5, 0.7)), 60
+            )
+            return fast[1]
+        finally:
+            await sched.close()
+
+    # 30 rounds of 50 ms travel: ~1.7 s; waiting for the slow one whenever it is missing (until
+    # due back, up to MAX_MERGE_WAIT_S) would take several seconds more
+    assert run(main()) < 3.0
 
 
 def test_one_steps_sampling_failure_stays_its_own(tiny_llama, monkeypatch):
