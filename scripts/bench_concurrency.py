@@ -3,7 +3,8 @@ model generating the same prompts as one batch, side by side in one run, alterna
 to first token of requests that share a long system prompt, with and without prefix reuse.
 
     python scripts/bench_concurrency.py [--model smollm2-135m] [--runs 3] [--streams 1,4,8,16,32]
-        [--max-tokens 32] [--entries first|all] [--threads N] [--no-prefix] [--json PATH]
+        [--max-tokens 32] [--entries first|all] [--threads N] [--peer-args '...'] [--no-prefix]
+        [--json PATH]
 
 For each concurrency level N, the swarm (3 peers: 0:10, 10:20, 20:30) gets N streamed chat
 completions at once (greedy, ignore_eos, distinct prompts of mixed lengths): aggregate tokens/s is
