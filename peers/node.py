@@ -243,9 +243,8 @@ class PeerNode:
     def _apply_threads(self) -> None:
         """Torch threads of the compute thread: --threads, else OMP_NUM_THREADS, else every core.
         Co-located peers compute mostly in turns (see batch_wait_s) and their idle OpenMP threads
-        sleep after a moment (--omp-wait-policy brief), so each may use all cores: measured on 2
-        cores with three peers, 2 threads each gave 8.6 tokens/s for one stream and 45 for eight,
-        1 thread each 7.6 and 35."""
+        sleep after a moment (--omp-wait-policy brief), so each may use all cores (measured in
+        the README, "CPU threads": 2 threads per peer beat 1 on 2 cores with three peers)."""
         self.scheduler.colocated = self._colocated_peers() > 1
         if self._threads:
             return

@@ -208,14 +208,14 @@ class Scheduler:
     def _merge_until(
         self, oldest: float, queued: set[str], missing: list[tuple[float, float | None]]
     ) -> float:
-        rounds = sorted(r for sid in queued if (r := self._recent.get(sid, (0, None))[1]) is not None)
+        """Co-located: until when a forward waits for the missing sessions (see batch_wait_s)."""
+        unknown = oldest + COLOCATED_WAIT_S  # for sessions whose round time is not known yet
+        rounds = sorted(r for sid in queued if (r := self._recent.get(sid, (0.0, None))[1]) is not None)
         if not rounds:
-            return oldest + COLOCATED_WAIT_S
+            return unknown
         end = oldest + min(max(COLOCATED_WAIT_S, MERGE_FRACTION * rounds[len(rounds) // 2]), MAX_MERGE_WAIT_S)
-        due = [last + rtt for last, rtt in missing if rtt is not None]
-        if len(due) < len(missing):  # a session whose round time is not known yet
-            return max(oldest + COLOCATED_WAIT_S, end if any(d <= end for d in due) else 0)
-        return end if any(d <= end for d in due) else oldest
+        until = end if any(rtt is not None and last + rtt <= end for last, rtt in missing) else oldest
+        return max(until, unknown) if any(rtt is None for _, rtt in missing) else until
 
     def _drop_stale(self, now: float) -> None:
         for sid in [sid for sid, (t, _) in self._recent.items() if now - t > RECENT_S]:
