@@ -37,6 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         threads=args.threads,
+        core_turns=args.core_turns,
         max_cache_tokens=args.max_cache_tokens,
         session_idle_s=args.session_idle,
         hop_timeout_s=args.hop_timeout,
@@ -200,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how idle OpenMP threads wait: brief spins a moment between the operations of a forward, "
         "then sleeps; passive sleeps at once; active spins (default: OMP_WAIT_POLICY if set, else brief, "
         "which leaves the cores to co-located peers between forwards)",
+    )
+    serve.add_argument(
+        "--core-turns",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="forwards of the peers on this machine take turns, one at a time, so that their threads "
+        "never fight for the cores (default auto: on for a CPU peer that shares the machine with other "
+        "peers whose threads together outnumber the cores)",
     )
     serve.add_argument("--max-cache-tokens", type=int, default=65536, help="KV cache budget in token slots")
     serve.add_argument(

@@ -28,9 +28,12 @@ from .forwarding import Forwarder
 from .gossip import Gossip
 from .membership import DEAD, JOINING, LEAVING, SERVING, GossipSettings, PeerEntry, Table, new_incarnation
 from .protocol import Hop, StepRequest, StepResult
-from .scheduler import Busy, Job, NonFinite, Scheduler, SchedulerSettings
+from .scheduler import Busy, CoreTurns, Job, NonFinite, Scheduler, SchedulerSettings
 
 log = logging.getLogger("layerswarm.peer")
+
+
+CORE_TURNS = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class NodeConfig:
     device: str | None = None
     dtype: str | None = None
     threads: int | None = None  # torch threads; None: the cores shared among this host's peers
+    core_turns: str = "auto"  # on, off, or auto: on while co-located peers' threads outnumber the cores
     max_cache_tokens: int = 65536
     session_idle_s: float = 120.0
     hop_timeout_s: float = 30.0  # a hop's deadline: this, plus hop_timeout_per_token_s per position
@@ -71,6 +75,8 @@ class NodeConfig:
         for name in ("num_layers", "threads", "max_requests"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.core_turns not in CORE_TURNS:
+            raise ValueError(f"core_turns must be one of {', '.join(CORE_TURNS)}, got {self.core_turns!r}")
         if self.prefix_cache_tokens < 0:
             raise ValueError(f"prefix_cache_tokens must be >= 0, got {self.prefix_cache_tokens}")
 
@@ -112,6 +118,7 @@ class PeerNode:
         self.stopping = False  # set when draining ends: requests still running end with an error
         self.on_fatal = None  # called with the exception when this peer cannot go on
         self._threads = 0
+        self._turns: CoreTurns | None = None
         self._serving_since: float | None = None  # loop time this span started serving
         self._moving = False
         self._tasks: set[asyncio.Task] = set()  # background work, e.g. closing sessions
@@ -242,17 +249,31 @@ class PeerNode:
 
     def _apply_threads(self) -> None:
         """Torch threads of the compute thread: --threads, else OMP_NUM_THREADS, else every core.
-        Co-located peers compute mostly in turns (see batch_wait_s) and their idle OpenMP threads
-        sleep after a moment (--omp-wait-policy brief), so each may use all cores (measured in
-        the README, "CPU threads": 2 threads per peer beat 1 on 2 cores with three peers)."""
-        self.scheduler.colocated = self._colocated_peers() > 1
-        if self._threads:
-            return
-        env = os.environ.get("OMP_NUM_THREADS", "")
-        self._threads = self.config.threads or (int(env) if env.isdigit() and int(env) > 0 else 0)
-        self._threads = self._threads or os.cpu_count() or 1
-        # OpenMP's thread count belongs to the thread that sets it: set it where forwards run.
-        self.spawn(self.scheduler.run_in_compute(torch.set_num_threads, self._threads))
+        Co-located peers compute in turns (--core-turns, and waves: see batch_wait_s) and their
+        idle OpenMP threads sleep after a moment (--omp-wait-policy brief), so each may use all
+        cores (measured in the README, "CPU threads": 2 threads per peer beat 1 on 2 cores with
+        three peers)."""
+        colocated = self._colocated_peers()
+        self.scheduler.colocated = colocated > 1
+        if not self._threads:
+            env = os.environ.get("OMP_NUM_THREADS", "")
+            self._threads = self.config.threads or (int(env) if env.isdigit() and int(env) > 0 else 0)
+            self._threads = self._threads or os.cpu_count() or 1
+            # OpenMP's thread count belongs to the thread that sets it: set it where forwards run.
+            self.spawn(self.scheduler.run_in_compute(torch.set_num_threads, self._threads))
+        self._apply_turns(colocated)
+
+    def _apply_turns(self, colocated: int) -> None:
+        """--core-turns: forwards take turns with the co-located peers' (see CoreTurns); auto
+        while this CPU peer shares the machine and the peers' threads outnumber its cores."""
+        mode = self.config.core_turns
+        cpu = torch.device(self.config.device or "cpu").type == "cpu"
+        on = mode == "on" or (
+            mode == "auto" and cpu and colocated > 1 and colocated * self._threads > (os.cpu_count() or 1)
+        )
+        if on and self._turns is None:
+            self._turns = CoreTurns()
+        self.scheduler.turns = self._turns if on else None
 
     @property
     def threads(self) -> int:
@@ -299,6 +320,8 @@ class PeerNode:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.scheduler.close()
+        if self._turns is not None:
+            self._turns.close()
         await self.http.aclose()
 
     def list_seeds(self) -> list[str]:

@@ -67,6 +67,7 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
             "incarnation": me.incarnation,
             "active_requests": node.active_requests,
             "threads": node.threads,
+            "core_turns": node.scheduler.turns is not None,
             "failovers": node.failovers,
             "queued_steps": len(node.scheduler),
             "scheduler": node.scheduler.stats.to_json(),

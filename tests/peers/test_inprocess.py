@@ -184,3 +184,35 @@ def test_one_frame_that_breaks_does_not_fail_its_whole_message(tiny_llama):
     status, (fine, broken) = asyncio.run(main())
     assert status == 200
     assert fine["tokens"] and "RuntimeError" in broken["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "device", "colocated", "threads", "cores", "on"),
+    [
+        ("auto", None, 3, 2, 2, True),  # three peers of 2 threads on 2 cores
+        ("auto", None, 1, 2, 2, False),  # alone on the machine
+        ("auto", None, 3, 4, 16, False),  # 12 threads fit 16 cores
+        ("auto", "cuda", 3, 2, 2, False),  # a GPU peer's forwards do not run on the cores
+        ("on", None, 1, 2, 16, True),
+        ("off", None, 3, 2, 2, False),
+    ],
+)
+def test_core_turns_are_taken_where_threads_outnumber_the_cores(
+    tiny_llama, monkeypatch, tmp_path, mode, device, colocated, threads, cores, on
+):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setattr("peers.node.os.cpu_count", lambda: cores)
+    node = PeerNode(NodeConfig(model=str(tiny_llama), layers="0:4", core_turns=mode))
+    node.config = replace(node.config, device=device)  # the CUDA case without a GPU: no block loads here
+    node._threads = threads
+    node._apply_turns(colocated)
+    assert (node.scheduler.turns is not None) == on
+    node._apply_turns(1)  # alone again: auto stops taking turns
+    assert (node.scheduler.turns is not None) == (mode == "on")
+    if node._turns is not None:
+        node._turns.close()
+
+
+def test_core_turns_refuse_an_unknown_mode():
+    with pytest.raises(ValueError, match="core_turns must be one of auto, on, off"):
+        NodeConfig(core_turns="sometimes")

@@ -3,6 +3,8 @@ chunks between other sessions' decode steps, a full or slow queue answers busy, 
 restores KV without changing the output."""
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,7 +14,7 @@ import torch
 from inference import load_block
 from peers.prefix import prefix_hashes
 from peers.protocol import Sampling, StepResult
-from peers.scheduler import Busy, Job, Scheduler, SchedulerSettings
+from peers.scheduler import Busy, CoreTurns, Job, Scheduler, SchedulerSettings
 
 GREEDY = Sampling(temperature=0)
 PROMPTS = [[5, 17, 99, 42, 7, 3, 250, 64, 12, 8, 77], [9, 9, 1, 200, 31], [44] * 3, list(range(3, 40))]
@@ -308,3 +310,65 @@ def test_decode_steps_leave_room_for_a_waiting_prompt(tiny_llama):
 
     run(main())
     assert forwards[0] == [1, 1, 1, 1, 4]  # four decode steps and a chunk of the prompt
+
+
+def test_forwards_wait_for_their_turn_on_the_cores(tiny_llama, tmp_path):
+    """With core turns, a forward starts only once the co-located peer's forward has ended, and
+    the wait counts as waiting, not as compute."""
+    block = load_block(tiny_llama)
+    path = str(tmp_path / "cores.lock")
+    other = CoreTurns(path)  # another peer's forward, holding the cores
+    other.__enter__()
+    released = threading.Event()
+
+    def release():
+        time.sleep(0.5)
+        released.set()
+        other.__exit__(None, None, None)
+
+    async def main():
+        sched = Scheduler(lambda: block)
+        sched.turns = CoreTurns(path)
+        threading.Thread(target=release).start()
+        try:
+            result = await sched.run(job("s", [PROMPTS[0]]))
+            return result, released.is_set(), sched.stats, sched.turns
+        finally:
+            await sched.close()
+            sched.turns.close()
+            other.close()
+
+    result, after_release, stats, turns = run(main())
+    assert isinstance(result, StepResult) and after_release
+    assert turns.turns == 1 and stats.turn_wait_s >= 0.4 and stats.turn_wait_s == pytest.approx(turns.wait_s)
+    assert stats.compute_s < stats.turn_wait_s  # the wait is not counted as compute
+
+
+def test_a_killed_peer_leaves_no_turn_held(tmp_path):
+    """The kernel releases a dead holder's lock: a peer killed mid-forward blocks no one."""
+    path = str(tmp_path / "cores.lock")
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLD_TURN, path], stdout=subprocess.PIPE, text=True
+    ) as holder:
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            holder.kill()
+            holder.wait(10)
+            turns = CoreTurns(path)
+            done = threading.Event()
+            threading.Thread(target=lambda: (turns.__enter__(), done.set())).start()
+            assert done.wait(10), "the turn of a killed peer was never released"
+            turns.__exit__(None, None, None)
+            turns.close()
+        finally:
+            holder.kill()
+
+
+HOLD_TURN = """
+import sys, time
+from peers.scheduler import CoreTurns
+turns = CoreTurns(sys.argv[1])
+turns.__enter__()
+print("held", flush=True)
+time.sleep(600)
+"""
