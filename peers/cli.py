@@ -14,6 +14,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from .limits import guarded_h11
     from .membership import GossipSettings
     from .node import NodeConfig, PeerNode
     from .scheduler import SchedulerSettings
@@ -46,6 +47,10 @@ def _serve(args: argparse.Namespace) -> int:
         ban_s=args.ban,
         drain_s=args.drain,
         max_requests=args.max_requests,
+        max_body_bytes=args.max_body_bytes,
+        read_timeout_s=args.read_timeout,
+        header_timeout_s=args.header_timeout,
+        max_connections=args.max_connections,
         prefix_reuse=not args.no_prefix_reuse,
         prefix_cache_tokens=args.prefix_cache_tokens,
         scheduler=SchedulerSettings(
@@ -102,6 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             timeout_graceful_shutdown=int(config.drain_s) + 1,
             access_log=False,
+            http=guarded_h11(config.max_connections, config.header_timeout_s),
         )
     )
     loop = asyncio.new_event_loop()
@@ -264,6 +270,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
     serve.add_argument(
         "--max-requests", type=int, default=64, help="requests this entry serves at once; more get 429"
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=4 << 20,
+        help="the largest request body (OpenAI requests, gossip) in bytes; more get 413 (step frames "
+        "may carry the hidden states of a whole context)",
+    )
+    serve.add_argument(
+        "--read-timeout", type=float, default=10.0, help="seconds a request body may pause; then 408"
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a connection may take to send a request's headers; then it is closed",
+    )
+    serve.add_argument(
+        "--max-connections", type=int, default=2048, help="open HTTP connections; more are closed at once"
     )
     serve.add_argument(
         "--no-rebalance",

@@ -57,8 +57,16 @@ async def step(
         prefix=prefix,
     )
     if route[0].peer_id == node.peer_id:
-        return await node.run_step(req)
-    return await node.forwarder.push(req)
+        result = await node.run_step(req)
+    else:
+        result = await node.forwarder.push(req)
+    vocab = node.model_config.vocab_size
+    if len(result.tokens) != len(rows) or not all(0 <= t < vocab for t in result.tokens):
+        raise HopFailed(
+            route[-1].peer_id,
+            f"it answered tokens {result.tokens[:4]!r:.80} for {len(rows)} sequences; ids must be in [0, {vocab})",
+        )
+    return result
 
 
 async def generate(

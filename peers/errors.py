@@ -65,11 +65,13 @@ class HopFailed(SwarmError):
     non-finite output: the peer is at fault), "session_lost" (it no longer holds the session),
     "cache_full" or "busy" (it is healthy but has no room now), "too_large" (the request would
     not fit it even when idle), "bad_request" (the sender's
-    step did not fit: nobody is at fault)."""
+    step did not fit: nobody is at fault), "bad_input" (the hidden states the previous hop sent
+    are not finite: its sender turns this into its own failure, so the peer that computed them is
+    the one blamed)."""
 
     status = 502
     kind = "hop_failed"
-    REASONS = ("failed", "session_lost", "cache_full", "busy", "too_large", "bad_request")
+    REASONS = ("failed", "session_lost", "cache_full", "busy", "too_large", "bad_request", "bad_input")
 
     def __init__(self, peer_id: str, message: str, reason: str = "failed"):
         super().__init__(f"peer {peer_id} failed: {message}")

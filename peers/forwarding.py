@@ -100,6 +100,10 @@ class Forwarder:
         for (_, future), result in zip(items, results, strict=True):
             if future.done():  # its caller gave up (e.g. the client hung up)
                 continue
+            if isinstance(result, HopFailed) and result.reason == "bad_input":
+                # the next peer refused what this peer computed: this peer is the one at fault
+                detail = result.message.removeprefix(f"peer {result.peer_id} failed: ")
+                result = HopFailed(self.me, f"its output was refused by {nxt.peer_id}: {detail}")
             if isinstance(result, HopFailed):
                 future.set_exception(result)
             else:

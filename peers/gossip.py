@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import httpx
 
-from .membership import PeerEntry, Table
+from .membership import Table, parse_entries
 from .protocol import PATH_GOSSIP
 
 log = logging.getLogger("layerswarm.gossip")
@@ -56,10 +56,11 @@ class Gossip:
                 f"http://{address}{PATH_GOSSIP}", json=body, timeout=self.settings.timeout_s
             )
             r.raise_for_status()
-            self.table.merge([PeerEntry.from_json(e) for e in r.json()["entries"]])
+            self.table.merge(parse_entries(r.json()["entries"]))
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
             log.debug("gossip with %s failed: %s", address, e)
 
-    def receive(self, entries: list[dict]) -> list[dict]:
-        self.table.merge([PeerEntry.from_json(e) for e in entries])
+    def receive(self, entries) -> list[dict]:
+        """Merge a peer's gossip (ValueError, and nothing merged, if any entry is invalid)."""
+        self.table.merge(parse_entries(entries))
         return [e.to_json() for e in self.table.entries()]

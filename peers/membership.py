@@ -8,7 +8,9 @@ peer whose heartbeat has not advanced for `suspect_after_s` is suspect (no new r
 `tombstone_s`, so stale gossip cannot bring it back. A peer told it is dead starts a new life.
 """
 
+import math
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -16,6 +18,18 @@ from dataclasses import asdict, dataclass, field, replace
 
 JOINING, SERVING, LEAVING, DEAD = "joining", "serving", "leaving", "dead"
 STATES = (JOINING, SERVING, LEAVING, DEAD)
+
+# Bounds on what gossip may carry (everything a peer receives is validated before it is used)
+MAX_ENTRIES_PER_MESSAGE = 1024
+MAX_TABLE_ENTRIES = MAX_ENTRIES_PER_MESSAGE  # peers one table holds (all of it fits one message)
+MAX_LAYERS = 4096
+MAX_MODEL_ID = 256
+MAX_CLOCK_AHEAD_S = 300.0  # an incarnation (a start time in microseconds) at most this far ahead
+MAX_COUNTER = 2**53  # heartbeats and loads
+_HOST = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+_IPV6 = re.compile(r"\[[0-9A-Fa-f:.]{2,45}\]")
 
 
 @dataclass(frozen=True)
@@ -67,11 +81,92 @@ class PeerEntry:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "PeerEntry":
-        entry = cls(**{k: data[k] for k in cls.__dataclass_fields__})
-        if entry.state not in STATES:
-            raise ValueError(f"unknown peer state {entry.state!r}")
-        return entry
+    def from_json(cls, data: dict, now_us: int | None = None) -> "PeerEntry":
+        """A gossiped entry, checked field by field (ValueError names the first bad one)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a peer entry must be an object, got {type(data).__name__}")
+        names = cls.__dataclass_fields__.keys()
+        if data.keys() != names:
+            missing, extra = sorted(names - data.keys()), sorted(data.keys() - names)
+            raise ValueError(
+                f"a peer entry has the fields {sorted(names)}; missing {missing}, unknown {extra}"
+            )
+        peer_id = check_address(data["peer_id"])
+        model = data["model"]
+        if not isinstance(model, str) or not 0 < len(model) <= MAX_MODEL_ID or not model.isprintable():
+            raise ValueError(f"model must be a printable string of 1 to {MAX_MODEL_ID} characters")
+        total = _int(data, "total_layers", 1, MAX_LAYERS)
+        start, end = _int(data, "start", 0, total), _int(data, "end", 0, total)
+        state = data["state"]
+        if state not in STATES:
+            raise ValueError(f"state must be one of {', '.join(STATES)}, got {state!r}")
+        if start > end or (start == end and state == SERVING):
+            raise ValueError(f"layers {start}:{end} are not a range of a {state} peer")
+        now_us = _now_us() if now_us is None else now_us
+        incarnation = _int(data, "incarnation", 0, now_us + int(MAX_CLOCK_AHEAD_S * 1e6))
+        dead_for = data["dead_for_s"]
+        if (
+            not isinstance(dead_for, (int, float))
+            or isinstance(dead_for, bool)
+            or not math.isfinite(dead_for)
+        ):
+            raise ValueError(f"dead_for_s must be a finite number, got {dead_for!r}")
+        if dead_for < 0:
+            raise ValueError(f"dead_for_s must be >= 0, got {dead_for}")
+        return cls(
+            peer_id,
+            model,
+            total,
+            start,
+            end,
+            state,
+            incarnation,
+            _int(data, "heartbeat", 0, MAX_COUNTER),
+            _int(data, "load", 0, MAX_COUNTER),
+            float(dead_for),
+        )
+
+
+def check_address(value) -> str:
+    """A peer's address: host:port and nothing else (no scheme, path, user or query)."""
+    if not isinstance(value, str) or len(value) > 262:
+        raise ValueError(f"an address must be a string host:port, got {value!r:.80}")
+    host, sep, port = value.rpartition(":")
+    if (
+        not sep
+        or not port.isdigit()
+        or not 0 < int(port) < 65536
+        or len(port) > 5
+        or not (_HOST.fullmatch(host) or _IPV6.fullmatch(host))
+    ):
+        raise ValueError(f"an address must be host:port, got {value!r:.80}")
+    return value
+
+
+def _int(data: dict, name: str, low: int, high: int) -> int:
+    value = data[name]
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r:.40}")
+    return value
+
+
+def parse_entries(items, now_us: int | None = None) -> list[PeerEntry]:
+    """The entries of one gossip message (ValueError if it is not a list of valid entries, or
+    longer than MAX_ENTRIES_PER_MESSAGE)."""
+    if not isinstance(items, list):
+        raise ValueError("entries must be a list")
+    if len(items) > MAX_ENTRIES_PER_MESSAGE:
+        raise ValueError(
+            f"a gossip message carries at most {MAX_ENTRIES_PER_MESSAGE} entries, got {len(items)}"
+        )
+    now_us = _now_us() if now_us is None else now_us
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(PeerEntry.from_json(item, now_us))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"entry {i}: {e}") from None
+    return out
 
 
 def supersedes(new: PeerEntry, old: PeerEntry) -> bool:
@@ -127,6 +222,10 @@ class Table:
                     self.update_me(incarnation=max(entry.incarnation + 1, _now_us()), heartbeat=0)
                 continue
             known = self._peers.get(entry.peer_id)
+            if entry.state == DEAD and entry.dead_for_s > self.settings.tombstone_s:
+                continue  # an expired tombstone: dropped everywhere, not bounced around
+            if known is None and len(self._peers) >= MAX_TABLE_ENTRIES:
+                continue  # the table is full: no new peers until some are forgotten
             died = now - max(0.0, entry.dead_for_s) if entry.state == DEAD else None
             if known is None or supersedes(entry, known.entry):
                 # a tombstone is kept too, so that stale gossip of that life cannot revive it; it

@@ -21,11 +21,18 @@ from inference import (
     resolve_model,
 )
 from inference.block import load_config
+from inference.prefix_cache import BLOCK_TOKENS
 
 from .bans import Bans
 from .errors import HopFailed
 from .forwarding import Forwarder
 from .gossip import Gossip
+from .limits import (
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_READ_TIMEOUT_S,
+)
 from .membership import DEAD, JOINING, LEAVING, SERVING, GossipSettings, PeerEntry, Table, new_incarnation
 from .protocol import Hop, StepRequest, StepResult
 from .scheduler import Busy, CoreTurns, Job, NonFinite, Scheduler, SchedulerSettings
@@ -34,6 +41,9 @@ log = logging.getLogger("layerswarm.peer")
 
 
 CORE_TURNS = ("auto", "on", "off")
+STEPS_BODY_SLACK_BYTES = 4 << 20
+MAX_STEP_BATCH = 64  # sequences in one step (an OpenAI request asks for at most 16)
+MAX_SESSION_ID = 128  # frame headers of a steps message, beyond its tensors
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,10 @@ class NodeConfig:
     drain_s: float = 10.0  # on leave: how long in-flight requests may finish
     rebalance: bool = True  # with layers None: move to fill a gap when this peer's span is redundant
     max_requests: int = 64  # requests this entry serves at once; more get 429
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # a request body other than step frames
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S  # the longest pause while a body arrives
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S  # to send a request's headers
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # open HTTP connections; more are closed
     prefix_reuse: bool = True  # reuse the KV of prompt prefixes this peer computed before
     prefix_cache_tokens: int = 16384  # token slots of KV kept for prefix reuse
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
@@ -72,7 +86,10 @@ class NodeConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.hop_timeout_per_token_s < 0:
             raise ValueError(f"hop_timeout_per_token_s must be >= 0, got {self.hop_timeout_per_token_s}")
-        for name in ("num_layers", "threads", "max_requests"):
+        for name in ("read_timeout_s", "header_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("num_layers", "threads", "max_requests", "max_body_bytes", "max_connections"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.core_turns not in CORE_TURNS:
@@ -119,6 +136,8 @@ class PeerNode:
         self.on_fatal = None  # called with the exception when this peer cannot go on
         self._threads = 0
         self._turns: CoreTurns | None = None
+        self._learning: asyncio.Future | None = None  # a gossip round to learn an unknown next hop
+        self._learned_at = 0.0
         self._serving_since: float | None = None  # loop time this span started serving
         self._moving = False
         self._tasks: set[asyncio.Task] = set()  # background work, e.g. closing sessions
@@ -276,6 +295,13 @@ class PeerNode:
         self.scheduler.turns = self._turns if on else None
 
     @property
+    def max_steps_body_bytes(self) -> int:
+        """The largest steps message a peer may receive: float32 hidden states of a whole
+        context (a prompt travels as one frame), plus room for the frames' headers."""
+        hidden = self.model_config.hidden_size
+        return self.context_length * hidden * 4 + STEPS_BODY_SLACK_BYTES
+
+    @property
     def threads(self) -> int:
         return self._threads
 
@@ -340,9 +366,18 @@ class PeerNode:
             raise HopFailed(
                 self.peer_id, f"layers {hop.start}:{hop.end} are not inside its span {block.span}"
             )
-        bad = _route_problem(req.hops, self.total_layers)
+        bad = _route_problem(req.hops, self.total_layers) or self._frame_problem(req)
         if bad:
             raise HopFailed(self.peer_id, bad, "bad_request")
+        if len(req.hops) > 1 and not self._knows(req.hops[1]) and not await self._learn(req.hops[1]):
+            raise HopFailed(
+                self.peer_id,
+                f"its next hop {req.hops[1].peer_id} ({req.hops[1].start}:{req.hops[1].end}) is not a "
+                "serving peer of its table",
+                "busy",  # tables may lag a moment: the entry routes around, nobody is banned
+            )
+        if req.tensor.is_floating_point() and not bool(torch.isfinite(req.tensor).all()):
+            raise HopFailed(self.peer_id, "the hidden states it was sent are not finite", "bad_input")
         last = hop.end == self.total_layers
         job = Job(
             req.session_id,
@@ -376,6 +411,51 @@ class PeerNode:
         position = req.position + job.skipped  # the positions restored from the prefix cache stay behind
         return await self.forwarder.push(replace(req, hops=req.hops[1:], tensor=out, position=position))
 
+    def _frame_problem(self, req: StepRequest) -> str | None:
+        """What makes a frame one this peer refuses before any work (the receiver bounds its own
+        work, whatever the sender asks)."""
+        batch, steps = req.tensor.shape[:2]
+        if batch > MAX_STEP_BATCH:
+            return f"a step carries at most {MAX_STEP_BATCH} sequences, this one {batch}"
+        if req.position + steps > self.context_length:
+            return (
+                f"positions {req.position}..{req.position + steps} pass the model's context of "
+                f"{self.context_length}"
+            )
+        if not 0 < len(req.session_id) <= MAX_SESSION_ID or not req.session_id.isprintable():
+            return f"a session id is 1 to {MAX_SESSION_ID} printable characters"
+        if len(req.prefix) > self.context_length // BLOCK_TOKENS:
+            return f"a prefix of {len(req.prefix)} blocks is longer than the model's context"
+        return None
+
+    def _knows(self, hop: Hop) -> bool:
+        """Whether a next hop is a peer of this peer's own table, serving (or leaving: it still
+        finishes its sessions) this model's layers of the hop: no frame sends hidden states to an
+        address its sender made up."""
+        if hop.peer_id == self.peer_id:
+            return False  # a route visits each peer once (checked above); never a loop back here
+        for entry in self.table.live():
+            if entry.peer_id == hop.peer_id:
+                return (
+                    entry.model == self.model_id
+                    and entry.state in (SERVING, LEAVING)
+                    and entry.start <= hop.start < hop.end <= entry.end
+                )
+        return False
+
+    async def _learn(self, hop: Hop) -> bool:
+        """A next hop this peer does not know yet (tables lag a moment after a peer joins): one
+        extra gossip round with peers it already knows, shared by the steps that wait for it and
+        at most one a second, then whether it knows the hop now. Never dials the hop itself."""
+        loop = asyncio.get_running_loop()
+        if self._learning is None or (self._learning.done() and loop.time() - self._learned_at > 1.0):
+            self._learned_at = loop.time()
+            self._learning = asyncio.ensure_future(
+                self.gossip.round(self.table.gossip_targets(self.list_seeds()))
+            )
+        await asyncio.shield(self._learning)
+        return self._knows(hop)
+
     async def close_sessions(self, session_id: str, hops: list[Hop]) -> None:
         """Free the session on every peer of a route (best effort, bounded)."""
         if any(h.peer_id == self.peer_id for h in hops) and self.block is not None:
@@ -394,6 +474,8 @@ def _route_problem(hops: list[Hop], total: int) -> str | None:
         return f"the route ends at layer {hops[-1].end}, not at the model's last layer {total}"
     if any(h.peer_id != h.address or not 0 <= h.start < h.end for h in hops):
         return "a hop of the route has a bad layer range or a peer id that is not its address"
+    if len({h.peer_id for h in hops}) != len(hops):
+        return "the route visits a peer more than once"
     return None
 
 

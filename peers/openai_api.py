@@ -23,6 +23,7 @@ from .routing import NoRouteError
 from .textstream import TextStream
 
 MAX_N = 16  # sequences per request
+MAX_CHARS_PER_TOKEN = 64  # no token of a real vocabulary is longer: longer prompts cannot fit
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 
 log = logging.getLogger("layerswarm.api")
@@ -89,6 +90,8 @@ def router(node: PeerNode) -> APIRouter:
             for m in req.messages
         ]
 
+        _check_prompt_size(node, sum(len(m["content"]) for m in messages), "messages")
+
         async def prompt_ids() -> list[int]:
             loop = asyncio.get_running_loop()
             try:
@@ -104,6 +107,7 @@ def router(node: PeerNode) -> APIRouter:
     async def completions(req: CompletionRequest, request: Request):
         if not req.prompt:
             raise InvalidRequest("prompt must not be empty", param="prompt")
+        _check_prompt_size(node, len(req.prompt), "prompt")
 
         async def prompt_ids() -> list[int]:
             return await asyncio.get_running_loop().run_in_executor(
@@ -113,6 +117,19 @@ def router(node: PeerNode) -> APIRouter:
         return await _complete(node, req, prompt_ids, False, request)
 
     return api
+
+
+def _check_prompt_size(node: PeerNode, chars: int, param: str) -> None:
+    """Before tokenizing: a prompt that could not fit the context however it tokenizes is
+    refused at once (tokenizing megabytes takes seconds and gigabytes)."""
+    limit = node.context_length * MAX_CHARS_PER_TOKEN
+    if chars > limit:
+        raise InvalidRequest(
+            f"the prompt has {chars} characters; this model's context of {node.context_length} tokens "
+            f"holds at most {limit}",
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
 def _admit(node: PeerNode, req: "_Request") -> None:

@@ -7,7 +7,9 @@ import asyncio
 import fcntl
 import logging
 import os
+import queue
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,6 +30,7 @@ RECENT_S = 2.0  # a session that took a decode step here this recently is expect
 COLOCATED_WAIT_S = 0.05  # how long to wait for a session whose round time is not known yet
 MERGE_FRACTION = 0.5  # co-located: wait up to this share of the queued sessions' round time
 MAX_MERGE_WAIT_S = 1.0  # the longest a forward waits for sessions expected back
+TURN_WAIT_S = 2.0  # the longest a forward waits for its turn on shared cores
 
 
 class Busy(Exception):
@@ -75,26 +78,78 @@ class CoreTurns:
     Co-located peers whose OpenMP threads together outnumber the cores must not compute at
     once: each parallel region then waits at its barriers for threads that another process's
     threads keep off the cores. Measured with three peers on 2 cores: a one-prompt prefill that
-    takes 40 ms alone took 740 ms while the peer before it ran the other prompts' prefills."""
+    takes 40 ms alone took 740 ms while the peer before it ran the other prompts' prefills.
 
-    def __init__(self, path: str | None = None):
+    A turn is waited for at most `max_wait_s`: a holder that does not let go (a frozen process
+    keeps its lock) must not stop the others. Past that, forwards run without turns until the
+    lock comes free again (a thread of this object waits for it in the background)."""
+
+    def __init__(self, path: str | None = None, max_wait_s: float = TURN_WAIT_S):
         self.path = path or default_turns_path()
+        self.max_wait_s = max_wait_s
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        self.turns = 0
+        self.turns = 0  # forwards run in a turn
+        self.skipped = 0  # forwards run without one (a holder did not let go in time)
         self.wait_s = 0.0  # summed time spent waiting for the cores
+        self._asks: queue.SimpleQueue = queue.SimpleQueue()
+        self._state = threading.Lock()
+        self._stuck: _Ask | None = None  # an ask given up on, still waiting for the lock
+        self._held = False
+        threading.Thread(target=self._serve_asks, name="core-turns", daemon=True).start()
+
+    def _serve_asks(self) -> None:
+        """In the background: take the lock for each ask; give it back at once if the asker
+        gave up meanwhile."""
+        while (ask := self._asks.get()) is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            with self._state:
+                if ask.abandoned:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+                    self._stuck = None
+                else:
+                    ask.granted = True
+                ask.done.set()
+        os.close(self._fd)
 
     def __enter__(self) -> "CoreTurns":
         t0 = time.monotonic()
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        with self._state:
+            stuck = self._stuck is not None
+        if not stuck:
+            ask = _Ask()
+            self._asks.put(ask)
+            ask.done.wait(self.max_wait_s)
+            with self._state:
+                self._held = ask.granted
+                if not ask.granted:
+                    ask.abandoned = True
+                    self._stuck = ask
+                    log.warning(
+                        "no turn on the cores within %.1f s (a co-located peer holds it and does not "
+                        "let go): forwards run without turns until it does",
+                        self.max_wait_s,
+                    )
         self.wait_s += time.monotonic() - t0
-        self.turns += 1
+        if self._held:
+            self.turns += 1
+        else:
+            self.skipped += 1
         return self
 
     def __exit__(self, *exc) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        if self._held:
+            self._held = False
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        os.close(self._fd)
+        self._asks.put(None)  # the thread closes the file once no ask waits for its lock
+
+
+@dataclass(eq=False)
+class _Ask:
+    done: threading.Event = field(default_factory=threading.Event)
+    granted: bool = False
+    abandoned: bool = False
 
 
 def default_turns_path() -> str:
@@ -140,6 +195,7 @@ class SchedulerStats:
     queue_wait_s: float = 0.0  # summed over started steps
     compute_s: float = 0.0  # summed over forwards (without waits for the cores)
     turn_wait_s: float = 0.0  # summed waits for co-located peers' forwards (--core-turns)
+    turns_skipped: int = 0  # forwards run without a turn: a co-located peer held it too long
     max_batch_steps: int = 0
 
     def to_json(self) -> dict:
@@ -153,6 +209,7 @@ class SchedulerStats:
             "mean_queue_wait_ms": round(1000 * self.queue_wait_s / self.steps, 2) if self.steps else 0.0,
             "compute_s": round(self.compute_s, 3),
             "turn_wait_s": round(self.turn_wait_s, 3),
+            "turns_skipped": self.turns_skipped,
         }
 
 
@@ -274,12 +331,13 @@ class Scheduler:
             if not batch:
                 continue
             block, turns = self._block(), self.turns
-            t0, waited = self._clock(), turns.wait_s if turns else 0.0
+            t0, waited, skipped = self._clock(), turns.wait_s if turns else 0.0, turns.skipped if turns else 0
             try:
                 results = await loop.run_in_executor(self._executor, _compute_in_turn, turns, block, batch)
             except Exception as e:  # the block is gone (moving) or the thread pool shut down
                 results = [e] * len(batch)
             waited = turns.wait_s - waited if turns else 0.0
+            self.stats.turns_skipped += turns.skipped - skipped if turns else 0
             elapsed = self._clock() - t0 - waited
             self.stats.batches += 1
             self.stats.compute_s += elapsed

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from .errors import HopFailed, install_handlers
+from .limits import BodyLimits
 from .node import PeerNode
 from .openai_api import router as openai_router
 from .protocol import (
@@ -51,6 +52,11 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
 
     app = FastAPI(title="LayerSwarm peer", lifespan=lifespan)
     install_handlers(app)
+    app.add_middleware(
+        BodyLimits,
+        cap_for=lambda path: node.max_steps_body_bytes if path == PATH_STEPS else node.config.max_body_bytes,
+        read_timeout_s=node.config.read_timeout_s,
+    )
     app.include_router(openai_router(node))
 
     @app.get(PATH_HEALTH)

@@ -41,7 +41,9 @@ class Peer:
         log_dir: Path,
         args: list[str],
         threads: int | None,
+        patch: str | None = None,
     ):
+        self.patch = patch  # Python run in the peer's process before it starts (a lying peer)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.model, self.layers, self.join, self.args, self.log_dir = model, layers, join, args, log_dir
@@ -51,6 +53,9 @@ class Peer:
 
     def start(self) -> "Peer":
         cmd = serve_command(self.model, self.port, self.layers, self.join, args=self.args)
+        if self.patch:  # python -m peers.cli ARGS -> python -c "PATCH; main(ARGS)" ARGS
+            code = f"{self.patch}\nimport sys\nfrom peers.cli import main\nsys.exit(main(sys.argv[1:]))"
+            cmd = [cmd[0], "-c", code, *cmd[3:]]
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
@@ -110,11 +115,16 @@ class Swarm:
         self.peers: list[Peer] = []
 
     def add(
-        self, layers: str | None, join: list[str] | None = None, args: list[str] = (), port: int | None = None
+        self,
+        layers: str | None,
+        join: list[str] | None = None,
+        args: list[str] = (),
+        port: int | None = None,
+        patch: str | None = None,
     ) -> Peer:
         if join is None:
             join = [self.peers[0].address] if self.peers else []
-        peer = Peer(self.model, layers, join, self.log_dir, self.args + list(args), self.threads)
+        peer = Peer(self.model, layers, join, self.log_dir, self.args + list(args), self.threads, patch)
         if port is not None:
             peer.port, peer.address = port, f"127.0.0.1:{port}"
             peer.log_path = self.log_dir / f"peer-{port}-{time.monotonic_ns()}.log"

@@ -12,7 +12,7 @@ import torch
 from peers.entry import generate
 from peers.membership import GossipSettings
 from peers.node import NodeConfig, PeerNode
-from peers.protocol import Sampling
+from peers.protocol import Hop, Sampling
 from peers.server import create_app
 from tests.helpers import greedy_reference, monolithic
 
@@ -90,6 +90,28 @@ def test_concurrent_generations_batch_and_equal_each_alone(tiny_llama):
     got, batch_sizes, _ = asyncio.run(main())
     assert got == expected
     assert all(size > 1 for size in batch_sizes), batch_sizes  # every peer batched sessions
+
+
+def test_a_next_hop_the_table_does_not_know_yet_is_learned_by_gossip(tiny_llama):
+    """Tables lag a moment after a peer joins: a peer asked to forward to a hop it does not
+    know runs a gossip round with the peers it knows, then forwards; it never dials the hop."""
+    model = monolithic(tiny_llama)
+
+    async def main():
+        net, nodes = await start_swarm(tiny_llama, ["0:1", "1:3", "3:4"])
+        middle, last = nodes[1], nodes[2]
+        try:
+            for node in nodes:
+                node._gossip_task.cancel()  # no gossip rounds from now on but those asked for
+            del middle.table._peers[last.peer_id]  # as if it had not heard of the last peer yet
+            assert not middle._knows(Hop(last.peer_id, last.peer_id, 3, 4))
+            return await tokens_of(nodes[0], PROMPTS[0], 8), middle.table.status(last.peer_id)
+        finally:
+            await stop_swarm(nodes)
+
+    got, status = asyncio.run(main())
+    assert got == greedy_reference(model, PROMPTS[0], 8)
+    assert status == "serving"
 
 
 def test_a_peer_dropping_out_mid_generation_is_failed_over_exactly(tiny_llama):

@@ -364,6 +364,44 @@ def test_a_killed_peer_leaves_no_turn_held(tmp_path):
             holder.kill()
 
 
+def test_a_frozen_holder_of_the_turn_does_not_stop_the_others(tiny_llama, tmp_path):
+    """A co-located peer frozen while it holds the cores (its lock stays held): forwards wait
+    for it at most max_wait_s once, then run without turns until it lets go."""
+    block = load_block(tiny_llama)
+    path = str(tmp_path / "cores.lock")
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLD_TURN, path], stdout=subprocess.PIPE, text=True
+    ) as holder:
+        try:
+            assert holder.stdout.readline().strip() == "held"
+
+            async def main():
+                sched = Scheduler(lambda: block)
+                sched.turns = CoreTurns(path, max_wait_s=0.3)
+                try:
+                    first = await sched.run(job("a", [PROMPTS[0]]))
+                    waited = sched.stats.turn_wait_s
+                    second = await sched.run(job("b", [PROMPTS[1]]))  # no second wait
+                    holder.kill()  # the holder lets go (here: dies)
+                    holder.wait(10)
+                    for _ in range(100):  # until the background ask got the lock and gave it back
+                        if sched.turns._stuck is None:
+                            break
+                        await asyncio.sleep(0.05)
+                    third = await sched.run(job("c", [PROMPTS[2]]))
+                    return first, second, third, waited, sched.stats, sched.turns
+                finally:
+                    await sched.close()
+                    sched.turns.close()
+
+            first, second, third, waited, stats, turns = run(main())
+        finally:
+            holder.kill()
+    assert all(isinstance(r, StepResult) for r in (first, second, third))
+    assert 0.3 <= waited < 1.0 and stats.turn_wait_s < waited + 0.2
+    assert stats.turns_skipped == 2 and turns.turns == 1  # the third ran in a turn again
+
+
 HOLD_TURN = """
 import sys, time
 from peers.scheduler import CoreTurns
