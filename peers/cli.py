@@ -19,6 +19,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .node import NodeConfig, PeerNode
     from .scheduler import SchedulerSettings
     from .server import create_app
+    from .trust import swarm_key_from
 
     gossip = GossipSettings(
         interval_s=args.gossip_interval,
@@ -51,6 +52,8 @@ def _serve(args: argparse.Namespace) -> int:
         read_timeout_s=args.read_timeout,
         header_timeout_s=args.header_timeout,
         max_connections=args.max_connections,
+        swarm_key=swarm_key_from(args.swarm_key),
+        api_keys=_api_keys(args),
         prefix_reuse=not args.no_prefix_reuse,
         prefix_cache_tokens=args.prefix_cache_tokens,
         scheduler=SchedulerSettings(
@@ -63,6 +66,16 @@ def _serve(args: argparse.Namespace) -> int:
         rebalance=not args.no_rebalance,
         gossip=gossip,
     )
+    if args.host not in LOOPBACK and not config.api_keys:
+        logging.getLogger("layerswarm.peer").warning(
+            "listening on %s without --api-key: anyone who can reach this port can use the OpenAI API",
+            args.host,
+        )
+    if args.host not in LOOPBACK and config.swarm_key is None:
+        logging.getLogger("layerswarm.peer").warning(
+            "listening on %s without --swarm-key: any peer that can reach this port may join this swarm",
+            args.host,
+        )
     if args.host in ("0.0.0.0", "::") and not args.public_address:
         logging.getLogger("layerswarm.peer").warning(
             "listening on %s without --public-address: other peers will be told to dial %s, which only "
@@ -137,10 +150,16 @@ def _listen(host: str, port: int):
     return sock
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
 def _status(args: argparse.Namespace) -> int:
     from .sdk import fetch_table, format_table
+    from .trust import swarm_key_from
 
-    print(format_table(fetch_table(args.peer, timeout_s=args.timeout)))
+    print(
+        format_table(fetch_table(args.peer, timeout_s=args.timeout, swarm_key=swarm_key_from(args.swarm_key)))
+    )
     return 0
 
 
@@ -288,6 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a connection may take to send a request's headers; then it is closed",
     )
     serve.add_argument(
+        "--swarm-key",
+        default=None,
+        help="a private swarm's shared key (16+ characters; default: LAYERSWARM_SWARM_KEY): every "
+        "peer-to-peer request is signed with it, and unsigned ones get 401",
+    )
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="a key the OpenAI API takes as 'Authorization: Bearer KEY' (repeatable; default: any caller)",
+    )
+    serve.add_argument("--api-key-file", default=None, help="a file of API keys, one per line")
+    serve.add_argument(
         "--max-connections", type=int, default=2048, help="open HTTP connections; more are closed at once"
     )
     serve.add_argument(
@@ -312,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="print the swarm as one peer sees it", formatter_class=defaults)
     status.add_argument("--peer", default="127.0.0.1:7001", help="HOST:PORT of any peer")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the peer")
+    status.add_argument(
+        "--swarm-key", default=None, help="the key of a private swarm (default: LAYERSWARM_SWARM_KEY)"
+    )
     status.set_defaults(run=_status)
 
     swarm = sub.add_parser("swarm", help="run a local swarm from a TOML config", formatter_class=defaults)
@@ -335,6 +370,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 BRIEF_SPINS = 300000  # GOMP_SPINCOUNT of the brief policy: a few milliseconds at most
+
+
+def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    """--api-key values and the lines of --api-key-file (blank lines and # comments skipped)."""
+    keys = list(args.api_key or ())
+    if args.api_key_file:
+        with open(args.api_key_file) as f:
+            keys += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    for key in keys:
+        if len(key) < 8 or not key.isprintable() or " " in key:
+            raise ValueError("an API key has at least 8 printable characters and no spaces")
+    return tuple(keys)
 
 
 def _set_wait_policy(policy: str | None) -> None:

@@ -36,6 +36,7 @@ from .limits import (
 from .membership import DEAD, JOINING, LEAVING, SERVING, GossipSettings, PeerEntry, Table, new_incarnation
 from .protocol import Hop, StepRequest, StepResult
 from .scheduler import Busy, CoreTurns, Job, NonFinite, Scheduler, SchedulerSettings
+from .trust import SwarmAuth
 
 log = logging.getLogger("layerswarm.peer")
 
@@ -73,6 +74,8 @@ class NodeConfig:
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S  # the longest pause while a body arrives
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S  # to send a request's headers
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # open HTTP connections; more are closed
+    swarm_key: bytes | None = field(default=None, repr=False)  # a private swarm's shared key
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # keys the OpenAI door takes; () = any caller
     prefix_reuse: bool = True  # reuse the KV of prompt prefixes this peer computed before
     prefix_cache_tokens: int = 16384  # token slots of KV kept for prefix reuse
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
@@ -120,6 +123,7 @@ class PeerNode:
         )
         self.table = Table(me, config.gossip)
         self.http = http or httpx.AsyncClient(
+            auth=SwarmAuth(config.swarm_key) if config.swarm_key else None,
             timeout=config.hop_timeout_s,
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
         )

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from .trust import SwarmAuth
+
 
 class SwarmAPIError(Exception):
     def __init__(self, status: int, message: str, kind: str | None = None):
@@ -96,8 +98,19 @@ def _parse_line(line: str, chat: bool):
 class SwarmClient:
     """A blocking client of any peer. `model` defaults to the one the swarm serves."""
 
-    def __init__(self, peer: str = "127.0.0.1:7001", model: str | None = None, timeout_s: float = 300.0):
-        self._http = httpx.Client(base_url=_base_url(peer), timeout=timeout_s)
+    def __init__(
+        self,
+        peer: str = "127.0.0.1:7001",
+        model: str | None = None,
+        timeout_s: float = 300.0,
+        api_key: str | None = None,
+        swarm_key: bytes | None = None,
+    ):
+        """api_key: sent as 'Authorization: Bearer KEY' (a peer started with --api-key);
+        swarm_key: signs requests to the swarm's own paths (a private swarm's table)."""
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+        self._http = httpx.Client(base_url=_base_url(peer), timeout=timeout_s, headers=headers)
+        self._swarm_auth = SwarmAuth(swarm_key) if swarm_key else None
         self._model = model
 
     def __enter__(self):
@@ -127,7 +140,8 @@ class SwarmClient:
         return [m["id"] for m in self._request("GET", "/v1/models").json()["data"]]
 
     def table(self) -> dict:
-        return self._request("GET", "/swarm/table").json()
+        kw = {"auth": self._swarm_auth} if self._swarm_auth else {}
+        return self._request("GET", "/swarm/table", **kw).json()
 
     def chat(
         self, messages: str | list[dict], *, stream: bool = False, **params
@@ -165,8 +179,19 @@ class SwarmClient:
 class AsyncSwarmClient:
     """The asyncio twin of SwarmClient."""
 
-    def __init__(self, peer: str = "127.0.0.1:7001", model: str | None = None, timeout_s: float = 300.0):
-        self._http = httpx.AsyncClient(base_url=_base_url(peer), timeout=timeout_s)
+    def __init__(
+        self,
+        peer: str = "127.0.0.1:7001",
+        model: str | None = None,
+        timeout_s: float = 300.0,
+        api_key: str | None = None,
+        swarm_key: bytes | None = None,
+    ):
+        """api_key: sent as 'Authorization: Bearer KEY' (a peer started with --api-key);
+        swarm_key: signs requests to the swarm's own paths (a private swarm's table)."""
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+        self._http = httpx.AsyncClient(base_url=_base_url(peer), timeout=timeout_s, headers=headers)
+        self._swarm_auth = SwarmAuth(swarm_key) if swarm_key else None
         self._model = model
 
     async def __aenter__(self):
@@ -225,8 +250,8 @@ class AsyncSwarmClient:
             raise SwarmConnectionError(f"stream from {self._http.base_url} broke: {e}") from None
 
 
-def fetch_table(peer: str, timeout_s: float = 5.0) -> dict:
-    with SwarmClient(peer, model="-", timeout_s=timeout_s) as client:
+def fetch_table(peer: str, timeout_s: float = 5.0, swarm_key: bytes | None = None) -> dict:
+    with SwarmClient(peer, model="-", timeout_s=timeout_s, swarm_key=swarm_key) as client:
         return client.table()
 
 

@@ -24,6 +24,7 @@ from .protocol import (
     step_result_body,
 )
 from .routing import coverage, gaps
+from .trust import Guard
 
 log = logging.getLogger("layerswarm.server")
 
@@ -52,7 +53,8 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
 
     app = FastAPI(title="LayerSwarm peer", lifespan=lifespan)
     install_handlers(app)
-    app.add_middleware(
+    app.add_middleware(Guard, swarm_key=node.config.swarm_key, api_keys=node.config.api_keys)
+    app.add_middleware(  # outermost: caps what Guard reads too
         BodyLimits,
         cap_for=lambda path: node.max_steps_body_bytes if path == PATH_STEPS else node.config.max_body_bytes,
         read_timeout_s=node.config.read_timeout_s,

@@ -1,0 +1,196 @@
+"""Who may talk to this peer: a private swarm's shared key on every peer-to-peer request, and
+API keys on the OpenAI door. One place, used by the server (checks), forwarding and gossip (the
+peer's HTTP client signs) alike.
+
+Peer-to-peer requests (`/swarm/...`) of a swarm started with a key carry
+`x-swarm-time`, `x-swarm-nonce` and `x-swarm-auth` = HMAC-SHA256(key, method, path, time, nonce,
+SHA-256 of the body). A request without a valid one gets 401 before its body is parsed or
+anything is computed: its time must be within WINDOW_S of this peer's clock, its nonce unseen
+within that window (a replayed request is refused), and the MAC is compared in constant time.
+"""
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import httpx
+
+SWARM_PREFIX = "/swarm/"
+API_PREFIX = "/v1/"
+WINDOW_S = 30.0
+MIN_KEY_CHARS = 16
+MAX_NONCES = 1 << 20  # signed requests remembered for replay checks (within WINDOW_S)
+SWARM_KEY_ENV = "LAYERSWARM_SWARM_KEY"
+H_TIME, H_NONCE, H_AUTH = "x-swarm-time", "x-swarm-nonce", "x-swarm-auth"
+
+
+def swarm_key_from(value: str | None) -> bytes | None:
+    """The swarm key of --swarm-key, else of LAYERSWARM_SWARM_KEY; None for an open swarm."""
+    value = value if value is not None else os.environ.get(SWARM_KEY_ENV)
+    if not value:
+        return None
+    if len(value) < MIN_KEY_CHARS:
+        raise ValueError(f"a swarm key has at least {MIN_KEY_CHARS} characters, this one {len(value)}")
+    return value.encode()
+
+
+def _mac(key: bytes, method: str, path: str, stamp: str, nonce: str, body: bytes) -> str:
+    digest = hashlib.sha256(body).hexdigest()
+    message = "\n".join((method.upper(), path, stamp, nonce, digest)).encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def sign_headers(key: bytes, method: str, path: str, body: bytes, now: float | None = None) -> dict:
+    stamp = f"{time.time() if now is None else now:.3f}"
+    nonce = secrets.token_hex(16)
+    return {H_TIME: stamp, H_NONCE: nonce, H_AUTH: _mac(key, method, path, stamp, nonce, body)}
+
+
+class SwarmAuth(httpx.Auth):
+    """httpx auth that signs every request of a peer's client with the swarm key."""
+
+    requires_request_body = True
+
+    def __init__(self, key: bytes):
+        self.key = key
+
+    def auth_flow(self, request: httpx.Request):
+        request.headers.update(sign_headers(self.key, request.method, request.url.path, request.content))
+        yield request
+
+
+class ReplayCache:
+    """Nonces seen within the window (bounded; the oldest go first)."""
+
+    def __init__(self, window_s: float = WINDOW_S, clock: Callable[[], float] = time.time):
+        self.window_s, self.clock = window_s, clock
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def first_time(self, nonce: str) -> bool:
+        now = self.clock()
+        while self._seen and (
+            next(iter(self._seen.values())) < now - 2 * self.window_s or len(self._seen) >= MAX_NONCES
+        ):
+            self._seen.popitem(last=False)
+        if nonce in self._seen:
+            return False
+        self._seen[nonce] = now
+        return True
+
+
+def _json_error(status: int, message: str, kind: str, code: str) -> tuple[dict, dict]:
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    start = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+    }
+    return start, {"type": "http.response.body", "body": body}
+
+
+class Guard:
+    """ASGI middleware: `/swarm/...` requests must be signed with the swarm key (when there is
+    one), `/v1/...` requests must carry one of the API keys (when there are any)."""
+
+    def __init__(self, app, swarm_key: bytes | None, api_keys: tuple[str, ...] = (), clock=time.time):
+        self.app, self.swarm_key, self.api_keys, self.clock = app, swarm_key, api_keys, clock
+        self.replays = ReplayCache(clock=clock)
+        self.refused = 0  # requests answered 401
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if path.startswith(API_PREFIX) and self.api_keys:
+            why = self._api_key_problem(scope)
+            if why:
+                return await self._refuse(send, why, "invalid_request_error", "invalid_api_key")
+        elif path.startswith(SWARM_PREFIX) and self.swarm_key is not None:
+            headers = _headers(scope)
+            why = self._stamp_problem(headers)
+            if why:
+                return await self._refuse(send, why, "authentication_error", "invalid_swarm_auth")
+            body, receive = await _read_body(receive)
+            if body is None:
+                return  # the client went away (or BodyLimits already answered)
+            expected = _mac(self.swarm_key, scope["method"], path, headers[H_TIME], headers[H_NONCE], body)
+            if not hmac.compare_digest(expected, headers[H_AUTH]):
+                return await self._refuse(
+                    send,
+                    "the request is not signed with this swarm's key",
+                    "authentication_error",
+                    "invalid_swarm_auth",
+                )
+            if not self.replays.first_time(headers[H_NONCE]):
+                return await self._refuse(
+                    send,
+                    "this signed request was seen before (a replay)",
+                    "authentication_error",
+                    "invalid_swarm_auth",
+                )
+        await self.app(scope, receive, send)
+
+    def _api_key_problem(self, scope) -> str | None:
+        auth = _headers(scope).get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return "no API key was given; send it as 'Authorization: Bearer KEY'"
+        token = token.strip().encode()
+        if not any(hmac.compare_digest(token, key.encode()) for key in self.api_keys):
+            return "the API key given is not one of this peer's keys"
+        return None
+
+    def _stamp_problem(self, headers: dict) -> str | None:
+        if not all(headers.get(h) for h in (H_TIME, H_NONCE, H_AUTH)):
+            return (
+                f"this swarm is private: peer-to-peer requests must be signed ({H_TIME}, {H_NONCE}, {H_AUTH})"
+            )
+        try:
+            stamp = float(headers[H_TIME])
+        except ValueError:
+            return f"{H_TIME} is not a time"
+        skew = abs(self.clock() - stamp)
+        if not skew <= WINDOW_S:  # also refuses NaN
+            return f"the request was signed {skew:.0f} s away from this peer's clock (at most {WINDOW_S:g} s)"
+        nonce = headers[H_NONCE]
+        if not 16 <= len(nonce) <= 64 or not all(c in "0123456789abcdef" for c in nonce):
+            return f"{H_NONCE} must be 16 to 64 hex digits"
+        if len(headers[H_AUTH]) != 64:
+            return f"{H_AUTH} must be an HMAC-SHA256 in hex"
+        return None
+
+    async def _refuse(self, send, message: str, kind: str, code: str) -> None:
+        self.refused += 1
+        for part in _json_error(401, message, kind, code):
+            await send(part)
+
+
+def _headers(scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+
+
+async def _read_body(receive):
+    """The whole body, and a receive that hands it to the app again."""
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None, receive
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body, sent = b"".join(parts), False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay
