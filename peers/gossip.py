@@ -56,7 +56,11 @@ class Gossip:
                 f"http://{address}{PATH_GOSSIP}", json=body, timeout=self.settings.timeout_s
             )
             r.raise_for_status()
-            self.table.merge(parse_entries(r.json()["entries"]))
+            entries = parse_entries(r.json()["entries"])
+            self.table.merge(entries)
+            own = next((e for e in entries if e.peer_id == address), None)
+            if own is not None:  # it answered at its address, as this life
+                self.table.vouch(address, own.incarnation)
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
             log.debug("gossip with %s failed: %s", address, e)
 

@@ -185,6 +185,7 @@ class _Local:
     seen_at: float  # when its version last advanced here
     died_at: float | None = None
     suspected: bool = False  # a failure report, until its heartbeat advances
+    vouched: int | None = None  # the incarnation this peer answered with when this peer dialled it
 
 
 @dataclass
@@ -230,7 +231,10 @@ class Table:
             if known is None or supersedes(entry, known.entry):
                 # a tombstone is kept too, so that stale gossip of that life cannot revive it; it
                 # keeps its age, so that tombstones expire everywhere instead of bouncing around
-                self._peers[entry.peer_id] = _Local(replace(entry, dead_for_s=0.0), now, died_at=died)
+                vouched = known.vouched if known is not None else None
+                self._peers[entry.peer_id] = _Local(
+                    replace(entry, dead_for_s=0.0), now, died_at=died, vouched=vouched
+                )
             elif died is not None and known.died_at is not None and entry.version == known.entry.version:
                 known.died_at = min(known.died_at, died)
 
@@ -276,15 +280,31 @@ class Table:
             local.seen_at = min(local.seen_at, self.clock())
 
     def gossip_targets(self, seeds: list[str], rng: random.Random = random) -> list[str]:
-        """A few random live peers to exchange tables with, plus one seed not (or no longer)
-        known alive: a seed that was down when this peer started is retried, so that peers
-        started together cannot stay split in two swarms."""
+        """A few random live peers to exchange tables with, one live peer this peer has not
+        dialled yet (so that a new peer is vouched for within a round), and one seed not (or no
+        longer) known alive: a seed that was down when this peer started is retried, so that
+        peers started together cannot stay split in two swarms."""
         live = [p for p, local in self._peers.items() if p != self.me.peer_id and local.entry.state != DEAD]
         targets = rng.sample(live, min(self.settings.fanout, len(live)))
+        unvouched = [p for p in live if p not in targets and not self.vouched(p)]
+        if unvouched:
+            targets.append(rng.choice(unvouched))
         unknown = [s for s in seeds if s != self.me.peer_id and s not in live]
         if unknown:
             targets.append(rng.choice(unknown))
         return targets
+
+    def vouch(self, peer_id: str, incarnation: int) -> None:
+        """This peer dialled `peer_id` and it answered as that life: it exists at its address."""
+        local = self._peers.get(peer_id)
+        if local is not None:
+            local.vouched = incarnation
+
+    def vouched(self, peer_id: str) -> bool:
+        """Whether the peer answered this peer at its address, as the life the table holds (a
+        peer only heard of, or a forged life of a live address, is not routed to)."""
+        local = self._peers.get(peer_id)
+        return peer_id == self.me.peer_id or (local is not None and local.vouched == local.entry.incarnation)
 
     # -- reading -----------------------------------------------------------------------------
     def status(self, peer_id: str) -> str | None:
@@ -299,11 +319,15 @@ class Table:
         return local.entry.state
 
     def serving(self, model: str) -> list[PeerEntry]:
-        """Peers that can take new sessions of `model`: serving, and not suspect."""
+        """Peers that can take new sessions of `model`: serving, not suspect, and vouched for
+        (they answered this peer at their address as the life the table holds)."""
         return [
             local.entry
             for peer_id, local in self._peers.items()
-            if local.entry.model == model and local.entry.state == SERVING and self.status(peer_id) == SERVING
+            if local.entry.model == model
+            and local.entry.state == SERVING
+            and self.status(peer_id) == SERVING
+            and self.vouched(peer_id)
         ]
 
     def live(self) -> list[PeerEntry]:

@@ -126,7 +126,10 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
     @app.get(PATH_TABLE)
     async def table() -> dict:
         t = node.table
-        peers = [{**e.to_json(), "status": t.status(e.peer_id)} for e in t.entries()]
+        peers = [
+            {**e.to_json(), "status": t.status(e.peer_id), "vouched": t.vouched(e.peer_id)}
+            for e in t.entries()
+        ]
         counts = coverage(t.serving(node.model_id), node.total_layers)
         return {
             "me": node.peer_id,

@@ -6,6 +6,7 @@ import json
 import os
 import select
 import socket
+import threading
 import time
 
 import httpx
@@ -115,6 +116,52 @@ def test_an_expired_tombstone_is_not_taken_back(swarm):
     r = gossip(peer, [entry_json("127.0.0.1:2", state="dead", dead_for_s=10**6)])
     assert r.status_code == 200
     assert "127.0.0.1:2" not in table_ids(peer)
+
+
+def test_a_fake_serving_peer_at_a_silent_port_gets_no_steps(swarm):
+    """Gossip of a peer 'serving' every layer at a port that accepts and never answers: routes
+    take the fewest hops, so without vouching every request went there and waited out the hop
+    deadline. Only peers that answered this peer at their address are routed to."""
+    trap = socket.socket()
+    trap.bind(("127.0.0.1", free_port()))
+    trap.listen(64)
+    address = f"127.0.0.1:{trap.getsockname()[1]}"
+    received, held = [], []
+
+    def silent():  # accept, read, never answer
+        trap.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = trap.accept()
+                held.append(conn)
+                conn.settimeout(0.2)
+            except (TimeoutError, OSError):
+                pass
+            for conn in held:
+                try:
+                    received.append(conn.recv(65536))
+                except (TimeoutError, OSError):
+                    pass
+
+    stop = threading.Event()
+    thread = threading.Thread(target=silent)
+    thread.start()
+    try:
+        entry = swarm.peers[0]
+        incarnation = time.time_ns() // 1000
+        assert gossip(entry, [entry_json(address, incarnation=incarnation, heartbeat=5)]).status_code == 200
+        assert address in table_ids(entry)
+        for prompt in ("one", "two", "three"):
+            assert completion(entry, prompt=prompt).status_code == 200
+        row = next(p for p in entry.table()["peers"] if p["peer_id"] == address)
+        assert row["vouched"] is False
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        trap.close()
+    assert not any(PATH_STEPS.encode() in data for data in received)
 
 
 # -- step frames ---------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ def test_silent_peer_becomes_suspect_then_dead_then_forgotten():
     clock = FakeClock(100.0)
     t = table(clock)
     t.merge([entry()])
+    t.vouch("b:1", 1)
     assert t.status("b:1") == SERVING and [e.peer_id for e in t.serving("m")] == ["b:1"]
     clock.now += 4
     assert t.status("b:1") == "suspect" and t.serving("m") == []
@@ -86,8 +87,11 @@ def test_gossip_targets_are_live_peers_or_seeds():
     t = table(clock)
     assert t.gossip_targets(["s:1", "a:1"]) == ["s:1"]
     t.merge([entry(f"p:{i}") for i in range(10)])
-    picked = t.gossip_targets([], random.Random(0))
-    assert len(picked) == S.fanout and "a:1" not in picked
+    picked = t.gossip_targets([], random.Random(0))  # fanout, plus one peer not yet dialled
+    assert len(picked) == S.fanout + 1 and "a:1" not in picked and len(set(picked)) == len(picked)
+    for i in range(10):
+        t.vouch(f"p:{i}", 1)
+    assert len(t.gossip_targets([], random.Random(0))) == S.fanout
     with_seed = t.gossip_targets(["p:1", "down:1"], random.Random(0))  # a seed not yet reached
     assert len(with_seed) == S.fanout + 1 and with_seed[-1] == "down:1"
 
@@ -126,7 +130,27 @@ def test_rebalance_moves_only_a_redundant_larger_id_peer_into_a_gap():
     high = Table(span("b:1", 0, 2), S, clock)
     low.merge([span("b:1", 0, 2)])
     high.merge([span("a:1", 0, 2)])
+    low.vouch("b:1", 1)
+    high.vouch("a:1", 1)
     assert rebalance_target(high, "m", 4) == (2, 4)  # layers 2-3 unserved; a:1 keeps 0-1 served
     assert rebalance_target(low, "m", 4) is None  # the smallest id never moves
     high.merge([span("c:1", 2, 4)])
+    high.vouch("c:1", 1)
     assert rebalance_target(high, "m", 4) is None  # no gap: stay
+
+
+def test_only_peers_that_answered_at_their_address_are_routed_to():
+    """A peer only heard of (e.g. a fake entry gossiped for a silent port), or a forged new life
+    of a live address, is not served until it answers this peer as that life."""
+    clock = FakeClock(100.0)
+    t = table(clock)
+    t.merge([entry()])
+    assert t.status("b:1") == SERVING and t.serving("m") == []
+    assert "b:1" in t.gossip_targets([], random.Random(0))  # dialled next round
+    t.vouch("b:1", 1)
+    t.merge([entry(hb=2)])  # its heartbeats keep it vouched
+    assert [e.peer_id for e in t.serving("m")] == ["b:1"]
+    t.merge([entry(inc=2, hb=0)])  # a new life, unconfirmed (a restart, or forged)
+    assert t.serving("m") == []
+    t.vouch("b:1", 2)
+    assert [e.peer_id for e in t.serving("m")] == ["b:1"]
