@@ -330,6 +330,11 @@ class Table:
             and self.vouched(peer_id)
         ]
 
+    def get(self, peer_id: str) -> PeerEntry | None:
+        """The entry of a peer, as gossiped (None if unknown)."""
+        local = self._peers.get(peer_id)
+        return local.entry if local is not None else None
+
     def live(self) -> list[PeerEntry]:
         return [local.entry for local in self._peers.values() if local.entry.state != DEAD]
 

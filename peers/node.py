@@ -42,9 +42,9 @@ log = logging.getLogger("layerswarm.peer")
 
 
 CORE_TURNS = ("auto", "on", "off")
-STEPS_BODY_SLACK_BYTES = 4 << 20
+STEPS_BODY_SLACK_BYTES = 4 << 20  # frame headers of a steps message, beyond its tensors
 MAX_STEP_BATCH = 64  # sequences in one step (an OpenAI request asks for at most 16)
-MAX_SESSION_ID = 128  # frame headers of a steps message, beyond its tensors
+MAX_SESSION_ID = 128  # characters
 
 
 @dataclass(frozen=True)
@@ -438,19 +438,19 @@ class PeerNode:
         address its sender made up."""
         if hop.peer_id == self.peer_id:
             return False  # a route visits each peer once (checked above); never a loop back here
-        for entry in self.table.live():
-            if entry.peer_id == hop.peer_id:
-                return (
-                    entry.model == self.model_id
-                    and entry.state in (SERVING, LEAVING)
-                    and entry.start <= hop.start < hop.end <= entry.end
-                )
-        return False
+        entry = self.table.get(hop.peer_id)
+        return (
+            entry is not None
+            and entry.model == self.model_id
+            and entry.state in (SERVING, LEAVING)
+            and entry.start <= hop.start < hop.end <= entry.end
+        )
 
     async def _learn(self, hop: Hop) -> bool:
         """A next hop this peer does not know yet (tables lag a moment after a peer joins): one
         extra gossip round with peers it already knows, shared by the steps that wait for it and
-        at most one a second, then whether it knows the hop now. Never dials the hop itself."""
+        at most one a second, then whether it knows the hop now. An address that only the
+        frame names is never dialled."""
         loop = asyncio.get_running_loop()
         if self._learning is None or (self._learning.done() and loop.time() - self._learned_at > 1.0):
             self._learned_at = loop.time()

@@ -95,8 +95,15 @@ def _parse_line(line: str, chat: bool):
     return "".join(texts)
 
 
+def _http_options(peer: str, timeout_s: float, api_key: str | None) -> dict:
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+    return {"base_url": _base_url(peer), "timeout": timeout_s, "headers": headers}
+
+
 class SwarmClient:
-    """A blocking client of any peer. `model` defaults to the one the swarm serves."""
+    """A blocking client of any peer. `model` defaults to the one the swarm serves. api_key is
+    sent as 'Authorization: Bearer KEY' (a peer started with --api-key); swarm_key signs
+    requests to the swarm's own paths (a private swarm's table)."""
 
     def __init__(
         self,
@@ -106,10 +113,7 @@ class SwarmClient:
         api_key: str | None = None,
         swarm_key: bytes | None = None,
     ):
-        """api_key: sent as 'Authorization: Bearer KEY' (a peer started with --api-key);
-        swarm_key: signs requests to the swarm's own paths (a private swarm's table)."""
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else None
-        self._http = httpx.Client(base_url=_base_url(peer), timeout=timeout_s, headers=headers)
+        self._http = httpx.Client(**_http_options(peer, timeout_s, api_key))
         self._swarm_auth = SwarmAuth(swarm_key) if swarm_key else None
         self._model = model
 
@@ -187,10 +191,7 @@ class AsyncSwarmClient:
         api_key: str | None = None,
         swarm_key: bytes | None = None,
     ):
-        """api_key: sent as 'Authorization: Bearer KEY' (a peer started with --api-key);
-        swarm_key: signs requests to the swarm's own paths (a private swarm's table)."""
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else None
-        self._http = httpx.AsyncClient(base_url=_base_url(peer), timeout=timeout_s, headers=headers)
+        self._http = httpx.AsyncClient(**_http_options(peer, timeout_s, api_key))
         self._swarm_auth = SwarmAuth(swarm_key) if swarm_key else None
         self._model = model
 

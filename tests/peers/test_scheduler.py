@@ -3,6 +3,7 @@ chunks between other sessions' decode steps, a full or slow queue answers busy, 
 restores KV without changing the output."""
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import threading
@@ -347,21 +348,15 @@ def test_forwards_wait_for_their_turn_on_the_cores(tiny_llama, tmp_path):
 def test_a_killed_peer_leaves_no_turn_held(tmp_path):
     """The kernel releases a dead holder's lock: a peer killed mid-forward blocks no one."""
     path = str(tmp_path / "cores.lock")
-    with subprocess.Popen(
-        [sys.executable, "-c", HOLD_TURN, path], stdout=subprocess.PIPE, text=True
-    ) as holder:
-        try:
-            assert holder.stdout.readline().strip() == "held"
-            holder.kill()
-            holder.wait(10)
-            turns = CoreTurns(path)
-            done = threading.Event()
-            threading.Thread(target=lambda: (turns.__enter__(), done.set())).start()
-            assert done.wait(10), "the turn of a killed peer was never released"
-            turns.__exit__(None, None, None)
-            turns.close()
-        finally:
-            holder.kill()
+    with turn_held_elsewhere(path) as holder:
+        holder.kill()
+        holder.wait(10)
+        turns = CoreTurns(path)
+        done = threading.Event()
+        threading.Thread(target=lambda: (turns.__enter__(), done.set())).start()
+        assert done.wait(10), "the turn of a killed peer was never released"
+        turns.__exit__(None, None, None)
+        turns.close()
 
 
 def test_a_frozen_holder_of_the_turn_does_not_stop_the_others(tiny_llama, tmp_path):
@@ -369,37 +364,44 @@ def test_a_frozen_holder_of_the_turn_does_not_stop_the_others(tiny_llama, tmp_pa
     for it at most max_wait_s once, then run without turns until it lets go."""
     block = load_block(tiny_llama)
     path = str(tmp_path / "cores.lock")
+    with turn_held_elsewhere(path) as holder:
+
+        async def main():
+            sched = Scheduler(lambda: block)
+            sched.turns = CoreTurns(path, max_wait_s=0.3)
+            try:
+                first = await sched.run(job("a", [PROMPTS[0]]))
+                waited = sched.stats.turn_wait_s
+                second = await sched.run(job("b", [PROMPTS[1]]))  # no second wait
+                holder.kill()  # the holder lets go (here: dies)
+                holder.wait(10)
+                for _ in range(100):  # until the background ask got the lock and gave it back
+                    if sched.turns._stuck is None:
+                        break
+                    await asyncio.sleep(0.05)
+                third = await sched.run(job("c", [PROMPTS[2]]))
+                return first, second, third, waited, sched.stats, sched.turns
+            finally:
+                await sched.close()
+                sched.turns.close()
+
+        first, second, third, waited, stats, turns = run(main())
+    assert all(isinstance(r, StepResult) for r in (first, second, third))
+    assert 0.3 <= waited < 1.0 and stats.turn_wait_s < waited + 0.2
+    assert stats.turns_skipped == 2 and turns.turns == 1  # the third ran in a turn again
+
+
+@contextlib.contextmanager
+def turn_held_elsewhere(path: str):
+    """Another process that takes the turn and keeps it (as a frozen peer would); killed after."""
     with subprocess.Popen(
         [sys.executable, "-c", HOLD_TURN, path], stdout=subprocess.PIPE, text=True
     ) as holder:
         try:
             assert holder.stdout.readline().strip() == "held"
-
-            async def main():
-                sched = Scheduler(lambda: block)
-                sched.turns = CoreTurns(path, max_wait_s=0.3)
-                try:
-                    first = await sched.run(job("a", [PROMPTS[0]]))
-                    waited = sched.stats.turn_wait_s
-                    second = await sched.run(job("b", [PROMPTS[1]]))  # no second wait
-                    holder.kill()  # the holder lets go (here: dies)
-                    holder.wait(10)
-                    for _ in range(100):  # until the background ask got the lock and gave it back
-                        if sched.turns._stuck is None:
-                            break
-                        await asyncio.sleep(0.05)
-                    third = await sched.run(job("c", [PROMPTS[2]]))
-                    return first, second, third, waited, sched.stats, sched.turns
-                finally:
-                    await sched.close()
-                    sched.turns.close()
-
-            first, second, third, waited, stats, turns = run(main())
+            yield holder
         finally:
             holder.kill()
-    assert all(isinstance(r, StepResult) for r in (first, second, third))
-    assert 0.3 <= waited < 1.0 and stats.turn_wait_s < waited + 0.2
-    assert stats.turns_skipped == 2 and turns.turns == 1  # the third ran in a turn again
 
 
 HOLD_TURN = """
