@@ -6,6 +6,8 @@ to first token of requests that share a long system prompt, with and without pre
         [--max-tokens 32] [--entries first|all] [--threads N] [--peer-args '...'] [--no-prefix]
         [--json PATH]
 
+With LAYERSWARM_SWARM_KEY set, the swarm is a private one (every peer-to-peer request signed).
+
 For each concurrency level N, the swarm (3 peers: 0:10, 10:20, 20:30) gets N streamed chat
 completions at once (greedy, ignore_eos, distinct prompts of mixed lengths): aggregate tokens/s is
 all completion tokens over the wall time of the whole wave; time to first token (first content

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 
 from peers.local_swarm import serve_command
+from peers.trust import SwarmAuth, swarm_key_from
 
 START_TIMEOUT_S = 120.0
 STORY = "Write a long story about a dragon and a knight."
@@ -104,7 +105,8 @@ class Peer:
             return None
 
     def table(self) -> dict:
-        return httpx.get(f"{self.url}/swarm/table", timeout=5).json()
+        key = swarm_key_from(None)  # a private swarm's (LAYERSWARM_SWARM_KEY), if any
+        return httpx.get(f"{self.url}/swarm/table", timeout=5, auth=SwarmAuth(key) if key else None).json()
 
 
 class Swarm:
