@@ -12,6 +12,7 @@ from .errors import CacheFullError, RequestTooLarge, SessionError
 
 GROW_TOKENS = 256  # capacity grows in steps of this many positions
 EVICT_IDLE_S = 30.0  # only sessions idle this long may be evicted (a step may queue for a while)
+MAX_SESSION_SHARE = 0.5  # of the budget, the most one session may hold
 MAX_CLOSED_IDS = 65536  # closed session ids remembered (refused if a late step reopens them)
 
 
@@ -136,12 +137,8 @@ class CacheStore:
         if needed <= session.capacity:
             return
         capacity = -(-needed // GROW_TOKENS) * GROW_TOKENS
-        if session.batch * needed > self.max_tokens:
-            raise RequestTooLarge(
-                f"session {session.session_id!r} needs {session.batch * needed} KV token slots "
-                f"(batch {session.batch} x {needed} positions); the cache budget is {self.max_tokens}"
-            )
-        capacity = min(capacity, self.max_tokens // session.batch)
+        self._check_size(session, session.batch, needed)
+        capacity = min(capacity, self.max_session_tokens // session.batch)
         with self._lock:
             self._make_room(session, session.batch * (capacity - session.capacity))
             session.grow_to(capacity)
@@ -149,14 +146,28 @@ class CacheStore:
     def widen(self, session: SessionCache, batch: int) -> None:
         """Turn a session of one sequence into `batch` sequences sharing its positions (n > 1
         completions of one prompt); CacheFullError if the budget cannot hold them."""
-        if batch * session.capacity > self.max_tokens:
-            raise RequestTooLarge(
-                f"session {session.session_id!r} needs {batch * session.capacity} KV token slots "
-                f"(batch {batch} x {session.capacity} positions); the cache budget is {self.max_tokens}"
-            )
+        self._check_size(session, batch, session.capacity)
         with self._lock:
             self._make_room(session, (batch - session.batch) * session.capacity)
             session.widen(batch)
+
+    def _check_size(self, session: SessionCache, batch: int, positions: int) -> None:
+        """RequestTooLarge if a session of `batch` x `positions` could never be held: over the
+        budget, or over the share one session may hold (so that one request cannot take a
+        peer's whole cache from everyone else)."""
+        slots = batch * positions
+        what = f"session {session.session_id!r} needs {slots} KV token slots (batch {batch} x {positions} positions)"
+        if slots > self.max_tokens:
+            raise RequestTooLarge(f"{what}; the cache budget is {self.max_tokens}")
+        if slots > self.max_session_tokens:
+            raise RequestTooLarge(
+                f"{what}; one session may hold at most {self.max_session_tokens} "
+                f"({MAX_SESSION_SHARE:.0%} of the cache budget of {self.max_tokens})"
+            )
+
+    @property
+    def max_session_tokens(self) -> int:
+        return max(1, int(self.max_tokens * MAX_SESSION_SHARE))
 
     def _make_room(self, session: SessionCache, extra: int) -> None:
         """Evict least recently used sessions idle for EVICT_IDLE_S until `extra` more token

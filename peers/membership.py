@@ -218,8 +218,12 @@ class Table:
         now = self.clock()
         for entry in entries:
             if entry.peer_id == self.me.peer_id:
-                if entry.state == DEAD and entry.incarnation >= self.me.incarnation:
-                    # Declared dead while alive (frozen, partitioned): refute with a new life.
+                if (entry.state == DEAD and entry.incarnation >= self.me.incarnation) or supersedes(
+                    entry, self.me
+                ):
+                    # Declared dead while alive (frozen, partitioned), or a version of this peer
+                    # it never had (only the owner advances its entry: forged gossip that would
+                    # move or hide it): refute with a new life.
                     self.update_me(incarnation=max(entry.incarnation + 1, _now_us()), heartbeat=0)
                 continue
             known = self._peers.get(entry.peer_id)

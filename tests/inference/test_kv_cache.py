@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from inference import CacheFullError, SessionError, load_block
+from inference import CacheFullError, RequestTooLarge, SessionError, load_block
 from inference.kv_cache import EVICT_IDLE_S, GROW_TOKENS, CacheStore
 from tests.helpers import FakeClock
 
@@ -40,6 +40,20 @@ def test_session_over_the_budget_gets_a_clear_error():
         CacheFullError, match=r"needs 120 KV token slots \(batch 2 x 60 positions\); the cache budget is 100"
     ):
         store.reserve(session, 60)
+
+
+def test_one_session_may_hold_at_most_half_the_budget():
+    """A session of batch 256 once held a peer's whole cache: now at most half of it, so that
+    one request cannot take the cache from everyone else."""
+    store = CacheStore(max_tokens=4 * GROW_TOKENS, idle_timeout_s=60)
+    big = store.open("big", batch=64)
+    with pytest.raises(RequestTooLarge, match=r"at most 512 \(50% of the cache budget of 1024\)"):
+        store.reserve(big, 9)  # 576 slots
+    store.reserve(big, 8)  # 512: exactly half
+    assert store.used_tokens == 512
+    other = store.open("other", batch=1)
+    store.reserve(other, 500)  # the other half stays for others (allocated in steps of 256)
+    assert store.used_tokens == 1024
 
 
 def test_idle_sessions_expire_and_close_frees():

@@ -164,6 +164,25 @@ def test_a_fake_serving_peer_at_a_silent_port_gets_no_steps(swarm):
     assert not any(PATH_STEPS.encode() in data for data in received)
 
 
+def test_a_forged_life_of_a_live_peer_is_refuted_and_routes_come_back(swarm):
+    """Gossip of a live peer's entry with a newer life and another span (it 'serves' every
+    layer): it is never routed to (unvouched), and the peer itself refutes it with a newer
+    life of its own, so the swarm's view of it comes back."""
+    entry, victim = swarm.peers[0], swarm.peers[2]
+    forged = entry_json(victim.address, incarnation=time.time_ns() // 1000, heartbeat=10**6, start=0, end=4)
+    assert gossip(entry, [forged]).status_code == 200
+    assert gossip(victim, [forged]).status_code == 200  # as gossip would relay it
+    real = victim.health()
+    assert real["incarnation"] > forged["incarnation"] and real["layers"] == [3, 4]
+
+    def back():
+        row = next(p for p in entry.table()["peers"] if p["peer_id"] == victim.address)
+        return row["incarnation"] == victim.health()["incarnation"] and row["vouched"] and row["start"] == 3
+
+    wait_until(back, 30, swarm._why)
+    assert completion(entry).status_code == 200
+
+
 # -- step frames ---------------------------------------------------------------------------------
 def send_steps(peer, hops, tensor, position=0, session_id="attack"):
     req = StepRequest(session_id, position, hops, Sampling(), tensor)

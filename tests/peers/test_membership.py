@@ -1,6 +1,7 @@
 """The swarm table: merge rules, suspicion, death, tombstones, refutation, new lives."""
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -65,6 +66,16 @@ def test_restarted_peer_is_one_new_life():
     t.merge([entry(inc=2, hb=0)])  # same address, new process
     assert t.status("b:1") == SERVING
     assert [e.incarnation for e in t.entries() if e.peer_id == "b:1"] == [2]
+
+
+def test_a_forged_version_of_a_peer_is_refuted_by_the_peer():
+    t = table(FakeClock(100.0))
+    me = t.me
+    t.merge([replace(me, start=0, end=4, state=SERVING, heartbeat=me.heartbeat + 50)])  # moved, forged
+    assert t.me.incarnation > me.incarnation and (t.me.start, t.me.end) == (me.start, me.end)
+    again = t.me
+    t.merge([replace(again, heartbeat=again.heartbeat - 1 if again.heartbeat else 0)])  # stale: no change
+    assert t.me == again
 
 
 def test_peer_told_it_is_dead_starts_a_new_life():
