@@ -7,6 +7,7 @@ import asyncio
 import httpx
 
 from .errors import HopFailed
+from .limits import post_capped
 from .protocol import (
     PATH_CLOSE,
     PATH_STEPS,
@@ -82,11 +83,12 @@ class Forwarder:
                 body = encode_steps(reqs)
             self.messages += 1
             self.frames += len(reqs)
-            r = await self.http.post(
+            r = await post_capped(
+                self.http,
                 f"http://{nxt.address}{PATH_STEPS}",
+                timeout,
                 content=body,
                 headers={"content-type": STEP_CONTENT_TYPE},
-                timeout=timeout,
             )
             results = parse_steps_reply(r, nxt.peer_id, len(reqs))
         except httpx.TimeoutException:

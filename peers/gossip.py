@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import httpx
 
+from .limits import post_capped
 from .membership import Table, parse_entries
 from .protocol import PATH_GOSSIP
 
@@ -52,8 +53,8 @@ class Gossip:
     async def _exchange(self, address: str) -> None:
         body = {"entries": [e.to_json() for e in self.table.entries()]}
         try:
-            r = await self.http.post(
-                f"http://{address}{PATH_GOSSIP}", json=body, timeout=self.settings.timeout_s
+            r = await post_capped(
+                self.http, f"http://{address}{PATH_GOSSIP}", self.settings.timeout_s, json=body
             )
             r.raise_for_status()
             entries = parse_entries(r.json()["entries"])

@@ -8,18 +8,26 @@ the number of open connections. Every peer listens to strangers; none of these m
 - `guarded_h11(...)` is uvicorn's HTTP/1.1 protocol with a connection cap (connections beyond it
   are closed as they open) and a header timeout (a connection that has not sent a whole
   request's headers within `header_timeout_s` of opening, or of its last response, is closed).
+- `post_capped(...)`: what a peer reads of another peer's answer is bounded too, in size and in
+  total time (a peer that answers gossip with an endless body must not fill its caller's memory).
 """
 
 import asyncio
 import json
 from collections.abc import Callable
 
+import httpx
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20  # an OpenAI request, gossip, a close
 DEFAULT_READ_TIMEOUT_S = 10.0  # the longest pause while a body arrives
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_MAX_CONNECTIONS = 2048
+MAX_REPLY_BYTES = 4 << 20  # a gossip or steps reply from another peer
+
+
+class ReplyTooLarge(httpx.HTTPError):
+    """Another peer's answer passed the size a peer reads."""
 
 
 def _error(status: int, message: str, code: str) -> tuple[dict, dict]:
@@ -137,3 +145,29 @@ def guarded_h11(max_connections: int, header_timeout_s: float) -> type[H11Protoc
             super().connection_lost(exc)
 
     return GuardedH11
+
+
+async def post_capped(
+    http: httpx.AsyncClient, url: str, timeout_s: float, cap: int = MAX_REPLY_BYTES, **kw
+) -> httpx.Response:
+    """POST, and read at most `cap` bytes of the answer within `timeout_s` in all (ReplyTooLarge,
+    or httpx.ReadTimeout: both httpx errors, as a failed exchange would raise)."""
+
+    async def exchange() -> httpx.Response:
+        async with http.stream("POST", url, timeout=timeout_s, **kw) as r:
+            declared = r.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > cap:
+                raise ReplyTooLarge(f"{url} answered {declared} bytes; at most {cap} are read")
+            body = bytearray()
+            async for chunk in r.aiter_bytes():  # decoded: a compressed answer counts as it expands
+                body += chunk
+                if len(body) > cap:
+                    raise ReplyTooLarge(f"{url} answered more than {cap} bytes")
+        skip = {"content-encoding", "content-length", "transfer-encoding"}
+        headers = [(k, v) for k, v in r.headers.items() if k.lower() not in skip]
+        return httpx.Response(r.status_code, headers=headers, content=bytes(body), request=r.request)
+
+    try:
+        return await asyncio.wait_for(exchange(), timeout_s)
+    except TimeoutError:
+        raise httpx.ReadTimeout(f"{url} did not answer in full within {timeout_s:.1f} s") from None

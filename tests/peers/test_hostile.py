@@ -183,6 +183,38 @@ def test_a_forged_life_of_a_live_peer_is_refuted_and_routes_come_back(swarm):
     assert completion(entry).status_code == 200
 
 
+def test_an_endless_answer_to_gossip_is_cut_off(swarm):
+    """A 'peer' that answers gossip with a body that never ends: its caller reads at most a
+    few MiB of it, then hangs up, and stays healthy."""
+    trap = socket.socket()
+    trap.bind(("127.0.0.1", free_port()))
+    trap.listen(8)
+    trap.settimeout(10)
+    address = f"127.0.0.1:{trap.getsockname()[1]}"
+    peer = swarm.peers[1]
+    before = rss_kib(peer)
+    assert gossip(peer, [entry_json(address, incarnation=time.time_ns() // 1000)]).status_code == 200
+    sent = 0
+    try:
+        conn, _ = trap.accept()  # the peer dials it in its next gossip round (one peer not dialled yet)
+        with conn:
+            conn.settimeout(10)
+            conn.recv(65536)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+            )
+            chunk = b"%x\r\n%s\r\n" % (1 << 16, b" " * (1 << 16))
+            while sent < 512 << 20:
+                conn.sendall(chunk)
+                sent += 1 << 16
+    except OSError:
+        pass  # the peer hung up
+    finally:
+        trap.close()
+    assert sent < 64 << 20, f"the peer read {sent >> 20} MiB of one answer"
+    assert peer.health() is not None and rss_kib(peer) - before < 64 * 1024
+
+
 # -- step frames ---------------------------------------------------------------------------------
 def send_steps(peer, hops, tensor, position=0, session_id="attack"):
     req = StepRequest(session_id, position, hops, Sampling(), tensor)
