@@ -183,6 +183,25 @@ def test_a_forged_life_of_a_live_peer_is_refuted_and_routes_come_back(swarm):
     assert completion(entry).status_code == 200
 
 
+def test_a_forged_tombstone_of_a_live_peer_is_refuted(swarm):
+    """Gossip that a live peer died (its own life, a later heartbeat): the peer hears of it in
+    its next push-pull exchange and refutes it with a new life, so routes come back."""
+    entry, victim = swarm.peers[0], swarm.peers[2]
+    real = victim.health()
+    tomb = entry_json(
+        victim.address, incarnation=real["incarnation"], heartbeat=10**6, state="dead", start=3, end=4
+    )
+    assert gossip(entry, [tomb]).status_code == 200
+    assert next(p for p in entry.table()["peers"] if p["peer_id"] == victim.address)["state"] == "dead"
+
+    def back():
+        row = next(p for p in entry.table()["peers"] if p["peer_id"] == victim.address)
+        return row["state"] == "serving" and row["incarnation"] > real["incarnation"] and row["vouched"]
+
+    wait_until(back, 30, swarm._why)
+    assert completion(entry).status_code == 200
+
+
 def test_an_endless_answer_to_gossip_is_cut_off(swarm):
     """A 'peer' that answers gossip with a body that never ends: its caller reads at most a
     few MiB of it, then hangs up, and stays healthy."""
