@@ -214,7 +214,7 @@ async def _respond(
         # cannot start (no route, no room) gets its real status instead of 200 and an error.
         priming = asyncio.ensure_future(_first_events(events))
         try:
-            if not await _unless_gone(priming, request):
+            if not await unless_gone(priming, request):
                 release()
                 return Response(status_code=499)  # nobody reads it
             first = priming.result()
@@ -229,7 +229,7 @@ async def _respond(
         )
     task = asyncio.ensure_future(_collect(events, req.n))
     try:
-        if not await _unless_gone(task, request):
+        if not await unless_gone(task, request):
             return Response(status_code=499)  # nobody reads it
         texts = task.result()
     finally:
@@ -237,16 +237,16 @@ async def _respond(
     return shape.whole(texts, run.finish, run.usage())
 
 
-async def _unless_gone(task: asyncio.Future, request: Request) -> bool:
-    """Wait for `task`; if the client hangs up first, cancel it (its generation stops within a
-    step and its sessions close) and return False."""
+async def unless_gone(task: asyncio.Future, request: Request, what: str = "generation") -> bool:
+    """Wait for `task`; if the client hangs up first, cancel it (a generation stops within a
+    step and its sessions close; a hop's queued work is dropped) and return False."""
     try:
         while not task.done():
             await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
             if not task.done() and await request.is_disconnected():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-                log.info("client went away; generation stopped")
+                log.info("client went away; %s stopped", what)
                 return False
         return True
     finally:

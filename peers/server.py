@@ -12,6 +12,7 @@ from .errors import HopFailed, install_handlers
 from .limits import BodyLimits
 from .node import PeerNode
 from .openai_api import router as openai_router
+from .openai_api import unless_gone
 from .protocol import (
     PATH_CLOSE,
     PATH_GOSSIP,
@@ -98,7 +99,10 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
             )
         except ProtocolError as e:
             return JSONResponse(step_error_body(str(e), None, "bad_request"), status_code=400)
-        return JSONResponse({"results": list(await asyncio.gather(*(_run(r) for r in reqs)))})
+        task = asyncio.ensure_future(asyncio.gather(*(_run(r) for r in reqs)))
+        if not await unless_gone(task, request, "its steps"):  # the sender gave up: so does this peer
+            return Response(status_code=499)
+        return JSONResponse({"results": list(task.result())})
 
     async def _run(req) -> dict:
         try:

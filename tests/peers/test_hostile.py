@@ -298,6 +298,25 @@ def test_non_finite_hidden_states_are_the_senders_fault(swarm):
     assert result["error"]["type"] == "bad_input" and "not finite" in result["error"]["message"]
 
 
+def test_a_peer_stops_a_frames_work_when_its_sender_hangs_up(tiny_llama, make_swarm):
+    """A 512-position prompt run one position per forward: its sender hangs up at once, and
+    the peer drops the rest of the work instead of computing it for nobody."""
+    s = make_swarm(tiny_llama, ["--prefill-chunk", "1", "--max-batch-tokens", "1"])
+    peer = s.add("0:4")
+    s.wait_ready()
+    s.wait_route(peer)
+    req = StepRequest("gone", 0, [hop(peer, 0, 4)], Sampling(), torch.randint(0, 200, (1, 512)))
+    body = encode_steps([req])
+    head = f"POST {PATH_STEPS} HTTP/1.1\r\nhost: x\r\ncontent-type: {STEP_CONTENT_TYPE}\r\ncontent-length: {len(body)}\r\n\r\n"
+    with raw(peer, head.encode() + body):
+        time.sleep(0.1)  # then hang up
+    positions = lambda: peer.health()["scheduler"]["positions"]  # noqa: E731
+    time.sleep(1.0)  # the peer notices within a poll (0.25 s) and a forward
+    stopped_at = positions()
+    time.sleep(1.0)
+    assert positions() == stopped_at < 512
+
+
 # -- bodies and connections ----------------------------------------------------------------------
 def raw(peer, data: bytes, timeout=5.0) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", peer.port), timeout=timeout)
