@@ -30,19 +30,16 @@ class ReplyTooLarge(httpx.HTTPError):
     """Another peer's answer passed the size a peer reads."""
 
 
-def _error(status: int, message: str, code: str) -> tuple[dict, dict]:
-    body = json.dumps(
-        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
-    ).encode()
-    start = {
-        "type": "http.response.start",
-        "status": status,
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ],
-    }
+def json_error(
+    status: int, message: str, code: str, kind: str = "invalid_request_error", close: bool = True
+) -> tuple[dict, dict]:
+    """The two ASGI messages of an error answer in OpenAI's JSON shape, sent by middleware
+    before (or instead of) the app."""
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    start = {"type": "http.response.start", "status": status, "headers": headers}
     return start, {"type": "http.response.body", "body": body}
 
 
@@ -59,7 +56,7 @@ class BodyLimits:
         cap = self.cap_for(scope["path"])
         declared = _content_length(scope)
         if declared is not None and declared > cap:
-            for message in _error(
+            for message in json_error(
                 413, f"the request body has {declared} bytes; the limit here is {cap}", "too_large"
             ):
                 await send(message)
@@ -69,7 +66,7 @@ class BodyLimits:
         async def answer(status: int, message: str, code: str) -> dict:
             if not state["answered"]:
                 state["answered"] = True
-                for part in _error(status, message, code):
+                for part in json_error(status, message, code):
                     await send(part)
             return {"type": "http.disconnect"}
 

@@ -95,15 +95,10 @@ def _parse_line(line: str, chat: bool):
     return "".join(texts)
 
 
-def _http_options(peer: str, timeout_s: float, api_key: str | None) -> dict:
-    headers = {"authorization": f"Bearer {api_key}"} if api_key else None
-    return {"base_url": _base_url(peer), "timeout": timeout_s, "headers": headers}
+class _Client:
+    """What both clients hold: the HTTP client of one peer, the keys, the model."""
 
-
-class SwarmClient:
-    """A blocking client of any peer. `model` defaults to the one the swarm serves. api_key is
-    sent as 'Authorization: Bearer KEY' (a peer started with --api-key); swarm_key signs
-    requests to the swarm's own paths (a private swarm's table)."""
+    _client: type  # httpx.Client or httpx.AsyncClient
 
     def __init__(
         self,
@@ -113,9 +108,22 @@ class SwarmClient:
         api_key: str | None = None,
         swarm_key: bytes | None = None,
     ):
-        self._http = httpx.Client(**_http_options(peer, timeout_s, api_key))
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+        self._http = self._client(base_url=_base_url(peer), timeout=timeout_s, headers=headers)
         self._swarm_auth = SwarmAuth(swarm_key) if swarm_key else None
         self._model = model
+
+    @property
+    def _table_auth(self) -> dict:
+        return {"auth": self._swarm_auth} if self._swarm_auth else {}
+
+
+class SwarmClient(_Client):
+    """A blocking client of any peer. `model` defaults to the one the swarm serves. api_key is
+    sent as 'Authorization: Bearer KEY' (a peer started with --api-key); swarm_key signs
+    requests to the swarm's own paths (a private swarm's table)."""
+
+    _client = httpx.Client
 
     def __enter__(self):
         return self
@@ -144,8 +152,7 @@ class SwarmClient:
         return [m["id"] for m in self._request("GET", "/v1/models").json()["data"]]
 
     def table(self) -> dict:
-        kw = {"auth": self._swarm_auth} if self._swarm_auth else {}
-        return self._request("GET", "/swarm/table", **kw).json()
+        return self._request("GET", "/swarm/table", **self._table_auth).json()
 
     def chat(
         self, messages: str | list[dict], *, stream: bool = False, **params
@@ -180,20 +187,10 @@ class SwarmClient:
             raise SwarmConnectionError(f"stream from {self._http.base_url} broke: {e}") from None
 
 
-class AsyncSwarmClient:
+class AsyncSwarmClient(_Client):
     """The asyncio twin of SwarmClient."""
 
-    def __init__(
-        self,
-        peer: str = "127.0.0.1:7001",
-        model: str | None = None,
-        timeout_s: float = 300.0,
-        api_key: str | None = None,
-        swarm_key: bytes | None = None,
-    ):
-        self._http = httpx.AsyncClient(**_http_options(peer, timeout_s, api_key))
-        self._swarm_auth = SwarmAuth(swarm_key) if swarm_key else None
-        self._model = model
+    _client = httpx.AsyncClient
 
     async def __aenter__(self):
         return self
@@ -211,6 +208,9 @@ class AsyncSwarmClient:
             raise SwarmConnectionError(f"cannot reach {self._http.base_url}: {e}") from None
         _raise_for(r)
         return r
+
+    async def table(self) -> dict:
+        return (await self._request("GET", "/swarm/table", **self._table_auth)).json()
 
     async def model(self) -> str:
         if self._model is None:

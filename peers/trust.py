@@ -11,7 +11,6 @@ within that window (a replayed request is refused), and the MAC is compared in c
 
 import hashlib
 import hmac
-import json
 import os
 import secrets
 import time
@@ -19,6 +18,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import httpx
+
+from .limits import json_error
 
 SWARM_PREFIX = "/swarm/"
 API_PREFIX = "/v1/"
@@ -83,16 +84,6 @@ class ReplayCache:
         return True
 
 
-def _json_error(status: int, message: str, kind: str, code: str) -> tuple[dict, dict]:
-    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
-    start = {
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-    }
-    return start, {"type": "http.response.body", "body": body}
-
-
 class Guard:
     """ASGI middleware: `/swarm/...` requests must be signed with the swarm key (when there is
     one), `/v1/...` requests must carry one of the API keys (when there are any)."""
@@ -100,7 +91,6 @@ class Guard:
     def __init__(self, app, swarm_key: bytes | None, api_keys: tuple[str, ...] = (), clock=time.time):
         self.app, self.swarm_key, self.api_keys, self.clock = app, swarm_key, api_keys, clock
         self.replays = ReplayCache(clock=clock)
-        self.refused = 0  # requests answered 401
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -165,8 +155,7 @@ class Guard:
         return None
 
     async def _refuse(self, send, message: str, kind: str, code: str) -> None:
-        self.refused += 1
-        for part in _json_error(401, message, kind, code):
+        for part in json_error(401, message, code, kind, close=False):
             await send(part)
 
 

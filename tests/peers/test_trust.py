@@ -3,6 +3,7 @@ without a valid signature (no key, a wrong key, a replay, a skewed clock) get 40
 work; the OpenAI door answers only callers with a key; /health stays open."""
 
 import argparse
+import asyncio
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import openai
 import pytest
 import torch
 
-from peers import SwarmAPIError, SwarmClient
+from peers import AsyncSwarmClient, SwarmAPIError, SwarmClient
 from peers.cli import _api_keys
 from peers.protocol import (
     PATH_CLOSE,
@@ -147,6 +148,12 @@ def test_the_sdk_and_peer_status_take_the_keys(private):
     with SwarmClient(entry.address, api_key=API_KEY, swarm_key=KEY.encode()) as client:
         assert client.complete("hello", max_tokens=3, temperature=0).text is not None
         assert client.table()["gaps"] == []
+
+    async def async_table():
+        async with AsyncSwarmClient(entry.address, api_key=API_KEY, swarm_key=KEY.encode()) as client:
+            return await client.table()
+
+    assert asyncio.run(async_table())["gaps"] == []
     with SwarmClient(entry.address, api_key=API_KEY) as client, pytest.raises(SwarmAPIError) as e:
         client.table()
     assert e.value.status == 401
