@@ -54,6 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         swarm_key=swarm_key_from(args.swarm_key),
         api_keys=_api_keys(args),
+        identity_file=args.identity,
         prefix_reuse=not args.no_prefix_reuse,
         prefix_cache_tokens=args.prefix_cache_tokens,
         scheduler=SchedulerSettings(
@@ -319,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a key the OpenAI API takes as 'Authorization: Bearer KEY' (repeatable; default: any caller)",
     )
     serve.add_argument("--api-key-file", default=None, help="a file of API keys, one per line")
+    serve.add_argument(
+        "--identity",
+        default=None,
+        metavar="FILE",
+        help="this peer's Ed25519 key (PEM), created on first start; its peer id derives from it "
+        "(default: a new identity each start)",
+    )
     serve.add_argument(
         "--max-connections", type=int, default=2048, help="open HTTP connections; more are closed at once"
     )

@@ -1,13 +1,20 @@
 """The gossip loop: every interval, push-pull the whole table with a few random live peers (and
-seeds not yet reached). The table itself (peers/membership.py) is pure data."""
+seeds not yet reached). The table itself (peers/membership.py) is pure data.
+
+Each exchange carries a fresh challenge; the answering peer signs it with its identity, so the
+caller learns which peer answers at the address it dialled (it vouches for that peer: only
+vouched peers are routed to)."""
 
 import asyncio
+import base64
 import logging
+import os
 import random
 from collections.abc import Callable
 
 import httpx
 
+from .identity import verify
 from .limits import post_capped
 from .membership import Table, parse_entries
 from .protocol import PATH_GOSSIP
@@ -47,25 +54,49 @@ class Gossip:
     async def round(self, targets: list[str], fanout_all: bool = False) -> None:
         if fanout_all:
             me = self.table.me.peer_id
-            targets = [e.peer_id for e in self.table.live() if e.peer_id != me][:32]
+            targets = [e.address for e in self.table.live() if e.peer_id != me][:32]
         await asyncio.gather(*(self._exchange(t) for t in targets))
 
     async def _exchange(self, address: str) -> None:
-        body = {"entries": [e.to_json() for e in self.table.entries()]}
+        challenge = base64.urlsafe_b64encode(os.urandom(18)).decode()
+        body = {"entries": [e.to_json() for e in self.table.entries()], "challenge": challenge}
         try:
             r = await post_capped(
                 self.http, f"http://{address}{PATH_GOSSIP}", self.settings.timeout_s, json=body
             )
             r.raise_for_status()
-            entries = parse_entries(r.json()["entries"])
-            self.table.merge(entries)
-            own = next((e for e in entries if e.peer_id == address), None)
-            if own is not None:  # it answered at its address, as this life
-                self.table.vouch(address, own.incarnation)
+            reply = r.json()
+            self.table.merge(parse_entries(reply["entries"]))
+            proof = reply["proof"]
+            peer_id, incarnation = proof["peer_id"], proof["incarnation"]
+            entry = self.table.get(peer_id) if isinstance(peer_id, str) else None
+            if (
+                entry is not None
+                and entry.address == address
+                and entry.incarnation == incarnation
+                and verify(
+                    entry.public_key, proof["signature"], proof_message(challenge, peer_id, incarnation)
+                )
+            ):  # the peer at this address is this life of that identity
+                self.table.vouch(peer_id, incarnation)
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
             log.debug("gossip with %s failed: %s", address, e)
 
-    def receive(self, entries) -> list[dict]:
-        """Merge a peer's gossip (ValueError, and nothing merged, if any entry is invalid)."""
-        self.table.merge(parse_entries(entries))
-        return [e.to_json() for e in self.table.entries()]
+    def receive(self, body: dict) -> dict:
+        """Merge a peer's gossip and answer with this table, and this peer's signature of the
+        caller's challenge (ValueError, and nothing merged, if anything is invalid)."""
+        challenge = body["challenge"]
+        if not isinstance(challenge, str) or not 16 <= len(challenge) <= 64:
+            raise ValueError("challenge must be a string of 16 to 64 characters")
+        self.table.merge(parse_entries(body["entries"]))
+        me = self.table.me
+        signature = self.table.identity.sign(proof_message(challenge, me.peer_id, me.incarnation))
+        return {
+            "entries": [e.to_json() for e in self.table.entries()],
+            "proof": {"peer_id": me.peer_id, "incarnation": me.incarnation, "signature": signature},
+        }
+
+
+def proof_message(challenge: str, peer_id: str, incarnation: int) -> bytes:
+    """What a peer signs to prove it answers gossip at an address, as one life."""
+    return f"layerswarm-gossip\0{challenge}\0{peer_id}\0{incarnation}".encode()

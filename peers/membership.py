@@ -1,13 +1,19 @@
 """The swarm table each peer keeps, merged by gossip (heartbeats with suspicion, incarnations and
 tombstones, after SWIM and Scuttlebutt). Pure data: the gossip loop lives in the server.
 
-A peer's identity is its public address; each process life has a new, larger incarnation, so a
-restarted peer supersedes its previous life at once. The owner alone advances its heartbeat. A
-peer whose heartbeat has not advanced for `suspect_after_s` is suspect (no new routes), and for
-`dead_after_s` is dead: its tombstone (dead at that incarnation) travels with gossip for
-`tombstone_s`, so stale gossip cannot bring it back. A peer told it is dead starts a new life.
+A peer is its Ed25519 identity (peers/identity.py): its peer id is derived from its public key,
+and it signs every version of its own entry, its address included. An entry is taken from gossip
+only with its owner's valid signature, so no one can forge, move or revive another peer's entry.
+Each process life has a new, larger incarnation, so a restarted peer supersedes its previous life
+at once; the owner alone advances its heartbeat. A peer whose heartbeat has not advanced for
+`suspect_after_s` is suspect here (no new routes), and for `dead_after_s` dead here: a death is
+each peer's own finding, never taken from gossip, so no one can kill another peer's entry either;
+a later heartbeat of that life, signed by its owner, brings it back. The one death that travels is
+a peer's own signed tombstone (it left), kept for `tombstone_s` so that stale gossip of that life
+cannot bring it back.
 """
 
+import json
 import math
 import random
 import re
@@ -15,6 +21,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+
+from .identity import PEER_ID_CHARS, SIGNATURE_CHARS, Identity, peer_id_of, verify
 
 JOINING, SERVING, LEAVING, DEAD = "joining", "serving", "leaving", "dead"
 STATES = (JOINING, SERVING, LEAVING, DEAD)
@@ -56,9 +64,9 @@ class GossipSettings:
 
 @dataclass(frozen=True)
 class PeerEntry:
-    """What the swarm knows of one peer; only its owner changes it (but for death)."""
+    """What the swarm knows of one peer, signed by its owner (who alone changes it)."""
 
-    peer_id: str  # its public address, host:port
+    peer_id: str  # derived from its public key
     model: str
     total_layers: int
     start: int
@@ -67,18 +75,30 @@ class PeerEntry:
     incarnation: int = 0
     heartbeat: int = 0
     load: int = 0  # sessions open on it
-    dead_for_s: float = 0.0  # on a tombstone: how long ago the sender saw the death
+    dead_for_s: float = 0.0  # on a tombstone: how long ago the sender saw the death (not signed)
+    address: str = ""  # what others dial, host:port
+    public_key: str = ""  # Ed25519, unpadded base64url
+    signature: str = ""  # the owner's, over every other field but dead_for_s
 
     @property
     def version(self) -> tuple[int, int]:
         return self.incarnation, self.heartbeat
 
-    @property
-    def address(self) -> str:
-        return self.peer_id
-
     def to_json(self) -> dict:
         return asdict(self)
+
+    def signed_message(self) -> bytes:
+        fields = {k: v for k, v in asdict(self).items() if k not in ("signature", "dead_for_s")}
+        return b"layerswarm-entry\0" + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+    def signed(self, identity: Identity) -> "PeerEntry":
+        """This entry as `identity`'s own, signed."""
+        mine = replace(self, peer_id=identity.peer_id, public_key=identity.public_key, signature="")
+        return replace(mine, signature=identity.sign(mine.signed_message()))
+
+    def verify(self) -> bool:
+        """Whether its owner signed exactly this (from_json checked that the key owns the id)."""
+        return verify(self.public_key, self.signature, self.signed_message())
 
     @classmethod
     def from_json(cls, data: dict, now_us: int | None = None) -> "PeerEntry":
@@ -91,7 +111,17 @@ class PeerEntry:
             raise ValueError(
                 f"a peer entry has the fields {sorted(names)}; missing {missing}, unknown {extra}"
             )
-        peer_id = check_address(data["peer_id"])
+        peer_id = data["peer_id"]
+        if (
+            not isinstance(peer_id, str)
+            or len(peer_id) != PEER_ID_CHARS
+            or peer_id != peer_id_of(data["public_key"])
+        ):
+            raise ValueError(f"peer_id must be the id its public_key owns, got {peer_id!r:.40}")
+        signature = data["signature"]
+        if not isinstance(signature, str) or len(signature) != SIGNATURE_CHARS:
+            raise ValueError("signature must be 64 bytes in unpadded base64url")
+        address = check_address(data["address"])
         model = data["model"]
         if not isinstance(model, str) or not 0 < len(model) <= MAX_MODEL_ID or not model.isprintable():
             raise ValueError(f"model must be a printable string of 1 to {MAX_MODEL_ID} characters")
@@ -124,6 +154,9 @@ class PeerEntry:
             _int(data, "heartbeat", 0, MAX_COUNTER),
             _int(data, "load", 0, MAX_COUNTER),
             float(dead_for),
+            address,
+            data["public_key"],
+            signature,
         )
 
 
@@ -171,7 +204,7 @@ def parse_entries(items, now_us: int | None = None) -> list[PeerEntry]:
 
 def supersedes(new: PeerEntry, old: PeerEntry) -> bool:
     """Whether gossip of `new` replaces `old` (same peer): a later life wins; within one life
-    death is final, otherwise the later heartbeat wins."""
+    its own tombstone is final, otherwise the later heartbeat wins."""
     if new.incarnation != old.incarnation:
         return new.incarnation > old.incarnation
     if old.state == DEAD:
@@ -181,32 +214,45 @@ def supersedes(new: PeerEntry, old: PeerEntry) -> bool:
 
 @dataclass
 class _Local:
-    entry: PeerEntry
+    entry: PeerEntry  # as its owner signed it
     seen_at: float  # when its version last advanced here
-    died_at: float | None = None
+    died_at: float | None = None  # when it died: declared here, or its own tombstone arrived
     suspected: bool = False  # a failure report, until its heartbeat advances
     vouched: int | None = None  # the incarnation this peer answered with when this peer dialled it
+
+    @property
+    def dead(self) -> bool:
+        return self.died_at is not None
+
+    @property
+    def declared_here(self) -> bool:
+        """Dead by this peer's own finding (silence), not by its signed tombstone."""
+        return self.died_at is not None and self.entry.state != DEAD
 
 
 @dataclass
 class Table:
-    """This peer's view of the swarm, itself included."""
+    """This peer's view of the swarm, itself included. `me` is this peer's entry; the table
+    fills in and signs its identity fields with `identity`."""
 
     me: PeerEntry
+    identity: Identity
     settings: GossipSettings = field(default_factory=GossipSettings)
     clock: Callable[[], float] = time.monotonic
     _peers: dict[str, _Local] = field(default_factory=dict)
     deaths: deque = field(default_factory=lambda: deque(maxlen=1000))  # (peer_id, incarnation) declared here
 
     def __post_init__(self):
+        self.me = self.me.signed(self.identity)
         self._peers[self.me.peer_id] = _Local(self.me, self.clock())
 
     # -- the owner's own entry -------------------------------------------------------------
     def update_me(self, **changes) -> PeerEntry:
         """Change this peer's own entry; every change is a new heartbeat, so gossip carries it."""
         changes.setdefault("heartbeat", self.me.heartbeat + 1)
-        self.me = replace(self.me, **changes)
-        self._peers[self.me.peer_id] = _Local(self.me, self.clock())
+        self.me = replace(self.me, **changes).signed(self.identity)
+        now = self.clock()
+        self._peers[self.me.peer_id] = _Local(self.me, now, died_at=now if self.me.state == DEAD else None)
         return self.me
 
     def beat(self, load: int | None = None) -> PeerEntry:
@@ -215,40 +261,59 @@ class Table:
 
     # -- gossip ----------------------------------------------------------------------------
     def merge(self, entries: list[PeerEntry]) -> None:
+        """Take what is news in `entries`. ValueError, and nothing merged, if an entry this table
+        would take is not signed by its owner (honest peers relay only entries they checked)."""
+        news = [e for e in entries if self._news(e)]
+        for entry in news:
+            if not entry.verify():
+                raise ValueError(f"the entry of peer {entry.peer_id} is not signed by its owner")
         now = self.clock()
-        for entry in entries:
+        for entry in news:
             if entry.peer_id == self.me.peer_id:
-                if (entry.state == DEAD and entry.incarnation >= self.me.incarnation) or supersedes(
-                    entry, self.me
-                ):
-                    # Declared dead while alive (frozen, partitioned), or a version of this peer
-                    # it never had (only the owner advances its entry: forged gossip that would
-                    # move or hide it): refute with a new life.
-                    self.update_me(incarnation=max(entry.incarnation + 1, _now_us()), heartbeat=0)
+                # A version of this peer it does not have (a former life of this identity with a
+                # clock ahead, or its own tombstone of a life it still lives): a newer life.
+                self.update_me(incarnation=max(entry.incarnation + 1, _now_us()), heartbeat=0)
                 continue
             known = self._peers.get(entry.peer_id)
-            if entry.state == DEAD and entry.dead_for_s > self.settings.tombstone_s:
-                continue  # an expired tombstone: dropped everywhere, not bounced around
-            if known is None and len(self._peers) >= MAX_TABLE_ENTRIES:
-                continue  # the table is full: no new peers until some are forgotten
             died = now - max(0.0, entry.dead_for_s) if entry.state == DEAD else None
             if known is None or supersedes(entry, known.entry):
-                # a tombstone is kept too, so that stale gossip of that life cannot revive it; it
-                # keeps its age, so that tombstones expire everywhere instead of bouncing around
+                # its own tombstone is kept too, so that stale gossip of that life cannot revive
+                # it; it keeps its age, so that tombstones expire everywhere
                 vouched = known.vouched if known is not None else None
                 self._peers[entry.peer_id] = _Local(
                     replace(entry, dead_for_s=0.0), now, died_at=died, vouched=vouched
                 )
-            elif died is not None and known.died_at is not None and entry.version == known.entry.version:
+            elif died is not None and known.died_at is not None:
                 known.died_at = min(known.died_at, died)
 
+    def _news(self, entry: PeerEntry) -> bool:
+        """Whether merging `entry` would change this table."""
+        if entry.peer_id == self.me.peer_id:
+            return (entry.state == DEAD and entry.incarnation >= self.me.incarnation) or supersedes(
+                entry, self.me
+            )
+        if entry.state == DEAD and entry.dead_for_s > self.settings.tombstone_s:
+            return False  # an expired tombstone: dropped everywhere, not bounced around
+        known = self._peers.get(entry.peer_id)
+        if known is None:
+            return len(self._peers) < MAX_TABLE_ENTRIES  # a full table takes no new peers
+        if supersedes(entry, known.entry):
+            return True
+        return entry.state == DEAD and entry.version == known.entry.version and known.died_at is not None
+
     def entries(self) -> list[PeerEntry]:
-        """Everything to gossip: live entries and unexpired tombstones (with their age)."""
+        """Everything to gossip: live entries and unexpired tombstones of peers that left (with
+        their age); deaths found here stay here."""
         now = self.clock()
         return [
-            replace(local.entry, dead_for_s=now - local.died_at) if local.died_at is not None else local.entry
+            replace(local.entry, dead_for_s=now - local.died_at) if local.dead else local.entry
             for local in self._peers.values()
+            if not local.declared_here
         ]
+
+    def known(self) -> list[PeerEntry]:
+        """Every peer this table holds, the dead included (for people to read, not to gossip)."""
+        return [local.entry for local in self._peers.values()]
 
     def sweep(self) -> list[str]:
         """Declare peers dead whose heartbeat stopped; drop old tombstones. Returns the newly dead."""
@@ -257,13 +322,12 @@ class Table:
         for peer_id, local in list(self._peers.items()):
             if peer_id == self.me.peer_id:
                 continue
-            if local.entry.state == DEAD:
-                if now - (local.died_at or now) > s.tombstone_s:
+            if local.dead:
+                if now - local.died_at > s.tombstone_s:
                     del self._peers[peer_id]
                 continue
             silent = now - local.seen_at
             if silent > s.dead_after_s or (local.suspected and silent > s.suspect_after_s):
-                local.entry = replace(local.entry, state=DEAD)
                 local.died_at = now
                 newly_dead.append(peer_id)
                 self.deaths.append((peer_id, local.entry.incarnation))
@@ -273,7 +337,7 @@ class Table:
         """Restart every live peer's silence clock (after this process itself stalled)."""
         now = self.clock()
         for peer_id, local in self._peers.items():
-            if local.entry.state != DEAD and peer_id != self.me.peer_id:
+            if not local.dead and peer_id != self.me.peer_id:
                 local.seen_at = now
 
     def report_failure(self, peer_id: str) -> None:
@@ -284,39 +348,46 @@ class Table:
             local.seen_at = min(local.seen_at, self.clock())
 
     def gossip_targets(self, seeds: list[str], rng: random.Random = random) -> list[str]:
-        """A few random live peers to exchange tables with, one live peer this peer has not
-        dialled yet (so that a new peer is vouched for within a round), and one seed not (or no
-        longer) known alive: a seed that was down when this peer started is retried, so that
-        peers started together cannot stay split in two swarms."""
-        live = [p for p, local in self._peers.items() if p != self.me.peer_id and local.entry.state != DEAD]
-        targets = rng.sample(live, min(self.settings.fanout, len(live)))
-        unvouched = [p for p in live if p not in targets and not self.vouched(p)]
+        """Addresses to exchange tables with: a few random live peers, one live peer this peer
+        has not dialled yet (so that a new peer is vouched for within a round), and one seed not
+        (or no longer) known alive: a seed that was down when this peer started is retried, so
+        that peers started together cannot stay split in two swarms."""
+        live = [local for p, local in self._peers.items() if p != self.me.peer_id and not local.dead]
+        chosen = rng.sample(live, min(self.settings.fanout, len(live)))
+        unvouched = [
+            local for local in live if local not in chosen and local.vouched != local.entry.incarnation
+        ]
         if unvouched:
-            targets.append(rng.choice(unvouched))
-        unknown = [s for s in seeds if s != self.me.peer_id and s not in live]
+            chosen.append(rng.choice(unvouched))
+        targets = list(dict.fromkeys(local.entry.address for local in chosen))
+        known = {local.entry.address for local in live} | {self.me.address}
+        unknown = [s for s in seeds if s not in known]
         if unknown:
             targets.append(rng.choice(unknown))
         return targets
 
     def vouch(self, peer_id: str, incarnation: int) -> None:
-        """This peer dialled `peer_id` and it answered as that life: it exists at its address."""
+        """This peer dialled `peer_id`'s address and it proved, as that life, that it is there."""
         local = self._peers.get(peer_id)
         if local is not None:
             local.vouched = incarnation
 
     def vouched(self, peer_id: str) -> bool:
         """Whether the peer answered this peer at its address, as the life the table holds (a
-        peer only heard of, or a forged life of a live address, is not routed to)."""
+        peer only heard of, or one that names another's address, is not routed to)."""
         local = self._peers.get(peer_id)
         return peer_id == self.me.peer_id or (local is not None and local.vouched == local.entry.incarnation)
 
     # -- reading -----------------------------------------------------------------------------
     def status(self, peer_id: str) -> str | None:
-        """The state as this peer sees it: the gossiped state, or 'suspect' when silent."""
+        """The state as this peer sees it: the gossiped state, 'suspect' when silent, 'dead'
+        when declared dead here."""
         local = self._peers.get(peer_id)
         if local is None:
             return None
-        if local.entry.state != DEAD and peer_id != self.me.peer_id:
+        if local.dead:
+            return DEAD
+        if peer_id != self.me.peer_id:
             silent = self.clock() - local.seen_at
             if local.suspected or silent > self.settings.suspect_after_s:
                 return "suspect"
@@ -335,12 +406,13 @@ class Table:
         ]
 
     def get(self, peer_id: str) -> PeerEntry | None:
-        """The entry of a peer, as gossiped (None if unknown)."""
+        """The entry of a peer, as its owner signed it (None if unknown)."""
         local = self._peers.get(peer_id)
         return local.entry if local is not None else None
 
     def live(self) -> list[PeerEntry]:
-        return [local.entry for local in self._peers.values() if local.entry.state != DEAD]
+        """Peers not dead, as far as this peer knows."""
+        return [local.entry for local in self._peers.values() if not local.dead]
 
 
 def new_incarnation() -> int:

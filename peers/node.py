@@ -27,6 +27,7 @@ from .bans import Bans
 from .errors import HopFailed
 from .forwarding import Forwarder
 from .gossip import Gossip
+from .identity import Identity
 from .limits import (
     DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
@@ -76,6 +77,7 @@ class NodeConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # open HTTP connections; more are closed
     swarm_key: bytes | None = field(default=None, repr=False)  # a private swarm's shared key
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # keys the OpenAI door takes; () = any caller
+    identity_file: str | None = None  # this peer's Ed25519 key, created on first start; None: new each start
     prefix_reuse: bool = True  # reuse the KV of prompt prefixes this peer computed before
     prefix_cache_tokens: int = 16384  # token slots of KV kept for prefix reuse
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
@@ -118,10 +120,23 @@ class PeerNode:
         self.tokenizer = Tokenizer(source.path)
         self.block: Block | None = None
         start, end = _initial_span(config.layers, self.total_layers)
+        if config.identity_file:
+            self.identity = Identity.load_or_create(config.identity_file)
+        else:
+            self.identity = Identity.generate()
         me = PeerEntry(
-            config.address, self.model_id, self.total_layers, start, end, JOINING, new_incarnation(), 0, 0
+            "",
+            self.model_id,
+            self.total_layers,
+            start,
+            end,
+            JOINING,
+            new_incarnation(),
+            0,
+            0,
+            address=config.address,
         )
-        self.table = Table(me, config.gossip)
+        self.table = Table(me, self.identity, config.gossip)
         self.http = http or httpx.AsyncClient(
             auth=SwarmAuth(config.swarm_key) if config.swarm_key else None,
             timeout=config.hop_timeout_s,
@@ -310,8 +325,8 @@ class PeerNode:
         return self._threads
 
     def _colocated_peers(self) -> int:
-        host = self.peer_id.rsplit(":", 1)[0]
-        return max(1, sum(1 for e in self.table.live() if e.peer_id.rsplit(":", 1)[0] == host))
+        host = self.config.address.rsplit(":", 1)[0]
+        return max(1, sum(1 for e in self.table.live() if e.address.rsplit(":", 1)[0] == host))
 
     async def announce_leaving(self) -> None:
         """Tell the swarm this peer is leaving: new sessions avoid it from now on."""
@@ -441,6 +456,8 @@ class PeerNode:
         entry = self.table.get(hop.peer_id)
         return (
             entry is not None
+            and entry.address == hop.address
+            and self.table.status(hop.peer_id) not in (None, DEAD)
             and entry.model == self.model_id
             and entry.state in (SERVING, LEAVING)
             and entry.start <= hop.start < hop.end <= entry.end
@@ -469,15 +486,15 @@ class PeerNode:
 
 
 def _route_problem(hops: list[Hop], total: int) -> str | None:
-    """What is wrong with a route: hops must tile [first start, total) in order, each named by
-    its address."""
+    """What is wrong with a route: hops must tile [first start, total) in order, each peer at
+    most once."""
     for a, b in zip(hops, hops[1:], strict=False):
         if a.end != b.start:
             return f"the route skips or repeats layers: {a.start}:{a.end} is followed by {b.start}:{b.end}"
     if hops[-1].end != total:
         return f"the route ends at layer {hops[-1].end}, not at the model's last layer {total}"
-    if any(h.peer_id != h.address or not 0 <= h.start < h.end for h in hops):
-        return "a hop of the route has a bad layer range or a peer id that is not its address"
+    if any(not 0 <= h.start < h.end for h in hops):
+        return "a hop of the route has a bad layer range"
     if len({h.peer_id for h in hops}) != len(hops):
         return "the route visits a peer more than once"
     return None

@@ -258,11 +258,14 @@ def fetch_table(peer: str, timeout_s: float = 5.0, swarm_key: bytes | None = Non
 
 def format_table(table: dict) -> str:
     """The swarm as one peer sees it: each peer, its span, state and load; coverage and gaps."""
-    rows = [f"swarm of {table['model']} ({table['total_layers']} layers), as seen by {table['me']}", ""]
-    rows.append(f"{'peer':<24} {'layers':<9} {'state':<9} {'load':>4}")
-    for p in sorted(table["peers"], key=lambda p: (p["start"], p["peer_id"])):
+    rows = [
+        f"swarm of {table['model']} ({table['total_layers']} layers), as seen by {table['me']} ({table['address']})",
+        "",
+    ]
+    rows.append(f"{'peer':<21} {'address':<22} {'layers':<9} {'state':<9} {'load':>4}")
+    for p in sorted(table["peers"], key=lambda p: (p["start"], p["address"])):
         span = f"{p['start']}:{p['end']}" if p["end"] > p["start"] else "-"
-        rows.append(f"{p['peer_id']:<24} {span:<9} {p['status']:<9} {p['load']:>4}")
+        rows.append(f"{p['peer_id']:<21} {p['address']:<22} {span:<9} {p['status']:<9} {p['load']:>4}")
     counts = table["coverage"]
     runs, start = [], 0
     for layer in range(1, len(counts) + 1):

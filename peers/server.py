@@ -67,6 +67,8 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
         me = node.table.me
         body = {
             "peer_id": node.peer_id,
+            "address": me.address,
+            "public_key": me.public_key,
             "model": node.model_id,
             "layers": [me.start, me.end],
             "total_layers": node.total_layers,
@@ -123,7 +125,7 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
     @app.post(PATH_GOSSIP)
     async def gossip(body: dict) -> dict:
         try:
-            return {"entries": node.gossip.receive(body["entries"])}
+            return node.gossip.receive(body)
         except (KeyError, TypeError, ValueError) as e:
             return JSONResponse({"error": {"message": f"bad gossip: {e}"}}, status_code=400)
 
@@ -131,12 +133,12 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
     async def table() -> dict:
         t = node.table
         peers = [
-            {**e.to_json(), "status": t.status(e.peer_id), "vouched": t.vouched(e.peer_id)}
-            for e in t.entries()
+            {**e.to_json(), "status": t.status(e.peer_id), "vouched": t.vouched(e.peer_id)} for e in t.known()
         ]
         counts = coverage(t.serving(node.model_id), node.total_layers)
         return {
             "me": node.peer_id,
+            "address": node.table.me.address,
             "model": node.model_id,
             "total_layers": node.total_layers,
             "peers": peers,

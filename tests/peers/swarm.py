@@ -49,11 +49,26 @@ class Peer:
         self.address = f"127.0.0.1:{self.port}"
         self.model, self.layers, self.join, self.args, self.log_dir = model, layers, join, args, log_dir
         self.threads = threads
+        self._peer_id: str | None = None
         self.proc: subprocess.Popen | None = None
         self.log_path = log_dir / f"peer-{self.port}.log"
 
+    @property
+    def identity_path(self) -> Path:
+        """Its key: kept across restarts on its port, as a volunteer's peer keeps its identity."""
+        return self.log_dir / f"peer-{self.port}.key"
+
+    @property
+    def peer_id(self) -> str:
+        """Its peer id (derived from its key; read from /health, ready or not)."""
+        if self._peer_id is None:
+            self._peer_id = httpx.get(f"{self.url}/health", timeout=5).json()["peer_id"]
+        return self._peer_id
+
     def start(self) -> "Peer":
-        cmd = serve_command(self.model, self.port, self.layers, self.join, args=self.args)
+        self._peer_id = None
+        args = [*self.args, "--identity", str(self.identity_path)]
+        cmd = serve_command(self.model, self.port, self.layers, self.join, args=args)
         if self.patch:  # python -m peers.cli ARGS -> python -c "PATCH; main(ARGS)" ARGS
             code = f"{self.patch}\nimport sys\nfrom peers.cli import main\nsys.exit(main(sys.argv[1:]))"
             cmd = [cmd[0], "-c", code, *cmd[3:]]

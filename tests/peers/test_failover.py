@@ -74,7 +74,7 @@ def test_killed_peers_restart_on_their_address_without_ghosts(swarm, reference):
     def clean():
         for p in swarm.peers:
             rows = p.table()["peers"]
-            if sorted(r["peer_id"] for r in rows) != addresses:  # one row per address: no two lives
+            if sorted(r["address"] for r in rows) != addresses:  # one row per address: no two lives
                 return False
             if any(r["status"] != "serving" for r in rows):  # no dead or suspect ghost
                 return False
@@ -84,8 +84,8 @@ def test_killed_peers_restart_on_their_address_without_ghosts(swarm, reference):
     lives = {p.address: p.health()["incarnation"] for p in dead}
     for p in swarm.peers:
         for row in p.table()["peers"]:
-            if row["peer_id"] in lives:
-                assert row["incarnation"] == lives[row["peer_id"]]
+            if row["address"] in lives:
+                assert row["incarnation"] == lives[row["address"]]
     assert stream_chat(swarm.peers[0])[0] == reference
 
 
@@ -111,7 +111,7 @@ def test_frozen_peer_fails_over_after_the_deadline_then_recovers(swarm, referenc
 
     def back():
         # (while its tombstone has expired and its own gossip has not arrived, no row at all)
-        row = next((r for r in entry.table()["peers"] if r["peer_id"] == victim.address), None)
+        row = next((r for r in entry.table()["peers"] if r["address"] == victim.address), None)
         return victim.health() and row is not None and row["status"] == "serving"
 
     wait_until(back, 30, swarm._why)

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 
+from peers.identity import Identity
 from peers.membership import parse_entries
 from peers.protocol import (
     PATH_GOSSIP,
@@ -40,8 +41,12 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=12,
 )
+KEY = Identity.generate()
 ENTRY_FIELDS = (
     "peer_id",
+    "address",
+    "public_key",
+    "signature",
     "model",
     "total_layers",
     "start",
@@ -56,8 +61,12 @@ entries = st.lists(
     st.fixed_dictionaries(
         {},
         optional={
-            "peer_id": st.sampled_from(["127.0.0.1:7001", "a:1", "x/y:1", "[::1]:9", ""])
+            "peer_id": st.sampled_from([KEY.peer_id, "a" * 20, ""]) | st.text(max_size=30),
+            "address": st.sampled_from(["127.0.0.1:7001", "a:1", "x/y:1", "[::1]:9", ""])
             | st.text(max_size=30),
+            "public_key": st.sampled_from([KEY.public_key, KEY.public_key[:-1] + "A", ""])
+            | st.text(max_size=50),
+            "signature": st.sampled_from([KEY.sign(b"x"), "A" * 86, ""]) | st.text(max_size=90),
             "model": st.sampled_from(["llama", ""]) | st.text(max_size=10),
             "total_layers": st.integers(-5, 10**6) | json_values,
             "start": st.integers(-5, 10) | json_values,
@@ -73,9 +82,9 @@ entries = st.lists(
 )
 
 
-def valid_message(batch=1, steps=3, hidden=None) -> bytes:
+def valid_message(batch=1, steps=3, hidden=None, hop: Hop | None = None) -> bytes:
     tensor = torch.randint(0, 200, (batch, steps)) if hidden is None else torch.zeros(batch, steps, hidden)
-    hops = [Hop("127.0.0.1:1", "127.0.0.1:1", 0, 4)]
+    hops = [hop or Hop("p" * 20, "127.0.0.1:1", 0, 4)]
     return encode_steps([StepRequest("s", 0, hops, Sampling(), tensor)])
 
 
@@ -125,7 +134,7 @@ def test_the_gossip_parser_raises_only_value_errors(items):
     except ValueError:
         return
     for e in parsed:
-        assert 0 <= e.start <= e.end <= e.total_layers and ":" in e.peer_id
+        assert 0 <= e.start <= e.end <= e.total_layers and ":" in e.address
 
 
 # -- against a real peer ------------------------------------------------------------------------
@@ -159,8 +168,8 @@ def rss_before(peer):
 @LIVE
 @given(data=st.data())
 def test_fuzzed_step_messages_get_a_4xx_or_refused_frames(peer, rss_before, data):
-    msg = valid_message(batch=data.draw(st.integers(1, 3)), steps=data.draw(st.integers(1, 5)))
-    msg = msg.replace(b"127.0.0.1:1", peer.address.encode())  # a route this peer would run
+    route = Hop(peer.peer_id, peer.address, 0, 4)  # a route this peer would run
+    msg = valid_message(batch=data.draw(st.integers(1, 3)), steps=data.draw(st.integers(1, 5)), hop=route)
     body = mutated(data, msg) if data.draw(st.booleans()) else msg
     r = httpx.post(
         f"{peer.url}{PATH_STEPS}", content=body, headers={"content-type": STEP_CONTENT_TYPE}, timeout=30
@@ -180,7 +189,7 @@ def test_fuzzed_step_messages_get_a_4xx_or_refused_frames(peer, rss_before, data
 def test_fuzzed_gossip_gets_a_4xx_or_merges_valid_entries(peer, rss_before, items):
     r = httpx.post(
         f"{peer.url}{PATH_GOSSIP}",
-        content=json.dumps({"entries": items}),
+        content=json.dumps({"entries": items, "challenge": "c" * 24}),
         headers={"content-type": "application/json"},
         timeout=30,
     )

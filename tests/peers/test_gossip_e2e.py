@@ -16,7 +16,7 @@ QUIET_ROUNDS = 120  # a minute at INTERVAL_S
 
 
 def knows(peer, other, status="serving"):
-    rows = {r["peer_id"]: r for r in peer.table()["peers"]}
+    rows = {r["address"]: r for r in peer.table()["peers"]}
     return other.address in rows and rows[other.address]["status"] == status
 
 
@@ -66,7 +66,7 @@ def test_six_peers_spread_news_detect_deaths_and_stay_quiet(tiny_llama, make_swa
         time.sleep(1)
     else:
         raise AssertionError(f"the first peer ran fewer than {QUIET_ROUNDS} gossip rounds\n{swarm._why()}")
-    live = {p.address: p.health()["incarnation"] for p in others}
+    live = {p.peer_id: p.health()["incarnation"] for p in others}
     for p in others:
         table = p.table()
         false_deaths = [d for d in table["declared_dead"] if live.get(d[0]) == d[1]]

@@ -104,7 +104,7 @@ def test_a_next_hop_the_table_does_not_know_yet_is_learned_by_gossip(tiny_llama)
             for node in nodes:
                 node._gossip_task.cancel()  # no gossip rounds from now on but those asked for
             del middle.table._peers[last.peer_id]  # as if it had not heard of the last peer yet
-            assert not middle._knows(Hop(last.peer_id, last.peer_id, 3, 4))
+            assert not middle._knows(Hop(last.peer_id, last.config.address, 3, 4))
             return await tokens_of(nodes[0], PROMPTS[0], 8), middle.table.status(last.peer_id)
         finally:
             await stop_swarm(nodes)
@@ -127,7 +127,7 @@ def test_a_peer_dropping_out_mid_generation_is_failed_over_exactly(tiny_llama):
             if count == 6 and not dropped:  # the replica holding the sessions goes away
                 victim = max(replicas, key=lambda n: n.block.open_sessions())
                 assert victim.block.open_sessions() > 0
-                net.down.add(victim.peer_id)
+                net.down.add(victim.config.address)
                 dropped.append(victim)
 
         try:
@@ -192,13 +192,13 @@ def test_one_frame_that_breaks_does_not_fail_its_whole_message(tiny_llama):
             return await real(req)
 
         node.run_step = run_step
-        hop = Hop(node.peer_id, node.peer_id, 0, 4)
+        hop = Hop(node.peer_id, node.config.address, 0, 4)
         reqs = [
             StepRequest(sid, 0, [hop], Sampling(temperature=0), torch.tensor([PROMPTS[0]]))
             for sid in ("fine", "broken")
         ]
         try:
-            r = await node.http.post(f"http://{node.peer_id}{PATH_STEPS}", content=encode_steps(reqs))
+            r = await node.http.post(f"http://{node.config.address}{PATH_STEPS}", content=encode_steps(reqs))
             return r.status_code, r.json()["results"]
         finally:
             await stop_swarm(nodes)

@@ -24,7 +24,7 @@ def test_join_through_any_peer_and_route_appears(tiny_llama, make_swarm):
     b = swarm.add("2:3", join=[a.address])
     swarm.wait_ready()
     # known, and dialled by a (routes use only peers that answered at their address)
-    wait_until(lambda: b.address in {p["peer_id"] for p in a.table()["peers"] if p["vouched"]}, 20)
+    wait_until(lambda: b.address in {p["address"] for p in a.table()["peers"] if p["vouched"]}, 20)
     r = complete(a)
     assert r.status_code == 503 and "no peer serves layer 3" in r.json()["error"]["message"]
 
@@ -32,7 +32,7 @@ def test_join_through_any_peer_and_route_appears(tiny_llama, make_swarm):
     swarm.wait_ready()
     for peer in (a, b, c):  # everyone knows everyone
         wait_until(
-            lambda peer=peer: {x.address for x in (a, b, c)} <= {p["peer_id"] for p in peer.table()["peers"]},
+            lambda peer=peer: {x.address for x in (a, b, c)} <= {p["address"] for p in peer.table()["peers"]},
             20,
         )
     swarm.wait_route(a, timeout_s=20)
@@ -95,5 +95,5 @@ def test_a_redundant_automatic_peer_moves_into_a_gap(tiny_llama, make_swarm):
     survivors = [p for p in swarm.peers if p is not lone]
     wait_until(lambda: complete(survivors[0]).status_code == 200, 60, swarm._why, interval_s=0.5)
     assert sorted(tuple(p.health()["layers"]) for p in survivors) == [(0, 2), (2, 4)]
-    mover = max(survivors, key=lambda p: p.address)  # the larger id moved; the smaller kept 0:2
+    mover = max(survivors, key=lambda p: p.peer_id)  # the larger id moved; the smaller kept 0:2
     assert tuple(mover.health()["layers"]) == (2, 4)

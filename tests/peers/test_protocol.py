@@ -91,4 +91,4 @@ def test_a_route_must_tile_the_layers_to_the_end():
     assert "more than once" in _route_problem([hop(0, 2), hop(2, 4)], 4)
     assert "skips or repeats" in _route_problem([hop(0, 2), hop(3, 4, "127.0.0.1:2")], 4)
     assert "ends at layer 2" in _route_problem([hop(0, 2)], 4)
-    assert "not its address" in _route_problem([Hop("a", "127.0.0.1:9", 0, 4)], 4)
+    assert "bad layer range" in _route_problem([Hop("a", "127.0.0.1:9", 4, 4)], 4)

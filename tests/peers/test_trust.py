@@ -68,7 +68,7 @@ def signed(peer, method, path, body=b"", key=KEY, now=None, headers=None):
 def step_body(peers):
     p0, p1, p2 = peers
     hops = [
-        Hop(p.address, p.address, a, b) for p, (a, b) in zip(peers, [(0, 1), (1, 3), (3, 4)], strict=True)
+        Hop(p.peer_id, p.address, a, b) for p, (a, b) in zip(peers, [(0, 1), (1, 3), (3, 4)], strict=True)
     ]
     return encode_steps([StepRequest("s-attack", 0, hops, Sampling(), torch.tensor([[5, 6, 7]]))])
 
@@ -136,7 +136,7 @@ def test_a_peer_without_the_key_cannot_join(private, tiny_llama):
     try:
         private.wait_ready([outsider])
         time.sleep(3)  # a few gossip rounds
-        ids = {p["peer_id"] for p in signed(private.peers[0], "GET", PATH_TABLE).json()["peers"]}
+        ids = {p["address"] for p in signed(private.peers[0], "GET", PATH_TABLE).json()["peers"]}
         assert outsider.address not in ids
     finally:
         outsider.stop()

@@ -1,0 +1,98 @@
+"""A peer's Ed25519 identity: its peer id is derived from its public key, and it signs its own
+gossip entry (so that no one else can forge, move, revive or kill it) and its answers to gossip
+(so that a caller knows which peer answered at an address).
+
+`--identity FILE` keeps one identity across restarts (created on first start, mode 0600, a
+PKCS#8 PEM file); without it a peer has a new identity each time it starts. The `cryptography`
+package does the curve arithmetic (OpenSSL underneath): constant-time, well reviewed, and already
+what most Python TLS stacks install.
+"""
+
+import base64
+import hashlib
+import os
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+PEER_ID_CHARS = 20  # base32 characters of sha256(public key): 100 bits
+PUBLIC_KEY_CHARS = 43  # 32 bytes, base64url without padding
+SIGNATURE_CHARS = 86  # 64 bytes
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str, size: int, what: str) -> bytes:
+    if not isinstance(text, str) or len(text) != (size * 4 + 2) // 3:
+        raise ValueError(f"{what} must be {size} bytes in unpadded base64url")
+    try:
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (ValueError, TypeError):
+        raise ValueError(f"{what} must be {size} bytes in unpadded base64url") from None
+    if len(data) != size or _b64(data) != text:  # one spelling per key: ids cannot be aliased
+        raise ValueError(f"{what} must be {size} bytes in unpadded base64url")
+    return data
+
+
+def peer_id_of(public_key: str) -> str:
+    """The peer id a public key owns (ValueError if it is not an Ed25519 public key's spelling)."""
+    raw = _unb64(public_key, 32, "public_key")
+    return base64.b32encode(hashlib.sha256(raw).digest()).decode().lower()[:PEER_ID_CHARS]
+
+
+def verify(public_key: str, signature: str, message: bytes) -> bool:
+    """Whether `signature` is the owner of `public_key`'s signature of `message`."""
+    try:
+        key = Ed25519PublicKey.from_public_bytes(_unb64(public_key, 32, "public_key"))
+        key.verify(_unb64(signature, 64, "signature"), message)
+    except (ValueError, InvalidSignature):
+        return False
+    return True
+
+
+class Identity:
+    """An Ed25519 key pair and the peer id derived from its public key."""
+
+    def __init__(self, private_key: Ed25519PrivateKey):
+        self._key = private_key
+        raw = private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        self.public_key = _b64(raw)
+        self.peer_id = peer_id_of(self.public_key)
+
+    @classmethod
+    def generate(cls) -> "Identity":
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def load_or_create(cls, path: str | os.PathLike) -> "Identity":
+        """The identity kept in `path`; a new one is written there (0600) if the file is absent."""
+        path = Path(path)
+        if path.exists():
+            try:
+                key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{path} is not a PEM private key: {e}") from None
+            if not isinstance(key, Ed25519PrivateKey):
+                raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 private key")
+            return cls(key)
+        identity = cls.generate()
+        pem = identity._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        return identity
+
+    def sign(self, message: bytes) -> str:
+        return _b64(self._key.sign(message))
+
+    def __repr__(self) -> str:
+        return f"Identity({self.peer_id})"
