@@ -55,6 +55,8 @@ def _serve(args: argparse.Namespace) -> int:
         swarm_key=swarm_key_from(args.swarm_key),
         api_keys=_api_keys(args),
         identity_file=args.identity,
+        verify_rate=args.verify_rate,
+        liar_ban_s=args.liar_ban,
         prefix_reuse=not args.no_prefix_reuse,
         prefix_cache_tokens=args.prefix_cache_tokens,
         scheduler=SchedulerSettings(
@@ -286,6 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--ban", type=float, default=5.0, help="seconds a failed peer is first avoided (doubles on repeats)"
+    )
+    serve.add_argument(
+        "--verify-rate",
+        type=float,
+        default=0.0,
+        help="share of requests (0 to 1) this entry checks: each step also runs on a route of other "
+        "replicas, hops commit to their outputs, and a third route decides a disagreement (default 0)",
+    )
+    serve.add_argument(
+        "--liar-ban",
+        type=float,
+        default=3600.0,
+        help="seconds a peer convicted of computing wrong is avoided, whatever life it starts",
     )
     serve.add_argument("--drain", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
     serve.add_argument(

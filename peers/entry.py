@@ -5,18 +5,21 @@ told to retry later (429). Retries and backoff live here and nowhere else."""
 
 import asyncio
 import logging
+import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import torch
+import xxhash
 
 from .errors import HopFailed, Overloaded, SwarmError, SwarmUnavailable
 from .node import PeerNode
 from .prefix import prefix_hashes, routing_key
 from .protocol import Hop, Sampling, StepRequest, StepResult
 from .routing import NoRouteError, plan_route
+from .verify import check_commitments
 
 log = logging.getLogger("layerswarm.entry")
 
@@ -47,6 +50,7 @@ async def step(
     position: int,
     sampling: Sampling,
     prefix: tuple[int, ...] = (),
+    verify: str = "",
 ) -> StepResult:
     req = StepRequest(
         session_id=session_id,
@@ -55,6 +59,7 @@ async def step(
         sampling=sampling,
         tensor=torch.tensor(rows, dtype=torch.int64),  # [B, T]
         prefix=prefix,
+        verify=verify,
     )
     if route[0].peer_id == node.peer_id:
         result = await node.run_step(req)
@@ -66,6 +71,10 @@ async def step(
             route[-1].peer_id,
             f"it answered tokens {result.tokens[:4]!r:.80} for {len(rows)} sequences; ids must be in [0, {vocab})",
         )
+    if verify:
+        problem = check_commitments(node.table, route, result.commitments, req)
+        if problem:  # the first hop answers for the commitments it relays (each hop checks its next)
+            raise HopFailed(route[0].peer_id, problem)
     return result
 
 
@@ -76,11 +85,23 @@ async def generate(
     sampling: Sampling,
     stop_ids: frozenset[int],
     n: int = 1,
+    *,
+    history: list[list[int]] | None = None,
+    avoid: frozenset[str] = frozenset(),
+    strict_avoid: bool = False,
+    observe: Callable[[list[Hop], StepResult], None] | None = None,
 ) -> AsyncIterator[list[Token]]:
     """Yield the next token of each of `n` sequences of one prompt, step by step, until every
-    sequence met a stop id or max_tokens; survives failing peers until failover_timeout_s."""
-    generated: list[list[int]] = [[] for _ in range(n)]
-    finished = [False] * n
+    sequence met a stop id or max_tokens; survives failing peers until failover_timeout_s.
+
+    For checked generation (peers/consensus.py): `history` continues sequences already generated
+    (the first step replays them), routes avoid the peers in `avoid` where the swarm allows (always,
+    with `strict_avoid`), and with `observe` every hop commits to its output and observe(route,
+    result) sees each step that makes tokens before they are yielded."""
+    generated: list[list[int]] = [list(h) for h in history] if history else [[] for _ in range(n)]
+    finished = [any(t in stop_ids for t in g) for g in generated]
+    if generated[0] and all(finished):
+        return
     key = routing_key(prompt_ids)  # requests sharing a prefix reach the same peers
     reuse = node.config.prefix_reuse
     session_id, route = uuid.uuid4().hex, None
@@ -94,7 +115,9 @@ async def generate(
                 raise SwarmUnavailable("this peer is shutting down; the request was cut short")
             if route is None:
                 try:
-                    route = current_route(node, key, banned_now(node) | set(full) | set(too_large))
+                    route = _route(
+                        node, key, banned_now(node) | set(full) | set(too_large), avoid, strict_avoid
+                    )
                 except NoRouteError as e:
                     if failing_since is None:
                         raise SwarmUnavailable(str(e)) from None
@@ -115,8 +138,9 @@ async def generate(
                 position = 0
             rows, widen = plan[0]
             prefix = prefix_hashes(prompt_ids) if reuse and position == 0 else ()
+            verify = _context(prompt_ids, generated) if observe is not None else ""
             try:
-                result = await step(node, route, session_id, rows, position, sampling, prefix)
+                result = await step(node, route, session_id, rows, position, sampling, prefix, verify)
             except HopFailed as e:
                 failing_since = failing_since or time.monotonic()
                 node.failovers += 1
@@ -143,6 +167,8 @@ async def generate(
             for i, tok in enumerate(tokens):
                 generated[i].append(tok.token)
                 finished[i] = finished[i] or tok.token in stop_ids
+            if observe is not None:
+                observe(route, result)
             yield tokens
             if all(finished):
                 return
@@ -150,6 +176,30 @@ async def generate(
     finally:
         if route is not None:
             node.spawn(node.close_sessions(session_id, route))
+
+
+def _route(node: PeerNode, key: str, exclude: set[str], avoid: frozenset[str], strict: bool) -> list[Hop]:
+    """A route around `exclude`, and around as many of the peers in `avoid` as the swarm allows
+    (all of them, with `strict`)."""
+    if strict or not avoid:
+        return current_route(node, key, exclude | avoid)
+    excluded = set(exclude)
+    current_route(node, key, excluded)  # NoRouteError: none at all
+    for peer in sorted(avoid):
+        try:
+            current_route(node, key, excluded | {peer})
+            excluded.add(peer)
+        except NoRouteError:
+            continue  # no route without it: keep it
+    return current_route(node, key, excluded)
+
+
+def _context(prompt_ids: list[int], generated: list[list[int]]) -> str:
+    """A digest of the tokens a step continues: hops sign it with their commitments."""
+    h = xxhash.xxh3_128(struct.pack(f"<{len(prompt_ids)}q", *prompt_ids))
+    for g in generated:
+        h.update(b"|" + struct.pack(f"<{len(g)}q", *g))
+    return h.hexdigest()
 
 
 def _plan(prompt_ids: list[int], generated: list[list[int]], n: int) -> list[tuple[list[list[int]], bool]]:

@@ -3,6 +3,7 @@ along a route. The HTTP client is given, not built here, so that several peers c
 test process over httpx's in-memory transports."""
 
 import asyncio
+from dataclasses import replace
 
 import httpx
 
@@ -18,6 +19,7 @@ from .protocol import (
     StepResult,
     encode_steps,
 )
+from .verify import MAX_COMMITMENTS, Commitment
 
 ENCODE_IN_THREAD_BYTES = 1 << 20  # frames larger than this are built off the event loop
 COALESCE_MAX_POSITIONS = 64  # steps up to this long share messages; longer prompts travel alone
@@ -168,6 +170,13 @@ def _parse(data, status: int, peer_id: str) -> StepResult:
         result = StepResult([int(t) for t in data["tokens"]], [float(x) for x in data["logprobs"]])
     except (KeyError, TypeError, ValueError):
         raise HopFailed(peer_id, "a step reply without tokens") from None
+    commitments = data.get("commitments", [])
+    try:
+        if not isinstance(commitments, list) or len(commitments) > MAX_COMMITMENTS:
+            raise ValueError(f"commitments must be a list of at most {MAX_COMMITMENTS}")
+        result = replace(result, commitments=tuple(Commitment.from_json(c) for c in commitments))
+    except ValueError as e:
+        raise HopFailed(peer_id, f"a step reply with bad commitments: {e}") from None
     if not result.tokens or len(result.tokens) != len(result.logprobs):
         raise HopFailed(
             peer_id, f"a step reply with {len(result.tokens)} tokens and {len(result.logprobs)} logprobs"

@@ -38,6 +38,7 @@ from .membership import DEAD, JOINING, LEAVING, SERVING, GossipSettings, PeerEnt
 from .protocol import Hop, StepRequest, StepResult
 from .scheduler import Busy, CoreTurns, Job, NonFinite, Scheduler, SchedulerSettings
 from .trust import SwarmAuth
+from .verify import Commitment, VerificationStats, check_commitments, top_entries
 
 log = logging.getLogger("layerswarm.peer")
 
@@ -77,6 +78,8 @@ class NodeConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # open HTTP connections; more are closed
     swarm_key: bytes | None = field(default=None, repr=False)  # a private swarm's shared key
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # keys the OpenAI door takes; () = any caller
+    verify_rate: float = 0.0  # share of requests this entry checks on a second route (peers/consensus.py)
+    liar_ban_s: float = 3600.0  # how long a peer convicted of computing wrong is avoided
     identity_file: str | None = None  # this peer's Ed25519 key, created on first start; None: new each start
     prefix_reuse: bool = True  # reuse the KV of prompt prefixes this peer computed before
     prefix_cache_tokens: int = 16384  # token slots of KV kept for prefix reuse
@@ -99,6 +102,10 @@ class NodeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.core_turns not in CORE_TURNS:
             raise ValueError(f"core_turns must be one of {', '.join(CORE_TURNS)}, got {self.core_turns!r}")
+        if not 0 <= self.verify_rate <= 1:
+            raise ValueError(f"verify_rate must be in [0, 1], got {self.verify_rate}")
+        if self.liar_ban_s <= 0:
+            raise ValueError(f"liar_ban_s must be positive, got {self.liar_ban_s}")
         if self.prefix_cache_tokens < 0:
             raise ValueError(f"prefix_cache_tokens must be >= 0, got {self.prefix_cache_tokens}")
 
@@ -143,7 +150,7 @@ class PeerNode:
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
         )
         self.forwarder = Forwarder(
-            me.peer_id, self.http, config.hop_timeout_s, config.hop_timeout_per_token_s
+            self.identity.peer_id, self.http, config.hop_timeout_s, config.hop_timeout_per_token_s
         )
         self.gossip = Gossip(self.table, self.http, self.list_seeds(), self._housekeeping)
         self.scheduler = Scheduler(lambda: self.block, config.scheduler)
@@ -151,6 +158,7 @@ class PeerNode:
         self.active_requests = 0  # entry requests in flight here
         self.steps_served = 0  # hops this peer computed
         self.failovers = 0  # re-routes this entry made (a failed, busy or full peer, a lost session)
+        self.verification = VerificationStats()
         self.stopping = False  # set when draining ends: requests still running end with an error
         self.on_fatal = None  # called with the exception when this peer cannot go on
         self._threads = 0
@@ -406,6 +414,7 @@ class PeerNode:
             req.sampling if last else None,
             req.prefix,
             block=block,
+            commit=bool(req.verify),
         )
         try:
             out = await self.scheduler.run(job)
@@ -426,9 +435,33 @@ class PeerNode:
             raise HopFailed(self.peer_id, f"{type(e).__name__}: {e}") from e
         self.steps_served += 1
         if isinstance(out, StepResult):
+            if req.verify:
+                out = replace(out, top=None, commitments=(self._commit(req, hop, block, *out.top),))
             return out
         position = req.position + job.skipped  # the positions restored from the prefix cache stay behind
-        return await self.forwarder.push(replace(req, hops=req.hops[1:], tensor=out, position=position))
+        mine = self._commit(req, hop, block, *top_entries(out[:, -1])) if req.verify else None
+        result = await self.forwarder.push(replace(req, hops=req.hops[1:], tensor=out, position=position))
+        if mine is None:
+            return result
+        problem = check_commitments(self.table, req.hops[1:], result.commitments, req)
+        if problem:  # what the next hop answered does not say who computed what: it is at fault
+            raise HopFailed(req.hops[1].peer_id, problem)
+        return replace(result, commitments=(mine, *result.commitments))
+
+    def _commit(self, req: StepRequest, hop: Hop, block: Block, indices, values) -> Commitment:
+        """This peer's signed commitment to its output of this step."""
+        end = req.position + req.tensor.shape[1]
+        dtype = str(block.dtype).removeprefix("torch.")
+        return Commitment(
+            "",
+            hop.start,
+            hop.end,
+            end,
+            req.verify,
+            dtype,
+            tuple(map(tuple, indices)),
+            tuple(map(tuple, values)),
+        ).signed(self.identity)
 
     def _frame_problem(self, req: StepRequest) -> str | None:
         """What makes a frame one this peer refuses before any work (the receiver bounds its own
@@ -476,6 +509,18 @@ class PeerNode:
             )
         await asyncio.shield(self._learning)
         return self._knows(hop)
+
+    def convict(self, peer_id: str, why: str) -> None:
+        """A peer computed wrong (outvoted by other replicas): avoid it for liar_ban_s, any life."""
+        self.bans.convict(peer_id, self.config.liar_ban_s)
+        self.verification.convicted[peer_id] = why
+        while len(self.verification.convicted) > 64:
+            del self.verification.convicted[next(iter(self.verification.convicted))]
+        entry = self.table.get(peer_id)
+        address = entry.address if entry else "?"
+        log.warning(
+            "peer %s (%s) convicted: %s; banned for %.0f s", peer_id, address, why, self.config.liar_ban_s
+        )
 
     async def close_sessions(self, session_id: str, hops: list[Hop]) -> None:
         """Free the session on every peer of a route (best effort, bounded)."""

@@ -4,6 +4,7 @@ streaming as server-sent events."""
 import asyncio
 import json
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
+from .consensus import MAX_CONSENSUS, checked_generate
 from .entry import RETRY_AFTER_S, banned_now, current_route, generate
 from .errors import InvalidRequest, ModelNotServed, Overloaded, SwarmError, SwarmUnavailable
 from .node import PeerNode
@@ -44,6 +46,7 @@ class _Request(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=MAX_N)
+    consensus: int = Field(1, ge=1, le=MAX_CONSENSUS)  # an extension: k routes, the majority decides
     stream: bool = False
     stream_options: dict | None = None
 
@@ -205,7 +208,10 @@ async def _respond(
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     sampling = Sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed)
     stop_ids = frozenset() if req.ignore_eos else node.tokenizer.eos_token_ids
-    run = _Run(node, prompt_ids, max_tokens, sampling, stops, stop_ids, req.n)
+    routes = req.consensus
+    if routes == 1 and node.config.verify_rate and random.random() < node.config.verify_rate:
+        routes = 2  # checked by a second route, a referee deciding disagreements
+    run = _Run(node, prompt_ids, max_tokens, sampling, stops, stop_ids, req.n, routes)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     shape = _ChatShape(rid, node.model_id) if chat else _TextShape(rid, node.model_id)
     events = run.events()
@@ -277,8 +283,10 @@ async def _collect(events: AsyncIterator, n: int) -> list[str]:
 class _Run:
     """One generation of n sequences: tokens -> text deltas, finish reasons and usage."""
 
-    def __init__(self, node: PeerNode, prompt_ids, max_tokens, sampling, stops, stop_ids, n: int):
-        self.node, self.prompt_ids, self.max_tokens = node, prompt_ids, max_tokens
+    def __init__(
+        self, node: PeerNode, prompt_ids, max_tokens, sampling, stops, stop_ids, n: int, routes: int = 1
+    ):
+        self.node, self.prompt_ids, self.max_tokens, self.routes = node, prompt_ids, max_tokens, routes
         self.sampling, self.stop_ids, self.n = sampling, stop_ids, n
         self.texts = [TextStream(node.tokenizer, stops) for _ in range(n)]
         self.finish = ["length"] * n
@@ -288,7 +296,8 @@ class _Run:
     async def events(self) -> AsyncIterator[tuple[str, int, str | None, str | None]]:
         """("token", -1, None, None) after each step, ("delta", i, text, None) and
         ("finish", i, None, reason) per sequence i."""
-        gen = generate(self.node, self.prompt_ids, self.max_tokens, self.sampling, self.stop_ids, self.n)
+        args = (self.node, self.prompt_ids, self.max_tokens, self.sampling, self.stop_ids, self.n)
+        gen = generate(*args) if self.routes == 1 else checked_generate(*args, routes=self.routes)
         try:
             async for tokens in gen:
                 for i, tok in enumerate(tokens):

@@ -30,6 +30,7 @@ _DTYPES = {
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _LEN = struct.Struct(">I")
 MAX_HEADER_BYTES = 1 << 20
+MAX_VERIFY_CHARS = 64
 
 
 class ProtocolError(ValueError):
@@ -62,12 +63,15 @@ class StepRequest:
     sampling: Sampling
     tensor: torch.Tensor = field(repr=False)
     prefix: tuple[int, ...] = ()  # hashes of the session's leading token blocks (prefix reuse)
+    verify: str = ""  # set: every hop commits to its output (the entry's digest of the tokens so far)
 
 
 @dataclass(frozen=True)
 class StepResult:
     tokens: list[int]  # one per sequence of the session's batch
     logprobs: list[float]
+    commitments: tuple = ()  # the hops' signed Commitments, first hop first (when the frame asked)
+    top: tuple | None = field(default=None, repr=False)  # the last hop's committed logits, before signing
 
 
 def encode_tensor_frame(header: dict, tensor: torch.Tensor) -> bytes:
@@ -120,6 +124,8 @@ def encode_step(req: StepRequest) -> bytes:
         "sampling": asdict(req.sampling),
         "prefix": list(req.prefix),
     }
+    if req.verify:
+        header["verify"] = req.verify
     return encode_tensor_frame(header, req.tensor)
 
 
@@ -141,6 +147,7 @@ def decode_step(body: bytes) -> StepRequest:
             sampling=_sampling(header["sampling"]),
             tensor=tensor,
             prefix=tuple(_typed(x, int, "prefix") for x in header.get("prefix", ())),
+            verify=_typed(header.get("verify", ""), str, "verify"),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ProtocolError(f"bad step header: {e}") from e
@@ -148,6 +155,8 @@ def decode_step(body: bytes) -> StepRequest:
         raise ProtocolError(
             f"bad step: position {req.position}, {len(req.hops)} hops, tensor of shape {list(tensor.shape)}"
         )
+    if len(req.verify) > MAX_VERIFY_CHARS or not req.verify.isprintable():
+        raise ProtocolError(f"a step's verify digest is at most {MAX_VERIFY_CHARS} printable characters")
     if (tensor.dim() == 2) != (tensor.dtype == torch.int64):
         raise ProtocolError("token ids travel as int64 [B, T] and hidden states as floats [B, T, H]")
     return req
@@ -209,7 +218,10 @@ def decode_steps(body: bytes) -> list[StepRequest]:
 
 
 def step_result_body(result: StepResult) -> dict:
-    return {"tokens": result.tokens, "logprobs": result.logprobs}
+    body = {"tokens": result.tokens, "logprobs": result.logprobs}
+    if result.commitments:
+        body["commitments"] = [c.to_json() for c in result.commitments]
+    return body
 
 
 def step_error_body(message: str, failed_peer: str | None, reason: str) -> dict:

@@ -23,6 +23,7 @@ from inference.batch import Step
 from inference.sampling import sample_many
 
 from .protocol import Sampling, StepResult
+from .verify import top_entries
 
 log = logging.getLogger("layerswarm.scheduler")
 
@@ -176,6 +177,7 @@ class Job:
     outputs: list[torch.Tensor] = field(default_factory=list)
     compute_s: float = 0.0
     block: Block | None = None  # the block the step was checked against; another one refuses it
+    commit: bool = False  # the last hop keeps the top entries of its logits (peers/verify.py)
 
     @property
     def batch(self) -> int:
@@ -495,6 +497,12 @@ def _sample(batch: list[tuple[Job, int]], results: list, which: list[int]) -> li
         params.append(SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed))
         positions.append(job.position + job.inputs.shape[1])  # the position of the token chosen
     return [
-        StepResult(tokens.tolist(), logprobs.tolist())
-        for tokens, logprobs in sample_many(logits, params, positions)
+        StepResult(
+            tokens.tolist(),
+            logprobs.tolist(),
+            top=top_entries(x, logits=True) if batch[i][0].commit else None,
+        )
+        for i, x, (tokens, logprobs) in zip(
+            which, logits, sample_many(logits, params, positions), strict=True
+        )
     ]

@@ -80,6 +80,7 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
             "threads": node.threads,
             "core_turns": node.scheduler.turns is not None,
             "failovers": node.failovers,
+            "verification": {"rate": node.config.verify_rate, **node.verification.to_json()},
             "queued_steps": len(node.scheduler),
             "scheduler": node.scheduler.stats.to_json(),
             "forwarded": {"messages": node.forwarder.messages, "frames": node.forwarder.frames},

@@ -1,0 +1,262 @@
+"""Checked generation at the entry: one request runs on several routes in lockstep, and a token
+reaches the user only when the routes agree on it.
+
+- `--verify-rate R`: that share of requests (so, on average, of steps) runs on a second route
+  where every hop that has another replica is recomputed by it, on the same input. Hops commit
+  to their outputs (peers/verify.py); the entry compares the commitments at every layer boundary
+  the two routes share, and the tokens. On disagreement a third route, avoiding every peer under
+  suspicion, decides: the peers of the route it contradicts, in the layers where that route went
+  wrong, are convicted (banned for --liar-ban seconds, whatever life they start, and accused by
+  gossip), and the step's tokens are the majority's. The user never receives a liar's token.
+- `consensus: k` (a request option): k routes, as disjoint as the swarm allows, in lockstep; the
+  majority decides each step, and a route in the minority is convicted the same way and replaced.
+
+Sampling with a temperature draws from a seed (the request's, or a random one) so that honest
+routes draw the same tokens.
+"""
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from inference.sampling import MIN_TEMPERATURE
+
+from .entry import Token, _route, banned_now, generate
+from .errors import SwarmUnavailable
+from .node import PeerNode
+from .prefix import routing_key
+from .protocol import Hop, Sampling, StepResult
+from .routing import NoRouteError
+from .verify import agree, greedy_choice
+
+log = logging.getLogger("layerswarm.verify")
+
+MAX_CONSENSUS = 5
+
+
+@dataclass
+class _Runner:
+    """One route's generation: its iterator and what it saw at each step."""
+
+    gen: AsyncIterator
+    seen: list = field(default_factory=list)  # [(route, result)] of the steps that made tokens
+    tokens: list[Token] | None = None  # of its latest step
+
+    async def next(self) -> list[Token] | None:
+        try:
+            self.tokens = await anext(self.gen)
+        except StopAsyncIteration:
+            self.tokens = None
+        return self.tokens
+
+    @property
+    def route(self) -> list[Hop]:
+        return self.seen[-1][0] if self.seen else []
+
+    @property
+    def result(self) -> StepResult:
+        return self.seen[-1][1]
+
+    async def close(self) -> None:
+        await self.gen.aclose()
+
+
+def _peers(route: list[Hop]) -> set[str]:
+    return {h.peer_id for h in route}
+
+
+def _planned(node: PeerNode, key: str, avoid: set[str]) -> list[Hop] | None:
+    """The route a generation avoiding `avoid` would take now (None: no route at all)."""
+    try:
+        return _route(node, key, banned_now(node), frozenset(avoid), strict=False)
+    except NoRouteError:
+        return None
+
+
+def _boundaries(result: StepResult) -> dict[int, object]:
+    return {c.end: c for c in result.commitments}
+
+
+def same_step(a: StepResult, b: StepResult, greedy: bool) -> tuple[bool, int, int]:
+    """Whether two routes computed the same step: (agree, from, to), where [from, to) are the
+    layers of the first disagreement, between the last boundary both committed to equally and the
+    first they committed to differently (the model's end if only the tokens differ)."""
+    ca, cb = _boundaries(a), _boundaries(b)
+    last_equal = 0
+    for end in sorted(ca.keys() & cb.keys()):
+        if not agree(ca[end], cb[end]):
+            return False, last_equal, end
+        last_equal = end
+    final = max([0, *ca, *cb])
+    if a.tokens != b.tokens and not (
+        greedy
+        and final in ca
+        and final in cb
+        and greedy_choice(ca[final], a.tokens)
+        and greedy_choice(cb[final], b.tokens)
+    ):  # (equal logits, and both tokens their argmax up to the noise: a near tie broken two ways)
+        return False, last_equal, final
+    return True, 0, 0
+
+
+def _suspects(route: list[Hop], other: list[Hop], start: int, end: int) -> list[Hop]:
+    """The hops of `route` that computed layers in [start, end) and are not `other`'s peers."""
+    theirs = _peers(other)
+    return [h for h in route if h.start < end and h.end > start and h.peer_id not in theirs]
+
+
+async def checked_generate(
+    node: PeerNode,
+    prompt_ids: list[int],
+    max_tokens: int,
+    sampling: Sampling,
+    stop_ids: frozenset[int],
+    n: int = 1,
+    routes: int = 2,
+) -> AsyncIterator[list[Token]]:
+    """generate(), on `routes` routes in lockstep (2: verification with a referee; more: the
+    majority decides). Falls back to one route when the swarm has no other replica of any hop."""
+    if not 2 <= routes <= MAX_CONSENSUS:
+        raise ValueError(f"consensus must be 1 to {MAX_CONSENSUS} routes, got {routes}")
+    if sampling.seed is None and sampling.temperature > 0:
+        sampling = Sampling(sampling.temperature, sampling.top_p, sampling.top_k, random.getrandbits(62))
+    greedy = sampling.temperature < MIN_TEMPERATURE or sampling.top_k == 1
+    key = routing_key(prompt_ids)
+    history: list[list[int]] = [[] for _ in range(n)]
+    stats = node.verification
+
+    def start(avoid: set[str], strict: bool = False) -> _Runner:
+        runner = _Runner(None)
+        runner.gen = generate(
+            node,
+            prompt_ids,
+            max_tokens,
+            sampling,
+            stop_ids,
+            n,
+            history=[list(h) for h in history],
+            avoid=frozenset(avoid),
+            strict_avoid=strict,
+            observe=lambda route, result: runner.seen.append((route, result)),
+        )
+        return runner
+
+    used: set[str] = set()
+    first = _planned(node, key, set())
+    if first is None:
+        raise SwarmUnavailable("no complete route of serving peers for this model")
+    runners, planned = [], [first]
+    for _ in range(routes - 1):
+        used |= _peers(planned[-1])
+        planned.append(_planned(node, key, used) or first)
+    if all(_peers(r) == _peers(first) for r in planned):  # no other replica of any hop
+        stats.unverifiable += 1
+        log.info("no other replica of any layer of this request's route: it runs unchecked")
+        async for tokens in generate(node, prompt_ids, max_tokens, sampling, stop_ids, n):
+            yield tokens
+        return
+    stats.requests += 1
+    avoid: set[str] = set()
+    for _ in range(routes):
+        runners.append(start(avoid))
+        avoid = avoid | _peers(planned[len(runners) - 1])
+    try:
+        while True:
+            outs = await asyncio.gather(*(r.next() for r in runners))
+            if all(o is None for o in outs):
+                return
+            if any(o is None for o in outs):
+                raise SwarmUnavailable("the routes of this request stopped at different steps")
+            stats.steps += 1
+            if greedy:
+                runners = await _drop_false_tokens(node, runners)
+            groups: list[list[int]] = []  # runner indices that computed the same step
+            for i, runner in enumerate(runners):
+                for group in groups:
+                    if same_step(runners[group[0]].result, runner.result, greedy)[0]:
+                        group.append(i)
+                        break
+                else:
+                    groups.append([i])
+            if len(groups) > 1:
+                stats.disagreements += 1
+                runners = await _decide(node, runners, groups, start, greedy)
+            tokens = runners[0].tokens
+            for seq, tok in zip(history, tokens, strict=True):
+                seq.append(tok.token)
+            for runner in [r for r in runners if r.tokens != tokens]:
+                await runner.close()  # it took the other side of a near tie: it restarts on these tokens
+                runners.remove(runner)
+            while len(runners) < routes:  # replace the routes closed, from the next step on
+                taken = set().union(*(_peers(r.route) for r in runners))
+                runners.append(start(taken))
+            yield tokens
+    finally:
+        await asyncio.gather(*(r.close() for r in runners), return_exceptions=True)
+
+
+async def _drop_false_tokens(node: PeerNode, runners: list[_Runner]) -> list[_Runner]:
+    """Greedy tokens must be the argmax of the logits the last hop signed: a last hop that
+    answers another token convicts itself."""
+    kept = []
+    for runner in runners:
+        last = runner.route[-1]
+        final = _boundaries(runner.result).get(last.end)
+        if final is not None and greedy_choice(final, [t.token for t in runner.tokens]):
+            kept.append(runner)
+            continue
+        node.convict(last.peer_id, "its greedy token is not the argmax of the logits it signed")
+        await runner.close()
+    if not kept:
+        raise SwarmUnavailable("verification failed: every route's last peer answered a false token")
+    return kept
+
+
+async def _decide(node: PeerNode, runners: list[_Runner], groups: list[list[int]], start, greedy: bool):
+    """Routes disagreed on a step: the majority (or, with no majority, a referee route that
+    avoids every suspect) decides; the minority's suspects are convicted and its routes closed.
+    Returns the runners to go on with, one that computed the step right first."""
+    groups = sorted(groups, key=len, reverse=True)
+    keep: list[_Runner] = []
+    if len(groups[0]) * 2 > len(runners):
+        winners = groups[0]
+    else:  # no majority: a referee decides
+        suspects: set[str] = set()
+        for i, a in enumerate(runners):
+            for b in runners[i + 1 :]:
+                ok, lo, hi = same_step(a.result, b.result, greedy)
+                if not ok:
+                    suspects |= {h.peer_id for h in _suspects(a.route, b.route, lo, hi)}
+                    suspects |= {h.peer_id for h in _suspects(b.route, a.route, lo, hi)}
+        referee = start(suspects, strict=True)
+        try:
+            if await referee.next() is None:
+                raise SwarmUnavailable("the referee route produced nothing")
+        except SwarmUnavailable as e:
+            await referee.close()
+            raise SwarmUnavailable(
+                f"verification failed: routes disagree (suspects {', '.join(sorted(suspects))}) and no "
+                f"other replica of their layers can decide: {e}"
+            ) from None
+        agreeing = [g for g in groups if same_step(runners[g[0]].result, referee.result, greedy)[0]]
+        if not agreeing:
+            await referee.close()
+            raise SwarmUnavailable("verification failed: three routes computed three different steps")
+        winners, keep = agreeing[0], [referee]
+    right = runners[winners[0]]
+    for i, runner in enumerate(runners):
+        if i in winners:
+            continue
+        _, lo, hi = same_step(runner.result, right.result, greedy)
+        suspects = _suspects(runner.route, right.route, lo, hi)
+        if not suspects:
+            log.warning("a route disagreed with the majority, but only through peers the majority shares")
+        for hop in suspects:
+            node.convict(
+                hop.peer_id,
+                f"its layers {hop.start}:{hop.end} disagreed with {len(winners) + len(keep)} other routes",
+            )
+        await runner.close()
+    return [runners[i] for i in winners] + keep

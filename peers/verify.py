@@ -1,0 +1,198 @@
+"""Commitments to what a hop computed, and how an entry compares them.
+
+A step frame may ask its hops to commit (its `verify` field: the entry's digest of the tokens the
+step continues). Each hop then signs, with its identity, the top-k entries (by magnitude) of its
+output at the step's last position: hidden states for inner hops, logits for the last. The
+commitments travel back with the step's result, so the entry knows which peer produced what and
+can compare two replicas of the same layers on the same input (after TOPLOC: a small commitment
+to the largest activations catches other weights, prompts or precisions).
+
+Two honest computations of the same layers are equal up to floating-point noise (batching,
+prefill against decode, kernels); the tolerance, relative to the row's largest value, is
+calibrated per dtype (tests/peers/test_verify.py measures the honest noise against it).
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .identity import SIGNATURE_CHARS, Identity, verify
+
+COMMIT_K = 16  # entries of a row a hop commits to
+MIN_OVERLAP = COMMIT_K // 2  # top-k indices two honest replicas share at least
+MAX_COMMITMENTS = 64  # hops one result may carry
+MAX_CONTEXT = 64  # characters of the entry's digest
+# |a - b| <= tolerance * max |row|: float32 noise is ~1e-6 of the row's scale, half precision ~1e-3
+TOLERANCE = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 5e-2}
+
+
+@dataclass
+class VerificationStats:
+    """What this entry's checks found (shown on /health)."""
+
+    requests: int = 0  # requests run on several routes
+    steps: int = 0  # steps compared
+    disagreements: int = 0  # steps the routes computed differently
+    unverifiable: int = 0  # requests to check that had no other replica of any hop
+    convicted: dict = field(default_factory=dict)  # peer -> why (the latest 64)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Commitment:
+    """A hop's signed commitment to its output for one step."""
+
+    peer_id: str
+    start: int
+    end: int
+    position: int  # positions known after the step (the committed row is the one before)
+    context: str  # the entry's digest of the tokens the step continues
+    dtype: str  # the hop's compute dtype: the tolerance to compare with
+    indices: tuple[tuple[int, ...], ...]  # [B][k]
+    values: tuple[tuple[float, ...], ...]  # [B][k]
+    signature: str = ""
+
+    def message(self) -> bytes:
+        fields = {k: v for k, v in asdict(self).items() if k != "signature"}
+        return b"layerswarm-commitment\0" + json.dumps(fields, separators=(",", ":")).encode()
+
+    def signed(self, identity: Identity) -> "Commitment":
+        unsigned = Commitment(**{**asdict(self), "peer_id": identity.peer_id, "signature": ""})
+        return Commitment(**{**asdict(unsigned), "signature": identity.sign(unsigned.message())})
+
+    def verify(self, public_key: str) -> bool:
+        return verify(public_key, self.signature, self.message())
+
+    def to_json(self) -> dict:
+        return {
+            **asdict(self),
+            "indices": [list(r) for r in self.indices],
+            "values": [list(r) for r in self.values],
+        }
+
+    @classmethod
+    def from_json(cls, data) -> "Commitment":
+        """A commitment from a step reply, checked field by field (ValueError)."""
+        if not isinstance(data, dict) or data.keys() != cls.__dataclass_fields__.keys():
+            raise ValueError("a commitment must be an object with exactly the commitment's fields")
+        for name in ("peer_id", "context", "dtype", "signature"):
+            if not isinstance(data[name], str) or len(data[name]) > max(MAX_CONTEXT, SIGNATURE_CHARS):
+                raise ValueError(f"commitment {name} must be a short string")
+        for name in ("start", "end", "position"):
+            if not isinstance(data[name], int) or isinstance(data[name], bool) or not 0 <= data[name] < 2**31:
+                raise ValueError(f"commitment {name} must be a non-negative integer")
+        if data["dtype"] not in TOLERANCE:
+            raise ValueError(f"commitment dtype must be one of {', '.join(TOLERANCE)}")
+        rows = data["indices"], data["values"]
+        if (
+            not all(isinstance(r, list) for r in rows)
+            or len(rows[0]) != len(rows[1])
+            or not 0 < len(rows[0]) <= 64
+        ):
+            raise ValueError("commitment indices and values must be lists of 1 to 64 rows")
+        indices, values = [], []
+        for idx, val in zip(*rows, strict=True):
+            if (
+                not isinstance(idx, list)
+                or not isinstance(val, list)
+                or len(idx) != len(val)
+                or len(idx) > 64
+            ):
+                raise ValueError("each committed row has as many indices as values, at most 64")
+            if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in idx):
+                raise ValueError("committed indices must be non-negative integers")
+            if not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in val
+            ):
+                raise ValueError("committed values must be finite numbers")
+            indices.append(tuple(idx))
+            values.append(tuple(float(v) for v in val))
+        return cls(
+            data["peer_id"],
+            data["start"],
+            data["end"],
+            data["position"],
+            data["context"],
+            data["dtype"],
+            tuple(indices),
+            tuple(values),
+            data["signature"],
+        )
+
+
+def top_entries(
+    x: torch.Tensor, k: int = COMMIT_K, logits: bool = False
+) -> tuple[list[list[int]], list[list[float]]]:
+    """The k largest-magnitude entries of each row of x [B, D] (of logits: the k largest, so that
+    a greedy token can be checked against them): (indices, values)."""
+    x = x.detach().float().cpu()
+    idx = torch.topk(x if logits else x.abs(), min(k, x.shape[-1]), dim=-1).indices
+    return idx.tolist(), torch.gather(x, -1, idx).tolist()
+
+
+def agree(a: Commitment, b: Commitment) -> bool:
+    """Whether two commitments to the same layers' output on the same input are equal up to the
+    floating-point noise of the looser dtype."""
+    if len(a.indices) != len(b.indices):
+        return False
+    tol = max(TOLERANCE[a.dtype], TOLERANCE[b.dtype])
+    for ia, va, ib, vb in zip(a.indices, a.values, b.indices, b.values, strict=True):
+        xa, xb = dict(zip(ia, va, strict=True)), dict(zip(ib, vb, strict=True))
+        shared = xa.keys() & xb.keys()
+        if len(shared) < min(MIN_OVERLAP, len(xa), len(xb)):
+            return False
+        scale = max([abs(v) for v in va + vb] + [1e-12])
+        if any(abs(xa[i] - xb[i]) > tol * scale for i in shared):
+            return False
+    return True
+
+
+def greedy_choice(c: Commitment, tokens: list[int]) -> bool:
+    """Whether `tokens` are the argmax of the logits `c` commits to, up to the noise (a near tie
+    may be broken either way)."""
+    tol = TOLERANCE[c.dtype]
+    for idx, val, token in zip(c.indices, c.values, tokens, strict=True):
+        row = dict(zip(idx, val, strict=True))
+        scale = max([abs(v) for v in val] + [1e-12])
+        if token not in row or row[token] < max(val) - tol * scale:
+            return False
+    return True
+
+
+def distance(a: Commitment, b: Commitment) -> float:
+    """The largest difference over shared entries, relative to the rows' scale (for reports and
+    for calibrating TOLERANCE); inf if the rows share too few entries."""
+    worst = 0.0
+    for ia, va, ib, vb in zip(a.indices, a.values, b.indices, b.values, strict=True):
+        xa, xb = dict(zip(ia, va, strict=True)), dict(zip(ib, vb, strict=True))
+        shared = xa.keys() & xb.keys()
+        if len(shared) < min(MIN_OVERLAP, len(xa), len(xb)):
+            return math.inf
+        scale = max([abs(v) for v in va + vb] + [1e-12])
+        worst = max([worst] + [abs(xa[i] - xb[i]) / scale for i in shared])
+    return worst
+
+
+def check_commitments(table, hops, commitments, req) -> str | None:
+    """What is wrong with the commitments a step's result carries for `hops` (the rest of its
+    route, in order): one per hop, for its layers and this step, signed by that hop's key."""
+    if len(commitments) != len(hops):
+        return f"its result carries {len(commitments)} commitments for {len(hops)} hops"
+    end = req.position + req.tensor.shape[1]
+    for hop, c in zip(hops, commitments, strict=True):
+        entry = table.get(hop.peer_id)
+        if (
+            c.peer_id != hop.peer_id
+            or (c.start, c.end) != (hop.start, hop.end)
+            or c.context != req.verify
+            or c.position != end
+            or len(c.indices) != req.tensor.shape[0]
+        ):
+            return f"the commitment of {hop.peer_id} is not for its layers {hop.start}:{hop.end} of this step"
+        if entry is None or not c.verify(entry.public_key):
+            return f"the commitment of {hop.peer_id} is not signed by it"
+    return None
