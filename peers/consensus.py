@@ -214,6 +214,17 @@ async def _drop_false_tokens(node: PeerNode, runners: list[_Runner]) -> list[_Ru
     return kept
 
 
+def _evidence(node: PeerNode, hop: Hop, wrong: StepResult, right: StepResult, boundary: int):
+    """The accused hop's commitment and another peer's at the boundary where they disagree, when
+    the hop's own output is that boundary's (else None: this entry convicts, but cannot accuse)."""
+    mine, theirs = _boundaries(wrong).get(boundary), _boundaries(right).get(boundary)
+    if mine is None or theirs is None or mine.peer_id != hop.peer_id:
+        return None
+    if theirs.peer_id in (hop.peer_id, node.peer_id):
+        return None
+    return mine, theirs
+
+
 async def _decide(node: PeerNode, runners: list[_Runner], groups: list[list[int]], start, greedy: bool):
     """Routes disagreed on a step: the majority (or, with no majority, a referee route that
     avoids every suspect) decides; the minority's suspects are convicted and its routes closed.
@@ -254,9 +265,7 @@ async def _decide(node: PeerNode, runners: list[_Runner], groups: list[list[int]
         if not suspects:
             log.warning("a route disagreed with the majority, but only through peers the majority shares")
         for hop in suspects:
-            node.convict(
-                hop.peer_id,
-                f"its layers {hop.start}:{hop.end} disagreed with {len(winners) + len(keep)} other routes",
-            )
+            why = f"its layers {hop.start}:{hop.end} disagreed with {len(winners) + len(keep)} other routes"
+            node.convict(hop.peer_id, why, _evidence(node, hop, runner.result, right.result, hi))
         await runner.close()
     return [runners[i] for i in winners] + keep

@@ -18,6 +18,7 @@ from .identity import verify
 from .limits import post_capped
 from .membership import Table, parse_entries
 from .protocol import PATH_GOSSIP
+from .verify import Accusations
 
 log = logging.getLogger("layerswarm.gossip")
 
@@ -28,6 +29,7 @@ class Gossip:
     ):
         self.table, self.http, self.seeds = table, http, seeds
         self.before_round = before_round  # the node's housekeeping: heartbeat, load, expiry
+        self.accusations: Accusations | None = None  # relayed with the table, checked on receipt
 
     @property
     def settings(self):
@@ -60,6 +62,8 @@ class Gossip:
     async def _exchange(self, address: str) -> None:
         challenge = base64.urlsafe_b64encode(os.urandom(18)).decode()
         body = {"entries": [e.to_json() for e in self.table.entries()], "challenge": challenge}
+        if self.accusations is not None and len(self.accusations):
+            body["accusations"] = self.accusations.outgoing()
         try:
             r = await post_capped(
                 self.http, f"http://{address}{PATH_GOSSIP}", self.settings.timeout_s, json=body
@@ -67,6 +71,8 @@ class Gossip:
             r.raise_for_status()
             reply = r.json()
             self.table.merge(parse_entries(reply["entries"]))
+            if self.accusations is not None:
+                self.accusations.receive(reply.get("accusations", []), self.table.me.peer_id)
             proof = reply["proof"]
             peer_id, incarnation = proof["peer_id"], proof["incarnation"]
             entry = self.table.get(peer_id) if isinstance(peer_id, str) else None
@@ -88,13 +94,21 @@ class Gossip:
         challenge = body["challenge"]
         if not isinstance(challenge, str) or not 16 <= len(challenge) <= 64:
             raise ValueError("challenge must be a string of 16 to 64 characters")
+        unknown = body.keys() - {"entries", "challenge", "accusations"}
+        if unknown:
+            raise ValueError(f"unknown gossip fields {sorted(unknown)}")
         self.table.merge(parse_entries(body["entries"]))
+        if self.accusations is not None:
+            self.accusations.receive(body.get("accusations", []), self.table.me.peer_id)
         me = self.table.me
         signature = self.table.identity.sign(proof_message(challenge, me.peer_id, me.incarnation))
-        return {
+        reply = {
             "entries": [e.to_json() for e in self.table.entries()],
             "proof": {"peer_id": me.peer_id, "incarnation": me.incarnation, "signature": signature},
         }
+        if self.accusations is not None and len(self.accusations):
+            reply["accusations"] = self.accusations.outgoing()
+        return reply
 
 
 def proof_message(challenge: str, peer_id: str, incarnation: int) -> bytes:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import random
+import time
 from dataclasses import dataclass, field, replace
 
 import httpx
@@ -38,7 +39,15 @@ from .membership import DEAD, JOINING, LEAVING, SERVING, GossipSettings, PeerEnt
 from .protocol import Hop, StepRequest, StepResult
 from .scheduler import Busy, CoreTurns, Job, NonFinite, Scheduler, SchedulerSettings
 from .trust import SwarmAuth
-from .verify import Commitment, VerificationStats, check_commitments, top_entries
+from .verify import (
+    MAX_REASON,
+    Accusation,
+    Accusations,
+    Commitment,
+    VerificationStats,
+    check_commitments,
+    top_entries,
+)
 
 log = logging.getLogger("layerswarm.peer")
 
@@ -159,6 +168,8 @@ class PeerNode:
         self.steps_served = 0  # hops this peer computed
         self.failovers = 0  # re-routes this entry made (a failed, busy or full peer, a lost session)
         self.verification = VerificationStats()
+        self.accusations = Accusations(self._public_key_of, self._avoid_accused, config.liar_ban_s)
+        self.gossip.accusations = self.accusations  # gossip carries them
         self.stopping = False  # set when draining ends: requests still running end with an error
         self.on_fatal = None  # called with the exception when this peer cannot go on
         self._threads = 0
@@ -510,17 +521,28 @@ class PeerNode:
         await asyncio.shield(self._learning)
         return self._knows(hop)
 
-    def convict(self, peer_id: str, why: str) -> None:
-        """A peer computed wrong (outvoted by other replicas): avoid it for liar_ban_s, any life."""
-        self.bans.convict(peer_id, self.config.liar_ban_s)
+    def convict(self, peer_id: str, why: str, evidence: tuple[Commitment, Commitment] | None = None) -> None:
+        """A peer computed wrong (outvoted by other replicas): avoid it for liar_ban_s, any life;
+        with `evidence` (its commitment and a witness's, disagreeing), accuse it by gossip too."""
+        self._avoid_accused(peer_id, self.config.liar_ban_s, why)
+        if evidence is not None:
+            until = time.time() + self.config.liar_ban_s
+            self.accusations.add(
+                Accusation(peer_id, "", until, why[:MAX_REASON], evidence).signed(self.identity)
+            )
+
+    def _avoid_accused(self, peer_id: str, seconds: float, why: str) -> None:
+        self.bans.convict(peer_id, seconds)
         self.verification.convicted[peer_id] = why
         while len(self.verification.convicted) > 64:
             del self.verification.convicted[next(iter(self.verification.convicted))]
         entry = self.table.get(peer_id)
         address = entry.address if entry else "?"
-        log.warning(
-            "peer %s (%s) convicted: %s; banned for %.0f s", peer_id, address, why, self.config.liar_ban_s
-        )
+        log.warning("peer %s (%s) convicted: %s; avoided for %.0f s", peer_id, address, why, seconds)
+
+    def _public_key_of(self, peer_id: str) -> str | None:
+        entry = self.table.get(peer_id)
+        return entry.public_key if entry is not None else None
 
     async def close_sessions(self, session_id: str, hops: list[Hop]) -> None:
         """Free the session on every peer of a route (best effort, bounded)."""

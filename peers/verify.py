@@ -196,3 +196,137 @@ def check_commitments(table, hops, commitments, req) -> str | None:
         if entry is None or not c.verify(entry.public_key):
             return f"the commitment of {hop.peer_id} is not signed by it"
     return None
+
+
+MAX_ACCUSATIONS = 256  # kept and relayed by one peer
+MAX_ACCUSATIONS_PER_MESSAGE = 32
+MAX_REASON = 200
+
+
+@dataclass(frozen=True)
+class Accusation:
+    """An entry's signed finding that a peer computed wrong, with the evidence: the accused's
+    own signed commitment and a witness's for the same step and layer boundary, which disagree
+    beyond the noise. Other peers check all three signatures and avoid the accused until `until`."""
+
+    accused: str
+    accuser: str
+    until: float  # unix time
+    reason: str
+    evidence: tuple[Commitment, Commitment]  # the accused's, the witness's
+    signature: str = ""
+
+    def message(self) -> bytes:
+        body = {
+            "accused": self.accused,
+            "accuser": self.accuser,
+            "until": self.until,
+            "reason": self.reason,
+            "evidence": [c.to_json() for c in self.evidence],
+        }
+        return b"layerswarm-accusation\0" + json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+
+    def signed(self, identity: Identity) -> "Accusation":
+        unsigned = Accusation(self.accused, identity.peer_id, self.until, self.reason, self.evidence)
+        return Accusation(**{**unsigned.__dict__, "signature": identity.sign(unsigned.message())})
+
+    def to_json(self) -> dict:
+        return {
+            "accused": self.accused,
+            "accuser": self.accuser,
+            "until": self.until,
+            "reason": self.reason,
+            "evidence": [c.to_json() for c in self.evidence],
+            "signature": self.signature,
+        }
+
+    @classmethod
+    def from_json(cls, data) -> "Accusation":
+        names = {"accused", "accuser", "until", "reason", "evidence", "signature"}
+        if not isinstance(data, dict) or data.keys() != names:
+            raise ValueError(f"an accusation has exactly the fields {sorted(names)}")
+        for name in ("accused", "accuser", "signature", "reason"):
+            if not isinstance(data[name], str) or len(data[name]) > max(MAX_REASON, SIGNATURE_CHARS):
+                raise ValueError(f"accusation {name} must be a short string")
+        until = data["until"]
+        if not isinstance(until, (int, float)) or isinstance(until, bool) or not math.isfinite(until):
+            raise ValueError("accusation until must be a finite number")
+        evidence = data["evidence"]
+        if not isinstance(evidence, list) or len(evidence) != 2:
+            raise ValueError("accusation evidence is two commitments")
+        first, second = (Commitment.from_json(c) for c in evidence)
+        return cls(
+            data["accused"], data["accuser"], float(until), data["reason"], (first, second), data["signature"]
+        )
+
+    def problem(self, public_key_of) -> str | None:
+        """Why this accusation does not hold (None: it does). `public_key_of(peer_id)` is the key
+        this peer's table holds, or None."""
+        accused, witness = self.evidence
+        if accused.peer_id != self.accused or witness.peer_id in (self.accused, self.accuser):
+            return "the evidence is not the accused's commitment and another peer's"
+        if (accused.context, accused.position, accused.end) != (
+            witness.context,
+            witness.position,
+            witness.end,
+        ):
+            return "the two commitments are not for the same step and layer boundary"
+        if agree(accused, witness):
+            return "the two commitments agree"
+        for who, what in ((self.accuser, self), (accused.peer_id, accused), (witness.peer_id, witness)):
+            key = public_key_of(who)
+            if key is None:
+                return f"peer {who} is not known here"
+            if not what.verify(key):
+                return f"the signature of {who} does not verify"
+        return None
+
+    def verify(self, public_key: str) -> bool:
+        return verify(public_key, self.signature, self.message())
+
+
+class Accusations:
+    """The accusations this peer made or checked: kept until they expire, relayed with gossip;
+    each one checked here makes this peer's entry avoid the accused (`convict`)."""
+
+    def __init__(self, public_key_of, convict, max_s: float, clock=None):
+        import time
+
+        self.public_key_of, self.convict, self.max_s = public_key_of, convict, max_s
+        self.clock = clock or time.time
+        self._held: dict[tuple[str, str], Accusation] = {}  # (accused, accuser) -> accusation
+
+    def add(self, accusation: Accusation) -> None:
+        now = self.clock()
+        for key in [k for k, a in self._held.items() if a.until <= now]:
+            del self._held[key]
+        key = (accusation.accused, accusation.accuser)
+        if key in self._held or len(self._held) >= MAX_ACCUSATIONS:
+            return
+        self._held[key] = accusation
+
+    def outgoing(self) -> list[dict]:
+        now = self.clock()
+        live = [a for a in self._held.values() if a.until > now]
+        return [a.to_json() for a in live[-MAX_ACCUSATIONS_PER_MESSAGE:]]
+
+    def receive(self, items, me: str) -> int:
+        """Check gossiped accusations (ValueError if malformed); returns how many were new and
+        hold. One that cannot be checked here (an unknown peer) is left for a later round."""
+        if not isinstance(items, list) or len(items) > MAX_ACCUSATIONS_PER_MESSAGE:
+            raise ValueError(f"accusations must be a list of at most {MAX_ACCUSATIONS_PER_MESSAGE}")
+        parsed = [Accusation.from_json(item) for item in items]
+        now, taken = self.clock(), 0
+        for a in parsed:
+            if a.until <= now or (a.accused, a.accuser) in self._held or a.accused == me or a.accuser == me:
+                continue
+            why = a.problem(self.public_key_of)
+            if why is not None:
+                continue
+            self.add(a)
+            self.convict(a.accused, min(a.until - now, self.max_s), f"accused by {a.accuser}: {a.reason}")
+            taken += 1
+        return taken
+
+    def __len__(self) -> int:
+        return len(self._held)
