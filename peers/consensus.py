@@ -164,7 +164,10 @@ async def checked_generate(
         avoid = avoid | _peers(planned[len(runners) - 1])
     try:
         while True:
-            outs = await asyncio.gather(*(r.next() for r in runners))
+            outs = await asyncio.gather(*(r.next() for r in runners), return_exceptions=True)
+            for out in outs:  # every route has stopped moving: closing them below is safe
+                if isinstance(out, BaseException):
+                    raise out
             if all(o is None for o in outs):
                 return
             if any(o is None for o in outs):

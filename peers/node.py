@@ -168,6 +168,7 @@ class PeerNode:
         self.steps_served = 0  # hops this peer computed
         self.failovers = 0  # re-routes this entry made (a failed, busy or full peer, a lost session)
         self.verification = VerificationStats()
+        self._verify_credit = 0.0
         self.accusations = Accusations(self._public_key_of, self._avoid_accused, config.liar_ban_s)
         self.gossip.accusations = self.accusations  # gossip carries them
         self.stopping = False  # set when draining ends: requests still running end with an error
@@ -520,6 +521,15 @@ class PeerNode:
             )
         await asyncio.shield(self._learning)
         return self._knows(hop)
+
+    def should_verify(self) -> bool:
+        """Whether this entry checks its next request: exactly verify_rate of them, evenly spread
+        (one in 20 at 0.05), so that the cost is what the rate says."""
+        self._verify_credit += self.config.verify_rate
+        if self._verify_credit >= 1 - 1e-9:
+            self._verify_credit -= 1
+            return True
+        return False
 
     def convict(self, peer_id: str, why: str, evidence: tuple[Commitment, Commitment] | None = None) -> None:
         """A peer computed wrong (outvoted by other replicas): avoid it for liar_ban_s, any life;

@@ -4,7 +4,6 @@ streaming as server-sent events."""
 import asyncio
 import json
 import logging
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -209,7 +208,7 @@ async def _respond(
     sampling = Sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed)
     stop_ids = frozenset() if req.ignore_eos else node.tokenizer.eos_token_ids
     routes = req.consensus
-    if routes == 1 and node.config.verify_rate and random.random() < node.config.verify_rate:
+    if routes == 1 and node.should_verify():
         routes = 2  # checked by a second route, a referee deciding disagreements
     run = _Run(node, prompt_ids, max_tokens, sampling, stops, stop_ids, req.n, routes)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

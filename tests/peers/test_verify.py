@@ -5,6 +5,7 @@ import asyncio
 import copy
 import time
 
+import httpx
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from peers.identity import Identity
 from peers.protocol import Sampling
 from peers.verify import TOLERANCE, Accusation, Accusations, Commitment, agree, distance, top_entries
 from tests.helpers import greedy_reference, monolithic
+from tests.peers.swarm import wait_until
 from tests.peers.test_inprocess import start_swarm, stop_swarm
 
 PROMPTS_50 = [[(7 * i + j * 13) % 250 + 3 for j in range(3 + i % 9)] for i in range(50)]
@@ -211,3 +213,90 @@ def test_a_last_peer_answering_a_false_token_convicts_itself(tiny_llama):
     got, stats, liar = asyncio.run(main())
     assert got == expected
     assert set(stats.convicted) == {liar} and "argmax" in stats.convicted[liar]
+
+
+# -- real peers, through the OpenAI door -------------------------------------------------------------
+TAMPERED_WEIGHTS = """
+import torch
+import inference.block as b
+_load = b.Block.load_weights
+def load_tampered(self, *args, **kwargs):
+    _load(self, *args, **kwargs)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in self.parameters():
+            p.add_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
+b.Block.load_weights = load_tampered
+"""
+
+
+def test_a_liar_serving_tampered_weights_never_reaches_a_user(tiny_llama, make_swarm):
+    """The default-swarm shape with a liar: an entry with --verify-rate 1, three replicas of
+    layers 1:3 (one serving tampered weights) and a last peer that checks nothing. Unchecked,
+    users get the liar's text; checked, 50 of 50 greedy requests equal the monolithic model's,
+    the liar is convicted, the accusation reaches the other peers, and nobody else is flagged."""
+    from transformers import AutoTokenizer
+
+    model, tok = monolithic(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
+    prompts = [f"request {i}: {'abcdefghij'[i % 10] * (1 + i % 4)}" for i in range(50)]
+    expected = [
+        tok.decode(greedy_reference(model, tok.encode(p), 8, eos=2), skip_special_tokens=True)
+        for p in prompts
+    ]
+    s = make_swarm(tiny_llama)
+    entry = s.add("0:1", args=["--verify-rate", "1"])
+    honest = [s.add("1:3"), s.add("1:3")]
+    liar = s.add("1:3", patch=TAMPERED_WEIGHTS)
+    last = s.add("3:4")
+    s.wait_ready()
+    serving = lambda p: sum(r["vouched"] and r["status"] == "serving" for r in p.table()["peers"])  # noqa: E731
+    wait_until(lambda: serving(entry) == 5 and serving(last) == 5, 60, s._why)
+
+    def complete(peer, prompt, **extra):
+        body = {"model": "llama", "prompt": prompt, "max_tokens": 8, "temperature": 0, **extra}
+        r = httpx.post(f"{peer.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    unchecked = [complete(last, p) for p in prompts[:20]]
+    assert sum(u != e for u, e in zip(unchecked, expected, strict=False)) > 0  # the attack works unchecked
+    checked = [complete(entry, p) for p in prompts]
+    assert checked == expected  # 50 of 50
+    stats = entry.health()["verification"]
+    assert set(stats["convicted"]) == {liar.peer_id} and stats["requests"] == 50, stats
+    wait_until(lambda: liar.peer_id in last.health()["verification"]["convicted"], 30, s._why)
+    for p in [*honest, last]:
+        assert set(p.health()["verification"]["convicted"]) <= {liar.peer_id}
+    # consensus as a request option, at a peer that checks nothing by itself
+    assert complete(last, prompts[0], consensus=2) == expected[0]
+    r = httpx.post(
+        f"{last.url}/v1/completions",
+        json={"model": "llama", "prompt": "x", "max_tokens": 2, "consensus": 9},
+        timeout=30,
+    )
+    assert r.status_code == 400 and "consensus" in r.text, r.text
+
+
+def test_two_replicas_that_disagree_fail_the_request_instead_of_guessing(tiny_llama):
+    """One liar beside one honest replica and no third: no majority can be formed, so the
+    request fails naming both suspects; the user gets no token of either."""
+    from peers.errors import SwarmUnavailable
+
+    async def main():
+        net, nodes = await start_swarm(tiny_llama, ["0:1", "1:3", "1:3", "3:4"])
+        entry, liar = nodes[0], nodes[2]
+        tamper(liar.block)
+        received = []
+        try:
+            with pytest.raises(SwarmUnavailable) as e:
+                async for step in checked_generate(
+                    entry, PROMPTS_50[0], 8, Sampling(temperature=0), frozenset(), routes=2
+                ):
+                    received.append(step)
+            return str(e.value), received, {n.peer_id for n in nodes[1:3]}, entry.verification
+        finally:
+            await stop_swarm(nodes)
+
+    why, received, suspects, stats = asyncio.run(main())
+    assert received == [] and "no other replica" in why and all(s in why for s in suspects), why
+    assert stats.convicted == {}
