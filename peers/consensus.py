@@ -272,3 +272,136 @@ async def _decide(node: PeerNode, runners: list[_Runner], groups: list[list[int]
             node.convict(hop.peer_id, why, _evidence(node, hop, runner.result, right.result, hi))
         await runner.close()
     return [runners[i] for i in winners] + keep
+
+
+def _seeded(sampling: Sampling) -> Sampling:
+    """Sampling with a temperature draws from a seed, so that every route draws the same."""
+    if sampling.seed is None and sampling.temperature > 0:
+        return Sampling(sampling.temperature, sampling.top_p, sampling.top_k, random.getrandbits(62))
+    return sampling
+
+
+async def verified_generate(
+    node: PeerNode,
+    prompt_ids: list[int],
+    max_tokens: int,
+    sampling: Sampling,
+    stop_ids: frozenset[int],
+    n: int = 1,
+) -> AsyncIterator[list[Token]]:
+    """generate(), with every hop that has another replica recomputed by it on the same input
+    (its shadow: the hop before it sends it the same hidden states) at every step; a token is
+    yielded only when each shadow's commitment agrees with its hop's. On a disagreement a referee
+    route that avoids both decides; the peer it contradicts is convicted, and generation goes on
+    from the agreed tokens on a new route."""
+    sampling = _seeded(sampling)
+    greedy = sampling.temperature < MIN_TEMPERATURE or sampling.top_k == 1
+    history: list[list[int]] = [[] for _ in range(n)]
+    stats = node.verification
+    stats.requests += 1
+
+    def start(avoid: frozenset[str] = frozenset(), shadowed: bool = True) -> _Runner:
+        runner = _Runner(None)
+        runner.gen = generate(
+            node,
+            prompt_ids,
+            max_tokens,
+            sampling,
+            stop_ids,
+            n,
+            history=[list(h) for h in history],
+            avoid=avoid,
+            strict_avoid=bool(avoid),
+            observe=lambda route, result: runner.seen.append((route, result)),
+            shadowed=shadowed,
+        )
+        return runner
+
+    runner = start()
+    try:
+        while True:
+            tokens = await runner.next()
+            if tokens is None:
+                return
+            route, result = runner.route, runner.result
+            stats.steps += 1
+            if not result.shadows:
+                stats.unchecked_steps += 1
+            if greedy and not _true_tokens(node, route, result, tokens):
+                await runner.close()  # its last peer convicted itself: this step again, elsewhere
+                runner = start()
+                continue
+            by_span = {(c.start, c.end): c for c in result.commitments}
+            disputes = [
+                (by_span[(s.start, s.end)], s)
+                for s in result.shadows
+                if (s.start, s.end) in by_span and not agree(by_span[(s.start, s.end)], s)
+            ]
+            if disputes:
+                stats.disagreements += 1
+                tokens = await _referee(node, disputes, tokens, start)
+                await runner.close()
+                runner = None
+            for seq, tok in zip(history, tokens, strict=True):
+                seq.append(tok.token)
+            if runner is None:
+                runner = start()  # around the convicted, from the agreed tokens on
+            yield tokens
+    finally:
+        if runner is not None:
+            await runner.close()
+
+
+def _true_tokens(node: PeerNode, route: list[Hop], result: StepResult, tokens: list[Token]) -> bool:
+    """Greedy tokens must be the argmax of the logits the last peer signed; one that answers
+    another token convicts itself (its own signature is the evidence)."""
+    last = route[-1]
+    final = next((c for c in result.commitments if c.end == last.end), None)
+    if final is not None and greedy_choice(final, [t.token for t in tokens]):
+        return True
+    node.convict(last.peer_id, "its greedy token is not the argmax of the logits it signed")
+    return False
+
+
+async def _referee(node: PeerNode, disputes, tokens: list[Token], start) -> list[Token]:
+    """Hops and their shadows disagree: a route avoiding all of them recomputes the step; the
+    side it contradicts is convicted. Returns the step's right tokens."""
+    suspects = frozenset(p for pair in disputes for p in (pair[0].peer_id, pair[1].peer_id))
+    referee = start(avoid=suspects, shadowed=False)
+    try:
+        decided = await referee.next()
+        if decided is None:
+            raise SwarmUnavailable("the referee route produced nothing")
+    except SwarmUnavailable as e:
+        raise SwarmUnavailable(
+            f"verification failed: peers {', '.join(sorted(suspects))} disagree and no other replica of "
+            f"their layers can decide: {e}"
+        ) from None
+    finally:
+        await referee.close()
+    theirs = {c.end: c for c in referee.result.commitments}
+    same_tokens = [t.token for t in tokens] == [t.token for t in decided]
+    primary_lost = not same_tokens
+    for hop_c, shadow_c in disputes:
+        judge = theirs.get(hop_c.end)
+        if judge is not None and agree(judge, hop_c) != agree(judge, shadow_c):
+            hop_right = agree(judge, hop_c)
+        elif not same_tokens:
+            hop_right = False  # the referee contradicts the route the hop was on
+        else:
+            log.warning(
+                "peers %s and %s disagree on layers %d:%d but the referee cannot tell which is wrong",
+                hop_c.peer_id,
+                shadow_c.peer_id,
+                hop_c.start,
+                hop_c.end,
+            )
+            continue
+        wrong, right = (shadow_c, hop_c) if hop_right else (hop_c, shadow_c)
+        primary_lost = primary_lost or not hop_right
+        node.convict(
+            wrong.peer_id,
+            f"its layers {wrong.start}:{wrong.end} disagreed with {right.peer_id} and a referee route",
+            (wrong, right) if right.peer_id != node.peer_id else None,
+        )
+    return decided if primary_lost else tokens

@@ -9,7 +9,7 @@ import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import xxhash
@@ -18,7 +18,7 @@ from .errors import HopFailed, Overloaded, SwarmError, SwarmUnavailable
 from .node import PeerNode
 from .prefix import prefix_hashes, routing_key
 from .protocol import Hop, Sampling, StepRequest, StepResult
-from .routing import NoRouteError, plan_route
+from .routing import NoRouteError, plan_route, weight
 from .verify import check_commitments
 
 log = logging.getLogger("layerswarm.entry")
@@ -51,6 +51,7 @@ async def step(
     sampling: Sampling,
     prefix: tuple[int, ...] = (),
     verify: str = "",
+    shadows: tuple[Hop, ...] = (),
 ) -> StepResult:
     req = StepRequest(
         session_id=session_id,
@@ -60,11 +61,15 @@ async def step(
         tensor=torch.tensor(rows, dtype=torch.int64),  # [B, T]
         prefix=prefix,
         verify=verify,
+        shadows=shadows,
     )
-    if route[0].peer_id == node.peer_id:
-        result = await node.run_step(req)
-    else:
-        result = await node.forwarder.push(req)
+    main = node.run_step(req) if route[0].peer_id == node.peer_id else node.forwarder.push(req)
+    shadow = next((s for s in shadows if (s.start, s.end) == (route[0].start, route[0].end)), None)
+    if shadow is None:
+        result = await main
+    else:  # the first hop's shadow gets the same tokens from here
+        result, seen = await asyncio.gather(main, node.run_shadow(req, shadow))
+        result = replace(result, shadows=(*result.shadows, *seen))
     vocab = node.model_config.vocab_size
     if len(result.tokens) != len(rows) or not all(0 <= t < vocab for t in result.tokens):
         raise HopFailed(
@@ -90,6 +95,7 @@ async def generate(
     avoid: frozenset[str] = frozenset(),
     strict_avoid: bool = False,
     observe: Callable[[list[Hop], StepResult], None] | None = None,
+    shadowed: bool = False,
 ) -> AsyncIterator[list[Token]]:
     """Yield the next token of each of `n` sequences of one prompt, step by step, until every
     sequence met a stop id or max_tokens; survives failing peers until failover_timeout_s.
@@ -97,14 +103,16 @@ async def generate(
     For checked generation (peers/consensus.py): `history` continues sequences already generated
     (the first step replays them), routes avoid the peers in `avoid` where the swarm allows (always,
     with `strict_avoid`), and with `observe` every hop commits to its output and observe(route,
-    result) sees each step that makes tokens before they are yielded."""
+    result) sees each step that makes tokens before they are yielded; `shadowed` also has every
+    hop that has another replica recomputed by one (its shadow), whose commitments come back in
+    result.shadows."""
     generated: list[list[int]] = [list(h) for h in history] if history else [[] for _ in range(n)]
     finished = [any(t in stop_ids for t in g) for g in generated]
     if generated[0] and all(finished):
         return
     key = routing_key(prompt_ids)  # requests sharing a prefix reach the same peers
     reuse = node.config.prefix_reuse
-    session_id, route = uuid.uuid4().hex, None
+    session_id, route, shadows = uuid.uuid4().hex, None, ()
     failing_since: float | None = None
     full: dict[str, str] = {}  # peers with no room for this request now -> why (avoided, not banned)
     too_large: dict[str, str] = {}  # peers this request can never fit -> why
@@ -134,21 +142,29 @@ async def generate(
                     delay = min(1.0, delay * 2)
                     full.clear()  # room may have freed up meanwhile
                     continue
+                if shadowed:
+                    shadows = _shadows(
+                        node, key, route, banned_now(node) | set(full) | set(too_large) | avoid
+                    )
                 plan = _plan(prompt_ids, generated, n)  # (re)play everything so far
                 position = 0
             rows, widen = plan[0]
             prefix = prefix_hashes(prompt_ids) if reuse and position == 0 else ()
             verify = _context(prompt_ids, generated) if observe is not None else ""
             try:
-                result = await step(node, route, session_id, rows, position, sampling, prefix, verify)
+                result = await step(
+                    node, route, session_id, rows, position, sampling, prefix, verify, shadows
+                )
             except HopFailed as e:
                 failing_since = failing_since or time.monotonic()
                 node.failovers += 1
-                _handle_failure(node, e, route, session_id, too_large if e.reason == "too_large" else full)
+                _handle_failure(
+                    node, e, [*route, *shadows], session_id, too_large if e.reason == "too_large" else full
+                )
                 _give_up_if_late(node, failing_since, e.message)
                 if e.reason == "session_lost":
                     reuse = False  # a peer could not rebuild a reused prefix: compute it in full
-                session_id, route = uuid.uuid4().hex, None
+                session_id, route, shadows = uuid.uuid4().hex, None, ()
                 continue
             if failing_since is not None:
                 log.info("failover done: continuing on %s", " -> ".join(h.peer_id for h in route))
@@ -175,7 +191,7 @@ async def generate(
             plan = [([[g[-1]] for g in generated], False)]
     finally:
         if route is not None:
-            node.spawn(node.close_sessions(session_id, route))
+            node.spawn(node.close_sessions(session_id, [*route, *shadows]))
 
 
 def _route(node: PeerNode, key: str, exclude: set[str], avoid: frozenset[str], strict: bool) -> list[Hop]:
@@ -192,6 +208,21 @@ def _route(node: PeerNode, key: str, exclude: set[str], avoid: frozenset[str], s
         except NoRouteError:
             continue  # no route without it: keep it
     return current_route(node, key, excluded)
+
+
+def _shadows(node: PeerNode, key: str, route: list[Hop], exclude: set[str]) -> tuple[Hop, ...]:
+    """For each hop, a replica off the route that serves its layers, chosen by rendezvous hashing
+    on the request's key (none where the swarm has no other)."""
+    on_route = {h.peer_id for h in route}
+    peers = [p for p in node.table.serving(node.model_id) if p.peer_id not in on_route | exclude]
+    shadows = []
+    for hop in route:
+        fits = [p for p in peers if p.start <= hop.start and hop.end <= p.end]
+        if fits:  # one hop per shadow: a session is one run of layers on each peer
+            best = max(fits, key=lambda p: weight(key, p.peer_id))
+            shadows.append(Hop(best.peer_id, best.address, hop.start, hop.end))
+            peers.remove(best)
+    return tuple(shadows)
 
 
 def _context(prompt_ids: list[int], generated: list[list[int]]) -> str:

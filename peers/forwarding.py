@@ -170,14 +170,17 @@ def _parse(data, status: int, peer_id: str) -> StepResult:
         result = StepResult([int(t) for t in data["tokens"]], [float(x) for x in data["logprobs"]])
     except (KeyError, TypeError, ValueError):
         raise HopFailed(peer_id, "a step reply without tokens") from None
-    commitments = data.get("commitments", [])
     try:
-        if not isinstance(commitments, list) or len(commitments) > MAX_COMMITMENTS:
-            raise ValueError(f"commitments must be a list of at most {MAX_COMMITMENTS}")
-        result = replace(result, commitments=tuple(Commitment.from_json(c) for c in commitments))
+        found = {}
+        for key in ("commitments", "shadow_commitments"):
+            items = data.get(key, [])
+            if not isinstance(items, list) or len(items) > MAX_COMMITMENTS:
+                raise ValueError(f"{key} must be a list of at most {MAX_COMMITMENTS}")
+            found[key] = tuple(Commitment.from_json(c) for c in items)
+        result = replace(result, commitments=found["commitments"], shadows=found["shadow_commitments"])
     except ValueError as e:
         raise HopFailed(peer_id, f"a step reply with bad commitments: {e}") from None
-    if not result.tokens or len(result.tokens) != len(result.logprobs):
+    if (not result.tokens and not result.commitments) or len(result.tokens) != len(result.logprobs):
         raise HopFailed(
             peer_id, f"a step reply with {len(result.tokens)} tokens and {len(result.logprobs)} logprobs"
         )

@@ -405,7 +405,7 @@ class PeerNode:
             raise HopFailed(
                 self.peer_id, f"layers {hop.start}:{hop.end} are not inside its span {block.span}"
             )
-        bad = _route_problem(req.hops, self.total_layers) or self._frame_problem(req)
+        bad = _route_problem(req.hops, self.total_layers, req.terminal) or self._frame_problem(req)
         if bad:
             raise HopFailed(self.peer_id, bad, "bad_request")
         if len(req.hops) > 1 and not self._knows(req.hops[1]) and not await self._learn(req.hops[1]):
@@ -449,16 +449,50 @@ class PeerNode:
         if isinstance(out, StepResult):
             if req.verify:
                 out = replace(out, top=None, commitments=(self._commit(req, hop, block, *out.top),))
-            return out
-        position = req.position + job.skipped  # the positions restored from the prefix cache stay behind
+            return replace(out, tokens=[], logprobs=[]) if req.terminal else out
         mine = self._commit(req, hop, block, *top_entries(out[:, -1])) if req.verify else None
-        result = await self.forwarder.push(replace(req, hops=req.hops[1:], tensor=out, position=position))
+        if req.terminal:  # a shadow: its commitment is its answer
+            return StepResult([], [], commitments=(mine,))
+        position = req.position + job.skipped  # the positions restored from the prefix cache stay behind
+        nxt = replace(req, hops=req.hops[1:], tensor=out, position=position)
+        shadow = self._shadow_of(req.hops[1], req.shadows) if req.verify else None
+        if shadow is None:
+            result = await self.forwarder.push(nxt)
+        else:  # the same input to a replica of the next hop, which only answers its commitment
+            result, seen = await asyncio.gather(self.forwarder.push(nxt), self.run_shadow(nxt, shadow))
+            result = replace(result, shadows=(*result.shadows, *seen))
         if mine is None:
             return result
         problem = check_commitments(self.table, req.hops[1:], result.commitments, req)
         if problem:  # what the next hop answered does not say who computed what: it is at fault
             raise HopFailed(req.hops[1].peer_id, problem)
         return replace(result, commitments=(mine, *result.commitments))
+
+    def _shadow_of(self, hop: Hop, shadows: tuple[Hop, ...]) -> Hop | None:
+        """The shadow of `hop` among a frame's, if this peer's table knows it serves those layers
+        (no frame makes a peer send hidden states to an address of the sender's choosing)."""
+        shadow = next((s for s in shadows if (s.start, s.end) == (hop.start, hop.end)), None)
+        return shadow if shadow is not None and self._knows(shadow) else None
+
+    async def run_shadow(self, req: StepRequest, shadow: Hop) -> tuple[Commitment, ...]:
+        """Send `req`'s input for its first hop to `shadow` too (a terminal frame): its checked
+        commitment, or nothing if it failed (the entry then sees that hop unchecked)."""
+        frame = replace(req, hops=[shadow], shadows=(), terminal=True)
+        try:
+            if shadow.peer_id == self.peer_id:
+                result = await self.run_step(frame)
+            else:
+                result = await self.forwarder.push(frame)
+        except HopFailed as e:
+            log.info(
+                "shadow %s of layers %d:%d failed: %s", shadow.peer_id, shadow.start, shadow.end, e.message
+            )
+            return ()
+        problem = check_commitments(self.table, [shadow], result.commitments, req)
+        if problem:
+            log.info("shadow %s answered no valid commitment: %s", shadow.peer_id, problem)
+            return ()
+        return result.commitments
 
     def _commit(self, req: StepRequest, hop: Hop, block: Block, indices, values) -> Commitment:
         """This peer's signed commitment to its output of this step."""
@@ -562,13 +596,15 @@ class PeerNode:
         await self.forwarder.close_remote(session_id, hops)
 
 
-def _route_problem(hops: list[Hop], total: int) -> str | None:
+def _route_problem(hops: list[Hop], total: int, terminal: bool = False) -> str | None:
     """What is wrong with a route: hops must tile [first start, total) in order, each peer at
-    most once."""
+    most once; a shadow's frame (terminal) has one hop."""
+    if terminal and len(hops) != 1:
+        return "a shadow's frame has exactly one hop"
     for a, b in zip(hops, hops[1:], strict=False):
         if a.end != b.start:
             return f"the route skips or repeats layers: {a.start}:{a.end} is followed by {b.start}:{b.end}"
-    if hops[-1].end != total:
+    if hops[-1].end != total and not terminal:
         return f"the route ends at layer {hops[-1].end}, not at the model's last layer {total}"
     if any(not 0 <= h.start < h.end for h in hops):
         return "a hop of the route has a bad layer range"

@@ -15,7 +15,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
-from .consensus import MAX_CONSENSUS, checked_generate
+from .consensus import MAX_CONSENSUS, checked_generate, verified_generate
 from .entry import RETRY_AFTER_S, banned_now, current_route, generate
 from .errors import InvalidRequest, ModelNotServed, Overloaded, SwarmError, SwarmUnavailable
 from .node import PeerNode
@@ -207,10 +207,9 @@ async def _respond(
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     sampling = Sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed)
     stop_ids = frozenset() if req.ignore_eos else node.tokenizer.eos_token_ids
-    routes = req.consensus
-    if routes == 1 and node.should_verify():
-        routes = 2  # checked by a second route, a referee deciding disagreements
-    run = _Run(node, prompt_ids, max_tokens, sampling, stops, stop_ids, req.n, routes)
+    verify = req.consensus == 1 and node.should_verify()
+    run = _Run(node, prompt_ids, max_tokens, sampling, stops, stop_ids, req.n, 2 if verify else req.consensus)
+    run.verify = verify
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     shape = _ChatShape(rid, node.model_id) if chat else _TextShape(rid, node.model_id)
     events = run.events()
@@ -286,6 +285,7 @@ class _Run:
         self, node: PeerNode, prompt_ids, max_tokens, sampling, stops, stop_ids, n: int, routes: int = 1
     ):
         self.node, self.prompt_ids, self.max_tokens, self.routes = node, prompt_ids, max_tokens, routes
+        self.verify = False  # checked by shadows (--verify-rate), rather than by whole routes
         self.sampling, self.stop_ids, self.n = sampling, stop_ids, n
         self.texts = [TextStream(node.tokenizer, stops) for _ in range(n)]
         self.finish = ["length"] * n
@@ -296,7 +296,12 @@ class _Run:
         """("token", -1, None, None) after each step, ("delta", i, text, None) and
         ("finish", i, None, reason) per sequence i."""
         args = (self.node, self.prompt_ids, self.max_tokens, self.sampling, self.stop_ids, self.n)
-        gen = generate(*args) if self.routes == 1 else checked_generate(*args, routes=self.routes)
+        if self.routes == 1:
+            gen = generate(*args)
+        elif self.routes == 2 and self.verify:
+            gen = verified_generate(*args)  # --verify-rate: shadows recompute the replicated hops
+        else:
+            gen = checked_generate(*args, routes=self.routes)  # consensus: k whole routes
         try:
             async for tokens in gen:
                 for i, tok in enumerate(tokens):

@@ -31,6 +31,7 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 _LEN = struct.Struct(">I")
 MAX_HEADER_BYTES = 1 << 20
 MAX_VERIFY_CHARS = 64
+MAX_SHADOWS = 16
 
 
 class ProtocolError(ValueError):
@@ -64,6 +65,8 @@ class StepRequest:
     tensor: torch.Tensor = field(repr=False)
     prefix: tuple[int, ...] = ()  # hashes of the session's leading token blocks (prefix reuse)
     verify: str = ""  # set: every hop commits to its output (the entry's digest of the tokens so far)
+    shadows: tuple[Hop, ...] = ()  # replicas that recompute hops of the route on the same input
+    terminal: bool = False  # a shadow's frame: compute this hop, answer its commitment, forward nothing
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class StepResult:
     tokens: list[int]  # one per sequence of the session's batch
     logprobs: list[float]
     commitments: tuple = ()  # the hops' signed Commitments, first hop first (when the frame asked)
+    shadows: tuple = ()  # the shadows' signed Commitments (peers/verify.py)
     top: tuple | None = field(default=None, repr=False)  # the last hop's committed logits, before signing
 
 
@@ -126,6 +130,10 @@ def encode_step(req: StepRequest) -> bytes:
     }
     if req.verify:
         header["verify"] = req.verify
+    if req.shadows:
+        header["shadows"] = [asdict(h) for h in req.shadows]
+    if req.terminal:
+        header["terminal"] = True
     return encode_tensor_frame(header, req.tensor)
 
 
@@ -135,19 +143,13 @@ def decode_step(body: bytes) -> StepRequest:
         req = StepRequest(
             session_id=_typed(header["session_id"], str, "session_id"),
             position=_typed(header["position"], int, "position"),
-            hops=[
-                Hop(
-                    _typed(h["peer_id"], str, "peer_id"),
-                    _typed(h["address"], str, "address"),
-                    _typed(h["start"], int, "start"),
-                    _typed(h["end"], int, "end"),
-                )
-                for h in header["hops"]
-            ],
+            hops=[_hop(h) for h in header["hops"]],
             sampling=_sampling(header["sampling"]),
             tensor=tensor,
             prefix=tuple(_typed(x, int, "prefix") for x in header.get("prefix", ())),
             verify=_typed(header.get("verify", ""), str, "verify"),
+            shadows=tuple(_hop(h) for h in _typed(header.get("shadows", []), list, "shadows")),
+            terminal=_typed(header.get("terminal", False), bool, "terminal", bools=True),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ProtocolError(f"bad step header: {e}") from e
@@ -157,15 +159,28 @@ def decode_step(body: bytes) -> StepRequest:
         )
     if len(req.verify) > MAX_VERIFY_CHARS or not req.verify.isprintable():
         raise ProtocolError(f"a step's verify digest is at most {MAX_VERIFY_CHARS} printable characters")
+    if len(req.shadows) > MAX_SHADOWS or ((req.shadows or req.terminal) and not req.verify):
+        raise ProtocolError(f"a step has at most {MAX_SHADOWS} shadows, and shadows only when it verifies")
     if (tensor.dim() == 2) != (tensor.dtype == torch.int64):
         raise ProtocolError("token ids travel as int64 [B, T] and hidden states as floats [B, T, H]")
     return req
 
 
-def _typed(value, kind: type, name: str):
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise ValueError(f"{name} must be {kind.__name__}, got {value!r}")
+def _typed(value, kind: type, name: str, bools: bool = False):
+    if not isinstance(value, kind) or (isinstance(value, bool) and not bools):
+        raise ValueError(f"{name} must be {kind.__name__}, got {value!r:.80}")
     return value
+
+
+def _hop(h) -> Hop:
+    if not isinstance(h, dict):
+        raise ValueError(f"a hop must be an object, got {h!r:.80}")
+    return Hop(
+        _typed(h["peer_id"], str, "peer_id"),
+        _typed(h["address"], str, "address"),
+        _typed(h["start"], int, "start"),
+        _typed(h["end"], int, "end"),
+    )
 
 
 def _sampling(data: dict) -> Sampling:
@@ -221,6 +236,8 @@ def step_result_body(result: StepResult) -> dict:
     body = {"tokens": result.tokens, "logprobs": result.logprobs}
     if result.commitments:
         body["commitments"] = [c.to_json() for c in result.commitments]
+    if result.shadows:
+        body["shadow_commitments"] = [c.to_json() for c in result.shadows]
     return body
 
 

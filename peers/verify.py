@@ -34,6 +34,7 @@ class VerificationStats:
 
     requests: int = 0  # requests run on several routes
     steps: int = 0  # steps compared
+    unchecked_steps: int = 0  # steps of checked requests that no shadow recomputed
     disagreements: int = 0  # steps the routes computed differently
     unverifiable: int = 0  # requests to check that had no other replica of any hop
     convicted: dict = field(default_factory=dict)  # peer -> why (the latest 64)

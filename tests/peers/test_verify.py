@@ -9,7 +9,7 @@ import httpx
 import pytest
 import torch
 
-from peers.consensus import checked_generate
+from peers.consensus import checked_generate, verified_generate
 from peers.identity import Identity
 from peers.protocol import Sampling
 from peers.verify import TOLERANCE, Accusation, Accusations, Commitment, agree, distance, top_entries
@@ -74,8 +74,9 @@ async def tokens(node, prompt, n_tokens, routes=2):
 
 def test_a_tampered_replica_is_outvoted_and_convicted(tiny_llama):
     """Five peers: the entry's 0:1, three replicas of 1:3 (one with tampered weights) and 3:4.
-    Every request runs on two routes; a referee decides the disagreements: the users get the
-    monolithic model's tokens, the liar is convicted and nobody else is."""
+    Every step of every request has its 1:3 hop recomputed by another replica on the same input;
+    a referee route decides the disagreements: the users get the monolithic model's tokens, the
+    liar is convicted and nobody else is."""
     model = monolithic(tiny_llama)
     prompts = PROMPTS_50[:20]
     expected = [greedy_reference(model, p, 8) for p in prompts]
@@ -127,7 +128,7 @@ def test_five_hundred_honest_requests_flag_nobody(tiny_llama):
             await stop_swarm(nodes)
 
     stats, flagged = asyncio.run(main())
-    assert stats.requests == 500 and stats.steps == 2000, stats
+    assert stats.requests == 500 and stats.steps == 2000 and stats.unchecked_steps == 0, stats
     assert stats.disagreements == 0 and flagged == [set()] * 4, (stats, flagged)
 
 
@@ -289,8 +290,8 @@ def test_two_replicas_that_disagree_fail_the_request_instead_of_guessing(tiny_ll
         received = []
         try:
             with pytest.raises(SwarmUnavailable) as e:
-                async for step in checked_generate(
-                    entry, PROMPTS_50[0], 8, Sampling(temperature=0), frozenset(), routes=2
+                async for step in verified_generate(
+                    entry, PROMPTS_50[0], 8, Sampling(temperature=0), frozenset()
                 ):
                     received.append(step)
             return str(e.value), received, {n.peer_id for n in nodes[1:3]}, entry.verification
