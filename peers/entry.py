@@ -149,7 +149,8 @@ async def generate(
                 plan = _plan(prompt_ids, generated, n)  # (re)play everything so far
                 position = 0
             rows, widen = plan[0]
-            prefix = prefix_hashes(prompt_ids) if reuse and position == 0 else ()
+            # (shadows recompute the whole prompt with their hop: they may not hold its prefix)
+            prefix = prefix_hashes(prompt_ids) if reuse and position == 0 and not shadows else ()
             verify = _context(prompt_ids, generated) if observe is not None else ""
             try:
                 result = await step(
