@@ -208,8 +208,7 @@ async def _respond(
     sampling = Sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed)
     stop_ids = frozenset() if req.ignore_eos else node.tokenizer.eos_token_ids
     verify = req.consensus == 1 and node.should_verify()
-    run = _Run(node, prompt_ids, max_tokens, sampling, stops, stop_ids, req.n, 2 if verify else req.consensus)
-    run.verify = verify
+    run = _Run(node, prompt_ids, max_tokens, sampling, stops, stop_ids, req.n, req.consensus, verify)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     shape = _ChatShape(rid, node.model_id) if chat else _TextShape(rid, node.model_id)
     events = run.events()
@@ -282,10 +281,21 @@ class _Run:
     """One generation of n sequences: tokens -> text deltas, finish reasons and usage."""
 
     def __init__(
-        self, node: PeerNode, prompt_ids, max_tokens, sampling, stops, stop_ids, n: int, routes: int = 1
+        self,
+        node: PeerNode,
+        prompt_ids,
+        max_tokens,
+        sampling,
+        stops,
+        stop_ids,
+        n: int,
+        routes: int = 1,
+        verify: bool = False,
     ):
-        self.node, self.prompt_ids, self.max_tokens, self.routes = node, prompt_ids, max_tokens, routes
-        self.verify = False  # checked by shadows (--verify-rate), rather than by whole routes
+        """`routes` > 1: that many whole routes, the majority deciding (the consensus field);
+        `verify`: every replicated hop recomputed by a shadow (--verify-rate)."""
+        self.node, self.prompt_ids, self.max_tokens = node, prompt_ids, max_tokens
+        self.routes, self.verify = routes, verify
         self.sampling, self.stop_ids, self.n = sampling, stop_ids, n
         self.texts = [TextStream(node.tokenizer, stops) for _ in range(n)]
         self.finish = ["length"] * n
@@ -296,12 +306,12 @@ class _Run:
         """("token", -1, None, None) after each step, ("delta", i, text, None) and
         ("finish", i, None, reason) per sequence i."""
         args = (self.node, self.prompt_ids, self.max_tokens, self.sampling, self.stop_ids, self.n)
-        if self.routes == 1:
-            gen = generate(*args)
-        elif self.routes == 2 and self.verify:
-            gen = verified_generate(*args)  # --verify-rate: shadows recompute the replicated hops
+        if self.verify:
+            gen = verified_generate(*args)
+        elif self.routes > 1:
+            gen = checked_generate(*args, routes=self.routes)
         else:
-            gen = checked_generate(*args, routes=self.routes)  # consensus: k whole routes
+            gen = generate(*args)
         try:
             async for tokens in gen:
                 for i, tok in enumerate(tokens):
