@@ -1,19 +1,19 @@
-"""Checked generation at the entry: one request runs on several routes in lockstep, and a token
-reaches the user only when the routes agree on it.
+"""Checked generation at the entry: a token reaches the user only once other peers computed
+the same.
 
-- `--verify-rate R`: that share of requests (so, on average, of steps) runs on a second route
-  where every hop that has another replica is recomputed by it, on the same input. Hops commit
-  to their outputs (peers/verify.py); the entry compares the commitments at every layer boundary
-  the two routes share, and the tokens. On disagreement a third route, avoiding every peer under
-  suspicion, decides: the peers of the route it contradicts, in the layers where that route went
-  wrong, are convicted (banned for --liar-ban seconds, whatever life they start, and accused by
-  gossip), and the step's tokens are the majority's. The user never receives a liar's token.
-- `consensus: k` (a request option): k routes, as disjoint as the swarm allows, in lockstep; the
-  majority decides each step, and a route in the minority is convicted the same way and replaced.
+- `--verify-rate R` (verified_generate): that share of requests has every hop that has another
+  replica recomputed by it at every step, on the same input (its shadow: the hop before it sends
+  both the same hidden states, and the shadow answers only its commitment, peers/verify.py). The
+  entry compares each hop's commitment with its shadow's. On a disagreement a referee route that
+  avoids both recomputes the step from the agreed tokens; the one it contradicts is convicted
+  (avoided for --liar-ban seconds, whatever life it starts, and accused by gossip with the
+  evidence), the step's tokens are the referee's side, and generation goes on on a new route.
+- `consensus: k` (checked_generate, a request field): k whole routes, as disjoint as the swarm
+  allows, in lockstep; the majority decides each step (between two, a referee route), and a
+  route in the minority is convicted the same way and replaced.
 
 Sampling with a temperature draws from a seed (the request's, or a random one) so that honest
-routes draw the same tokens.
-"""
+routes draw the same tokens."""
 
 import asyncio
 import logging
@@ -43,6 +43,27 @@ class _Runner:
     gen: AsyncIterator
     seen: list = field(default_factory=list)  # [(route, result)] of the steps that made tokens
     tokens: list[Token] | None = None  # of its latest step
+
+    @classmethod
+    def start(
+        cls, node, prompt_ids, max_tokens, sampling, stop_ids, n, history, avoid, strict, shadowed=False
+    ) -> "_Runner":
+        """A generation from `history` on (see generate()), its steps observed."""
+        runner = cls(None)
+        runner.gen = generate(
+            node,
+            prompt_ids,
+            max_tokens,
+            sampling,
+            stop_ids,
+            n,
+            history=[list(h) for h in history],
+            avoid=frozenset(avoid),
+            strict_avoid=strict,
+            observe=lambda route, result: runner.seen.append((route, result)),
+            shadowed=shadowed,
+        )
+        return runner
 
     async def next(self) -> list[Token] | None:
         try:
@@ -90,13 +111,11 @@ def same_step(a: StepResult, b: StepResult, greedy: bool) -> tuple[bool, int, in
             return False, last_equal, end
         last_equal = end
     final = max([0, *ca, *cb])
-    if a.tokens != b.tokens and not (
-        greedy
-        and final in ca
-        and final in cb
-        and greedy_choice(ca[final], a.tokens)
-        and greedy_choice(cb[final], b.tokens)
-    ):  # (equal logits, and both tokens their argmax up to the noise: a near tie broken two ways)
+    logits_agree = final in ca and final in cb  # (every shared boundary agreed above)
+    ties = logits_agree and (
+        not greedy or (greedy_choice(ca[final], a.tokens) and greedy_choice(cb[final], b.tokens))
+    )
+    if a.tokens != b.tokens and not ties:  # equal logits, other tokens: a near tie broken two ways
         return False, last_equal, final
     return True, 0, 0
 
@@ -116,32 +135,19 @@ async def checked_generate(
     n: int = 1,
     routes: int = 2,
 ) -> AsyncIterator[list[Token]]:
-    """generate(), on `routes` routes in lockstep (2: verification with a referee; more: the
-    majority decides). Falls back to one route when the swarm has no other replica of any hop."""
+    """generate(), on `routes` whole routes in lockstep, as disjoint as the swarm allows (the
+    consensus request field): the majority decides each step (between two, a referee route).
+    Falls back to one route when the swarm has no other replica of any hop."""
     if not 2 <= routes <= MAX_CONSENSUS:
-        raise ValueError(f"consensus must be 1 to {MAX_CONSENSUS} routes, got {routes}")
-    if sampling.seed is None and sampling.temperature > 0:
-        sampling = Sampling(sampling.temperature, sampling.top_p, sampling.top_k, random.getrandbits(62))
+        raise ValueError(f"checked generation takes 2 to {MAX_CONSENSUS} routes, got {routes}")
+    sampling = _seeded(sampling)
     greedy = sampling.temperature < MIN_TEMPERATURE or sampling.top_k == 1
     key = routing_key(prompt_ids)
     history: list[list[int]] = [[] for _ in range(n)]
     stats = node.verification
 
     def start(avoid: set[str], strict: bool = False) -> _Runner:
-        runner = _Runner(None)
-        runner.gen = generate(
-            node,
-            prompt_ids,
-            max_tokens,
-            sampling,
-            stop_ids,
-            n,
-            history=[list(h) for h in history],
-            avoid=frozenset(avoid),
-            strict_avoid=strict,
-            observe=lambda route, result: runner.seen.append((route, result)),
-        )
-        return runner
+        return _Runner.start(node, prompt_ids, max_tokens, sampling, stop_ids, n, history, avoid, strict)
 
     used: set[str] = set()
     first = _planned(node, key, set())
@@ -189,7 +195,8 @@ async def checked_generate(
             tokens = runners[0].tokens
             for seq, tok in zip(history, tokens, strict=True):
                 seq.append(tok.token)
-            for runner in [r for r in runners if r.tokens != tokens]:
+            ids = [t.token for t in tokens]
+            for runner in [r for r in runners if [t.token for t in r.tokens] != ids]:
                 await runner.close()  # it took the other side of a near tie: it restarts on these tokens
                 runners.remove(runner)
             while len(runners) < routes:  # replace the routes closed, from the next step on
@@ -301,21 +308,9 @@ async def verified_generate(
     stats.requests += 1
 
     def start(avoid: frozenset[str] = frozenset(), shadowed: bool = True) -> _Runner:
-        runner = _Runner(None)
-        runner.gen = generate(
-            node,
-            prompt_ids,
-            max_tokens,
-            sampling,
-            stop_ids,
-            n,
-            history=[list(h) for h in history],
-            avoid=avoid,
-            strict_avoid=bool(avoid),
-            observe=lambda route, result: runner.seen.append((route, result)),
-            shadowed=shadowed,
+        return _Runner.start(
+            node, prompt_ids, max_tokens, sampling, stop_ids, n, history, avoid, bool(avoid), shadowed
         )
-        return runner
 
     runner = start()
     try:
@@ -386,11 +381,9 @@ async def _referee(node: PeerNode, disputes, tokens: list[Token], start) -> list
         judge = theirs.get(hop_c.end)
         if judge is not None and agree(judge, hop_c) != agree(judge, shadow_c):
             hop_right = agree(judge, hop_c)
-        elif not same_tokens:
-            hop_right = False  # the referee contradicts the route the hop was on
-        else:
+        else:  # the referee split the layers otherwise, or sides with neither: nobody is convicted
             log.warning(
-                "peers %s and %s disagree on layers %d:%d but the referee cannot tell which is wrong",
+                "peers %s and %s disagree on layers %d:%d and the referee cannot tell which is wrong",
                 hop_c.peer_id,
                 shadow_c.peer_id,
                 hop_c.start,

@@ -17,9 +17,9 @@ import xxhash
 from .errors import HopFailed, Overloaded, SwarmError, SwarmUnavailable
 from .node import PeerNode
 from .prefix import prefix_hashes, routing_key
-from .protocol import Hop, Sampling, StepRequest, StepResult
+from .protocol import MAX_SHADOWS, Hop, Sampling, StepRequest, StepResult
 from .routing import NoRouteError, plan_route, weight
-from .verify import check_commitments
+from .verify import check_commitments, checked_shadows, with_shadow
 
 log = logging.getLogger("layerswarm.entry")
 
@@ -68,7 +68,7 @@ async def step(
     if shadow is None:
         result = await main
     else:  # the first hop's shadow gets the same tokens from here
-        result, seen = await asyncio.gather(main, node.run_shadow(req, shadow))
+        result, seen = await with_shadow(main, node.run_shadow(req, shadow))
         result = replace(result, shadows=(*result.shadows, *seen))
     vocab = node.model_config.vocab_size
     if len(result.tokens) != len(rows) or not all(0 <= t < vocab for t in result.tokens):
@@ -78,8 +78,14 @@ async def step(
         )
     if verify:
         problem = check_commitments(node.table, route, result.commitments, req)
-        if problem:  # the first hop answers for the commitments it relays (each hop checks its next)
-            raise HopFailed(route[0].peer_id, problem)
+        if problem:  # each hop checks its next one's: the hop before the first wrong one let it by
+            at, why = problem
+            raise HopFailed(route[max(at - 1, 0)].peer_id, why)
+        # a shadow's commitment counts only if it is one this entry asked for, signed, on the same
+        # input as its hop's; any other is dropped (that step is then unchecked), never believed
+        result = replace(
+            result, shadows=checked_shadows(node.table, shadows, result.commitments, result.shadows)
+        )
     return result
 
 
@@ -223,7 +229,7 @@ def _shadows(node: PeerNode, key: str, route: list[Hop], exclude: set[str]) -> t
             best = max(fits, key=lambda p: weight(key, p.peer_id))
             shadows.append(Hop(best.peer_id, best.address, hop.start, hop.end))
             peers.remove(best)
-    return tuple(shadows)
+    return tuple(shadows[:MAX_SHADOWS])
 
 
 def _context(prompt_ids: list[int], generated: list[list[int]]) -> str:

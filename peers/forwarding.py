@@ -168,7 +168,7 @@ def _parse(data, status: int, peer_id: str) -> StepResult:
         raise HopFailed(str(failed), str(message), reason)
     try:
         result = StepResult([int(t) for t in data["tokens"]], [float(x) for x in data["logprobs"]])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise HopFailed(peer_id, "a step reply without tokens") from None
     try:
         found = {}

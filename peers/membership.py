@@ -14,7 +14,6 @@ cannot bring it back.
 """
 
 import json
-import math
 import random
 import re
 import time
@@ -23,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 from .identity import PEER_ID_CHARS, SIGNATURE_CHARS, Identity, peer_id_of, verify
+from .limits import finite_number
 
 JOINING, SERVING, LEAVING, DEAD = "joining", "serving", "leaving", "dead"
 STATES = (JOINING, SERVING, LEAVING, DEAD)
@@ -135,11 +135,7 @@ class PeerEntry:
         now_us = _now_us() if now_us is None else now_us
         incarnation = _int(data, "incarnation", 0, now_us + int(MAX_CLOCK_AHEAD_S * 1e6))
         dead_for = data["dead_for_s"]
-        if (
-            not isinstance(dead_for, (int, float))
-            or isinstance(dead_for, bool)
-            or not math.isfinite(dead_for)
-        ):
+        if not finite_number(dead_for):
             raise ValueError(f"dead_for_s must be a finite number, got {dead_for!r}")
         if dead_for < 0:
             raise ValueError(f"dead_for_s must be >= 0, got {dead_for}")

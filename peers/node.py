@@ -46,7 +46,10 @@ from .verify import (
     Commitment,
     VerificationStats,
     check_commitments,
+    input_rows,
+    tensor_digest,
     top_entries,
+    with_shadow,
 )
 
 log = logging.getLogger("layerswarm.peer")
@@ -169,7 +172,9 @@ class PeerNode:
         self.failovers = 0  # re-routes this entry made (a failed, busy or full peer, a lost session)
         self.verification = VerificationStats()
         self._verify_credit = 0.0
-        self.accusations = Accusations(self._public_key_of, self._avoid_accused, config.liar_ban_s)
+        self.accusations = Accusations(
+            self._public_key_of, self._avoid_accused, config.liar_ban_s, trusted=config.swarm_key is not None
+        )
         self.gossip.accusations = self.accusations  # gossip carries them
         self.stopping = False  # set when draining ends: requests still running end with an error
         self.on_fatal = None  # called with the exception when this peer cannot go on
@@ -448,9 +453,9 @@ class PeerNode:
         self.steps_served += 1
         if isinstance(out, StepResult):
             if req.verify:
-                out = replace(out, top=None, commitments=(self._commit(req, hop, block, *out.top),))
+                out = replace(out, top=None, commitments=(self._commit(req, hop, block, out.top, None),))
             return replace(out, tokens=[], logprobs=[]) if req.terminal else out
-        mine = self._commit(req, hop, block, *top_entries(out[:, -1])) if req.verify else None
+        mine = self._commit(req, hop, block, top_entries(out[:, -1]), out) if req.verify else None
         if req.terminal:  # a shadow: its commitment is its answer
             return StepResult([], [], commitments=(mine,))
         position = req.position + job.skipped  # the positions restored from the prefix cache stay behind
@@ -459,13 +464,13 @@ class PeerNode:
         if shadow is None:
             result = await self.forwarder.push(nxt)
         else:  # the same input to a replica of the next hop, which only answers its commitment
-            result, seen = await asyncio.gather(self.forwarder.push(nxt), self.run_shadow(nxt, shadow))
+            result, seen = await with_shadow(self.forwarder.push(nxt), self.run_shadow(nxt, shadow))
             result = replace(result, shadows=(*result.shadows, *seen))
         if mine is None:
             return result
-        problem = check_commitments(self.table, req.hops[1:], result.commitments, req)
+        problem = check_commitments(self.table, req.hops[1:], result.commitments, nxt, only=1)
         if problem:  # what the next hop answered does not say who computed what: it is at fault
-            raise HopFailed(req.hops[1].peer_id, problem)
+            raise HopFailed(req.hops[1].peer_id, problem[1])
         return replace(result, commitments=(mine, *result.commitments))
 
     def _shadow_of(self, hop: Hop, shadows: tuple[Hop, ...]) -> Hop | None:
@@ -489,15 +494,17 @@ class PeerNode:
             )
             return ()
         problem = check_commitments(self.table, [shadow], result.commitments, req)
-        if problem:
-            log.info("shadow %s answered no valid commitment: %s", shadow.peer_id, problem)
+        if problem:  # (its input must be exactly what this peer sent its hop)
+            log.info("shadow %s answered no valid commitment: %s", shadow.peer_id, problem[1])
             return ()
         return result.commitments
 
-    def _commit(self, req: StepRequest, hop: Hop, block: Block, indices, values) -> Commitment:
-        """This peer's signed commitment to its output of this step."""
+    def _commit(self, req: StepRequest, hop: Hop, block: Block, top, sent: torch.Tensor | None) -> Commitment:
+        """This peer's signed commitment to its step: what it was sent, and the top entries of
+        its output (and the digest of the output it sends on, if any)."""
         end = req.position + req.tensor.shape[1]
         dtype = str(block.dtype).removeprefix("torch.")
+        in_idx, in_val = top_entries(input_rows(req.tensor))
         return Commitment(
             "",
             hop.start,
@@ -505,8 +512,12 @@ class PeerNode:
             end,
             req.verify,
             dtype,
-            tuple(map(tuple, indices)),
-            tuple(map(tuple, values)),
+            tuple(map(tuple, top[0])),
+            tuple(map(tuple, top[1])),
+            input_digest=tensor_digest(req.tensor),
+            output_digest=tensor_digest(sent) if sent is not None else "",
+            input_top=tuple(map(tuple, in_idx)),
+            input_values=tuple(map(tuple, in_val)),
         ).signed(self.identity)
 
     def _frame_problem(self, req: StepRequest) -> str | None:

@@ -8,11 +8,12 @@ one result (tokens or error) per frame, in order.
 """
 
 import json
-import math
 import struct
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+from .limits import finite_number
 
 PATH_HEALTH = "/health"
 PATH_STEPS = "/swarm/steps"  # several step frames in one message (coalesced for one next peer)
@@ -187,7 +188,7 @@ def _sampling(data: dict) -> Sampling:
     s = Sampling(**data)
     for name in ("temperature", "top_p"):
         value = getattr(s, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        if not finite_number(value):
             raise ValueError(f"sampling {name} must be a finite number, got {value!r}")
     if not 0 <= s.temperature <= 100 or not 0 < s.top_p <= 1:
         raise ValueError(f"sampling out of range: temperature {s.temperature}, top_p {s.top_p}")

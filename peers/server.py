@@ -80,7 +80,12 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
             "threads": node.threads,
             "core_turns": node.scheduler.turns is not None,
             "failovers": node.failovers,
-            "verification": {"rate": node.config.verify_rate, **node.verification.to_json()},
+            "verification": {
+                "rate": node.config.verify_rate,
+                **node.verification.to_json(),
+                "accusations_held": len(node.accusations),
+                "accusations_ignored": node.accusations.ignored,
+            },
             "queued_steps": len(node.scheduler),
             "scheduler": node.scheduler.stats.to_json(),
             "forwarded": {"messages": node.forwarder.messages, "frames": node.forwarder.frames},

@@ -17,8 +17,10 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
+import xxhash
 
 from .identity import SIGNATURE_CHARS, Identity, verify
+from .limits import finite_number
 
 COMMIT_K = 16  # entries of a row a hop commits to
 MIN_OVERLAP = COMMIT_K // 2  # top-k indices two honest replicas share at least
@@ -53,8 +55,12 @@ class Commitment:
     position: int  # positions known after the step (the committed row is the one before)
     context: str  # the entry's digest of the tokens the step continues
     dtype: str  # the hop's compute dtype: the tolerance to compare with
-    indices: tuple[tuple[int, ...], ...]  # [B][k]
+    indices: tuple[tuple[int, ...], ...]  # [B][k] of its output
     values: tuple[tuple[float, ...], ...]  # [B][k]
+    input_digest: str = ""  # of the whole tensor it received (tensor_digest)
+    output_digest: str = ""  # of the whole tensor it sent on ("" for logits: they stay here)
+    input_top: tuple[tuple[int, ...], ...] = ()  # top_entries of its input's last row: what it was sent
+    input_values: tuple[tuple[float, ...], ...] = ()
     signature: str = ""
 
     def message(self) -> bytes:
@@ -69,49 +75,26 @@ class Commitment:
         return verify(public_key, self.signature, self.message())
 
     def to_json(self) -> dict:
-        return {
-            **asdict(self),
-            "indices": [list(r) for r in self.indices],
-            "values": [list(r) for r in self.values],
-        }
+        rows = ("indices", "values", "input_top", "input_values")
+        return {**asdict(self), **{name: [list(r) for r in getattr(self, name)] for name in rows}}
 
     @classmethod
     def from_json(cls, data) -> "Commitment":
         """A commitment from a step reply, checked field by field (ValueError)."""
         if not isinstance(data, dict) or data.keys() != cls.__dataclass_fields__.keys():
             raise ValueError("a commitment must be an object with exactly the commitment's fields")
-        for name in ("peer_id", "context", "dtype", "signature"):
-            if not isinstance(data[name], str) or len(data[name]) > max(MAX_CONTEXT, SIGNATURE_CHARS):
-                raise ValueError(f"commitment {name} must be a short string")
+        for name in ("peer_id", "context", "dtype", "input_digest", "output_digest"):
+            if not isinstance(data[name], str) or len(data[name]) > MAX_CONTEXT:
+                raise ValueError(f"commitment {name} must be a string of at most {MAX_CONTEXT} characters")
+        if not isinstance(data["signature"], str) or len(data["signature"]) != SIGNATURE_CHARS:
+            raise ValueError("commitment signature must be 64 bytes in unpadded base64url")
         for name in ("start", "end", "position"):
             if not isinstance(data[name], int) or isinstance(data[name], bool) or not 0 <= data[name] < 2**31:
                 raise ValueError(f"commitment {name} must be a non-negative integer")
         if data["dtype"] not in TOLERANCE:
             raise ValueError(f"commitment dtype must be one of {', '.join(TOLERANCE)}")
-        rows = data["indices"], data["values"]
-        if (
-            not all(isinstance(r, list) for r in rows)
-            or len(rows[0]) != len(rows[1])
-            or not 0 < len(rows[0]) <= 64
-        ):
-            raise ValueError("commitment indices and values must be lists of 1 to 64 rows")
-        indices, values = [], []
-        for idx, val in zip(*rows, strict=True):
-            if (
-                not isinstance(idx, list)
-                or not isinstance(val, list)
-                or len(idx) != len(val)
-                or len(idx) > 64
-            ):
-                raise ValueError("each committed row has as many indices as values, at most 64")
-            if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in idx):
-                raise ValueError("committed indices must be non-negative integers")
-            if not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in val
-            ):
-                raise ValueError("committed values must be finite numbers")
-            indices.append(tuple(idx))
-            values.append(tuple(float(v) for v in val))
+        indices, values = _rows(data["indices"], data["values"], "")
+        input_top, input_values = _rows(data["input_top"], data["input_values"], "input ")
         return cls(
             data["peer_id"],
             data["start"],
@@ -119,10 +102,46 @@ class Commitment:
             data["position"],
             data["context"],
             data["dtype"],
-            tuple(indices),
-            tuple(values),
+            indices,
+            values,
+            data["input_digest"],
+            data["output_digest"],
+            input_top,
+            input_values,
             data["signature"],
         )
+
+
+def _rows(indices, values, what: str) -> tuple[tuple, tuple]:
+    """Committed rows (ValueError unless 1 to 64 rows of at most 64 index/value pairs)."""
+    if not isinstance(indices, list) or not isinstance(values, list) or len(indices) != len(values):
+        raise ValueError(f"committed {what}indices and values must be lists of as many rows")
+    if not 0 < len(indices) <= 64:
+        raise ValueError(f"committed {what}indices and values have 1 to 64 rows")
+    out_i, out_v = [], []
+    for idx, val in zip(indices, values, strict=True):
+        if not isinstance(idx, list) or not isinstance(val, list) or len(idx) != len(val) or len(idx) > 64:
+            raise ValueError(f"each committed {what}row has as many indices as values, at most 64")
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in idx):
+            raise ValueError(f"committed {what}indices must be non-negative integers")
+        if not all(finite_number(v) for v in val):
+            raise ValueError(f"committed {what}values must be finite numbers")
+        out_i.append(tuple(idx))
+        out_v.append(tuple(float(v) for v in val))
+    return tuple(out_i), tuple(out_v)
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """A digest of a whole tensor as it travels (dtype, shape and bytes)."""
+    t = t.detach().contiguous().cpu()
+    h = xxhash.xxh3_128(f"{t.dtype}{list(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def input_rows(t: torch.Tensor) -> torch.Tensor:
+    """The last position of a step's input: [B, H] hidden states, or [B, 1] token ids."""
+    return t[:, -1].float() if t.dim() == 3 else t[:, -1:].float()
 
 
 def top_entries(
@@ -178,14 +197,20 @@ def distance(a: Commitment, b: Commitment) -> float:
     return worst
 
 
-def check_commitments(table, hops, commitments, req) -> str | None:
-    """What is wrong with the commitments a step's result carries for `hops` (the rest of its
-    route, in order): one per hop, for its layers and this step, signed by that hop's key."""
+def check_commitments(table, hops, commitments, req, only: int | None = None) -> tuple[int, str] | None:
+    """What is wrong with the commitments a step's result carries for `hops`, the route from the
+    checker's next hop on (req: the frame the checker sent them): one per hop, for its layers
+    and this step, signed by that hop's key, each one's input exactly what the one before it
+    sent (the first one's: req's tensor). `only`: check the signatures of the first `only` only
+    (a peer on the route checks its next hop; the entry checks all). Returns (i, why): the
+    first wrong commitment is the i-th; each hop checks its next one's, so an honest hop i - 1
+    would have refused it."""
     if len(commitments) != len(hops):
-        return f"its result carries {len(commitments)} commitments for {len(hops)} hops"
+        return 0, f"its result carries {len(commitments)} commitments for {len(hops)} hops"
     end = req.position + req.tensor.shape[1]
-    for hop, c in zip(hops, commitments, strict=True):
-        entry = table.get(hop.peer_id)
+    idx, val = top_entries(input_rows(req.tensor))
+    sent = tensor_digest(req.tensor), _as_rows(idx), _as_rows(val)
+    for i, (hop, c) in enumerate(zip(hops, commitments, strict=True)):
         if (
             c.peer_id != hop.peer_id
             or (c.start, c.end) != (hop.start, hop.end)
@@ -193,10 +218,43 @@ def check_commitments(table, hops, commitments, req) -> str | None:
             or c.position != end
             or len(c.indices) != req.tensor.shape[0]
         ):
-            return f"the commitment of {hop.peer_id} is not for its layers {hop.start}:{hop.end} of this step"
-        if entry is None or not c.verify(entry.public_key):
-            return f"the commitment of {hop.peer_id} is not signed by it"
+            return (
+                i,
+                f"the commitment of {hop.peer_id} is not for its layers {hop.start}:{hop.end} of this step",
+            )
+        if (c.input_digest, c.input_top, c.input_values) != sent:
+            return i, f"{hop.peer_id} committed to another input than the one before it committed to sending"
+        if only is None or i < only:
+            entry = table.get(hop.peer_id)
+            if entry is None or not c.verify(entry.public_key):
+                return i, f"the commitment of {hop.peer_id} is not signed by it"
+        sent = c.output_digest, c.indices, c.values
     return None
+
+
+def checked_shadows(table, planned, commitments, shadows) -> tuple:
+    """The shadow commitments that hold: of a shadow planned for that hop, on exactly the input
+    the hop committed to, signed by the shadow's key."""
+    by_span = {(c.start, c.end): c for c in commitments}
+    wanted = {(h.start, h.end): h.peer_id for h in planned}
+    out = []
+    for s in shadows:
+        hop = by_span.get((s.start, s.end))
+        entry = table.get(s.peer_id)
+        if (
+            hop is not None
+            and wanted.get((s.start, s.end)) == s.peer_id
+            and (s.position, s.context, s.input_digest, s.input_top, s.input_values)
+            == (hop.position, hop.context, hop.input_digest, hop.input_top, hop.input_values)
+            and entry is not None
+            and s.verify(entry.public_key)
+        ):
+            out.append(s)
+    return tuple(out)
+
+
+def _as_rows(rows) -> tuple:
+    return tuple(tuple(r) for r in rows)
 
 
 MAX_ACCUSATIONS = 256  # kept and relayed by one peer
@@ -250,7 +308,7 @@ class Accusation:
             if not isinstance(data[name], str) or len(data[name]) > max(MAX_REASON, SIGNATURE_CHARS):
                 raise ValueError(f"accusation {name} must be a short string")
         until = data["until"]
-        if not isinstance(until, (int, float)) or isinstance(until, bool) or not math.isfinite(until):
+        if not finite_number(until):
             raise ValueError("accusation until must be a finite number")
         evidence = data["evidence"]
         if not isinstance(evidence, list) or len(evidence) != 2:
@@ -288,13 +346,20 @@ class Accusation:
 
 class Accusations:
     """The accusations this peer made or checked: kept until they expire, relayed with gossip;
-    each one checked here makes this peer's entry avoid the accused (`convict`)."""
+    each one checked here makes this peer's entry avoid the accused (`convict`).
 
-    def __init__(self, public_key_of, convict, max_s: float, clock=None):
+    Evidence shows that two peers signed disagreeing commitments for the same claimed step, not
+    which of them lied, and keys are free: in an open swarm, a key of one's own and an honest
+    peer's commitment to an input of one's choosing would frame that peer. So accusations are
+    acted on only where every member is trusted (`trusted`: a private swarm, --swarm-key);
+    elsewhere they are counted (`ignored`) and not relayed, and each entry's own checks decide."""
+
+    def __init__(self, public_key_of, convict, max_s: float, trusted: bool, clock=None):
         import time
 
-        self.public_key_of, self.convict, self.max_s = public_key_of, convict, max_s
+        self.public_key_of, self.convict, self.max_s, self.trusted = public_key_of, convict, max_s, trusted
         self.clock = clock or time.time
+        self.ignored = 0  # accusations received and not acted on (an open swarm)
         self._held: dict[tuple[str, str], Accusation] = {}  # (accused, accuser) -> accusation
 
     def add(self, accusation: Accusation) -> None:
@@ -307,6 +372,8 @@ class Accusations:
         self._held[key] = accusation
 
     def outgoing(self) -> list[dict]:
+        if not self.trusted:
+            return []
         now = self.clock()
         live = [a for a in self._held.values() if a.until > now]
         return [a.to_json() for a in live[-MAX_ACCUSATIONS_PER_MESSAGE:]]
@@ -317,6 +384,9 @@ class Accusations:
         if not isinstance(items, list) or len(items) > MAX_ACCUSATIONS_PER_MESSAGE:
             raise ValueError(f"accusations must be a list of at most {MAX_ACCUSATIONS_PER_MESSAGE}")
         parsed = [Accusation.from_json(item) for item in items]
+        if not self.trusted:
+            self.ignored += len(parsed)
+            return 0
         now, taken = self.clock(), 0
         for a in parsed:
             if a.until <= now or (a.accused, a.accuser) in self._held or a.accused == me or a.accuser == me:
@@ -331,3 +401,18 @@ class Accusations:
 
     def __len__(self) -> int:
         return len(self._held)
+
+
+async def with_shadow(main, shadow):
+    """Await a step and its shadow's: (main's result, the shadow's commitments). If the step
+    fails, the shadow is cancelled (its work is for nothing) before the failure is raised."""
+    import asyncio
+
+    shadow_task = asyncio.ensure_future(shadow)
+    try:
+        result = await main
+    except BaseException:
+        shadow_task.cancel()
+        await asyncio.gather(shadow_task, return_exceptions=True)
+        raise
+    return result, await shadow_task

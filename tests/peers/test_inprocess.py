@@ -14,6 +14,7 @@ from peers.membership import GossipSettings
 from peers.node import NodeConfig, PeerNode
 from peers.protocol import Hop, Sampling
 from peers.server import create_app
+from peers.trust import SwarmAuth
 from tests.helpers import greedy_reference, monolithic
 
 GOSSIP = GossipSettings(interval_s=0.05, suspect_after_s=5, dead_after_s=10, tombstone_s=30)
@@ -34,7 +35,8 @@ class Loopback(httpx.AsyncBaseTransport):
         return await self.apps[address].handle_async_request(request)
 
 
-async def start_swarm(model, spans):
+async def start_swarm(model, spans, swarm_key: bytes | None = None):
+    """Peers of `spans` over one in-memory network (a private swarm with `swarm_key`)."""
     net = Loopback()
     nodes = []
     for i, layers in enumerate(spans):
@@ -46,8 +48,10 @@ async def start_swarm(model, spans):
             threads=torch.get_num_threads(),
             gossip=GOSSIP,
             ban_s=60,
+            swarm_key=swarm_key,
         )
-        node = PeerNode(config, http=httpx.AsyncClient(transport=net))
+        auth = SwarmAuth(swarm_key) if swarm_key else None
+        node = PeerNode(config, http=httpx.AsyncClient(transport=net, auth=auth))
         net.apps[config.address] = httpx.ASGITransport(app=create_app(node))
         nodes.append(node)
     await asyncio.gather(*(n.start() for n in nodes))

@@ -12,11 +12,21 @@ import torch
 from peers.consensus import checked_generate, verified_generate
 from peers.identity import Identity
 from peers.protocol import Sampling
-from peers.verify import TOLERANCE, Accusation, Accusations, Commitment, agree, distance, top_entries
+from peers.verify import (
+    TOLERANCE,
+    Accusation,
+    Accusations,
+    Commitment,
+    agree,
+    checked_shadows,
+    distance,
+    top_entries,
+)
 from tests.helpers import greedy_reference, monolithic
 from tests.peers.swarm import wait_until
 from tests.peers.test_inprocess import start_swarm, stop_swarm
 
+KEY = b"a private swarm's shared key"
 PROMPTS_50 = [[(7 * i + j * 13) % 250 + 3 for j in range(3 + i % 9)] for i in range(50)]
 
 
@@ -29,8 +39,10 @@ def tamper(block, scale=0.02, seed=0):
 
 
 def commitment(x: torch.Tensor, dtype="float32", identity=None) -> Commitment:
-    idx, val = top_entries(x)
-    c = Commitment("", 0, 2, 5, "ctx", dtype, tuple(map(tuple, idx)), tuple(map(tuple, val)))
+    """A commitment to output x (and to an input of zeros)."""
+    rows = lambda pair: tuple(tuple(map(tuple, part)) for part in pair)  # noqa: E731
+    (idx, val), (in_idx, in_val) = rows(top_entries(x)), rows(top_entries(torch.zeros(x.shape[0], 4)))
+    c = Commitment("", 0, 2, 5, "ctx", dtype, idx, val, "in", "out", in_idx, in_val)
     return c.signed(identity or Identity.generate())
 
 
@@ -82,7 +94,8 @@ def test_a_tampered_replica_is_outvoted_and_convicted(tiny_llama):
     expected = [greedy_reference(model, p, 8) for p in prompts]
 
     async def main():
-        net, nodes = await start_swarm(tiny_llama, ["0:1", "1:3", "1:3", "1:3", "3:4"])
+        # a private swarm: its members act on each other's accusations
+        net, nodes = await start_swarm(tiny_llama, ["0:1", "1:3", "1:3", "1:3", "3:4"], KEY)
         entry, liar = nodes[0], nodes[2]
         tamper(liar.block)
         try:
@@ -165,7 +178,7 @@ def test_accusations_hold_only_with_their_evidence():
     ids = {name: Identity.generate() for name in ("accuser", "accused", "witness", "stranger")}
     keys = {i.peer_id: i.public_key for name, i in ids.items() if name != "stranger"}
     avoided = []
-    held = Accusations(keys.get, lambda p, s, why: avoided.append(p), 3600)
+    held = Accusations(keys.get, lambda p, s, why: avoided.append(p), 3600, trusted=True)
     a, b, w = ids["accuser"], ids["accused"], ids["witness"]
     good = accusation(a, b, w)
     assert good.problem(keys.get) is None
@@ -181,9 +194,13 @@ def test_accusations_hold_only_with_their_evidence():
     assert held.receive([good.to_json()], me="me") == 1 and avoided == [b.peer_id]
     assert held.receive([good.to_json()], me="me") == 0  # once
     assert held.outgoing() == [good.to_json()]
-    for malformed in ([{"accused": 1}], "x", [good.to_json()] * 33):
+    for malformed in ([{"accused": 1}], "x", [good.to_json()] * 33, [{**good.to_json(), "until": 10**400}]):
         with pytest.raises(ValueError):
             held.receive(malformed, me="me")
+    # in an open swarm keys are free and evidence does not say who lied: heard, not acted on
+    open_swarm = Accusations(keys.get, lambda p, s, why: avoided.append(p), 3600, trusted=False)
+    assert open_swarm.receive([good.to_json()], me="me") == 0 and open_swarm.ignored == 1
+    assert open_swarm.outgoing() == [] and avoided == [b.peer_id]
 
 
 def test_a_last_peer_answering_a_false_token_convicts_itself(tiny_llama):
@@ -231,11 +248,12 @@ b.Block.load_weights = load_tampered
 """
 
 
-def test_a_liar_serving_tampered_weights_never_reaches_a_user(tiny_llama, make_swarm):
-    """The default-swarm shape with a liar: an entry with --verify-rate 1, three replicas of
-    layers 1:3 (one serving tampered weights) and a last peer that checks nothing. Unchecked,
-    users get the liar's text; checked, 50 of 50 greedy requests equal the monolithic model's,
-    the liar is convicted, the accusation reaches the other peers, and nobody else is flagged."""
+def test_a_liar_serving_tampered_weights_never_reaches_a_user(tiny_llama, make_swarm, monkeypatch):
+    """A private swarm with a liar: an entry with --verify-rate 1, three replicas of layers 1:3
+    (one serving tampered weights) and a last peer that checks nothing. Unchecked, users get the
+    liar's text; checked, 50 of 50 greedy requests equal the monolithic model's, the liar is
+    convicted, the accusation reaches the other peers, and nobody else is flagged."""
+    monkeypatch.setenv("LAYERSWARM_SWARM_KEY", KEY.decode())  # every peer of this test inherits it
     from transformers import AutoTokenizer
 
     model, tok = monolithic(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
@@ -301,3 +319,76 @@ def test_two_replicas_that_disagree_fail_the_request_instead_of_guessing(tiny_ll
     why, received, suspects, stats = asyncio.run(main())
     assert received == [] and "no other replica" in why and all(s in why for s in suspects), why
     assert stats.convicted == {}
+
+
+CORRUPTS_WHAT_IT_SENDS = """
+from dataclasses import replace
+import peers.node as node
+import peers.forwarding as forwarding
+node.check_commitments = lambda *args, **kwargs: None  # a liar checks nothing
+_push = forwarding.Forwarder.push
+async def push(self, req):
+    if not req.terminal and req.tensor.is_floating_point():
+        req = replace(req, tensor=req.tensor + 0.5)  # after committing to the honest output
+    return await _push(self, req)
+forwarding.Forwarder.push = push
+"""
+
+
+def test_a_peer_sending_on_other_hidden_states_than_it_committed_to_is_caught(tiny_llama, make_swarm):
+    """A liar that computes honestly (its shadow agrees) but sends the next hop something else:
+    the next hop commits to what it received, which is not what the liar committed to sending;
+    the entry fails over around the liar and the user gets the monolithic model's text."""
+    from transformers import AutoTokenizer
+
+    model, tok = monolithic(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
+    prompts = [f"link {i}: {'xyz' * (1 + i % 3)}" for i in range(8)]
+    expected = [
+        tok.decode(greedy_reference(model, tok.encode(p), 6, eos=2), skip_special_tokens=True)
+        for p in prompts
+    ]
+    s = make_swarm(tiny_llama)
+    entry = s.add("0:1", args=["--verify-rate", "1"])
+    liar = s.add("1:3", patch=CORRUPTS_WHAT_IT_SENDS)
+    s.add("1:3")
+    last = s.add("3:4")
+    s.wait_ready()
+    serving = lambda p: sum(r["vouched"] and r["status"] == "serving" for r in p.table()["peers"])  # noqa: E731
+    wait_until(lambda: serving(entry) == 4 and serving(last) == 4, 60, s._why)
+
+    def complete(peer, prompt):
+        body = {"model": "llama", "prompt": prompt, "max_tokens": 6, "temperature": 0}
+        r = httpx.post(f"{peer.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    unchecked = [complete(last, p) for p in prompts]
+    assert unchecked != expected  # the attack works unchecked
+    assert [complete(entry, p) for p in prompts] == expected
+    log = entry.log_path.read_text(errors="replace")
+    assert f"peer {liar.peer_id} failed" in log and "committed to another input" in log, log[-3000:]
+
+
+def test_only_the_shadow_commitments_an_entry_asked_for_count():
+    """A relaying hop cannot slip in a commitment of its making (to frame a peer), and a shadow
+    fed another input than its hop is not compared with it."""
+    from peers.protocol import Hop
+
+    hop_id, shadow_id, other_id = Identity.generate(), Identity.generate(), Identity.generate()
+    keys = {i.peer_id: i.public_key for i in (hop_id, shadow_id, other_id)}
+
+    class Table:
+        def get(self, peer_id):
+            return type("E", (), {"public_key": keys[peer_id]}) if peer_id in keys else None
+
+    x = torch.randn(1, 64)
+    hop = commitment(x, identity=hop_id)
+    honest = commitment(x * 1.5, identity=shadow_id)  # disagrees: a real dispute
+    planned = (Hop(shadow_id.peer_id, "127.0.0.1:1", hop.start, hop.end),)
+    assert checked_shadows(Table(), planned, [hop], [honest]) == (honest,)
+    unplanned = commitment(x * 1.5, identity=other_id)
+    other_input = Commitment(**{**honest.__dict__, "input_digest": "another", "signature": ""}).signed(
+        shadow_id
+    )
+    forged = Commitment(**{**honest.__dict__, "values": ((9.0,) * 16,)})  # not what it signed
+    assert checked_shadows(Table(), planned, [hop], [unplanned, other_input, forged]) == ()
