@@ -293,8 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify-rate",
         type=float,
         default=0.0,
-        help="share of requests (0 to 1) this entry checks: each step also runs on a route of other "
-        "replicas, hops commit to their outputs, and a third route decides a disagreement (default 0)",
+        help="share of requests (0 to 1) this entry checks: at each step, every hop that has another "
+        "replica is recomputed by it on the same input, hops commit to their outputs, and a referee "
+        "route decides a disagreement (default 0)",
     )
     serve.add_argument(
         "--liar-ban",

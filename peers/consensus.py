@@ -19,7 +19,7 @@ import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from inference.sampling import MIN_TEMPERATURE
 
@@ -41,7 +41,7 @@ class _Runner:
     """One route's generation: its iterator and what it saw at each step."""
 
     gen: AsyncIterator
-    seen: list = field(default_factory=list)  # [(route, result)] of the steps that made tokens
+    last: tuple | None = None  # (route, result) of its latest step that made tokens
     tokens: list[Token] | None = None  # of its latest step
 
     @classmethod
@@ -60,7 +60,7 @@ class _Runner:
             history=[list(h) for h in history],
             avoid=frozenset(avoid),
             strict_avoid=strict,
-            observe=lambda route, result: runner.seen.append((route, result)),
+            observe=lambda route, result: setattr(runner, "last", (route, result)),
             shadowed=shadowed,
         )
         return runner
@@ -74,11 +74,11 @@ class _Runner:
 
     @property
     def route(self) -> list[Hop]:
-        return self.seen[-1][0] if self.seen else []
+        return self.last[0] if self.last else []
 
     @property
     def result(self) -> StepResult:
-        return self.seen[-1][1]
+        return self.last[1]
 
     async def close(self) -> None:
         await self.gen.aclose()
@@ -224,6 +224,21 @@ async def _drop_false_tokens(node: PeerNode, runners: list[_Runner]) -> list[_Ru
     return kept
 
 
+def _independent(runners: list[_Runner], group: list[int], greedy: bool) -> bool:
+    """Whether a majority's routes are votes of their own: no peer computes, for two of them,
+    the layers where they disagree with the others (routes sharing a liar there agree)."""
+    others = [r for i, r in enumerate(runners) if i not in group]
+    for other in others:
+        _, lo, hi = same_step(runners[group[0]].result, other.result, greedy)
+        seen: set[str] = set()
+        for i in group:
+            peers = {h.peer_id for h in runners[i].route if h.start < hi and h.end > lo}
+            if peers & seen:
+                return False
+            seen |= peers
+    return True
+
+
 def _evidence(node: PeerNode, hop: Hop, wrong: StepResult, right: StepResult, boundary: int):
     """The accused hop's commitment and another peer's at the boundary where they disagree, when
     the hop's own output is that boundary's (else None: this entry convicts, but cannot accuse)."""
@@ -241,7 +256,7 @@ async def _decide(node: PeerNode, runners: list[_Runner], groups: list[list[int]
     Returns the runners to go on with, one that computed the step right first."""
     groups = sorted(groups, key=len, reverse=True)
     keep: list[_Runner] = []
-    if len(groups[0]) * 2 > len(runners):
+    if len(groups[0]) * 2 > len(runners) and _independent(runners, groups[0], greedy):
         winners = groups[0]
     else:  # no majority: a referee decides
         suspects: set[str] = set()
@@ -272,8 +287,15 @@ async def _decide(node: PeerNode, runners: list[_Runner], groups: list[list[int]
             continue
         _, lo, hi = same_step(runner.result, right.result, greedy)
         suspects = _suspects(runner.route, right.route, lo, hi)
-        if not suspects:
-            log.warning("a route disagreed with the majority, but only through peers the majority shares")
+        if len(suspects) != 1:  # the commitments do not pin the disagreement on one peer
+            log.warning(
+                "a route disagreed with the majority in layers %d:%d through %d peers of its own: "
+                "it is dropped, nobody is convicted",
+                lo,
+                hi,
+                len(suspects),
+            )
+            suspects = []
         for hop in suspects:
             why = f"its layers {hop.start}:{hop.end} disagreed with {len(winners) + len(keep)} other routes"
             node.convict(hop.peer_id, why, _evidence(node, hop, runner.result, right.result, hi))

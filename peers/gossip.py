@@ -70,9 +70,11 @@ class Gossip:
             )
             r.raise_for_status()
             reply = r.json()
-            self.table.merge(parse_entries(reply["entries"]))
+            entries = parse_entries(reply["entries"])
+            accusations = self.accusations.parse(reply.get("accusations", [])) if self.accusations else []
+            self.table.merge(entries)
             if self.accusations is not None:
-                self.accusations.receive(reply.get("accusations", []), self.table.me.peer_id)
+                self.accusations.take(accusations, self.table.me.peer_id)
             proof = reply["proof"]
             peer_id, incarnation = proof["peer_id"], proof["incarnation"]
             entry = self.table.get(peer_id) if isinstance(peer_id, str) else None
@@ -97,9 +99,11 @@ class Gossip:
         unknown = body.keys() - {"entries", "challenge", "accusations"}
         if unknown:
             raise ValueError(f"unknown gossip fields {sorted(unknown)}")
-        self.table.merge(parse_entries(body["entries"]))
+        entries = parse_entries(body["entries"])
+        accusations = self.accusations.parse(body.get("accusations", [])) if self.accusations else []
+        self.table.merge(entries)
         if self.accusations is not None:
-            self.accusations.receive(body.get("accusations", []), self.table.me.peer_id)
+            self.accusations.take(accusations, self.table.me.peer_id)
         me = self.table.me
         signature = self.table.identity.sign(proof_message(challenge, me.peer_id, me.incarnation))
         reply = {

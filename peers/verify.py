@@ -304,9 +304,11 @@ class Accusation:
         names = {"accused", "accuser", "until", "reason", "evidence", "signature"}
         if not isinstance(data, dict) or data.keys() != names:
             raise ValueError(f"an accusation has exactly the fields {sorted(names)}")
-        for name in ("accused", "accuser", "signature", "reason"):
-            if not isinstance(data[name], str) or len(data[name]) > max(MAX_REASON, SIGNATURE_CHARS):
-                raise ValueError(f"accusation {name} must be a short string")
+        for name, most in (("accused", MAX_CONTEXT), ("accuser", MAX_CONTEXT), ("reason", MAX_REASON)):
+            if not isinstance(data[name], str) or len(data[name]) > most:
+                raise ValueError(f"accusation {name} must be a string of at most {most} characters")
+        if not isinstance(data["signature"], str) or len(data["signature"]) != SIGNATURE_CHARS:
+            raise ValueError("accusation signature must be 64 bytes in unpadded base64url")
         until = data["until"]
         if not finite_number(until):
             raise ValueError("accusation until must be a finite number")
@@ -379,11 +381,19 @@ class Accusations:
         return [a.to_json() for a in live[-MAX_ACCUSATIONS_PER_MESSAGE:]]
 
     def receive(self, items, me: str) -> int:
-        """Check gossiped accusations (ValueError if malformed); returns how many were new and
-        hold. One that cannot be checked here (an unknown peer) is left for a later round."""
+        """parse() then take()."""
+        return self.take(self.parse(items), me)
+
+    @staticmethod
+    def parse(items) -> list[Accusation]:
+        """Gossiped accusations, checked for form (ValueError if malformed)."""
         if not isinstance(items, list) or len(items) > MAX_ACCUSATIONS_PER_MESSAGE:
             raise ValueError(f"accusations must be a list of at most {MAX_ACCUSATIONS_PER_MESSAGE}")
-        parsed = [Accusation.from_json(item) for item in items]
+        return [Accusation.from_json(item) for item in items]
+
+    def take(self, parsed: list[Accusation], me: str) -> int:
+        """Act on the accusations that hold; returns how many were new and hold. One that
+        cannot be checked here (an unknown peer) is left for a later round."""
         if not self.trusted:
             self.ignored += len(parsed)
             return 0

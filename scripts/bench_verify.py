@@ -8,9 +8,10 @@ state (--streams clients sending one request after another; tokens counted over 
     python scripts/bench_verify.py [--rate 0.05] [--runs 3] [--streams 8] [--window 60]
         [--max-tokens 32] [--json PATH]
 
-The entry checks exactly `rate` of its requests (one in 20 at 0.05): each of those runs on a
-second route through the other replica of 10:20, hops commit to their outputs and the entry
-compares them step by step.
+The entry checks exactly `rate` of its requests (one in 20 at 0.05): in each of those, the
+other replica of 10:20 recomputes that hop at every step on the same input (a shadow), hops
+commit to their outputs, and the entry compares them before releasing a token. The spans assume
+a 30-layer model (the default).
 """
 
 import argparse
@@ -49,7 +50,13 @@ def ready(swarm: Swarm) -> bool:
 
 
 async def steady(
-    entry: str, prompts: list[str], streams: int, max_tokens: int, warmup_s: float, window_s: float
+    entry: str,
+    model: str,
+    prompts: list[str],
+    streams: int,
+    max_tokens: int,
+    warmup_s: float,
+    window_s: float,
 ) -> float:
     """Tokens per second in steady state: `streams` clients each send streamed requests one
     after another (cycling through `prompts`); content deltas are counted between warmup_s and
@@ -65,7 +72,7 @@ async def steady(
             prompt = prompts[turn % len(prompts)]
             turn += 1
             body = {
-                "model": "smollm2-135m",
+                "model": model,
                 "messages": [{"role": "user", "content": prompt}],
                 "max_tokens": max_tokens,
                 "temperature": 0,
@@ -117,6 +124,7 @@ def main() -> int:
                 rates[swarm is checked] = asyncio.run(
                     steady(
                         swarm.peers[0].address,
+                        args.model,
                         prompts,
                         args.streams,
                         args.max_tokens,
