@@ -71,7 +71,9 @@ class Gossip:
             r.raise_for_status()
             reply = r.json()
             entries = parse_entries(reply["entries"])
-            accusations = self.accusations.parse(reply.get("accusations", [])) if self.accusations else []
+            accusations = (
+                self.accusations.parse(reply.get("accusations", [])) if self.accusations is not None else []
+            )
             self.table.merge(entries)
             if self.accusations is not None:
                 self.accusations.take(accusations, self.table.me.peer_id)
@@ -100,7 +102,9 @@ class Gossip:
         if unknown:
             raise ValueError(f"unknown gossip fields {sorted(unknown)}")
         entries = parse_entries(body["entries"])
-        accusations = self.accusations.parse(body.get("accusations", [])) if self.accusations else []
+        accusations = (
+            self.accusations.parse(body.get("accusations", [])) if self.accusations is not None else []
+        )
         self.table.merge(entries)
         if self.accusations is not None:
             self.accusations.take(accusations, self.table.me.peer_id)

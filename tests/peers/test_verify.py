@@ -75,13 +75,15 @@ def test_honest_noise_agrees_and_other_weights_do_not():
     assert not agree(commitment(batched), commitment(layer(x)))
 
 
-async def tokens(node, prompt, n_tokens, routes=2):
-    out = []
-    async for step in checked_generate(
-        node, prompt, n_tokens, Sampling(temperature=0), frozenset(), routes=routes
-    ):
-        out.append(step[0].token)
-    return out
+async def tokens(node, prompt, n_tokens, routes=None):
+    """Greedy tokens, checked by shadows (as --verify-rate does), or by `routes` whole routes (as
+    the consensus request field does)."""
+    sampling = Sampling(temperature=0)
+    if routes is None:
+        gen = verified_generate(node, prompt, n_tokens, sampling, frozenset())
+    else:
+        gen = checked_generate(node, prompt, n_tokens, sampling, frozenset(), routes=routes)
+    return [step[0].token async for step in gen]
 
 
 def test_a_tampered_replica_is_outvoted_and_convicted(tiny_llama):
