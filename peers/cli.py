@@ -57,6 +57,7 @@ def _serve(args: argparse.Namespace) -> int:
         identity_file=args.identity,
         verify_rate=args.verify_rate,
         liar_ban_s=args.liar_ban,
+        self_referee=args.self_referee,
         prefix_reuse=not args.no_prefix_reuse,
         prefix_cache_tokens=args.prefix_cache_tokens,
         scheduler=SchedulerSettings(
@@ -296,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of requests (0 to 1) this entry checks: at each step, every hop that has another "
         "replica is recomputed by it on the same input, hops commit to their outputs, and a referee "
         "route decides a disagreement (default 0)",
+    )
+    serve.add_argument(
+        "--self-referee",
+        action="store_true",
+        help="when a hop and its only other replica disagree, this entry recomputes the disputed "
+        "layers itself (loading layers 0 to the disputed boundary) instead of failing the request",
     )
     serve.add_argument(
         "--liar-ban",

@@ -356,9 +356,13 @@ async def verified_generate(
             ]
             if disputes:
                 stats.disagreements += 1
-                tokens = await _referee(node, disputes, tokens, start)
+                decided = await _referee(node, disputes, tokens, start, [prompt_ids + h for h in history])
                 await runner.close()
                 runner = None
+                if decided is None:  # this step again, on a route without the convicted
+                    runner = start()
+                    continue
+                tokens = decided
             for seq, tok in zip(history, tokens, strict=True):
                 seq.append(tok.token)
             if runner is None:
@@ -380,43 +384,52 @@ def _true_tokens(node: PeerNode, route: list[Hop], result: StepResult, tokens: l
     return False
 
 
-async def _referee(node: PeerNode, disputes, tokens: list[Token], start) -> list[Token]:
-    """Hops and their shadows disagree: a route avoiding all of them recomputes the step; the
-    side it contradicts is convicted. Returns the step's right tokens."""
+async def _referee(node: PeerNode, disputes, tokens: list[Token], start, rows) -> list[Token] | None:
+    """Hops and their shadows disagree: a route avoiding all of them recomputes the step (or,
+    with no such route and --self-referee, this entry recomputes the disputed layers itself on
+    `rows`, the token sequences so far); the side it contradicts is convicted. Returns the
+    step's right tokens, or None when they must be computed again (on a route without the
+    convicted)."""
     suspects = frozenset(p for pair in disputes for p in (pair[0].peer_id, pair[1].peer_id))
     referee = start(avoid=suspects, shadowed=False)
     try:
         decided = await referee.next()
         if decided is None:
             raise SwarmUnavailable("the referee route produced nothing")
+        theirs = {c.end: c for c in referee.result.commitments}
+        how = "a referee route"
     except SwarmUnavailable as e:
-        raise SwarmUnavailable(
-            f"verification failed: peers {', '.join(sorted(suspects))} disagree and no other replica of "
-            f"their layers can decide: {e}"
-        ) from None
+        if not node.config.self_referee:
+            raise SwarmUnavailable(
+                f"verification failed: peers {', '.join(sorted(suspects))} disagree and no other replica "
+                f"of their layers can decide (an entry started with --self-referee decides itself): {e}"
+            ) from None
+        decided, how = None, "this entry's own computation"
+        theirs = {end: await node.judge(rows, end) for end in {hop_c.end for hop_c, _ in disputes}}
     finally:
         await referee.close()
-    theirs = {c.end: c for c in referee.result.commitments}
-    same_tokens = [t.token for t in tokens] == [t.token for t in decided]
-    primary_lost = not same_tokens
+    primary_lost = decided is not None and [t.token for t in tokens] != [t.token for t in decided]
     for hop_c, shadow_c in disputes:
         judge = theirs.get(hop_c.end)
         if judge is not None and agree(judge, hop_c) != agree(judge, shadow_c):
             hop_right = agree(judge, hop_c)
         else:  # the referee split the layers otherwise, or sides with neither: nobody is convicted
             log.warning(
-                "peers %s and %s disagree on layers %d:%d and the referee cannot tell which is wrong",
+                "peers %s and %s disagree on layers %d:%d and %s cannot tell which is wrong",
                 hop_c.peer_id,
                 shadow_c.peer_id,
                 hop_c.start,
                 hop_c.end,
+                how,
             )
             continue
         wrong, right = (shadow_c, hop_c) if hop_right else (hop_c, shadow_c)
         primary_lost = primary_lost or not hop_right
         node.convict(
             wrong.peer_id,
-            f"its layers {wrong.start}:{wrong.end} disagreed with {right.peer_id} and a referee route",
+            f"its layers {wrong.start}:{wrong.end} disagreed with {right.peer_id} and {how}",
             (wrong, right) if right.peer_id != node.peer_id else None,
         )
-    return decided if primary_lost else tokens
+    if not primary_lost:
+        return tokens
+    return decided  # None: the step is computed again

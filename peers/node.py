@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 
 import httpx
@@ -92,6 +93,7 @@ class NodeConfig:
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # keys the OpenAI door takes; () = any caller
     verify_rate: float = 0.0  # share of requests this entry checks on a second route (peers/consensus.py)
     liar_ban_s: float = 3600.0  # how long a peer convicted of computing wrong is avoided
+    self_referee: bool = False  # with no third replica, this entry recomputes disputed layers itself
     identity_file: str | None = None  # this peer's Ed25519 key, created on first start; None: new each start
     prefix_reuse: bool = True  # reuse the KV of prompt prefixes this peer computed before
     prefix_cache_tokens: int = 16384  # token slots of KV kept for prefix reuse
@@ -172,6 +174,7 @@ class PeerNode:
         self.failovers = 0  # re-routes this entry made (a failed, busy or full peer, a lost session)
         self.verification = VerificationStats()
         self._verify_credit = 0.0
+        self._referee_block: Block | None = None  # --self-referee's layers, loaded on a dispute
         self.accusations = Accusations(
             self._public_key_of, self._avoid_accused, config.liar_ban_s, trusted=config.swarm_key is not None
         )
@@ -566,6 +569,31 @@ class PeerNode:
             )
         await asyncio.shield(self._learning)
         return self._knows(hop)
+
+    async def judge(self, rows: list[list[int]], end: int) -> Commitment:
+        """--self-referee: this entry recomputes layers 0:end itself on token sequences `rows`
+        (it loads those layers once, apart from its own block) and commits to the last
+        positions' output, as a hop would."""
+
+        def compute():
+            block = self._referee_block
+            if block is None or block.span.end != end:
+                self._referee_block = None  # one at a time
+                c = self.config
+                block = load_block(self.model_path, (0, end), c.device, c.dtype, self.context_length, 60.0)
+                self._referee_block = block
+            outs = []
+            for row in rows:
+                session = f"referee-{uuid.uuid4().hex}"
+                try:
+                    outs.append(block.forward(session, torch.tensor([row]), 0)[:, -1])
+                finally:
+                    block.close(session)
+            return torch.cat(outs), str(block.dtype).removeprefix("torch.")
+
+        x, dtype = await self.scheduler.run_in_compute(compute)
+        idx, val = top_entries(x, logits=end == self.total_layers)
+        return Commitment(self.peer_id, 0, end, 0, "", dtype, tuple(map(tuple, idx)), tuple(map(tuple, val)))
 
     def should_verify(self) -> bool:
         """Whether this entry checks its next request: exactly verify_rate of them, evenly spread

@@ -251,10 +251,11 @@ b.Block.load_weights = load_tampered
 
 
 def test_a_liar_serving_tampered_weights_never_reaches_a_user(tiny_llama, make_swarm, monkeypatch):
-    """A private swarm with a liar: an entry with --verify-rate 1, three replicas of layers 1:3
-    (one serving tampered weights) and a last peer that checks nothing. Unchecked, users get the
-    liar's text; checked, 50 of 50 greedy requests equal the monolithic model's, the liar is
-    convicted, the accusation reaches the other peers, and nobody else is flagged."""
+    """A private swarm with a liar beside one honest replica of layers 1:3: an entry with
+    --verify-rate 1 and --self-referee (no third replica exists: the entry recomputes disputed
+    layers itself) and a last peer that checks nothing. Unchecked, users get the liar's text;
+    checked, 50 of 50 greedy requests equal the monolithic model's, the liar is convicted, the
+    accusation reaches the other peers, and nobody else is flagged."""
     monkeypatch.setenv("LAYERSWARM_SWARM_KEY", KEY.decode())  # every peer of this test inherits it
     from transformers import AutoTokenizer
 
@@ -265,13 +266,13 @@ def test_a_liar_serving_tampered_weights_never_reaches_a_user(tiny_llama, make_s
         for p in prompts
     ]
     s = make_swarm(tiny_llama)
-    entry = s.add("0:1", args=["--verify-rate", "1"])
-    honest = [s.add("1:3"), s.add("1:3")]
+    entry = s.add("0:1", args=["--verify-rate", "1", "--self-referee"])
+    honest = [s.add("1:3")]
     liar = s.add("1:3", patch=TAMPERED_WEIGHTS)
     last = s.add("3:4")
     s.wait_ready()
     serving = lambda p: sum(r["vouched"] and r["status"] == "serving" for r in p.table()["peers"])  # noqa: E731
-    wait_until(lambda: serving(entry) == 5 and serving(last) == 5, 60, s._why)
+    wait_until(lambda: serving(entry) == 4 and serving(last) == 4, 60, s._why)
 
     def complete(peer, prompt, **extra):
         body = {"model": "llama", "prompt": prompt, "max_tokens": 8, "temperature": 0, **extra}
@@ -394,3 +395,29 @@ def test_only_the_shadow_commitments_an_entry_asked_for_count():
     )
     forged = Commitment(**{**honest.__dict__, "values": ((9.0,) * 16,)})  # not what it signed
     assert checked_shadows(Table(), planned, [hop], [unplanned, other_input, forged]) == ()
+
+
+def test_with_self_referee_an_entry_decides_between_two_replicas_itself(tiny_llama):
+    """One liar beside one honest replica, and an entry started with --self-referee: on a
+    disagreement the entry recomputes the disputed layers itself, convicts the liar and goes on
+    with the monolithic model's tokens."""
+    from dataclasses import replace
+
+    model = monolithic(tiny_llama)
+    prompts = PROMPTS_50[40:46]
+    expected = [greedy_reference(model, p, 6) for p in prompts]
+
+    async def main():
+        net, nodes = await start_swarm(tiny_llama, ["0:1", "1:3", "1:3", "3:4"])
+        entry, liar = nodes[0], nodes[2]
+        entry.config = replace(entry.config, self_referee=True)
+        tamper(liar.block)
+        try:
+            got = [await tokens(entry, p, 6) for p in prompts]
+            return got, entry.verification, liar.peer_id
+        finally:
+            await stop_swarm(nodes)
+
+    got, stats, liar = asyncio.run(main())
+    assert got == expected
+    assert set(stats.convicted) == {liar} and "this entry's own computation" in stats.convicted[liar]
