@@ -55,7 +55,7 @@ def _serve(args: argparse.Namespace) -> int:
         swarm_key=swarm_key_from(args.swarm_key),
         api_keys=_api_keys(args),
         identity_file=args.identity,
-        verify_rate=args.verify_rate,
+        verify_rate=_verify_rate(args),
         liar_ban_s=args.liar_ban,
         self_referee=args.self_referee,
         prefix_reuse=not args.no_prefix_reuse,
@@ -155,6 +155,18 @@ def _listen(host: str, port: int):
 
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+OPEN_SWARM_VERIFY_RATE = 0.05  # strangers may join: check one request in 20 (costs under 10%, README)
+
+
+def _verify_rate(args: argparse.Namespace) -> float:
+    """--verify-rate, or by default: checked in an open swarm (strangers may join), not else."""
+    from .trust import swarm_key_from
+
+    if args.verify_rate is not None:
+        return args.verify_rate
+    if args.host not in LOOPBACK and swarm_key_from(args.swarm_key) is None:
+        return OPEN_SWARM_VERIFY_RATE
+    return 0.0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -293,10 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--verify-rate",
         type=float,
-        default=0.0,
+        default=None,
         help="share of requests (0 to 1) this entry checks: at each step, every hop that has another "
         "replica is recomputed by it on the same input, hops commit to their outputs, and a referee "
-        "route decides a disagreement (default 0)",
+        f"route decides a disagreement (default {OPEN_SWARM_VERIFY_RATE} in an open swarm, listening "
+        "beyond loopback without --swarm-key; else 0)",
     )
     serve.add_argument(
         "--self-referee",

@@ -88,3 +88,22 @@ def test_omp_wait_policy(monkeypatch, flag, env, policy, spins):
     cli._set_wait_policy(flag)
     assert os.environ.get("OMP_WAIT_POLICY") == policy
     assert os.environ.get("GOMP_SPINCOUNT") == spins
+
+
+@pytest.mark.parametrize(
+    ("argv", "env_key", "rate"),
+    [
+        ([], None, 0.0),  # loopback: a local swarm of one's own
+        (["--host", "0.0.0.0"], None, cli.OPEN_SWARM_VERIFY_RATE),  # strangers may join
+        (["--host", "0.0.0.0"], "a private swarm key!", 0.0),  # members only
+        (["--host", "0.0.0.0", "--verify-rate", "0.25"], None, 0.25),
+        (["--verify-rate", "1"], None, 1.0),
+    ],
+)
+def test_verify_rate_defaults_to_checking_in_an_open_swarm(monkeypatch, argv, env_key, rate):
+    if env_key:
+        monkeypatch.setenv("LAYERSWARM_SWARM_KEY", env_key)
+    else:
+        monkeypatch.delenv("LAYERSWARM_SWARM_KEY", raising=False)
+    args = cli.build_parser().parse_args(["serve", "--layers", "0:4", *argv])
+    assert cli._verify_rate(args) == rate
