@@ -86,6 +86,30 @@ async def tokens(node, prompt, n_tokens, routes=None):
     return [step[0].token async for step in gen]
 
 
+def run_with_liar(tiny_llama, spans, entry_at, liar_at, lie, prompts, n_tokens, routes=None, **entry_config):
+    """Greedy tokens of `prompts` asked at nodes[entry_at] of an in-process swarm of `spans`,
+    where lie(nodes[liar_at]) made that peer a liar: (tokens, monolithic tokens, the entry's
+    verification stats, the liar's id)."""
+    from dataclasses import replace
+
+    model = monolithic(tiny_llama)
+    expected = [greedy_reference(model, p, n_tokens) for p in prompts]
+
+    async def main():
+        net, nodes = await start_swarm(tiny_llama, spans)
+        entry, liar = nodes[entry_at], nodes[liar_at]
+        entry.config = replace(entry.config, **entry_config)
+        lie(liar)
+        try:
+            got = [await tokens(entry, p, n_tokens, routes) for p in prompts]
+            return got, entry.verification, liar.peer_id
+        finally:
+            await stop_swarm(nodes)
+
+    got, stats, liar = asyncio.run(main())
+    return got, expected, stats, liar
+
+
 def test_a_tampered_replica_is_outvoted_and_convicted(tiny_llama):
     """Five peers: the entry's 0:1, three replicas of 1:3 (one with tampered weights) and 3:4.
     Every step of every request has its 1:3 hop recomputed by another replica on the same input;
@@ -149,21 +173,9 @@ def test_five_hundred_honest_requests_flag_nobody(tiny_llama):
 
 def test_consensus_of_three_routes_outvotes_a_liar(tiny_llama):
     """consensus: 3 runs three routes through the three replicas of 1:3; the majority decides."""
-    model = monolithic(tiny_llama)
-    prompts = PROMPTS_50[20:30]
-    expected = [greedy_reference(model, p, 6) for p in prompts]
-
-    async def main():
-        net, nodes = await start_swarm(tiny_llama, ["0:1", "1:3", "1:3", "1:3", "3:4"])
-        entry, liar = nodes[-1], nodes[3]
-        tamper(liar.block, seed=1)
-        try:
-            got = [await tokens(entry, p, 6, routes=3) for p in prompts]
-            return got, entry.verification, liar.peer_id
-        finally:
-            await stop_swarm(nodes)
-
-    got, stats, liar = asyncio.run(main())
+    spans = ["0:1", "1:3", "1:3", "1:3", "3:4"]
+    lie = lambda node: tamper(node.block, seed=1)  # noqa: E731
+    got, expected, stats, liar = run_with_liar(tiny_llama, spans, -1, 3, lie, PROMPTS_50[20:30], 6, routes=3)
     assert got == expected
     assert set(stats.convicted) == {liar}, stats
 
@@ -210,27 +222,17 @@ def test_a_last_peer_answering_a_false_token_convicts_itself(tiny_llama):
     logits it signed: its own commitment is the evidence."""
     from dataclasses import replace
 
-    model = monolithic(tiny_llama)
-    prompts = PROMPTS_50[30:36]
-    expected = [greedy_reference(model, p, 6) for p in prompts]
-
-    async def main():
-        net, nodes = await start_swarm(tiny_llama, ["0:1", "1:3", "3:4", "3:4"])
-        entry, liar = nodes[0], nodes[2]
-        honest_run = liar.scheduler.run
+    def lie(node):
+        honest_run = node.scheduler.run
 
         async def lying_run(job):
             out = await honest_run(job)
             return replace(out, tokens=[(t + 1) % 256 for t in out.tokens]) if job.sampling else out
 
-        liar.scheduler.run = lying_run
-        try:
-            got = [await tokens(entry, p, 6) for p in prompts]
-            return got, entry.verification, liar.peer_id
-        finally:
-            await stop_swarm(nodes)
+        node.scheduler.run = lying_run
 
-    got, stats, liar = asyncio.run(main())
+    spans = ["0:1", "1:3", "3:4", "3:4"]
+    got, expected, stats, liar = run_with_liar(tiny_llama, spans, 0, 2, lie, PROMPTS_50[30:36], 6)
     assert got == expected
     assert set(stats.convicted) == {liar} and "argmax" in stats.convicted[liar]
 
@@ -250,6 +252,40 @@ b.Block.load_weights = load_tampered
 """
 
 
+def texts(tiny_llama, prompts, n_tokens) -> list[str]:
+    """The monolithic model's greedy completions of `prompts`."""
+    from transformers import AutoTokenizer
+
+    model, tok = monolithic(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
+    return [
+        tok.decode(greedy_reference(model, tok.encode(p), n_tokens, eos=2), skip_special_tokens=True)
+        for p in prompts
+    ]
+
+
+def liar_swarm(make_swarm, tiny_llama, entry_args, patch, honest=1):
+    """Real peers: an entry 0:1 (with `entry_args`), `honest` honest replicas of 1:3 and a liar
+    (`patch`), and a last peer 3:4 that checks nothing, all vouched for by the entry and the
+    last peer: (swarm, entry, honest peers, liar, last)."""
+    s = make_swarm(tiny_llama)
+    entry = s.add("0:1", args=entry_args)
+    good = [s.add("1:3") for _ in range(honest)]
+    liar = s.add("1:3", patch=patch)
+    last = s.add("3:4")
+    s.wait_ready()
+    size = len(s.peers)
+    serving = lambda p: sum(r["vouched"] and r["status"] == "serving" for r in p.table()["peers"])  # noqa: E731
+    wait_until(lambda: serving(entry) == size and serving(last) == size, 60, s._why)
+    return s, entry, good, liar, last
+
+
+def complete(peer, prompt, n_tokens, **extra) -> str:
+    body = {"model": "llama", "prompt": prompt, "max_tokens": n_tokens, "temperature": 0, **extra}
+    r = httpx.post(f"{peer.url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
 def test_a_liar_serving_tampered_weights_never_reaches_a_user(tiny_llama, make_swarm, monkeypatch):
     """A private swarm with a liar beside one honest replica of layers 1:3: an entry with
     --verify-rate 1 and --self-referee (no third replica exists: the entry recomputes disputed
@@ -257,32 +293,14 @@ def test_a_liar_serving_tampered_weights_never_reaches_a_user(tiny_llama, make_s
     checked, 50 of 50 greedy requests equal the monolithic model's, the liar is convicted, the
     accusation reaches the other peers, and nobody else is flagged."""
     monkeypatch.setenv("LAYERSWARM_SWARM_KEY", KEY.decode())  # every peer of this test inherits it
-    from transformers import AutoTokenizer
-
-    model, tok = monolithic(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
     prompts = [f"request {i}: {'abcdefghij'[i % 10] * (1 + i % 4)}" for i in range(50)]
-    expected = [
-        tok.decode(greedy_reference(model, tok.encode(p), 8, eos=2), skip_special_tokens=True)
-        for p in prompts
-    ]
-    s = make_swarm(tiny_llama)
-    entry = s.add("0:1", args=["--verify-rate", "1", "--self-referee"])
-    honest = [s.add("1:3")]
-    liar = s.add("1:3", patch=TAMPERED_WEIGHTS)
-    last = s.add("3:4")
-    s.wait_ready()
-    serving = lambda p: sum(r["vouched"] and r["status"] == "serving" for r in p.table()["peers"])  # noqa: E731
-    wait_until(lambda: serving(entry) == 4 and serving(last) == 4, 60, s._why)
+    expected = texts(tiny_llama, prompts, 8)
+    args = ["--verify-rate", "1", "--self-referee"]
+    s, entry, honest, liar, last = liar_swarm(make_swarm, tiny_llama, args, TAMPERED_WEIGHTS)
 
-    def complete(peer, prompt, **extra):
-        body = {"model": "llama", "prompt": prompt, "max_tokens": 8, "temperature": 0, **extra}
-        r = httpx.post(f"{peer.url}/v1/completions", json=body, timeout=60)
-        assert r.status_code == 200, r.text
-        return r.json()["choices"][0]["text"]
-
-    unchecked = [complete(last, p) for p in prompts[:20]]
+    unchecked = [complete(last, p, 8) for p in prompts[:20]]
     assert sum(u != e for u, e in zip(unchecked, expected, strict=False)) > 0  # the attack works unchecked
-    checked = [complete(entry, p) for p in prompts]
+    checked = [complete(entry, p, 8) for p in prompts]
     assert checked == expected  # 50 of 50
     stats = entry.health()["verification"]
     assert set(stats["convicted"]) == {liar.peer_id} and stats["requests"] == 50, stats
@@ -290,7 +308,7 @@ def test_a_liar_serving_tampered_weights_never_reaches_a_user(tiny_llama, make_s
     for p in [*honest, last]:
         assert set(p.health()["verification"]["convicted"]) <= {liar.peer_id}
     # consensus as a request option, at a peer that checks nothing by itself
-    assert complete(last, prompts[0], consensus=2) == expected[0]
+    assert complete(last, prompts[0], 8, consensus=2) == expected[0]
     r = httpx.post(
         f"{last.url}/v1/completions",
         json={"model": "llama", "prompt": "x", "max_tokens": 2, "consensus": 9},
@@ -342,32 +360,14 @@ def test_a_peer_sending_on_other_hidden_states_than_it_committed_to_is_caught(ti
     """A liar that computes honestly (its shadow agrees) but sends the next hop something else:
     the next hop commits to what it received, which is not what the liar committed to sending;
     the entry fails over around the liar and the user gets the monolithic model's text."""
-    from transformers import AutoTokenizer
-
-    model, tok = monolithic(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
     prompts = [f"link {i}: {'xyz' * (1 + i % 3)}" for i in range(8)]
-    expected = [
-        tok.decode(greedy_reference(model, tok.encode(p), 6, eos=2), skip_special_tokens=True)
-        for p in prompts
-    ]
-    s = make_swarm(tiny_llama)
-    entry = s.add("0:1", args=["--verify-rate", "1"])
-    liar = s.add("1:3", patch=CORRUPTS_WHAT_IT_SENDS)
-    s.add("1:3")
-    last = s.add("3:4")
-    s.wait_ready()
-    serving = lambda p: sum(r["vouched"] and r["status"] == "serving" for r in p.table()["peers"])  # noqa: E731
-    wait_until(lambda: serving(entry) == 4 and serving(last) == 4, 60, s._why)
-
-    def complete(peer, prompt):
-        body = {"model": "llama", "prompt": prompt, "max_tokens": 6, "temperature": 0}
-        r = httpx.post(f"{peer.url}/v1/completions", json=body, timeout=60)
-        assert r.status_code == 200, r.text
-        return r.json()["choices"][0]["text"]
-
-    unchecked = [complete(last, p) for p in prompts]
+    expected = texts(tiny_llama, prompts, 6)
+    s, entry, _, liar, last = liar_swarm(
+        make_swarm, tiny_llama, ["--verify-rate", "1"], CORRUPTS_WHAT_IT_SENDS
+    )
+    unchecked = [complete(last, p, 6) for p in prompts]
     assert unchecked != expected  # the attack works unchecked
-    assert [complete(entry, p) for p in prompts] == expected
+    assert [complete(entry, p, 6) for p in prompts] == expected
     log = entry.log_path.read_text(errors="replace")
     assert f"peer {liar.peer_id} failed" in log and "committed to another input" in log, log[-3000:]
 
@@ -401,23 +401,10 @@ def test_with_self_referee_an_entry_decides_between_two_replicas_itself(tiny_lla
     """One liar beside one honest replica, and an entry started with --self-referee: on a
     disagreement the entry recomputes the disputed layers itself, convicts the liar and goes on
     with the monolithic model's tokens."""
-    from dataclasses import replace
-
-    model = monolithic(tiny_llama)
-    prompts = PROMPTS_50[40:46]
-    expected = [greedy_reference(model, p, 6) for p in prompts]
-
-    async def main():
-        net, nodes = await start_swarm(tiny_llama, ["0:1", "1:3", "1:3", "3:4"])
-        entry, liar = nodes[0], nodes[2]
-        entry.config = replace(entry.config, self_referee=True)
-        tamper(liar.block)
-        try:
-            got = [await tokens(entry, p, 6) for p in prompts]
-            return got, entry.verification, liar.peer_id
-        finally:
-            await stop_swarm(nodes)
-
-    got, stats, liar = asyncio.run(main())
+    spans = ["0:1", "1:3", "1:3", "3:4"]
+    lie = lambda node: tamper(node.block)  # noqa: E731
+    got, expected, stats, liar = run_with_liar(
+        tiny_llama, spans, 0, 2, lie, PROMPTS_50[40:46], 6, self_referee=True
+    )
     assert got == expected
     assert set(stats.convicted) == {liar} and "this entry's own computation" in stats.convicted[liar]
