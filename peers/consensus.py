@@ -212,13 +212,10 @@ async def _drop_false_tokens(node: PeerNode, runners: list[_Runner]) -> list[_Ru
     answers another token convicts itself."""
     kept = []
     for runner in runners:
-        last = runner.route[-1]
-        final = _boundaries(runner.result).get(last.end)
-        if final is not None and greedy_choice(final, [t.token for t in runner.tokens]):
+        if _true_tokens(node, runner.route, runner.result, runner.tokens):
             kept.append(runner)
-            continue
-        node.convict(last.peer_id, "its greedy token is not the argmax of the logits it signed")
-        await runner.close()
+        else:
+            await runner.close()
     if not kept:
         raise SwarmUnavailable("verification failed: every route's last peer answered a false token")
     return kept

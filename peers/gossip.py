@@ -25,11 +25,16 @@ log = logging.getLogger("layerswarm.gossip")
 
 class Gossip:
     def __init__(
-        self, table: Table, http: httpx.AsyncClient, seeds: list[str], before_round: Callable[[], None]
+        self,
+        table: Table,
+        http: httpx.AsyncClient,
+        seeds: list[str],
+        before_round: Callable[[], None],
+        accusations: Accusations,
     ):
         self.table, self.http, self.seeds = table, http, seeds
         self.before_round = before_round  # the node's housekeeping: heartbeat, load, expiry
-        self.accusations: Accusations | None = None  # relayed with the table, checked on receipt
+        self.accusations = accusations  # relayed with the table, checked on receipt
 
     @property
     def settings(self):
@@ -61,22 +66,14 @@ class Gossip:
 
     async def _exchange(self, address: str) -> None:
         challenge = base64.urlsafe_b64encode(os.urandom(18)).decode()
-        body = {"entries": [e.to_json() for e in self.table.entries()], "challenge": challenge}
-        if self.accusations is not None and len(self.accusations):
-            body["accusations"] = self.accusations.outgoing()
+        body = {**self._message(), "challenge": challenge}
         try:
             r = await post_capped(
                 self.http, f"http://{address}{PATH_GOSSIP}", self.settings.timeout_s, json=body
             )
             r.raise_for_status()
             reply = r.json()
-            entries = parse_entries(reply["entries"])
-            accusations = (
-                self.accusations.parse(reply.get("accusations", [])) if self.accusations is not None else []
-            )
-            self.table.merge(entries)
-            if self.accusations is not None:
-                self.accusations.take(accusations, self.table.me.peer_id)
+            self._take(reply)
             proof = reply["proof"]
             peer_id, incarnation = proof["peer_id"], proof["incarnation"]
             entry = self.table.get(peer_id) if isinstance(peer_id, str) else None
@@ -101,22 +98,27 @@ class Gossip:
         unknown = body.keys() - {"entries", "challenge", "accusations"}
         if unknown:
             raise ValueError(f"unknown gossip fields {sorted(unknown)}")
-        entries = parse_entries(body["entries"])
-        accusations = (
-            self.accusations.parse(body.get("accusations", [])) if self.accusations is not None else []
-        )
-        self.table.merge(entries)
-        if self.accusations is not None:
-            self.accusations.take(accusations, self.table.me.peer_id)
+        self._take(body)
         me = self.table.me
         signature = self.table.identity.sign(proof_message(challenge, me.peer_id, me.incarnation))
-        reply = {
-            "entries": [e.to_json() for e in self.table.entries()],
-            "proof": {"peer_id": me.peer_id, "incarnation": me.incarnation, "signature": signature},
-        }
-        if self.accusations is not None and len(self.accusations):
-            reply["accusations"] = self.accusations.outgoing()
-        return reply
+        proof = {"peer_id": me.peer_id, "incarnation": me.incarnation, "signature": signature}
+        return {**self._message(), "proof": proof}
+
+    def _message(self) -> dict:
+        """What this peer gossips: its table, and the accusations it holds (if any)."""
+        message = {"entries": [e.to_json() for e in self.table.entries()]}
+        accusations = self.accusations.outgoing()
+        if accusations:
+            message["accusations"] = accusations
+        return message
+
+    def _take(self, message: dict) -> None:
+        """Merge a gossip message (request or reply): everything is checked for form first, so
+        that an invalid one (ValueError) merges nothing."""
+        entries = parse_entries(message["entries"])
+        accusations = self.accusations.parse(message.get("accusations", []))
+        self.table.merge(entries)
+        self.accusations.take(accusations, self.table.me.peer_id)
 
 
 def proof_message(challenge: str, peer_id: str, incarnation: int) -> bytes:

@@ -166,7 +166,10 @@ class PeerNode:
         self.forwarder = Forwarder(
             self.identity.peer_id, self.http, config.hop_timeout_s, config.hop_timeout_per_token_s
         )
-        self.gossip = Gossip(self.table, self.http, self.list_seeds(), self._housekeeping)
+        self.accusations = Accusations(
+            self._public_key_of, self._avoid_accused, config.liar_ban_s, trusted=config.swarm_key is not None
+        )
+        self.gossip = Gossip(self.table, self.http, self.list_seeds(), self._housekeeping, self.accusations)
         self.scheduler = Scheduler(lambda: self.block, config.scheduler)
         self.bans = Bans(config.ban_s, config.ban_max_s)
         self.active_requests = 0  # entry requests in flight here
@@ -175,10 +178,6 @@ class PeerNode:
         self.verification = VerificationStats()
         self._verify_credit = 0.0
         self._referee_block: Block | None = None  # --self-referee's layers, loaded on a dispute
-        self.accusations = Accusations(
-            self._public_key_of, self._avoid_accused, config.liar_ban_s, trusted=config.swarm_key is not None
-        )
-        self.gossip.accusations = self.accusations  # gossip carries them
         self.stopping = False  # set when draining ends: requests still running end with an error
         self.on_fatal = None  # called with the exception when this peer cannot go on
         self._threads = 0
@@ -467,11 +466,11 @@ class PeerNode:
         if shadow is None:
             result = await self.forwarder.push(nxt)
         else:  # the same input to a replica of the next hop, which only answers its commitment
-            result, seen = await with_shadow(self.forwarder.push(nxt), self.run_shadow(nxt, shadow))
+            result, seen = await with_shadow(self.forwarder.push(nxt), self.run_shadow(nxt, shadow, mine))
             result = replace(result, shadows=(*result.shadows, *seen))
         if mine is None:
             return result
-        problem = check_commitments(self.table, req.hops[1:], result.commitments, nxt, only=1)
+        problem = check_commitments(self.table, req.hops[1:], result.commitments, nxt, only=1, mine=mine)
         if problem:  # what the next hop answered does not say who computed what: it is at fault
             raise HopFailed(req.hops[1].peer_id, problem[1])
         return replace(result, commitments=(mine, *result.commitments))
@@ -482,9 +481,12 @@ class PeerNode:
         shadow = next((s for s in shadows if (s.start, s.end) == (hop.start, hop.end)), None)
         return shadow if shadow is not None and self._knows(shadow) else None
 
-    async def run_shadow(self, req: StepRequest, shadow: Hop) -> tuple[Commitment, ...]:
+    async def run_shadow(
+        self, req: StepRequest, shadow: Hop, mine: Commitment | None = None
+    ) -> tuple[Commitment, ...]:
         """Send `req`'s input for its first hop to `shadow` too (a terminal frame): its checked
-        commitment, or nothing if it failed (the entry then sees that hop unchecked)."""
+        commitment, or nothing if it failed (the entry then sees that hop unchecked). `mine`:
+        this peer's commitment to what it sent, if it computed `req`'s input."""
         frame = replace(req, hops=[shadow], shadows=(), terminal=True)
         try:
             if shadow.peer_id == self.peer_id:
@@ -496,7 +498,7 @@ class PeerNode:
                 "shadow %s of layers %d:%d failed: %s", shadow.peer_id, shadow.start, shadow.end, e.message
             )
             return ()
-        problem = check_commitments(self.table, [shadow], result.commitments, req)
+        problem = check_commitments(self.table, [shadow], result.commitments, req, mine=mine)
         if problem:  # (its input must be exactly what this peer sent its hop)
             log.info("shadow %s answered no valid commitment: %s", shadow.peer_id, problem[1])
             return ()

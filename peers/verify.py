@@ -12,8 +12,10 @@ prefill against decode, kernels); the tolerance, relative to the row's largest v
 calibrated per dtype (tests/peers/test_verify.py measures the honest noise against it).
 """
 
+import asyncio
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -197,19 +199,25 @@ def distance(a: Commitment, b: Commitment) -> float:
     return worst
 
 
-def check_commitments(table, hops, commitments, req, only: int | None = None) -> tuple[int, str] | None:
+def check_commitments(
+    table, hops, commitments, req, only: int | None = None, mine: "Commitment | None" = None
+) -> tuple[int, str] | None:
     """What is wrong with the commitments a step's result carries for `hops`, the route from the
     checker's next hop on (req: the frame the checker sent them): one per hop, for its layers
     and this step, signed by that hop's key, each one's input exactly what the one before it
     sent (the first one's: req's tensor). `only`: check the signatures of the first `only` only
-    (a peer on the route checks its next hop; the entry checks all). Returns (i, why): the
+    (a peer on the route checks its next hop; the entry checks all). `mine`: the checker's own
+    commitment, which says what it sent (else it is computed from req). Returns (i, why): the
     first wrong commitment is the i-th; each hop checks its next one's, so an honest hop i - 1
     would have refused it."""
     if len(commitments) != len(hops):
         return 0, f"its result carries {len(commitments)} commitments for {len(hops)} hops"
     end = req.position + req.tensor.shape[1]
-    idx, val = top_entries(input_rows(req.tensor))
-    sent = tensor_digest(req.tensor), _as_rows(idx), _as_rows(val)
+    if mine is not None:
+        sent = mine.output_digest, mine.indices, mine.values
+    else:
+        idx, val = top_entries(input_rows(req.tensor))
+        sent = tensor_digest(req.tensor), _as_rows(idx), _as_rows(val)
     for i, (hop, c) in enumerate(zip(hops, commitments, strict=True)):
         if (
             c.peer_id != hop.peer_id
@@ -356,11 +364,9 @@ class Accusations:
     acted on only where every member is trusted (`trusted`: a private swarm, --swarm-key);
     elsewhere they are counted (`ignored`) and not relayed, and each entry's own checks decide."""
 
-    def __init__(self, public_key_of, convict, max_s: float, trusted: bool, clock=None):
-        import time
-
+    def __init__(self, public_key_of, convict, max_s: float, trusted: bool, clock=time.time):
         self.public_key_of, self.convict, self.max_s, self.trusted = public_key_of, convict, max_s, trusted
-        self.clock = clock or time.time
+        self.clock = clock
         self.ignored = 0  # accusations received and not acted on (an open swarm)
         self._held: dict[tuple[str, str], Accusation] = {}  # (accused, accuser) -> accusation
 
@@ -416,8 +422,6 @@ class Accusations:
 async def with_shadow(main, shadow):
     """Await a step and its shadow's: (main's result, the shadow's commitments). If the step
     fails, the shadow is cancelled (its work is for nothing) before the failure is raised."""
-    import asyncio
-
     shadow_task = asyncio.ensure_future(shadow)
     try:
         result = await main
