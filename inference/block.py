@@ -202,8 +202,8 @@ class Block(nn.Module):
         """Run one step of one session: prefill (T > 1) or decode (T = 1).
 
         inputs: token ids [B, T] when the step starts at layer 0, hidden states [B, T, H] otherwise.
-        position: index of the first of the T positions; must equal what the session has cached
-        (0 opens the session). layers: the global layers [a, b) to run, a part of this block's
+        position: index of the first of the T positions; at most what the session has cached
+        (0 opens the session; less drops the positions from there on, e.g. rejected drafts). layers: the global layers [a, b) to run, a part of this block's
         span (all of it by default); fixed for the session's life. Returns hidden states
         [B, T, H], or float32 logits [B, T', V] when b is the model's last layer (T' = 1 if
         last_only).
@@ -280,6 +280,8 @@ class Block(nn.Module):
             session = self.sessions.get(step.session_id)
             if session.batch == 1 < batch and session.length == step.position:
                 self.sessions.widen(session, batch)  # n sequences continue from one shared prompt
+            if 0 < step.position < session.length and (session.batch, session.layers) == (batch, layers):
+                session.rewind(step.position)  # drafted positions that were not accepted
             if (session.length, session.batch, session.layers) != (step.position, batch, layers):
                 raise SessionError(
                     f"session {step.session_id!r} holds {session.length} positions of batch {session.batch} "

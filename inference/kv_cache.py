@@ -62,6 +62,12 @@ class SessionCache:
     def advance(self, steps: int) -> None:
         self.length += steps
 
+    def rewind(self, length: int) -> None:
+        """Forget the positions from `length` on (drafted tokens that were not accepted); the
+        buffers stay allocated and the next step overwrites them."""
+        assert 0 < length <= self.length, f"rewind to {length} of a session holding {self.length}"
+        self.length = length
+
 
 def _resized(t: torch.Tensor, capacity: int) -> torch.Tensor:
     out = t.new_empty((*t.shape[:2], capacity, t.shape[3]))

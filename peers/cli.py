@@ -59,6 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
         liar_ban_s=args.liar_ban,
         self_referee=args.self_referee,
         prefix_reuse=not args.no_prefix_reuse,
+        speculative=not args.no_speculative,
         prefix_cache_tokens=args.prefix_cache_tokens,
         scheduler=SchedulerSettings(
             max_batch_tokens=args.max_batch_tokens,
@@ -280,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--no-prefix-reuse", action="store_true", help="never reuse the KV of prompt prefixes computed before"
+    )
+    serve.add_argument(
+        "--no-speculative",
+        action="store_true",
+        help="requests entering here never draft tokens for the chain to check (speculative decoding)",
     )
     serve.add_argument(
         "--prefix-cache-tokens", type=int, default=16384, help="KV token slots kept for prefix reuse"

@@ -19,6 +19,7 @@ from .node import PeerNode
 from .prefix import prefix_hashes, routing_key
 from .protocol import MAX_SHADOWS, Hop, Sampling, StepRequest, StepResult
 from .routing import NoRouteError, plan_route, weight
+from .speculative import Drafter, accepted_length
 from .verify import check_commitments, checked_shadows, with_shadow
 
 log = logging.getLogger("layerswarm.entry")
@@ -52,7 +53,10 @@ async def step(
     prefix: tuple[int, ...] = (),
     verify: str = "",
     shadows: tuple[Hop, ...] = (),
+    draft: int = 0,
 ) -> StepResult:
+    """One step through `route`; `draft`: the last that many tokens of the one row are drafted
+    (the result has draft + 1 tokens: what was sampled after each of the last draft + 1 positions)."""
     req = StepRequest(
         session_id=session_id,
         position=position,
@@ -62,6 +66,7 @@ async def step(
         prefix=prefix,
         verify=verify,
         shadows=shadows,
+        draft=draft,
     )
     main = node.run_step(req) if route[0].peer_id == node.peer_id else node.forwarder.push(req)
     shadow = next((s for s in shadows if (s.start, s.end) == (route[0].start, route[0].end)), None)
@@ -71,10 +76,11 @@ async def step(
         result, seen = await with_shadow(main, node.run_shadow(req, shadow))
         result = replace(result, shadows=(*result.shadows, *seen))
     vocab = node.model_config.vocab_size
-    if len(result.tokens) != len(rows) or not all(0 <= t < vocab for t in result.tokens):
+    expected = draft + 1 if draft else len(rows)
+    if len(result.tokens) != expected or not all(0 <= t < vocab for t in result.tokens):
         raise HopFailed(
             route[-1].peer_id,
-            f"it answered tokens {result.tokens[:4]!r:.80} for {len(rows)} sequences; ids must be in [0, {vocab})",
+            f"it answered tokens {result.tokens[:4]!r:.80} where {expected} were asked for; ids must be in [0, {vocab})",
         )
     if verify:
         problem = check_commitments(node.table, route, result.commitments, req)
@@ -102,6 +108,7 @@ async def generate(
     strict_avoid: bool = False,
     observe: Callable[[list[Hop], StepResult], None] | None = None,
     shadowed: bool = False,
+    speculative: bool = False,
 ) -> AsyncIterator[list[Token]]:
     """Yield the next token of each of `n` sequences of one prompt, step by step, until every
     sequence met a stop id or max_tokens; survives failing peers until failover_timeout_s.
@@ -111,7 +118,11 @@ async def generate(
     with `strict_avoid`), and with `observe` every hop commits to its output and observe(route,
     result) sees each step that makes tokens before they are yielded; `shadowed` also has every
     hop that has another replica recomputed by one (its shadow), whose commitments come back in
-    result.shadows."""
+    result.shadows.
+
+    `speculative`: one sequence, unchecked, drafts tokens by prompt lookup and has the chain check
+    them in one step (peers/speculative.py); the tokens are the same as without it, and they are
+    yielded one at a time, so that a consumer stopping at a stop string never sees past it."""
     generated: list[list[int]] = [list(h) for h in history] if history else [[] for _ in range(n)]
     finished = [any(t in stop_ids for t in g) for g in generated]
     if generated[0] and all(finished):
@@ -123,6 +134,9 @@ async def generate(
     full: dict[str, str] = {}  # peers with no room for this request now -> why (avoided, not banned)
     too_large: dict[str, str] = {}  # peers this request can never fit -> why
     delay = 0.05
+    drafter = None
+    if speculative and n == 1 and observe is None and not shadowed:
+        drafter = Drafter(prompt_ids + generated[0])
     try:
         while len(generated[0]) < max_tokens:
             if node.stopping:
@@ -158,9 +172,14 @@ async def generate(
             # (shadows recompute the whole prompt with their hop: they may not hold its prefix)
             prefix = prefix_hashes(prompt_ids) if reuse and position == 0 and not shadows else ()
             verify = _context(prompt_ids, generated) if observe is not None else ""
+            draft: list[int] = []
+            if drafter is not None and position > 0:  # a decode step: the chain checks drafts too
+                room = min(max_tokens - len(generated[0]), node.context_length - position) - 1
+                draft = drafter.propose(room)
+                rows = [rows[0] + draft]
             try:
                 result = await step(
-                    node, route, session_id, rows, position, sampling, prefix, verify, shadows
+                    node, route, session_id, rows, position, sampling, prefix, verify, shadows, len(draft)
                 )
             except HopFailed as e:
                 failing_since = failing_since or time.monotonic()
@@ -178,6 +197,20 @@ async def generate(
                 for hop in route:
                     node.bans.proven(hop.peer_id)
                 failing_since, delay = None, 0.05
+            if draft:
+                kept = accepted_length(draft, result.tokens)
+                drafter.record(len(draft), kept)
+                node.speculation.record(len(draft), kept)
+                position += kept + 1  # the next step starts there: the peers drop the rest
+                new = [Token(t, lp) for t, lp in zip(result.tokens, result.logprobs, strict=True)][: kept + 1]
+                for tok in new:
+                    generated[0].append(tok.token)
+                    drafter.extend([tok.token])
+                    yield [tok]
+                    if tok.token in stop_ids or len(generated[0]) >= max_tokens:
+                        return
+                plan = [([[generated[0][-1]]], False)]
+                continue
             position += len(rows[0])
             plan = plan[1:]
             if widen:
@@ -190,6 +223,8 @@ async def generate(
             for i, tok in enumerate(tokens):
                 generated[i].append(tok.token)
                 finished[i] = finished[i] or tok.token in stop_ids
+            if drafter is not None:
+                drafter.extend([tokens[0].token])
             if observe is not None:
                 observe(route, result)
             yield tokens

@@ -39,6 +39,7 @@ from .limits import (
 from .membership import DEAD, JOINING, LEAVING, SERVING, GossipSettings, PeerEntry, Table, new_incarnation
 from .protocol import Hop, StepRequest, StepResult
 from .scheduler import Busy, CoreTurns, Job, NonFinite, Scheduler, SchedulerSettings
+from .speculative import SpeculationStats
 from .trust import SwarmAuth
 from .verify import (
     MAX_REASON,
@@ -97,6 +98,7 @@ class NodeConfig:
     identity_file: str | None = None  # this peer's Ed25519 key, created on first start; None: new each start
     prefix_reuse: bool = True  # reuse the KV of prompt prefixes this peer computed before
     prefix_cache_tokens: int = 16384  # token slots of KV kept for prefix reuse
+    speculative: bool = True  # requests entering here draft tokens the chain checks (peers/speculative.py)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     gossip: GossipSettings = field(default_factory=GossipSettings)
 
@@ -176,6 +178,7 @@ class PeerNode:
         self.steps_served = 0  # hops this peer computed
         self.failovers = 0  # re-routes this entry made (a failed, busy or full peer, a lost session)
         self.verification = VerificationStats()
+        self.speculation = SpeculationStats()
         self._verify_credit = 0.0
         self._referee_block: Block | None = None  # --self-referee's layers, loaded on a dispute
         self.stopping = False  # set when draining ends: requests still running end with an error
@@ -434,6 +437,7 @@ class PeerNode:
             req.prefix,
             block=block,
             commit=bool(req.verify),
+            draft=req.draft,
         )
         try:
             out = await self.scheduler.run(job)

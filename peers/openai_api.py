@@ -46,6 +46,7 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     consensus: int = Field(1, ge=1, le=MAX_CONSENSUS)  # an extension: k routes, the majority decides
+    speculative: bool = True  # an extension: false turns off drafting for this request
     stream: bool = False
     stream_options: dict | None = None
 
@@ -208,7 +209,10 @@ async def _respond(
     sampling = Sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed)
     stop_ids = frozenset() if req.ignore_eos else node.tokenizer.eos_token_ids
     verify = req.consensus == 1 and node.should_verify()
-    run = _Run(node, prompt_ids, max_tokens, sampling, stops, stop_ids, req.n, req.consensus, verify)
+    speculative = req.speculative and node.config.speculative
+    run = _Run(
+        node, prompt_ids, max_tokens, sampling, stops, stop_ids, req.n, req.consensus, verify, speculative
+    )
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     shape = _ChatShape(rid, node.model_id) if chat else _TextShape(rid, node.model_id)
     events = run.events()
@@ -291,11 +295,13 @@ class _Run:
         n: int,
         routes: int = 1,
         verify: bool = False,
+        speculative: bool = False,
     ):
         """`routes` > 1: that many whole routes, the majority deciding (the consensus field);
-        `verify`: every replicated hop recomputed by a shadow (--verify-rate)."""
+        `verify`: every replicated hop recomputed by a shadow (--verify-rate); `speculative`:
+        drafted tokens checked by the chain where that applies (one sequence, unchecked)."""
         self.node, self.prompt_ids, self.max_tokens = node, prompt_ids, max_tokens
-        self.routes, self.verify = routes, verify
+        self.routes, self.verify, self.speculative = routes, verify, speculative
         self.sampling, self.stop_ids, self.n = sampling, stop_ids, n
         self.texts = [TextStream(node.tokenizer, stops) for _ in range(n)]
         self.finish = ["length"] * n
@@ -311,7 +317,7 @@ class _Run:
         elif self.routes > 1:
             gen = checked_generate(*args, routes=self.routes)
         else:
-            gen = generate(*args)
+            gen = generate(*args, speculative=self.speculative)
         try:
             async for tokens in gen:
                 for i, tok in enumerate(tokens):

@@ -33,6 +33,7 @@ _LEN = struct.Struct(">I")
 MAX_HEADER_BYTES = 1 << 20
 MAX_VERIFY_CHARS = 64
 MAX_SHADOWS = 16
+MAX_DRAFT = 16  # drafted tokens in one step (speculative decoding)
 
 
 class ProtocolError(ValueError):
@@ -68,11 +69,14 @@ class StepRequest:
     verify: str = ""  # set: every hop commits to its output (the entry's digest of the tokens so far)
     shadows: tuple[Hop, ...] = ()  # replicas that recompute hops of the route on the same input
     terminal: bool = False  # a shadow's frame: compute this hop, answer its commitment, forward nothing
+    draft: int = (
+        0  # the last `draft` tokens are drafted: the last hop samples after each of the last draft + 1
+    )
 
 
 @dataclass(frozen=True)
 class StepResult:
-    tokens: list[int]  # one per sequence of the session's batch
+    tokens: list[int]  # one per sequence of the session's batch; draft + 1 for a drafted step
     logprobs: list[float]
     commitments: tuple = ()  # the hops' signed Commitments, first hop first (when the frame asked)
     shadows: tuple = ()  # the shadows' signed Commitments (peers/verify.py)
@@ -135,6 +139,8 @@ def encode_step(req: StepRequest) -> bytes:
         header["shadows"] = [asdict(h) for h in req.shadows]
     if req.terminal:
         header["terminal"] = True
+    if req.draft:
+        header["draft"] = req.draft
     return encode_tensor_frame(header, req.tensor)
 
 
@@ -151,6 +157,7 @@ def decode_step(body: bytes) -> StepRequest:
             verify=_typed(header.get("verify", ""), str, "verify"),
             shadows=tuple(_hop(h) for h in _typed(header.get("shadows", []), list, "shadows")),
             terminal=_typed(header.get("terminal", False), bool, "terminal", bools=True),
+            draft=_typed(header.get("draft", 0), int, "draft"),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ProtocolError(f"bad step header: {e}") from e
@@ -162,6 +169,15 @@ def decode_step(body: bytes) -> StepRequest:
         raise ProtocolError(f"a step's verify digest is at most {MAX_VERIFY_CHARS} printable characters")
     if len(req.shadows) > MAX_SHADOWS or ((req.shadows or req.terminal) and not req.verify):
         raise ProtocolError(f"a step has at most {MAX_SHADOWS} shadows, and shadows only when it verifies")
+    if req.draft and not (
+        0 < req.draft <= MAX_DRAFT and req.draft < tensor.shape[1] and tensor.shape[0] == 1
+    ):
+        raise ProtocolError(
+            f"a step drafts 1 to {MAX_DRAFT} tokens, fewer than its positions, of one sequence; "
+            f"this one drafts {req.draft} of a tensor of shape {list(tensor.shape)}"
+        )
+    if req.draft and req.verify:
+        raise ProtocolError("a checked step drafts nothing")
     if (tensor.dim() == 2) != (tensor.dtype == torch.int64):
         raise ProtocolError("token ids travel as int64 [B, T] and hidden states as floats [B, T, H]")
     return req

@@ -178,6 +178,7 @@ class Job:
     compute_s: float = 0.0
     block: Block | None = None  # the block the step was checked against; another one refuses it
     commit: bool = False  # the last hop keeps the top entries of its logits (peers/verify.py)
+    draft: int = 0  # drafted tokens at the end: sample after each of the last draft + 1 positions
 
     @property
     def batch(self) -> int:
@@ -376,20 +377,23 @@ class Scheduler:
                     ),
                 )
         budget, batch = s.max_batch_tokens, []
-        decodes = [j for j in self._queue if j.remaining == 1]
-        prefills = [j for j in self._queue if j.remaining > 1]
+        decodes = [j for j in self._queue if j.remaining == 1 or j.draft]  # (a drafted step is a decode)
+        prefills = [j for j in self._queue if j.remaining > 1 and not j.draft]
         # while prompts wait, decode steps leave room for one chunk, so that no prompt starves
         reserved = min(s.prefill_chunk, s.max_batch_tokens // 2) if prefills else 0
         for job in decodes + prefills:
-            room = budget - (reserved if job.remaining == 1 else 0)
+            room = budget - (reserved if job.remaining == 1 or job.draft else 0)
             size = min(job.remaining, s.prefill_chunk, room // job.batch)
+            if job.draft and size < job.remaining:
+                size = 0  # a drafted step is never cut: its last draft + 1 positions are sampled at once
             if size < 1:
                 if batch:
                     continue
-                size = min(job.remaining, s.prefill_chunk)  # one step larger than the budget runs alone
+                # one step larger than the budget runs alone
+                size = job.remaining if job.draft else min(job.remaining, s.prefill_chunk)
             batch.append((job, size))
             budget -= size * job.batch
-            if job.remaining == 1:
+            if job.remaining == 1 or job.draft:
                 last = self._recent.get(job.session_id)
                 self._recent[job.session_id] = (now, now - last[0] if last else None)
             if job.started is None:
@@ -446,7 +450,11 @@ def _compute(block: Block | None, batch: list[tuple[Job, int]]) -> list:
         job, size = batch[i]
         steps.append(
             Step(
-                job.session_id, job.inputs[:, job.done : job.done + size], job.position + job.done, job.layers
+                job.session_id,
+                job.inputs[:, job.done : job.done + size],
+                job.position + job.done,
+                job.layers,
+                last_only=not job.draft,
             )
         )
     outs = dict(zip(runnable, block.forward_batch(steps), strict=True)) | refused
@@ -489,20 +497,30 @@ def _compute(block: Block | None, batch: list[tuple[Job, int]]) -> list:
 
 
 def _sample(batch: list[tuple[Job, int]], results: list, which: list[int]) -> list[StepResult]:
-    logits = [results[i][:, -1] for i in which]  # [B, V] each
-    params, positions = [], []
+    """The tokens chosen after each step's last position ([B, V] logits each), or, for a
+    drafted step, after each of its last draft + 1 positions (one sequence: one row each, each
+    drawn from its own position's generator, so that speculation samples what plain decoding
+    would: see peers/speculative.py)."""
+    logits, params, positions, owners = [], [], [], []
     for i in which:
         job = batch[i][0]
         s = job.sampling
-        params.append(SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed))
-        positions.append(job.position + job.inputs.shape[1])  # the position of the token chosen
-    return [
-        StepResult(
-            tokens.tolist(),
-            logprobs.tolist(),
-            top=top_entries(x, logits=True) if batch[i][0].commit else None,
+        p = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
+        end = job.position + job.inputs.shape[1]  # the position of the token chosen after the last
+        rows = job.draft + 1
+        for r in range(rows):
+            logits.append(results[i][:, -1] if not job.draft else results[i][:, r - rows])  # [B, V]
+            params.append(p)
+            positions.append(end - rows + 1 + r)
+            owners.append(i)
+    sampled = sample_many(logits, params, positions)
+    out = []
+    for i in which:
+        mine = [k for k, owner in enumerate(owners) if owner == i]
+        tokens = [t for k in mine for t in sampled[k][0].tolist()]
+        logprobs = [x for k in mine for x in sampled[k][1].tolist()]
+        x = logits[mine[-1]]
+        out.append(
+            StepResult(tokens, logprobs, top=top_entries(x, logits=True) if batch[i][0].commit else None)
         )
-        for i, x, (tokens, logprobs) in zip(
-            which, logits, sample_many(logits, params, positions), strict=True
-        )
-    ]
+    return out

@@ -86,6 +86,7 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
                 "accusations_held": len(node.accusations),
                 "accusations_ignored": node.accusations.ignored,
             },
+            "speculation": {"enabled": node.config.speculative, **node.speculation.to_json()},
             "queued_steps": len(node.scheduler),
             "scheduler": node.scheduler.stats.to_json(),
             "forwarded": {"messages": node.forwarder.messages, "frames": node.forwarder.frames},

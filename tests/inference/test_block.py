@@ -78,7 +78,7 @@ def test_step_at_wrong_position_is_refused(tiny_llama):
     block = load_block(tiny_llama, "0:2")
     block("s", torch.tensor([PROMPT]), 0)
     with pytest.raises(SessionError, match="holds 11 positions of batch 1 for layers 0:2"):
-        block("s", torch.tensor([[1]]), 5)
+        block("s", torch.tensor([[1]]), 12)  # past what it holds
     with pytest.raises(SessionError, match="unknown session"):
         block("nope", torch.tensor([[1]]), 3)
     assert block.close("s") and not block.close("s")
@@ -90,3 +90,15 @@ def test_block_rejects_wrong_input_kind(tiny_llama):
         middle("s", torch.tensor([PROMPT]), 0)
     with pytest.raises(ValueError, match="take token ids"):
         first("s", torch.zeros(1, 3, 64), 0)
+
+
+def test_a_step_before_the_end_drops_the_positions_after_it(tiny_llama):
+    """Rejected drafts: a step that starts at 5 of a session holding 11 positions continues
+    from the first 5, exactly as a session that never held the rest."""
+    chain = load_block(tiny_llama)
+    ids = torch.tensor([PROMPT])
+    chain.forward("drafted", ids, 0)
+    rewound = chain.forward("drafted", torch.tensor([[1, 2]]), 5, last_only=False)
+    fresh = chain.forward("fresh", torch.tensor([PROMPT[:5] + [1, 2]]), 0, last_only=False)
+    assert torch.allclose(rewound, fresh[:, 5:], atol=1e-5), (rewound - fresh[:, 5:]).abs().max()
+    assert chain.sessions.get("drafted").length == 7

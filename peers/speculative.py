@@ -1,0 +1,112 @@
+"""Speculative decoding at the entry: the entry drafts the next tokens from the text so far
+(prompt lookup: what followed the latest earlier occurrence of the context's last n-gram) and
+sends them through the chain as one multi-token step; the last peer samples after every drafted
+position, and the entry keeps the drafts up to the first that differs from what was sampled,
+plus that sample: the model's own next token. Every peer drops the rejected positions when the
+next step starts at the accepted length (inference/kv_cache.py: `rewind`).
+
+Why the output is exact: the last peer samples after each position from that position's own
+generator (inference/sampling.py), as plain decoding would there. A draft is a point mass on one
+token d; keeping d when the sample equals it happens with probability p(d), and otherwise the
+sample is a token drawn from p without d: this is the rejection rule of speculative sampling
+for that draft, so the output has the model's distribution, greedy decoding gives the same
+tokens, and a seeded request gives the same tokens with or without speculation.
+"""
+
+from dataclasses import dataclass
+
+K_START = 4  # drafted tokens per step at first
+K_MAX = 8  # and at most (the protocol allows up to MAX_DRAFT)
+MIN_NGRAM, MAX_NGRAM = 2, 4  # n-gram lengths looked up, longest first
+PAUSE_AFTER_MISSES = 3  # steps in a row with no draft kept before drafting pauses
+MAX_PAUSE_STEPS = 32  # the longest pause (it doubles on each repeat)
+
+
+class Drafter:
+    """Drafts for one sequence by prompt lookup, and adapts how many to the acceptance it sees:
+    more while all are kept, as many as were kept plus one otherwise, none for a while (a
+    pause that doubles) when several steps in a row kept nothing, so that novel text costs
+    almost nothing extra."""
+
+    def __init__(self, context: list[int], k_max: int = K_MAX):
+        self.tokens: list[int] = []
+        self.k_max = k_max
+        self.k = min(K_START, k_max)
+        self._index: dict[tuple[int, ...], int] = {}  # n-gram -> where its latest occurrence ends
+        self._misses = 0
+        self._pause = 0  # plain steps left before drafting again
+        self._next_pause = 2
+        self.extend(context)
+
+    def extend(self, tokens: list[int]) -> None:
+        """Tokens appended to the sequence (accepted, or sampled)."""
+        for t in tokens:
+            end = len(self.tokens)
+            for n in range(MIN_NGRAM, MAX_NGRAM + 1):  # the n-grams that now have a continuation
+                if end >= n:
+                    self._index[tuple(self.tokens[end - n : end])] = end
+            self.tokens.append(t)
+
+    def propose(self, limit: int) -> list[int]:
+        """Up to min(k, limit) drafted tokens to follow the sequence; [] for a plain step."""
+        if self._pause:
+            self._pause -= 1
+            return []
+        if limit < 1:
+            return []
+        for n in range(MAX_NGRAM, MIN_NGRAM - 1, -1):
+            if len(self.tokens) < n:
+                continue
+            end = self._index.get(tuple(self.tokens[-n:]))
+            if end is not None:
+                out: list[int] = []
+                for i in range(min(self.k, limit)):  # (overlapping, as in LZ77: a repeat repeats on)
+                    at = end + i
+                    out.append(self.tokens[at] if at < len(self.tokens) else out[at - len(self.tokens)])
+                return out
+        return []
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """A drafted step came back: `accepted` of its `drafted` tokens were kept."""
+        if accepted == drafted:
+            self.k = min(self.k_max, self.k + 2)
+        else:
+            self.k = max(1, accepted + 1)
+        if accepted:
+            self._misses, self._next_pause = 0, 2
+            return
+        self._misses += 1
+        if self._misses >= PAUSE_AFTER_MISSES:
+            self._pause, self._misses = self._next_pause, 0
+            self._next_pause = min(MAX_PAUSE_STEPS, 2 * self._next_pause)
+
+
+def accepted_length(draft: list[int], sampled: list[int]) -> int:
+    """How many drafted tokens are kept: those equal to what was sampled after the position
+    before each (sampled[i] follows the i-th position of the step; draft[i] is its position i + 1)."""
+    assert len(sampled) == len(draft) + 1, f"{len(sampled)} samples for {len(draft)} drafted tokens"
+    j = 0
+    while j < len(draft) and draft[j] == sampled[j]:
+        j += 1
+    return j
+
+
+@dataclass
+class SpeculationStats:
+    steps: int = 0  # drafted steps
+    drafted: int = 0  # drafted tokens sent
+    accepted: int = 0  # drafted tokens kept
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+
+    def to_json(self) -> dict:
+        rate = self.accepted / self.drafted if self.drafted else 0.0
+        return {
+            "steps": self.steps,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance": round(rate, 3),
+        }

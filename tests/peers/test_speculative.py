@@ -1,0 +1,208 @@
+"""Speculative decoding: drafts by prompt lookup, checked by the whole chain in one step. The
+output equals plain decoding (greedy and seeded), stop ids and max_tokens hold when several
+tokens arrive at once, and a peer lost during a drafted step is failed over exactly."""
+
+import asyncio
+
+import pytest
+import torch
+
+import peers.entry
+from peers.entry import generate
+from peers.protocol import MAX_DRAFT, Hop, ProtocolError, Sampling, StepRequest, decode_step, encode_step
+from peers.speculative import PAUSE_AFTER_MISSES, Drafter, accepted_length
+from tests.helpers import greedy_reference, monolithic
+from tests.peers.test_inprocess import PROMPTS, start_swarm, stop_swarm
+
+LOOPING = [[5, 6, 7, 8] * 6, [40, 41, 42, 43, 44, 45, 46] * 3 + [40, 41]]
+
+
+# -- the drafter ----------------------------------------------------------------------------
+def test_prompt_lookup_drafts_what_followed_the_latest_occurrence():
+    d = Drafter([1, 2, 3, 4, 9, 1, 2, 3, 5, 6, 7, 1, 2])
+    assert d.propose(8) == [3, 5, 6, 7]  # after the latest "1 2" (K_START tokens)
+    assert d.propose(2) == [3, 5]  # never more than the limit
+    assert Drafter([1, 2, 3, 4]).propose(8) == []  # the last n-gram never occurred before
+    d = Drafter([1, 2, 3, 1])
+    assert d.propose(8) == []  # single tokens are not looked up
+    d.extend([2])
+    assert d.propose(8) == [3, 1, 2, 3]  # a repeat repeats on
+
+
+def test_the_draft_length_follows_acceptance_and_pauses_on_misses():
+    d = Drafter([1, 2, 3] * 20, k_max=8)
+    assert len(d.propose(100)) == 4
+    d.record(4, 4)
+    assert len(d.propose(100)) == 6  # all kept: more
+    d.record(6, 1)
+    assert len(d.propose(100)) == 2  # as many as were kept, plus one
+    for _ in range(PAUSE_AFTER_MISSES):
+        d.record(2, 0)
+    assert d.propose(100) == [] and d.propose(100) == []  # a pause of two plain steps
+    assert d.propose(100) != []
+
+
+def test_accepted_length():
+    assert accepted_length([4, 5, 6], [4, 5, 6, 7]) == 3
+    assert accepted_length([4, 5, 6], [4, 9, 6, 7]) == 1
+    assert accepted_length([4], [3, 1]) == 0
+
+
+# -- the frame ---------------------------------------------------------------------------------
+def _frame(tensor, draft, verify=""):
+    hops = [Hop("a", "127.0.0.1:1", 0, 4)]
+    return StepRequest("s", 3, hops, Sampling(), tensor, draft=draft, verify=verify)
+
+
+def test_a_drafted_frame_travels_and_bad_drafts_are_refused():
+    req = decode_step(encode_step(_frame(torch.tensor([[1, 2, 3]]), 2)))
+    assert req.draft == 2
+    for tensor, draft, verify in [
+        (torch.tensor([[1, 2, 3]]), 3, ""),  # as many drafted as positions: nothing to follow
+        (torch.tensor([[1, 2, 3], [4, 5, 6]]), 1, ""),  # several sequences
+        (torch.tensor([list(range(MAX_DRAFT + 2))]), MAX_DRAFT + 1, ""),  # too many
+        (torch.tensor([[1, 2, 3]]), -1, ""),
+        (torch.tensor([[1, 2, 3]]), 1, "digest"),  # a checked step
+    ]:
+        with pytest.raises(ProtocolError):
+            decode_step(encode_step(_frame(tensor, draft, verify)))
+
+
+# -- through a swarm ---------------------------------------------------------------------------
+class Oracle:
+    """A drafter that drafts the known continuation, wrong at every fifth token, so that every
+    decode step drafts and some drafts are rejected."""
+
+    def __init__(self, truth: dict[tuple, list[int]]):
+        self.truth = truth
+
+    def __call__(self, context):
+        oracle = self
+
+        class Drafting(Drafter):
+            def propose(self, limit):
+                for prompt, continuation in oracle.truth.items():
+                    n = len(prompt)
+                    if tuple(self.tokens[:n]) == prompt:
+                        done = len(self.tokens) - n
+                        out = continuation[done : done + min(limit, 6)]
+                        return [t if (done + i) % 5 != 3 else (t + 1) % 256 for i, t in enumerate(out)]
+                return []
+
+        return Drafting(context)
+
+
+GREEDY = Sampling(temperature=0)
+
+
+async def _tokens(node, prompt, n, sampling=GREEDY, stop=frozenset(), on_token=None):
+    out = []
+    async for step in generate(node, prompt, n, sampling, stop, speculative=True):
+        assert len(step) == 1
+        out.append(step[0].token)
+        if on_token:
+            on_token(len(out))
+    return out
+
+
+def test_greedy_with_prompt_lookup_equals_monolithic_under_concurrency(tiny_llama):
+    model = monolithic(tiny_llama)
+    prompts = PROMPTS + LOOPING
+    expected = [greedy_reference(model, p, 24) for p in prompts]
+
+    async def main():
+        net, nodes = await start_swarm(tiny_llama, ["0:1", "1:3", "3:4"])
+        try:
+            got = await asyncio.gather(*(_tokens(nodes[0], p, 24) for p in prompts))
+            return got, nodes[0].speculation, [n.block.open_sessions() for n in nodes]
+        finally:
+            await stop_swarm(nodes)
+
+    got, stats, _ = asyncio.run(main())
+    assert got == expected
+    assert stats.drafted > 0, (
+        stats
+    )  # (a random model rarely repeats: its drafts are rejected and rolled back)
+
+
+def test_drafted_steps_give_the_same_tokens_greedy_and_seeded(tiny_llama, monkeypatch):
+    model = monolithic(tiny_llama)
+    prompts = PROMPTS[:4]
+    greedy = {tuple(p): greedy_reference(model, p, 20) for p in prompts}
+    seeded = Sampling(temperature=0.9, top_p=0.95, seed=1234)
+
+    async def main():
+        net, nodes = await start_swarm(tiny_llama, ["0:2", "2:4"])
+        entry = nodes[0]
+        try:
+            plain = []
+            for p in prompts:  # seeded, without speculation
+                plain.append([t[0].token async for t in generate(entry, p, 20, seeded, frozenset())])
+            monkeypatch.setattr(peers.entry, "Drafter", Oracle(greedy))
+            got_greedy = await asyncio.gather(*(_tokens(entry, p, 20) for p in prompts))
+            steps = entry.speculation.steps
+            monkeypatch.setattr(peers.entry, "Drafter", Oracle(dict(zip(greedy, plain, strict=True))))
+            got_seeded = await asyncio.gather(*(_tokens(entry, p, 20, seeded) for p in prompts))
+            return plain, got_greedy, got_seeded, steps, entry.speculation
+        finally:
+            await stop_swarm(nodes)
+
+    plain, got_greedy, got_seeded, greedy_steps, stats = asyncio.run(main())
+    assert got_greedy == list(greedy.values())
+    assert got_seeded == plain
+    assert 0 < greedy_steps < stats.steps and 0 < stats.accepted < stats.drafted, stats
+    assert greedy_steps < len(prompts) * 20 // 2  # several tokens a step
+
+
+def test_max_tokens_and_stop_ids_hold_when_several_tokens_arrive_at_once(tiny_llama, monkeypatch):
+    model = monolithic(tiny_llama)
+    prompt = PROMPTS[0]
+    ref = greedy_reference(model, prompt, 20)
+    stop = ref[6]
+    first = ref.index(stop)
+
+    async def main():
+        net, nodes = await start_swarm(tiny_llama, ["0:2", "2:4"])
+        monkeypatch.setattr(peers.entry, "Drafter", Oracle({tuple(prompt): ref}))
+        try:
+            capped = await _tokens(nodes[0], prompt, 7)
+            stopped = await _tokens(nodes[0], prompt, 20, stop=frozenset({stop}))
+            return capped, stopped, nodes[0].speculation
+        finally:
+            await stop_swarm(nodes)
+
+    capped, stopped, stats = asyncio.run(main())
+    assert capped == ref[:7]
+    assert stopped == ref[: first + 1]
+    assert stats.accepted > 0
+
+
+def test_a_peer_lost_during_a_drafted_step_is_failed_over_exactly(tiny_llama, monkeypatch):
+    model = monolithic(tiny_llama)
+    prompts = PROMPTS[:4]
+    expected = [greedy_reference(model, p, 20) for p in prompts]
+    monkeypatch.setattr(peers.entry, "Drafter", Oracle(dict(zip(map(tuple, prompts), expected, strict=True))))
+
+    async def main():
+        net, nodes = await start_swarm(tiny_llama, ["0:4", "0:2", "0:2", "2:4"])  # entry, 2 replicas, tail
+        entry, replicas = nodes[0], nodes[1:3]
+        dropped = []
+
+        def drop(count):
+            if count >= 6 and not dropped:  # every decode step drafts: the next one is lost
+                victim = max(replicas, key=lambda n: n.block.open_sessions())
+                assert victim.block.open_sessions() > 0
+                net.down.add(victim.config.address)
+                dropped.append(victim)
+
+        try:
+            entry.bans.ban(entry.peer_id, entry.table.me.incarnation)  # keep the entry off routes
+            got = await asyncio.gather(*(_tokens(entry, p, 20, on_token=drop) for p in prompts))
+            return got, entry.failovers, dropped, entry.speculation
+        finally:
+            await stop_swarm(nodes)
+
+    got, failovers, dropped, stats = asyncio.run(main())
+    assert dropped and failovers >= 1
+    assert got == expected
+    assert stats.accepted > 0
