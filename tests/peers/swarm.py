@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from peers.local_swarm import serve_command
 from peers.trust import SwarmAuth, swarm_key_from
 
 START_TIMEOUT_S = 120.0
+ROOT = Path(__file__).resolve().parents[2]
 STORY = "Write a long story about a dragon and a knight."
 
 
@@ -51,6 +53,8 @@ class Peer:
         self.threads = threads
         self._peer_id: str | None = None
         self.proc: subprocess.Popen | None = None
+        self.proxy: subprocess.Popen | None = None  # a delay proxy in front of it (tests/delay_proxy.py)
+        self.public = self.address  # what other peers dial: the proxy's address, if it has one
         self.log_path = log_dir / f"peer-{self.port}.log"
 
     @property
@@ -106,6 +110,20 @@ class Peer:
             self.proc.kill()
             self.proc.wait()
 
+    def behind_proxy(self, delay_ms: float, jitter_ms: float = 0.0) -> None:
+        """Put a delay proxy in front of it (before start): other peers dial the proxy."""
+        port = free_port()
+        self.public = f"127.0.0.1:{port}"
+        self.args = [*self.args, "--public-address", self.public]
+        cmd = [sys.executable, "-m", "tests.delay_proxy", "--listen", self.public, "--to", self.address]
+        cmd += ["--delay-ms", str(delay_ms), "--jitter-ms", str(jitter_ms)]
+        self.proxy = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop_proxy(self) -> None:
+        if self.proxy is not None and self.proxy.poll() is None:
+            self.proxy.terminate()
+            self.proxy.wait(10)
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -138,13 +156,19 @@ class Swarm:
         args: list[str] = (),
         port: int | None = None,
         patch: str | None = None,
+        delay_ms: float | None = None,
+        jitter_ms: float = 0.0,
     ) -> Peer:
+        """Start a peer; with `delay_ms`, behind a delay proxy that other peers dial."""
         if join is None:
-            join = [self.peers[0].address] if self.peers else []
+            join = [self.peers[0].public] if self.peers else []
         peer = Peer(self.model, layers, join, self.log_dir, self.args + list(args), self.threads, patch)
         if port is not None:
             peer.port, peer.address = port, f"127.0.0.1:{port}"
+            peer.public = peer.address
             peer.log_path = self.log_dir / f"peer-{port}-{time.monotonic_ns()}.log"
+        if delay_ms is not None:
+            peer.behind_proxy(delay_ms, jitter_ms)
         self.peers.append(peer.start())
         return peer
 
@@ -162,6 +186,7 @@ class Swarm:
             p.signal(signal.SIGTERM)
         for p in self.peers:
             p.stop()
+            p.stop_proxy()
 
 
 def wait_until(condition, timeout_s: float, why=lambda: "", interval_s: float = 0.2):

@@ -168,3 +168,57 @@ def test_sigterm_on_an_entry_ends_its_streams_cleanly(smol_swarm):
     assert "error" in last and "shutting down" in last["error"]["message"]
     assert entry.proc.wait(30) == 0
     wait_until(lambda: not any(open_sessions(smol_swarm)), 5, smol_swarm._why, interval_s=0.1)
+
+
+PASSAGE = (
+    "The lighthouse stood on the northern cliff for two hundred years. Every night its keeper "
+    "climbed the ninety steps, trimmed the wick, and watched the ships pass safely into the harbour."
+)
+
+
+def test_speculation_gives_the_same_text_and_keeps_drafts(smol_swarm, default_model):
+    """Draftable text (repeat a passage): with drafting (the default) and without it, chat and
+    completions, streamed and not, give the monolithic model's greedy text; stop strings cut
+    exactly where they do without drafting; and drafts were kept."""
+    openai = pytest.importorskip("openai")
+    entry = smol_swarm.peers[0]
+    client = openai.OpenAI(base_url=f"{entry.url}/v1", api_key="-", max_retries=0, timeout=120)
+    content = f"Repeat this passage exactly:\n\n{PASSAGE}"
+    expected = monolithic_chat(default_model, content, 48)
+    before = httpx.get(f"{entry.url}/health").json()["speculation"]
+    messages = [{"role": "user", "content": content}]
+    texts = {}
+    for speculative in (True, False):
+        extra = {"speculative": speculative}
+        whole = client.chat.completions.create(
+            model="smollm2-135m", messages=messages, max_tokens=48, temperature=0, extra_body=extra
+        )
+        stream = client.chat.completions.create(
+            model="smollm2-135m",
+            messages=messages,
+            max_tokens=48,
+            temperature=0,
+            stream=True,
+            extra_body=extra,
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        prompt = f"{PASSAGE}\n\n{PASSAGE[:60]}"
+        text = client.completions.create(
+            model="smollm2-135m", prompt=prompt, max_tokens=40, temperature=0, extra_body=extra
+        )
+        stopped = client.completions.create(
+            model="smollm2-135m",
+            prompt=prompt,
+            max_tokens=40,
+            temperature=0,
+            stop=["ninety"],
+            extra_body=extra,
+        )
+        texts[speculative] = (whole.choices[0].message.content, streamed, text.choices[0].text, stopped)
+    assert texts[True][0] == texts[True][1] == expected
+    assert texts[True][:3] == texts[False][:3]
+    spec_stop, plain_stop = texts[True][3].choices[0], texts[False][3].choices[0]
+    assert spec_stop.text == plain_stop.text and spec_stop.finish_reason == plain_stop.finish_reason == "stop"
+    assert "ninety" not in spec_stop.text and texts[True][2].startswith(spec_stop.text)
+    after = httpx.get(f"{entry.url}/health").json()["speculation"]
+    assert after["enabled"] and after["accepted"] - before["accepted"] > 20, (before, after)
