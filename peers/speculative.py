@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 K_START = 4  # drafted tokens per step at first
 K_MAX = 8  # and at most (the protocol allows up to MAX_DRAFT)
-MIN_NGRAM, MAX_NGRAM = 2, 4  # n-gram lengths looked up, longest first
-PAUSE_AFTER_MISSES = 3  # steps in a row with no draft kept before drafting pauses
+MIN_NGRAM, MAX_NGRAM = 3, 5  # n-gram lengths looked up, longest first (shorter ones match by chance)
+PAUSE_AFTER_MISSES = 2  # steps in a row with no draft kept before drafting pauses
+FIRST_PAUSE_STEPS = 4  # the first pause
 MAX_PAUSE_STEPS = 32  # the longest pause (it doubles on each repeat)
 
 
@@ -35,7 +36,7 @@ class Drafter:
         self._index: dict[tuple[int, ...], int] = {}  # n-gram -> where its latest occurrence ends
         self._misses = 0
         self._pause = 0  # plain steps left before drafting again
-        self._next_pause = 2
+        self._next_pause = FIRST_PAUSE_STEPS
         self.extend(context)
 
     def extend(self, tokens: list[int]) -> None:
@@ -73,7 +74,7 @@ class Drafter:
         else:
             self.k = max(1, accepted + 1)
         if accepted:
-            self._misses, self._next_pause = 0, 2
+            self._misses, self._next_pause = 0, FIRST_PAUSE_STEPS
             return
         self._misses += 1
         if self._misses >= PAUSE_AFTER_MISSES:
