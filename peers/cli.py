@@ -60,6 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
         self_referee=args.self_referee,
         prefix_reuse=not args.no_prefix_reuse,
         speculative=not args.no_speculative,
+        direct_return=not args.no_direct_return,
         prefix_cache_tokens=args.prefix_cache_tokens,
         scheduler=SchedulerSettings(
             max_batch_tokens=args.max_batch_tokens,
@@ -281,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--no-prefix-reuse", action="store_true", help="never reuse the KV of prompt prefixes computed before"
+    )
+    serve.add_argument(
+        "--no-direct-return",
+        action="store_true",
+        help="results of steps entering here come back through every hop of the route, not straight "
+        "from the last peer",
     )
     serve.add_argument(
         "--no-speculative",

@@ -14,10 +14,11 @@ from dataclasses import dataclass, replace
 import torch
 import xxhash
 
+from .direct import probe_route
 from .errors import HopFailed, Overloaded, SwarmError, SwarmUnavailable
 from .node import PeerNode
 from .prefix import prefix_hashes, routing_key
-from .protocol import MAX_SHADOWS, Hop, Sampling, StepRequest, StepResult
+from .protocol import MAX_SHADOWS, Entry, Hop, Sampling, StepRequest, StepResult
 from .routing import NoRouteError, plan_route, weight
 from .speculative import Drafter, accepted_length
 from .verify import check_commitments, checked_shadows, with_shadow
@@ -68,7 +69,10 @@ async def step(
         shadows=shadows,
         draft=draft,
     )
-    main = node.run_step(req) if route[0].peer_id == node.peer_id else node.forwarder.push(req)
+    if not verify and node.config.direct_return:
+        main = _direct(node, req)
+    else:
+        main = node.run_step(req) if route[0].peer_id == node.peer_id else node.forwarder.push(req)
     shadow = next((s for s in shadows if (s.start, s.end) == (route[0].start, route[0].end)), None)
     if shadow is None:
         result = await main
@@ -93,6 +97,28 @@ async def step(
             result, shadows=checked_shadows(node.table, shadows, result.commitments, result.shadows)
         )
     return result
+
+
+async def _direct(node: PeerNode, req: StepRequest) -> StepResult:
+    """Send the step with direct return (peers/direct.py): the first hop takes it on, the last
+    sends the result here; a failure reported by a hop, or found by probing a late step, is a
+    HopFailed naming the peer at fault."""
+    step_id = uuid.uuid4().hex
+    req = replace(req, reply_to=Entry(node.peer_id, node.config.address), step_id=step_id)
+    pending = node.returns.expect(step_id, req.hops)
+    try:
+        if req.hops[0].peer_id == node.peer_id:
+            await node.accept_step(req)
+        else:
+            await node.forwarder.push(req)
+    except BaseException:
+        node.returns.discard(step_id)
+        raise
+
+    def probe(route: list[Hop], sid: str):
+        return probe_route(node.http, node.peer_id, node.progress, route, sid)
+
+    return await node.returns.wait(step_id, pending, node.forwarder.route_deadline_s(req), probe)
 
 
 async def generate(

@@ -3,6 +3,7 @@ along a route. The HTTP client is given, not built here, so that several peers c
 test process over httpx's in-memory transports."""
 
 import asyncio
+import logging
 from dataclasses import replace
 
 import httpx
@@ -11,6 +12,7 @@ from .errors import HopFailed
 from .limits import post_capped
 from .protocol import (
     PATH_CLOSE,
+    PATH_RESULTS,
     PATH_STEPS,
     STEP_CONTENT_TYPE,
     Hop,
@@ -18,8 +20,11 @@ from .protocol import (
     StepRequest,
     StepResult,
     encode_steps,
+    results_message,
 )
 from .verify import MAX_COMMITMENTS, Commitment
+
+log = logging.getLogger("layerswarm.forwarding")
 
 ENCODE_IN_THREAD_BYTES = 1 << 20  # frames larger than this are built off the event loop
 COALESCE_MAX_POSITIONS = 64  # steps up to this long share messages; longer prompts travel alone
@@ -35,19 +40,53 @@ class Forwarder:
 
     A hop's deadline grows with the work it carries: `hop_timeout_s` for queueing and a decode,
     plus `per_token_s` for each position of the step, for each hop still ahead (calls are nested:
-    the reply comes back once the rest of the route has run)."""
+    the reply comes back once the rest of the route has run). A step returned directly
+    (peers/direct.py) is answered as soon as the next hop has checked it: `hop_timeout_s`.
+
+    Results of steps returned directly travel the same way: those for the same entry in the
+    same turn of the event loop go as one message."""
 
     def __init__(self, me: str, http: httpx.AsyncClient, hop_timeout_s: float, per_token_s: float):
         self.me, self.http = me, http
         self.hop_timeout_s, self.per_token_s = hop_timeout_s, per_token_s
         self._outbox: dict[str, list[tuple[StepRequest, asyncio.Future]]] = {}
+        self._results: dict[str, list[tuple[str, dict]]] = {}  # entry address -> (step id, body)
         self._sending: set[asyncio.Task] = set()
         self.messages = 0  # step messages sent
         self.frames = 0  # step frames sent in them
 
     def deadline_s(self, req: StepRequest) -> float:
+        """How long the next hop has to answer `req`."""
+        return self.hop_timeout_s if req.reply_to is not None else self.route_deadline_s(req)
+
+    def route_deadline_s(self, req: StepRequest) -> float:
+        """How long the whole rest of the route has for `req`."""
         positions = req.tensor.shape[0] * req.tensor.shape[1]
         return len(req.hops) * (self.hop_timeout_s + positions * self.per_token_s)
+
+    def send_result(self, address: str, step_id: str, body: dict) -> None:
+        """Direct return: send a step's result (or failure) body to the entry at `address`."""
+        box = self._results.setdefault(address, [])
+        if not box:
+            asyncio.get_running_loop().call_soon(self._flush_results, address)
+        box.append((step_id, body))
+
+    def _flush_results(self, address: str) -> None:
+        items = self._results.pop(address, [])
+        if items:
+            self._start(self._post_results(address, items))
+
+    async def _post_results(self, address: str, items: list[tuple[str, dict]]) -> None:
+        try:
+            r = await self.http.post(
+                f"http://{address}{PATH_RESULTS}",
+                json=results_message(self.me, items),
+                timeout=self.hop_timeout_s,
+            )
+            if r.status_code != 200:
+                log.info("the entry at %s refused %d results: status %d", address, len(items), r.status_code)
+        except httpx.HTTPError as e:  # the entry finds out by asking how far its steps got
+            log.info("results to the entry at %s were lost: %s: %s", address, type(e).__name__, e)
 
     async def push(self, req: StepRequest) -> StepResult:
         """Send the step to its next hop; its reply (or which peer failed) comes back."""
@@ -140,10 +179,14 @@ def parse_steps_reply(r: httpx.Response, peer_id: str, count: int) -> list[StepR
             raise ValueError(f"{count} results expected")
     except (ValueError, KeyError, TypeError) as e:
         return [HopFailed(peer_id, f"a steps reply that does not fit its message: {e}")] * count
-    return [_result(item, peer_id) for item in items]
+    return [outcome_of(item, peer_id) for item in items]
 
 
-def _result(item, peer_id: str) -> StepResult | HopFailed:
+ACCEPTED = StepResult([], [])  # a step returned directly, checked and taken on by the next hop
+
+
+def outcome_of(item, peer_id: str) -> StepResult | HopFailed:
+    """One step's result, or its failure, from a reply or a results message sent by `peer_id`."""
     try:
         return _parse(item, 200 if isinstance(item, dict) and "error" not in item else 502, peer_id)
     except HopFailed as e:
@@ -166,6 +209,8 @@ def _parse(data, status: int, peer_id: str) -> StepResult:
         reason = err.get("type") if err.get("type") in HopFailed.REASONS else "failed"
         message = str(err.get("message", f"status {status}")).removeprefix(f"peer {failed} failed: ")
         raise HopFailed(str(failed), str(message), reason)
+    if isinstance(data, dict) and data.get("accepted") is True:
+        return ACCEPTED
     try:
         result = StepResult([int(t) for t in data["tokens"]], [float(x) for x in data["logprobs"]])
     except (KeyError, TypeError, ValueError, OverflowError):

@@ -26,8 +26,9 @@ from inference.block import load_config
 from inference.prefix_cache import BLOCK_TOKENS
 
 from .bans import Bans
+from .direct import DONE, FAILED, QUEUED, Progress, Returns
 from .errors import HopFailed
-from .forwarding import Forwarder
+from .forwarding import Forwarder, outcome_of
 from .gossip import Gossip
 from .identity import Identity
 from .limits import (
@@ -37,7 +38,7 @@ from .limits import (
     DEFAULT_READ_TIMEOUT_S,
 )
 from .membership import DEAD, JOINING, LEAVING, SERVING, GossipSettings, PeerEntry, Table, new_incarnation
-from .protocol import Hop, StepRequest, StepResult
+from .protocol import Hop, StepRequest, StepResult, step_error_body, step_result_body
 from .scheduler import Busy, CoreTurns, Job, NonFinite, Scheduler, SchedulerSettings
 from .speculative import SpeculationStats
 from .trust import SwarmAuth
@@ -99,6 +100,7 @@ class NodeConfig:
     prefix_reuse: bool = True  # reuse the KV of prompt prefixes this peer computed before
     prefix_cache_tokens: int = 16384  # token slots of KV kept for prefix reuse
     speculative: bool = True  # requests entering here draft tokens the chain checks (peers/speculative.py)
+    direct_return: bool = True  # results of this entry's steps come straight from the last peer
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     gossip: GossipSettings = field(default_factory=GossipSettings)
 
@@ -179,6 +181,8 @@ class PeerNode:
         self.failovers = 0  # re-routes this entry made (a failed, busy or full peer, a lost session)
         self.verification = VerificationStats()
         self.speculation = SpeculationStats()
+        self.progress = Progress()  # how far the steps that reached this hop got (direct return)
+        self.returns = Returns()  # this entry's steps in flight (direct return)
         self._verify_credit = 0.0
         self._referee_block: Block | None = None  # --self-referee's layers, loaded on a dispute
         self.stopping = False  # set when draining ends: requests still running end with an error
@@ -405,6 +409,81 @@ class PeerNode:
     # -- steps -----------------------------------------------------------------------------
     async def run_step(self, req: StepRequest) -> StepResult:
         """Run this peer's hop of the step, then the rest of the route; HopFailed names who failed."""
+        hop, block = await self._admit(req)
+        out, job = await self._compute(req, hop, block)
+        self.steps_served += 1
+        if isinstance(out, StepResult):
+            if req.verify:
+                out = replace(out, top=None, commitments=(self._commit(req, hop, block, out.top, None),))
+            return replace(out, tokens=[], logprobs=[]) if req.terminal else out
+        mine = self._commit(req, hop, block, top_entries(out[:, -1]), out) if req.verify else None
+        if req.terminal:  # a shadow: its commitment is its answer
+            return StepResult([], [], commitments=(mine,))
+        position = req.position + job.skipped  # the positions restored from the prefix cache stay behind
+        nxt = replace(req, hops=req.hops[1:], tensor=out, position=position)
+        shadow = self._shadow_of(req.hops[1], req.shadows) if req.verify else None
+        if shadow is None:
+            result = await self.forwarder.push(nxt)
+        else:  # the same input to a replica of the next hop, which only answers its commitment
+            result, seen = await with_shadow(self.forwarder.push(nxt), self.run_shadow(nxt, shadow, mine))
+            result = replace(result, shadows=(*result.shadows, *seen))
+        if mine is None:
+            return result
+        problem = check_commitments(self.table, req.hops[1:], result.commitments, nxt, only=1, mine=mine)
+        if problem:  # what the next hop answered does not say who computed what: it is at fault
+            raise HopFailed(req.hops[1].peer_id, problem[1])
+        return replace(result, commitments=(mine, *result.commitments))
+
+    async def accept_step(self, req: StepRequest) -> None:
+        """Direct return: check the step (HopFailed if this peer refuses it), then compute it and
+        hand it on in the background, while the sender goes on; the result, or the failure
+        and who is at fault, goes straight to the entry (peers/direct.py)."""
+        entry = req.reply_to
+        if not self._knows_entry(entry) and not await self._learn(lambda: self._knows_entry(entry)):
+            raise HopFailed(
+                self.peer_id, f"the step's entry {entry.peer_id} is not a live peer of its table", "busy"
+            )
+        hop, block = await self._admit(req)
+        self.progress.mark(req.step_id, QUEUED)
+        self.spawn(self._carry(req, hop, block))
+
+    async def _carry(self, req: StepRequest, hop: Hop, block: Block) -> None:
+        try:
+            out, job = await self._compute(req, hop, block)
+            self.steps_served += 1
+            if isinstance(out, StepResult):
+                self._reply(req, step_result_body(replace(out, top=None)))
+            else:
+                position = req.position + job.skipped
+                await self.forwarder.push(replace(req, hops=req.hops[1:], tensor=out, position=position))
+            self.progress.mark(req.step_id, DONE)
+        except Exception as e:  # (HopFailed names who failed; anything else is a bug here)
+            if not isinstance(e, HopFailed):
+                log.exception("step failed here")
+                e = HopFailed(self.peer_id, f"{type(e).__name__}: {e}")
+            self.progress.mark(req.step_id, FAILED)
+            self._reply(req, step_error_body(e.message, e.peer_id, e.reason))
+
+    def _reply(self, req: StepRequest, body: dict) -> None:
+        """Send a step's result or failure to its entry (this peer itself, or by HTTP)."""
+        if req.reply_to.peer_id == self.peer_id:
+            self.returns.deliver(self.peer_id, req.step_id, outcome_of(body, self.peer_id))
+        else:
+            self.forwarder.send_result(req.reply_to.address, req.step_id, body)
+
+    def _knows_entry(self, entry) -> bool:
+        if entry.peer_id == self.peer_id:
+            return entry.address == self.config.address
+        known = self.table.get(entry.peer_id)
+        return (
+            known is not None
+            and known.address == entry.address
+            and self.table.status(entry.peer_id) not in (None, DEAD)
+        )
+
+    async def _admit(self, req: StepRequest) -> tuple[Hop, Block]:
+        """This peer's hop of the step and the block to run it, or HopFailed: the checks made
+        before any work (the receiver bounds its own work, whatever the sender asks)."""
         hop = req.hops[0]
         block = self.block
         if block is None or hop.peer_id != self.peer_id:
@@ -418,7 +497,11 @@ class PeerNode:
         bad = _route_problem(req.hops, self.total_layers, req.terminal) or self._frame_problem(req)
         if bad:
             raise HopFailed(self.peer_id, bad, "bad_request")
-        if len(req.hops) > 1 and not self._knows(req.hops[1]) and not await self._learn(req.hops[1]):
+        if (
+            len(req.hops) > 1
+            and not self._knows(req.hops[1])
+            and not await self._learn(lambda: self._knows(req.hops[1]))
+        ):
             raise HopFailed(
                 self.peer_id,
                 f"its next hop {req.hops[1].peer_id} ({req.hops[1].start}:{req.hops[1].end}) is not a "
@@ -427,6 +510,13 @@ class PeerNode:
             )
         if req.tensor.is_floating_point() and not bool(torch.isfinite(req.tensor).all()):
             raise HopFailed(self.peer_id, "the hidden states it was sent are not finite", "bad_input")
+        return hop, block
+
+    async def _compute(
+        self, req: StepRequest, hop: Hop, block: Block
+    ) -> tuple[torch.Tensor | StepResult, Job]:
+        """Run the hop on the scheduler: hidden states to hand on, or (the model's last layers)
+        the sampled tokens; the errors of the compute mapped to HopFailed reasons."""
         last = hop.end == self.total_layers
         job = Job(
             req.session_id,
@@ -456,28 +546,7 @@ class PeerNode:
         except Exception as e:  # a bug, a torch or CUDA error: this hop failed, the entry fails over
             log.warning("step failed here: %s: %s", type(e).__name__, e)
             raise HopFailed(self.peer_id, f"{type(e).__name__}: {e}") from e
-        self.steps_served += 1
-        if isinstance(out, StepResult):
-            if req.verify:
-                out = replace(out, top=None, commitments=(self._commit(req, hop, block, out.top, None),))
-            return replace(out, tokens=[], logprobs=[]) if req.terminal else out
-        mine = self._commit(req, hop, block, top_entries(out[:, -1]), out) if req.verify else None
-        if req.terminal:  # a shadow: its commitment is its answer
-            return StepResult([], [], commitments=(mine,))
-        position = req.position + job.skipped  # the positions restored from the prefix cache stay behind
-        nxt = replace(req, hops=req.hops[1:], tensor=out, position=position)
-        shadow = self._shadow_of(req.hops[1], req.shadows) if req.verify else None
-        if shadow is None:
-            result = await self.forwarder.push(nxt)
-        else:  # the same input to a replica of the next hop, which only answers its commitment
-            result, seen = await with_shadow(self.forwarder.push(nxt), self.run_shadow(nxt, shadow, mine))
-            result = replace(result, shadows=(*result.shadows, *seen))
-        if mine is None:
-            return result
-        problem = check_commitments(self.table, req.hops[1:], result.commitments, nxt, only=1, mine=mine)
-        if problem:  # what the next hop answered does not say who computed what: it is at fault
-            raise HopFailed(req.hops[1].peer_id, problem[1])
-        return replace(result, commitments=(mine, *result.commitments))
+        return out, job
 
     def _shadow_of(self, hop: Hop, shadows: tuple[Hop, ...]) -> Hop | None:
         """The shadow of `hop` among a frame's, if this peer's table knows it serves those layers
@@ -562,11 +631,11 @@ class PeerNode:
             and entry.start <= hop.start < hop.end <= entry.end
         )
 
-    async def _learn(self, hop: Hop) -> bool:
-        """A next hop this peer does not know yet (tables lag a moment after a peer joins): one
-        extra gossip round with peers it already knows, shared by the steps that wait for it and
-        at most one a second, then whether it knows the hop now. An address that only the
-        frame names is never dialled."""
+    async def _learn(self, knows) -> bool:
+        """A peer this peer does not know yet (tables lag a moment after a peer joins): one extra
+        gossip round with peers it already knows, shared by the steps that wait for it and at
+        most one a second, then whether `knows()` now. An address that only the frame names is
+        never dialled."""
         loop = asyncio.get_running_loop()
         if self._learning is None or (self._learning.done() and loop.time() - self._learned_at > 1.0):
             self._learned_at = loop.time()
@@ -574,7 +643,7 @@ class PeerNode:
                 self.gossip.round(self.table.gossip_targets(self.list_seeds()))
             )
         await asyncio.shield(self._learning)
-        return self._knows(hop)
+        return knows()
 
     async def judge(self, rows: list[list[int]], end: int) -> Commitment:
         """--self-referee: this entry recomputes layers 0:end itself on token sequences `rows`

@@ -20,6 +20,8 @@ PATH_STEPS = "/swarm/steps"  # several step frames in one message (coalesced for
 PATH_CLOSE = "/swarm/close"
 PATH_GOSSIP = "/swarm/gossip"
 PATH_TABLE = "/swarm/table"
+PATH_RESULTS = "/swarm/results"  # direct return: results (or failures) of steps, to their entry
+PATH_PROGRESS = "/swarm/progress"  # how far a step got on this hop (the entry asks when it is late)
 STEP_CONTENT_TYPE = "application/x-layerswarm-step"
 
 _DTYPES = {
@@ -34,6 +36,7 @@ MAX_HEADER_BYTES = 1 << 20
 MAX_VERIFY_CHARS = 64
 MAX_SHADOWS = 16
 MAX_DRAFT = 16  # drafted tokens in one step (speculative decoding)
+MAX_STEP_ID = 64  # characters
 
 
 class ProtocolError(ValueError):
@@ -48,6 +51,14 @@ class Hop:
     address: str  # host:port
     start: int
     end: int
+
+
+@dataclass(frozen=True)
+class Entry:
+    """The peer a step's result goes to (direct return)."""
+
+    peer_id: str
+    address: str
 
 
 @dataclass(frozen=True)
@@ -69,9 +80,9 @@ class StepRequest:
     verify: str = ""  # set: every hop commits to its output (the entry's digest of the tokens so far)
     shadows: tuple[Hop, ...] = ()  # replicas that recompute hops of the route on the same input
     terminal: bool = False  # a shadow's frame: compute this hop, answer its commitment, forward nothing
-    draft: int = (
-        0  # the last `draft` tokens are drafted: the last hop samples after each of the last draft + 1
-    )
+    draft: int = 0  # the last `draft` tokens are drafted: sample after each of the last draft + 1
+    reply_to: "Entry | None" = None  # direct return: the last hop sends the result here, not back
+    step_id: str = ""  # with reply_to: the entry's name for this step
 
 
 @dataclass(frozen=True)
@@ -141,6 +152,9 @@ def encode_step(req: StepRequest) -> bytes:
         header["terminal"] = True
     if req.draft:
         header["draft"] = req.draft
+    if req.reply_to is not None:
+        header["reply_to"] = asdict(req.reply_to)
+        header["step_id"] = req.step_id
     return encode_tensor_frame(header, req.tensor)
 
 
@@ -158,6 +172,8 @@ def decode_step(body: bytes) -> StepRequest:
             shadows=tuple(_hop(h) for h in _typed(header.get("shadows", []), list, "shadows")),
             terminal=_typed(header.get("terminal", False), bool, "terminal", bools=True),
             draft=_typed(header.get("draft", 0), int, "draft"),
+            reply_to=_entry(header["reply_to"]) if "reply_to" in header else None,
+            step_id=_typed(header.get("step_id", ""), str, "step_id"),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ProtocolError(f"bad step header: {e}") from e
@@ -178,6 +194,13 @@ def decode_step(body: bytes) -> StepRequest:
         )
     if req.draft and req.verify:
         raise ProtocolError("a checked step drafts nothing")
+    if req.reply_to is not None and (
+        not 0 < len(req.step_id) <= MAX_STEP_ID or not req.step_id.isprintable() or req.verify
+    ):
+        raise ProtocolError(
+            f"a step returned directly has a step id of 1 to {MAX_STEP_ID} printable characters, "
+            "and is not checked (checked steps return through the route)"
+        )
     if (tensor.dim() == 2) != (tensor.dtype == torch.int64):
         raise ProtocolError("token ids travel as int64 [B, T] and hidden states as floats [B, T, H]")
     return req
@@ -198,6 +221,12 @@ def _hop(h) -> Hop:
         _typed(h["start"], int, "start"),
         _typed(h["end"], int, "end"),
     )
+
+
+def _entry(h) -> Entry:
+    if not isinstance(h, dict):
+        raise ValueError(f"reply_to must be an object, got {h!r:.80}")
+    return Entry(_typed(h["peer_id"], str, "peer_id"), _typed(h["address"], str, "address"))
 
 
 def _sampling(data: dict) -> Sampling:
@@ -256,6 +285,11 @@ def step_result_body(result: StepResult) -> dict:
     if result.shadows:
         body["shadow_commitments"] = [c.to_json() for c in result.shadows]
     return body
+
+
+def results_message(sender: str, items: list[tuple[str, dict]]) -> dict:
+    """Direct return: (step id, step_result_body or step_error_body) of steps for one entry."""
+    return {"from": sender, "results": [{"step_id": sid, **body} for sid, body in items]}
 
 
 def step_error_body(message: str, failed_peer: str | None, reason: str) -> dict:

@@ -9,14 +9,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from .errors import HopFailed, install_handlers
+from .forwarding import outcome_of
 from .limits import BodyLimits
 from .node import PeerNode
 from .openai_api import router as openai_router
 from .openai_api import unless_gone
 from .protocol import (
+    MAX_STEPS_PER_MESSAGE,
     PATH_CLOSE,
     PATH_GOSSIP,
     PATH_HEALTH,
+    PATH_PROGRESS,
+    PATH_RESULTS,
     PATH_STEPS,
     PATH_TABLE,
     ProtocolError,
@@ -87,6 +91,13 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
                 "accusations_ignored": node.accusations.ignored,
             },
             "speculation": {"enabled": node.config.speculative, **node.speculation.to_json()},
+            "direct_return": {
+                "enabled": node.config.direct_return,
+                "in_flight": len(node.returns),
+                "mean_step_ms": round(1000 * node.returns.step_s, 2),
+                "late_step_probes": node.returns.probes,
+                "results_ignored": node.returns.ignored,
+            },
             "queued_steps": len(node.scheduler),
             "scheduler": node.scheduler.stats.to_json(),
             "forwarded": {"messages": node.forwarder.messages, "frames": node.forwarder.frames},
@@ -115,12 +126,33 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
 
     async def _run(req) -> dict:
         try:
+            if req.reply_to is not None:  # returned directly: answered once checked and taken on
+                await node.accept_step(req)
+                return {"accepted": True}
             return step_result_body(await node.run_step(req))
         except HopFailed as e:
             return step_error_body(e.message, e.peer_id, e.reason)
         except Exception as e:  # one frame's bug must not fail the others of its message
             log.exception("step failed")
             return step_error_body(f"{type(e).__name__}: {e}", node.peer_id, "failed")
+
+    @app.post(PATH_RESULTS)
+    async def results(body: dict) -> Response:
+        """Direct return: results (or failures) of this entry's steps, from a peer of their route."""
+        sender, items = body.get("from"), body.get("results")
+        if not isinstance(sender, str) or not isinstance(items, list) or len(items) > MAX_STEPS_PER_MESSAGE:
+            return JSONResponse(step_error_body("bad results message", None, "bad_request"), status_code=400)
+        taken = 0
+        for item in items:
+            step_id = item.get("step_id") if isinstance(item, dict) else None
+            if isinstance(step_id, str):
+                taken += node.returns.deliver(sender, step_id, outcome_of(item, sender))
+        return JSONResponse({"taken": taken})
+
+    @app.get(PATH_PROGRESS)
+    async def progress(step: str) -> dict:
+        """How far a step got here (the entry asks when the step is late)."""
+        return {"state": node.progress.state(step)}
 
     @app.post(PATH_CLOSE)
     async def close(body: dict) -> dict:
