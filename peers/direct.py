@@ -63,6 +63,7 @@ class Returns:
     def __init__(self):
         self._pending: dict[str, Pending] = {}
         self.step_s = 0.0  # recent time from sending a step to its result (an average)
+        self.taken = 0  # results and failures taken for steps in flight
         self.ignored = 0  # results for no step in flight here, or from a peer off its route
         self.probes = 0  # progress probes sent for late steps
 
@@ -89,6 +90,7 @@ class Returns:
             if outcome.peer_id not in on_route:  # a hop can only blame a peer of the route
                 outcome = HopFailed(sender, outcome.message, outcome.reason)
             pending.future.set_exception(outcome)
+            pending.future.exception()  # (retrieved: a step given up on logs no warning)
         elif sender != pending.route[-1].peer_id:
             self.ignored += 1
             return False
@@ -96,6 +98,7 @@ class Returns:
             elapsed = time.monotonic() - pending.started
             self.step_s = elapsed if not self.step_s else 0.8 * self.step_s + 0.2 * elapsed
             pending.future.set_result(outcome)
+        self.taken += 1
         return True
 
     async def wait(self, step_id: str, pending: Pending, deadline_s: float, probe) -> StepResult:

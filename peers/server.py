@@ -96,6 +96,7 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
                 "in_flight": len(node.returns),
                 "mean_step_ms": round(1000 * node.returns.step_s, 2),
                 "late_step_probes": node.returns.probes,
+                "results_taken": node.returns.taken,
                 "results_ignored": node.returns.ignored,
             },
             "queued_steps": len(node.scheduler),
