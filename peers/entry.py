@@ -36,7 +36,7 @@ class Token:
 
 def current_route(node: PeerNode, key: str, exclude: set[str]) -> list[Hop]:
     peers = node.table.serving(node.model_id)
-    return plan_route(peers, node.total_layers, key, node.model_id, exclude)
+    return plan_route(peers, node.total_layers, key, node.model_id, exclude, origin=node.table.me)
 
 
 def banned_now(node: PeerNode) -> set[str]:

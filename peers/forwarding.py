@@ -4,12 +4,14 @@ test process over httpx's in-memory transports."""
 
 import asyncio
 import logging
+import time
 from dataclasses import replace
 
 import httpx
 
 from .errors import HopFailed
 from .limits import post_capped
+from .links import Links
 from .protocol import (
     PATH_CLOSE,
     PATH_RESULTS,
@@ -46,8 +48,16 @@ class Forwarder:
     Results of steps returned directly travel the same way: those for the same entry in the
     same turn of the event loop go as one message."""
 
-    def __init__(self, me: str, http: httpx.AsyncClient, hop_timeout_s: float, per_token_s: float):
-        self.me, self.http = me, http
+    def __init__(
+        self,
+        me: str,
+        http: httpx.AsyncClient,
+        hop_timeout_s: float,
+        per_token_s: float,
+        links: Links | None = None,
+    ):
+        """`links`, if given, learns the round-trip time of each next hop's acknowledgement."""
+        self.me, self.http, self.links = me, http, links
         self.hop_timeout_s, self.per_token_s = hop_timeout_s, per_token_s
         self._outbox: dict[str, list[tuple[StepRequest, asyncio.Future]]] = {}
         self._results: dict[str, list[tuple[str, dict]]] = {}  # entry address -> (step id, body)
@@ -124,6 +134,7 @@ class Forwarder:
                 body = encode_steps(reqs)
             self.messages += 1
             self.frames += len(reqs)
+            sent = time.monotonic()
             r = await post_capped(
                 self.http,
                 f"http://{nxt.address}{PATH_STEPS}",
@@ -132,6 +143,8 @@ class Forwarder:
                 headers={"content-type": STEP_CONTENT_TYPE},
             )
             results = parse_steps_reply(r, nxt.peer_id, len(reqs))
+            if self.links is not None and r.status_code == 200 and all(q.reply_to for q in reqs):
+                self.links.observe(nxt.peer_id, time.monotonic() - sent)  # (an acknowledgement: a round trip)
         except httpx.TimeoutException:
             results = [HopFailed(nxt.peer_id, f"no answer within {timeout:.1f} s")] * len(reqs)
         except httpx.HTTPError as e:

@@ -34,6 +34,8 @@ MAX_LAYERS = 4096
 MAX_MODEL_ID = 256
 MAX_CLOCK_AHEAD_S = 300.0  # an incarnation (a start time in microseconds) at most this far ahead
 MAX_COUNTER = 2**53  # heartbeats and loads
+MAX_LINKS = 16  # round-trip times an entry publishes
+MAX_MS = 600_000.0  # the largest time an entry may publish
 _HOST = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
 )
@@ -79,6 +81,8 @@ class PeerEntry:
     address: str = ""  # what others dial, host:port
     public_key: str = ""  # Ed25519, unpadded base64url
     signature: str = ""  # the owner's, over every other field but dead_for_s
+    layer_ms: float = 0.0  # its recent compute time per layer of a forward (0: not measured yet)
+    links: tuple[tuple[str, float], ...] = ()  # (peer id, round-trip ms) to peers it talks to
 
     @property
     def version(self) -> tuple[int, int]:
@@ -153,6 +157,8 @@ class PeerEntry:
             address,
             data["public_key"],
             signature,
+            _ms(data["layer_ms"], "layer_ms"),
+            _links(data["links"]),
         )
 
 
@@ -170,6 +176,28 @@ def check_address(value) -> str:
     ):
         raise ValueError(f"an address must be host:port, got {value!r:.80}")
     return value
+
+
+def _ms(value, name: str) -> float:
+    if not finite_number(value) or not 0 <= value <= MAX_MS:
+        raise ValueError(f"{name} must be a number of milliseconds in [0, {MAX_MS:g}], got {value!r:.40}")
+    return float(value)
+
+
+def _links(value) -> tuple[tuple[str, float], ...]:
+    if not isinstance(value, list | tuple) or len(value) > MAX_LINKS:
+        raise ValueError(f"links must be a list of at most {MAX_LINKS} [peer id, ms] pairs")
+    out = []
+    for item in value:
+        if (
+            not isinstance(item, list | tuple)
+            or len(item) != 2
+            or not isinstance(item[0], str)
+            or len(item[0]) != PEER_ID_CHARS
+        ):
+            raise ValueError(f"a link must be [peer id, ms], got {item!r:.60}")
+        out.append((item[0], _ms(item[1], "a link's ms")))
+    return tuple(out)
 
 
 def _int(data: dict, name: str, low: int, high: int) -> int:
@@ -251,9 +279,10 @@ class Table:
         self._peers[self.me.peer_id] = _Local(self.me, now, died_at=now if self.me.state == DEAD else None)
         return self.me
 
-    def beat(self, load: int | None = None) -> PeerEntry:
-        """Advance this peer's heartbeat (each gossip round)."""
-        return self.update_me(load=self.me.load if load is None else load)
+    def beat(self, load: int | None = None, **measured) -> PeerEntry:
+        """Advance this peer's heartbeat (each gossip round), with its load and what it measured
+        (layer_ms, links)."""
+        return self.update_me(load=self.me.load if load is None else load, **measured)
 
     # -- gossip ----------------------------------------------------------------------------
     def merge(self, entries: list[PeerEntry]) -> None:

@@ -37,10 +37,12 @@ from .limits import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_READ_TIMEOUT_S,
 )
+from .links import Links, Speed
 from .membership import DEAD, JOINING, LEAVING, SERVING, GossipSettings, PeerEntry, Table, new_incarnation
 from .protocol import Hop, StepRequest, StepResult, step_error_body, step_result_body
 from .scheduler import Busy, CoreTurns, Job, NonFinite, Scheduler, SchedulerSettings
 from .speculative import SpeculationStats
+from .timing import HopTimes
 from .trust import SwarmAuth
 from .verify import (
     MAX_REASON,
@@ -167,13 +169,17 @@ class PeerNode:
             timeout=config.hop_timeout_s,
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
         )
+        self.links = Links()  # round-trip times to other peers, published for latency-aware routes
+        self.speed = Speed()  # this peer's compute time per layer, published likewise
         self.forwarder = Forwarder(
-            self.identity.peer_id, self.http, config.hop_timeout_s, config.hop_timeout_per_token_s
+            self.identity.peer_id, self.http, config.hop_timeout_s, config.hop_timeout_per_token_s, self.links
         )
         self.accusations = Accusations(
             self._public_key_of, self._avoid_accused, config.liar_ban_s, trusted=config.swarm_key is not None
         )
-        self.gossip = Gossip(self.table, self.http, self.list_seeds(), self._housekeeping, self.accusations)
+        self.gossip = Gossip(
+            self.table, self.http, self.list_seeds(), self._housekeeping, self.accusations, self.links
+        )
         self.scheduler = Scheduler(lambda: self.block, config.scheduler)
         self.bans = Bans(config.ban_s, config.ban_max_s)
         self.active_requests = 0  # entry requests in flight here
@@ -183,6 +189,7 @@ class PeerNode:
         self.speculation = SpeculationStats()
         self.progress = Progress()  # how far the steps that reached this hop got (direct return)
         self.returns = Returns()  # this entry's steps in flight (direct return)
+        self.hop_times = HopTimes()  # where steps' wall time goes here
         self._verify_credit = 0.0
         self._referee_block: Block | None = None  # --self-referee's layers, loaded on a dispute
         self.stopping = False  # set when draining ends: requests still running end with an error
@@ -314,7 +321,12 @@ class PeerNode:
         """Before each gossip round: expire idle sessions, publish load, maybe move, fit threads."""
         if self.block is not None:
             self.block.sessions.expire()  # sessions of vanished entries; also when no step comes
-        self.table.beat(load=self.block.open_sessions() if self.block else 0)
+        stats, me = self.scheduler.stats, self.table.me
+        self.table.beat(
+            load=self.block.open_sessions() if self.block else 0,
+            layer_ms=self.speed.update(stats.compute_s, stats.batches, me.end - me.start),
+            links=self.links.published(),
+        )
         if not self._moving:
             self.spawn(self._maybe_rebalance())
         self._apply_threads()
@@ -443,7 +455,9 @@ class PeerNode:
             raise HopFailed(
                 self.peer_id, f"the step's entry {entry.peer_id} is not a live peer of its table", "busy"
             )
+        t0 = time.perf_counter()
         hop, block = await self._admit(req)
+        self.hop_times.add("check", time.perf_counter() - t0)
         self.progress.mark(req.step_id, QUEUED)
         self.spawn(self._carry(req, hop, block))
 
@@ -451,11 +465,13 @@ class PeerNode:
         try:
             out, job = await self._compute(req, hop, block)
             self.steps_served += 1
+            t0 = time.perf_counter()
             if isinstance(out, StepResult):
                 self._reply(req, step_result_body(replace(out, top=None)))
             else:
                 position = req.position + job.skipped
                 await self.forwarder.push(replace(req, hops=req.hops[1:], tensor=out, position=position))
+            self.hop_times.add("hand_on", time.perf_counter() - t0)
             self.progress.mark(req.step_id, DONE)
         except Exception as e:  # (HopFailed names who failed; anything else is a bug here)
             if not isinstance(e, HopFailed):
@@ -546,6 +562,9 @@ class PeerNode:
         except Exception as e:  # a bug, a torch or CUDA error: this hop failed, the entry fails over
             log.warning("step failed here: %s: %s", type(e).__name__, e)
             raise HopFailed(self.peer_id, f"{type(e).__name__}: {e}") from e
+        if job.started is not None:
+            self.hop_times.add("queue", job.started - job.enqueued)
+        self.hop_times.add("compute", job.compute_s)
         return out, job
 
     def _shadow_of(self, hop: Hop, shadows: tuple[Hop, ...]) -> Hop | None:

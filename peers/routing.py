@@ -1,6 +1,7 @@
 """Route planning, pure: a chain of peers whose spans tile [0, L) in order, fewest hops first,
 then rendezvous (highest-random-weight) hashing with xxhash on the session key, skipping peers
-over a bounded load."""
+over a bounded load, and peers whose compute or whose link from the previous hop is much slower
+than another candidate's (as the peers measured and published them)."""
 
 from collections.abc import Iterable, Sequence
 
@@ -10,6 +11,8 @@ from .membership import PeerEntry
 from .protocol import Hop
 
 LOAD_BOUND = 1.25  # a peer above this times the mean load of its candidates is skipped
+SLOW_FACTOR = 2.0  # a peer whose compute and link take more than this times the best candidate's,
+SLOW_MARGIN_MS = 10.0  # plus this, is skipped
 
 
 class NoRouteError(Exception):
@@ -51,9 +54,15 @@ def gaps(counts: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def plan_route(
-    peers: Sequence[PeerEntry], total: int, key: str, model: str = "", exclude: Iterable[str] = ()
+    peers: Sequence[PeerEntry],
+    total: int,
+    key: str,
+    model: str = "",
+    exclude: Iterable[str] = (),
+    origin: PeerEntry | None = None,
 ) -> list[Hop]:
-    """Hops tiling [0, total). A hop may start inside a peer's span (it runs the rest of it)."""
+    """Hops tiling [0, total). A hop may start inside a peer's span (it runs the rest of it).
+    `origin`: the entry planning the route (its links time the first hop)."""
     excluded = set(exclude)
     usable = [p for p in peers if p.peer_id not in excluded and p.start < p.end]
     missing = gaps(coverage(usable, total))
@@ -66,18 +75,47 @@ def plan_route(
         options = [hops_left[p.end] for p in usable if p.start <= pos < p.end and p.end in hops_left]
         if options:
             hops_left[pos] = 1 + min(options)
-    route, pos = [], 0
+    route, pos, prev = [], 0, origin
     while pos < total:
         candidates = [p for p in usable if p.start <= pos < p.end and p.end in hops_left]
         best = min(hops_left[p.end] for p in candidates)
-        chosen = choose(key, [p for p in candidates if hops_left[p.end] == best])
+        chosen = choose(key, [p for p in candidates if hops_left[p.end] == best], prev, pos)
         route.append(Hop(chosen.peer_id, chosen.address, pos, chosen.end))
-        pos = chosen.end
+        pos, prev = chosen.end, chosen
     return route
 
 
-def choose(key: str, candidates: Sequence[PeerEntry]) -> PeerEntry:
-    """Rendezvous hashing among candidates, skipping those above the load bound when others can serve."""
+def choose(
+    key: str, candidates: Sequence[PeerEntry], prev: PeerEntry | None = None, pos: int = 0
+) -> PeerEntry:
+    """Rendezvous hashing among candidates, skipping those above the load bound and those much
+    slower than another (`fast`) when others can serve. Measurements change slowly and only a
+    much slower peer is skipped, so requests with one key keep reaching the same peers."""
     mean = sum(p.load for p in candidates) / len(candidates)
     light = [p for p in candidates if p.load <= LOAD_BOUND * mean + 1e-9] or list(candidates)
-    return max(light, key=lambda p: weight(key, p.peer_id))
+    return max(fast(light, prev, pos) or light, key=lambda p: weight(key, p.peer_id))
+
+
+def fast(candidates: Sequence[PeerEntry], prev: PeerEntry | None, pos: int) -> list[PeerEntry]:
+    """The candidates for a hop from layer `pos` that are not much slower than another: by the
+    time each would take, its compute (published ms per layer x the layers it would run) plus
+    its link from `prev` (the round-trip time either of the two published). What a candidate
+    has not measured yet counts as the best of the others' (a new peer is not held back)."""
+    compute = {p.peer_id: p.layer_ms * (p.end - pos) for p in candidates if p.layer_ms > 0}
+    links = {p.peer_id: ms for p in candidates if (ms := link_ms(prev, p)) is not None}
+    if not compute and not links:
+        return list(candidates)
+    best_compute, best_link = min(compute.values(), default=0.0), min(links.values(), default=0.0)
+    cost = {
+        p.peer_id: compute.get(p.peer_id, best_compute) + links.get(p.peer_id, best_link) for p in candidates
+    }
+    limit = SLOW_FACTOR * min(cost.values()) + SLOW_MARGIN_MS
+    return [p for p in candidates if cost[p.peer_id] <= limit]
+
+
+def link_ms(a: PeerEntry | None, b: PeerEntry) -> float | None:
+    """The round-trip time between two peers, as either published it (None if neither did)."""
+    if a is None or a.peer_id == b.peer_id:
+        return None
+    times = [ms for pid, ms in a.links if pid == b.peer_id] + [ms for pid, ms in b.links if pid == a.peer_id]
+    return min(times) if times else None

@@ -3,6 +3,7 @@ OpenAI-compatible API, all on one port."""
 
 import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -99,6 +100,7 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
                 "results_taken": node.returns.taken,
                 "results_ignored": node.returns.ignored,
             },
+            "hop_path_ms": node.hop_times.to_json(),
             "queued_steps": len(node.scheduler),
             "scheduler": node.scheduler.stats.to_json(),
             "forwarded": {"messages": node.forwarder.messages, "frames": node.forwarder.frames},
@@ -113,13 +115,17 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
     @app.post(PATH_STEPS)
     async def steps(request: Request) -> Response:
         """Several steps in one message; each runs as if it came alone, one result each."""
+        t0 = time.perf_counter()
         body = await request.body()
+        t1 = time.perf_counter()
         try:
             reqs = (
                 await asyncio.to_thread(decode_steps, body) if len(body) > (1 << 20) else decode_steps(body)
             )
         except ProtocolError as e:
             return JSONResponse(step_error_body(str(e), None, "bad_request"), status_code=400)
+        node.hop_times.add("read_body", t1 - t0, len(reqs))
+        node.hop_times.add("decode", time.perf_counter() - t1, len(reqs))
         task = asyncio.ensure_future(asyncio.gather(*(_run(r) for r in reqs)))
         if not await unless_gone(task, request, "its steps"):  # the sender gave up: so does this peer
             return Response(status_code=499)

@@ -27,7 +27,12 @@ class Drafter:
     """Drafts for one sequence by prompt lookup, and adapts how many to the acceptance it sees:
     more while all are kept, as many as were kept plus one otherwise, none for a while (a
     pause that doubles) when several steps in a row kept nothing, so that novel text costs
-    almost nothing extra."""
+    almost nothing extra.
+
+    While the text copies a passage (a draft was at least partly kept), the next draft goes on
+    from where the copy stands in that passage, one token past the first that was not kept: an
+    edit (a renamed variable, a changed word) then costs one step, not the n-gram lookup's
+    several until the edited token leaves its window."""
 
     def __init__(self, context: list[int], k_max: int = K_MAX):
         self.tokens: list[int] = []
@@ -37,6 +42,8 @@ class Drafter:
         self._misses = 0
         self._pause = 0  # plain steps left before drafting again
         self._next_pause = FIRST_PAUSE_STEPS
+        self._copying: int | None = None  # where in `tokens` the passage being copied goes on
+        self._drafted_from: int | None = None  # where the last draft was taken from
         self.extend(context)
 
     def extend(self, tokens: list[int]) -> None:
@@ -53,22 +60,28 @@ class Drafter:
         if self._pause:
             self._pause -= 1
             return []
+        self._drafted_from = None
         if limit < 1:
             return []
+        end = self._copying if self._copying is not None and self._copying < len(self.tokens) else None
         for n in range(MAX_NGRAM, MIN_NGRAM - 1, -1):
-            if len(self.tokens) < n:
-                continue
-            end = self._index.get(tuple(self.tokens[-n:]))
             if end is not None:
-                out: list[int] = []
-                for i in range(min(self.k, limit)):  # (overlapping, as in LZ77: a repeat repeats on)
-                    at = end + i
-                    out.append(self.tokens[at] if at < len(self.tokens) else out[at - len(self.tokens)])
-                return out
-        return []
+                break
+            if len(self.tokens) >= n:
+                end = self._index.get(tuple(self.tokens[-n:]))
+        if end is None:
+            return []
+        self._drafted_from = end
+        out: list[int] = []
+        for i in range(min(self.k, limit)):  # (overlapping, as in LZ77: a repeat repeats on)
+            at = end + i
+            out.append(self.tokens[at] if at < len(self.tokens) else out[at - len(self.tokens)])
+        return out
 
     def record(self, drafted: int, accepted: int) -> None:
         """A drafted step came back: `accepted` of its `drafted` tokens were kept."""
+        if self._drafted_from is not None:  # the copy goes on past the token the model chose itself
+            self._copying = self._drafted_from + accepted + 1 if accepted else None
         if accepted == drafted:
             self.k = min(self.k_max, self.k + 2)
         else:

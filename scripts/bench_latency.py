@@ -104,8 +104,9 @@ def swarm_run(
     return per_token, (after["accepted"] - before["accepted"]) / drafted if drafted else 0.0
 
 
-def start_swarm(model: str, split: list[str], delay_ms: float) -> Swarm:
-    swarm = Swarm(model, Path(tempfile.mkdtemp(prefix="bench-latency-")), threads=None)  # as users run them
+def start_swarm(model: str, split: list[str], delay_ms: float, peer_args: list[str]) -> Swarm:
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-latency-"))
+    swarm = Swarm(model, log_dir, peer_args, threads=None)  # threads as users run them
     for layers in split:
         swarm.add(layers, delay_ms=delay_ms if delay_ms else None)
     swarm.wait_ready(timeout_s=300)
@@ -133,6 +134,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--delays", default="0,20", help="one-way ms per hop, comma-separated")
     parser.add_argument("--prompts", default=",".join(PROMPTS), help="which prompt kinds, comma-separated")
+    parser.add_argument("--peer-args", default="", help="extra `peer serve` flags, e.g. --no-direct-return")
     args = parser.parse_args()
     kinds = args.prompts.split(",")
     unknown = set(kinds) - set(PROMPTS)
@@ -147,7 +149,7 @@ def main() -> int:
     split = args.split.split(",")
     rows = []  # (delay, kind, mono s/token, plain s/token, speculative s/token, acceptance)
     for delay in [float(d) for d in args.delays.split(",")]:
-        swarm = start_swarm(args.model, split, delay)
+        swarm = start_swarm(args.model, split, delay, args.peer_args.split())
         try:
             entry = swarm.peers[0].address  # the client talks to the entry directly; hops pay the delay
             swarm_run(entry, source.model_id, PROMPTS["story"], 8, True)  # warm up
@@ -168,7 +170,7 @@ def main() -> int:
 
     print(
         f"\nmodel {source.model_id}, split {args.split}, {args.max_tokens} new tokens (greedy), median of "
-        f"{args.runs} runs; {cpu_name()}, {os.cpu_count()} cores"
+        f"{args.runs} runs; {cpu_name()}, {os.cpu_count()} cores; peer flags: {args.peer_args or 'defaults'}"
     )
     head = (
         f"{'delay':>6} {'prompt':<10} {'mono ms/tok':>11} {'swarm':>8} {'swarm+spec':>10} {'spec tok/s':>10} "

@@ -90,6 +90,10 @@ def table_ids(peer) -> set[str]:
         ({"peer_id": "a" * 20}, "peer_id must be the id its public_key owns"),
         ({"signature": "abc"}, "signature must be 64 bytes"),
         ({"heartbeat": 2}, "not signed by its owner"),  # changed after signing
+        ({"layer_ms": -1}, "layer_ms must be a number of milliseconds"),  # (would always be "fastest")
+        ({"links": [["b" * 20, 1.0]] * 17}, "at most 16"),  # an unbounded list in every message
+        ({"links": [["short", 1.0]]}, "a link must be [peer id, ms]"),
+        ({"links": [["b" * 20, 1e12]]}, "a link's ms must be"),
     ],
 )
 def test_malformed_gossip_is_refused_and_merges_nothing(swarm, changes, why):

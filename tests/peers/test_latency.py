@@ -1,6 +1,6 @@
-"""The delay proxy that stands in for a WAN link (this kernel has no netem), and a swarm whose
-peers all sit behind one: every byte between peers pays the delay, and the output is still the
-monolithic model's."""
+"""Latency: the delay proxy that stands in for a WAN link (this kernel has no netem), a swarm
+whose peers all sit behind one (the output is still the monolithic model's), and routes that
+avoid a much slower replica by what the peers measure and publish."""
 
 import asyncio
 import subprocess
@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from tests.helpers import greedy_reference, monolithic
 from tests.peers.swarm import ROOT, Swarm, free_port, wait_until
+from tests.peers.test_inprocess import PROMPTS, start_swarm, stop_swarm, tokens_of
 
 
 def test_the_proxy_delays_every_byte_in_order_both_ways():
@@ -79,3 +80,39 @@ def test_a_swarm_behind_delay_proxies_gives_the_monolithic_text(tiny_llama, tmp_
         wait_until(lambda: all(p.health()["sessions"] == 0 for p in swarm.peers), 10)
     finally:
         swarm.stop()
+
+
+def test_peers_publish_their_speed_and_links_and_routes_avoid_a_slow_replica(tiny_llama):
+    """Each peer publishes its compute time per layer and its round-trip times in its entry; an
+    entry routes around a replica that computes much slower than the other."""
+
+    async def main():
+        net, nodes = await start_swarm(tiny_llama, ["0:4", "0:2", "0:2", "2:4"])  # entry, 2 replicas, tail
+        entry, fast, slow, tail = nodes
+        try:
+            entry.bans.ban(entry.peer_id, entry.table.me.incarnation)  # keep the entry off routes
+            for p in PROMPTS[:4]:
+                await tokens_of(entry, p, 4)
+            slow.speed.update = lambda *args: 50.0  # as if its layers took 50 ms each
+            while any(n.block.open_sessions() for n in nodes):  # (published loads would steer routes too)
+                await asyncio.sleep(0.01)
+            for node in nodes:
+                node._gossip_task.cancel()  # the tables stay as the rounds below leave them
+            for _ in range(2):
+                for node in nodes:
+                    node._housekeeping()
+                await asyncio.gather(*(n.gossip.round([], fanout_all=True) for n in nodes))
+            published = {n.peer_id: entry.table.get(n.peer_id) for n in (fast, slow, tail)}
+            served = slow.steps_served
+            for i in range(8):
+                await tokens_of(entry, [i + 1, 2, 3], 3)
+            return published, entry.table.me, slow.steps_served - served, fast.peer_id, tail.peer_id
+        finally:
+            await stop_swarm(nodes)
+
+    published, me, slow_steps, fast_id, tail_id = asyncio.run(main())
+    assert all(e.layer_ms > 0 for e in published.values()), published
+    assert published[next(iter(published))].layer_ms < 50
+    assert {pid for pid, _ in me.links} >= {tail_id}  # the entry timed its first hops
+    assert any(pid == tail_id for pid, _ in published[fast_id].links)  # the replica timed the tail
+    assert slow_steps == 0  # 8 new keys, none routed to the slow replica

@@ -1,6 +1,7 @@
 """Route planning is pure: tiling, fewest hops, rendezvous balance, bounded load, minimal moves."""
 
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -68,3 +69,34 @@ def test_overloaded_peer_is_skipped_while_another_can_serve():
     assert {plan_route(peers, TOTAL, str(k))[0].peer_id for k in range(100)} == {"idle"}
     alone = [peer("busy", 0, TOTAL, load=10)]
     assert plan_route(alone, TOTAL, "k")[0].peer_id == "busy"
+
+
+def measured(name: str, start: int, end: int, layer_ms: float = 0.0, links=()) -> PeerEntry:
+    return replace(peer(name, start, end), layer_ms=layer_ms, links=tuple(links))
+
+
+def test_a_much_slower_replica_is_avoided_and_close_ones_keep_their_keys():
+    keys = [f"k{i}" for i in range(200)]
+    slow = [measured("a", 0, 30, 1.0), measured("b", 0, 30, 5.0)]  # b computes 5x slower
+    assert {plan_route(slow, TOTAL, k)[0].peer_id for k in keys} == {"a"}
+    close = [measured("a", 0, 30, 1.0), measured("b", 0, 30, 1.2)]  # within the margin: rendezvous
+    unmeasured = [peer("a", 0, 30), peer("b", 0, 30)]
+    assert [plan_route(close, TOTAL, k)[0].peer_id for k in keys] == [
+        plan_route(unmeasured, TOTAL, k)[0].peer_id for k in keys
+    ]
+    new = [measured("a", 0, 30, 1.0), measured("b", 0, 30, 0.0)]  # b not measured yet: kept
+    assert {plan_route(new, TOTAL, k)[0].peer_id for k in keys} == {"a", "b"}
+
+
+def test_a_replica_behind_a_slow_link_from_the_previous_hop_is_avoided():
+    first = [measured("a", 0, 10, links=[("c" * 20, 2.0)])]
+    far, near = "c" * 20, "d" * 20
+    rest = [measured(far, 10, 30, links=[("a", 80.0)]), measured(near, 10, 30, links=[("a", 3.0)])]
+    keys = [f"k{i}" for i in range(100)]
+    # a's own measurement of the far one says 2 ms; the far one says 80: the smaller counts
+    assert {plan_route(first + rest, TOTAL, k)[1].peer_id for k in keys} == {far, near}
+    first = [measured("a", 0, 10)]
+    assert {plan_route(first + rest, TOTAL, k)[1].peer_id for k in keys} == {near}
+    origin = measured("entry", 0, 0, links=[(far, 1.0), (near, 90.0)])  # the entry's own links time hop 1
+    whole = [measured(far, 0, 30), measured(near, 0, 30)]
+    assert {plan_route(whole, TOTAL, k, origin=origin)[0].peer_id for k in keys} == {far}

@@ -31,6 +31,18 @@ def test_prompt_lookup_drafts_what_followed_the_latest_occurrence():
     assert d.propose(8) == [1, 2, 3, 1]  # a repeat repeats on
 
 
+def test_a_copy_goes_on_past_an_edited_token():
+    source = [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
+    d = Drafter([*source, 99, 10, 11, 12])
+    assert d.propose(8) == [13, 14, 15, 16]
+    d.record(4, 2)  # 13, 14 kept; the model wrote 50 where the passage has 15 (an edit)
+    d.extend([13, 14, 50])
+    assert d.propose(8) == [16, 17, 18]  # on from past the edited token, though "14 50" is new
+    d.record(3, 0)  # the copy ended: back to n-gram lookup
+    d.extend([77])
+    assert d.propose(8) == []
+
+
 def test_the_draft_length_follows_acceptance_and_pauses_on_misses():
     d = Drafter([1, 2, 3] * 20, k_max=8)
     assert len(d.propose(100)) == 4
