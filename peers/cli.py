@@ -60,6 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
         self_referee=args.self_referee,
         prefix_reuse=not args.no_prefix_reuse,
         speculative=not args.no_speculative,
+        draft_model=args.draft_model,
         direct_return=not args.no_direct_return,
         prefix_cache_tokens=args.prefix_cache_tokens,
         scheduler=SchedulerSettings(
@@ -288,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="results of steps entering here come back through every hop of the route, not straight "
         "from the last peer",
+    )
+    serve.add_argument(
+        "--draft-model",
+        default=None,
+        help="a small model sharing the served model's tokenizer (a name or a folder), run by this peer "
+        "to draft tokens for requests entering here where prompt lookup finds none",
     )
     serve.add_argument(
         "--no-speculative",

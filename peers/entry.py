@@ -20,7 +20,7 @@ from .node import PeerNode
 from .prefix import prefix_hashes, routing_key
 from .protocol import MAX_SHADOWS, Entry, Hop, Sampling, StepRequest, StepResult
 from .routing import NoRouteError, plan_route, weight
-from .speculative import Drafter, accepted_length
+from .speculative import Drafter, ModelDrafter, accepted_length
 from .verify import check_commitments, checked_shadows, with_shadow
 
 log = logging.getLogger("layerswarm.entry")
@@ -162,7 +162,8 @@ async def generate(
     delay = 0.05
     drafter = None
     if speculative and n == 1 and observe is None and not shadowed:
-        drafter = Drafter(prompt_ids + generated[0])
+        context = prompt_ids + generated[0]
+        drafter = Drafter(context) if node.draft_block is None else ModelDrafter(context, node.draft_block)
     try:
         while len(generated[0]) < max_tokens:
             if node.stopping:
@@ -202,6 +203,8 @@ async def generate(
             if drafter is not None and position > 0:  # a decode step: the chain checks drafts too
                 room = min(max_tokens - len(generated[0]), node.context_length - position) - 1
                 draft = drafter.propose(room)
+                if draft is None:  # nothing to look up: the entry's draft model drafts
+                    draft = await node.scheduler.run_in_compute(drafter.draft_with_model, room)
                 rows = [rows[0] + draft]
             try:
                 result = await step(
@@ -260,6 +263,8 @@ async def generate(
     finally:
         if route is not None:
             node.spawn(node.close_sessions(session_id, [*route, *shadows]))
+        if isinstance(drafter, ModelDrafter):
+            drafter.close()
 
 
 def _route(node: PeerNode, key: str, exclude: set[str], avoid: frozenset[str], strict: bool) -> list[Hop]:

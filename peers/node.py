@@ -103,6 +103,7 @@ class NodeConfig:
     prefix_cache_tokens: int = 16384  # token slots of KV kept for prefix reuse
     speculative: bool = True  # requests entering here draft tokens the chain checks (peers/speculative.py)
     direct_return: bool = True  # results of this entry's steps come straight from the last peer
+    draft_model: str | None = None  # a small model sharing the tokenizer, run here to draft tokens
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     gossip: GossipSettings = field(default_factory=GossipSettings)
 
@@ -126,6 +127,8 @@ class NodeConfig:
             raise ValueError(f"verify_rate must be in [0, 1], got {self.verify_rate}")
         if self.liar_ban_s <= 0:
             raise ValueError(f"liar_ban_s must be positive, got {self.liar_ban_s}")
+        if self.draft_model and not self.speculative:
+            raise ValueError("a draft model has no use without speculative decoding (--no-speculative)")
         if self.prefix_cache_tokens < 0:
             raise ValueError(f"prefix_cache_tokens must be >= 0, got {self.prefix_cache_tokens}")
 
@@ -146,6 +149,7 @@ class PeerNode:
         self.context_length = self.model_config.max_position_embeddings
         self.tokenizer = Tokenizer(source.path)
         self.block: Block | None = None
+        self.draft_block: Block | None = None  # --draft-model, all its layers
         start, end = _initial_span(config.layers, self.total_layers)
         if config.identity_file:
             self.identity = Identity.load_or_create(config.identity_file)
@@ -231,6 +235,8 @@ class PeerNode:
         self._gossip_task = self.spawn(self.gossip.loop())
         if self.config.join:
             await self.gossip.round(self.list_seeds())
+        if self.config.draft_model:
+            self.draft_block = await self.scheduler.run_in_compute(self._load_draft_model)
         if self.config.layers is None:
             await self._choose_layers()
         await self._load_and_serve()
@@ -316,6 +322,23 @@ class PeerNode:
             c.session_idle_s,
             prefix_tokens,
         )
+
+    def _load_draft_model(self) -> Block:
+        """--draft-model: the whole of a small model sharing the served model's tokenizer."""
+        name = self.config.draft_model
+        source = resolve_model(name)
+        draft_config = load_config(source.path)
+        probe = "The quick brown fox, 1234 times!\n\tdef f(x): return x"
+        if draft_config.vocab_size != self.model_config.vocab_size or Tokenizer(source.path).encode(
+            probe
+        ) != self.tokenizer.encode(probe):
+            raise ValueError(
+                f"--draft-model {name}: its tokenizer differs from that of {self.model_id}; a draft "
+                "model must share the served model's tokenizer"
+            )
+        log.info("loading the draft model %s", source.model_id)
+        c = self.config
+        return load_block(source.path, None, c.device, c.dtype, c.max_cache_tokens, c.session_idle_s)
 
     def _housekeeping(self) -> None:
         """Before each gossip round: expire idle sessions, publish load, maybe move, fit threads."""

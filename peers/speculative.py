@@ -13,7 +13,11 @@ for that draft, so the output has the model's distribution, greedy decoding give
 tokens, and a seeded request gives the same tokens with or without speculation.
 """
 
+import threading
+import uuid
 from dataclasses import dataclass
+
+import torch
 
 K_START = 4  # drafted tokens per step at first
 K_MAX = 8  # and at most (the protocol allows up to MAX_DRAFT)
@@ -60,6 +64,14 @@ class Drafter:
         if self._pause:
             self._pause -= 1
             return []
+        return self.lookup(limit)
+
+    @property
+    def pausing(self) -> bool:
+        return self._pause > 0
+
+    def lookup(self, limit: int) -> list[int]:
+        """The prompt-lookup draft (see the class), or []."""
         self._drafted_from = None
         if limit < 1:
             return []
@@ -93,6 +105,55 @@ class Drafter:
         if self._misses >= PAUSE_AFTER_MISSES:
             self._pause, self._misses = self._next_pause, 0
             self._next_pause = min(MAX_PAUSE_STEPS, 2 * self._next_pause)
+
+
+class ModelDrafter(Drafter):
+    """Prompt lookup first; where it finds nothing, the next tokens of a small draft model the
+    entry runs itself (`--draft-model`), greedy, with its own KV cache of this sequence (a
+    session of the draft block, rolled back to what the sequence still shares with it).
+    `draft_with_model` runs on the entry's compute thread."""
+
+    def __init__(self, context: list[int], block, k_max: int = K_MAX):
+        super().__init__(context, k_max)
+        self.block = block
+        self.session = f"draft-{uuid.uuid4().hex}"
+        self._held: list[int] = []  # the tokens whose keys and values the draft session holds
+        self._lock = threading.Lock()
+
+    def propose(self, limit: int) -> list[int] | None:
+        """As Drafter's, but None where prompt lookup finds nothing: ask `draft_with_model`."""
+        if self._pause:
+            self._pause -= 1
+            return []
+        return self.lookup(limit) or (None if limit >= 1 else [])
+
+    @torch.inference_mode()
+    def draft_with_model(self, limit: int) -> list[int]:
+        with self._lock:
+            k = min(self.k, limit)
+            if k < 1 or not self.tokens:
+                return []
+            common = 0
+            for a, b in zip(self._held, self.tokens, strict=False):
+                if a != b:
+                    break
+                common += 1
+            common = min(common, len(self.tokens) - 1)  # the last token is fed, to get its logits
+            feed = self.tokens[common:]
+            out: list[int] = []
+            held = self.tokens[:common]
+            for _ in range(k):
+                logits = self.block.forward(self.session, torch.tensor([feed]), len(held))  # [1, 1, V]
+                held = held + feed
+                token = int(logits[0, -1].argmax())
+                out.append(token)
+                feed = [token]
+            self._held = held
+            self._drafted_from = None
+            return out
+
+    def close(self) -> None:
+        self.block.close(self.session)
 
 
 def accepted_length(draft: list[int], sampled: list[int]) -> int:

@@ -148,6 +148,7 @@ def main() -> int:
     tokenizer = Tokenizer(source.path)
     split = args.split.split(",")
     rows = []  # (delay, kind, mono s/token, plain s/token, speculative s/token, acceptance)
+    paths = []  # (delay, layers, mean ms per step of each phase, the entry's direct-return counters)
     for delay in [float(d) for d in args.delays.split(",")]:
         swarm = start_swarm(args.model, split, delay, args.peer_args.split())
         try:
@@ -165,6 +166,9 @@ def main() -> int:
                 med = [statistics.median(s[i] for s in samples) for i in range(4)]
                 rows.append((delay, kind, *med))
                 print(f"  {delay:g} ms {kind}: {[round(x * 1e3, 1) for x in med[:3]]} ms/token", flush=True)
+            for peer in swarm.peers:  # where the steps' time went on each hop (all runs at this delay)
+                health = httpx.get(f"{peer.url}/health").json()
+                paths.append((delay, health["layers"], health["hop_path_ms"], health["direct_return"]))
         finally:
             swarm.stop()
 
@@ -180,6 +184,12 @@ def main() -> int:
         print(
             f"{delay:>4g}ms {kind:<10} {mono * 1e3:11.1f} {plain * 1e3:8.1f} {spec * 1e3:10.1f} {1 / spec:10.1f} "
             f"{rate:7.0%} {spec / plain:10.2f} {spec / mono:9.2f} {plain / mono:10.2f}"
+        )
+    print("\nwhere a step's time goes on each peer (mean ms per step over all runs of a delay):")
+    for delay, layers, phases, direct in paths:
+        text = ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
+        print(
+            f"  {delay:g} ms, layers {layers[0]}:{layers[1]}: {text}; entry's mean step {direct['mean_step_ms']} ms"
         )
     legs = len(split)  # one traversal with direct return: entry -> ... -> last -> entry
     nested = 2 * (len(split) - 1)  # today's nested replies: every hop's leg is paid twice

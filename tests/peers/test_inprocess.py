@@ -35,8 +35,9 @@ class Loopback(httpx.AsyncBaseTransport):
         return await self.apps[address].handle_async_request(request)
 
 
-async def start_swarm(model, spans, swarm_key: bytes | None = None):
-    """Peers of `spans` over one in-memory network (a private swarm with `swarm_key`)."""
+async def start_swarm(model, spans, swarm_key: bytes | None = None, settings: dict[int, dict] | None = None):
+    """Peers of `spans` over one in-memory network (a private swarm with `swarm_key`); `settings`:
+    NodeConfig fields of the i-th peer."""
     net = Loopback()
     nodes = []
     for i, layers in enumerate(spans):
@@ -49,6 +50,7 @@ async def start_swarm(model, spans, swarm_key: bytes | None = None):
             gossip=GOSSIP,
             ban_s=60,
             swarm_key=swarm_key,
+            **(settings or {}).get(i, {}),
         )
         auth = SwarmAuth(swarm_key) if swarm_key else None
         node = PeerNode(config, http=httpx.AsyncClient(transport=net, auth=auth))

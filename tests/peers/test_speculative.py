@@ -10,9 +10,10 @@ import torch
 import peers.entry
 import peers.speculative
 from peers.entry import generate
+from peers.node import NodeConfig, PeerNode
 from peers.protocol import MAX_DRAFT, Hop, ProtocolError, Sampling, StepRequest, decode_step, encode_step
 from peers.speculative import PAUSE_AFTER_MISSES, Drafter, accepted_length
-from tests.helpers import greedy_reference, monolithic
+from tests.helpers import greedy_reference, monolithic, save_tiny_model
 from tests.peers.test_inprocess import PROMPTS, start_swarm, stop_swarm
 
 LOOPING = [[5, 6, 7, 8] * 6, [40, 41, 42, 43, 44, 45, 46] * 3 + [40, 41]]
@@ -221,3 +222,35 @@ def test_a_peer_lost_during_a_drafted_step_is_failed_over_exactly(tiny_llama, mo
     assert dropped and failovers >= 1
     assert got == expected
     assert stats.accepted > 0
+
+
+def test_a_draft_model_drafts_where_lookup_finds_nothing_and_the_text_is_exact(tiny_llama):
+    model = monolithic(tiny_llama)
+    expected = [greedy_reference(model, p, 16) for p in PROMPTS[:4]]
+
+    async def main():
+        # the model itself as its own draft model: its drafts are kept (a real one is smaller)
+        net, nodes = await start_swarm(
+            tiny_llama, ["0:2", "2:4"], settings={0: {"draft_model": str(tiny_llama)}}
+        )
+        entry = nodes[0]
+        try:
+            got = await asyncio.gather(*(_tokens(entry, p, 16) for p in PROMPTS[:4]))
+            return got, entry.speculation, len(entry.draft_block.sessions)
+        finally:
+            await stop_swarm(nodes)
+
+    got, stats, draft_sessions = asyncio.run(main())
+    assert got == expected
+    assert stats.accepted > 0.8 * stats.drafted > 0, stats
+    assert stats.steps < 4 * 16 // 2  # several tokens a step
+    assert draft_sessions == 0  # every request's draft session was closed
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused(tiny_llama, tmp_path):
+    other = save_tiny_model("llama", tmp_path / "other", vocab_size=300)
+    with pytest.raises(ValueError, match="must share the served model's tokenizer"):
+        node = PeerNode(NodeConfig(model=str(tiny_llama), layers="0:4", draft_model=str(other)))
+        node._load_draft_model()
+    with pytest.raises(ValueError, match="no use without speculative decoding"):
+        NodeConfig(model=str(tiny_llama), draft_model=str(tiny_llama), speculative=False)
