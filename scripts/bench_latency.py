@@ -8,7 +8,6 @@ monolithic transformers on the same prompts in the same run, alternating, median
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -20,6 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench_concurrency import cpu_model  # noqa: E402
+from bench_swarm import monolithic_run as monolithic_ttft_and_decode  # noqa: E402
 
 from inference import Tokenizer, resolve_model  # noqa: E402
 from tests.peers.swarm import Swarm  # noqa: E402
@@ -61,17 +63,7 @@ def chat_ids(tokenizer: Tokenizer, content: str) -> list[int]:
 
 def monolithic_run(model, ids: list[int], max_tokens: int) -> float:
     """Decode seconds per token with transformers' own KV cache, greedy."""
-    from transformers import DynamicCache
-
-    with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
-        out = model(torch.tensor([ids]), cache=cache, use_cache=True)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        t0 = time.perf_counter()
-        for _ in range(max_tokens - 1):
-            out = model(token, cache=cache, use_cache=True)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-        return (time.perf_counter() - t0) / (max_tokens - 1)
+    return monolithic_ttft_and_decode(model, ids, max_tokens)[1]
 
 
 def swarm_run(
@@ -112,16 +104,6 @@ def start_swarm(model: str, split: list[str], delay_ms: float, peer_args: list[s
     swarm.wait_ready(timeout_s=300)
     swarm.wait_route(swarm.peers[0])
     return swarm
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> int:
@@ -174,7 +156,7 @@ def main() -> int:
 
     print(
         f"\nmodel {source.model_id}, split {args.split}, {args.max_tokens} new tokens (greedy), median of "
-        f"{args.runs} runs; {cpu_name()}, {os.cpu_count()} cores; peer flags: {args.peer_args or 'defaults'}"
+        f"{args.runs} runs; {cpu_model()}, {os.cpu_count()} cores; peer flags: {args.peer_args or 'defaults'}"
     )
     head = (
         f"{'delay':>6} {'prompt':<10} {'mono ms/tok':>11} {'swarm':>8} {'swarm+spec':>10} {'spec tok/s':>10} "
