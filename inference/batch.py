@@ -26,6 +26,8 @@ class Step:
     position: int  # the index of the first of the T positions in the session
     layers: tuple[int, int] | None = None  # global layers [a, b) to run; the block's span if None
     last_only: bool = True  # at the model's last layer: logits of the last position only
+    drafted: bool = False  # its last positions are drafted tokens: the next step may start inside it
+    rewind: bool = False  # it may start at any earlier position (a caller's own session, never a frame)
 
 
 @dataclass

@@ -198,17 +198,20 @@ class Block(nn.Module):
         position: int,
         last_only: bool = True,
         layers: tuple[int, int] | None = None,
+        rewind: bool = False,
     ) -> torch.Tensor:
         """Run one step of one session: prefill (T > 1) or decode (T = 1).
 
         inputs: token ids [B, T] when the step starts at layer 0, hidden states [B, T, H] otherwise.
-        position: index of the first of the T positions; at most what the session has cached
-        (0 opens the session; less drops the positions from there on, e.g. rejected drafts). layers: the global layers [a, b) to run, a part of this block's
+        position: index of the first of the T positions; what the session has cached (0 opens
+        the session). After a drafted step (Step.drafted) it may start inside that step's
+        positions, past its first: the rest are dropped (rejected drafts); with `rewind`, at any
+        earlier position (a caller's own session, e.g. a draft model's). layers: the global layers [a, b) to run, a part of this block's
         span (all of it by default); fixed for the session's life. Returns hidden states
         [B, T, H], or float32 logits [B, T', V] when b is the model's last layer (T' = 1 if
         last_only).
         """
-        (out,) = self.forward_batch([Step(session_id, inputs, position, layers, last_only)])
+        (out,) = self.forward_batch([Step(session_id, inputs, position, layers, last_only, rewind=rewind)])
         if isinstance(out, Exception):
             raise out
         return out
@@ -280,7 +283,12 @@ class Block(nn.Module):
             session = self.sessions.get(step.session_id)
             if session.batch == 1 < batch and session.length == step.position:
                 self.sessions.widen(session, batch)  # n sequences continue from one shared prompt
-            if 0 < step.position < session.length and (session.batch, session.layers) == (batch, layers):
+            floor = 1 if step.rewind else session.rewind_floor
+            if (
+                floor is not None
+                and floor <= step.position < session.length
+                and (session.batch, session.layers) == (batch, layers)
+            ):
                 session.rewind(step.position)  # drafted positions that were not accepted
             if (session.length, session.batch, session.layers) != (step.position, batch, layers):
                 raise SessionError(
@@ -334,6 +342,7 @@ class Block(nn.Module):
             outs.append(hidden[0, offset : offset + batch * steps].view(batch, steps, -1))
             offset += batch * steps
             session.advance(steps)
+            session.rewind_floor = step.position + 1 if step.drafted else None
         if end < self.span.total:
             return outs  # hidden states [B, T, H] each
         picked = [h[:, -1:] if step.last_only else h for h, (step, _) in zip(outs, items, strict=True)]

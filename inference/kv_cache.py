@@ -28,6 +28,7 @@ class SessionCache:
         self.length = 0  # positions committed
         self.capacity = 0  # positions allocated
         self.layers = (0, 0)  # the global layers [a, b) this session runs
+        self.rewind_floor: int | None = None  # after a drafted step: the earliest position to go back to
         self.last_used = time.monotonic()
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -64,7 +65,8 @@ class SessionCache:
 
     def rewind(self, length: int) -> None:
         """Forget the positions from `length` on (drafted tokens that were not accepted); the
-        buffers stay allocated and the next step overwrites them."""
+        buffers stay allocated and the next step overwrites them. The caller checks that going
+        back is allowed (Block: only into the last drafted step)."""
         assert 0 < length <= self.length, f"rewind to {length} of a session holding {self.length}"
         self.length = length
 

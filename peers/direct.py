@@ -103,31 +103,31 @@ class Returns:
 
     async def wait(self, step_id: str, pending: Pending, deadline_s: float, probe) -> StepResult:
         """The step's result; HopFailed naming the peer at fault if a hop reports one, if a probe
-        finds one, or at the deadline. `probe(route, step_id)` -> (HopFailed, sure) or None."""
+        finds one (see probe_route: unsure findings count when the next probe finds one too), or
+        at the deadline (the first hop the last probe saw unfinished, else the last hop)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + deadline_s
         late = max(MIN_LATE_S, LATE_FACTOR * self.step_s)
-        suspicious = False  # the last probe found every hop done yet no result here
+        suspicious = False  # the last probe found something, not for sure
+        suspect: str | None = None  # the first hop the last probe saw unfinished
         try:
             while True:
                 left = deadline - loop.time()
                 if left <= 0:
-                    raise HopFailed(
-                        pending.route[-1].peer_id, f"no result within {deadline_s:.1f} s", "failed"
-                    )
+                    blamed = suspect or pending.route[-1].peer_id
+                    raise HopFailed(blamed, f"no result within {deadline_s:.1f} s", "failed")
                 try:
                     return await asyncio.wait_for(asyncio.shield(pending.future), min(late, left))
                 except TimeoutError:
                     pass
                 self.probes += 1
-                found = await probe(pending.route, step_id)
+                found, sure, suspect = await probe(pending.route, step_id)
                 if pending.future.done():
                     return pending.future.result()
                 if found is not None:
-                    failed, sure = found
                     if sure or suspicious:
-                        raise failed
-                    suspicious = True  # (its result may still be on its way: one more look)
+                        raise found
+                    suspicious = True  # (it may be on its way, or the hop busy: one more look)
                 else:
                     suspicious = False
                 late = min(2 * late, MAX_PROBE_INTERVAL_S)
@@ -135,11 +135,15 @@ class Returns:
             self.discard(step_id)
 
 
-async def probe_route(http: httpx.AsyncClient, me: str, progress: Progress, route: list[Hop], step_id: str):
-    """Ask every hop how far the step got: (HopFailed naming the first hop at fault, sure), where
-    a hop that does not answer is sure, and a hop that never got what its previous hop handed
-    on, or a result that has not come though every hop is done, is not (the next probe may
-    see otherwise); None while the step is on its way."""
+async def probe_route(
+    http: httpx.AsyncClient, me: str, progress: Progress, route: list[Hop], step_id: str
+) -> tuple[HopFailed | None, bool, str | None]:
+    """Ask every hop how far the step got: (finding, sure, suspect). The finding names the first
+    hop at fault: one that refuses connections (sure), or that does not answer, never got what
+    its previous hop handed on, failed without its report arriving, or is the last hop when
+    every hop is done and no result came (not sure: hops are asked at once, and a busy hop may
+    answer late; the next probe looks again). None while the step is on its way. The suspect is
+    the first hop that has not finished the step: the one blamed at the deadline."""
 
     async def ask(hop: Hop) -> str | Exception:
         if hop.peer_id == me:
@@ -148,7 +152,8 @@ async def probe_route(http: httpx.AsyncClient, me: str, progress: Progress, rout
             r = await http.get(
                 f"http://{hop.address}{PATH_PROGRESS}", params={"step": step_id}, timeout=PROBE_TIMEOUT_S
             )
-            state = r.json().get("state") if r.status_code == 200 else None
+            data = r.json() if r.status_code == 200 else None
+            state = data.get("state") if isinstance(data, dict) else None
             return (
                 state if state in (QUEUED, DONE, FAILED, UNKNOWN) else ValueError(f"status {r.status_code}")
             )
@@ -156,6 +161,7 @@ async def probe_route(http: httpx.AsyncClient, me: str, progress: Progress, rout
             return e
 
     states = await asyncio.gather(*(ask(h) for h in route))
+    suspect = next((h.peer_id for h, state in zip(route, states, strict=True) if state != DONE), None)
     for i, (hop, state) in enumerate(zip(route, states, strict=True)):
         if isinstance(state, Exception):
             what = (
@@ -163,10 +169,12 @@ async def probe_route(http: httpx.AsyncClient, me: str, progress: Progress, rout
                 if isinstance(state, httpx.TimeoutException)
                 else f"{type(state).__name__}: {state}"
             )
-            return HopFailed(hop.peer_id, f"it did not answer a probe of a late step ({what})"), True
-        if state == UNKNOWN and (i == 0 or states[i - 1] == DONE):  # (hops were asked at once: a
-            # step handed on just now may be seen done before and unknown after: not sure yet)
-            return HopFailed(hop.peer_id, "it lost a step it had acknowledged"), False
-    if all(s in (DONE, FAILED) for s in states):
-        return HopFailed(route[-1].peer_id, "its result never arrived"), False
-    return None
+            found = HopFailed(hop.peer_id, f"it did not answer a probe of a late step ({what})")
+            return found, isinstance(state, httpx.ConnectError), suspect  # (refused: nobody listens)
+        if state == UNKNOWN and (i == 0 or states[i - 1] == DONE):
+            return HopFailed(hop.peer_id, "it lost a step it had acknowledged"), False, suspect
+        if state == FAILED and (i + 1 == len(route) or states[i + 1] == UNKNOWN):
+            return HopFailed(hop.peer_id, "it failed a step and its report never arrived"), False, suspect
+    if all(state == DONE for state in states):
+        return HopFailed(route[-1].peer_id, "its result never arrived"), False, suspect
+    return None, False, suspect

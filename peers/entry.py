@@ -204,7 +204,14 @@ async def generate(
                 room = min(max_tokens - len(generated[0]), node.context_length - position) - 1
                 draft = drafter.propose(room)
                 if draft is None:  # nothing to look up: the entry's draft model drafts
-                    draft = await node.scheduler.run_in_compute(drafter.draft_with_model, room)
+                    try:
+                        draft = await node.scheduler.run_in_compute(drafter.draft_with_model, room)
+                    except Exception as e:  # an optional speed-up never fails the request
+                        log.warning(
+                            "the draft model failed (%s: %s); prompt lookup only", type(e).__name__, e
+                        )
+                        await node.scheduler.run_in_compute(drafter.drop_model)
+                        draft = []
                 rows = [rows[0] + draft]
             try:
                 result = await step(
@@ -263,8 +270,8 @@ async def generate(
     finally:
         if route is not None:
             node.spawn(node.close_sessions(session_id, [*route, *shadows]))
-        if isinstance(drafter, ModelDrafter):
-            drafter.close()
+        if isinstance(drafter, ModelDrafter):  # (on the compute thread: a draft may be running there)
+            node.spawn(asyncio.wrap_future(node.scheduler.run_in_compute(drafter.close)))
 
 
 def _route(node: PeerNode, key: str, exclude: set[str], avoid: frozenset[str], strict: bool) -> list[Hop]:

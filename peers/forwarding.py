@@ -29,6 +29,7 @@ from .verify import MAX_COMMITMENTS, Commitment
 log = logging.getLogger("layerswarm.forwarding")
 
 ENCODE_IN_THREAD_BYTES = 1 << 20  # frames larger than this are built off the event loop
+SMALL_FRAME_POSITIONS = 32  # an acknowledgement of steps this small times the link
 COALESCE_MAX_POSITIONS = 64  # steps up to this long share messages; longer prompts travel alone
 
 
@@ -59,15 +60,18 @@ class Forwarder:
         """`links`, if given, learns the round-trip time of each next hop's acknowledgement."""
         self.me, self.http, self.links = me, http, links
         self.hop_timeout_s, self.per_token_s = hop_timeout_s, per_token_s
-        self._outbox: dict[str, list[tuple[StepRequest, asyncio.Future]]] = {}
+        self._outbox: dict[tuple[str, bool], list[tuple[StepRequest, asyncio.Future]]] = {}
         self._results: dict[str, list[tuple[str, dict]]] = {}  # entry address -> (step id, body)
         self._sending: set[asyncio.Task] = set()
         self.messages = 0  # step messages sent
         self.frames = 0  # step frames sent in them
 
     def deadline_s(self, req: StepRequest) -> float:
-        """How long the next hop has to answer `req`."""
-        return self.hop_timeout_s if req.reply_to is not None else self.route_deadline_s(req)
+        """How long the next hop has to answer `req`: to acknowledge it (returned directly: one
+        hop's worth of its work, to receive and check it), or for the whole rest of the route."""
+        if req.reply_to is not None:
+            return self.hop_timeout_s + req.tensor.shape[0] * req.tensor.shape[1] * self.per_token_s
+        return self.route_deadline_s(req)
 
     def route_deadline_s(self, req: StepRequest) -> float:
         """How long the whole rest of the route has for `req`."""
@@ -87,16 +91,20 @@ class Forwarder:
             self._start(self._post_results(address, items))
 
     async def _post_results(self, address: str, items: list[tuple[str, dict]]) -> None:
-        try:
-            r = await self.http.post(
-                f"http://{address}{PATH_RESULTS}",
-                json=results_message(self.me, items),
-                timeout=self.hop_timeout_s,
-            )
-            if r.status_code != 200:
+        for attempt in range(2):  # once more after a moment; then the entry finds out by probing
+            try:
+                r = await self.http.post(
+                    f"http://{address}{PATH_RESULTS}",
+                    json=results_message(self.me, items),
+                    timeout=self.hop_timeout_s,
+                )
+                if r.status_code == 200:
+                    return
                 log.info("the entry at %s refused %d results: status %d", address, len(items), r.status_code)
-        except httpx.HTTPError as e:  # the entry finds out by asking how far its steps got
-            log.info("results to the entry at %s were lost: %s: %s", address, type(e).__name__, e)
+            except httpx.HTTPError as e:
+                log.info("results to the entry at %s were lost: %s: %s", address, type(e).__name__, e)
+            if attempt == 0:
+                await asyncio.sleep(0.1)
 
     async def push(self, req: StepRequest) -> StepResult:
         """Send the step to its next hop; its reply (or which peer failed) comes back."""
@@ -106,15 +114,16 @@ class Forwarder:
             # decode step must wait for its prefill downstream
             self._start(self._send([(req, future)]))
             return await future
-        address = req.hops[0].address
-        box = self._outbox.setdefault(address, [])
+        # steps returned directly are acknowledged at once: never in a message with nested ones
+        key = (req.hops[0].address, req.reply_to is not None)
+        box = self._outbox.setdefault(key, [])
         if not box:
-            loop.call_soon(self._flush, address)  # after the other steps ready in this turn
+            loop.call_soon(self._flush, key)  # after the other steps ready in this turn
         box.append((req, future))
         return await future
 
-    def _flush(self, address: str) -> None:
-        items = self._outbox.pop(address, [])
+    def _flush(self, key: tuple[str, bool]) -> None:
+        items = self._outbox.pop(key, [])
         if items:
             self._start(self._send(items))
 
@@ -143,8 +152,11 @@ class Forwarder:
                 headers={"content-type": STEP_CONTENT_TYPE},
             )
             results = parse_steps_reply(r, nxt.peer_id, len(reqs))
-            if self.links is not None and r.status_code == 200 and all(q.reply_to for q in reqs):
-                self.links.observe(nxt.peer_id, time.monotonic() - sent)  # (an acknowledgement: a round trip)
+            small = (
+                sum(q.tensor.shape[1] for q in reqs) <= SMALL_FRAME_POSITIONS
+            )  # a round trip, not an upload
+            if self.links is not None and r.status_code == 200 and small and all(q.reply_to for q in reqs):
+                self.links.observe(nxt.peer_id, time.monotonic() - sent)
         except httpx.TimeoutException:
             results = [HopFailed(nxt.peer_id, f"no answer within {timeout:.1f} s")] * len(reqs)
         except httpx.HTTPError as e:

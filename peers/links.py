@@ -34,7 +34,8 @@ class Links:
 
 
 class Speed:
-    """This peer's compute time per layer of a forward, from the scheduler's counters."""
+    """This peer's compute time per layer of a forward of decode steps (a prefill would make a
+    peer that just served one look slow), from the scheduler's counters."""
 
     def __init__(self, clock=time.monotonic):
         self.layer_ms = 0.0

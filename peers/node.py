@@ -347,7 +347,7 @@ class PeerNode:
         stats, me = self.scheduler.stats, self.table.me
         self.table.beat(
             load=self.block.open_sessions() if self.block else 0,
-            layer_ms=self.speed.update(stats.compute_s, stats.batches, me.end - me.start),
+            layer_ms=self.speed.update(stats.decode_compute_s, stats.decode_batches, me.end - me.start),
             links=self.links.published(),
         )
         if not self._moving:

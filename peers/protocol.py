@@ -192,8 +192,10 @@ def decode_step(body: bytes) -> StepRequest:
             f"a step drafts 1 to {MAX_DRAFT} tokens, fewer than its positions, of one sequence; "
             f"this one drafts {req.draft} of a tensor of shape {list(tensor.shape)}"
         )
-    if req.draft and req.verify:
-        raise ProtocolError("a checked step drafts nothing")
+    if req.draft and (req.verify or req.position == 0 or req.prefix):
+        raise ProtocolError(
+            "only a decode step drafts: not a checked one, nor one at position 0 or with a prefix"
+        )
     if req.reply_to is not None and (
         not 0 < len(req.step_id) <= MAX_STEP_ID or not req.step_id.isprintable() or req.verify
     ):

@@ -79,30 +79,33 @@ def plan_route(
     while pos < total:
         candidates = [p for p in usable if p.start <= pos < p.end and p.end in hops_left]
         best = min(hops_left[p.end] for p in candidates)
-        chosen = choose(key, [p for p in candidates if hops_left[p.end] == best], prev, pos)
+        chosen = choose(key, [p for p in candidates if hops_left[p.end] == best], prev, pos, prev is origin)
         route.append(Hop(chosen.peer_id, chosen.address, pos, chosen.end))
         pos, prev = chosen.end, chosen
     return route
 
 
 def choose(
-    key: str, candidates: Sequence[PeerEntry], prev: PeerEntry | None = None, pos: int = 0
+    key: str, candidates: Sequence[PeerEntry], prev: PeerEntry | None = None, pos: int = 0, mine: bool = False
 ) -> PeerEntry:
     """Rendezvous hashing among candidates, skipping those above the load bound and those much
     slower than another (`fast`) when others can serve. Measurements change slowly and only a
     much slower peer is skipped, so requests with one key keep reaching the same peers."""
     mean = sum(p.load for p in candidates) / len(candidates)
     light = [p for p in candidates if p.load <= LOAD_BOUND * mean + 1e-9] or list(candidates)
-    return max(fast(light, prev, pos) or light, key=lambda p: weight(key, p.peer_id))
+    return max(fast(light, prev, pos, mine) or light, key=lambda p: weight(key, p.peer_id))
 
 
-def fast(candidates: Sequence[PeerEntry], prev: PeerEntry | None, pos: int) -> list[PeerEntry]:
+def fast(
+    candidates: Sequence[PeerEntry], prev: PeerEntry | None, pos: int, mine: bool = False
+) -> list[PeerEntry]:
     """The candidates for a hop from layer `pos` that are not much slower than another: by the
     time each would take, its compute (published ms per layer x the layers it would run) plus
-    its link from `prev` (the round-trip time either of the two published). What a candidate
-    has not measured yet counts as the best of the others' (a new peer is not held back)."""
+    its link from `prev` (see link_ms; `mine`: prev is the planner itself, and only its own
+    measurement counts). What a candidate has not measured yet counts as the best of the
+    others' (a new peer is not held back)."""
     compute = {p.peer_id: p.layer_ms * (p.end - pos) for p in candidates if p.layer_ms > 0}
-    links = {p.peer_id: ms for p in candidates if (ms := link_ms(prev, p)) is not None}
+    links = {p.peer_id: ms for p in candidates if (ms := link_ms(prev, p, mine)) is not None}
     if not compute and not links:
         return list(candidates)
     best_compute, best_link = min(compute.values(), default=0.0), min(links.values(), default=0.0)
@@ -113,9 +116,13 @@ def fast(candidates: Sequence[PeerEntry], prev: PeerEntry | None, pos: int) -> l
     return [p for p in candidates if cost[p.peer_id] <= limit]
 
 
-def link_ms(a: PeerEntry | None, b: PeerEntry) -> float | None:
-    """The round-trip time between two peers, as either published it (None if neither did)."""
+def link_ms(a: PeerEntry | None, b: PeerEntry, only_a: bool = False) -> float | None:
+    """The round-trip time between two peers as they published it: the larger of their two
+    measurements, so that neither can make a link look shorter than the other end sees it
+    (`only_a`: a's alone, a being the planner). None if neither measured it."""
     if a is None or a.peer_id == b.peer_id:
         return None
-    times = [ms for pid, ms in a.links if pid == b.peer_id] + [ms for pid, ms in b.links if pid == a.peer_id]
-    return min(times) if times else None
+    times = [ms for pid, ms in a.links if pid == b.peer_id]
+    if not only_a:
+        times += [ms for pid, ms in b.links if pid == a.peer_id]
+    return max(times) if times else None

@@ -200,6 +200,8 @@ class SchedulerStats:
     turn_wait_s: float = 0.0  # summed waits for co-located peers' forwards (--core-turns)
     turns_skipped: int = 0  # forwards run without a turn: a co-located peer held it too long
     max_batch_steps: int = 0
+    decode_batches: int = 0  # forwards of decode steps only (drafted ones included)
+    decode_compute_s: float = 0.0  # their compute seconds: what a peer's published speed is made of
 
     def to_json(self) -> dict:
         return {
@@ -346,6 +348,9 @@ class Scheduler:
             self.stats.compute_s += elapsed
             self.stats.turn_wait_s += waited
             self.stats.max_batch_steps = max(self.stats.max_batch_steps, len(batch))
+            if all(job.draft or size == 1 for job, size in batch):
+                self.stats.decode_batches += 1
+                self.stats.decode_compute_s += elapsed
             for (job, size), result in zip(batch, results, strict=True):
                 job.compute_s += elapsed
                 self.stats.positions += size * job.batch
@@ -455,6 +460,7 @@ def _compute(block: Block | None, batch: list[tuple[Job, int]]) -> list:
                 job.position + job.done,
                 job.layers,
                 last_only=not job.draft,
+                drafted=bool(job.draft),
             )
         )
     outs = dict(zip(runnable, block.forward_batch(steps), strict=True)) | refused

@@ -119,18 +119,20 @@ class ModelDrafter(Drafter):
         self.session = f"draft-{uuid.uuid4().hex}"
         self._held: list[int] = []  # the tokens whose keys and values the draft session holds
         self._lock = threading.Lock()
+        self._use_model = True
 
     def propose(self, limit: int) -> list[int] | None:
         """As Drafter's, but None where prompt lookup finds nothing: ask `draft_with_model`."""
         if self._pause:
             self._pause -= 1
             return []
-        return self.lookup(limit) or (None if limit >= 1 else [])
+        return self.lookup(limit) or (None if limit >= 1 and self._use_model else [])
 
     @torch.inference_mode()
     def draft_with_model(self, limit: int) -> list[int]:
         with self._lock:
-            k = min(self.k, limit)
+            context = self.block.config.max_position_embeddings
+            k = min(self.k, limit, context - len(self.tokens))
             if k < 1 or not self.tokens:
                 return []
             common = 0
@@ -143,7 +145,7 @@ class ModelDrafter(Drafter):
             out: list[int] = []
             held = self.tokens[:common]
             for _ in range(k):
-                logits = self.block.forward(self.session, torch.tensor([feed]), len(held))  # [1, 1, V]
+                logits = self.block.forward(self.session, torch.tensor([feed]), len(held), rewind=True)
                 held = held + feed
                 token = int(logits[0, -1].argmax())
                 out.append(token)
@@ -152,8 +154,15 @@ class ModelDrafter(Drafter):
             self._drafted_from = None
             return out
 
+    def drop_model(self) -> None:
+        """The draft model failed this request (e.g. its cache is full): prompt lookup only."""
+        self.close()
+        self._use_model = False
+
     def close(self) -> None:
-        self.block.close(self.session)
+        with self._lock:
+            self.block.close(self.session)
+            self._held = []
 
 
 def accepted_length(draft: list[int], sampled: list[int]) -> int:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from inference import LocalChain, SessionError, generate, load_block
+from inference.batch import Step
 from tests.helpers import greedy_reference, monolithic
 
 SPLITS = [
@@ -92,13 +93,22 @@ def test_block_rejects_wrong_input_kind(tiny_llama):
         first("s", torch.zeros(1, 3, 64), 0)
 
 
-def test_a_step_before_the_end_drops_the_positions_after_it(tiny_llama):
-    """Rejected drafts: a step that starts at 5 of a session holding 11 positions continues
-    from the first 5, exactly as a session that never held the rest."""
+def test_a_step_inside_a_drafted_step_drops_the_positions_after_it(tiny_llama):
+    """Rejected drafts: after a drafted step of positions 8..10, a step that starts at 9 goes on
+    from the first 9 positions, exactly as a session that never held the rest; a step may not
+    go back further, nor after a step that drafted nothing (no frame rewinds a session)."""
     chain = load_block(tiny_llama)
-    ids = torch.tensor([PROMPT])
-    chain.forward("drafted", ids, 0)
-    rewound = chain.forward("drafted", torch.tensor([[1, 2]]), 5, last_only=False)
-    fresh = chain.forward("fresh", torch.tensor([PROMPT[:5] + [1, 2]]), 0, last_only=False)
-    assert torch.allclose(rewound, fresh[:, 5:], atol=1e-5), (rewound - fresh[:, 5:]).abs().max()
-    assert chain.sessions.get("drafted").length == 7
+    ids = torch.tensor([PROMPT])  # 11 positions
+    chain.forward("d", ids[:, :8], 0)
+    (out,) = chain.forward_batch([Step("d", ids[:, 8:], 8, drafted=True)])
+    rewound = chain.forward("d", torch.tensor([[1, 2]]), 9, last_only=False)
+    fresh = chain.forward("fresh", torch.tensor([PROMPT[:9] + [1, 2]]), 0, last_only=False)
+    assert torch.allclose(rewound, fresh[:, 9:], atol=1e-5), (rewound - fresh[:, 9:]).abs().max()
+    assert chain.sessions.get("d").length == 11
+    with pytest.raises(SessionError, match="holds 11 positions"):
+        chain.forward("d", torch.tensor([[3]]), 10)  # the last step drafted nothing
+    chain.forward("e", ids[:, :8], 0)
+    chain.forward_batch([Step("e", ids[:, 8:], 8, drafted=True)])
+    with pytest.raises(SessionError, match="holds 11 positions"):
+        chain.forward("e", torch.tensor([[3]]), 8)  # before the drafted positions
+    assert chain.forward("e", torch.tensor([[3]]), 5, rewind=True).shape[1] == 1  # its owner may

@@ -64,31 +64,37 @@ def test_progress_is_bounded():
 
 
 @pytest.mark.parametrize(
-    "states, blamed, sure",
+    "states, blamed, sure, suspect",
     [
-        ({"a": "done", "b": "queued"}, None, None),  # still on its way
-        ({"a": "done", "b": ConnectionRefusedError()}, "b", True),  # b is gone
-        ({"a": "done", "b": "unknown"}, "b", False),  # b acknowledged and lost it (sure on a second look)
-        ({"a": "done", "b": "done"}, "b", False),  # the result may still be on its way
+        ({"a": "done", "b": "queued"}, None, False, "b"),  # still on its way (b is blamed at the deadline)
+        ({"a": "done", "b": httpx.ConnectError("refused")}, "b", True, "b"),  # nobody listens at b
+        ({"a": "done", "b": httpx.ReadTimeout("slow")}, "b", False, "b"),  # b may be busy: look again
+        (
+            {"a": "done", "b": "unknown"},
+            "b",
+            False,
+            "b",
+        ),  # b acknowledged and lost it (sure on a second look)
+        ({"a": "failed", "b": "unknown"}, "a", False, "a"),  # a failed and its report was lost
+        ({"a": "done", "b": "done"}, "b", False, None),  # the result may still be on its way
+        ({"a": "done", "b": ["not", "an", "object"]}, "b", False, "b"),  # a reply without a state
     ],
 )
-def test_a_probe_of_a_late_step_names_the_hop_at_fault(states, blamed, sure):
+def test_a_probe_of_a_late_step_names_the_hop_at_fault(states, blamed, sure, suspect):
     def reply(request: httpx.Request) -> httpx.Response:
         peer = {"10.0.0.1": "a", "10.0.0.2": "b"}[request.url.host]
         state = states[peer]
         if isinstance(state, Exception):
-            raise httpx.ConnectError("refused", request=request)
-        return httpx.Response(200, json={"state": state})
+            state.request = request
+            raise state
+        return httpx.Response(200, json=state if isinstance(state, list) else {"state": state})
 
     async def main():
         async with httpx.AsyncClient(transport=httpx.MockTransport(reply)) as http:
             return await probe_route(http, "entry", Progress(), ROUTE, "s1")
 
-    found = asyncio.run(main())
-    if blamed is None:
-        assert found is None
-    else:
-        assert found[0].peer_id == blamed and found[1] == sure
+    found, is_sure, blamed_at_deadline = asyncio.run(main())
+    assert (found.peer_id if found else None, is_sure, blamed_at_deadline) == (blamed, sure, suspect)
 
 
 # -- through a swarm ---------------------------------------------------------------------------
@@ -128,14 +134,16 @@ def test_results_come_straight_from_the_last_peer_while_no_hop_waits(tiny_llama)
     assert taken == 3 * 8  # every step's result came to the entry from the last peer
 
 
-@pytest.mark.parametrize("how", ["dies", "drops the step"])
+@pytest.mark.parametrize("how", ["dies", "drops the step", "stalls"])
 def test_a_hop_that_fails_silently_after_acknowledging_is_found_and_failed_over(tiny_llama, how):
     model = monolithic(tiny_llama)
     prompts = PROMPTS[:4]
     expected = [greedy_reference(model, p, 12) for p in prompts]
 
     async def main():
-        net, nodes = await start_swarm(tiny_llama, ["0:4", "0:2", "0:2", "2:4"])  # entry, 2 replicas, tail
+        # (a short hop deadline: a stalled hop is found at the step's deadline)
+        settings = {0: {"hop_timeout_s": 1.0, "hop_timeout_per_token_s": 0.01}}
+        net, nodes = await start_swarm(tiny_llama, ["0:4", "0:2", "0:2", "2:4"], settings=settings)
         entry, replicas = nodes[0], nodes[1:3]
         failing = []
 
@@ -149,7 +157,13 @@ def test_a_hop_that_fails_silently_after_acknowledging_is_found_and_failed_over(
                         net.down.add(victim.config.address)  # gone: not even a probe is answered
                     return None
 
-                victim.accept_step = silently
+                async def forever(req, hop, block):  # its forward never ends (it answers probes: queued)
+                    await asyncio.Event().wait()
+
+                if how == "stalls":
+                    victim._compute = forever
+                else:
+                    victim.accept_step = silently
 
         try:
             entry.bans.ban(entry.peer_id, entry.table.me.incarnation)  # keep the entry off routes
@@ -161,7 +175,7 @@ def test_a_hop_that_fails_silently_after_acknowledging_is_found_and_failed_over(
 
     got, failovers, probes, banned, victim = asyncio.run(main())
     assert got == expected
-    assert failovers >= 1 and probes >= 1  # found by probing the late step
+    assert failovers >= 1 and probes >= 1  # found by probing the late step (or, stalled, at its deadline)
     assert victim in banned  # and the peer at fault is the one banned
 
 
