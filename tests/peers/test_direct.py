@@ -1,6 +1,7 @@
 """Direct return: the last peer sends each result straight to the entry and no hop waits for
 the rest of the route; a peer that dies or drops a step after acknowledging it is found by
-probing the late step and failed over exactly; results and reply addresses cannot be forged."""
+probing the late step (or, stalled, at its deadline) and failed over exactly; a frame cannot
+pick where results go, and results for no step in flight, or from off the route, are ignored."""
 
 import asyncio
 
