@@ -10,14 +10,12 @@ import base64
 import logging
 import os
 import random
-import time
 from collections.abc import Callable
 
 import httpx
 
 from .identity import verify
 from .limits import post_capped
-from .links import Links
 from .membership import Table, parse_entries
 from .protocol import PATH_GOSSIP
 from .verify import Accusations
@@ -33,9 +31,8 @@ class Gossip:
         seeds: list[str],
         before_round: Callable[[], None],
         accusations: Accusations,
-        links: Links | None = None,
     ):
-        self.table, self.http, self.seeds, self.links = table, http, seeds, links
+        self.table, self.http, self.seeds = table, http, seeds
         self.before_round = before_round  # the node's housekeeping: heartbeat, load, expiry
         self.accusations = accusations  # relayed with the table, checked on receipt
 
@@ -71,11 +68,9 @@ class Gossip:
         challenge = base64.urlsafe_b64encode(os.urandom(18)).decode()
         body = {**self._message(), "challenge": challenge}
         try:
-            sent = time.monotonic()
             r = await post_capped(
                 self.http, f"http://{address}{PATH_GOSSIP}", self.settings.timeout_s, json=body
             )
-            elapsed = time.monotonic() - sent
             r.raise_for_status()
             reply = r.json()
             self._take(reply)
@@ -91,8 +86,6 @@ class Gossip:
                 )
             ):  # the peer at this address is this life of that identity
                 self.table.vouch(peer_id, incarnation)
-                if self.links is not None:
-                    self.links.observe(peer_id, elapsed)
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
             log.debug("gossip with %s failed: %s", address, e)
 

@@ -1,13 +1,14 @@
 """What a peer measures of its own speed and of its links, for latency-aware routes: round-trip
-times to the peers it talks to (gossip exchanges, and the acknowledgements of steps it hands
-on), and its compute time per layer. Both are published in its signed entry."""
+times to the peers it hands steps on to (the acknowledgements of small frames: a gossip
+exchange would time the merging of tables too), and its compute time per layer. Both are
+published in its signed entry."""
 
 import time
 from collections import OrderedDict
 
 from .membership import MAX_LINKS, MAX_MS
 
-EMA = 0.3  # weight of a new sample
+EMA = 0.2  # weight of a new sample
 MAX_TRACKED = 256  # peers whose round-trip time is kept
 FORGET_S = 30.0  # a compute time not refreshed by a forward for this long is no longer published
 

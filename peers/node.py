@@ -181,9 +181,7 @@ class PeerNode:
         self.accusations = Accusations(
             self._public_key_of, self._avoid_accused, config.liar_ban_s, trusted=config.swarm_key is not None
         )
-        self.gossip = Gossip(
-            self.table, self.http, self.list_seeds(), self._housekeeping, self.accusations, self.links
-        )
+        self.gossip = Gossip(self.table, self.http, self.list_seeds(), self._housekeeping, self.accusations)
         self.scheduler = Scheduler(lambda: self.block, config.scheduler)
         self.bans = Bans(config.ban_s, config.ban_max_s)
         self.active_requests = 0  # entry requests in flight here

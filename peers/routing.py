@@ -12,7 +12,7 @@ from .protocol import Hop
 
 LOAD_BOUND = 1.25  # a peer above this times the mean load of its candidates is skipped
 SLOW_FACTOR = 2.0  # a peer whose compute and link take more than this times the best candidate's,
-SLOW_MARGIN_MS = 10.0  # plus this, is skipped
+SLOW_MARGIN_MS = 20.0  # plus this, is skipped
 
 
 class NoRouteError(Exception):

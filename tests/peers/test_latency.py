@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from tests.helpers import greedy_reference, monolithic
 from tests.peers.swarm import ROOT, Swarm, free_port, wait_until
-from tests.peers.test_inprocess import PROMPTS, start_swarm, stop_swarm, tokens_of
+from tests.peers.test_inprocess import start_swarm, stop_swarm, tokens_of
 
 
 def test_the_proxy_delays_every_byte_in_order_both_ways():
@@ -91,8 +91,10 @@ def test_peers_publish_their_speed_and_links_and_routes_avoid_a_slow_replica(tin
         entry, fast, slow, tail = nodes
         try:
             entry.bans.ban(entry.peer_id, entry.table.me.incarnation)  # keep the entry off routes
-            for p in PROMPTS[:4]:
-                await tokens_of(entry, p, 4)
+            for i in range(40):  # until both replicas have served (rendezvous spreads the keys)
+                await tokens_of(entry, [i + 100, 7, 9], 4)
+                if fast.steps_served and slow.steps_served:
+                    break
             slow.speed.update = lambda *args: 50.0  # as if its layers took 50 ms each
             while any(n.block.open_sessions() for n in nodes):  # (published loads would steer routes too)
                 await asyncio.sleep(0.01)
@@ -106,13 +108,22 @@ def test_peers_publish_their_speed_and_links_and_routes_avoid_a_slow_replica(tin
             served = slow.steps_served
             for i in range(8):
                 await tokens_of(entry, [i + 1, 2, 3], 3)
-            return published, entry.table.me, slow.steps_served - served, fast.peer_id, tail.peer_id
+            return (
+                published,
+                entry.table.me,
+                slow.steps_served - served,
+                fast.peer_id,
+                slow.peer_id,
+                tail.peer_id,
+            )
         finally:
             await stop_swarm(nodes)
 
-    published, me, slow_steps, fast_id, tail_id = asyncio.run(main())
+    published, me, slow_steps, fast_id, slow_id, tail_id = asyncio.run(main())
     assert all(e.layer_ms > 0 for e in published.values()), published
     assert published[next(iter(published))].layer_ms < 50
-    assert {pid for pid, _ in me.links} >= {tail_id}  # the entry timed its first hops
-    assert any(pid == tail_id for pid, _ in published[fast_id].links)  # the replica timed the tail
+    assert {pid for pid, _ in me.links} >= {fast_id, slow_id}  # the entry timed its first hops
+    assert all(
+        any(pid == tail_id for pid, _ in published[r].links) for r in (fast_id, slow_id)
+    )  # replicas timed the tail
     assert slow_steps == 0  # 8 new keys, none routed to the slow replica
