@@ -206,7 +206,8 @@ class Block(nn.Module):
         position: index of the first of the T positions; what the session has cached (0 opens
         the session). After a drafted step (Step.drafted) it may start inside that step's
         positions, past its first: the rest are dropped (rejected drafts); with `rewind`, at any
-        earlier position (a caller's own session, e.g. a draft model's). layers: the global layers [a, b) to run, a part of this block's
+        earlier position (a caller's own session, e.g. a draft model's).
+        layers: the global layers [a, b) to run, a part of this block's
         span (all of it by default); fixed for the session's life. Returns hidden states
         [B, T, H], or float32 logits [B, T', V] when b is the model's last layer (T' = 1 if
         last_only).

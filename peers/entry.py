@@ -271,7 +271,7 @@ async def generate(
         if route is not None:
             node.spawn(node.close_sessions(session_id, [*route, *shadows]))
         if isinstance(drafter, ModelDrafter):  # (on the compute thread: a draft may be running there)
-            node.spawn(asyncio.wrap_future(node.scheduler.run_in_compute(drafter.close)))
+            node.spawn(node.scheduler.run_in_compute(drafter.close))
 
 
 def _route(node: PeerNode, key: str, exclude: set[str], avoid: frozenset[str], strict: bool) -> list[Hop]:

@@ -44,7 +44,8 @@ class Forwarder:
     A hop's deadline grows with the work it carries: `hop_timeout_s` for queueing and a decode,
     plus `per_token_s` for each position of the step, for each hop still ahead (calls are nested:
     the reply comes back once the rest of the route has run). A step returned directly
-    (peers/direct.py) is answered as soon as the next hop has checked it: `hop_timeout_s`.
+    (peers/direct.py) is answered as soon as the next hop has checked it: `hop_timeout_s` plus
+    `per_token_s` per position, for that hop alone.
 
     Results of steps returned directly travel the same way: those for the same entry in the
     same turn of the event loop go as one message."""
@@ -143,6 +144,9 @@ class Forwarder:
                 body = encode_steps(reqs)
             self.messages += 1
             self.frames += len(reqs)
+            # an acknowledgement of a small frame times the link (of a large one, the upload too)
+            timed = self.links is not None and all(q.reply_to for q in reqs)
+            timed = timed and sum(q.tensor.shape[1] for q in reqs) <= SMALL_FRAME_POSITIONS
             sent = time.monotonic()
             r = await post_capped(
                 self.http,
@@ -152,10 +156,7 @@ class Forwarder:
                 headers={"content-type": STEP_CONTENT_TYPE},
             )
             results = parse_steps_reply(r, nxt.peer_id, len(reqs))
-            small = (
-                sum(q.tensor.shape[1] for q in reqs) <= SMALL_FRAME_POSITIONS
-            )  # a round trip, not an upload
-            if self.links is not None and r.status_code == 200 and small and all(q.reply_to for q in reqs):
+            if timed and r.status_code == 200:
                 self.links.observe(nxt.peer_id, time.monotonic() - sent)
         except httpx.TimeoutException:
             results = [HopFailed(nxt.peer_id, f"no answer within {timeout:.1f} s")] * len(reqs)

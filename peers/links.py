@@ -25,9 +25,6 @@ class Links:
         while len(self._rtt_s) > MAX_TRACKED:
             self._rtt_s.popitem(last=False)
 
-    def rtt_s(self, peer_id: str) -> float | None:
-        return self._rtt_s.get(peer_id)
-
     def published(self) -> tuple[tuple[str, float], ...]:
         """The most recently measured MAX_LINKS, in ms, for this peer's entry."""
         recent = list(self._rtt_s.items())[-MAX_LINKS:]

@@ -28,7 +28,7 @@ from inference.prefix_cache import BLOCK_TOKENS
 from .bans import Bans
 from .direct import DONE, FAILED, QUEUED, Progress, Returns
 from .errors import HopFailed
-from .forwarding import Forwarder, outcome_of
+from .forwarding import Forwarder
 from .gossip import Gossip
 from .identity import Identity
 from .limits import (
@@ -488,7 +488,7 @@ class PeerNode:
             self.steps_served += 1
             t0 = time.perf_counter()
             if isinstance(out, StepResult):
-                self._reply(req, step_result_body(replace(out, top=None)))
+                self._reply(req, replace(out, top=None))
             else:
                 position = req.position + job.skipped
                 await self.forwarder.push(replace(req, hops=req.hops[1:], tensor=out, position=position))
@@ -499,14 +499,17 @@ class PeerNode:
                 log.exception("step failed here")
                 e = HopFailed(self.peer_id, f"{type(e).__name__}: {e}")
             self.progress.mark(req.step_id, FAILED)
-            self._reply(req, step_error_body(e.message, e.peer_id, e.reason))
+            self._reply(req, e)
 
-    def _reply(self, req: StepRequest, body: dict) -> None:
+    def _reply(self, req: StepRequest, outcome: StepResult | HopFailed) -> None:
         """Send a step's result or failure to its entry (this peer itself, or by HTTP)."""
         if req.reply_to.peer_id == self.peer_id:
-            self.returns.deliver(self.peer_id, req.step_id, outcome_of(body, self.peer_id))
-        else:
+            self.returns.deliver(self.peer_id, req.step_id, outcome)
+        elif isinstance(outcome, HopFailed):
+            body = step_error_body(outcome.message, outcome.peer_id, outcome.reason)
             self.forwarder.send_result(req.reply_to.address, req.step_id, body)
+        else:
+            self.forwarder.send_result(req.reply_to.address, req.step_id, step_result_body(outcome))
 
     def _knows_entry(self, entry) -> bool:
         if entry.peer_id == self.peer_id:

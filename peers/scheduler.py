@@ -185,6 +185,11 @@ class Job:
         return self.inputs.shape[0]
 
     @property
+    def is_decode(self) -> bool:
+        """One position left, or a drafted step (decoded as one, never cut into chunks)."""
+        return self.remaining == 1 or bool(self.draft)
+
+    @property
     def remaining(self) -> int:
         return self.inputs.shape[1] - self.done
 
@@ -348,7 +353,7 @@ class Scheduler:
             self.stats.compute_s += elapsed
             self.stats.turn_wait_s += waited
             self.stats.max_batch_steps = max(self.stats.max_batch_steps, len(batch))
-            if all(job.draft or size == 1 for job, size in batch):
+            if all(job.draft or size == 1 for job, size in batch):  # (whole decode steps only)
                 self.stats.decode_batches += 1
                 self.stats.decode_compute_s += elapsed
             for (job, size), result in zip(batch, results, strict=True):
@@ -382,12 +387,12 @@ class Scheduler:
                     ),
                 )
         budget, batch = s.max_batch_tokens, []
-        decodes = [j for j in self._queue if j.remaining == 1 or j.draft]  # (a drafted step is a decode)
-        prefills = [j for j in self._queue if j.remaining > 1 and not j.draft]
+        decodes = [j for j in self._queue if j.is_decode]
+        prefills = [j for j in self._queue if not j.is_decode]
         # while prompts wait, decode steps leave room for one chunk, so that no prompt starves
         reserved = min(s.prefill_chunk, s.max_batch_tokens // 2) if prefills else 0
         for job in decodes + prefills:
-            room = budget - (reserved if job.remaining == 1 or job.draft else 0)
+            room = budget - (reserved if job.is_decode else 0)
             size = min(job.remaining, s.prefill_chunk, room // job.batch)
             if job.draft and size < job.remaining:
                 size = 0  # a drafted step is never cut: its last draft + 1 positions are sampled at once
@@ -398,7 +403,7 @@ class Scheduler:
                 size = job.remaining if job.draft else min(job.remaining, s.prefill_chunk)
             batch.append((job, size))
             budget -= size * job.batch
-            if job.remaining == 1 or job.draft:
+            if job.is_decode:
                 last = self._recent.get(job.session_id)
                 self._recent[job.session_id] = (now, now - last[0] if last else None)
             if job.started is None:
@@ -507,26 +512,24 @@ def _sample(batch: list[tuple[Job, int]], results: list, which: list[int]) -> li
     drafted step, after each of its last draft + 1 positions (one sequence: one row each, each
     drawn from its own position's generator, so that speculation samples what plain decoding
     would: see peers/speculative.py)."""
-    logits, params, positions, owners = [], [], [], []
+    logits, params, positions, spans = [], [], [], []
     for i in which:
         job = batch[i][0]
         s = job.sampling
         p = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
         end = job.position + job.inputs.shape[1]  # the position of the token chosen after the last
         rows = job.draft + 1
+        spans.append((len(logits), rows))
         for r in range(rows):
-            logits.append(results[i][:, -1] if not job.draft else results[i][:, r - rows])  # [B, V]
+            logits.append(results[i][:, r - rows])  # [B, V]
             params.append(p)
             positions.append(end - rows + 1 + r)
-            owners.append(i)
     sampled = sample_many(logits, params, positions)
     out = []
-    for i in which:
-        mine = [k for k, owner in enumerate(owners) if owner == i]
-        tokens = [t for k in mine for t in sampled[k][0].tolist()]
-        logprobs = [x for k in mine for x in sampled[k][1].tolist()]
-        x = logits[mine[-1]]
-        out.append(
-            StepResult(tokens, logprobs, top=top_entries(x, logits=True) if batch[i][0].commit else None)
-        )
+    for i, (start, rows) in zip(which, spans, strict=True):
+        chosen = sampled[start : start + rows]
+        tokens = [t for toks, _ in chosen for t in toks.tolist()]
+        logprobs = [x for _, lps in chosen for x in lps.tolist()]
+        top = top_entries(logits[start + rows - 1], logits=True) if batch[i][0].commit else None
+        out.append(StepResult(tokens, logprobs, top=top))
     return out

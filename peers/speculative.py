@@ -66,10 +66,6 @@ class Drafter:
             return []
         return self.lookup(limit)
 
-    @property
-    def pausing(self) -> bool:
-        return self._pause > 0
-
     def lookup(self, limit: int) -> list[int]:
         """The prompt-lookup draft (see the class), or []."""
         self._drafted_from = None
