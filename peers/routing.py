@@ -3,6 +3,7 @@ then rendezvous (highest-random-weight) hashing with xxhash on the session key, 
 over a bounded load, and peers whose compute or whose link from the previous hop is much slower
 than another candidate's (as the peers measured and published them)."""
 
+import math
 from collections.abc import Iterable, Sequence
 
 import xxhash
@@ -10,7 +11,7 @@ import xxhash
 from .membership import PeerEntry
 from .protocol import Hop
 
-LOAD_BOUND = 1.25  # a peer above this times the mean load of its candidates is skipped
+LOAD_BOUND = 1.25  # a peer above this times the mean load of its candidates (rounded up) is skipped
 SLOW_FACTOR = 2.0  # a peer whose compute and link take more than this times the best candidate's,
 SLOW_MARGIN_MS = 20.0  # plus this, is skipped
 
@@ -92,7 +93,8 @@ def choose(
     slower than another (`fast`) when others can serve. Measurements change slowly and only a
     much slower peer is skipped, so requests with one key keep reaching the same peers."""
     mean = sum(p.load for p in candidates) / len(candidates)
-    light = [p for p in candidates if p.load <= LOAD_BOUND * mean + 1e-9] or list(candidates)
+    bound = math.ceil(LOAD_BOUND * mean - 1e-9)  # loads are whole sessions: one more is no imbalance
+    light = [p for p in candidates if p.load <= bound] or list(candidates)
     return max(fast(light, prev, pos, mine) or light, key=lambda p: weight(key, p.peer_id))
 
 

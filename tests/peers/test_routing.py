@@ -71,6 +71,15 @@ def test_overloaded_peer_is_skipped_while_another_can_serve():
     assert plan_route(alone, TOTAL, "k")[0].peer_id == "busy"
 
 
+def test_one_session_more_is_no_imbalance():
+    """Loads are whole sessions, published a heartbeat late: a replica still counted with the
+    session that just ended keeps its keys (else every request after it goes to the other)."""
+    peers = [peer("a", 0, TOTAL, load=1), peer("b", 0, TOTAL, load=0)]
+    assert {plan_route(peers, TOTAL, str(k))[0].peer_id for k in range(100)} == {"a", "b"}
+    peers = [peer("a", 0, TOTAL, load=3), peer("b", 0, TOTAL, load=0)]
+    assert {plan_route(peers, TOTAL, str(k))[0].peer_id for k in range(100)} == {"b"}
+
+
 def measured(name: str, start: int, end: int, layer_ms: float = 0.0, links=()) -> PeerEntry:
     return replace(peer(name, start, end), layer_ms=layer_ms, links=tuple(links))
 

@@ -359,12 +359,25 @@ forwarding.Forwarder.push = push
 def test_a_peer_sending_on_other_hidden_states_than_it_committed_to_is_caught(tiny_llama, make_swarm):
     """A liar that computes honestly (its shadow agrees) but sends the next hop something else:
     the next hop commits to what it received, which is not what the liar committed to sending;
-    the entry fails over around the liar and the user gets the monolithic model's text."""
-    prompts = [f"link {i}: {'xyz' * (1 + i % 3)}" for i in range(8)]
-    expected = texts(tiny_llama, prompts, 6)
-    s, entry, _, liar, last = liar_swarm(
+    the entry fails over around the liar and the user gets the monolithic model's text. The
+    prompts are ones whose routes go through the liar, so that each run tests the same thing."""
+    from transformers import AutoTokenizer
+
+    from peers.prefix import routing_key
+    from peers.routing import weight
+
+    s, entry, (honest,), liar, last = liar_swarm(
         make_swarm, tiny_llama, ["--verify-rate", "1"], CORRUPTS_WHAT_IT_SENDS
     )
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+
+    def via_liar(prompt: str) -> bool:  # rendezvous hashing puts the liar on this prompt's route
+        key = routing_key(tok.encode(prompt))
+        return weight(key, liar.peer_id) > weight(key, honest.peer_id)
+
+    prompts = [p for p in (f"link {i}: {'xyz' * (1 + i % 3)}" for i in range(64)) if via_liar(p)][:8]
+    assert len(prompts) == 8
+    expected = texts(tiny_llama, prompts, 6)
     unchecked = [complete(last, p, 6) for p in prompts]
     assert unchecked != expected  # the attack works unchecked
     assert [complete(entry, p, 6) for p in prompts] == expected
