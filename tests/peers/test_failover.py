@@ -1,6 +1,7 @@
 """Peers die, freeze and come back in the middle of generations; the caller's stream does not
 break and the text is exactly the unfailed one. Default model, replicated spans."""
 
+import itertools
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -116,9 +117,10 @@ def test_frozen_peer_fails_over_after_the_deadline_then_recovers(swarm, referenc
 
     wait_until(back, 30, swarm._why)
     served = victim.health()["steps_served"]
-    body = {"model": "smollm2-135m", "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+    asked = itertools.count()
 
-    def used_again():
+    def used_again():  # each prompt another routing key: rendezvous hashing spreads them
+        body = {"model": "smollm2-135m", "prompt": f"Hello {next(asked)}", "max_tokens": 2, "temperature": 0}
         assert httpx.post(f"{entry.url}/v1/completions", json=body, timeout=60).status_code == 200
         return victim.health()["steps_served"] > served
 
