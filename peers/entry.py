@@ -220,6 +220,7 @@ async def generate(
             except HopFailed as e:
                 failing_since = failing_since or time.monotonic()
                 node.failovers += 1
+                node.metrics.failover(e.reason)
                 _handle_failure(
                     node, e, [*route, *shadows], session_id, too_large if e.reason == "too_large" else full
                 )

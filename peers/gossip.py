@@ -10,6 +10,7 @@ import base64
 import logging
 import os
 import random
+import time
 from collections.abc import Callable
 
 import httpx
@@ -35,6 +36,7 @@ class Gossip:
         self.table, self.http, self.seeds = table, http, seeds
         self.before_round = before_round  # the node's housekeeping: heartbeat, load, expiry
         self.accusations = accusations  # relayed with the table, checked on receipt
+        self.metrics = None  # set by the node: peers/metrics.Metrics (round trips, failures)
 
     @property
     def settings(self):
@@ -65,6 +67,17 @@ class Gossip:
         await asyncio.gather(*(self._exchange(t) for t in targets))
 
     async def _exchange(self, address: str) -> None:
+        started, ok = time.perf_counter(), False
+        try:
+            ok = await self._exchange_with(address)
+        finally:
+            if self.metrics is not None:
+                self.metrics.gossip_seconds.observe(time.perf_counter() - started)
+                if not ok:
+                    self.metrics.gossip_failures.inc()
+
+    async def _exchange_with(self, address: str) -> bool:
+        """One exchange: True if the peer answered with a usable message."""
         challenge = base64.urlsafe_b64encode(os.urandom(18)).decode()
         body = {**self._message(), "challenge": challenge}
         try:
@@ -86,8 +99,10 @@ class Gossip:
                 )
             ):  # the peer at this address is this life of that identity
                 self.table.vouch(peer_id, incarnation)
+            return True
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
             log.debug("gossip with %s failed: %s", address, e)
+            return False
 
     def receive(self, body: dict) -> dict:
         """Merge a peer's gossip and answer with this table, and this peer's signature of the

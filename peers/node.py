@@ -39,6 +39,7 @@ from .limits import (
 )
 from .links import Links, Speed
 from .membership import DEAD, JOINING, LEAVING, SERVING, GossipSettings, PeerEntry, Table, new_incarnation
+from .metrics import Metrics
 from .protocol import Hop, StepRequest, StepResult, step_error_body, step_result_body
 from .scheduler import Busy, CoreTurns, Job, NonFinite, Scheduler, SchedulerSettings
 from .speculative import SpeculationStats
@@ -189,6 +190,8 @@ class PeerNode:
         self.failovers = 0  # re-routes this entry made (a failed, busy or full peer, a lost session)
         self.verification = VerificationStats()
         self.speculation = SpeculationStats()
+        self.metrics = Metrics(self)  # GET /metrics
+        self.scheduler.metrics = self.gossip.metrics = self.metrics
         self.progress = Progress()  # how far the steps that reached this hop got (direct return)
         self.returns = Returns()  # this entry's steps in flight (direct return)
         self.hop_times = HopTimes()  # where steps' wall time goes here

@@ -18,6 +18,7 @@ from starlette.background import BackgroundTask
 from .consensus import MAX_CONSENSUS, checked_generate, verified_generate
 from .entry import RETRY_AFTER_S, banned_now, current_route, generate
 from .errors import InvalidRequest, ModelNotServed, Overloaded, SwarmError, SwarmUnavailable
+from .metrics import TokenClock
 from .node import PeerNode
 from .protocol import Sampling
 from .routing import NoRouteError
@@ -307,6 +308,7 @@ class _Run:
         self.finish = ["length"] * n
         self.done = [False] * n
         self.completion_tokens = 0
+        self.clock = TokenClock(node.metrics, len(prompt_ids))
 
     async def events(self) -> AsyncIterator[tuple[str, int, str | None, str | None]]:
         """("token", -1, None, None) after each step, ("delta", i, text, None) and
@@ -320,6 +322,7 @@ class _Run:
             gen = generate(*args, speculative=self.speculative)
         try:
             async for tokens in gen:
+                counted = self.completion_tokens
                 for i, tok in enumerate(tokens):
                     if self.done[i]:
                         continue
@@ -334,6 +337,7 @@ class _Run:
                     if self.texts[i].stopped:
                         for event in self._end(i, "stop"):
                             yield event
+                self.clock.step(self.completion_tokens - counted)
                 yield ("token", -1, None, None)
                 if all(self.done):
                     break

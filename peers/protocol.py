@@ -16,6 +16,7 @@ import torch
 from .limits import finite_number
 
 PATH_HEALTH = "/health"
+PATH_METRICS = "/metrics"  # Prometheus metrics (peers/metrics.py)
 PATH_STEPS = "/swarm/steps"  # several step frames in one message (coalesced for one next peer)
 PATH_CLOSE = "/swarm/close"
 PATH_GOSSIP = "/swarm/gossip"

@@ -239,6 +239,7 @@ class Scheduler:
         self._recent: dict[str, tuple[float, float | None]] = {}
         self.colocated = False  # other peers share this machine's cores (set by the node)
         self.turns: CoreTurns | None = None  # set by the node: forwards take turns with co-located peers
+        self.metrics = None  # set by the node: peers/metrics.Metrics
         self.stats = SchedulerStats()
 
     def __len__(self) -> int:
@@ -353,6 +354,10 @@ class Scheduler:
             self.stats.compute_s += elapsed
             self.stats.turn_wait_s += waited
             self.stats.max_batch_steps = max(self.stats.max_batch_steps, len(batch))
+            if self.metrics is not None:
+                self.metrics.forward_seconds.observe(elapsed)
+                self.metrics.batch_steps.observe(len(batch))
+                self.metrics.batch_positions.observe(sum(size * job.batch for job, size in batch))
             if all(job.draft or size == 1 for job, size in batch):  # (whole decode steps only)
                 self.stats.decode_batches += 1
                 self.stats.decode_compute_s += elapsed
@@ -409,6 +414,8 @@ class Scheduler:
             if job.started is None:
                 job.started = now
                 self.stats.queue_wait_s += now - job.enqueued
+                if self.metrics is not None:
+                    self.metrics.queue_wait.observe(now - job.enqueued)
         return batch
 
     def _finish(self, job: Job, result=None, error: BaseException | None = None) -> None:

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from .errors import HopFailed, install_handlers
 from .forwarding import outcome_of
 from .limits import BodyLimits
+from .metrics import HTTPMetrics
 from .node import PeerNode
 from .openai_api import router as openai_router
 from .openai_api import unless_gone
@@ -20,6 +21,7 @@ from .protocol import (
     PATH_CLOSE,
     PATH_GOSSIP,
     PATH_HEALTH,
+    PATH_METRICS,
     PATH_PROGRESS,
     PATH_RESULTS,
     PATH_STEPS,
@@ -66,6 +68,14 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
         read_timeout_s=node.config.read_timeout_s,
     )
     app.include_router(openai_router(node))
+    # outside the limits: requests they refuse are counted too
+    app.add_middleware(HTTPMetrics, metrics=node.metrics)
+
+    @app.get(PATH_METRICS)
+    async def metrics() -> Response:
+        """Prometheus metrics of this peer (peers/metrics.py)."""
+        body, content_type = node.metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get(PATH_HEALTH)
     async def health() -> JSONResponse:

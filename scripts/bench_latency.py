@@ -50,7 +50,9 @@ def cheapest(items):
 """
 PROMPTS = {
     "repeat": f"Repeat this passage exactly, word for word:\n\n{PASSAGE}",
-    "edit code": f"Rename the variable `total` to `amount` in this code and return the whole code:\n\n{CODE}",
+    # (asked "rename ... and return the whole code", the default model answered in prose: no edit)
+    "edit code": f"Here is a Python function:\n\n{CODE}\nRewrite this code with the variable `total` renamed to "
+    "`amount`. Reply with the code only.",
     "summarize": f"Summarize this passage in two sentences, reusing its words:\n\n{PASSAGE}",
     "story": "Write a short story about a dragon who is afraid of the dark.",
 }

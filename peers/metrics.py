@@ -1,0 +1,234 @@
+"""Prometheus metrics of one peer (`GET /metrics`, prometheus-client's text format).
+
+Each peer has a registry of its own, so that several peers can share a process (the in-process
+tests). What the node already counts for /health (sessions, KV slots, the table, bans,
+verification, drafting) is read when scraped (`NodeCollector`); what has a distribution (time to
+the first token, between tokens, queue waits, forwards, batch sizes, gossip round trips) is
+observed where it happens. Label sets are bounded: HTTP endpoints are the app's own routes (any
+other path counts as "other"), failover reasons are HopFailed.REASONS.
+"""
+
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
+from .errors import HopFailed
+
+if TYPE_CHECKING:
+    from .node import PeerNode
+
+PREFIX = "layerswarm"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+OTHER = "other"
+
+
+class Metrics:
+    """The metrics a peer observes as things happen, and the text of a scrape."""
+
+    def __init__(self, node: "PeerNode | None" = None):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.http_requests = Counter(
+            f"{PREFIX}_http_requests",
+            "HTTP requests answered, by endpoint and status",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.http_seconds = Histogram(
+            f"{PREFIX}_http_request_duration_seconds",
+            "Time from a request's arrival to the end of its response (a stream: its last event)",
+            ["endpoint"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            f"{PREFIX}_prompt_tokens", "Prompt tokens of the requests this entry ran", registry=r
+        )
+        self.generated_tokens = Counter(
+            f"{PREFIX}_generated_tokens", "Tokens this entry generated (the completions' usage)", registry=r
+        )
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "From the start of a generation to its first token",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            f"{PREFIX}_inter_token_seconds",
+            "Between two steps' tokens of a generation, as they reach the entry (drafted tokens the model "
+            "kept arrive one after the other at once: gaps near 0)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            f"{PREFIX}_step_queue_wait_seconds",
+            "How long a step waited in this peer's queue before its first forward",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.forward_seconds = Histogram(
+            f"{PREFIX}_forward_seconds",
+            "Compute time of one forward of this peer's layers (a batch of steps)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_steps = Histogram(
+            f"{PREFIX}_forward_batch_steps", "Steps in one forward", buckets=COUNT_BUCKETS, registry=r
+        )
+        self.batch_positions = Histogram(
+            f"{PREFIX}_forward_batch_positions",
+            "Positions (tokens x sequences) in one forward",
+            buckets=COUNT_BUCKETS,
+            registry=r,
+        )
+        self.failovers = Counter(
+            f"{PREFIX}_failovers",
+            "Re-routes this entry made, by the failed hop's reason",
+            ["reason"],
+            registry=r,
+        )
+        for reason in HopFailed.REASONS:  # every reason shows, at 0 until it happens
+            self.failovers.labels(reason)
+        self.gossip_seconds = Histogram(
+            f"{PREFIX}_gossip_round_trip_seconds",
+            "One gossip exchange with another peer, answered or failed",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.gossip_failures = Counter(
+            f"{PREFIX}_gossip_failures", "Gossip exchanges that got no usable answer", registry=r
+        )
+        if node is not None:
+            r.register(NodeCollector(node))
+
+    def failover(self, reason: str) -> None:
+        self.failovers.labels(reason if reason in HopFailed.REASONS else OTHER).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """(body, content type) of a scrape."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class TokenClock:
+    """Times one generation into Metrics: its first step's tokens, then the gap between steps."""
+
+    def __init__(self, metrics: Metrics, prompt_tokens: int):
+        self.metrics, self.started, self.last = metrics, time.perf_counter(), None
+        metrics.prompt_tokens.inc(prompt_tokens)
+
+    def step(self, tokens: int) -> None:
+        """A step brought `tokens` new tokens (one per sequence still running)."""
+        if tokens < 1:
+            return
+        now = time.perf_counter()
+        self.metrics.generated_tokens.inc(tokens)
+        if self.last is None:
+            self.metrics.ttft.observe(now - self.started)
+        else:
+            self.metrics.inter_token.observe(now - self.last)
+        self.last = now
+
+
+class NodeCollector:
+    """What the node counts anyway, read at each scrape."""
+
+    def __init__(self, node: "PeerNode"):
+        self.node = node
+
+    def describe(self):
+        return []  # (collected at scrape time only: the node may not have its block yet)
+
+    def collect(self):
+        n = self.node
+        me = n.table.me
+        info = InfoMetricFamily(f"{PREFIX}_peer", "This peer: its id, model and layers")
+        info.add_metric([], {"peer_id": n.peer_id, "model": n.model_id, "layers": f"{me.start}:{me.end}"})
+        yield info
+        yield _gauge("ready", "1 while this peer serves its layers", int(n.ready))
+        yield _gauge("served_layers", "Layers this peer serves", me.end - me.start)
+        block = n.block
+        yield _gauge(
+            "sessions", "Sessions this peer holds KV caches for", block.open_sessions() if block else 0
+        )
+        yield _gauge(
+            "kv_slots_used",
+            "KV cache token slots in use (batch x positions)",
+            block.sessions.used_tokens if block else 0,
+        )
+        yield _gauge("kv_slots_budget", "KV cache token slots this peer may use", n.config.max_cache_tokens)
+        yield _gauge("queued_steps", "Steps waiting in this peer's queue", len(n.scheduler))
+        yield _gauge("active_requests", "OpenAI requests this entry is answering", n.active_requests)
+        yield _counter("steps_served", "Steps this peer computed and answered", n.steps_served)
+        peers = GaugeMetricFamily(
+            f"{PREFIX}_table_peers", "Peers in this peer's table, by status", labels=["status"]
+        )
+        counts: dict[str, int] = {}
+        for entry in n.table.known():
+            status = n.table.status(entry.peer_id)
+            counts[status] = counts.get(status, 0) + 1
+        for status, count in sorted(counts.items()):
+            peers.add_metric([status], count)
+        yield peers
+        incarnations = {e.peer_id: e.incarnation for e in n.table.known()}
+        yield _gauge(
+            "banned_peers",
+            "Peers this entry avoids now (failures and convictions)",
+            len(n.bans.banned(incarnations)),
+        )
+        v = n.verification
+        yield _counter(
+            "verified_requests", "Requests this entry had recomputed by other replicas", v.requests
+        )
+        yield _counter("verified_steps", "Steps compared with another replica's computation", v.steps)
+        yield _counter(
+            "unchecked_steps", "Steps of checked requests that no other replica recomputed", v.unchecked_steps
+        )
+        yield _counter(
+            "verification_disagreements", "Steps two replicas computed differently", v.disagreements
+        )
+        yield _gauge(
+            "convicted_peers", "Peers this entry convicted of lying (the latest 64)", len(v.convicted)
+        )
+        s = n.speculation
+        yield _counter("drafted_steps", "Steps that carried drafted tokens", s.steps)
+        yield _counter("drafted_tokens", "Tokens drafted by this entry", s.drafted)
+        yield _counter("accepted_draft_tokens", "Drafted tokens the model kept", s.accepted)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
+class HTTPMetrics:
+    """ASGI middleware: counts every request by endpoint and status, and times it to the end of
+    its response. The endpoint is the path of the app's route that answered (its template, were
+    it to have parameters); a request no route answered counts as "other", so that the label
+    stays bounded whatever strangers ask for."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            endpoint = getattr(scope.get("route"), "path", None) or OTHER  # (set by the router)
+            self.metrics.http_requests.labels(endpoint, str(status[0])).inc()
+            self.metrics.http_seconds.labels(endpoint).observe(time.perf_counter() - started)

@@ -1,0 +1,125 @@
+"""GET /metrics after a known workload, through real peer processes: the counters equal what the
+clients were told (usage, statuses), the distributions counted what happened, a killed peer
+shows as a failover on the entry, and strangers' paths cannot grow the label set."""
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.peers.swarm import Swarm, serving_replica, stream_chat, wait_until
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_models, tmp_path_factory):
+    s = Swarm(tiny_models["llama"], tmp_path_factory.mktemp("metrics"))
+    try:
+        s.add("0:2")
+        s.add("2:4")
+        s.add("2:4")
+        s.wait_ready()
+        s.wait_route(s.peers[0])
+        yield s
+    finally:
+        s.stop()
+
+
+def scrape(peer) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} of one scrape."""
+    r = httpx.get(f"{peer.url}/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+
+
+def value(metrics: dict, name: str, **labels) -> float:
+    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_counters_match_the_workload(swarm):
+    entry = swarm.peers[0]
+    before = scrape(entry)
+    usages = []
+    for i in range(5):
+        body = {
+            "model": "llama",
+            "prompt": f"count {i}",
+            "max_tokens": 3 + i,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        r = httpx.post(f"{entry.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        usages.append(r.json()["usage"])
+    for i in range(2):
+        body = {
+            "model": "llama",
+            "messages": [{"role": "user", "content": f"stream {i}"}],
+            "max_tokens": 6,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        with httpx.stream("POST", f"{entry.url}/v1/chat/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            usage = [line for line in r.iter_lines() if '"usage"' in line and '"choices": []' in line]
+        usages.append(httpx.Response(200, content=usage[-1][len("data: ") :]).json()["usage"])
+    bad = httpx.post(f"{entry.url}/v1/completions", json={"model": "llama", "prompt": "x", "max_tokens": 0})
+    assert bad.status_code == 400
+    for i in range(5):  # strangers' paths: one label value for all of them
+        assert httpx.get(f"{entry.url}/probe-{i}").status_code == 404
+    after = scrape(entry)
+
+    def grew(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    generated = sum(u["completion_tokens"] for u in usages)
+    assert generated == 5 * 3 + 10 + 2 * 6
+    assert grew("layerswarm_generated_tokens_total") == generated
+    assert grew("layerswarm_prompt_tokens_total") == sum(u["prompt_tokens"] for u in usages)
+    assert grew("layerswarm_http_requests_total", endpoint="/v1/completions", status="200") == 5
+    assert grew("layerswarm_http_requests_total", endpoint="/v1/chat/completions", status="200") == 2
+    assert grew("layerswarm_http_requests_total", endpoint="/v1/completions", status="400") == 1
+    assert grew("layerswarm_http_requests_total", endpoint="other", status="404") == 5
+    assert not any(k[0] == "layerswarm_http_requests_total" and "probe" in str(k[1]) for k in after)
+    assert grew("layerswarm_time_to_first_token_seconds_count") == 7
+    # one observation between each two of a generation's steps; drafting may bring several at once
+    assert grew("layerswarm_inter_token_seconds_count") == generated - 7
+    assert grew("layerswarm_http_request_duration_seconds_count", endpoint="/v1/completions") == 6
+    assert value(after, "layerswarm_table_peers", status="serving") == 3
+    assert value(after, "layerswarm_kv_slots_budget") == 65536
+    assert value(after, "layerswarm_ready") == 1
+    assert value(after, "layerswarm_peer_info", peer_id=entry.peer_id, model="llama", layers="0:2") == 1
+    # every hop's forwards and queue waits were observed where they ran
+    for peer in swarm.peers:
+        m = scrape(peer)
+        forwards = value(m, "layerswarm_forward_seconds_count")
+        assert forwards > 0 or peer is not entry and value(m, "layerswarm_steps_served_total") == 0
+        assert value(m, "layerswarm_forward_batch_steps_count") == forwards
+        assert value(m, "layerswarm_step_queue_wait_seconds_count") >= value(
+            m, "layerswarm_steps_served_total"
+        )
+        assert value(m, "layerswarm_gossip_round_trip_seconds_count") > 0
+
+
+def test_a_killed_peer_counts_as_a_failover_on_the_entry(swarm):
+    entry = swarm.peers[0]
+    before = scrape(entry)
+    killed = []
+
+    def on_token(count):
+        if count == 4 and not killed:
+            victim = serving_replica(swarm, "2:4")
+            victim.kill()
+            killed.append(victim)
+
+    text, finish, _ = stream_chat(entry, on_token, n=48, prompt="a long story", model="llama")
+    assert killed and finish == "length"
+    after = scrape(entry)
+    assert value(after, "layerswarm_failovers_total", reason="failed") > value(
+        before, "layerswarm_failovers_total", reason="failed"
+    )
+    wait_until(lambda: value(scrape(entry), "layerswarm_table_peers", status="serving") == 2, 30, swarm._why)
