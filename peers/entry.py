@@ -221,6 +221,9 @@ async def generate(
                 failing_since = failing_since or time.monotonic()
                 node.failovers += 1
                 node.metrics.failover(e.reason)
+                node.failover_log.append(
+                    {"at": time.time(), "peer_id": e.peer_id, "reason": e.reason, "message": e.message[:300]}
+                )
                 _handle_failure(
                     node, e, [*route, *shadows], session_id, too_large if e.reason == "too_large" else full
                 )

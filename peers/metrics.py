@@ -102,6 +102,7 @@ class Metrics:
         self.gossip_failures = Counter(
             f"{PREFIX}_gossip_failures", "Gossip exchanges that got no usable answer", registry=r
         )
+        self.tokens = 0  # generated_tokens, as a number for /health
         if node is not None:
             r.register(NodeCollector(node))
 
@@ -126,6 +127,7 @@ class TokenClock:
             return
         now = time.perf_counter()
         self.metrics.generated_tokens.inc(tokens)
+        self.metrics.tokens += tokens
         if self.last is None:
             self.metrics.ttft.observe(now - self.started)
         else:

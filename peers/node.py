@@ -8,6 +8,7 @@ import os
 import random
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field, replace
 
 import httpx
@@ -188,6 +189,7 @@ class PeerNode:
         self.active_requests = 0  # entry requests in flight here
         self.steps_served = 0  # hops this peer computed
         self.failovers = 0  # re-routes this entry made (a failed, busy or full peer, a lost session)
+        self.failover_log: deque[dict] = deque(maxlen=32)  # the latest, for the swarm page
         self.verification = VerificationStats()
         self.speculation = SpeculationStats()
         self.metrics = Metrics(self)  # GET /metrics

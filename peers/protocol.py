@@ -17,6 +17,7 @@ from .limits import finite_number
 
 PATH_HEALTH = "/health"
 PATH_METRICS = "/metrics"  # Prometheus metrics (peers/metrics.py)
+PATH_VIEW = "/view"  # what the swarm page (GET /) draws (peers/view.py)
 PATH_STEPS = "/swarm/steps"  # several step frames in one message (coalesced for one next peer)
 PATH_CLOSE = "/swarm/close"
 PATH_GOSSIP = "/swarm/gossip"

@@ -26,6 +26,7 @@ from .protocol import (
     PATH_RESULTS,
     PATH_STEPS,
     PATH_TABLE,
+    PATH_VIEW,
     ProtocolError,
     decode_steps,
     step_error_body,
@@ -33,6 +34,7 @@ from .protocol import (
 )
 from .routing import coverage, gaps
 from .trust import Guard
+from .view import PAGE, View, loopback
 
 log = logging.getLogger("layerswarm.server")
 
@@ -71,6 +73,31 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
     # outside the limits: requests they refuse are counted too
     app.add_middleware(HTTPMetrics, metrics=node.metrics)
 
+    view = View(node)
+
+    @app.get("/")
+    async def page() -> Response:
+        """The swarm page (peers/page.html): it draws GET /view once a second."""
+        return Response(PAGE, media_type="text/html; charset=utf-8")
+
+    @app.get(PATH_VIEW)
+    async def view_data(request: Request) -> Response:
+        if node.config.swarm_key is not None and not loopback(
+            request.client.host if request.client else None
+        ):
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": "this is a private swarm: its page answers on loopback only",
+                        "type": "authentication_error",
+                        "param": None,
+                        "code": "loopback_only",
+                    }
+                },
+                status_code=403,
+            )
+        return JSONResponse(await view.snapshot())
+
     @app.get(PATH_METRICS)
     async def metrics() -> Response:
         """Prometheus metrics of this peer (peers/metrics.py)."""
@@ -95,6 +122,7 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
             "threads": node.threads,
             "core_turns": node.scheduler.turns is not None,
             "failovers": node.failovers,
+            "tokens_generated": node.metrics.tokens,
             "verification": {
                 "rate": node.config.verify_rate,
                 **node.verification.to_json(),

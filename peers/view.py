@@ -1,0 +1,100 @@
+"""The swarm page every peer serves (`GET /`) and the data it draws (`GET /view`): the layers x
+peers coverage map, each peer's state, load and speed, and this entry's recent failovers. The
+page is plain HTML and JavaScript (peers/page.html, no build step); it asks `/view` once a
+second and redraws without reloading.
+
+`/view` is this peer's table (as `/swarm/table` gives it), each live peer's own /health counters
+(asked by this peer, in parallel, 1 s at most, cached for 1 s so that any number of open pages
+cost one round), and this entry's recent failovers. In a private swarm (--swarm-key) the table is
+not for strangers: `/view` answers only clients on loopback (an operator on the machine, or
+through `ssh -L`)."""
+
+import asyncio
+import ipaddress
+import time
+from importlib.resources import files
+
+import httpx
+
+from .protocol import PATH_HEALTH
+from .routing import coverage, gaps
+
+HEALTH_TIMEOUT_S = 1.0
+CACHE_S = 1.0
+MAX_ASKED = 64  # peers whose /health one view asks for
+PAGE = files(__package__).joinpath("page.html").read_bytes()
+
+
+def loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class View:
+    def __init__(self, node):
+        self.node = node
+        self._cached: tuple[float, dict] | None = None
+        self._lock = asyncio.Lock()
+
+    async def snapshot(self) -> dict:
+        async with self._lock:  # concurrent pages share one round of /health requests
+            now = time.monotonic()
+            if self._cached is None or now - self._cached[0] > CACHE_S:
+                self._cached = (now, await self._build())
+            return self._cached[1]
+
+    async def _build(self) -> dict:
+        n, t = self.node, self.node.table
+        rows = []
+        for e in t.known():
+            status = t.status(e.peer_id) or "unknown"
+            rows.append(
+                {
+                    "peer_id": e.peer_id,
+                    "address": e.address,
+                    "model": e.model,
+                    "layers": [e.start, e.end],
+                    "status": status,
+                    "load": e.load,
+                    "layer_ms": e.layer_ms,
+                    "me": e.peer_id == n.peer_id,
+                }
+            )
+        rows.sort(key=lambda r: (r["layers"][0], r["layers"][1], r["peer_id"]))
+        asked = [r for r in rows if r["status"] not in ("dead", "left")][:MAX_ASKED]
+        healths = await asyncio.gather(*(self._health(r["address"]) for r in asked))
+        for row, health in zip(asked, healths, strict=True):
+            row["health"] = health
+        counts = coverage(t.serving(n.model_id), n.total_layers)
+        return {
+            "me": n.peer_id,
+            "model": n.model_id,
+            "total_layers": n.total_layers,
+            "time": time.time(),
+            "peers": rows,
+            "coverage": counts,
+            "gaps": gaps(counts),
+            "failovers": list(n.failover_log),
+        }
+
+    async def _health(self, address: str) -> dict | None:
+        try:
+            r = await self.node.http.get(f"http://{address}{PATH_HEALTH}", timeout=HEALTH_TIMEOUT_S)
+            h = r.json()
+        except (httpx.HTTPError, ValueError):
+            return None
+        if not isinstance(h, dict):
+            return None
+        sched = h.get("scheduler") if isinstance(h.get("scheduler"), dict) else {}
+        hop = h.get("hop_path_ms") if isinstance(h.get("hop_path_ms"), dict) else {}
+        pick = {
+            "sessions": h.get("sessions"),
+            "steps_served": h.get("steps_served"),
+            "active_requests": h.get("active_requests"),
+            "tokens_generated": h.get("tokens_generated"),
+            "queue_wait_ms": sched.get("mean_queue_wait_ms"),
+            "compute_ms": hop.get("compute"),
+        }
+        return {k: v for k, v in pick.items() if isinstance(v, int | float) and not isinstance(v, bool)}
