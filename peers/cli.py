@@ -2,9 +2,11 @@
 locally through a chain of blocks."""
 
 import argparse
+import json
 import logging
 import os
 import sys
+import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -176,10 +178,23 @@ def _status(args: argparse.Namespace) -> int:
     from .sdk import fetch_table, format_table
     from .trust import swarm_key_from
 
-    print(
-        format_table(fetch_table(args.peer, timeout_s=args.timeout, swarm_key=swarm_key_from(args.swarm_key)))
-    )
-    return 0
+    key = swarm_key_from(args.swarm_key)
+    if args.watch is not None and args.watch <= 0:
+        raise ValueError(f"--watch takes a positive number of seconds, got {args.watch}")
+    while True:
+        table = fetch_table(args.peer, timeout_s=args.timeout, swarm_key=key)
+        text = json.dumps(table, indent=2) if args.json else format_table(table)
+        if args.watch is None:
+            print(text)
+            return 0
+        # clear the terminal, then the table and when it was read
+        print(
+            "\033[H\033[2J"
+            + text
+            + f"\n\n{time.strftime('%H:%M:%S')}, every {args.watch:g} s (Ctrl-C stops)",
+            flush=True,
+        )
+        time.sleep(args.watch)
 
 
 def _swarm(args: argparse.Namespace) -> int:
@@ -403,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tombstone", type=float, default=60.0, help="seconds a dead peer's tombstone is kept"
     )
     serve.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    serve.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="text lines, or one JSON object per line (time, level, logger, message, request_id)",
+    )
     serve.set_defaults(run=_serve)
 
     status = sub.add_parser("status", help="print the swarm as one peer sees it", formatter_class=defaults)
@@ -410,6 +431,18 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the peer")
     status.add_argument(
         "--swarm-key", default=None, help="the key of a private swarm (default: LAYERSWARM_SWARM_KEY)"
+    )
+    status.add_argument(
+        "--json", action="store_true", help="print the table as JSON (as /swarm/table gives it)"
+    )
+    status.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="refresh every SECONDS (2 if not given) until Ctrl-C",
     )
     status.set_defaults(run=_status)
 
@@ -470,9 +503,10 @@ def main(argv: list[str] | None = None) -> int:
         _set_wait_policy(args.omp_wait_policy)
     from inference import InferenceError
 
+    from .logs import setup_logging
     from .sdk import SwarmAPIError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(getattr(args, "log_format", "text"), logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return args.run(args)

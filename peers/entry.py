@@ -16,6 +16,7 @@ import xxhash
 
 from .direct import probe_route
 from .errors import HopFailed, Overloaded, SwarmError, SwarmUnavailable
+from .logs import REQUEST_ID
 from .node import PeerNode
 from .prefix import prefix_hashes, routing_key
 from .protocol import MAX_SHADOWS, Entry, Hop, Sampling, StepRequest, StepResult
@@ -68,6 +69,7 @@ async def step(
         verify=verify,
         shadows=shadows,
         draft=draft,
+        request_id=REQUEST_ID.get(),
     )
     if not verify and node.config.direct_return:
         main = _direct(node, req)

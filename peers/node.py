@@ -531,6 +531,16 @@ class PeerNode:
         before any work (the receiver bounds its own work, whatever the sender asks)."""
         hop = req.hops[0]
         block = self.block
+        log.log(  # with the request's id (peers/logs.py): a session's first step at info, the rest at debug
+            logging.INFO if req.position == 0 else logging.DEBUG,
+            "step of session %s: positions %d-%d of %d sequence(s), layers %d:%d",
+            req.session_id[:12],
+            req.position,
+            req.position + req.tensor.shape[1] - 1,
+            req.tensor.shape[0],
+            hop.start,
+            hop.end,
+        )
         if block is None or hop.peer_id != self.peer_id:
             raise HopFailed(
                 self.peer_id, f"this peer cannot run hop {hop.start}:{hop.end} for {hop.peer_id}", "busy"

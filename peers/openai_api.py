@@ -214,6 +214,7 @@ async def _respond(
     run = _Run(
         node, prompt_ids, max_tokens, sampling, stops, stop_ids, req.n, req.consensus, verify, speculative
     )
+    request.scope["layerswarm.run"] = run  # its token count goes into the request's log line
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     shape = _ChatShape(rid, node.model_id) if chat else _TextShape(rid, node.model_id)
     events = run.events()

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .limits import finite_number
+from .logs import valid_request_id
 
 PATH_HEALTH = "/health"
 PATH_METRICS = "/metrics"  # Prometheus metrics (peers/metrics.py)
@@ -85,6 +86,7 @@ class StepRequest:
     draft: int = 0  # the last `draft` tokens are drafted: sample after each of the last draft + 1
     reply_to: "Entry | None" = None  # direct return: the last hop sends the result here, not back
     step_id: str = ""  # with reply_to: the entry's name for this step
+    request_id: str = ""  # the OpenAI request it serves (x-request-id): every peer logs with it
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,8 @@ def encode_step(req: StepRequest) -> bytes:
     if req.reply_to is not None:
         header["reply_to"] = asdict(req.reply_to)
         header["step_id"] = req.step_id
+    if req.request_id:
+        header["request_id"] = req.request_id
     return encode_tensor_frame(header, req.tensor)
 
 
@@ -176,6 +180,7 @@ def decode_step(body: bytes) -> StepRequest:
             draft=_typed(header.get("draft", 0), int, "draft"),
             reply_to=_entry(header["reply_to"]) if "reply_to" in header else None,
             step_id=_typed(header.get("step_id", ""), str, "step_id"),
+            request_id=_typed(header.get("request_id", ""), str, "request_id"),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ProtocolError(f"bad step header: {e}") from e
@@ -205,6 +210,8 @@ def decode_step(body: bytes) -> StepRequest:
             f"a step returned directly has a step id of 1 to {MAX_STEP_ID} printable characters, "
             "and is not checked (checked steps return through the route)"
         )
+    if req.request_id and not valid_request_id(req.request_id):
+        raise ProtocolError("a step's request_id is 1 to 64 of A-Z a-z 0-9 . _ : -")
     if (tensor.dim() == 2) != (tensor.dtype == torch.int64):
         raise ProtocolError("token ids travel as int64 [B, T] and hidden states as floats [B, T, H]")
     return req

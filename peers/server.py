@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from .errors import HopFailed, install_handlers
 from .forwarding import outcome_of
 from .limits import BodyLimits
+from .logs import REQUEST_ID, RequestIds
 from .metrics import HTTPMetrics
 from .node import PeerNode
 from .openai_api import router as openai_router
@@ -71,6 +72,7 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
     )
     app.include_router(openai_router(node))
     # outside the limits: requests they refuse are counted too
+    app.add_middleware(RequestIds)  # outside Guard and the limits: their refusals are logged too
     app.add_middleware(HTTPMetrics, metrics=node.metrics)
 
     view = View(node)
@@ -170,6 +172,7 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
         return JSONResponse({"results": list(task.result())})
 
     async def _run(req) -> dict:
+        REQUEST_ID.set(req.request_id)  # (this frame's own task: its logs carry the request's id)
         try:
             if req.reply_to is not None:  # returned directly: answered once checked and taken on
                 await node.accept_step(req)

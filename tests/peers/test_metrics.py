@@ -105,6 +105,53 @@ def test_counters_match_the_workload(swarm):
         assert value(m, "layerswarm_gossip_round_trip_seconds_count") > 0
 
 
+def test_a_request_id_travels_to_every_peer_of_the_route(swarm):
+    entry = swarm.peers[0]
+    body = {"model": "llama", "prompt": "follow me", "max_tokens": 4, "temperature": 0}
+    r = httpx.post(
+        f"{entry.url}/v1/completions", json=body, headers={"x-request-id": "trace-42.a"}, timeout=60
+    )
+    assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42.a"
+    made = httpx.post(f"{entry.url}/v1/completions", json=body, timeout=60).headers["x-request-id"]
+    assert len(made) == 32 and made != "trace-42.a"  # one of its own when the client sent none
+    # the entry's request line, and a step line on the entry and on the hop that served 2:4
+    served = [p for p in swarm.peers[1:] if "trace-42.a" in p.log_path.read_text(errors="replace")]
+    assert len(served) == 1, "one replica of 2:4 served the request"
+    for peer in (entry, served[0]):
+        lines = [
+            line
+            for line in peer.log_path.read_text(errors="replace").splitlines()
+            if "[request trace-42.a]" in line
+        ]
+        assert any("step of session" in line for line in lines), lines
+    request_lines = [
+        line for line in entry.log_path.read_text().splitlines() if "POST /v1/completions 200" in line
+    ]
+    assert any("4 tokens" in line and "[request trace-42.a]" in line for line in request_lines), request_lines
+    for bad in ("x" * 65, "two words", "<script>"):
+        r = httpx.post(f"{entry.url}/v1/completions", json=body, headers={"x-request-id": bad}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "x-request-id", r.text
+
+
+def test_peer_status_prints_json_and_watches(swarm):
+    import json
+    import subprocess
+    import sys
+
+    entry = swarm.peers[0]
+    cmd = [sys.executable, "-m", "peers.cli", "status", "--peer", entry.address]
+    out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=60, check=True).stdout
+    table = json.loads(out)
+    assert table["me"] == entry.peer_id and len(table["peers"]) == 3
+    watch = subprocess.Popen([*cmd, "--watch", "0.3"], stdout=subprocess.PIPE, text=True)
+    try:
+        out, _ = watch.communicate(timeout=12)  # (the command starts in ~5 s on 2 cores)
+    except subprocess.TimeoutExpired:
+        watch.terminate()
+        out, _ = watch.communicate(timeout=10)
+    assert out.count("Ctrl-C stops") >= 2 and out.count(entry.peer_id) >= 2, out[-2000:]
+
+
 def test_a_killed_peer_counts_as_a_failover_on_the_entry(swarm):
     entry = swarm.peers[0]
     before = scrape(entry)
@@ -123,3 +170,27 @@ def test_a_killed_peer_counts_as_a_failover_on_the_entry(swarm):
         before, "layerswarm_failovers_total", reason="failed"
     )
     wait_until(lambda: value(scrape(entry), "layerswarm_table_peers", status="serving") == 2, 30, swarm._why)
+
+
+def test_json_log_lines_carry_the_request_id(capsys):
+    import json
+    import logging
+
+    from peers.logs import REQUEST_ID, setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging("json")
+        token = REQUEST_ID.set("trace-7")
+        logging.getLogger("layerswarm.test").info("hello %s", "world")
+        REQUEST_ID.reset(token)
+        logging.getLogger("layerswarm.test").warning("no request")
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    first, second = (json.loads(line) for line in capsys.readouterr().err.splitlines()[-2:])
+    assert first["message"] == "hello world" and first["request_id"] == "trace-7" and first["level"] == "info"
+    assert second["level"] == "warning" and "request_id" not in second
+    with pytest.raises(ValueError, match="log-format"):
+        setup_logging("xml")

@@ -2,6 +2,7 @@
 a ProtocolError (a 400 for the sender, nobody banned) instead of a crash."""
 
 import struct
+from dataclasses import replace
 
 import pytest
 import torch
@@ -30,7 +31,9 @@ def test_steps_round_trip():
     assert [r.session_id for r in got] == ["s0", "s1", "s2"]
     for a, b in zip(reqs, got, strict=True):
         assert torch.equal(a.tensor, b.tensor) and a.hops == b.hops and a.sampling == b.sampling
-        assert a.prefix == b.prefix and a.position == b.position
+        assert a.prefix == b.prefix and a.position == b.position and b.request_id == ""
+    traced = replace(request(3), request_id="trace-1")
+    assert decode_step(encode_step(traced)).request_id == "trace-1"
 
 
 @pytest.mark.parametrize(
@@ -75,8 +78,11 @@ def _frame_with(**changes) -> bytes:
         {"prefix": ["x"]},
         {"shape": [1, -3]},
         {"dtype": "float32"},
+        {"request_id": 7},
+        {"request_id": "x" * 65},
+        {"request_id": "line\nbreak"},  # (it goes into log lines: no forged lines)
     ],
-    ids=lambda c: next(iter(c)),
+    ids=lambda c: f"{next(iter(c))}={str(next(iter(c.values())))[:12]!r}",
 )
 def test_step_headers_of_the_wrong_type_are_refused(changes):
     with pytest.raises(ProtocolError):
