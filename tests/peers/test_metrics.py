@@ -133,6 +133,13 @@ def test_a_request_id_travels_to_every_peer_of_the_route(swarm):
         assert r.status_code == 400 and r.json()["error"]["param"] == "x-request-id", r.text
 
 
+def test_start_up_says_what_it_loaded_and_where_to_find_the_peer(swarm):
+    for peer in swarm.peers:
+        log = peer.log_path.read_text(errors="replace")
+        assert "MB of weights in" in log and f"OpenAI API at http://{peer.address}/v1" in log, log[-2000:]
+        assert f"swarm page at http://{peer.address}/" in log
+
+
 def test_peer_status_prints_json_and_watches(swarm):
     import json
     import subprocess
