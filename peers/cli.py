@@ -447,7 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(run=_status)
 
     swarm = sub.add_parser("swarm", help="run a local swarm from a TOML config", formatter_class=defaults)
-    swarm.add_argument("--config", default="configs/local-smollm2.toml", help="the swarm's TOML preset")
+    swarm.add_argument(
+        "--config",
+        default="configs/local-smollm2.toml",
+        help="the swarm's TOML preset: a file, or the name of an installed one (local-smollm2, llama-8b-example)",
+    )
     swarm.add_argument("--model", default=None, help="override the config's model")
     swarm.set_defaults(run=_swarm)
 

@@ -42,8 +42,28 @@ def serve_command(
     return cmd + [str(a) for a in args]
 
 
+def read_preset(config: str) -> str:
+    """A swarm preset's TOML: the file at `config`, else the installed preset of that name
+    (configs/ ships in the package: `local-smollm2`, `local-smollm2.toml` and
+    `configs/local-smollm2.toml` all name it, from any directory)."""
+    path = Path(config)
+    if path.is_file():
+        return path.read_text()
+    from importlib.resources import files
+
+    presets = files("layerswarm_configs")
+    name = path.name if path.suffix == ".toml" else f"{path.name}.toml"
+    preset = presets.joinpath(name)
+    if preset.is_file():
+        return preset.read_text()
+    known = sorted(p.name.removesuffix(".toml") for p in presets.iterdir() if p.name.endswith(".toml"))
+    raise ValueError(
+        f"no swarm preset {config!r}: not a file, nor one of the installed presets {', '.join(known)}"
+    )
+
+
 def run_local_swarm(config_path: str, model_override: str | None = None) -> int:
-    preset = tomllib.loads(Path(config_path).read_text())
+    preset = tomllib.loads(read_preset(config_path))
     model, host = model_override or preset["model"], preset.get("host", "127.0.0.1")
     peers = preset.get("peers") or []
     if not peers:

@@ -107,3 +107,18 @@ def test_verify_rate_defaults_to_checking_in_an_open_swarm(monkeypatch, argv, en
         monkeypatch.delenv("LAYERSWARM_SWARM_KEY", raising=False)
     args = cli.build_parser().parse_args(["serve", "--layers", "0:4", *argv])
     assert cli._verify_rate(args) == rate
+
+
+def test_swarm_presets_are_found_outside_the_checkout(tmp_path, monkeypatch):
+    """configs/ ships in the package: `peer swarm --config NAME` works from any directory."""
+    import tomllib
+
+    from peers.local_swarm import read_preset
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("local-smollm2", "local-smollm2.toml", "configs/local-smollm2.toml"):
+        assert tomllib.loads(read_preset(name))["model"] == "smollm2-135m"
+    (tmp_path / "mine.toml").write_text('model = "x"\n')
+    assert read_preset("mine.toml") == 'model = "x"\n'  # a file wins
+    with pytest.raises(ValueError, match="local-smollm2"):
+        read_preset("nonexistent")
