@@ -71,8 +71,8 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
         read_timeout_s=node.config.read_timeout_s,
     )
     app.include_router(openai_router(node))
-    # outside the limits: requests they refuse are counted too
-    app.add_middleware(RequestIds)  # outside Guard and the limits: their refusals are logged too
+    # outside Guard and the limits: the requests they refuse are logged and counted too
+    app.add_middleware(RequestIds)
     app.add_middleware(HTTPMetrics, metrics=node.metrics)
 
     view = View(node)

@@ -139,8 +139,26 @@ def test_other_peers_health_reaches_the_page_as_numbers_only():
     assert asyncio.run(ask()) == {"steps_served": 12, "compute_ms": 3.5}
 
 
-def test_a_private_swarms_view_answers_loopback_only():
-    from peers.view import loopback
+def test_a_private_swarms_view_answers_loopback_only(tiny_llama):
+    """Its table is not for strangers (/swarm/table needs the key): nor is its page's data."""
+    from peers.server import create_app
+    from tests.peers.test_inprocess import start_swarm, stop_swarm
 
-    assert loopback("127.0.0.1") and loopback("::1")
-    assert not loopback("10.0.0.5") and not loopback("example.org") and not loopback(None)
+    async def main():
+        _, (node,) = await start_swarm(tiny_llama, ["0:4"], swarm_key=b"k" * 32)
+        app = create_app(node)
+        try:
+            answers = {}
+            for client in ("127.0.0.1", "10.0.0.5"):
+                transport = httpx.ASGITransport(app=app, client=(client, 50000))
+                async with httpx.AsyncClient(transport=transport, base_url="http://peer") as http:
+                    answers[client] = (
+                        (await http.get("/view")).status_code,
+                        (await http.get("/")).status_code,
+                    )
+            return answers
+        finally:
+            await stop_swarm([node])
+
+    answers = asyncio.run(main())
+    assert answers == {"127.0.0.1": (200, 200), "10.0.0.5": (403, 200)}  # the page itself holds no data
