@@ -3,6 +3,7 @@
 #   docker run --rm -p 7001:7001 -v layerswarm-cache:/cache layerswarm \
 #       serve --layers 0:10 --host 0.0.0.0 --port 7001 --public-address MY_IP:7001 --swarm-key "$KEY"
 # A 3-peer swarm on one machine: compose.yaml (`docker compose up`, or `podman-compose up`).
+# With podman, build with `--format docker`: the OCI format has no HEALTHCHECK.
 # CUDA: build with the CUDA wheels of torch and run with the GPU passed in, e.g.
 #   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t layerswarm:cuda .
 #   docker run --gpus all ... layerswarm:cuda serve --device cuda --dtype bfloat16 ...

@@ -249,7 +249,7 @@ class PeerNode:
         log.info("loading layers %d:%d of %s", me.start, me.end, self.model_id)
         started = time.monotonic()
         self.block = await self.scheduler.run_in_compute(self._load_block, me.start, me.end)
-        weights = sum(t.numel() * t.element_size() for t in self.block.state_dict().values())
+        weights = sum(p.numel() * p.element_size() for p in self.block.parameters())  # (tied ones once)
         log.info("loaded %.1f MB of weights in %.1f s", weights / 1e6, time.monotonic() - started)
         self.table.update_me(state=SERVING)
         self._serving_since = asyncio.get_running_loop().time()
