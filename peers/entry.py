@@ -222,7 +222,7 @@ async def generate(
             except HopFailed as e:
                 failing_since = failing_since or time.monotonic()
                 node.failovers += 1
-                node.metrics.failover(e.reason)
+                node.metrics.failovers.labels(e.reason).inc()  # (one of HopFailed.REASONS)
                 node.failover_log.append(
                     {"at": time.time(), "peer_id": e.peer_id, "reason": e.reason, "message": e.message[:300]}
                 )

@@ -2,6 +2,7 @@
 
 SwarmError
 ├── InvalidRequest     400  the caller's mistake (bad parameter, prompt too long)
+├── Forbidden          403  not for this caller (a private swarm's page data, off loopback)
 ├── ModelNotServed     404  a model this swarm does not serve
 ├── Overloaded         429  no room now (request limit, busy or full peers): retry after a while
 ├── SwarmUnavailable   503  no complete route, or failover gave up
@@ -32,6 +33,11 @@ class SwarmError(Exception):
 class InvalidRequest(SwarmError):
     status = 400
     kind = "invalid_request_error"
+
+
+class Forbidden(SwarmError):
+    status = 403
+    kind = "permission_error"
 
 
 class ModelNotServed(SwarmError):

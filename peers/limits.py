@@ -32,11 +32,16 @@ class ReplyTooLarge(httpx.HTTPError):
 
 
 def json_error(
-    status: int, message: str, code: str, kind: str = "invalid_request_error", close: bool = True
+    status: int,
+    message: str,
+    code: str | None,
+    kind: str = "invalid_request_error",
+    close: bool = True,
+    param: str | None = None,
 ) -> tuple[dict, dict]:
     """The two ASGI messages of an error answer in OpenAI's JSON shape, sent by middleware
     before (or instead of) the app."""
-    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    body = json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if close:
         headers.append((b"connection", b"close"))

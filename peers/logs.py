@@ -12,8 +12,11 @@ import re
 import time
 import uuid
 
+from .limits import json_error
+
 REQUEST_ID = contextvars.ContextVar("request_id", default="")
 REQUEST_ID_HEADER = "x-request-id"
+RUN_KEY = "layerswarm.run"  # where the OpenAI handler leaves its run in the ASGI scope (its tokens)
 _VALID = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s%(request_tag)s"
@@ -81,24 +84,10 @@ class RequestIds:
         given = next((v for k, v in scope["headers"] if k == REQUEST_ID_HEADER.encode()), None)
         rid = given.decode("latin-1") if given is not None else new_request_id()
         if not valid_request_id(rid):
-            body = json.dumps(
-                {
-                    "error": {
-                        "message": f"{REQUEST_ID_HEADER} must be 1 to 64 of A-Z a-z 0-9 . _ : -",
-                        "type": "invalid_request_error",
-                        "param": REQUEST_ID_HEADER,
-                        "code": None,
-                    }
-                }
-            ).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 400,
-                    "headers": [(b"content-type", b"application/json")],
-                }
-            )
-            return await send({"type": "http.response.body", "body": body})
+            message = f"{REQUEST_ID_HEADER} must be 1 to 64 of A-Z a-z 0-9 . _ : -"
+            for part in json_error(400, message, None, close=False, param=REQUEST_ID_HEADER):
+                await send(part)
+            return
         token = REQUEST_ID.set(rid)
         started, status = time.perf_counter(), [500]
 
@@ -107,14 +96,14 @@ class RequestIds:
                 status[0] = message["status"]
                 message = {
                     **message,
-                    "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())],
+                    "headers": [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), rid.encode())],
                 }
             await send(message)
 
         try:
             await self.app(scope, receive, sending)
         finally:
-            run = scope.get("layerswarm.run")  # set by the OpenAI handler once it generates
+            run = scope.get(RUN_KEY)  # set by the OpenAI handler once it generates
             tokens = getattr(run, "completion_tokens", 0)
             self.log.info(
                 "%s %s %d, %d tokens, %.3f s",

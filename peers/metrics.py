@@ -30,84 +30,64 @@ class Metrics:
     """The metrics a peer observes as things happen, and the text of a scrape."""
 
     def __init__(self, node: "PeerNode | None" = None):
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.http_requests = Counter(
-            f"{PREFIX}_http_requests",
-            "HTTP requests answered, by endpoint and status",
-            ["endpoint", "status"],
-            registry=r,
+        self.registry = r = CollectorRegistry(auto_describe=True)
+
+        def histogram(name: str, doc: str, buckets, labels=()) -> Histogram:
+            return Histogram(f"{PREFIX}_{name}", doc, labels, buckets=buckets, registry=r)
+
+        def counter(name: str, doc: str, labels=()) -> Counter:
+            return Counter(f"{PREFIX}_{name}", doc, labels, registry=r)
+
+        self.http_requests = counter(
+            "http_requests", "HTTP requests answered, by endpoint and status", ["endpoint", "status"]
         )
-        self.http_seconds = Histogram(
-            f"{PREFIX}_http_request_duration_seconds",
+        self.http_seconds = histogram(
+            "http_request_duration_seconds",
             "Time from a request's arrival to the end of its response (a stream: its last event)",
+            TTFT_BUCKETS,
             ["endpoint"],
-            buckets=TTFT_BUCKETS,
-            registry=r,
         )
-        self.prompt_tokens = Counter(
-            f"{PREFIX}_prompt_tokens", "Prompt tokens of the requests this entry ran", registry=r
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of the requests this entry ran")
+        self.generated_tokens = counter(
+            "generated_tokens", "Tokens this entry generated (the completions' usage)"
         )
-        self.generated_tokens = Counter(
-            f"{PREFIX}_generated_tokens", "Tokens this entry generated (the completions' usage)", registry=r
+        self.ttft = histogram(
+            "time_to_first_token_seconds", "From the start of a generation to its first token", TTFT_BUCKETS
         )
-        self.ttft = Histogram(
-            f"{PREFIX}_time_to_first_token_seconds",
-            "From the start of a generation to its first token",
-            buckets=TTFT_BUCKETS,
-            registry=r,
-        )
-        self.inter_token = Histogram(
-            f"{PREFIX}_inter_token_seconds",
+        self.inter_token = histogram(
+            "inter_token_seconds",
             "Between two steps' tokens of a generation, as they reach the entry (drafted tokens the model "
             "kept arrive one after the other at once: gaps near 0)",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.queue_wait = Histogram(
-            f"{PREFIX}_step_queue_wait_seconds",
+        self.queue_wait = histogram(
+            "step_queue_wait_seconds",
             "How long a step waited in this peer's queue before its first forward",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.forward_seconds = Histogram(
-            f"{PREFIX}_forward_seconds",
+        self.forward_seconds = histogram(
+            "forward_seconds",
             "Compute time of one forward of this peer's layers (a batch of steps)",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.batch_steps = Histogram(
-            f"{PREFIX}_forward_batch_steps", "Steps in one forward", buckets=COUNT_BUCKETS, registry=r
+        self.batch_steps = histogram("forward_batch_steps", "Steps in one forward", COUNT_BUCKETS)
+        self.batch_positions = histogram(
+            "forward_batch_positions", "Positions (tokens x sequences) in one forward", COUNT_BUCKETS
         )
-        self.batch_positions = Histogram(
-            f"{PREFIX}_forward_batch_positions",
-            "Positions (tokens x sequences) in one forward",
-            buckets=COUNT_BUCKETS,
-            registry=r,
-        )
-        self.failovers = Counter(
-            f"{PREFIX}_failovers",
-            "Re-routes this entry made, by the failed hop's reason",
-            ["reason"],
-            registry=r,
+        self.failovers = counter(
+            "failovers", "Re-routes this entry made, by the failed hop's reason", ["reason"]
         )
         for reason in HopFailed.REASONS:  # every reason shows, at 0 until it happens
             self.failovers.labels(reason)
-        self.gossip_seconds = Histogram(
-            f"{PREFIX}_gossip_round_trip_seconds",
+        self.gossip_seconds = histogram(
+            "gossip_round_trip_seconds",
             "One gossip exchange with another peer, answered or failed",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.gossip_failures = Counter(
-            f"{PREFIX}_gossip_failures", "Gossip exchanges that got no usable answer", registry=r
-        )
+        self.gossip_failures = counter("gossip_failures", "Gossip exchanges that got no usable answer")
         self.tokens = 0  # generated_tokens, as a number for /health
         if node is not None:
             r.register(NodeCollector(node))
-
-    def failover(self, reason: str) -> None:
-        self.failovers.labels(reason if reason in HopFailed.REASONS else OTHER).inc()
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of a scrape."""

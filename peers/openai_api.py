@@ -18,6 +18,7 @@ from starlette.background import BackgroundTask
 from .consensus import MAX_CONSENSUS, checked_generate, verified_generate
 from .entry import RETRY_AFTER_S, banned_now, current_route, generate
 from .errors import InvalidRequest, ModelNotServed, Overloaded, SwarmError, SwarmUnavailable
+from .logs import RUN_KEY
 from .metrics import TokenClock
 from .node import PeerNode
 from .protocol import Sampling
@@ -214,7 +215,7 @@ async def _respond(
     run = _Run(
         node, prompt_ids, max_tokens, sampling, stops, stop_ids, req.n, req.consensus, verify, speculative
     )
-    request.scope["layerswarm.run"] = run  # its token count goes into the request's log line
+    request.scope[RUN_KEY] = run  # its token count goes into the request's log line
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     shape = _ChatShape(rid, node.model_id) if chat else _TextShape(rid, node.model_id)
     events = run.events()

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from .errors import HopFailed, install_handlers
+from .errors import Forbidden, HopFailed, install_handlers
 from .forwarding import outcome_of
 from .limits import BodyLimits
 from .logs import REQUEST_ID, RequestIds
@@ -87,16 +87,8 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
         if node.config.swarm_key is not None and not loopback(
             request.client.host if request.client else None
         ):
-            return JSONResponse(
-                {
-                    "error": {
-                        "message": "this is a private swarm: its page answers on loopback only",
-                        "type": "authentication_error",
-                        "param": None,
-                        "code": "loopback_only",
-                    }
-                },
-                status_code=403,
+            raise Forbidden(
+                "this is a private swarm: its page answers on loopback only", code="loopback_only"
             )
         return JSONResponse(await view.snapshot())
 
