@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from . import __version__
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -219,6 +221,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peer", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"peer (layerswarm) {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = argparse.ArgumentDefaultsHelpFormatter
 

@@ -1,33 +1,61 @@
-"""The Python SDK: talk to any peer of a swarm.
+"""The Python SDK: talk to any peer of a swarm, given as HOST:PORT or as OpenAI's base URL.
 
-    from peers import SwarmClient
-    client = SwarmClient("127.0.0.1:7001")
+    from peers import AsyncSwarmClient, SwarmClient
+    client = SwarmClient("http://127.0.0.1:7001/v1")  # or "127.0.0.1:7001"
     print(client.chat("What is the capital of France?", max_tokens=32).text)
     for delta in client.chat("Tell me a story", stream=True):
         print(delta, end="")
+    async with AsyncSwarmClient("127.0.0.1:7001") as client:  # in a coroutine
+        async for delta in await client.chat("Tell me a story", stream=True): ...
 
-Errors: SwarmAPIError (the swarm answered with an error; .status, .message), and its subclass
-SwarmConnectionError (no answer at all).
+SwarmAPIError             the swarm answered with an error (.status, .message, .kind, .code),
+│                         before a stream or inside one
+├── SwarmConnectionError  no answer: the peer cannot be reached, or a stream broke off
+└── SwarmTimeoutError     the peer was reached but did not answer within timeout_s
 """
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Generator
 from dataclasses import dataclass
+from typing import Literal, overload
+from urllib.parse import urlsplit
 
 import httpx
 
 from .trust import SwarmAuth
 
+Deltas = Generator[str, None, None]  # a stream's text deltas; close() ends it early
+AsyncDeltas = AsyncGenerator[str, None]  # the same for asyncio; aclose() ends it early
+
+# The status of each error type a peer sends (peers/errors.py gives them; the SDK does not import
+# the server's errors, which load FastAPI): an error that arrives inside a stream, after the 200,
+# gets the status it would have had before it. A code names its status more precisely.
+STATUS_OF_TYPE = {
+    "invalid_request_error": 400,
+    "permission_error": 403,
+    "rate_limit_error": 429,
+    "server_error": 500,
+    "hop_failed": 502,
+    "service_unavailable": 503,
+}
+STATUS_OF_CODE = {"model_not_found": 404}
+
 
 class SwarmAPIError(Exception):
-    def __init__(self, status: int, message: str, kind: str | None = None):
+    def __init__(self, status: int, message: str, kind: str | None = None, code: str | None = None):
         super().__init__(f"{status}: {message}" if status else message)
-        self.status, self.message, self.kind = status, message, kind
+        self.status, self.message, self.kind, self.code = status, message, kind, code
 
 
 class SwarmConnectionError(SwarmAPIError):
     def __init__(self, message: str):
         super().__init__(0, message, "connection_error")
+
+
+class SwarmTimeoutError(SwarmAPIError):
+    def __init__(self, message: str, timeout_s: float | None):
+        super().__init__(0, message, "timeout")
+        self.timeout_s = timeout_s
 
 
 @dataclass(frozen=True)
@@ -45,8 +73,20 @@ class Completion:
     model: str
 
 
-def _base_url(peer: str) -> str:
-    return peer.rstrip("/") if peer.startswith(("http://", "https://")) else f"http://{peer}"
+def root_url(peer: str) -> str:
+    """A peer's root URL (scheme://host:port) from HOST:PORT, http(s)://HOST:PORT, or OpenAI's
+    base URL http(s)://HOST:PORT/v1, each with or without a trailing slash."""
+    usage = "give HOST:PORT, http://HOST:PORT or http://HOST:PORT/v1"
+    parts = urlsplit(peer if "://" in peer else f"http://{peer}")
+    try:
+        parts.port  # noqa: B018 (checks the port)
+    except ValueError as e:
+        raise ValueError(f"not a peer address: {peer!r} ({e}); {usage}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"not a peer address: {peer!r} (scheme {parts.scheme!r}); {usage}")
+    if not parts.hostname or parts.path.rstrip("/") not in ("", "/v1") or parts.query or parts.fragment:
+        raise ValueError(f"not a peer address: {peer!r}; {usage}")
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _messages(messages: str | list[dict]) -> list[dict]:
@@ -60,14 +100,25 @@ def _body(model: str, stream: bool, **params) -> dict:
     return body
 
 
+def _error(status: int, err: dict) -> SwarmAPIError:
+    return SwarmAPIError(status, str(err.get("message", "")), err.get("type"), err.get("code"))
+
+
 def _raise_for(r: httpx.Response) -> None:
     if r.status_code < 400:
         return
     try:
         err = r.json()["error"]
-        raise SwarmAPIError(r.status_code, err.get("message", ""), err.get("type"))
-    except (ValueError, KeyError, TypeError):
+        raise _error(r.status_code, err)
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise SwarmAPIError(r.status_code, r.text[:500]) from None
+
+
+def _stream_error(err: dict) -> SwarmAPIError:
+    """The error a peer sends inside a stream, with the status it would have answered with."""
+    err = err if isinstance(err, dict) else {"message": str(err)}
+    status = STATUS_OF_CODE.get(err.get("code")) or STATUS_OF_TYPE.get(err.get("type"), 500)
+    return _error(status, err)
 
 
 def _completion(data: dict, chat: bool) -> Completion:
@@ -88,7 +139,7 @@ def _parse_line(line: str, chat: bool):
         return _DONE
     event = json.loads(data)
     if "error" in event:
-        raise SwarmAPIError(503, event["error"].get("message", ""), event["error"].get("type"))
+        raise _stream_error(event["error"])
     texts = [
         (c.get("delta", {}).get("content") if chat else c.get("text")) or "" for c in event.get("choices", [])
     ]
@@ -96,7 +147,8 @@ def _parse_line(line: str, chat: bool):
 
 
 class _Client:
-    """What both clients hold: the HTTP client of one peer, the keys, the model."""
+    """What both clients hold: the HTTP client of one peer, the keys, the model. `transport`
+    replaces the network (httpx.MockTransport, httpx.ASGITransport), for tests."""
 
     _client: type  # httpx.Client or httpx.AsyncClient
 
@@ -107,15 +159,32 @@ class _Client:
         timeout_s: float = 300.0,
         api_key: str | None = None,
         swarm_key: bytes | None = None,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
     ):
         headers = {"authorization": f"Bearer {api_key}"} if api_key else None
-        self._http = self._client(base_url=_base_url(peer), timeout=timeout_s, headers=headers)
+        self._http = self._client(
+            base_url=root_url(peer), timeout=timeout_s, headers=headers, transport=transport
+        )
         self._swarm_auth = SwarmAuth(swarm_key) if swarm_key else None
         self._model = model
+        self._timeout_s = timeout_s
 
     @property
     def _table_auth(self) -> dict:
         return {"auth": self._swarm_auth} if self._swarm_auth else {}
+
+    def _failure(self, e: httpx.HTTPError, streaming: bool = False) -> SwarmAPIError:
+        """What a transport error means to the caller. `streaming`: the answer had begun."""
+        url = self._http.base_url
+        if isinstance(e, httpx.ReadTimeout | httpx.WriteTimeout):
+            what = "sent nothing more" if streaming else "did not answer"
+            return SwarmTimeoutError(
+                f"{url} was reached but {what} within the timeout (timeout_s={self._timeout_s:g})",
+                self._timeout_s,
+            )
+        if streaming:
+            return SwarmConnectionError(f"stream from {url} broke: {e}")
+        return SwarmConnectionError(f"cannot reach {url}: {e}")
 
 
 class SwarmClient(_Client):
@@ -138,7 +207,7 @@ class SwarmClient(_Client):
         try:
             r = self._http.request(method, path, **kw)
         except httpx.HTTPError as e:
-            raise SwarmConnectionError(f"cannot reach {self._http.base_url}: {e}") from None
+            raise self._failure(e) from None
         _raise_for(r)
         return r
 
@@ -154,29 +223,37 @@ class SwarmClient(_Client):
     def table(self) -> dict:
         return self._request("GET", "/swarm/table", **self._table_auth).json()
 
-    def chat(
-        self, messages: str | list[dict], *, stream: bool = False, **params
-    ) -> Completion | Iterator[str]:
+    @overload
+    def chat(self, messages: str | list[dict], *, stream: Literal[False] = False, **params) -> Completion: ...
+    @overload
+    def chat(self, messages: str | list[dict], *, stream: Literal[True], **params) -> Deltas: ...
+    def chat(self, messages: str | list[dict], *, stream: bool = False, **params) -> Completion | Deltas:
         """Chat completion (messages, or one user message as a string). Parameters as OpenAI's:
         max_tokens, temperature, top_p, seed, stop. With stream=True, an iterator of text deltas."""
         body = _body(self.model, stream, messages=_messages(messages), **params)
         return self._run("/v1/chat/completions", body, stream, chat=True)
 
-    def complete(self, prompt: str, *, stream: bool = False, **params) -> Completion | Iterator[str]:
+    @overload
+    def complete(self, prompt: str, *, stream: Literal[False] = False, **params) -> Completion: ...
+    @overload
+    def complete(self, prompt: str, *, stream: Literal[True], **params) -> Deltas: ...
+    def complete(self, prompt: str, *, stream: bool = False, **params) -> Completion | Deltas:
         body = _body(self.model, stream, prompt=prompt, **params)
         return self._run("/v1/completions", body, stream, chat=False)
 
-    def _run(self, path: str, body: dict, stream: bool, chat: bool):
+    def _run(self, path: str, body: dict, stream: bool, chat: bool) -> Completion | Deltas:
         if not stream:
             return _completion(self._request("POST", path, json=body).json(), chat)
         return self._stream(path, body, chat)
 
-    def _stream(self, path: str, body: dict, chat: bool) -> Iterator[str]:
+    def _stream(self, path: str, body: dict, chat: bool) -> Deltas:
+        streaming = False
         try:
             with self._http.stream("POST", path, json=body) as r:
                 if r.status_code >= 400:
                     r.read()
                     _raise_for(r)
+                streaming = True
                 for line in r.iter_lines():
                     text = _parse_line(line, chat)
                     if text is _DONE:
@@ -184,11 +261,13 @@ class SwarmClient(_Client):
                     if text:
                         yield text
         except httpx.HTTPError as e:
-            raise SwarmConnectionError(f"stream from {self._http.base_url} broke: {e}") from None
+            raise self._failure(e, streaming) from None
 
 
 class AsyncSwarmClient(_Client):
-    """The asyncio twin of SwarmClient."""
+    """The asyncio twin of SwarmClient: `await client.chat(...)` is a Completion, or with
+    stream=True an async iterator of text deltas. A stream left early closes its response when
+    it is closed (`aclose()`) or collected."""
 
     _client = httpx.AsyncClient
 
@@ -205,42 +284,66 @@ class AsyncSwarmClient(_Client):
         try:
             r = await self._http.request(method, path, **kw)
         except httpx.HTTPError as e:
-            raise SwarmConnectionError(f"cannot reach {self._http.base_url}: {e}") from None
+            raise self._failure(e) from None
         _raise_for(r)
         return r
+
+    async def model(self) -> str:
+        if self._model is None:
+            self._model = (await self.models())[0]
+        return self._model
+
+    async def models(self) -> list[str]:
+        return [m["id"] for m in (await self._request("GET", "/v1/models")).json()["data"]]
 
     async def table(self) -> dict:
         return (await self._request("GET", "/swarm/table", **self._table_auth)).json()
 
-    async def model(self) -> str:
-        if self._model is None:
-            self._model = (await self._request("GET", "/v1/models")).json()["data"][0]["id"]
-        return self._model
+    @overload
+    async def chat(
+        self, messages: str | list[dict], *, stream: Literal[False] = False, **params
+    ) -> Completion: ...
+    @overload
+    async def chat(self, messages: str | list[dict], *, stream: Literal[True], **params) -> AsyncDeltas: ...
+    async def chat(
+        self, messages: str | list[dict], *, stream: bool = False, **params
+    ) -> Completion | AsyncDeltas:
+        """As SwarmClient.chat; with stream=True, an async iterator of text deltas."""
+        fields = {"messages": _messages(messages), **params}
+        return await self._run("/v1/chat/completions", fields, stream, chat=True)
 
-    async def chat(self, messages: str | list[dict], **params) -> Completion:
-        body = _body(await self.model(), False, messages=_messages(messages), **params)
-        return _completion((await self._request("POST", "/v1/chat/completions", json=body)).json(), chat=True)
+    @overload
+    async def complete(self, prompt: str, *, stream: Literal[False] = False, **params) -> Completion: ...
+    @overload
+    async def complete(self, prompt: str, *, stream: Literal[True], **params) -> AsyncDeltas: ...
+    async def complete(self, prompt: str, *, stream: bool = False, **params) -> Completion | AsyncDeltas:
+        return await self._run("/v1/completions", {"prompt": prompt, **params}, stream, chat=False)
 
-    async def complete(self, prompt: str, **params) -> Completion:
-        body = _body(await self.model(), False, prompt=prompt, **params)
-        return _completion((await self._request("POST", "/v1/completions", json=body)).json(), chat=False)
+    def stream_chat(self, messages: str | list[dict], **params) -> AsyncDeltas:
+        """The text deltas of a chat completion (as `await chat(..., stream=True)`)."""
+        return self._stream("/v1/chat/completions", {"messages": _messages(messages), **params}, chat=True)
 
-    async def stream_chat(self, messages: str | list[dict], **params) -> AsyncIterator[str]:
-        body = _body(await self.model(), True, messages=_messages(messages), **params)
-        async for delta in self._stream("/v1/chat/completions", body, chat=True):
-            yield delta
+    def stream_complete(self, prompt: str, **params) -> AsyncDeltas:
+        return self._stream("/v1/completions", {"prompt": prompt, **params}, chat=False)
 
-    async def stream_complete(self, prompt: str, **params) -> AsyncIterator[str]:
-        body = _body(await self.model(), True, prompt=prompt, **params)
-        async for delta in self._stream("/v1/completions", body, chat=False):
-            yield delta
+    async def _run(self, path: str, fields: dict, stream: bool, chat: bool) -> Completion | AsyncDeltas:
+        model = await self.model()  # a swarm that cannot name its model fails here, not in a stream
+        if stream:
+            return self._stream(path, fields, chat)
+        body = _body(model, False, **fields)
+        return _completion((await self._request("POST", path, json=body)).json(), chat)
 
-    async def _stream(self, path: str, body: dict, chat: bool) -> AsyncIterator[str]:
+    async def _stream(self, path: str, fields: dict, chat: bool) -> AsyncDeltas:
+        # One generator from the request to the last line: closing it (aclose, or the event
+        # loop's finalizer when it is collected) closes the response, in one task.
+        body = _body(await self.model(), True, **fields)
+        streaming = False
         try:
             async with self._http.stream("POST", path, json=body) as r:
                 if r.status_code >= 400:
                     await r.aread()
                     _raise_for(r)
+                streaming = True
                 async for line in r.aiter_lines():
                     text = _parse_line(line, chat)
                     if text is _DONE:
@@ -248,11 +351,18 @@ class AsyncSwarmClient(_Client):
                     if text:
                         yield text
         except httpx.HTTPError as e:
-            raise SwarmConnectionError(f"stream from {self._http.base_url} broke: {e}") from None
+            raise self._failure(e, streaming) from None
 
 
-def fetch_table(peer: str, timeout_s: float = 5.0, swarm_key: bytes | None = None) -> dict:
-    with SwarmClient(peer, model="-", timeout_s=timeout_s, swarm_key=swarm_key) as client:
+def fetch_table(
+    peer: str,
+    timeout_s: float = 5.0,
+    swarm_key: bytes | None = None,
+    transport: httpx.BaseTransport | None = None,
+) -> dict:
+    with SwarmClient(
+        peer, model="-", timeout_s=timeout_s, swarm_key=swarm_key, transport=transport
+    ) as client:
         return client.table()
 
 

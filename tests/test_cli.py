@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import peers
 from peers import cli
 
 
@@ -122,3 +123,12 @@ def test_swarm_presets_are_found_outside_the_checkout(tmp_path, monkeypatch):
     assert read_preset("mine.toml") == 'model = "x"\n'  # a file wins
     with pytest.raises(ValueError, match="local-smollm2"):
         read_preset("nonexistent")
+
+
+def test_version_names_the_installed_package():
+    from importlib.metadata import version
+
+    done = run_peer("--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"peer (layerswarm) {version('layerswarm')}\n"
+    assert peers.__version__ == version("layerswarm")
