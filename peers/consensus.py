@@ -19,7 +19,7 @@ import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from inference.sampling import MIN_TEMPERATURE
 
@@ -29,6 +29,7 @@ from .node import PeerNode
 from .prefix import routing_key
 from .protocol import Hop, Sampling, StepResult
 from .routing import NoRouteError
+from .steering import Steering
 from .verify import agree, greedy_choice
 
 log = logging.getLogger("layerswarm.verify")
@@ -46,7 +47,18 @@ class _Runner:
 
     @classmethod
     def start(
-        cls, node, prompt_ids, max_tokens, sampling, stop_ids, n, history, avoid, strict, shadowed=False
+        cls,
+        node,
+        prompt_ids,
+        max_tokens,
+        sampling,
+        stop_ids,
+        n,
+        history,
+        avoid,
+        strict,
+        shadowed=False,
+        steering=None,
     ) -> "_Runner":
         """A generation from `history` on (see generate()), its steps observed."""
         runner = cls(None)
@@ -62,6 +74,7 @@ class _Runner:
             strict_avoid=strict,
             observe=lambda route, result: setattr(runner, "last", (route, result)),
             shadowed=shadowed,
+            steering=steering,
         )
         return runner
 
@@ -134,6 +147,7 @@ async def checked_generate(
     stop_ids: frozenset[int],
     n: int = 1,
     routes: int = 2,
+    steering: Steering | None = None,
 ) -> AsyncIterator[list[Token]]:
     """generate(), on `routes` whole routes in lockstep, as disjoint as the swarm allows (the
     consensus request field): the majority decides each step (between two, a referee route).
@@ -141,13 +155,15 @@ async def checked_generate(
     if not 2 <= routes <= MAX_CONSENSUS:
         raise ValueError(f"checked generation takes 2 to {MAX_CONSENSUS} routes, got {routes}")
     sampling = _seeded(sampling)
-    greedy = sampling.temperature < MIN_TEMPERATURE or sampling.top_k == 1
+    greedy = _plain_greedy(sampling, steering)
     key = routing_key(prompt_ids)
     history: list[list[int]] = [[] for _ in range(n)]
     stats = node.verification
 
     def start(avoid: set[str], strict: bool = False) -> _Runner:
-        return _Runner.start(node, prompt_ids, max_tokens, sampling, stop_ids, n, history, avoid, strict)
+        return _Runner.start(
+            node, prompt_ids, max_tokens, sampling, stop_ids, n, history, avoid, strict, steering=steering
+        )
 
     used: set[str] = set()
     first = _planned(node, key, set())
@@ -160,7 +176,7 @@ async def checked_generate(
     if all(_peers(r) == _peers(first) for r in planned):  # no other replica of any hop
         stats.unverifiable += 1
         log.info("no other replica of any layer of this request's route: it runs unchecked")
-        async for tokens in generate(node, prompt_ids, max_tokens, sampling, stop_ids, n):
+        async for tokens in generate(node, prompt_ids, max_tokens, sampling, stop_ids, n, steering=steering):
             yield tokens
         return
     stats.requests += 1
@@ -303,8 +319,16 @@ async def _decide(node: PeerNode, runners: list[_Runner], groups: list[list[int]
 def _seeded(sampling: Sampling) -> Sampling:
     """Sampling with a temperature draws from a seed, so that every route draws the same."""
     if sampling.seed is None and sampling.temperature > 0:
-        return Sampling(sampling.temperature, sampling.top_p, sampling.top_k, random.getrandbits(62))
+        return replace(sampling, seed=random.getrandbits(62))
     return sampling
+
+
+def _plain_greedy(sampling: Sampling, steering: Steering | None) -> bool:
+    """Greedy on the model's own logits, so that a committed step's token must be their argmax
+    (a penalty, a bias or a grammar chooses otherwise)."""
+    return (sampling.temperature < MIN_TEMPERATURE or sampling.top_k == 1) and not (
+        steering is not None or sampling.steered
+    )
 
 
 async def verified_generate(
@@ -314,6 +338,7 @@ async def verified_generate(
     sampling: Sampling,
     stop_ids: frozenset[int],
     n: int = 1,
+    steering: Steering | None = None,
 ) -> AsyncIterator[list[Token]]:
     """generate(), with every hop that has another replica recomputed by it on the same input
     (its shadow: the hop before it sends it the same hidden states) at every step; a token is
@@ -321,14 +346,24 @@ async def verified_generate(
     route that avoids both decides; the peer it contradicts is convicted, and generation goes on
     from the agreed tokens on a new route."""
     sampling = _seeded(sampling)
-    greedy = sampling.temperature < MIN_TEMPERATURE or sampling.top_k == 1
+    greedy = _plain_greedy(sampling, steering)
     history: list[list[int]] = [[] for _ in range(n)]
     stats = node.verification
     stats.requests += 1
 
     def start(avoid: frozenset[str] = frozenset(), shadowed: bool = True) -> _Runner:
         return _Runner.start(
-            node, prompt_ids, max_tokens, sampling, stop_ids, n, history, avoid, bool(avoid), shadowed
+            node,
+            prompt_ids,
+            max_tokens,
+            sampling,
+            stop_ids,
+            n,
+            history,
+            avoid,
+            bool(avoid),
+            shadowed,
+            steering,
         )
 
     runner = start()

@@ -19,9 +19,10 @@ from .errors import HopFailed, Overloaded, SwarmError, SwarmUnavailable
 from .logs import REQUEST_ID
 from .node import PeerNode
 from .prefix import prefix_hashes, routing_key
-from .protocol import MAX_SHADOWS, Entry, Hop, Sampling, StepRequest, StepResult
+from .protocol import MAX_SHADOWS, Controls, Entry, Hop, Sampling, StepRequest, StepResult
 from .routing import NoRouteError, plan_route, weight
 from .speculative import Drafter, ModelDrafter, accepted_length
+from .steering import Steering
 from .verify import check_commitments, checked_shadows, with_shadow
 
 log = logging.getLogger("layerswarm.entry")
@@ -33,6 +34,7 @@ RETRY_AFTER_S = 1
 class Token:
     token: int
     logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # the likeliest tokens and their logprobs (top_logprobs)
 
 
 def current_route(node: PeerNode, key: str, exclude: set[str]) -> list[Hop]:
@@ -56,6 +58,7 @@ async def step(
     verify: str = "",
     shadows: tuple[Hop, ...] = (),
     draft: int = 0,
+    controls: tuple[Controls, ...] = (),
 ) -> StepResult:
     """One step through `route`; `draft`: the last that many tokens of the one row are drafted
     (the result has draft + 1 tokens: what was sampled after each of the last draft + 1 positions)."""
@@ -70,6 +73,7 @@ async def step(
         shadows=shadows,
         draft=draft,
         request_id=REQUEST_ID.get(),
+        controls=controls,
     )
     if not verify and node.config.direct_return:
         main = _direct(node, req)
@@ -137,6 +141,7 @@ async def generate(
     observe: Callable[[list[Hop], StepResult], None] | None = None,
     shadowed: bool = False,
     speculative: bool = False,
+    steering: Steering | None = None,
 ) -> AsyncIterator[list[Token]]:
     """Yield the next token of each of `n` sequences of one prompt, step by step, until every
     sequence met a stop id or max_tokens; survives failing peers until failover_timeout_s.
@@ -150,11 +155,15 @@ async def generate(
 
     `speculative`: one sequence, unchecked, drafts tokens by prompt lookup and has the chain check
     them in one step (peers/speculative.py); the tokens are the same as without it, and they are
-    yielded one at a time, so that a consumer stopping at a stop string never sees past it."""
+    yielded one at a time, so that a consumer stopping at a stop string never sees past it.
+
+    `steering`: penalties, min_tokens and a grammar, sent with each step that samples (a token
+    that breaks what was sent is the last peer's fault: it fails over)."""
     generated: list[list[int]] = [list(h) for h in history] if history else [[] for _ in range(n)]
     finished = [any(t in stop_ids for t in g) for g in generated]
     if generated[0] and all(finished):
         return
+    state = steering.start(generated) if steering is not None else None
     key = routing_key(prompt_ids)  # requests sharing a prefix reach the same peers
     reuse = node.config.prefix_reuse
     session_id, route, shadows = uuid.uuid4().hex, None, ()
@@ -202,6 +211,7 @@ async def generate(
             prefix = prefix_hashes(prompt_ids) if reuse and position == 0 and not shadows else ()
             verify = _context(prompt_ids, generated) if observe is not None else ""
             draft: list[int] = []
+            controls: tuple[Controls, ...] = ()
             if drafter is not None and position > 0:  # a decode step: the chain checks drafts too
                 room = min(max_tokens - len(generated[0]), node.context_length - position) - 1
                 draft = drafter.propose(room)
@@ -214,11 +224,28 @@ async def generate(
                         )
                         await node.scheduler.run_in_compute(drafter.drop_model)
                         draft = []
+                if state is not None:
+                    controls, draft = state.drafted(generated[0], draft)
                 rows = [rows[0] + draft]
+            elif state is not None and not widen and len(plan) == 1:  # this step's tokens are kept
+                controls = state.controls(generated)
             try:
                 result = await step(
-                    node, route, session_id, rows, position, sampling, prefix, verify, shadows, len(draft)
+                    node,
+                    route,
+                    session_id,
+                    rows,
+                    position,
+                    sampling,
+                    prefix,
+                    verify,
+                    shadows,
+                    len(draft),
+                    controls,
                 )
+                why = state.violation(controls, result.tokens) if controls else None
+                if why:
+                    raise HopFailed(route[-1].peer_id, why)
             except HopFailed as e:
                 failing_since = failing_since or time.monotonic()
                 node.failovers += 1
@@ -244,9 +271,11 @@ async def generate(
                 drafter.record(len(draft), kept)
                 node.speculation.record(len(draft), kept)
                 position += kept + 1  # the next step starts there: the peers drop the rest
-                new = [Token(t, lp) for t, lp in zip(result.tokens, result.logprobs, strict=True)][: kept + 1]
+                new = _tokens(result)[: kept + 1]
                 for tok in new:
                     generated[0].append(tok.token)
+                    if state is not None:
+                        state.advance(0, tok.token)
                     drafter.extend([tok.token])
                     yield [tok]
                     if tok.token in stop_ids or len(generated[0]) >= max_tokens:
@@ -259,11 +288,13 @@ async def generate(
                 continue  # the prompt's last token was sent n times; this step's tokens follow
             if plan:  # the prompt's last token is next, sent to every sequence
                 continue
-            tokens = [Token(t, lp) for t, lp in zip(result.tokens, result.logprobs, strict=True)]
+            tokens = _tokens(result)
             if len(tokens) != n:
                 raise SwarmError(f"the last peer sampled {len(tokens)} sequences, {n} were asked for")
             for i, tok in enumerate(tokens):
                 generated[i].append(tok.token)
+                if state is not None:
+                    state.advance(i, tok.token)
                 finished[i] = finished[i] or tok.token in stop_ids
             if drafter is not None:
                 drafter.extend([tokens[0].token])
@@ -278,6 +309,11 @@ async def generate(
             node.spawn(node.close_sessions(session_id, [*route, *shadows]))
         if isinstance(drafter, ModelDrafter):  # (on the compute thread: a draft may be running there)
             node.spawn(node.scheduler.run_in_compute(drafter.close))
+
+
+def _tokens(result: StepResult) -> list[Token]:
+    tops = result.alternatives or [()] * len(result.tokens)
+    return [Token(t, lp, top) for t, lp, top in zip(result.tokens, result.logprobs, tops, strict=True)]
 
 
 def _route(node: PeerNode, key: str, exclude: set[str], avoid: frozenset[str], strict: bool) -> list[Hop]:

@@ -100,6 +100,11 @@ async def validation_error_handler(_: Request, error: RequestValidationError) ->
     message = (
         f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
     )
+    if first.get("type") == "extra_forbidden":
+        message = (
+            f"this server does not implement the parameter {where!r}; remove it (accepted as metadata "
+            "only: user, metadata, store, service_tier)"
+        )
     if first.get("type") == "json_invalid":
         message = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": ")
     return error_response(InvalidRequest(message, param=where or None))

@@ -10,9 +10,10 @@ from dataclasses import replace
 import httpx
 
 from .errors import HopFailed
-from .limits import post_capped
+from .limits import finite_number, post_capped
 from .links import Links
 from .protocol import (
+    MAX_TOP_LOGPROBS,
     PATH_CLOSE,
     PATH_RESULTS,
     PATH_STEPS,
@@ -242,6 +243,10 @@ def _parse(data, status: int, peer_id: str) -> StepResult:
     except (KeyError, TypeError, ValueError, OverflowError):
         raise HopFailed(peer_id, "a step reply without tokens") from None
     try:
+        result = replace(result, alternatives=_alternatives(data.get("top_logprobs"), len(result.tokens)))
+    except (TypeError, ValueError) as e:
+        raise HopFailed(peer_id, f"a step reply with bad top_logprobs: {e}") from None
+    try:
         found = {}
         for key in ("commitments", "shadow_commitments"):
             items = data.get(key, [])
@@ -256,3 +261,24 @@ def _parse(data, status: int, peer_id: str) -> StepResult:
             peer_id, f"a step reply with {len(result.tokens)} tokens and {len(result.logprobs)} logprobs"
         )
     return result
+
+
+def _alternatives(data, tokens: int) -> tuple:
+    """A reply's top_logprobs: per sampled token, at most MAX_TOP_LOGPROBS [token, logprob] pairs."""
+    if data is None:
+        return ()
+    if not isinstance(data, list) or len(data) != tokens:
+        raise ValueError(f"one list per sampled token ({tokens}) expected")
+    out = []
+    for alts in data:
+        if not isinstance(alts, list) or len(alts) > MAX_TOP_LOGPROBS:
+            raise ValueError(f"at most {MAX_TOP_LOGPROBS} alternatives per token")
+        pairs = []
+        for pair in alts:
+            if not (isinstance(pair, list) and len(pair) == 2 and type(pair[0]) is int and pair[0] >= 0):
+                raise ValueError(f"alternatives are [token, logprob] pairs, got {pair!r:.60}")
+            if not finite_number(pair[1]) or pair[1] > 0:
+                raise ValueError(f"a logprob is a finite number <= 0, got {pair[1]!r:.60}")
+            pairs.append((pair[0], float(pair[1])))
+        out.append(tuple(pairs))
+    return tuple(out)

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from inference.sampling import SamplingParams
+
 from .limits import finite_number
 from .logs import valid_request_id
 
@@ -40,6 +42,8 @@ MAX_VERIFY_CHARS = 64
 MAX_SHADOWS = 16
 MAX_DRAFT = 16  # drafted tokens in one step (speculative decoding)
 MAX_STEP_ID = 64  # characters
+MAX_TOP_LOGPROBS = 20  # alternatives per sampled token (as OpenAI's top_logprobs)
+MAX_CONTROL_TOKENS = 1 << 17  # token ids in one row's controls, or in sampling.prompt_tokens
 
 
 class ProtocolError(ValueError):
@@ -70,6 +74,47 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    prompt_tokens: tuple[int, ...] = ()  # with a repetition penalty: the prompt's distinct tokens
+    top_logprobs: int = 0  # the last peer answers this many likeliest tokens per sampled one
+
+    def params(self) -> SamplingParams:
+        """What the sampler takes (inference/sampling.py); raises ValueError when out of range."""
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            min_p=self.min_p,
+            logit_bias=self.logit_bias,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+        )
+
+    @property
+    def steered(self) -> bool:
+        """Anything besides temperature, top-k/p and the seed decides the token."""
+        return self.params().modifies_logits or self.min_p > 0
+
+
+@dataclass(frozen=True)
+class Controls:
+    """What the last peer applies to one sampled row's logits besides the request's sampling
+    parameters, as the entry sends it: the tokens its sequence generated so far and how often
+    (penalties), the tokens it may not take now (min_tokens), and the packed mask of the tokens
+    a grammar allows (inference/grammar.py's pack_mask; unpacked where the vocabulary is known)."""
+
+    counts: tuple[tuple[int, int], ...] = ()
+    banned: tuple[int, ...] = ()
+    mask: str | None = None
+
+
+MAX_MASK_CHARS = 1 << 18  # a packed mask (a vocabulary of a million tokens packs far smaller)
 
 
 @dataclass
@@ -87,6 +132,9 @@ class StepRequest:
     reply_to: "Entry | None" = None  # direct return: the last hop sends the result here, not back
     step_id: str = ""  # with reply_to: the entry's name for this step
     request_id: str = ""  # the OpenAI request it serves (x-request-id): every peer logs with it
+    # per sampled row (B of them, or draft + 1 for a drafted step), or none: what the last peer
+    # applies to that row's logits besides `sampling` (penalties' counts, banned tokens, a mask)
+    controls: tuple[Controls, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,6 +144,8 @@ class StepResult:
     commitments: tuple = ()  # the hops' signed Commitments, first hop first (when the frame asked)
     shadows: tuple = ()  # the shadows' signed Commitments (peers/verify.py)
     top: tuple | None = field(default=None, repr=False)  # the last hop's committed logits, before signing
+    # with sampling.top_logprobs: per sampled token, the likeliest tokens and their logprobs
+    alternatives: tuple[tuple[tuple[int, float], ...], ...] = ()
 
 
 def encode_tensor_frame(header: dict, tensor: torch.Tensor) -> bytes:
@@ -145,7 +195,7 @@ def encode_step(req: StepRequest) -> bytes:
         "session_id": req.session_id,
         "position": req.position,
         "hops": [asdict(h) for h in req.hops],
-        "sampling": asdict(req.sampling),
+        "sampling": _sampling_json(req.sampling),
         "prefix": list(req.prefix),
     }
     if req.verify:
@@ -161,7 +211,33 @@ def encode_step(req: StepRequest) -> bytes:
         header["step_id"] = req.step_id
     if req.request_id:
         header["request_id"] = req.request_id
+    if req.controls:
+        header["controls"] = [_controls_json(c) for c in req.controls]
     return encode_tensor_frame(header, req.tensor)
+
+
+_DEFAULT_SAMPLING = Sampling()
+
+
+def _sampling_json(s: Sampling) -> dict:
+    """The fields that differ from the defaults (a frame stays small)."""
+    keep = {"temperature", "top_p", "top_k", "seed"}
+    return {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in asdict(s).items()
+        if k in keep or v != getattr(_DEFAULT_SAMPLING, k)
+    }
+
+
+def _controls_json(c: Controls) -> dict:
+    out = {}
+    if c.counts:
+        out["counts"] = [list(x) for x in c.counts]
+    if c.banned:
+        out["banned"] = list(c.banned)
+    if c.mask is not None:
+        out["mask"] = c.mask
+    return out
 
 
 def decode_step(body: bytes) -> StepRequest:
@@ -181,6 +257,7 @@ def decode_step(body: bytes) -> StepRequest:
             reply_to=_entry(header["reply_to"]) if "reply_to" in header else None,
             step_id=_typed(header.get("step_id", ""), str, "step_id"),
             request_id=_typed(header.get("request_id", ""), str, "request_id"),
+            controls=tuple(_controls(c) for c in _typed(header.get("controls", []), list, "controls")),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ProtocolError(f"bad step header: {e}") from e
@@ -209,6 +286,11 @@ def decode_step(body: bytes) -> StepRequest:
         raise ProtocolError(
             f"a step returned directly has a step id of 1 to {MAX_STEP_ID} printable characters, "
             "and is not checked (checked steps return through the route)"
+        )
+    if req.controls and len(req.controls) != (req.draft + 1 if req.draft else tensor.shape[0]):
+        raise ProtocolError(
+            f"a step has one row of controls per sampled row or none; this one has {len(req.controls)} "
+            f"for a tensor of shape {list(tensor.shape)} drafting {req.draft}"
         )
     if req.request_id and not valid_request_id(req.request_id):
         raise ProtocolError("a step's request_id is 1 to 64 of A-Z a-z 0-9 . _ : -")
@@ -241,18 +323,76 @@ def _entry(h) -> Entry:
 
 
 def _sampling(data: dict) -> Sampling:
+    data = dict(_typed(data, dict, "sampling"))
+    bias = _typed(data.pop("logit_bias", []), list, "logit_bias")
+    if len(bias) > MAX_CONTROL_TOKENS:
+        raise ValueError(f"at most {MAX_CONTROL_TOKENS} logit_bias entries")
+    data["logit_bias"] = tuple(_pair(x, "logit_bias", float) for x in bias)
+    data["prompt_tokens"] = _token_ids(data.get("prompt_tokens", []), "prompt_tokens")
     s = Sampling(**data)
-    for name in ("temperature", "top_p"):
+    for name in (
+        "temperature",
+        "top_p",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+    ):
         value = getattr(s, name)
         if not finite_number(value):
             raise ValueError(f"sampling {name} must be a finite number, got {value!r}")
-    if not 0 <= s.temperature <= 100 or not 0 < s.top_p <= 1:
-        raise ValueError(f"sampling out of range: temperature {s.temperature}, top_p {s.top_p}")
-    if not isinstance(s.top_k, int) or isinstance(s.top_k, bool) or s.top_k < 0:
-        raise ValueError(f"sampling top_k must be an integer >= 0, got {s.top_k!r}")
+    for name in ("top_k", "top_logprobs"):
+        value = getattr(s, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"sampling {name} must be an integer >= 0, got {value!r}")
     if s.seed is not None and (not isinstance(s.seed, int) or isinstance(s.seed, bool)):
         raise ValueError(f"sampling seed must be an integer, got {s.seed!r}")
+    if s.top_logprobs > MAX_TOP_LOGPROBS:
+        raise ValueError(f"sampling top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {s.top_logprobs}")
+    s.params()  # the sampler's own range checks
     return s
+
+
+def _token_ids(value, name: str) -> tuple[int, ...]:
+    ids = _typed(value, list, name)
+    if len(ids) > MAX_CONTROL_TOKENS:
+        raise ValueError(f"{name} has more than {MAX_CONTROL_TOKENS} token ids")
+    out = tuple(_typed(x, int, name) for x in ids)
+    if any(x < 0 for x in out):
+        raise ValueError(f"{name} holds a negative token id")
+    return out
+
+
+def _pair(value, name: str, kind: type) -> tuple:
+    if not isinstance(value, list) or len(value) != 2:
+        raise ValueError(f"{name} entries are [token, value] pairs, got {value!r:.80}")
+    token = _typed(value[0], int, name)
+    number = value[1]
+    if kind is float and not finite_number(number):
+        raise ValueError(f"{name} values must be finite numbers, got {number!r:.80}")
+    if kind is int:
+        number = _typed(number, int, name)
+    if token < 0:
+        raise ValueError(f"{name} holds a negative token id")
+    return (token, kind(number))
+
+
+def _controls(data) -> Controls:
+    data = _typed(data, dict, "controls")
+    unknown = set(data) - {"counts", "banned", "mask"}
+    if unknown:
+        raise ValueError(f"unknown controls {sorted(unknown)}")
+    counts = _typed(data.get("counts", []), list, "counts")
+    if len(counts) > MAX_CONTROL_TOKENS:
+        raise ValueError(f"counts has more than {MAX_CONTROL_TOKENS} entries")
+    mask = data.get("mask")
+    if mask is not None and (not isinstance(mask, str) or len(mask) > MAX_MASK_CHARS):
+        raise ValueError(f"a mask is a packed string of at most {MAX_MASK_CHARS} characters")
+    return Controls(
+        counts=tuple(_pair(x, "counts", int) for x in counts),
+        banned=_token_ids(data.get("banned", []), "banned"),
+        mask=mask,
+    )
 
 
 MAX_STEPS_PER_MESSAGE = 4096
@@ -291,6 +431,8 @@ def decode_steps(body: bytes) -> list[StepRequest]:
 
 def step_result_body(result: StepResult) -> dict:
     body = {"tokens": result.tokens, "logprobs": result.logprobs}
+    if result.alternatives:
+        body["top_logprobs"] = [[list(x) for x in alts] for alts in result.alternatives]
     if result.commitments:
         body["commitments"] = [c.to_json() for c in result.commitments]
     if result.shadows:

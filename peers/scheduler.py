@@ -17,12 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+from inference.grammar import unpack_mask
 
-from inference import Block, SamplingParams
+from inference import Block
 from inference.batch import Step
-from inference.sampling import sample_many
+from inference.sampling import RowControls, sample_many
 
-from .protocol import Sampling, StepResult
+from .protocol import Controls, Sampling, StepResult
 from .verify import top_entries
 
 log = logging.getLogger("layerswarm.scheduler")
@@ -179,6 +180,7 @@ class Job:
     block: Block | None = None  # the block the step was checked against; another one refuses it
     commit: bool = False  # the last hop keeps the top entries of its logits (peers/verify.py)
     draft: int = 0  # drafted tokens at the end: sample after each of the last draft + 1 positions
+    controls: tuple[Controls, ...] = ()  # per sampled row, or none (see StepRequest.controls)
 
     @property
     def batch(self) -> int:
@@ -519,24 +521,50 @@ def _sample(batch: list[tuple[Job, int]], results: list, which: list[int]) -> li
     drafted step, after each of its last draft + 1 positions (one sequence: one row each, each
     drawn from its own position's generator, so that speculation samples what plain decoding
     would: see peers/speculative.py)."""
-    logits, params, positions, spans = [], [], [], []
+    logits, params, positions, spans, controls = [], [], [], [], []
     for i in which:
         job = batch[i][0]
         s = job.sampling
-        p = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
+        p = s.params()
         end = job.position + job.inputs.shape[1]  # the position of the token chosen after the last
         rows = job.draft + 1
         spans.append((len(logits), rows))
+        vocab = results[i].shape[-1]
+        steer = [_row_controls(c, s, vocab) for c in job.controls]
         for r in range(rows):
             logits.append(results[i][:, r - rows])  # [B, V]
             params.append(p)
             positions.append(end - rows + 1 + r)
-    sampled = sample_many(logits, params, positions)
+            # a drafted step's controls go one per position, a plain step's one per sequence
+            controls.append((steer[r : r + 1] if job.draft else steer) or None)
+    sampled = sample_many(logits, params, positions, controls)
     out = []
     for i, (start, rows) in zip(which, spans, strict=True):
         chosen = sampled[start : start + rows]
         tokens = [t for toks, _ in chosen for t in toks.tolist()]
         logprobs = [x for _, lps in chosen for x in lps.tolist()]
         top = top_entries(logits[start + rows - 1], logits=True) if batch[i][0].commit else None
-        out.append(StepResult(tokens, logprobs, top=top))
+        k = batch[i][0].sampling.top_logprobs
+        alternatives = _alternatives(logits[start : start + rows], k) if k else ()
+        out.append(StepResult(tokens, logprobs, top=top, alternatives=alternatives))
     return out
+
+
+def _row_controls(c: Controls, s: Sampling, vocab: int) -> RowControls:
+    return RowControls(
+        counts=c.counts,
+        context=s.prompt_tokens,
+        banned=c.banned,
+        mask=None if c.mask is None else unpack_mask(c.mask, vocab),
+    )
+
+
+def _alternatives(logits: list[torch.Tensor], k: int) -> tuple:
+    """The k likeliest tokens and their logprobs after each sampled row, in the order of the
+    step's tokens (logits [B, V] per position)."""
+    out = []
+    for x in logits:
+        lps, ids = torch.log_softmax(x.float(), dim=-1).topk(min(k, x.shape[-1]), dim=-1)  # [B, k]
+        for row_ids, row_lps in zip(ids.tolist(), lps.tolist(), strict=True):
+            out.append(tuple(zip(row_ids, row_lps, strict=True)))
+    return tuple(out)

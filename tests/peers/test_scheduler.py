@@ -267,10 +267,10 @@ def test_one_steps_sampling_failure_stays_its_own(tiny_llama, monkeypatch):
 
     real = scheduler.sample_many
 
-    def fragile(logits, params, steps):
+    def fragile(logits, params, steps, controls=None):
         if any(p.seed == 666 for p in params):
             raise RuntimeError("this session's sampling broke")
-        return real(logits, params, steps)
+        return real(logits, params, steps, controls)
 
     monkeypatch.setattr(scheduler, "sample_many", fragile)
     block = load_block(tiny_llama)

@@ -1,0 +1,190 @@
+"""The OpenAI request bodies this server takes, as pydantic models. A field it does not implement
+is refused with a 400 naming it (extra="forbid"); the only ones accepted without effect are
+metadata (NO_OP_FIELDS), as the README says."""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .consensus import MAX_CONSENSUS
+from .protocol import MAX_TOP_LOGPROBS
+
+MAX_N = 16  # sequences per request (n, or best_of)
+MAX_PROMPTS = 32  # prompts in one completions request
+MAX_LOGIT_BIAS = 1024  # entries
+MAX_STOP_TOKEN_IDS = 64
+MAX_TOOLS = 128
+MAX_COMPLETION_LOGPROBS = 5  # as OpenAI's completions endpoint
+
+# Accepted and without effect on the answer: they only describe the request
+NO_OP_FIELDS = ("user", "metadata", "store", "service_tier")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Request(_Strict):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # an extension, as in vLLM (-1 there: 0 here means no cut)
+    min_p: float = Field(0.0, ge=0, le=1)  # an extension, as in vLLM
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)  # an extension, as in vLLM
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int = Field(0, ge=0)  # an extension, as in vLLM: no stop id before that many
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)  # as in vLLM
+    ignore_eos: bool = False  # an extension, as in vLLM: generate max_tokens whatever comes
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    consensus: int = Field(1, ge=1, le=MAX_CONSENSUS)  # an extension: k routes, the majority decides
+    speculative: bool = True  # an extension: false turns off drafting for this request
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # metadata only (NO_OP_FIELDS)
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+    @model_validator(mode="after")
+    def _bias(self):
+        if self.logit_bias is not None:
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS} entries")
+            for key, value in self.logit_bias.items():
+                if not key.isdigit() or not -100 <= value <= 100:
+                    raise ValueError(
+                        f"logit_bias maps token ids to biases in [-100, 100]; got {key!r}: {value}"
+                    )
+        return self
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer: to which call
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content may be null only in an assistant message with tool_calls")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None  # the call is always well-formed here: arguments follow the schema
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedTool(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # the output always follows the schema here
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with type json_schema, and only then")
+        return self
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedTool | None = None
+    parallel_tool_calls: bool = True
+    add_generation_prompt: bool = True  # as in vLLM
+    continue_final_message: bool = False  # as in vLLM: the last (assistant) message is continued
+
+    @model_validator(mode="after")
+    def _chat(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message continues a final assistant message")
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(self.tool_choice, NamedTool) and self.tool_choice.function.name not in {
+            t.function.name for t in self.tools or ()
+        }:
+            raise ValueError(
+                f"tool_choice names {self.tool_choice.function.name!r}, which is not among the tools"
+            )
+        return self
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+
+    @model_validator(mode="after")
+    def _completion(self):
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
+        if self.best_of is not None and self.best_of > 1 and self.stream:
+            raise ValueError("best_of cannot be streamed: the best sequences are known at the end")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts: each a string or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [p]
+        return list(p)
