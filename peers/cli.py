@@ -65,6 +65,9 @@ def _serve(args: argparse.Namespace) -> int:
         prefix_reuse=not args.no_prefix_reuse,
         speculative=not args.no_speculative,
         draft_model=args.draft_model,
+        served_model_names=tuple(args.served_model_name or ()),
+        allowed_origins=_origins(args.allowed_origins),
+        chat_template=_chat_template(args.chat_template),
         direct_return=not args.no_direct_return,
         prefix_cache_tokens=args.prefix_cache_tokens,
         scheduler=SchedulerSettings(
@@ -202,7 +205,7 @@ def _status(args: argparse.Namespace) -> int:
 def _swarm(args: argparse.Namespace) -> int:
     from .local_swarm import run_local_swarm
 
-    return run_local_swarm(args.config, args.model)
+    return run_local_swarm(args.config, args.model, args.served_model_name)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -395,6 +398,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--api-key-file", default=None, help="a file of API keys, one per line")
     serve.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="the model names the OpenAI API answers to; responses and /v1/models report the first "
+        "(default: the model's id)",
+    )
+    serve.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="TEMPLATE",
+        help="a Jinja chat template in place of the model's: a file, or the template's text itself",
+    )
+    serve.add_argument(
+        "--allowed-origins",
+        default=None,
+        metavar="ORIGIN[,ORIGIN...]",
+        help="browser origins (SCHEME://HOST[:PORT], or *) that may call this peer's API (CORS); "
+        "default: none, no CORS headers",
+    )
+    serve.add_argument(
         "--identity",
         default=None,
         metavar="FILE",
@@ -456,6 +480,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the swarm's TOML preset: a file, or the name of an installed one (local-smollm2, llama-8b-example)",
     )
     swarm.add_argument("--model", default=None, help="override the config's model")
+    swarm.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="the model names every peer's OpenAI API answers to (as peer serve's)",
+    )
     swarm.set_defaults(run=_swarm)
 
     gen = sub.add_parser(
@@ -486,6 +517,37 @@ def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
         if len(key) < 8 or not key.isprintable() or " " in key:
             raise ValueError("an API key has at least 8 printable characters and no spaces")
     return tuple(keys)
+
+
+def _origins(value: str | None) -> tuple[str, ...]:
+    """--allowed-origins: a comma-separated list."""
+    return tuple(o.strip() for o in (value or "").split(",") if o.strip())
+
+
+def _chat_template(value: str | None) -> str | None:
+    """--chat-template: a file's text, or the argument itself if it is a template (it holds "{%"
+    or "{{"); checked to compile here, before the model loads."""
+    from pathlib import Path
+
+    from inference.tokenizer import check_chat_template
+
+    if value is None:
+        return None
+    try:
+        is_file = Path(value).is_file()
+    except (OSError, ValueError):  # a template's text may be too long, or odd, for a file name
+        is_file = False
+    if is_file:
+        text = Path(value).read_text()
+    elif "{%" in value or "{{" in value:
+        text = value
+    else:
+        raise ValueError(f"--chat-template {value!r} is neither a file nor a template's text")
+    try:
+        check_chat_template(text)
+    except ValueError as e:
+        raise ValueError(f"--chat-template {value if is_file else '(the text given)'}: {e}") from None
+    return text
 
 
 def _set_wait_policy(policy: str | None) -> None:

@@ -62,7 +62,9 @@ def read_preset(config: str) -> str:
     )
 
 
-def run_local_swarm(config_path: str, model_override: str | None = None) -> int:
+def run_local_swarm(
+    config_path: str, model_override: str | None = None, served_names: list[str] | None = None
+) -> int:
     preset = tomllib.loads(read_preset(config_path))
     model, host = model_override or preset["model"], preset.get("host", "127.0.0.1")
     peers = preset.get("peers") or []
@@ -77,6 +79,7 @@ def run_local_swarm(config_path: str, model_override: str | None = None) -> int:
     for i, peer in enumerate(peers):
         device = peer.get("device", preset.get("device"))
         extra = ["--device", device] if device else []
+        extra += ["--served-model-name", *served_names] if served_names else []
         join = [first] if i else []
         cmd = serve_command(model, peer["port"], peer.get("layers"), join, host, extra + peer.get("args", []))
         procs.append(subprocess.Popen(cmd, start_new_session=True))

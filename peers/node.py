@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import time
 import uuid
 from collections import deque
@@ -66,6 +67,7 @@ CORE_TURNS = ("auto", "on", "off")
 STEPS_BODY_SLACK_BYTES = 4 << 20  # frame headers of a steps message, beyond its tensors
 MAX_STEP_BATCH = 64  # sequences in one step (an OpenAI request asks for at most 16)
 MAX_SESSION_ID = 128  # characters
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s]+")  # what a browser's Origin header holds
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,9 @@ class NodeConfig:
     speculative: bool = True  # requests entering here draft tokens the chain checks (peers/speculative.py)
     direct_return: bool = True  # results of this entry's steps come straight from the last peer
     draft_model: str | None = None  # a small model sharing the tokenizer, run here to draft tokens
+    served_model_names: tuple[str, ...] = ()  # names the OpenAI API answers to; () = the model's id
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed by CORS ("*": any); () = no CORS
+    chat_template: str | None = field(default=None, repr=False)  # Jinja, in place of the model's
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     gossip: GossipSettings = field(default_factory=GossipSettings)
 
@@ -133,6 +138,18 @@ class NodeConfig:
             raise ValueError("a draft model has no use without speculative decoding (--no-speculative)")
         if self.prefix_cache_tokens < 0:
             raise ValueError(f"prefix_cache_tokens must be >= 0, got {self.prefix_cache_tokens}")
+        for name in self.served_model_names:
+            if not name.strip() or name != name.strip():
+                raise ValueError(
+                    f"a served model name is a non-empty name without spaces around it, got {name!r}"
+                )
+        if len(set(self.served_model_names)) < len(self.served_model_names):
+            raise ValueError(f"served model names repeat: {', '.join(self.served_model_names)}")
+        for origin in self.allowed_origins:
+            if origin != "*" and not ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"an allowed origin is * or SCHEME://HOST[:PORT] without a path, got {origin!r}"
+                )
 
     @property
     def address(self) -> str:
@@ -149,7 +166,7 @@ class PeerNode:
         self.model_config = load_config(source.path)
         self.total_layers = self.model_config.num_hidden_layers
         self.context_length = self.model_config.max_position_embeddings
-        self.tokenizer = Tokenizer(source.path)
+        self.tokenizer = Tokenizer(source.path, config.chat_template)
         self.block: Block | None = None
         self.draft_block: Block | None = None  # --draft-model, all its layers
         start, end = _initial_span(config.layers, self.total_layers)
@@ -217,6 +234,17 @@ class PeerNode:
     @property
     def ready(self) -> bool:
         return self.block is not None and self.table.me.state == SERVING
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        """The model names the OpenAI API answers to (--served-model-name); the swarm itself
+        knows the model by `model_id`."""
+        return self.config.served_model_names or (self.model_id,)
+
+    @property
+    def served_model(self) -> str:
+        """The name the OpenAI API reports: the first served name."""
+        return self.served_names[0]
 
     def spawn(self, coro) -> asyncio.Task:
         """Run `coro` in the background; its exception, if any, is logged, never dropped."""

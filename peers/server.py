@@ -8,11 +8,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
-from .errors import Forbidden, HopFailed, install_handlers
+from .errors import Forbidden, HopFailed, InvalidRequest, SwarmError, install_handlers
 from .forwarding import outcome_of
 from .limits import BodyLimits
-from .logs import REQUEST_ID, RequestIds
+from .logs import REQUEST_ID, REQUEST_ID_HEADER, RequestIds
 from .metrics import HTTPMetrics
 from .node import PeerNode
 from .openai_api import router as openai_router
@@ -34,6 +36,7 @@ from .protocol import (
     step_result_body,
 )
 from .routing import coverage, gaps
+from .service_api import router as service_router
 from .trust import Guard
 from .view import PAGE, View, loopback
 
@@ -64,6 +67,7 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
 
     app = FastAPI(title="LayerSwarm peer", lifespan=lifespan)
     install_handlers(app)
+    app.add_exception_handler(HTTPException, http_error)
     app.add_middleware(Guard, swarm_key=node.config.swarm_key, api_keys=node.config.api_keys)
     app.add_middleware(  # outermost: caps what Guard reads too
         BodyLimits,
@@ -71,8 +75,17 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
         read_timeout_s=node.config.read_timeout_s,
     )
     app.include_router(openai_router(node))
+    app.include_router(service_router(node))
     # outside Guard and the limits: the requests they refuse are logged and counted too
     app.add_middleware(RequestIds)
+    if node.config.allowed_origins:  # outside Guard: a preflight carries no API key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(node.config.allowed_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", REQUEST_ID_HEADER],
+            expose_headers=[REQUEST_ID_HEADER],
+        )
     app.add_middleware(HTTPMetrics, metrics=node.metrics)
 
     view = View(node)
@@ -227,3 +240,19 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
         }
 
     return app
+
+
+async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """Starlette's own answers (no such path, a method the path does not take) in OpenAI's error
+    JSON, not as {"detail": ...}; a 405 keeps its Allow header."""
+    where = f"{request.method} {request.url.path}"
+    if error.status_code == 404:
+        message, code = f"no such path here: {where}", "not_found"
+    elif error.status_code == 405:
+        allowed = (error.headers or {}).get("Allow", "")
+        message, code = f"the method is not allowed: {where} (allowed: {allowed})", "method_not_allowed"
+    else:
+        message, code = str(error.detail), None
+    kind = InvalidRequest if error.status_code < 500 else SwarmError
+    body = kind(message, code=code).to_json()
+    return JSONResponse(body, status_code=error.status_code, headers=error.headers)
