@@ -135,12 +135,10 @@ def router(node: PeerNode) -> APIRouter:
                 p if not isinstance(p, str) else await off_loop(node.tokenizer.encode, p) for p in prompts
             ]
 
-        echo = ()
-        if req.echo:
-            echo = tuple(
-                p if isinstance(p, str) else await off_loop(node.tokenizer.decode, p) for p in req.prompts()
-            )
-        ask = Ask(chat=False, logprobs=req.logprobs, echo=echo, best_of=req.best_of)
+        echo = []
+        for p in req.prompts() if req.echo else ():
+            echo.append(p if isinstance(p, str) else await off_loop(node.tokenizer.decode, p))
+        ask = Ask(chat=False, logprobs=req.logprobs, echo=tuple(echo), best_of=req.best_of)
         return await _complete(node, req, ask, prompt_ids, request)
 
     return api
@@ -167,7 +165,8 @@ def _chat_grammar(req: ChatRequest, tools: list) -> str | None:
             return json_object_grammar()
         return json_schema_grammar(fmt.json_schema.schema_)
     except GrammarError as e:
-        raise InvalidRequest(str(e), param="tools" if forced else "response_format") from None
+        param = "tools" if forced else "response_format"
+        raise InvalidRequest(f"{param}: {e}", param=param) from None
 
 
 def _fill_in_the_middle(node: PeerNode, prompts: list, suffix: str) -> list[str]:
