@@ -22,14 +22,37 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=True))
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    @property
+    def hf(self):
+        """The Hugging Face tokenizer (grammar engines build their own view of it)."""
+        return self._tok
+
+    @property
+    def template_takes_tools(self) -> bool:
+        """Whether the chat template renders a `tools` list itself (else a generic prompt does)."""
+        return "tools" in (self._tok.chat_template or "")
+
+    def encode_chat(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        continue_final_message: bool = False,
+    ) -> list[int]:
         """Messages [{role, content}] through the chat template, ready for the assistant's turn
-        (unless `add_generation_prompt` is false)."""
+        (unless `add_generation_prompt` is false; with `continue_final_message`, continuing the
+        last message, an assistant's)."""
         if not self.has_chat_template:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+            if continue_final_message:
+                return self.encode(text.removesuffix("\n"))
             return self.encode(text + "assistant:" if add_generation_prompt else text)
         ids = self._tok.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=True
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt and not continue_final_message,
+            continue_final_message=continue_final_message,
+            tokenize=True,
         )
         if hasattr(ids, "keys"):  # transformers returns a BatchEncoding in recent versions
             ids = ids["input_ids"]
@@ -37,6 +60,15 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, token: int) -> str:
+        """One token on its own, special tokens included (logprobs name tokens so)."""
+        return self._tok.decode([token], skip_special_tokens=False)
+
+    def special_ids(self, *names: str) -> list[int] | None:
+        """The ids of these special tokens, or None if the vocabulary lacks any of them."""
+        vocab = self._tok.get_vocab()
+        return [vocab[n] for n in names] if all(n in vocab for n in names) else None
 
 
 def check_chat_template(text: str) -> None:

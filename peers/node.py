@@ -622,6 +622,7 @@ class PeerNode:
             block=block,
             commit=bool(req.verify),
             draft=req.draft,
+            controls=req.controls if last else (),
         )
         try:
             out = await self.scheduler.run(job)
