@@ -49,6 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
         hop_timeout_s=args.hop_timeout,
         hop_timeout_per_token_s=args.hop_timeout_per_token,
         failover_timeout_s=args.failover_timeout,
+        sse_keepalive_s=args.sse_keepalive,
         ban_s=args.ban,
         drain_s=args.drain,
         max_requests=args.max_requests,
@@ -339,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--failover-timeout", type=float, default=60.0, help="seconds an entry keeps re-routing a request"
+    )
+    serve.add_argument(
+        "--sse-keepalive",
+        type=float,
+        default=5.0,
+        help="seconds without an event after which a stream sends a keep-alive comment (e.g. during a failover)",
     )
     serve.add_argument(
         "--ban", type=float, default=5.0, help="seconds a failed peer is first avoided (doubles on repeats)"

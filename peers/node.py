@@ -88,6 +88,7 @@ class NodeConfig:
     hop_timeout_s: float = 30.0  # a hop's deadline: this, plus hop_timeout_per_token_s per position
     hop_timeout_per_token_s: float = 0.02
     failover_timeout_s: float = 60.0  # how long an entry keeps trying to re-route one request
+    sse_keepalive_s: float = 5.0  # a stream sends a comment line after this long without an event
     ban_s: float = 5.0  # first ban of a failed peer; doubles on each repeat, up to ban_max_s
     ban_max_s: float = 120.0
     drain_s: float = 10.0  # on leave: how long in-flight requests may finish
@@ -117,7 +118,7 @@ class NodeConfig:
     def __post_init__(self):
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
-        for name in ("hop_timeout_s", "failover_timeout_s", "ban_s", "session_idle_s"):
+        for name in ("hop_timeout_s", "failover_timeout_s", "ban_s", "session_idle_s", "sse_keepalive_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.hop_timeout_per_token_s < 0:

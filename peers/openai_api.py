@@ -352,6 +352,7 @@ async def _respond(
                 echo,
                 lambda: _usage(runs) if include_usage else None,
                 release,
+                node.config.sse_keepalive_s,
             ),
             media_type="text/event-stream",
             background=BackgroundTask(release),

@@ -17,8 +17,6 @@ from .tools import CallFilter, openai_calls, split_calls
 
 log = logging.getLogger("layerswarm.api")
 
-SSE_KEEPALIVE_S = 5.0  # a comment line when no event came for this long (e.g. during a failover)
-
 
 @dataclass
 class Choice:
@@ -136,10 +134,18 @@ KEEPALIVE = b": keep-alive\n\n"
 
 
 async def sse(
-    first: list, events: AsyncIterator, shape: Shape, count: int, echo: list[str], usage, release
+    first: list,
+    events: AsyncIterator,
+    shape: Shape,
+    count: int,
+    echo: list[str],
+    usage,
+    release,
+    keepalive_s: float,
 ) -> AsyncIterator[bytes]:
     """The stream of `count` choices: `first` (events already taken), then the rest of
-    `events`; `usage()` is the final usage chunk's, or None for none."""
+    `events`, with a keep-alive comment after each `keepalive_s` without one (a failover may
+    take seconds); `usage()` is the final usage chunk's, or None for none."""
 
     async def all_events():
         for event in first:
@@ -149,7 +155,7 @@ async def sse(
 
     filters = [CallFilter() for _ in range(count)] if shape.tools else []
     offsets = [len(e) for e in echo] or [0] * count  # completions' text_offset
-    ticking = _with_keepalive(all_events(), SSE_KEEPALIVE_S)
+    ticking = _with_keepalive(all_events(), keepalive_s)
     try:
         for i in range(count):
             if shape.chat:  # chat streams open with the assistant's role

@@ -202,8 +202,11 @@ def wait_until(condition, timeout_s: float, why=lambda: "", interval_s: float = 
     raise AssertionError(f"condition not met within {timeout_s} s\n{why()}")
 
 
-def stream_chat(entry, on_token=None, n=64, temperature=0.0, seed=None, prompt=STORY, model="smollm2-135m"):
-    """A streamed chat completion; returns (text, finish_reason, gaps between tokens)."""
+def stream_chat(
+    entry, on_token=None, n=64, temperature=0.0, seed=None, prompt=STORY, model="smollm2-135m", comments=None
+):
+    """A streamed chat completion; returns (text, finish_reason, gaps between tokens); the
+    stream's comment lines (keep-alives) go to the list `comments`, if given."""
     body = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
@@ -218,6 +221,8 @@ def stream_chat(entry, on_token=None, n=64, temperature=0.0, seed=None, prompt=S
     with httpx.stream("POST", f"{entry.url}/v1/chat/completions", json=body, timeout=120) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
+            if line.startswith(":") and comments is not None:
+                comments.append(line)
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[6:])

@@ -14,7 +14,7 @@ from tests.peers.swarm import Swarm, serving_replica, stream_chat, wait_until
 pytestmark = pytest.mark.slow
 
 GOSSIP = ["--gossip-interval", "0.5", "--suspect-after", "2", "--dead-after", "4", "--tombstone", "12"]
-TIMEOUTS = ["--hop-timeout", "4", "--ban", "3", "--failover-timeout", "60"]
+TIMEOUTS = ["--hop-timeout", "4", "--ban", "3", "--failover-timeout", "60", "--sse-keepalive", "1"]
 SPANS = {"first": "0:10", "middle": "10:20", "last": "20:30"}
 
 
@@ -100,13 +100,16 @@ def test_frozen_peer_fails_over_after_the_deadline_then_recovers(swarm, referenc
             victim.signal(signal.SIGSTOP)
             frozen.append(victim)
 
+    comments = []
     try:
-        text, finish, gaps = stream_chat(swarm.peers[0], on_token)
+        text, finish, gaps = stream_chat(swarm.peers[0], on_token, comments=comments)
     finally:
         for p in frozen:
             p.signal(signal.SIGCONT)
     assert text == reference and finish == "length"
     assert failovers(swarm) > before  # the frozen replica held this stream's session
+    # the hop's 4 s deadline passed with no token: the stream said it was alive meanwhile
+    assert comments and set(comments) == {": keep-alive"}
     victim = frozen[0]
     entry = swarm.peers[0]
 

@@ -371,3 +371,40 @@ def test_continue_final_message_continues_it(tiny_swarm, model, tok):
     body = {"messages": messages, "max_tokens": 6, "temperature": 0, "continue_final_message": True}
     data = ok(post(tiny_swarm.peers[0], "/v1/chat/completions", body))
     assert data["choices"][0]["message"]["content"] == want
+
+
+IGNORE_CONTROLS = """
+import peers.scheduler
+from inference.sampling import RowControls
+peers.scheduler._row_controls = lambda controls, sampling, vocab: RowControls()  # samples as it likes
+"""
+
+
+def test_a_last_peer_ignoring_the_grammar_is_caught_and_routed_around(tiny_llama, make_swarm):
+    """A last peer that drops the controls samples tokens the mask forbids: the entry sees it at
+    once, fails over to the honest replica and bans the other; every answer still validates."""
+    s = make_swarm(tiny_llama)
+    entry = s.add("0:2")
+    s.add("2:4", patch=IGNORE_CONTROLS)
+    s.add("2:4")
+    s.wait_ready()
+    s.wait_route(entry)
+    schema = SCHEMAS[0]
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": schema}}
+    for i in range(12):
+        body = {
+            "messages": [{"role": "user", "content": f"person {i}"}],
+            "max_tokens": 80,
+            "temperature": 0.8,
+            "seed": i,
+            "response_format": fmt,
+        }
+        jsonschema.validate(
+            json.loads(ok(post(entry, "/v1/chat/completions", body))["choices"][0]["message"]["content"]),
+            schema,
+        )
+        if entry.health()["failovers"]:
+            break
+    assert entry.health()["failovers"] >= 1  # the liar was on a route, and was caught there
+    log = entry.log_path.read_text()
+    assert "the step's grammar mask forbids" in log

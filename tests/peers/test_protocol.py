@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from peers.protocol import (
+    Controls,
     Hop,
     ProtocolError,
     Sampling,
@@ -81,12 +82,67 @@ def _frame_with(**changes) -> bytes:
         {"request_id": 7},
         {"request_id": "x" * 65},
         {"request_id": "line\nbreak"},  # (it goes into log lines: no forged lines)
+        {"sampling": {"temperature": 0.5, "logit_bias": [[-1, 2.0]]}},
+        {"sampling": {"temperature": 0.5, "logit_bias": [[3, float("inf")]]}},
+        {"sampling": {"temperature": 0.5, "logit_bias": [[3, 500]]}},
+        {"sampling": {"temperature": 0.5, "logit_bias": {"3": 1}}},
+        {"sampling": {"temperature": 0.5, "presence_penalty": 9}},
+        {"sampling": {"temperature": 0.5, "repetition_penalty": 0}},
+        {"sampling": {"temperature": 0.5, "min_p": 2}},
+        {"sampling": {"temperature": 0.5, "top_logprobs": 21}},
+        {"sampling": {"temperature": 0.5, "prompt_tokens": [1, "2"]}},
+        {"controls": [{}, {}]},  # one row, two controls
+        {"controls": [{"banned": [-5]}]},
+        {"controls": [{"counts": [[1]]}]},
+        {"controls": [{"counts": [[1, 1.5]]}]},
+        {"controls": [{"mask": 12}]},
+        {"controls": [{"mask": "x" * (1 << 19)}]},
+        {"controls": [{"unknown": 1}]},
+        {"controls": {"banned": [1]}},
     ],
     ids=lambda c: f"{next(iter(c))}={str(next(iter(c.values())))[:12]!r}",
 )
 def test_step_headers_of_the_wrong_type_are_refused(changes):
     with pytest.raises(ProtocolError):
         decode_step(_frame_with(**changes))
+
+
+def test_sampling_and_controls_round_trip():
+    from inference.grammar import pack_mask
+
+    sampling = Sampling(
+        temperature=0.7,
+        seed=3,
+        min_p=0.1,
+        logit_bias=((5, -100.0), (9, 2.5)),
+        presence_penalty=0.5,
+        frequency_penalty=-0.25,
+        repetition_penalty=1.3,
+        prompt_tokens=(1, 4, 9),
+        top_logprobs=5,
+    )
+    controls = (Controls(counts=((4, 2), (7, 1)), banned=(2,), mask=pack_mask(b"\xff" * 4 + b"\x00" * 28)),)
+    got = decode_step(encode_step(replace(request(0), sampling=sampling, controls=controls)))
+    assert got.sampling == sampling and got.controls == controls
+    plain = encode_step(request(0))  # defaults travel as nothing
+    assert b"logit_bias" not in plain and b"controls" not in plain
+
+
+def test_a_last_peers_reply_with_bad_alternatives_is_its_fault():
+    from peers.errors import HopFailed
+    from peers.forwarding import _parse
+
+    good = {"tokens": [5], "logprobs": [-0.5], "top_logprobs": [[[5, -0.5], [6, -1.0]]]}
+    assert _parse(good, 200, "p").alternatives == (((5, -0.5), (6, -1.0)),)
+    for bad in (
+        [[[5, -0.5]], [[6, -1.0]]],  # two lists for one token
+        [[[5, 0.5]]],  # a probability above 1
+        [[[5, float("nan")]]],
+        [[["5", -0.5]]],
+        [[[5, -0.5]] * 21],
+    ):
+        with pytest.raises(HopFailed, match="top_logprobs"):
+            _parse({**good, "top_logprobs": bad}, 200, "p")
 
 
 def test_a_route_must_tile_the_layers_to_the_end():
