@@ -5,7 +5,7 @@ request bodies are in openai_schema.py, the response shapes in openai_shapes.py.
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -15,18 +15,16 @@ from starlette.background import BackgroundTask
 
 from inference.grammar import GrammarError, json_object_grammar, json_schema_grammar, tool_call_grammar
 
-from .consensus import checked_generate, verified_generate
-from .entry import RETRY_AFTER_S, Token, banned_now, current_route, generate
+from .entry import RETRY_AFTER_S, banned_now, current_route
 from .errors import InvalidRequest, ModelNotServed, Overloaded, SwarmUnavailable
 from .logs import RUN_KEY
-from .metrics import TokenClock
 from .node import PeerNode
+from .openai_run import Run, Usage, best, collect, first_events, merged, usage
 from .openai_schema import MAX_PROMPTS, ChatMessage, ChatRequest, CompletionRequest, NamedTool, _Request
-from .openai_shapes import Choice, Shape, sse
+from .openai_shapes import Shape, sse
 from .protocol import Sampling
 from .routing import NoRouteError
 from .steering import Steering
-from .textstream import TextStream
 from .tools import chat_messages, template_tools, with_tool_prompt
 
 __all__ = ["ChatMessage", "router", "unless_gone"]
@@ -323,16 +321,16 @@ async def _respond(
             else sampling
         )
         runs.append(
-            _Run(node, ids, limit, s, stops, stop_ids, width, req.consensus, verify, speculative, steering)
+            Run(node, ids, limit, s, stops, stop_ids, width, req.consensus, verify, speculative, steering)
         )
-    request.scope[RUN_KEY] = _Usage(runs)  # its token count goes into the request's log line
+    request.scope[RUN_KEY] = Usage(runs)  # its token count goes into the request's log line
     rid = ("chatcmpl-" if ask.chat else "cmpl-") + uuid.uuid4().hex[:24]
     shape = Shape(rid, node.served_model, ask.chat, node.tokenizer, ask.logprobs, list(ask.tools))
-    events = _merged([r.events() for r in runs], width)
+    events = merged([r.events() for r in runs], width)
     if req.stream:
         # The first token is computed before the response starts, so that a request that
         # cannot start (no route, no room) gets its real status instead of 200 and an error.
-        priming = asyncio.ensure_future(_first_events(events))
+        priming = asyncio.ensure_future(first_events(events))
         try:
             if not await unless_gone(priming, request):
                 release()
@@ -350,14 +348,14 @@ async def _respond(
                 shape,
                 len(prompts) * req.n,
                 echo,
-                lambda: _usage(runs) if include_usage else None,
+                lambda: usage(runs) if include_usage else None,
                 release,
                 node.config.sse_keepalive_s,
             ),
             media_type="text/event-stream",
             background=BackgroundTask(release),
         )
-    task = asyncio.ensure_future(_collect(events, len(prompts) * width))
+    task = asyncio.ensure_future(collect(events, len(prompts) * width))
     try:
         if not await unless_gone(task, request):
             return Response(status_code=499)  # nobody reads it
@@ -365,37 +363,11 @@ async def _respond(
     finally:
         release()
     if ask.best_of:
-        choices = _best(choices, len(prompts), ask.best_of, req.n)
+        choices = best(choices, len(prompts), ask.best_of, req.n)
     for k, choice in enumerate(choices):
         if ask.echo:
             choice.echo = ask.echo[k // req.n]
-    return shape.whole(choices, _usage(runs))
-
-
-def _best(choices: list[Choice], prompts: int, best_of: int, n: int) -> list[Choice]:
-    """Of each prompt's best_of sequences, the n with the highest total logprob, in that order."""
-    out = []
-    for k in range(prompts):
-        group = choices[k * best_of : (k + 1) * best_of]
-        out += sorted(group, key=lambda c: -sum(t.logprob for t in c.tokens))[:n]
-    return out
-
-
-class _Usage:
-    """The runs of one request, as the request log line counts them."""
-
-    def __init__(self, runs: list["_Run"]):
-        self.runs = runs
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(r.completion_tokens for r in self.runs)
-
-
-def _usage(runs: list["_Run"]) -> dict:
-    p = sum(len(r.prompt_ids) for r in runs)
-    c = sum(r.completion_tokens for r in runs)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    return shape.whole(choices, usage(runs))
 
 
 async def unless_gone(task: asyncio.Future, request: Request, what: str = "generation") -> bool:
@@ -413,146 +385,3 @@ async def unless_gone(task: asyncio.Future, request: Request, what: str = "gener
     finally:
         if not task.done():  # this handler itself was cancelled
             task.cancel()
-
-
-async def _first_events(events: AsyncIterator) -> list:
-    """The events up to and including the first one that follows a generated token (the
-    generator stays open for the rest)."""
-    first = []
-    while not first or first[-1][0] != "token":
-        try:
-            first.append(await anext(events))
-        except StopAsyncIteration:
-            break
-    return first
-
-
-async def _collect(events: AsyncIterator, count: int) -> list[Choice]:
-    choices = [Choice(i) for i in range(count)]
-    async for kind, index, a, b in events:
-        if kind == "delta":
-            choices[index].text.append(a)
-            choices[index].tokens += b
-        elif kind == "finish":
-            choices[index].finish = b
-    return choices
-
-
-async def _merged(streams: list[AsyncIterator], width: int) -> AsyncIterator[tuple]:
-    """The events of several runs as one stream; run k's sequence i becomes choice k * width + i."""
-    if len(streams) == 1:
-        try:
-            async for event in streams[0]:
-                yield event
-        finally:
-            await streams[0].aclose()
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(k: int, stream: AsyncIterator) -> None:
-        try:
-            async for kind, i, a, b in stream:
-                await queue.put((kind, i if i < 0 else k * width + i, a, b))
-            await queue.put(None)
-        except Exception as e:
-            await queue.put(e)
-        finally:
-            await stream.aclose()
-
-    tasks = [asyncio.ensure_future(pump(k, s)) for k, s in enumerate(streams)]
-    try:
-        running = len(tasks)
-        while running:
-            item = await queue.get()
-            if item is None:
-                running -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-class _Run:
-    """One generation of n sequences of one prompt: tokens -> text deltas (each with the tokens
-    it covers), finish reasons and usage."""
-
-    def __init__(
-        self,
-        node: PeerNode,
-        prompt_ids,
-        max_tokens,
-        sampling,
-        stops,
-        stop_ids,
-        n: int,
-        routes: int = 1,
-        verify: bool = False,
-        speculative: bool = False,
-        steering: Steering | None = None,
-    ):
-        """`routes` > 1: that many whole routes, the majority deciding (the consensus field);
-        `verify`: every replicated hop recomputed by a shadow (--verify-rate); `speculative`:
-        drafted tokens checked by the chain where that applies (one sequence, unchecked)."""
-        self.node, self.prompt_ids, self.max_tokens = node, prompt_ids, max_tokens
-        self.routes, self.verify, self.speculative = routes, verify, speculative
-        self.sampling, self.stop_ids, self.n, self.steering = sampling, stop_ids, n, steering
-        self.texts = [TextStream(node.tokenizer, stops) for _ in range(n)]
-        self.held: list[list[Token]] = [[] for _ in range(n)]  # tokens whose text is not out yet
-        self.finish = ["length"] * n
-        self.done = [False] * n
-        self.completion_tokens = 0
-        self.clock = TokenClock(node.metrics, len(prompt_ids))
-
-    async def events(self) -> AsyncIterator[tuple]:
-        """("token", -1, None, None) after each step; per sequence i ("delta", i, text, tokens)
-        and ("finish", i, None, reason)."""
-        args = (self.node, self.prompt_ids, self.max_tokens, self.sampling, self.stop_ids, self.n)
-        if self.verify:
-            gen = verified_generate(*args, steering=self.steering)
-        elif self.routes > 1:
-            gen = checked_generate(*args, routes=self.routes, steering=self.steering)
-        else:
-            gen = generate(*args, speculative=self.speculative, steering=self.steering)
-        try:
-            async for tokens in gen:
-                counted = self.completion_tokens
-                for i, tok in enumerate(tokens):
-                    if self.done[i]:
-                        continue
-                    self.completion_tokens += 1
-                    if tok.token in self.stop_ids:
-                        for event in self._end(i, "stop"):
-                            yield event
-                        continue
-                    self.held[i].append(tok)
-                    delta = self.texts[i].push(tok.token)
-                    if delta:
-                        yield ("delta", i, delta, self._take(i))
-                    if self.texts[i].stopped:
-                        for event in self._end(i, "stop"):
-                            yield event
-                self.clock.step(self.completion_tokens - counted)
-                yield ("token", -1, None, None)
-                if all(self.done):
-                    break
-            for i in range(self.n):
-                if not self.done[i]:
-                    for event in self._end(i, "length"):
-                        yield event
-        finally:
-            await gen.aclose()
-
-    def _take(self, i: int) -> list[Token]:
-        held, self.held[i] = self.held[i], []
-        return held
-
-    def _end(self, i: int, reason: str):
-        self.done[i], self.finish[i] = True, reason
-        rest = self.texts[i].finish()
-        if rest:
-            yield ("delta", i, rest, self._take(i))
-        yield ("finish", i, None, reason)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from .errors import InvalidRequest, ModelNotServed
 from .node import PeerNode
 from .openai_api import ChatMessage, _check_prompt_size, _text_of
+from .tools import chat_messages
 
 
 class TokenizeRequest(BaseModel):
@@ -75,13 +76,10 @@ def router(node: PeerNode) -> APIRouter:
             _check_prompt_size(node, len(req.prompt), "prompt")
             encode = partial(node.tokenizer.encode, req.prompt)
         else:
-            messages = [
-                {
-                    "role": "system" if m.role == "developer" else m.role,
-                    "content": "" if m.content is None else _text_of(m.content),
-                }
-                for m in req.messages
-            ]
+            try:  # as a chat without tools renders them
+                messages = chat_messages(req.messages, _text_of, generic_tools=False)
+            except ValueError as e:
+                raise InvalidRequest(str(e), param="messages") from None
             _check_prompt_size(node, sum(len(m["content"]) for m in messages), "messages")
             encode = partial(node.tokenizer.encode_chat, messages, req.add_generation_prompt)
         try:
