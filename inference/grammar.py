@@ -188,6 +188,34 @@ class _DecodedVocab:
         return self._tokenizer().encode(text, add_special_tokens=False)
 
 
+class _Digits:
+    """Which tokens are digits, per tokenizer: a run of digits longer than a float can hold is
+    cut (MAX_DIGIT_RUN), since a JSON number's grammar lets a model write digits forever."""
+
+    def __init__(self, tokenizer):
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        self.all_digits = [bool(t) and t.isascii() and t.isdigit() for t in texts]
+        self.tail = [len(t) - len(t.rstrip("0123456789")) for t in texts]
+        starts = 0
+        for i, t in enumerate(texts):
+            if t[:1].isascii() and t[:1].isdigit():
+                starts |= 1 << i
+        self.starts = starts  # bit i: token i begins with a digit (it would lengthen a run)
+
+
+_digits: "weakref.WeakKeyDictionary[object, _Digits]" = weakref.WeakKeyDictionary()
+
+MAX_DIGIT_RUN = 16  # digits in a row; past that only a token that is no digit may follow, if any
+
+
+def _digits_of(tokenizer) -> _Digits:
+    with _ll_tokenizers_lock:
+        d = _digits.get(tokenizer)
+        if d is None:
+            d = _digits[tokenizer] = _Digits(tokenizer)
+        return d
+
+
 # --- the matcher
 
 
@@ -217,6 +245,8 @@ class Matcher:
         # the engine's own end-of-sequence ids: they stop a sequence only as one of stop_ids
         self._ll_eos = frozenset(ll.eos_tokens) - self.stop_ids
         self._stopped = False  # a stop id was consumed
+        self._digits = _digits_of(tokenizer)
+        self._run = 0  # digits at the end of the text so far
 
     @property
     def finished(self) -> bool:
@@ -247,7 +277,18 @@ class Matcher:
                 buf[t >> 3] |= 1 << (t & 7)
             else:
                 buf[t >> 3] &= ~(1 << (t & 7)) & 0xFF
+        if self._run >= MAX_DIGIT_RUN:  # end the number if the grammar lets it end here
+            cut = int.from_bytes(buf, "little") & ~self._digits.starts
+            if cut:
+                return cut.to_bytes(len(buf), "little")
         return bytes(buf)
+
+    def _after(self, run: int, token: int) -> int:
+        """The digit run once `token` follows a run of `run` digits."""
+        d = self._digits
+        if not 0 <= token < len(d.tail):
+            return 0
+        return run + d.tail[token] if d.all_digits[token] else d.tail[token]
 
     def consume(self, token: int) -> None:
         """Advance past `token`; a token the grammar forbids raises GrammarError (and leaves the
@@ -264,11 +305,13 @@ class Matcher:
             raise GrammarError(f"token {token} is not allowed by the grammar here")
         elif not self._m.consume_token(token):
             raise GrammarError(f"the grammar engine failed: {self._m.get_error()}")
+        else:
+            self._run = self._after(self._run, token)
 
     def draft_masks(self, tokens: list[int]) -> list[bytes]:
         """With k = how many leading `tokens` the grammar accepts in sequence, the k + 1 masks
         before tokens[0], after tokens[:1], ..., after tokens[:k]. The matcher is left as it was."""
-        stopped, consumed = self._stopped, 0
+        stopped, run, consumed = self._stopped, self._run, 0
         masks = [self.mask()]
         try:
             for t in tokens:
@@ -281,9 +324,10 @@ class Matcher:
                     raise GrammarError(f"the grammar engine failed: {self._m.get_error()}")
                 else:
                     consumed += 1
+                    self._run = self._after(self._run, t)
                 masks.append(self.mask())
         finally:
-            self._stopped = stopped
+            self._stopped, self._run = stopped, run
             if consumed and not self._m.rollback(consumed):
                 raise GrammarError(f"the grammar engine could not roll back: {self._m.get_error()}")
         return masks

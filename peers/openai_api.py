@@ -321,7 +321,20 @@ async def _respond(
             else sampling
         )
         runs.append(
-            Run(node, ids, limit, s, stops, stop_ids, width, req.consensus, verify, speculative, steering)
+            Run(
+                node,
+                ids,
+                limit,
+                s,
+                stops,
+                stop_ids,
+                width,
+                req.consensus,
+                verify,
+                speculative,
+                steering,
+                bool(ask.tools),
+            )
         )
     request.scope[RUN_KEY] = Usage(runs)  # its token count goes into the request's log line
     rid = ("chatcmpl-" if ask.chat else "cmpl-") + uuid.uuid4().hex[:24]

@@ -11,6 +11,7 @@ from .node import PeerNode
 from .openai_shapes import Choice
 from .steering import Steering
 from .textstream import TextStream
+from .tools import repeats_a_call
 
 
 def best(choices: list[Choice], prompts: int, best_of: int, n: int) -> list[Choice]:
@@ -117,13 +118,16 @@ class Run:
         verify: bool = False,
         speculative: bool = False,
         steering: Steering | None = None,
+        tools: bool = False,
     ):
         """`routes` > 1: that many whole routes, the majority deciding (the consensus field);
         `verify`: every replicated hop recomputed by a shadow (--verify-rate); `speculative`:
-        drafted tokens checked by the chain where that applies (one sequence, unchecked)."""
+        drafted tokens checked by the chain where that applies (one sequence, unchecked);
+        `tools`: a sequence ends once it repeats a tool call it made (a model looping on calls)."""
         self.node, self.prompt_ids, self.max_tokens = node, prompt_ids, max_tokens
         self.routes, self.verify, self.speculative = routes, verify, speculative
         self.sampling, self.stop_ids, self.n, self.steering = sampling, stop_ids, n, steering
+        self.tools = tools
         self.texts = [TextStream(node.tokenizer, stops) for _ in range(n)]
         self.held: list[list[Token]] = [[] for _ in range(n)]  # tokens whose text is not out yet
         self.finish = ["length"] * n
@@ -156,7 +160,7 @@ class Run:
                     delta = self.texts[i].push(tok.token)
                     if delta:
                         yield ("delta", i, delta, self._take(i))
-                    if self.texts[i].stopped:
+                    if self.texts[i].stopped or (self.tools and delta and repeats_a_call(self.texts[i].text)):
                         for event in self._end(i, "stop"):
                             yield event
                 self.clock.step(self.completion_tokens - counted)

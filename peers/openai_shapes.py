@@ -68,7 +68,7 @@ class Shape:
                     content, calls = split_calls(text, self.tools)
                     if calls:
                         message = {"role": "assistant", "content": content, "tool_calls": openai_calls(calls)}
-                        finish = "tool_calls"
+                        finish = "tool_calls" if finish != "length" else finish  # cut off: it says so
                 lp = {"content": self._chat_logprobs(c.tokens)} if self.logprobs is not None else None
                 out.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
             else:
@@ -185,7 +185,7 @@ async def sse(
                             yield _event(shape.chunk(index, {"content": rest}))
                         deltas = [{"index": k, **call} for k, call in enumerate(openai_calls(calls))]
                         yield _event(shape.chunk(index, {"tool_calls": deltas}))
-                        reason = "tool_calls"
+                        reason = "tool_calls" if reason != "length" else reason
                     elif held:
                         yield _event(shape.chunk(index, {"content": held}))
                 yield _event(shape.chunk(index, {} if shape.chat else "", reason))

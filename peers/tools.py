@@ -11,6 +11,7 @@ from inference.grammar import parse_tool_calls
 from .openai_schema import ChatMessage, NamedTool, Tool
 
 OPEN = "<tool_call>"
+CLOSE = "</tool_call>"
 
 
 def chat_messages(messages: list[ChatMessage], text_of, generic_tools: bool) -> list[dict]:
@@ -91,14 +92,31 @@ def openai_calls(calls: list[dict]) -> list[dict]:
 
 
 def split_calls(text: str, tools: list[Tool]) -> tuple[str | None, list[dict]]:
-    """The model's text -> (content or None, calls of known functions). Blocks naming no known
-    function stay in the content."""
+    """The model's text -> (content or None, calls of known functions, each once). If any block
+    names no known function, it is all content; a block cut off at the end (max_tokens) is
+    dropped when there are calls."""
     known = {t.function.name for t in tools}
     rest, calls = parse_tool_calls(text)
     good = [c for c in calls if c.get("name") in known and isinstance(c.get("arguments"), dict)]
-    if len(good) != len(calls):
+    if len(good) != len(calls) or not good:
         return text, []
-    return (rest or None) if good else text, good
+    cut = rest.rfind(OPEN)
+    if cut >= 0 and CLOSE not in rest[cut:]:
+        rest = rest[:cut].strip()
+    unique = []
+    for call in good:
+        if call not in unique:
+            unique.append(call)
+    return rest or None, unique
+
+
+def repeats_a_call(text: str) -> bool:
+    """Whether the text's last complete call repeats an earlier one (a model looping on calls:
+    its generation can end there)."""
+    if not text.rstrip().endswith(CLOSE):
+        return False
+    _, calls = parse_tool_calls(text)
+    return len(calls) > 1 and calls[-1] in calls[:-1]
 
 
 class CallFilter:
@@ -147,4 +165,4 @@ def _arguments(text: str) -> dict:
 
 
 def _block(name: str, arguments: dict) -> str:
-    return OPEN + "\n" + json.dumps({"name": name, "arguments": arguments}) + "\n</tool_call>"
+    return OPEN + "\n" + json.dumps({"name": name, "arguments": arguments}) + "\n" + CLOSE

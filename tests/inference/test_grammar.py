@@ -453,3 +453,33 @@ def test_tokenizer_cache_is_shared_across_threads(byte_tok):
         t.join()
     assert len(results) == 4 and all(r is results[0] for r in results)
     assert ll_tokenizer(byte_tok) is not results[0]  # one per tokenizer object
+
+
+def test_a_number_cannot_grow_digits_forever(smol_tok):
+    """A walk that always writes another digit when one is allowed (as a small model may): the
+    number ends after MAX_DIGIT_RUN digits, where the grammar lets it end, and the text validates."""
+    from inference.grammar import MAX_DIGIT_RUN
+
+    schema = {
+        "type": "object",
+        "properties": {"x": {"type": "number", "minimum": 9, "maximum": 360}, "n": {"type": "integer"}},
+        "required": ["x", "n"],
+        "additionalProperties": False,
+    }
+    matcher = smol_matcher(smol_tok, json_schema_grammar(schema))
+    digits = [smol_tok.convert_tokens_to_ids(d) for d in "0123456789"]
+    dot = smol_tok.convert_tokens_to_ids(".")
+    out: list[int] = []
+    for _ in range(200):
+        ids = set(allowed(matcher.mask()))
+        prefer = [t for t in (*digits, dot) if t in ids]
+        stops = [t for t in ids if t in matcher.stop_ids]
+        token = prefer[len(out) % len(prefer)] if prefer else (stops[0] if stops else min(ids))
+        matcher.consume(token)
+        if token in matcher.stop_ids:
+            break
+        out.append(token)
+    text = smol_tok.decode(out)
+    value = json.loads(text)
+    jsonschema.validate(value, schema)
+    assert all(len(run) <= MAX_DIGIT_RUN for run in "".join(c if c.isdigit() else " " for c in text).split())

@@ -102,3 +102,16 @@ def test_the_stream_filter_sends_text_and_holds_calls_back():
     assert f.finish() == '<tool_call>\n{"name": 1}'
     g = CallFilter()
     assert g.push("a <to") == "a " and g.push("y") == "<toy" and g.finish() == ""
+
+
+def test_a_looping_model_is_stopped_and_its_calls_kept_once():
+    from peers.tools import repeats_a_call
+
+    one = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    two = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+    assert not repeats_a_call(one) and not repeats_a_call(one + "\n" + two)
+    assert repeats_a_call(one + "\n" + two + "\n" + one)
+    cut = one + "\n" + two + "\n" + one + '\n<tool_call>\n{"name": "get_wea'
+    content, calls = split_calls(cut, [WEATHER])
+    assert content is None  # the cut-off block is no content
+    assert calls == [{"name": "get_weather", "arguments": {"city": c}} for c in ("Oslo", "Rome")]
