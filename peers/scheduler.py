@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-from inference.grammar import unpack_mask
 
 from inference import Block
 from inference.batch import Step
+from inference.grammar import unpack_mask
 from inference.sampling import RowControls, sample_many
 
 from .protocol import Controls, Sampling, StepResult
