@@ -71,6 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
         chat_template=_chat_template(args.chat_template),
         direct_return=not args.no_direct_return,
         prefix_cache_tokens=args.prefix_cache_tokens,
+        wire=args.wire,
         scheduler=SchedulerSettings(
             max_batch_tokens=args.max_batch_tokens,
             prefill_chunk=args.prefill_chunk,
@@ -305,6 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--no-prefix-reuse", action="store_true", help="never reuse the KV of prompt prefixes computed before"
+    )
+    serve.add_argument(
+        "--wire",
+        choices=["lossless", "bf16", "fp16", "int8"],
+        default="lossless",
+        help="how this peer's hidden states travel to next peers that accept it: lossless (exact), "
+        "bf16, fp16, or int8 (absmax per 64 values, each row's 8 largest apart); a peer that chose a "
+        "compressed wire accepts any, one left lossless only lossless",
     )
     serve.add_argument(
         "--no-direct-return",

@@ -5,6 +5,8 @@ test process over httpx's in-memory transports."""
 import asyncio
 import logging
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 
 import httpx
@@ -22,10 +24,12 @@ from .protocol import (
     ProtocolError,
     StepRequest,
     StepResult,
-    encode_steps,
+    encode_step,
     results_message,
+    steps_message,
 )
 from .verify import MAX_COMMITMENTS, Commitment
+from .wire import LOSSLESS, hop_encoding
 
 log = logging.getLogger("layerswarm.forwarding")
 
@@ -49,7 +53,11 @@ class Forwarder:
     `per_token_s` per position, for that hop alone.
 
     Results of steps returned directly travel the same way: those for the same entry in the
-    same turn of the event loop go as one message."""
+    same turn of the event loop go as one message.
+
+    Hidden states travel as `wire` (peers/wire.py) to a next peer whose announced encodings
+    (`accepts(peer_id)`, from its gossip entry) include it, else lossless; so do token ids and
+    the frames of checked steps, whose commitments are digests of the exact tensors."""
 
     def __init__(
         self,
@@ -58,15 +66,20 @@ class Forwarder:
         hop_timeout_s: float,
         per_token_s: float,
         links: Links | None = None,
+        wire: str = LOSSLESS,
+        accepts: Callable[[str], tuple[str, ...]] = lambda peer_id: (LOSSLESS,),
     ):
         """`links`, if given, learns the round-trip time of each next hop's acknowledgement."""
         self.me, self.http, self.links = me, http, links
+        self.wire, self.accepts = wire, accepts
         self.hop_timeout_s, self.per_token_s = hop_timeout_s, per_token_s
         self._outbox: dict[tuple[str, bool], list[tuple[StepRequest, asyncio.Future]]] = {}
         self._results: dict[str, list[tuple[str, dict]]] = {}  # entry address -> (step id, body)
         self._sending: set[asyncio.Task] = set()
         self.messages = 0  # step messages sent
         self.frames = 0  # step frames sent in them
+        self.hidden_frames: Counter[str] = Counter()  # frames of hidden states sent, by encoding
+        self.hidden_bytes: Counter[str] = Counter()  # and their bytes (headers included)
 
     def deadline_s(self, req: StepRequest) -> float:
         """How long the next hop has to answer `req`: to acknowledge it (returned directly: one
@@ -108,8 +121,14 @@ class Forwarder:
             if attempt == 0:
                 await asyncio.sleep(0.1)
 
+    def encoding(self, req: StepRequest) -> str:
+        """How `req`'s tensor travels to its next hop (see the class's docstring)."""
+        hidden = req.tensor.dim() == 3 and not req.verify and not req.terminal
+        return hop_encoding(self.wire, self.accepts(req.hops[0].peer_id), hidden)
+
     async def push(self, req: StepRequest) -> StepResult:
         """Send the step to its next hop; its reply (or which peer failed) comes back."""
+        req = replace(req, wire=self.encoding(req))
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if req.tensor.shape[1] > COALESCE_MAX_POSITIONS:  # a long prompt travels alone: no
@@ -140,9 +159,14 @@ class Forwarder:
         timeout = max(self.deadline_s(r) for r in reqs)
         try:
             if sum(r.tensor.numel() * r.tensor.element_size() for r in reqs) > ENCODE_IN_THREAD_BYTES:
-                body = await asyncio.to_thread(encode_steps, reqs)
+                frames = await asyncio.to_thread(lambda: [encode_step(r) for r in reqs])
             else:
-                body = encode_steps(reqs)
+                frames = [encode_step(r) for r in reqs]
+            body = steps_message(frames)
+            for r, frame in zip(reqs, frames, strict=True):
+                if r.tensor.dim() == 3:
+                    self.hidden_frames[r.wire] += 1
+                    self.hidden_bytes[r.wire] += len(frame)
             self.messages += 1
             self.frames += len(reqs)
             # an acknowledgement of a small frame times the link (of a large one, the upload too)

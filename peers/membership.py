@@ -36,6 +36,8 @@ MAX_CLOCK_AHEAD_S = 300.0  # an incarnation (a start time in microseconds) at mo
 MAX_COUNTER = 2**53  # heartbeats and loads
 MAX_LINKS = 16  # round-trip times an entry publishes
 MAX_MS = 600_000.0  # the largest time an entry may publish
+MAX_WIRE_NAMES = 8  # encodings of hidden states an entry announces it accepts (peers/wire.py)
+MAX_WIRE_NAME = 16  # characters of one
 _HOST = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
 )
@@ -83,6 +85,7 @@ class PeerEntry:
     signature: str = ""  # the owner's, over every other field but dead_for_s
     layer_ms: float = 0.0  # its recent compute time per layer of a forward (0: not measured yet)
     links: tuple[tuple[str, float], ...] = ()  # (peer id, round-trip ms) to peers it talks to
+    wire: tuple[str, ...] = ("lossless",)  # encodings of hidden states it accepts (peers/wire.py)
 
     @property
     def version(self) -> tuple[int, int]:
@@ -159,6 +162,7 @@ class PeerEntry:
             signature,
             _ms(data["layer_ms"], "layer_ms"),
             _links(data["links"]),
+            _wire(data["wire"]),
         )
 
 
@@ -198,6 +202,21 @@ def _links(value) -> tuple[tuple[str, float], ...]:
             raise ValueError(f"a link must be [peer id, ms], got {item!r:.60}")
         out.append((item[0], _ms(item[1], "a link's ms")))
     return tuple(out)
+
+
+def _wire(value) -> tuple[str, ...]:
+    """The encodings an entry accepts: names this version may not know are kept (and never
+    chosen), so that a newer peer's entry still merges."""
+    if not isinstance(value, list | tuple) or not 0 < len(value) <= MAX_WIRE_NAMES:
+        raise ValueError(f"wire must be a list of 1 to {MAX_WIRE_NAMES} encoding names")
+    for name in value:
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_WIRE_NAME or not name.isprintable():
+            raise ValueError(
+                f"a wire encoding is a name of 1 to {MAX_WIRE_NAME} characters, got {name!r:.40}"
+            )
+    if len(set(value)) < len(value):
+        raise ValueError(f"wire names an encoding twice: {list(value)!r:.80}")
+    return tuple(value)
 
 
 def _int(data: dict, name: str, low: int, high: int) -> int:

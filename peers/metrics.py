@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 from .errors import HopFailed
+from .wire import ENCODINGS
 
 if TYPE_CHECKING:
     from .node import PeerNode
@@ -145,6 +146,19 @@ class NodeCollector:
         yield _gauge("queued_steps", "Steps waiting in this peer's queue", len(n.scheduler))
         yield _gauge("active_requests", "OpenAI requests this entry is answering", n.active_requests)
         yield _counter("steps_served", "Steps this peer computed and answered", n.steps_served)
+        frames = CounterMetricFamily(
+            f"{PREFIX}_wire_frames",
+            "Frames of hidden states this peer sent to next hops, by encoding (--wire, negotiated per hop)",
+            labels=["encoding"],
+        )
+        sent = CounterMetricFamily(
+            f"{PREFIX}_wire_bytes", "Bytes of those frames, their headers included", labels=["encoding"]
+        )
+        for encoding in ENCODINGS:
+            frames.add_metric([encoding], n.forwarder.hidden_frames[encoding])
+            sent.add_metric([encoding], n.forwarder.hidden_bytes[encoding])
+        yield frames
+        yield sent
         peers = GaugeMetricFamily(
             f"{PREFIX}_table_peers", "Peers in this peer's table, by status", labels=["status"]
         )

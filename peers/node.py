@@ -59,6 +59,7 @@ from .verify import (
     top_entries,
     with_shadow,
 )
+from .wire import ENCODINGS, LOSSLESS, accepted_encodings
 
 log = logging.getLogger("layerswarm.peer")
 
@@ -112,6 +113,7 @@ class NodeConfig:
     served_model_names: tuple[str, ...] = ()  # names the OpenAI API answers to; () = the model's id
     allowed_origins: tuple[str, ...] = ()  # browser origins allowed by CORS ("*": any); () = no CORS
     chat_template: str | None = field(default=None, repr=False)  # Jinja, in place of the model's
+    wire: str = LOSSLESS  # how hidden states travel to next hops that accept it (peers/wire.py)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     gossip: GossipSettings = field(default_factory=GossipSettings)
 
@@ -129,6 +131,8 @@ class NodeConfig:
         for name in ("num_layers", "threads", "max_requests", "max_body_bytes", "max_connections"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.wire not in ENCODINGS:
+            raise ValueError(f"wire must be one of {', '.join(ENCODINGS)}, got {self.wire!r}")
         if self.core_turns not in CORE_TURNS:
             raise ValueError(f"core_turns must be one of {', '.join(CORE_TURNS)}, got {self.core_turns!r}")
         if not 0 <= self.verify_rate <= 1:
@@ -186,6 +190,7 @@ class PeerNode:
             0,
             0,
             address=config.address,
+            wire=accepted_encodings(config.wire),
         )
         self.table = Table(me, self.identity, config.gossip)
         self.http = http or httpx.AsyncClient(
@@ -196,7 +201,13 @@ class PeerNode:
         self.links = Links()  # round-trip times to other peers, published for latency-aware routes
         self.speed = Speed()  # this peer's compute time per layer, published likewise
         self.forwarder = Forwarder(
-            self.identity.peer_id, self.http, config.hop_timeout_s, config.hop_timeout_per_token_s, self.links
+            self.identity.peer_id,
+            self.http,
+            config.hop_timeout_s,
+            config.hop_timeout_per_token_s,
+            self.links,
+            config.wire,
+            self._wire_accepted,
         )
         self.accusations = Accusations(
             self._public_key_of, self._avoid_accused, config.liar_ban_s, trusted=config.swarm_key is not None
@@ -796,6 +807,11 @@ class PeerNode:
         entry = self.table.get(peer_id)
         address = entry.address if entry else "?"
         log.warning("peer %s (%s) convicted: %s; avoided for %.0f s", peer_id, address, why, seconds)
+
+    def _wire_accepted(self, peer_id: str) -> tuple[str, ...]:
+        """The encodings of hidden states a peer announced it accepts (none if unknown)."""
+        entry = self.table.get(peer_id)
+        return entry.wire if entry is not None else ()
 
     def _public_key_of(self, peer_id: str) -> str | None:
         entry = self.table.get(peer_id)

@@ -2,7 +2,8 @@
 binary step frame, and the small JSON messages.
 
 A step frame is: 4-byte big-endian length of a JSON header, the header, then the raw bytes of one
-tensor (token ids [B, T] int64, or hidden states [B, T, H]) whose dtype and shape the header gives.
+tensor (token ids [B, T] int64, or hidden states [B, T, H]) whose dtype and shape the header gives;
+hidden states may travel compressed, as the header's `encoding` says (peers/wire.py).
 A steps message is a 4-byte count, then each frame behind its 4-byte length; its reply is JSON,
 one result (tokens or error) per frame, in order.
 """
@@ -17,6 +18,7 @@ from inference.sampling import SamplingParams
 
 from .limits import finite_number
 from .logs import valid_request_id
+from .wire import LOSSLESS, decode_hidden, encode_hidden
 
 PATH_HEALTH = "/health"
 PATH_METRICS = "/metrics"  # Prometheus metrics (peers/metrics.py)
@@ -135,6 +137,7 @@ class StepRequest:
     # per sampled row (B of them, or draft + 1 for a drafted step), or none: what the last peer
     # applies to that row's logits besides `sampling` (penalties' counts, banned tokens, a mask)
     controls: tuple[Controls, ...] = ()
+    wire: str = LOSSLESS  # how `tensor` travels (peers/wire.py): the sender's forwarder chooses per hop
 
 
 @dataclass(frozen=True)
@@ -148,12 +151,13 @@ class StepResult:
     alternatives: tuple[tuple[tuple[int, float], ...], ...] = ()
 
 
-def encode_tensor_frame(header: dict, tensor: torch.Tensor) -> bytes:
-    tensor = tensor.detach().contiguous().cpu()
+def encode_tensor_frame(header: dict, tensor: torch.Tensor, encoding: str = LOSSLESS) -> bytes:
     if tensor.dtype not in _NAMES:
         raise ProtocolError(f"dtype {tensor.dtype} cannot travel; use one of {', '.join(_DTYPES)}")
-    meta = json.dumps({**header, "dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape)}).encode()
-    return _LEN.pack(len(meta)) + meta + tensor.view(torch.uint8).numpy().tobytes()
+    fields, payload = encode_hidden(tensor, encoding)
+    meta = {**header, "dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape), **fields}
+    meta = json.dumps(meta).encode()
+    return _LEN.pack(len(meta)) + meta + payload
 
 
 def decode_tensor_frame(body: bytes) -> tuple[dict, torch.Tensor]:
@@ -169,25 +173,11 @@ def decode_tensor_frame(body: bytes) -> tuple[dict, torch.Tensor]:
             raise ValueError(f"negative dimension in shape {shape}")
     except (ValueError, KeyError, TypeError) as e:
         raise ProtocolError(f"bad step frame header: {e}") from e
-    data = bytearray(body[_LEN.size + n :])
-    expected = dtype.itemsize * _numel(shape)
-    if len(data) != expected:
-        raise ProtocolError(
-            f"tensor of shape {shape} and dtype {header['dtype']} needs {expected} bytes, got {len(data)}"
-        )
-    tensor = (
-        torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape)
-        if data
-        else torch.empty(shape, dtype=dtype)
-    )
+    try:
+        tensor = decode_hidden(header, dtype, shape, bytearray(body[_LEN.size + n :]))
+    except ValueError as e:
+        raise ProtocolError(f"bad step frame: {e}") from e
     return header, tensor
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def encode_step(req: StepRequest) -> bytes:
@@ -213,7 +203,7 @@ def encode_step(req: StepRequest) -> bytes:
         header["request_id"] = req.request_id
     if req.controls:
         header["controls"] = [_controls_json(c) for c in req.controls]
-    return encode_tensor_frame(header, req.tensor)
+    return encode_tensor_frame(header, req.tensor, req.wire)
 
 
 _DEFAULT_SAMPLING = Sampling()
@@ -258,6 +248,7 @@ def decode_step(body: bytes) -> StepRequest:
             step_id=_typed(header.get("step_id", ""), str, "step_id"),
             request_id=_typed(header.get("request_id", ""), str, "request_id"),
             controls=tuple(_controls(c) for c in _typed(header.get("controls", []), list, "controls")),
+            wire=header.get("encoding", LOSSLESS),  # (checked by decode_tensor_frame)
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ProtocolError(f"bad step header: {e}") from e
@@ -399,9 +390,13 @@ MAX_STEPS_PER_MESSAGE = 4096
 
 
 def encode_steps(reqs: list[StepRequest]) -> bytes:
-    parts = [_LEN.pack(len(reqs))]
-    for req in reqs:
-        frame = encode_step(req)
+    return steps_message([encode_step(req) for req in reqs])
+
+
+def steps_message(frames: list[bytes]) -> bytes:
+    """A steps message of encoded step frames."""
+    parts = [_LEN.pack(len(frames))]
+    for frame in frames:
         parts += [_LEN.pack(len(frame)), frame]
     return b"".join(parts)
 

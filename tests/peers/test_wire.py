@@ -1,0 +1,337 @@
+"""The compressed wire (peers/wire.py): codec round trips within each encoding's error, the bytes
+a frame takes, hostile frames refused with a ProtocolError, and the encoding chosen per hop."""
+
+import asyncio
+import json
+import struct
+from dataclasses import replace
+
+import httpx
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from peers.forwarding import Forwarder
+from peers.identity import Identity
+from peers.membership import PeerEntry
+from peers.protocol import Hop, ProtocolError, Sampling, StepRequest, decode_step, decode_steps, encode_step
+from peers.wire import (
+    BF16,
+    ENCODINGS,
+    FP16,
+    INT8,
+    LOSSLESS,
+    accepted_encodings,
+    decode_hidden,
+    encode_hidden,
+    hop_encoding,
+)
+
+HOPS = [Hop("a" * 43, "127.0.0.1:7001", 10, 20), Hop("b" * 43, "127.0.0.1:7002", 20, 30)]
+
+
+def hidden(shape=(2, 5, 100), seed=0, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.logspace(-2, 2, shape[-1])  # blocks of every size
+    x[0, 1, 3] = 900.0  # an outlier, as real hidden states have
+    return x.to(dtype)
+
+
+def step(tensor: torch.Tensor, wire: str = LOSSLESS) -> StepRequest:
+    return StepRequest("s" * 32, 7, HOPS, Sampling(), tensor, wire=wire)
+
+
+def round_trip(tensor: torch.Tensor, encoding: str) -> torch.Tensor:
+    fields, payload = encode_hidden(tensor, encoding)
+    return decode_hidden(fields, tensor.dtype, list(tensor.shape), payload)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lossless_is_bit_exact_and_the_default(dtype):
+    x = hidden(dtype=dtype)
+    assert torch.equal(round_trip(x, LOSSLESS), x)
+    frame = encode_step(step(x))
+    assert b"encoding" not in frame  # a lossless frame is the frame peers always sent
+    got = decode_step(frame)
+    assert got.wire == LOSSLESS and got.tensor.dtype == dtype and torch.equal(got.tensor, x)
+
+
+@pytest.mark.parametrize(("encoding", "half"), [(BF16, torch.bfloat16), (FP16, torch.float16)])
+def test_halves_round_trip_exactly_as_their_dtype(encoding, half):
+    x = hidden()
+    got = decode_step(encode_step(step(x, encoding)))
+    assert got.wire == encoding and got.tensor.dtype == torch.float32
+    assert torch.equal(got.tensor, x.to(half).float())  # within the dtype's rounding, nothing more
+
+
+def test_fp16_beyond_its_range_travels_lossless():
+    x = hidden()
+    x[1, 2, 50] = 1e6  # float16 would make it inf
+    got = decode_step(encode_step(step(x, FP16)))
+    assert got.wire == LOSSLESS and torch.equal(got.tensor, x)
+
+
+@pytest.mark.parametrize("hidden_size", [64, 100, 576, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_errs_at_most_absmax_over_127_per_block(hidden_size, dtype):
+    x = hidden((3, 9, hidden_size), seed=hidden_size, dtype=dtype)
+    x[1, 4] = 0.0  # an all-zero row
+    fields, payload = encode_hidden(x, INT8)
+    k = min(8, hidden_size)
+    assert fields == {"encoding": INT8, "block": 64, "outliers": k, "scale_dtype": "float16"}
+    got = decode_hidden(fields, dtype, list(x.shape), payload)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert torch.equal(got[1, 4], x[1, 4])
+    # (decoded into bfloat16, a value adds that dtype's own rounding: 2^-8 of itself)
+    _check_blocks(x.float(), got.float(), 64, rounding=2**-8 if dtype == torch.bfloat16 else 0.0)
+
+
+def _check_blocks(x: torch.Tensor, got: torch.Tensor, block: int, rounding: float = 0.0) -> None:
+    """Every value of `got` is within absmax / 127 of its block in `x` (plus `rounding` of itself)."""
+    size = x.shape[-1]
+    rows, got = x.reshape(-1, size), got.reshape(-1, size)
+    for start in range(0, size, block):
+        part = rows[:, start : start + block]
+        err = (got[:, start : start + block] - part).abs()
+        bound = part.abs().amax(-1, keepdim=True) / 127 + got[:, start : start + block].abs() * rounding
+        assert bool((err <= bound * (1 + 1e-6)).all()), (start, (err - bound).max())
+
+
+def test_int8_sends_each_rows_largest_values_apart():
+    """The outlier (900) keeps float16 precision, and its block's other values get a scale of
+    their own size instead of 900 / 127."""
+    x = hidden((2, 5, 100))
+    got = round_trip(x, INT8)
+    assert got[0, 1, 3] == x[0, 1, 3].half().float()
+    rest = x[0, 1].clone()
+    rest[rest.abs().topk(8).indices] = 0  # what the blocks carry
+    absmax = rest[:64].abs().max()  # (the outlier's block)
+    assert absmax < 900 / 127 / 2
+    assert (got[0, 1, :64] - x[0, 1, :64]).abs().max() <= absmax / 127
+
+
+def test_int8_scales_fall_back_to_float32_where_float16_loses_them():
+    x = hidden((1, 4, 128)) * 1e-6  # scales below float16's normal range
+    fields, payload = encode_hidden(x, INT8)
+    assert fields["scale_dtype"] == "float32"
+    _check_blocks(x, decode_hidden(fields, x.dtype, list(x.shape), payload), 64)
+
+
+def test_a_receiver_decodes_blocks_of_32_too():
+    from peers.wire import _encode_int8
+
+    x = hidden((2, 3, 80))
+    fields, payload = _encode_int8(x, 32)
+    assert len(payload) == 2 * 3 * (3 * 2 + 8 * 4) + x.numel()  # 3 scales and 8 outliers a row of 80
+    _check_blocks(x, decode_hidden(fields, x.dtype, list(x.shape), payload), 32)
+
+
+def test_bytes_on_the_wire_halve_and_quarter():
+    """A prefill frame of the default model's shape: [1, 200, 576] float32."""
+    x = hidden((1, 200, 576))
+    sizes = {e: len(encode_step(step(x, e))) for e in ENCODINGS}
+    payload = x.numel() * 4
+    assert sizes[LOSSLESS] > payload
+    assert sizes[BF16] / sizes[LOSSLESS] <= 0.501 and sizes[FP16] == sizes[BF16]
+    # int8: 64 values and one float16 scale per block, 8 outliers (position, value) a row of 576:
+    # 626 / 2304 of float32
+    assert sizes[INT8] / sizes[LOSSLESS] <= 0.273
+    assert len(encode_hidden(x, INT8)[1]) == 200 * (576 + 9 * 2 + 8 * 4)
+
+
+def test_token_ids_and_checked_steps_travel_lossless():
+    ids = torch.tensor([[5, 6, 7]])
+    assert hop_encoding(INT8, ENCODINGS, hidden=True) == INT8
+    assert hop_encoding(INT8, (LOSSLESS,), hidden=True) == LOSSLESS  # the next peer did not ask for it
+    assert hop_encoding(INT8, (), hidden=True) == LOSSLESS  # nor did a peer this table does not know
+    assert hop_encoding(BF16, ("lossless", "fp8", "bf16"), hidden=True) == BF16
+    assert hop_encoding(INT8, ENCODINGS, hidden=False) == LOSSLESS
+    assert hop_encoding(LOSSLESS, ENCODINGS, hidden=True) == LOSSLESS
+    assert accepted_encodings(LOSSLESS) == (LOSSLESS,) and accepted_encodings(INT8) == ENCODINGS
+    with pytest.raises(ValueError, match="token"):
+        accepted_encodings("token")
+    with pytest.raises(ValueError, match="hidden states"):
+        encode_step(step(ids, INT8))
+
+
+def test_the_forwarder_compresses_only_for_peers_that_accept_it():
+    """Frames actually sent: int8 to a next peer that announced it, lossless to one that did not,
+    and lossless for a checked step (its commitments are digests of the exact tensor)."""
+    sent = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        reqs = decode_steps(request.content)
+        sent.extend((r.hops[0].peer_id, r.wire) for r in reqs)
+        return httpx.Response(200, json={"results": [{"tokens": [1], "logprobs": [-0.5]}] * len(reqs)})
+
+    accepts = {"a" * 43: ENCODINGS, "c" * 43: (LOSSLESS,)}
+
+    async def main():
+        http = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+        fwd = Forwarder("me", http, 5.0, 0.01, wire=INT8, accepts=lambda p: accepts.get(p, ()))
+        x = hidden((1, 80, 64))
+        other = [Hop("c" * 43, "127.0.0.1:7003", 10, 20), HOPS[1]]
+        await fwd.push(step(x))
+        await fwd.push(replace(step(x), hops=other))
+        await fwd.push(replace(step(x), verify="digest"))
+        await fwd.push(replace(step(x), hops=[Hop("d" * 43, "127.0.0.1:7004", 10, 20), HOPS[1]]))
+        await http.aclose()
+        return fwd
+
+    fwd = asyncio.run(main())
+    assert sent == [("a" * 43, INT8), ("c" * 43, LOSSLESS), ("a" * 43, LOSSLESS), ("d" * 43, LOSSLESS)]
+    assert fwd.hidden_frames == {INT8: 1, LOSSLESS: 3}
+    assert fwd.hidden_bytes[INT8] * 3 < fwd.hidden_bytes[LOSSLESS]
+
+
+def test_an_entry_announces_the_encodings_it_accepts():
+    identity = Identity.generate()
+    entry = PeerEntry("", "m", 4, 0, 4, "serving", 1, 1, address="127.0.0.1:1", wire=ENCODINGS)
+    entry = entry.signed(identity)
+    back = PeerEntry.from_json(json.loads(json.dumps(entry.to_json())))
+    assert back == entry and back.verify()
+    newer = replace(entry, wire=("lossless", "fp8")).signed(identity)  # a name this version lacks
+    assert PeerEntry.from_json(json.loads(json.dumps(newer.to_json()))).wire == ("lossless", "fp8")
+    for bad, why in [
+        ([], "1 to 8"),
+        ("int8", "1 to 8"),
+        (["x"] * 9, "1 to 8"),
+        ([7], "a wire encoding is a name"),
+        (["x" * 17], "a wire encoding is a name"),
+        (["int8", "int8"], "twice"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            PeerEntry.from_json({**entry.to_json(), "wire": bad})
+
+
+def _frame(x: torch.Tensor, encoding: str, header: dict | None = None, payload=None) -> bytes:
+    """An encoded step frame, its header changed and/or its payload replaced."""
+    frame = encode_step(step(x, encoding))
+    (n,) = struct.unpack_from(">I", frame)
+    meta = json.loads(frame[4 : 4 + n])
+    meta.update(header or {})
+    meta = {k: v for k, v in meta.items() if v is not None}
+    meta_bytes = json.dumps(meta).encode()
+    return struct.pack(">I", len(meta_bytes)) + meta_bytes + (frame[4 + n :] if payload is None else payload)
+
+
+def _int8_payload(x: torch.Tensor, scale=None, value=None, where=None, outlier=None) -> bytes:
+    """An int8 payload of `x` ([1, 3, 64]: 3 rows, 1 scale and 8 outliers a row) with its first
+    scale, int8 value, outlier positions of the first row or outlier value replaced."""
+    fields, payload = encode_hidden(x, INT8)
+    out = bytearray(payload)
+    scales, positions, values = 0, 3 * 2, 3 * 2 + 3 * 8 * 2  # offsets
+    if scale is not None:
+        out[scales : scales + 2] = struct.pack("<e", scale)
+    if where is not None:
+        out[positions : positions + 16] = struct.pack("<8H", *where)
+    if outlier is not None:
+        out[values : values + 2] = struct.pack("<e", outlier)
+    if value is not None:
+        out[len(out) - x.numel()] = value & 0xFF
+    return bytes(out)
+
+
+X = hidden((1, 3, 64))
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        _frame(X, INT8, {"encoding": "int4"}),
+        _frame(X, INT8, {"encoding": 8}),
+        _frame(X, BF16, {"encoding": "BF16"}),
+        _frame(X, INT8, payload=_int8_payload(X)[:-1]),  # a byte short
+        _frame(X, INT8, payload=_int8_payload(X) + b"\0"),  # a byte over
+        _frame(X, INT8, payload=_int8_payload(X)[2:]),  # a scale short
+        _frame(X, BF16, payload=encode_hidden(X, BF16)[1] + b"\0\0"),
+        _frame(X, FP16, {"shape": [1, 3, 65]}),
+        _frame(X, INT8, payload=_int8_payload(X, scale=float("nan"))),
+        _frame(X, INT8, payload=_int8_payload(X, scale=float("inf"))),
+        _frame(X, INT8, payload=_int8_payload(X, scale=-1.0)),
+        _frame(X, INT8, payload=_int8_payload(X, value=-128)),
+        _frame(X, INT8, payload=_int8_payload(X, outlier=float("nan"))),
+        _frame(X, INT8, payload=_int8_payload(X, outlier=float("-inf"))),
+        _frame(X, INT8, payload=_int8_payload(X, where=[0, 1, 2, 3, 4, 5, 6, 64])),  # past the row
+        _frame(X, INT8, payload=_int8_payload(X, where=[0, 1, 2, 3, 4, 5, 6, 6])),  # twice
+        _frame(X, INT8, payload=_int8_payload(X, where=[1, 0, 2, 3, 4, 5, 6, 7])),  # not ascending
+        _frame(X, INT8, {"outliers": 7}),  # (the lengths no longer fit)
+        _frame(X, INT8, {"outliers": 65}),
+        _frame(X, INT8, {"outliers": -1}),
+        _frame(X, INT8, {"outliers": 8.0}),
+        _frame(X, INT8, {"outliers": None}),
+        _frame(X, BF16, {"outliers": 0}),
+        _frame(X, INT8, {"block": 48}),
+        _frame(X, INT8, {"block": True}),
+        _frame(X, INT8, {"block": None}),
+        _frame(X, INT8, {"scale_dtype": "float64"}),
+        _frame(X, INT8, {"scale_dtype": None}),
+        _frame(X, INT8, {"scale_dtype": "float32"}),  # (the lengths no longer fit)
+        _frame(X, BF16, {"block": 64}),  # a field the encoding does not have
+        _frame(X, LOSSLESS, {"scale_dtype": "float16"}),
+        _frame(X, INT8, {"dtype": "int64"}),  # token ids are never compressed
+        _frame(X, BF16, {"shape": [3, 64], "dtype": "float32"}),  # nor anything but [B, T, H]
+    ],
+    ids=[
+        "unknown encoding",
+        "encoding not a name",
+        "encoding in capitals",
+        "int8 a byte short",
+        "int8 a byte over",
+        "int8 a scale short",
+        "bf16 two bytes over",
+        "fp16 shape past the data",
+        "nan scale",
+        "inf scale",
+        "negative scale",
+        "int8 value -128",
+        "nan outlier",
+        "-inf outlier",
+        "outlier past the row",
+        "outlier position twice",
+        "outlier positions unordered",
+        "outlier count lies",
+        "65 outliers",
+        "-1 outliers",
+        "outliers a float",
+        "no outliers field",
+        "bf16 with outliers",
+        "block 48",
+        "block true",
+        "no block",
+        "scales float64",
+        "no scale dtype",
+        "scale dtype lies",
+        "bf16 with a block",
+        "lossless with a scale dtype",
+        "int8 token ids",
+        "bf16 of two dimensions",
+    ],
+)
+def test_hostile_compressed_frames_are_protocol_errors(frame):
+    with pytest.raises(ProtocolError):
+        decode_step(frame)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_mutated_compressed_frames_raise_only_protocol_errors(data):
+    encoding = data.draw(st.sampled_from([BF16, FP16, INT8]))
+    out = bytearray(encode_step(step(hidden((1, 2, 70)), encoding)))
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(out) - 1))
+        kind = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        if kind == "flip":
+            out[at] ^= data.draw(st.integers(1, 255))
+        elif kind == "cut":
+            del out[at:]
+        else:
+            out[at:at] = data.draw(st.binary(min_size=1, max_size=8))
+        if not out:
+            break
+    try:
+        req = decode_step(bytes(out))
+    except ProtocolError:
+        return
+    assert req.wire in ENCODINGS and req.tensor.dim() == 3 and req.tensor.is_floating_point()
