@@ -67,6 +67,8 @@ class BatchCache:
 def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """query [1, heads, N, d] -> ([1, N, heads, d], None): each sequence attends to its cache."""
     batch: BatchCache = kwargs["batch"]
+    if hasattr(batch, "attend"):  # a captured decode step's static slots (inference/cuda_graphs.py)
+        return batch.attend(module, query, scaling), None
     layer = module.layer_idx
     if layer not in batch.updated:  # e.g. a transformers release that does not pass `cache` on
         raise RuntimeError(f"layer {layer} ran attention without this step's KV cache")

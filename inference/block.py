@@ -2,8 +2,10 @@
 that session's KV cache. The first block embeds token ids; the last applies the final norm and
 lm_head and returns logits."""
 
+import logging
 import threading
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -13,12 +15,14 @@ from transformers import AutoConfig, PretrainedConfig
 
 from .architectures import get_architecture, sliding_window
 from .batch import ATTENTION, BatchCache, Segment, Step
+from .cuda_graphs import DecodeGraphs, GraphSettings, graph_problem
 from .errors import InferenceError, LayerRangeError, ModelNotFoundError, SessionError
 from .kv_cache import CacheStore, SessionCache
 from .prefix_cache import BLOCK_TOKENS, PrefixCache
 from .weights import Checkpoint
 
 _LOADING = threading.Lock()
+log = logging.getLogger("layerswarm.inference")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -102,6 +106,7 @@ class Block(nn.Module):
         self.windows = [sliding_window(config, i) for i in range(span.start, span.end)]
         self.sessions = CacheStore(max_cache_tokens, idle_timeout_s)
         self.prefixes = PrefixCache(prefix_cache_tokens)
+        self.graphs: DecodeGraphs | None = None  # captured decode steps (enable_decode_graphs)
 
     @property
     def device(self) -> torch.device:
@@ -141,6 +146,18 @@ class Block(nn.Module):
         missing = [n for n, p in self.named_parameters() if p.is_meta]
         assert not missing, f"parameters left unloaded: {missing}"
 
+    def enable_decode_graphs(self, settings: GraphSettings | None = None, capture: bool = True) -> bool:
+        """Decode steps through static KV slots, captured as CUDA graphs (inference/cuda_graphs.py;
+        with capture False, the same static step runs eagerly). False if this block cannot."""
+        if capture and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; this block runs on {self.device}")
+        problem = graph_problem(self)
+        if problem:
+            log.warning("decode steps of layers %s are not captured: %s", self.span, problem)
+            return False
+        self.graphs = DecodeGraphs(self, settings or GraphSettings(), capture)
+        return True
+
     def open_sessions(self) -> int:
         return len(self.sessions)
 
@@ -173,6 +190,8 @@ class Block(nn.Module):
             blocks = position // BLOCK_TOKENS
         session = self.sessions.open(session_id, 1, refuse_closed=True)
         session.layers = layers
+        if self.graphs is not None:
+            self.graphs.bind(session)
         try:
             self.sessions.reserve(session, blocks * BLOCK_TOKENS)
         except Exception:
@@ -237,7 +256,11 @@ class Block(nn.Module):
                 results[i] = e
         for (start, end), items in groups.items():
             try:
-                outs = self._run(start, end, [(step, session) for _, step, session in items])
+                pairs = [(step, session) for _, step, session in items]
+                if self.graphs is None:
+                    outs = self._run(start, end, pairs)
+                else:
+                    outs = self.graphs.forward((start, end), pairs, partial(self._run, start, end))
             except Exception as e:  # a bug or a torch error: every step of this forward failed
                 for _, step, _ in items:
                     if step.position == 0:
@@ -280,6 +303,8 @@ class Block(nn.Module):
         if step.position == 0:
             session = self.sessions.open(step.session_id, batch, refuse_closed=True)
             session.layers = layers
+            if self.graphs is not None:
+                self.graphs.bind(session)
         else:
             session = self.sessions.get(step.session_id)
             if session.batch == 1 < batch and session.length == step.position:
@@ -361,8 +386,10 @@ def load_block(
     max_cache_tokens: int = 65536,
     idle_timeout_s: float = 300.0,
     prefix_cache_tokens: int = 0,
+    cuda_graphs: bool | None = None,
 ) -> Block:
-    """Build the block's modules empty and read only its tensors. `layers` None means all."""
+    """Build the block's modules empty and read only its tensors. `layers` None means all.
+    `cuda_graphs`: capture decode steps as CUDA graphs (None: on a CUDA device)."""
     config = load_config(model_path)
     total = config.num_hidden_layers
     if layers is None:
@@ -376,4 +403,9 @@ def load_block(
     with _LOADING:  # init_empty_weights patches torch for the whole process while it runs
         block = Block(config, span, max_cache_tokens, idle_timeout_s, prefix_cache_tokens)
         block.load_weights(checkpoint, dev, dt)
-    return block.eval().requires_grad_(False)
+    block.eval().requires_grad_(False)
+    if cuda_graphs is None:
+        cuda_graphs = dev.type == "cuda"
+    if cuda_graphs:
+        block.enable_decode_graphs(GraphSettings.within(max_cache_tokens, config.max_position_embeddings))
+    return block

@@ -3,6 +3,7 @@ expiry, LRU eviction and explicit close."""
 
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -31,8 +32,37 @@ class SessionCache:
         self.rewind_floor: int | None = None  # after a drafted step: the earliest position to go back to
         self.last_used = time.monotonic()
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.lease = None  # a slot of static buffers holding its keys and values (inference/kv_slots.py)
+        self._slot_positions = 0  # positions that slot holds
+
+    @property
+    def slot(self) -> int | None:
+        return None if self.lease is None else self.lease.slot
+
+    def bind(self, lease, buffers: dict[int, tuple[torch.Tensor, torch.Tensor]], positions: int) -> None:
+        """Keep keys and values in a leased slot's buffers ([1, kv_heads, positions, head_dim] per
+        layer) instead of buffers of its own, until it needs more positions or sequences. The slot
+        is released when the session leaves it or is dropped."""
+        assert self.batch == 1 and not self._kv and self.lease is None, "only a fresh session binds"
+        assert self.capacity <= positions, f"capacity {self.capacity} over the slot's {positions}"
+        self.lease, self._kv, self._slot_positions = lease, dict(buffers), positions
+        weakref.finalize(self, lease.release)
+
+    def _leave_slot(self) -> None:
+        """Copy what the slot holds into buffers of its own and give the slot back."""
+        self._kv = {
+            layer: (k[:, :, : self.capacity].clone(), v[:, :, : self.capacity].clone())
+            for layer, (k, v) in self._kv.items()
+        }
+        lease, self.lease = self.lease, None
+        lease.release()
 
     def grow_to(self, capacity: int) -> None:
+        if self.lease is not None:
+            if capacity <= self._slot_positions:
+                self.capacity = capacity
+                return
+            self._leave_slot()
         self.capacity = capacity
         for layer, (k, v) in list(self._kv.items()):
             self._kv[layer] = (_resized(k, capacity), _resized(v, capacity))
@@ -56,6 +86,8 @@ class SessionCache:
     def widen(self, batch: int) -> None:
         """A session of one sequence becomes `batch` sequences that share what it holds."""
         assert self.batch == 1, f"only a session of one sequence widens, this one has {self.batch}"
+        if self.lease is not None:
+            self._leave_slot()
         self.batch = batch
         for layer, (k, v) in list(self._kv.items()):
             self._kv[layer] = (k.expand(batch, -1, -1, -1).clone(), v.expand(batch, -1, -1, -1).clone())

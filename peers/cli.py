@@ -44,6 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         threads=args.threads,
         core_turns=args.core_turns,
+        cuda_graphs=args.cuda_graphs,
         max_cache_tokens=args.max_cache_tokens,
         session_idle_s=args.session_idle,
         hop_timeout_s=args.hop_timeout,
@@ -276,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="forwards of the peers on this machine take turns, one at a time, so that their threads "
         "never fight for the cores (default auto: on for a CPU peer that shares the machine with other "
         "peers whose threads together outnumber the cores)",
+    )
+    serve.add_argument(
+        "--cuda-graphs",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="decode steps (one position per session, batches of up to 16) run as CUDA graphs over "
+        "static KV slots (default auto: on for a CUDA device, off on a CPU)",
     )
     serve.add_argument("--max-cache-tokens", type=int, default=65536, help="KV cache budget in token slots")
     serve.add_argument(

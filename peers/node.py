@@ -65,6 +65,7 @@ log = logging.getLogger("layerswarm.peer")
 
 
 CORE_TURNS = ("auto", "on", "off")
+CUDA_GRAPHS = {"auto": None, "on": True, "off": False}  # --cuda-graphs -> load_block's cuda_graphs
 STEPS_BODY_SLACK_BYTES = 4 << 20  # frame headers of a steps message, beyond its tensors
 MAX_STEP_BATCH = 64  # sequences in one step (an OpenAI request asks for at most 16)
 MAX_SESSION_ID = 128  # characters
@@ -84,6 +85,7 @@ class NodeConfig:
     dtype: str | None = None
     threads: int | None = None  # torch threads; None: the cores shared among this host's peers
     core_turns: str = "auto"  # on, off, or auto: on while co-located peers' threads outnumber the cores
+    cuda_graphs: str = "auto"  # decode steps captured as CUDA graphs: on, off, or auto (on a CUDA device)
     max_cache_tokens: int = 65536
     session_idle_s: float = 120.0
     hop_timeout_s: float = 30.0  # a hop's deadline: this, plus hop_timeout_per_token_s per position
@@ -135,6 +137,10 @@ class NodeConfig:
             raise ValueError(f"wire must be one of {', '.join(ENCODINGS)}, got {self.wire!r}")
         if self.core_turns not in CORE_TURNS:
             raise ValueError(f"core_turns must be one of {', '.join(CORE_TURNS)}, got {self.core_turns!r}")
+        if self.cuda_graphs not in CUDA_GRAPHS:
+            raise ValueError(f"cuda_graphs must be one of {', '.join(CUDA_GRAPHS)}, got {self.cuda_graphs!r}")
+        if self.cuda_graphs == "on" and torch.device(self.device or "cpu").type != "cuda":
+            raise ValueError(f"cuda_graphs 'on' needs a CUDA device, got device {self.device or 'cpu'!r}")
         if not 0 <= self.verify_rate <= 1:
             raise ValueError(f"verify_rate must be in [0, 1], got {self.verify_rate}")
         if self.liar_ban_s <= 0:
@@ -375,6 +381,7 @@ class PeerNode:
             c.max_cache_tokens,
             c.session_idle_s,
             prefix_tokens,
+            cuda_graphs=CUDA_GRAPHS[c.cuda_graphs],
         )
 
     def _load_draft_model(self) -> Block:
@@ -392,7 +399,15 @@ class PeerNode:
             )
         log.info("loading the draft model %s", source.model_id)
         c = self.config
-        return load_block(source.path, None, c.device, c.dtype, c.max_cache_tokens, c.session_idle_s)
+        return load_block(
+            source.path,
+            None,
+            c.device,
+            c.dtype,
+            c.max_cache_tokens,
+            c.session_idle_s,
+            cuda_graphs=CUDA_GRAPHS[c.cuda_graphs],
+        )
 
     def _housekeeping(self) -> None:
         """Before each gossip round: expire idle sessions, publish load, maybe move, fit threads."""

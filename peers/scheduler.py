@@ -485,6 +485,8 @@ def _compute(block: Block | None, batch: list[tuple[Job, int]]) -> list:
         if isinstance(out, Exception):
             results.append(out)
             continue
+        if job.sampling is None:
+            out = out.cpu()  # hidden states travel from the host: the one wait for the device
         if not torch.isfinite(out).all():
             a, b = job.layers
             results.append(NonFinite(f"non-finite values in the output of layers {a}:{b}"))
@@ -495,7 +497,7 @@ def _compute(block: Block | None, batch: list[tuple[Job, int]]) -> list:
             except Exception as e:  # keeping a prefix is an optimisation: never fail the step for it
                 log.warning("keeping the prefix of %s failed: %s", job.session_id, e)
         if job.sampling is None:
-            results.append(out if out.device.type == "cpu" else out.cpu())
+            results.append(out)
         elif job.remaining > size:
             results.append(None)  # logits of a prompt's inner chunk: not needed
         else:

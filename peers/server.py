@@ -128,6 +128,7 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
             "active_requests": node.active_requests,
             "threads": node.threads,
             "core_turns": node.scheduler.turns is not None,
+            "cuda_graphs": node.block.graphs.to_json() if node.block and node.block.graphs else None,
             "failovers": node.failovers,
             "tokens_generated": node.metrics.tokens,
             "verification": {
