@@ -19,6 +19,7 @@ from .cuda_graphs import DecodeGraphs, GraphSettings, graph_problem
 from .errors import InferenceError, LayerRangeError, ModelNotFoundError, SessionError
 from .kv_cache import CacheStore, SessionCache
 from .prefix_cache import BLOCK_TOKENS, PrefixCache
+from .quant import check_quant, quantize_block, quantize_linears, release_freed_memory
 from .weights import Checkpoint
 
 _LOADING = threading.Lock()
@@ -106,6 +107,8 @@ class Block(nn.Module):
         self.windows = [sliding_window(config, i) for i in range(span.start, span.end)]
         self.sessions = CacheStore(max_cache_tokens, idle_timeout_s)
         self.prefixes = PrefixCache(prefix_cache_tokens)
+        self.quant = "none"  # weight-only quantization (inference/quant.py), set by load_weights
+        self._dtype = torch.float32  # what the block computes in, set by load_weights
         self.graphs: DecodeGraphs | None = None  # captured decode steps (enable_decode_graphs)
 
     @property
@@ -114,7 +117,7 @@ class Block(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        return self._dtype  # (not a parameter's: a quantized weight may report its kernel's dtype)
 
     def checkpoint_names(self, checkpoint: Checkpoint) -> dict[str, str]:
         """Block parameter name -> checkpoint tensor name, for this block's share only."""
@@ -131,17 +134,36 @@ class Block(nn.Module):
                 names[name] = f"model.{name}"
         return names
 
-    def load_weights(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
+    def load_weights(
+        self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, quant: str = "none"
+    ) -> None:
+        """Read this block's tensors one decoder layer at a time, quantizing each layer as it
+        arrives (`quant`): memory holds one layer in `dtype` beyond the quantized rest."""
         names = self.checkpoint_names(checkpoint)
-        tensors = checkpoint.read(sorted(set(names.values())))
-        state = {name: tensors[source].to(device=device, dtype=dtype) for name, source in names.items()}
-        self.load_state_dict(state, strict=False, assign=True)
+        self.quant, self._dtype = check_quant(quant), dtype
+        parts: dict[int, list[str]] = {}  # local layer index -> its parameters; -1: the others
+        for name in names:
+            parts.setdefault(int(name.split(".")[1]) if name.startswith("layers.") else -1, []).append(name)
+        for part, part_names in sorted(parts.items(), key=lambda item: item[0] < 0):
+            tensors = checkpoint.read(sorted({names[name] for name in part_names}))
+            state = {name: tensors[names[name]].to(device=device, dtype=dtype) for name in part_names}
+            if quant != "none":  # what stays float leaves the file's memory map, which then closes
+                state = {name: t if t.dim() > 1 else t.clone() for name, t in state.items()}
+            self.load_state_dict(state, strict=False, assign=True)
+            del tensors, state
+            if part >= 0:
+                quantize_linears(self.layers[part], quant)
+            if quant != "none":
+                release_freed_memory()  # the layer's float copies: memory stays near the quantized size
         if (
             self.span.is_first
             and self.span.is_last
             and names["lm_head.weight"] == "model.embed_tokens.weight"
         ):
             self.lm_head.weight = self.embed_tokens.weight  # one tensor, as in the whole model
+        quantize_block(self, quant)  # the lm_head and the embedding; the layers are done
+        if quant != "none":
+            release_freed_memory()
         self.rotary.to(device)
         missing = [n for n, p in self.named_parameters() if p.is_meta]
         assert not missing, f"parameters left unloaded: {missing}"
@@ -387,9 +409,11 @@ def load_block(
     idle_timeout_s: float = 300.0,
     prefix_cache_tokens: int = 0,
     cuda_graphs: bool | None = None,
+    quant: str = "none",
 ) -> Block:
     """Build the block's modules empty and read only its tensors. `layers` None means all.
-    `cuda_graphs`: capture decode steps as CUDA graphs (None: on a CUDA device)."""
+    `cuda_graphs`: capture decode steps as CUDA graphs (None: on a CUDA device). `quant`: none,
+    int8 or int4 weights (inference/quant.py)."""
     config = load_config(model_path)
     total = config.num_hidden_layers
     if layers is None:
@@ -402,7 +426,7 @@ def load_block(
     checkpoint = Checkpoint(Path(model_path))
     with _LOADING:  # init_empty_weights patches torch for the whole process while it runs
         block = Block(config, span, max_cache_tokens, idle_timeout_s, prefix_cache_tokens)
-        block.load_weights(checkpoint, dev, dt)
+        block.load_weights(checkpoint, dev, dt, quant)
     block.eval().requires_grad_(False)
     if cuda_graphs is None:
         cuda_graphs = dev.type == "cuda"

@@ -1,6 +1,7 @@
 """Reading only the tensors a block needs from (possibly sharded) safetensors checkpoints."""
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -47,3 +48,15 @@ class Checkpoint:
             except Exception as e:  # safetensors raises several types for truncated or corrupt files
                 raise WeightFileError(f"cannot read {file.name}: {type(e).__name__}: {e}") from e
         return out
+
+
+def checkpoint_weights(path: Path) -> int:
+    """How many weights (tensor elements) the safetensors files in `path` hold, from their headers."""
+    total = 0
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt") as f:
+                total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())  # noqa: SIM118
+        except Exception as e:  # safetensors raises its own error type for corrupt headers
+            raise WeightFileError(f"cannot read the header of {file.name}: {e}") from e
+    return total

@@ -42,6 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
         join=tuple(args.join or ()),
         device=args.device,
         dtype=args.dtype,
+        quant=args.quant,
         threads=args.threads,
         core_turns=args.core_turns,
         cuda_graphs=args.cuda_graphs,
@@ -208,7 +209,7 @@ def _status(args: argparse.Namespace) -> int:
 def _swarm(args: argparse.Namespace) -> int:
     from .local_swarm import run_local_swarm
 
-    return run_local_swarm(args.config, args.model, args.served_model_name)
+    return run_local_swarm(args.config, args.model, args.served_model_name, args.quant)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -216,7 +217,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     source = resolve_model(args.model)
     tokenizer = Tokenizer(source.path)
-    blocks = [load_block(source.path, span, args.device, args.dtype) for span in args.split.split(",")]
+    spans = args.split.split(",")
+    blocks = [load_block(source.path, span, args.device, args.dtype, quant=args.quant) for span in spans]
     chain = LocalChain(blocks)
     prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     params = SamplingParams(temperature=args.temperature, seed=args.seed)
@@ -256,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16"
     )
+    serve.add_argument("--quant", choices=QUANT_CHOICES, default="none", help=QUANT_HELP)
     serve.add_argument(
         "--threads",
         type=int,
@@ -511,6 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="the model names every peer's OpenAI API answers to (as peer serve's)",
     )
+    swarm.add_argument(
+        "--quant",
+        choices=QUANT_CHOICES,
+        default=None,
+        help="every peer's weights (default: the config's, else none)",
+    )
     swarm.set_defaults(run=_swarm)
 
     gen = sub.add_parser(
@@ -524,10 +533,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--device", default=None, help="cpu (default) or cuda[:N]")
     gen.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
+    gen.add_argument("--quant", choices=QUANT_CHOICES, default="none", help=QUANT_HELP)
     gen.set_defaults(run=_generate)
     return parser
 
 
+QUANT_CHOICES = ("none", "int8", "int4")  # inference.quant.QUANT_MODES, without importing torch here
+QUANT_HELP = (
+    "weight-only quantization of this peer's layers: none; int8 (integers per group of 32 weights, "
+    "about 0.31x the float32 bytes; exact on weights from a Q8_0/Q4_x GGUF such as the default model's); "
+    "int4 (torchao's int4 tinygemm, bfloat16 compute, about 0.16-0.19x)"
+)
 BRIEF_SPINS = 300000  # GOMP_SPINCOUNT of the brief policy: a few milliseconds at most
 
 

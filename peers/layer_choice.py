@@ -5,6 +5,10 @@ from pathlib import Path
 
 import torch
 
+from inference.block import resolve_device
+from inference.quant import bytes_per_weight
+from inference.weights import checkpoint_weights
+
 from .membership import JOINING, SERVING, PeerEntry, Table
 from .routing import coverage, gaps
 
@@ -40,10 +44,19 @@ def choose_span(table: Table, model: str, total: int, budget: int) -> tuple[int,
     return best_span(coverage(claims(table, model), total), budget)
 
 
-def layers_fitting_memory(model_path: Path, config, device: str | None, fraction: float = 0.6) -> int:
-    """How many layers fit in `fraction` of the free memory of the device (at least one)."""
-    weights = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
-    per_layer = max(1, weights // max(1, config.num_hidden_layers))
+def layers_fitting_memory(
+    model_path: Path,
+    config,
+    device: str | None,
+    dtype: str | None = None,
+    quant: str = "none",
+    fraction: float = 0.6,
+) -> int:
+    """How many layers fit in `fraction` of the free memory of the device (at least one), each
+    layer's weights held in `dtype` (the device's default) or quantized (`quant`)."""
+    _, dt = resolve_device(device, dtype)
+    weights = checkpoint_weights(Path(model_path)) * bytes_per_weight(quant, dt)
+    per_layer = max(1, int(weights) // max(1, config.num_hidden_layers))
     dev = torch.device(device or "cpu")
     if dev.type == "cuda":
         free = torch.cuda.mem_get_info(dev)[0]

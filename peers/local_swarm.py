@@ -63,8 +63,13 @@ def read_preset(config: str) -> str:
 
 
 def run_local_swarm(
-    config_path: str, model_override: str | None = None, served_names: list[str] | None = None
+    config_path: str,
+    model_override: str | None = None,
+    served_names: list[str] | None = None,
+    quant: str | None = None,
 ) -> int:
+    """Start the preset's peers; `quant` (none, int8, int4) overrides the preset's `quant` (top
+    level or per peer) for every peer."""
     preset = tomllib.loads(read_preset(config_path))
     model, host = model_override or preset["model"], preset.get("host", "127.0.0.1")
     peers = preset.get("peers") or []
@@ -79,6 +84,8 @@ def run_local_swarm(
     for i, peer in enumerate(peers):
         device = peer.get("device", preset.get("device"))
         extra = ["--device", device] if device else []
+        peer_quant = quant or peer.get("quant", preset.get("quant"))
+        extra += ["--quant", peer_quant] if peer_quant else []
         extra += ["--served-model-name", *served_names] if served_names else []
         join = [first] if i else []
         cmd = serve_command(model, peer["port"], peer.get("layers"), join, host, extra + peer.get("args", []))

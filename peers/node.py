@@ -26,6 +26,7 @@ from inference import (
 )
 from inference.block import load_config
 from inference.prefix_cache import BLOCK_TOKENS
+from inference.quant import QUANT_MODES, weights_bytes
 
 from .bans import Bans
 from .direct import DONE, FAILED, QUEUED, Progress, Returns
@@ -83,6 +84,7 @@ class NodeConfig:
     join: tuple[str, ...] = ()
     device: str | None = None
     dtype: str | None = None
+    quant: str = "none"  # this peer's weights: none, int8 or int4 (weight-only, inference/quant.py)
     threads: int | None = None  # torch threads; None: the cores shared among this host's peers
     core_turns: str = "auto"  # on, off, or auto: on while co-located peers' threads outnumber the cores
     cuda_graphs: str = "auto"  # decode steps captured as CUDA graphs: on, off, or auto (on a CUDA device)
@@ -137,6 +139,8 @@ class NodeConfig:
             raise ValueError(f"wire must be one of {', '.join(ENCODINGS)}, got {self.wire!r}")
         if self.core_turns not in CORE_TURNS:
             raise ValueError(f"core_turns must be one of {', '.join(CORE_TURNS)}, got {self.core_turns!r}")
+        if self.quant not in QUANT_MODES:
+            raise ValueError(f"quant must be one of {', '.join(QUANT_MODES)}, got {self.quant!r}")
         if self.cuda_graphs not in CUDA_GRAPHS:
             raise ValueError(f"cuda_graphs must be one of {', '.join(CUDA_GRAPHS)}, got {self.cuda_graphs!r}")
         if self.cuda_graphs == "on" and torch.device(self.device or "cpu").type != "cuda":
@@ -179,6 +183,7 @@ class PeerNode:
         self.context_length = self.model_config.max_position_embeddings
         self.tokenizer = Tokenizer(source.path, config.chat_template)
         self.block: Block | None = None
+        self.weights_bytes = 0  # of this peer's block as held in memory (inference/quant.py)
         self.draft_block: Block | None = None  # --draft-model, all its layers
         start, end = _initial_span(config.layers, self.total_layers)
         if config.identity_file:
@@ -295,8 +300,13 @@ class PeerNode:
         log.info("loading layers %d:%d of %s", me.start, me.end, self.model_id)
         started = time.monotonic()
         self.block = await self.scheduler.run_in_compute(self._load_block, me.start, me.end)
-        weights = sum(p.numel() * p.element_size() for p in self.block.parameters())  # (tied ones once)
-        log.info("loaded %.1f MB of weights in %.1f s", weights / 1e6, time.monotonic() - started)
+        self.weights_bytes = weights_bytes(self.block)
+        log.info(
+            "loaded %.1f MB of weights%s in %.1f s",
+            self.weights_bytes / 1e6,
+            "" if self.config.quant == "none" else f" ({self.config.quant})",
+            time.monotonic() - started,
+        )
         self.table.update_me(state=SERVING)
         self._serving_since = asyncio.get_running_loop().time()
         log.info(
@@ -368,7 +378,8 @@ class PeerNode:
             return min(self.config.num_layers, self.total_layers)
         from .layer_choice import layers_fitting_memory
 
-        return layers_fitting_memory(self.model_path, self.model_config, self.config.device)
+        c = self.config
+        return layers_fitting_memory(self.model_path, self.model_config, c.device, c.dtype, c.quant)
 
     def _load_block(self, start: int, end: int) -> Block:
         c = self.config
@@ -382,6 +393,7 @@ class PeerNode:
             c.session_idle_s,
             prefix_tokens,
             cuda_graphs=CUDA_GRAPHS[c.cuda_graphs],
+            quant=c.quant,
         )
 
     def _load_draft_model(self) -> Block:
@@ -706,7 +718,7 @@ class PeerNode:
         """This peer's signed commitment to its step: what it was sent, and the top entries of
         its output (and the digest of the output it sends on, if any)."""
         end = req.position + req.tensor.shape[1]
-        dtype = str(block.dtype).removeprefix("torch.")
+        dtype = block.quant if block.quant != "none" else str(block.dtype).removeprefix("torch.")
         in_idx, in_val = top_entries(input_rows(req.tensor))
         return Commitment(
             "",

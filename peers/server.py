@@ -121,6 +121,8 @@ def create_app(node: PeerNode, on_start_failure=None) -> FastAPI:
             "model": node.model_id,
             "layers": [me.start, me.end],
             "total_layers": node.total_layers,
+            "weights_bytes": node.weights_bytes,
+            "quant": node.config.quant,
             "state": me.state,
             "sessions": node.block.open_sessions() if node.block else 0,
             "steps_served": node.steps_served,

@@ -53,7 +53,7 @@ def test_commitments_are_signed_and_round_trip():
     assert Commitment.from_json(c.to_json()) == c
     assert not Commitment.from_json({**c.to_json(), "start": 1}).verify(me.public_key)
     assert not c.verify(Identity.generate().public_key)
-    for bad in ({"values": [[float("nan")]], "indices": [[1]]}, {"indices": "x"}, {"dtype": "int8"}):
+    for bad in ({"values": [[float("nan")]], "indices": [[1]]}, {"indices": "x"}, {"dtype": "int3"}):
         with pytest.raises(ValueError):
             Commitment.from_json({**c.to_json(), **bad})
 
