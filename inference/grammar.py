@@ -44,6 +44,8 @@ import llguidance.hf
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from .sampling import allowed
+
 # How JSON is laid out: json.dumps' separators, no free whitespace.
 _JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}  # parameters left out
@@ -341,10 +343,7 @@ def apply_mask(logits: torch.Tensor, mask: bytes) -> None:
     (vocab,) = logits.shape
     if len(mask) != mask_bytes(vocab):
         raise ValueError(f"a mask over {vocab} tokens has {mask_bytes(vocab)} bytes, got {len(mask)}")
-    packed = torch.frombuffer(bytearray(mask), dtype=torch.uint8).to(logits.device)  # [4 * ceil(V / 32)]
-    bits = torch.arange(8, dtype=torch.uint8, device=logits.device)
-    allowed = (packed[:, None] >> bits & 1).flatten()[:vocab].bool()  # [V]
-    logits.masked_fill_(~allowed, float("-inf"))
+    logits.masked_fill_(~allowed(mask, vocab).to(logits.device), float("-inf"))
 
 
 def pack_mask(mask: bytes) -> str:

@@ -10,7 +10,7 @@ one result (tokens or error) per frame, in order.
 
 import json
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -86,17 +86,7 @@ class Sampling:
 
     def params(self) -> SamplingParams:
         """What the sampler takes (inference/sampling.py); raises ValueError when out of range."""
-        return SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            seed=self.seed,
-            min_p=self.min_p,
-            logit_bias=self.logit_bias,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
-        )
+        return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(SamplingParams)})
 
     @property
     def steered(self) -> bool:
@@ -151,10 +141,14 @@ class StepResult:
     alternatives: tuple[tuple[tuple[int, float], ...], ...] = ()
 
 
-def encode_tensor_frame(header: dict, tensor: torch.Tensor, encoding: str = LOSSLESS) -> bytes:
+def encode_tensor_frame(
+    header: dict, tensor: torch.Tensor, encoding: str = LOSSLESS, sampled: int = 0
+) -> bytes:
+    """A frame of `header` and `tensor` in `encoding` (peers/wire.py; `sampled`: how many last
+    positions of each sequence the last peer samples from)."""
     if tensor.dtype not in _NAMES:
         raise ProtocolError(f"dtype {tensor.dtype} cannot travel; use one of {', '.join(_DTYPES)}")
-    fields, payload = encode_hidden(tensor, encoding)
+    fields, payload = encode_hidden(tensor, encoding, sampled)
     meta = {**header, "dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape), **fields}
     meta = json.dumps(meta).encode()
     return _LEN.pack(len(meta)) + meta + payload
@@ -203,7 +197,7 @@ def encode_step(req: StepRequest) -> bytes:
         header["request_id"] = req.request_id
     if req.controls:
         header["controls"] = [_controls_json(c) for c in req.controls]
-    return encode_tensor_frame(header, req.tensor, req.wire)
+    return encode_tensor_frame(header, req.tensor, req.wire, req.draft + 1)
 
 
 _DEFAULT_SAMPLING = Sampling()

@@ -10,7 +10,7 @@ and a prefill frame the whole prompt.
 - greedy agreement with the lossless wire: the share of prompts x tokens runs whose tokens are
   all identical (and the mean length of the common prefix).
 
-    python scripts/bench_wire.py [--prompts 20] [--tokens 64] [--modes lossless bf16 fp16 int8]
+    python scripts/bench_wire.py [--prompts 40] [--tokens 64] [--modes lossless bf16 fp16 int8]
 """
 
 import argparse
@@ -50,6 +50,26 @@ PROMPTS = [
     "How does a bicycle stay upright?",
     "What should I pack for a weekend hiking trip?",
     "Explain what a neural network is to a child.",
+    "What is the boiling point of water at the top of a mountain, and why?",
+    "Write a short poem about autumn leaves.",
+    "How do vaccines work?",
+    "Give me a recipe for a simple tomato soup.",
+    "What is the Pythagorean theorem?",
+    "Describe the water cycle.",
+    "Why do we have seasons on Earth?",
+    "Write a polite email asking a colleague for a meeting.",
+    "What are three good habits for better sleep?",
+    "Explain the difference between a virus and a bacterium.",
+    "How does a rainbow form?",
+    "What is the tallest mountain in the world?",
+    "Give me five ideas for a birthday party.",
+    "Explain how a computer stores numbers.",
+    "What is the role of the heart in the human body?",
+    "Write a two-sentence horror story.",
+    "How can I save money on groceries?",
+    "What does a bee do all day?",
+    "Explain gravity to a ten-year-old.",
+    "What are the main causes of air pollution?",
 ]
 LONG_PROMPT = (
     "Read the following notes and summarize them in three bullet points. "
@@ -212,7 +232,9 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--prompts", type=int, default=20, help="chat prompts of the agreement runs")
+    parser.add_argument(
+        "--prompts", type=int, default=len(PROMPTS), help="chat prompts of the agreement runs"
+    )
     parser.add_argument("--tokens", type=int, default=64, help="greedy tokens per run")
     parser.add_argument("--modes", nargs="+", default=["lossless", "bf16", "fp16", "int8"])
     args = parser.parse_args()

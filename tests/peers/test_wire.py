@@ -62,7 +62,39 @@ def test_halves_round_trip_exactly_as_their_dtype(encoding, half):
     x = hidden()
     got = decode_step(encode_step(step(x, encoding)))
     assert got.wire == encoding and got.tensor.dtype == torch.float32
-    assert torch.equal(got.tensor, x.to(half).float())  # within the dtype's rounding, nothing more
+    # within the dtype's rounding, nothing more; the sampled position is float16 (next test)
+    assert torch.equal(got.tensor[:, :-1], x[:, :-1].to(half).float())
+    assert torch.equal(got.tensor[:, -1], x[:, -1].half().float())
+    assert torch.equal(round_trip(x, encoding), x.to(half).float())
+
+
+@pytest.mark.parametrize("encoding", [BF16, INT8])
+@pytest.mark.parametrize("draft", [0, 2])
+def test_sampled_positions_travel_as_float16(encoding, draft):
+    """The positions the last peer samples from (the last of each sequence, or draft + 1 of
+    them) keep float16's precision under bf16 and int8; the others take the encoding's."""
+    x = hidden((1 if draft else 2, 6, 100))  # (a drafted step is one sequence's)
+    x[-1, -1, 7] = 600.0  # an outlier in a sampled position
+    got = decode_step(encode_step(replace(step(x, encoding), draft=draft)))
+    k = draft + 1
+    assert got.wire == encoding and got.tensor.shape == x.shape
+    assert torch.equal(got.tensor[:, -k:], x[:, -k:].half().float())
+    assert torch.equal(got.tensor[:, :-k], round_trip(x[:, :-k].contiguous(), encoding))
+    fields, _ = encode_hidden(x, encoding, sampled=k)
+    assert fields["sampled"] == k and fields["sampled_encoding"] == FP16
+    fields, payload = encode_hidden(x, encoding, sampled=6)  # every position sampled
+    assert torch.equal(decode_hidden(fields, x.dtype, list(x.shape), payload), x.half().float())
+
+
+def test_sampled_positions_beyond_float16_travel_lossless():
+    x = hidden((1, 4, 64))
+    x[0, -1, 3] = 1e6
+    fields, payload = encode_hidden(x, INT8, sampled=1)
+    assert fields["sampled_encoding"] == LOSSLESS
+    got = decode_hidden(fields, x.dtype, list(x.shape), payload)
+    assert torch.equal(got[:, -1], x[:, -1])
+    assert torch.equal(got[:, :-1], round_trip(x[:, :-1].contiguous(), INT8))
+    assert encode_hidden(x, FP16, sampled=1) == ({}, x.numpy().tobytes())  # fp16 has no sampled part
 
 
 def test_fp16_beyond_its_range_travels_lossless():
@@ -133,11 +165,13 @@ def test_bytes_on_the_wire_halve_and_quarter():
     sizes = {e: len(encode_step(step(x, e))) for e in ENCODINGS}
     payload = x.numel() * 4
     assert sizes[LOSSLESS] > payload
-    assert sizes[BF16] / sizes[LOSSLESS] <= 0.501 and sizes[FP16] == sizes[BF16]
+    assert sizes[BF16] / sizes[LOSSLESS] <= 0.501
+    assert len(encode_hidden(x, BF16, sampled=1)[1]) == len(encode_hidden(x, FP16)[1]) == payload / 2
     # int8: 64 values and one float16 scale per block, 8 outliers (position, value) a row of 576:
-    # 626 / 2304 of float32
-    assert sizes[INT8] / sizes[LOSSLESS] <= 0.273
+    # 626 / 2304 of float32; the sampled (last) position as float16
+    assert sizes[INT8] / sizes[LOSSLESS] <= 0.274
     assert len(encode_hidden(x, INT8)[1]) == 200 * (576 + 9 * 2 + 8 * 4)
+    assert len(encode_hidden(x, INT8, sampled=1)[1]) == 199 * (576 + 9 * 2 + 8 * 4) + 576 * 2
 
 
 def test_token_ids_and_checked_steps_travel_lossless():
@@ -205,15 +239,29 @@ def test_an_entry_announces_the_encodings_it_accepts():
             PeerEntry.from_json({**entry.to_json(), "wire": bad})
 
 
-def _frame(x: torch.Tensor, encoding: str, header: dict | None = None, payload=None) -> bytes:
-    """An encoded step frame, its header changed and/or its payload replaced."""
+def _frame(
+    x: torch.Tensor, encoding: str, header: dict | None = None, payload=None, sampled: bool = False
+) -> bytes:
+    """An encoded step frame, its header changed (a field set to None: removed) and/or its
+    payload replaced; without `sampled`, one whose positions all travel in `encoding`."""
     frame = encode_step(step(x, encoding))
     (n,) = struct.unpack_from(">I", frame)
     meta = json.loads(frame[4 : 4 + n])
+    if not sampled:
+        meta.update(sampled=None, sampled_encoding=None)
+        payload = encode_hidden(x, encoding)[1] if payload is None else payload
     meta.update(header or {})
     meta = {k: v for k, v in meta.items() if v is not None}
     meta_bytes = json.dumps(meta).encode()
     return struct.pack(">I", len(meta_bytes)) + meta_bytes + (frame[4 + n :] if payload is None else payload)
+
+
+def test_the_hostile_frames_base_decodes():
+    """The frames the next test spoils decode as they are (each case fails by its change only)."""
+    for encoding in ENCODINGS:
+        assert torch.equal(decode_step(_frame(X, encoding)).tensor, round_trip(X, encoding))
+        got = decode_step(_frame(X, encoding, sampled=True)).tensor
+        assert torch.equal(got, decode_step(encode_step(step(X, encoding))).tensor)
 
 
 def _int8_payload(x: torch.Tensor, scale=None, value=None, where=None, outlier=None) -> bytes:
@@ -272,6 +320,17 @@ X = hidden((1, 3, 64))
         _frame(X, LOSSLESS, {"scale_dtype": "float16"}),
         _frame(X, INT8, {"dtype": "int64"}),  # token ids are never compressed
         _frame(X, BF16, {"shape": [3, 64], "dtype": "float32"}),  # nor anything but [B, T, H]
+        _frame(X, FP16, {"sampled": 1, "sampled_encoding": "fp16"}),  # fp16 has no sampled part
+        _frame(X, LOSSLESS, {"sampled": 1, "sampled_encoding": "fp16"}),
+        _frame(X, BF16, {"sampled": 4}, sampled=True),  # more than the frame's 3 positions
+        _frame(X, BF16, {"sampled": -1}, sampled=True),
+        _frame(X, INT8, {"sampled": True}, sampled=True),
+        _frame(X, INT8, {"sampled": 2}, sampled=True),  # (the lengths no longer fit)
+        _frame(X, INT8, {"sampled_encoding": "int8"}, sampled=True),
+        _frame(X, BF16, {"sampled_encoding": "lossless"}, sampled=True),  # (lengths no longer fit)
+        _frame(X, BF16, {"sampled_encoding": None}, sampled=True),  # one without the other
+        _frame(X, BF16, {"sampled": None}, sampled=True),
+        _frame(X, INT8, payload=encode_hidden(X, INT8, sampled=1)[1][:-2], sampled=True),
     ],
     ids=[
         "unknown encoding",
@@ -307,6 +366,17 @@ X = hidden((1, 3, 64))
         "lossless with a scale dtype",
         "int8 token ids",
         "bf16 of two dimensions",
+        "fp16 with sampled positions",
+        "lossless with sampled positions",
+        "sampled past the positions",
+        "sampled negative",
+        "sampled true",
+        "sampled count lies",
+        "sampled as int8",
+        "sampled encoding lies",
+        "sampled without its encoding",
+        "sampled encoding alone",
+        "sampled part short",
     ],
 )
 def test_hostile_compressed_frames_are_protocol_errors(frame):
