@@ -177,6 +177,9 @@ class Block(nn.Module):
         if problem:
             log.warning("decode steps of layers %s are not captured: %s", self.span, problem)
             return False
+        if self.graphs is not None:  # (its pool's share of the budget comes back)
+            self.sessions.max_tokens += self.graphs.reserved
+            self.graphs = None
         self.graphs = DecodeGraphs(self, settings or GraphSettings(), capture)
         return True
 

@@ -46,10 +46,11 @@ class GraphSettings:
 
     @classmethod
     def within(cls, max_cache_tokens: int, context: int) -> "GraphSettings":
-        """The defaults, with no more slot positions than the KV budget holds (and slots no
-        longer than the model's context)."""
-        positions = min(cls.positions, context)
-        return cls(positions=positions, slots=max(1, min(cls.slots, max_cache_tokens // positions)))
+        """The defaults, with slots holding at most half the KV budget (DecodeGraphs takes the
+        pool's positions out of the block's budget; the rest is for sessions without a slot)
+        and no longer than the model's context."""
+        positions = min(cls.positions, context, max(1, max_cache_tokens // 2))
+        return cls(positions=positions, slots=max(1, min(cls.slots, max_cache_tokens // 2 // positions)))
 
 
 def padded_batch(n: int, sizes: tuple[int, ...]) -> int:
@@ -137,6 +138,14 @@ class DecodeGraphs:
             block.dtype,
             block.device,
         )
+        # the pool's positions come out of the block's KV budget: sessions in slots hold none of it
+        self.reserved = settings.slots * positions
+        if self.reserved >= block.sessions.max_tokens:
+            raise ValueError(
+                f"a pool of {settings.slots} slots of {positions} positions takes the whole KV "
+                f"budget of {block.sessions.max_tokens} token slots"
+            )
+        block.sessions.max_tokens -= self.reserved
         self.windows = dict(zip(range(span.start, span.end), block.windows, strict=True))
         largest, device = settings.batch_sizes[-1], block.device
         if span.is_first:

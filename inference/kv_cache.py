@@ -39,6 +39,10 @@ class SessionCache:
     def slot(self) -> int | None:
         return None if self.lease is None else self.lease.slot
 
+    @property
+    def slot_positions(self) -> int:
+        return self._slot_positions if self.lease is not None else 0
+
     def bind(self, lease, buffers: dict[int, tuple[torch.Tensor, torch.Tensor]], positions: int) -> None:
         """Keep keys and values in a leased slot's buffers ([1, kv_heads, positions, head_dim] per
         layer) instead of buffers of its own, until it needs more positions or sequences. The slot
@@ -133,7 +137,9 @@ class CacheStore:
 
     @property
     def used_tokens(self) -> int:
-        return sum(s.batch * s.capacity for s in self._sessions.values())
+        """Token slots held in sessions' own buffers (a session in a leased static slot holds
+        the pool's memory, which was taken out of the budget: inference/cuda_graphs.py)."""
+        return sum(s.batch * s.capacity for s in self._sessions.values() if s.lease is None)
 
     def open(self, session_id: str, batch: int, refuse_closed: bool = False) -> SessionCache:
         """A fresh cache for `session_id`; an existing one of that id is dropped first. With
@@ -179,16 +185,19 @@ class CacheStore:
         capacity = -(-needed // GROW_TOKENS) * GROW_TOKENS
         self._check_size(session, session.batch, needed)
         capacity = min(capacity, self.max_session_tokens // session.batch)
+        held = 0 if session.lease is not None else session.capacity  # (a slot's are the pool's)
         with self._lock:
-            self._make_room(session, session.batch * (capacity - session.capacity))
+            if session.lease is None or capacity > session.slot_positions:
+                self._make_room(session, session.batch * (capacity - held))
             session.grow_to(capacity)
 
     def widen(self, session: SessionCache, batch: int) -> None:
         """Turn a session of one sequence into `batch` sequences sharing its positions (n > 1
         completions of one prompt); CacheFullError if the budget cannot hold them."""
         self._check_size(session, batch, session.capacity)
+        held = 0 if session.lease is not None else session.batch * session.capacity
         with self._lock:
-            self._make_room(session, (batch - session.batch) * session.capacity)
+            self._make_room(session, batch * session.capacity - held)
             session.widen(batch)
 
     def _check_size(self, session: SessionCache, batch: int, positions: int) -> None:

@@ -52,7 +52,9 @@ class SlotPool:
             for layer in layers
         }
         self._free = list(reversed(range(slots)))  # pop() hands out slot 0 first
-        self._lock = threading.Lock()
+        # reentrant: a Lease's release runs from a weakref finalizer, which the cyclic garbage
+        # collector may call inside lease() (an allocation) on the thread that holds the lock
+        self._lock = threading.RLock()
 
     @property
     def scratch(self) -> int:

@@ -25,6 +25,7 @@ from .protocol import (
     StepRequest,
     StepResult,
     encode_step,
+    frame_encoding,
     results_message,
     steps_message,
 )
@@ -165,8 +166,11 @@ class Forwarder:
             body = steps_message(frames)
             for r, frame in zip(reqs, frames, strict=True):
                 if r.tensor.dim() == 3:
-                    self.hidden_frames[r.wire] += 1
-                    self.hidden_bytes[r.wire] += len(frame)
+                    encoding = (
+                        frame_encoding(frame) if r.wire != LOSSLESS else LOSSLESS
+                    )  # (fp16 may fall back)
+                    self.hidden_frames[encoding] += 1
+                    self.hidden_bytes[encoding] += len(frame)
             self.messages += 1
             self.frames += len(reqs)
             # an acknowledgement of a small frame times the link (of a large one, the upload too)

@@ -50,6 +50,7 @@ from .timing import HopTimes
 from .trust import SwarmAuth
 from .verify import (
     MAX_REASON,
+    TOLERANCE,
     Accusation,
     Accusations,
     Commitment,
@@ -718,7 +719,11 @@ class PeerNode:
         """This peer's signed commitment to its step: what it was sent, and the top entries of
         its output (and the digest of the output it sends on, if any)."""
         end = req.position + req.tensor.shape[1]
-        dtype = block.quant if block.quant != "none" else str(block.dtype).removeprefix("torch.")
+        # the looser of its compute dtype's and its quantization's tolerance (int8 weights
+        # computing in bfloat16 differ as bfloat16 does)
+        dtype = str(block.dtype).removeprefix("torch.")
+        if block.quant != "none" and TOLERANCE[block.quant] > TOLERANCE.get(dtype, 0.0):
+            dtype = block.quant
         in_idx, in_val = top_entries(input_rows(req.tensor))
         return Commitment(
             "",

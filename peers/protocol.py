@@ -106,6 +106,7 @@ class Controls:
     mask: str | None = None
 
 
+MAX_COUNT = 1 << 24  # times a token was generated (more than any context holds)
 MAX_MASK_CHARS = 1 << 18  # a packed mask (a vocabulary of a million tokens packs far smaller)
 
 
@@ -152,6 +153,12 @@ def encode_tensor_frame(
     meta = {**header, "dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape), **fields}
     meta = json.dumps(meta).encode()
     return _LEN.pack(len(meta)) + meta + payload
+
+
+def frame_encoding(frame: bytes) -> str:
+    """The encoding a frame this peer encoded names in its header."""
+    (n,) = _LEN.unpack_from(frame)
+    return json.loads(frame[_LEN.size : _LEN.size + n]).get("encoding", LOSSLESS)
 
 
 def decode_tensor_frame(body: bytes) -> tuple[dict, torch.Tensor]:
@@ -373,8 +380,13 @@ def _controls(data) -> Controls:
     mask = data.get("mask")
     if mask is not None and (not isinstance(mask, str) or len(mask) > MAX_MASK_CHARS):
         raise ValueError(f"a mask is a packed string of at most {MAX_MASK_CHARS} characters")
+    pairs = tuple(_pair(x, "counts", int) for x in counts)
+    if any(not 1 <= n <= MAX_COUNT for _, n in pairs):
+        raise ValueError(f"counts are 1 to {MAX_COUNT} times a token")
+    if len({t for t, _ in pairs}) != len(pairs):
+        raise ValueError("counts names a token twice")
     return Controls(
-        counts=tuple(_pair(x, "counts", int) for x in counts),
+        counts=pairs,
         banned=_token_ids(data.get("banned", []), "banned"),
         mask=mask,
     )

@@ -190,15 +190,19 @@ def share_bytes(path: Path, start: int, end: int, total: int) -> int:
     """Bytes of the checkpoint's tensors that layers [start, end) load (as saved)."""
     from safetensors import safe_open
 
-    size = 0
-    for file in path.glob("*.safetensors"):
+    files = sorted(path.glob("*.safetensors"))
+    every = set()  # the names of all shards (embed_tokens and lm_head may sit in different ones)
+    for file in files:
         with safe_open(file, framework="pt") as f:
-            names = set(f.keys())
-            for name in names:
+            every.update(f.keys())
+    size = 0
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 if name.startswith("model.layers."):
                     mine = start <= int(name.split(".")[2]) < end
                 elif name.startswith("model.embed_tokens."):
-                    mine = start == 0 or (end == total and "lm_head.weight" not in names)
+                    mine = start == 0 or (end == total and "lm_head.weight" not in every)
                 else:  # model.norm, lm_head
                     mine = end == total
                 if mine:
@@ -223,7 +227,12 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int, device) -> dic
         _sync(device)
         t0 = time.perf_counter()
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,  # EOS ignored, as the swarm's side does
+            do_sample=False,
+            pad_token_id=0,
         )
         _sync(device)
         assert out.shape == (len(prompts), ids.shape[1] + n), f"generate gave {tuple(out.shape)}"

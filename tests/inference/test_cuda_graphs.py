@@ -41,8 +41,9 @@ def test_settings_name_the_bad_value(kwargs):
 
 
 def test_settings_within_a_budget():
-    assert GraphSettings.within(65536, 8192) == GraphSettings(positions=2048, slots=32)
-    assert GraphSettings.within(1000, 512) == GraphSettings(positions=512, slots=1)
+    assert GraphSettings.within(65536, 8192) == GraphSettings(positions=2048, slots=16)
+    assert GraphSettings.within(1000, 512) == GraphSettings(positions=500, slots=1)
+    assert GraphSettings.within(4096, 512) == GraphSettings(positions=512, slots=4)
 
 
 def _pool(slots=2, positions=8) -> SlotPool:
@@ -88,6 +89,23 @@ def test_a_session_leaves_its_slot_when_it_outgrows_it_or_widens():
     assert widened.read(3, 2, 4)[0].sum() == 32
     pool.kv[3][0].zero_()  # the slots are another session's now: the copies stand alone
     assert grown.read(3, 0, 4)[0].sum() == 32
+
+
+def test_the_slot_pool_comes_out_of_the_kv_budget(tiny_llama):
+    """KV memory stays within --max-cache-tokens: the pool's positions leave the store's budget,
+    and a session in a slot holds none of what is left."""
+    block = load_block(tiny_llama, "0:2", max_cache_tokens=8192)
+    block.enable_decode_graphs(SMALL, capture=False)
+    assert block.sessions.max_tokens == 8192 - SMALL.slots * SMALL.positions
+    block.enable_decode_graphs(SMALL, capture=False)  # again: the old pool's share came back
+    assert block.sessions.max_tokens == 8192 - SMALL.slots * SMALL.positions
+    block.forward("s", torch.tensor([[1, 2, 3]]), 0)
+    assert block.sessions.get("s").slot is not None and block.sessions.used_tokens == 0
+    block.forward("s", torch.zeros(1, SMALL.positions, dtype=torch.long), 3)  # outgrows its slot
+    session = block.sessions.get("s")
+    assert session.slot is None and block.sessions.used_tokens == session.capacity >= SMALL.positions + 3
+    with pytest.raises(ValueError, match="whole KV budget"):
+        load_block(tiny_llama, "0:2", max_cache_tokens=3072).enable_decode_graphs(SMALL, capture=False)
 
 
 def test_a_dropped_session_gives_its_slot_back(tiny_llama):

@@ -95,6 +95,10 @@ def _frame_with(**changes) -> bytes:
         {"controls": [{"banned": [-5]}]},
         {"controls": [{"counts": [[1]]}]},
         {"controls": [{"counts": [[1, 1.5]]}]},
+        {"controls": [{"counts": [[1, -2]]}]},  # (would turn a penalty into a bonus)
+        {"controls": [{"counts": [[1, 0]]}]},
+        {"controls": [{"counts": [[1, 1 << 40]]}]},  # (would overflow a tensor)
+        {"controls": [{"counts": [[1, 1], [1, 2]]}]},
         {"controls": [{"mask": 12}]},
         {"controls": [{"mask": "x" * (1 << 19)}]},
         {"controls": [{"unknown": 1}]},

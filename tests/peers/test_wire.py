@@ -219,6 +219,25 @@ def test_the_forwarder_compresses_only_for_peers_that_accept_it():
     assert fwd.hidden_bytes[INT8] * 3 < fwd.hidden_bytes[LOSSLESS]
 
 
+def test_the_forwarder_counts_a_float16_fallback_as_lossless():
+    def answer(request: httpx.Request) -> httpx.Response:
+        n = len(decode_steps(request.content))
+        return httpx.Response(200, json={"results": [{"tokens": [1], "logprobs": [-0.5]}] * n})
+
+    async def main():
+        http = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+        fwd = Forwarder("me", http, 5.0, 0.01, wire=FP16, accepts=lambda p: ENCODINGS)
+        x = hidden((1, 4, 64))
+        await fwd.push(step(x))
+        x[0, 0, 0] = 1e6  # beyond float16: the frame travels lossless
+        await fwd.push(step(x))
+        await http.aclose()
+        return fwd
+
+    fwd = asyncio.run(main())
+    assert fwd.hidden_frames == {FP16: 1, LOSSLESS: 1}
+
+
 def test_an_entry_announces_the_encodings_it_accepts():
     identity = Identity.generate()
     entry = PeerEntry("", "m", 4, 0, 4, "serving", 1, 1, address="127.0.0.1:1", wire=ENCODINGS)
