@@ -53,7 +53,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import random
 import shlex
 import statistics
@@ -463,15 +462,9 @@ def describe_device(device) -> str:
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
+    from scripts.machine import cpu_model
+
+    return cpu_model()
 
 
 def main(argv: list[str] | None = None) -> int:

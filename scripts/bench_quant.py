@@ -12,7 +12,6 @@ through the whole model as one block (greedy chat runs, alternating the modes):
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -116,15 +115,9 @@ def fidelity(path: Path, modes: list[str], prompts: list[str], tokens: int) -> d
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    from scripts.machine import cpu_model
+
+    return f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def main() -> int:

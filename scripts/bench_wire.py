@@ -216,15 +216,9 @@ def codec_us(mode: str, positions: int, hidden: int) -> tuple[float, float]:
 
 
 def cpu_line() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
+    from scripts.machine import cpu_model
+
+    return cpu_model()
 
 
 def main() -> int:
