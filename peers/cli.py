@@ -115,6 +115,8 @@ def _serve(args: argparse.Namespace) -> int:
                 self.leaving = True
                 loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.leave_then_exit(sig, frame)))
                 return
+            if self.leaving:  # (uvicorn would still wait up to its graceful timeout for connections)
+                self.force_exit = True
             super().handle_exit(sig, frame)
             self._captured_signals.clear()  # a graceful stop is a normal exit, not death by signal
 

@@ -143,13 +143,13 @@ class StepResult:
 
 
 def encode_tensor_frame(
-    header: dict, tensor: torch.Tensor, encoding: str = LOSSLESS, sampled: int = 0
+    header: dict, tensor: torch.Tensor, encoding: str = LOSSLESS, sampled: int = 0, start: int | None = None
 ) -> bytes:
     """A frame of `header` and `tensor` in `encoding` (peers/wire.py; `sampled`: how many last
-    positions of each sequence the last peer samples from)."""
+    positions of each sequence the last peer samples from; `start`: the first one's position)."""
     if tensor.dtype not in _NAMES:
         raise ProtocolError(f"dtype {tensor.dtype} cannot travel; use one of {', '.join(_DTYPES)}")
-    fields, payload = encode_hidden(tensor, encoding, sampled)
+    fields, payload = encode_hidden(tensor, encoding, sampled, start)
     meta = {**header, "dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape), **fields}
     meta = json.dumps(meta).encode()
     return _LEN.pack(len(meta)) + meta + payload
@@ -204,7 +204,7 @@ def encode_step(req: StepRequest) -> bytes:
         header["request_id"] = req.request_id
     if req.controls:
         header["controls"] = [_controls_json(c) for c in req.controls]
-    return encode_tensor_frame(header, req.tensor, req.wire, req.draft + 1)
+    return encode_tensor_frame(header, req.tensor, req.wire, req.draft + 1, req.position)
 
 
 _DEFAULT_SAMPLING = Sampling()

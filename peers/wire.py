@@ -5,18 +5,26 @@ apart, as float16 with their positions). Plain functions: `encode_hidden`/`decod
 frame's encoding fields and payload), and `hop_encoding` (which encoding one hop uses: the
 sender's choice if the next peer announced it accepts it).
 
-The sampled positions: under bf16 and int8 the last `sampled` positions of each sequence (those
-whose logits the last peer samples: 1, or draft + 1) travel as float16 (lossless beyond its
-range). Their error decides the token directly; that of the other positions reaches it only
-through attention, averaged. Measured on the default model (README, scripts/bench_wire.py): with
-every position bfloat16, 2 of 20 greedy runs of 64 tokens differed from the lossless wire; with
-the sampled ones lossless, none did; float16 for them did as well as lossless.
+A frame's edges: under bf16 and int8, some positions of each sequence travel as float16 (lossless
+beyond its range): the last `sampled` ones (those whose logits the last peer samples: 1, or
+draft + 1), and under int8 also the INT8_WINDOW before them and, in a frame that starts the
+sequence, its first position. Measured on the default model (README, scripts/bench_wire.py):
+- the sampled positions' error decides the token directly; that of the others reaches it only
+  through attention. With every position bfloat16, 2 of 20 greedy runs of 64 tokens differed from
+  the lossless wire; with the sampled ones lossless, none did; float16 did as well as lossless.
+- int8's error (~4e-3 of a row's norm, against bfloat16's ~1.6e-3) matters most where attention
+  looks most: the first position (the "attention sink" every later one attends to; at layer 20
+  of SmolLM2 its norm is ~25000 against ~200) and the positions nearest the sampled one. With
+  these two as float16, int8 moves the logits less than bfloat16 does (teacher-forced over 120
+  chat prompts: see README), at 0.27x of float32 on the far context. During decoding every new
+  position travels as float16 anyway (it is sampled), so int8 carries only the older context.
 
-A payload: the other positions [B, T - sampled, H] in the frame's encoding, then the sampled ones
-[B, sampled, H] in `sampled_encoding` (fp16 or lossless). An int8 part: scales [N, ceil(H /
-block)], outlier positions [N, k] (uint16, ascending), outlier values [N, k] (scales and values in
-`scale_dtype`), then the int8 values [N, H] (0 where an outlier was taken out); N = its B x T
-rows, little-endian throughout.
+A payload: the first `head` positions [B, head, H] and the last `tail` ones [B, tail, H] in
+`edge_encoding` (fp16 or lossless), and between them the others [B, T - head - tail, H] in the
+frame's encoding: middle, then head, then tail. An int8 part: scales [N, ceil(H / block)], outlier
+positions [N, k] (uint16, ascending), outlier values [N, k] (scales and values in `scale_dtype`),
+then the int8 values [N, H] (0 where an outlier was taken out); N = its rows, little-endian
+throughout.
 """
 
 from collections.abc import Iterable
@@ -38,9 +46,11 @@ FP16_TINY = 2.0**-14  # the smallest normal float16: a smaller scale loses preci
 _HALVES = {BF16: torch.bfloat16, FP16: torch.float16}
 _SCALES = {"float16": torch.float16, "float32": torch.float32}
 _INT8_FIELDS = {"block", "outliers", "scale_dtype"}
-_SAMPLED_FIELDS = {"sampled", "sampled_encoding"}
-_FIELDS = {LOSSLESS: set(), BF16: _SAMPLED_FIELDS, FP16: set(), INT8: _INT8_FIELDS | _SAMPLED_FIELDS}
-SAMPLED_APART = (BF16, INT8)  # encodings whose sampled positions travel as float16
+_EDGE_FIELDS = {"head", "tail", "edge_encoding"}
+_FIELDS = {LOSSLESS: set(), BF16: _EDGE_FIELDS, FP16: set(), INT8: _INT8_FIELDS | _EDGE_FIELDS}
+EDGES_APART = (BF16, INT8)  # encodings whose edge positions travel as float16
+INT8_WINDOW = 16  # under int8, positions before the sampled ones that travel as float16 too
+INT8_SINK = 1  # under int8, a sequence's first positions that travel as float16
 
 
 def accepted_encodings(wire: str) -> tuple[str, ...]:
@@ -57,11 +67,14 @@ def hop_encoding(wire: str, accepted: Iterable[str], hidden: bool) -> str:
     return wire if hidden and wire != LOSSLESS and wire in tuple(accepted) else LOSSLESS
 
 
-def encode_hidden(tensor: torch.Tensor, encoding: str, sampled: int = 0) -> tuple[dict, bytes]:
+def encode_hidden(
+    tensor: torch.Tensor, encoding: str, sampled: int = 0, start: int | None = None
+) -> tuple[dict, bytes]:
     """(the frame header's encoding fields, the payload) of `tensor`, which decodes back to the
     tensor's own dtype and shape. float16 falls back to lossless for a tensor beyond its range.
-    `sampled`: under bf16 and int8, the last `sampled` positions of each sequence travel as
-    float16 (see the module's doc)."""
+    `sampled`: how many last positions of each sequence the last peer samples from; `start`: the
+    sequence position of the tensor's first (0: the frame starts its sequences). Under bf16 and
+    int8 they decide the edges that travel as float16 (see the module's doc)."""
     tensor = tensor.detach().contiguous().cpu()
     if encoding == LOSSLESS:
         return {}, _bytes(tensor)
@@ -73,19 +86,28 @@ def encode_hidden(tensor: torch.Tensor, encoding: str, sampled: int = 0) -> tupl
         )
     if encoding == FP16 and _beyond_fp16(tensor):
         return {}, _bytes(tensor)  # (inf would be refused downstream as non-finite)
-    positions = tensor.shape[1]
-    sampled = min(max(sampled, 0), positions) if encoding in SAMPLED_APART else 0
-    head = tensor[:, : positions - sampled] if sampled else tensor
+    head, tail = edges(encoding, tensor.shape[1], sampled, start)
+    middle = tensor[:, head : tensor.shape[1] - tail]
     if encoding in _HALVES:
-        fields, payload = {"encoding": encoding}, _bytes(head.to(_HALVES[encoding]))
+        fields, payload = {"encoding": encoding}, _bytes(middle.to(_HALVES[encoding]))
     else:
-        fields, payload = _encode_int8(head, INT8_BLOCK)
-    if not sampled:
+        fields, payload = _encode_int8(middle, INT8_BLOCK)
+    if not head + tail:
         return fields, payload
-    tail = tensor[:, positions - sampled :]
-    exact = _beyond_fp16(tail)
-    fields |= {"sampled": sampled, "sampled_encoding": LOSSLESS if exact else FP16}
-    return fields, payload + _bytes(tail if exact else tail.to(torch.float16))
+    ends = torch.cat((tensor[:, :head], tensor[:, tensor.shape[1] - tail :]), 1)
+    exact = _beyond_fp16(ends)
+    fields |= {"head": head, "tail": tail, "edge_encoding": LOSSLESS if exact else FP16}
+    return fields, payload + _bytes(ends if exact else ends.to(torch.float16))
+
+
+def edges(encoding: str, positions: int, sampled: int, start: int | None) -> tuple[int, int]:
+    """(head, tail): how many first and last positions of each sequence of a frame of
+    `positions` travel as float16 under `encoding`."""
+    if encoding not in EDGES_APART:
+        return 0, 0
+    tail = min(max(sampled, 0) + (INT8_WINDOW if encoding == INT8 and sampled > 0 else 0), positions)
+    head = min(INT8_SINK, positions - tail) if encoding == INT8 and start == 0 else 0
+    return head, tail
 
 
 def _beyond_fp16(tensor: torch.Tensor) -> bool:
@@ -125,7 +147,7 @@ def decode_hidden(
     encoding = header.get("encoding", LOSSLESS)
     if not isinstance(encoding, str) or encoding not in ENCODINGS:
         raise ValueError(f"unknown wire encoding {encoding!r:.40}; one of {', '.join(ENCODINGS)}")
-    extra = ((_INT8_FIELDS | _SAMPLED_FIELDS) & header.keys()) - _FIELDS[encoding]
+    extra = ((_INT8_FIELDS | _EDGE_FIELDS) & header.keys()) - _FIELDS[encoding]
     if extra:
         raise ValueError(f"a {encoding} frame has no {', '.join(sorted(extra))}")
     numel, data = _numel(shape), memoryview(data if isinstance(data, bytearray) else bytearray(data))
@@ -134,26 +156,31 @@ def decode_hidden(
         return _tensor(data, dtype, shape)
     if not dtype.is_floating_point or len(shape) != 3:
         raise ValueError(f"a {encoding} frame carries hidden states [B, T, H], not {_name(dtype)} {shape}")
-    sampled, sampled_name = header.get("sampled", 0), header.get("sampled_encoding", FP16)
-    if type(sampled) is not int or not 0 <= sampled <= shape[1]:
-        raise ValueError(f"a frame's sampled positions are 0 to its {shape[1]}, got {sampled!r:.40}")
-    if sampled_name not in (FP16, LOSSLESS) or ("sampled" in header) != ("sampled_encoding" in header):
+    head, tail = header.get("head", 0), header.get("tail", 0)
+    edge_name = header.get("edge_encoding", FP16)
+    for name, count in (("head", head), ("tail", tail)):
+        if type(count) is not int or not 0 <= count <= shape[1]:
+            raise ValueError(f"a frame's {name} is 0 to its {shape[1]} positions, got {count!r:.40}")
+    if head + tail > shape[1]:
+        raise ValueError(f"a frame's head and tail ({head} + {tail}) exceed its {shape[1]} positions")
+    given = {"head", "tail", "edge_encoding"} & header.keys()
+    if edge_name not in (FP16, LOSSLESS) or given not in (set(), {"head", "tail", "edge_encoding"}):
         raise ValueError(
-            f"a frame's sampled positions travel as {FP16} or {LOSSLESS} (sampled and "
-            f"sampled_encoding together), got {sampled_name!r:.40}"
+            f"a frame's edges travel as {FP16} or {LOSSLESS} (head, tail and edge_encoding "
+            f"together), got {edge_name!r:.40}"
         )
-    if not sampled:
+    if not head + tail:
         return _decode_part(header, encoding, dtype, shape, data)
-    tail_type = torch.float16 if sampled_name == FP16 else dtype
-    tail_shape = [shape[0], sampled, shape[2]]
-    tail_bytes = tail_type.itemsize * _numel(tail_shape)
-    if len(data) < tail_bytes:
-        raise ValueError(f"a frame's {sampled} sampled positions need {tail_bytes} bytes, got {len(data)}")
-    head = _decode_part(
-        header, encoding, dtype, [shape[0], shape[1] - sampled, shape[2]], data[: len(data) - tail_bytes]
+    edge_type = torch.float16 if edge_name == FP16 else dtype
+    edge_shape = [shape[0], head + tail, shape[2]]
+    edge_bytes = edge_type.itemsize * _numel(edge_shape)
+    if len(data) < edge_bytes:
+        raise ValueError(f"a frame's {head + tail} edge positions need {edge_bytes} bytes, got {len(data)}")
+    middle = _decode_part(
+        header, encoding, dtype, [shape[0], shape[1] - head - tail, shape[2]], data[: len(data) - edge_bytes]
     )
-    tail = _tensor(data[len(data) - tail_bytes :], tail_type, tail_shape).to(dtype)
-    return torch.cat((head, tail), 1)
+    ends = _tensor(data[len(data) - edge_bytes :], edge_type, edge_shape).to(dtype)
+    return torch.cat((ends[:, :head], middle, ends[:, head:]), 1)
 
 
 def _decode_part(

@@ -8,9 +8,18 @@ and a prefill frame the whole prompt.
 - bytes per token per hop: a steps message's body (its frame headers included) over its
   positions, for a ~200-token chat prompt's prefill and for every decode step of the runs;
 - greedy agreement with the lossless wire: the share of prompts x tokens runs whose tokens are
-  all identical (and the mean length of the common prefix).
+  all identical (and the mean length of the common prefix);
+- the same agreement teacher-forced, over more prompts (`--forced-prompts`, 120 by default):
+  each prompt and its lossless greedy continuation go through the monolithic model once, their
+  hidden states at the peers' boundaries (after layers 10 and 20) passed through the wire's
+  codec as the frames would carry them (the prompt as one prefill frame from position 0, each
+  later position as a decode frame); a run agrees when no position's likeliest token moves,
+  as a generated run would up to the first position that moves. It also reports how far each
+  encoding moves the gap between the two likeliest tokens (mean over every position): a
+  measure with far less noise than counting runs.
 
-    python scripts/bench_wire.py [--prompts 40] [--tokens 64] [--modes lossless bf16 fp16 int8]
+    python scripts/bench_wire.py [--prompts 40] [--forced-prompts 120] [--tokens 64]
+                                 [--modes lossless bf16 fp16 int8]
 """
 
 import argparse
@@ -70,6 +79,86 @@ PROMPTS = [
     "What does a bee do all day?",
     "Explain gravity to a ten-year-old.",
     "What are the main causes of air pollution?",
+    "What is the largest ocean on Earth?",
+    "Write a short thank-you note to a teacher.",
+    "Explain how a refrigerator keeps food cold.",
+    "What are the primary colors?",
+    "Give me a list of five fruits that are high in vitamin C.",
+    "How do airplanes fly?",
+    "What is the meaning of the word 'ephemeral'?",
+    "Describe a sunset over the desert.",
+    "What is the speed of light?",
+    "Write a riddle about a clock.",
+    "How do plants get water from the soil?",
+    "What is the difference between a lake and a pond?",
+    "Suggest three books for someone who likes science fiction.",
+    "Why do leaves change color in the fall?",
+    "Explain what an atom is.",
+    "Write a short dialogue between a cat and a dog.",
+    "How many continents are there, and what are they?",
+    "What is a healthy breakfast?",
+    "Explain the rules of tic-tac-toe.",
+    "What is the capital of Japan?",
+    "Write a motivational quote for students.",
+    "How does the moon affect the tides?",
+    "What is inflation in economics?",
+    "Describe the taste of chocolate.",
+    "How do I tie a shoelace?",
+    "What is the function of the lungs?",
+    "Give me an idea for a science fair project.",
+    "Why do cats purr?",
+    "Explain what a volcano is.",
+    "Write a short poem about the moon.",
+    "What are the three states of matter?",
+    "How does a compass work?",
+    "What is a prime number?",
+    "Describe your ideal weekend.",
+    "What is the main ingredient in guacamole?",
+    "How do fish breathe underwater?",
+    "Write a sentence using the word 'serendipity'.",
+    "What is the difference between a noun and a verb?",
+    "How do solar panels make electricity?",
+    "Name three famous painters and one work by each.",
+    "What is the purpose of a passport?",
+    "Explain why we need sleep.",
+    "Write a short story about a lost key.",
+    "What are clouds made of?",
+    "How can I be more productive at work?",
+    "What is the longest river in the world?",
+    "Explain the water pressure in the deep ocean.",
+    "Give me a fun fact about octopuses.",
+    "What is democracy?",
+    "How do birds know where to migrate?",
+    "Write a tweet announcing a new bakery.",
+    "What are the benefits of reading books?",
+    "Explain what DNA is in simple terms.",
+    "How does a microwave oven heat food?",
+    "What is the square root of 144?",
+    "Describe a busy city street in the morning.",
+    "What should I do if I feel stressed?",
+    "Explain the difference between speed and velocity.",
+    "Write a short apology message to a friend.",
+    "What is the greenhouse effect?",
+    "How do bees make honey?",
+    "What is a haiku?",
+    "Give me three ways to reduce plastic waste.",
+    "Why is the ocean salty?",
+    "Explain how a battery works.",
+    "What is the tallest animal?",
+    "Write a product description for a water bottle.",
+    "How do you calculate the area of a circle?",
+    "What is the history of the Olympic Games in one paragraph?",
+    "Explain why ice floats on water.",
+    "What are some good questions to ask in a job interview?",
+    "How do stars form?",
+    "Write a short lullaby.",
+    "What is a black hole?",
+    "How do I start learning to play the guitar?",
+    "What is the difference between an ocean and a sea?",
+    "Explain the basics of saving for retirement.",
+    "What do pandas eat?",
+    "Write an opening line for a mystery novel.",
+    "How does the internet work?",
 ]
 LONG_PROMPT = (
     "Read the following notes and summarize them in three bullet points. "
@@ -193,6 +282,64 @@ async def run_mode(model: str, wire: str, prompts: list[list[int]], long_prompt:
     }
 
 
+def forced(model: str, modes: list[str], prompts: list[list[int]], tokens: int) -> dict:
+    """Teacher-forced agreement of each mode with the lossless wire (see the module's doc):
+    {mode: (runs that agree, mean |change of the top-2 gap|)}."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from peers.wire import decode_hidden, encode_hidden
+
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    state = {"mode": "lossless", "prompt": 0}
+
+    def wire(tensor: torch.Tensor, start: int) -> torch.Tensor:
+        fields, payload = encode_hidden(tensor, state["mode"], 1, start)
+        return decode_hidden(fields, tensor.dtype, list(tensor.shape), payload)
+
+    def boundary(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if state["mode"] == "lossless":
+            return output
+        n = state["prompt"]
+        prefill = wire(hidden[:, :n].contiguous(), 0)
+        decode = wire(hidden[0, n:, None].contiguous(), n).transpose(0, 1)  # one frame a position
+        out = torch.cat((prefill, decode), 1)
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    for span in SPANS[:-1]:
+        lm.model.layers[int(span.split(":")[1]) - 1].register_forward_hook(boundary)
+    sequences = []
+    with torch.no_grad():
+        for ids in prompts:
+            out = lm.generate(
+                torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False
+            )
+            sequences.append(out[0, : len(ids) + tokens - 1])
+
+    def logits(seq: torch.Tensor, n: int) -> torch.Tensor:
+        state["prompt"] = n
+        with torch.no_grad():
+            return lm(seq[None]).logits[0, n - 1 :]  # the `tokens` positions that choose a token
+
+    reference = [logits(seq, len(ids)) for seq, ids in zip(sequences, prompts, strict=True)]
+    results = {}
+    for mode in modes:
+        state["mode"], agree, moved = mode, 0, []
+        for seq, ids, ref in zip(sequences, prompts, reference, strict=True):
+            got = logits(seq, len(ids))
+            top = ref.topk(2, -1).indices
+            agree += bool((got.argmax(-1) == top[:, 0]).all())
+            moved.append((_gap(got, top) - _gap(ref, top)).abs().flatten())
+        results[mode] = (agree, float(torch.cat(moved).mean()))
+    return results
+
+
+def _gap(logits, top):
+    """Per position, the logit of `top`'s first token less that of its second."""
+    return logits.gather(-1, top[:, :1]) - logits.gather(-1, top[:, 1:])
+
+
 def codec_us(mode: str, positions: int, hidden: int) -> tuple[float, float]:
     """Microseconds to encode and to decode one step frame of `positions` float32 hidden states,
     on one thread (as the cores are shared, more threads mostly measure their contention)."""
@@ -226,8 +373,12 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--prompts", type=int, default=40, help="chat prompts of the agreement runs")
     parser.add_argument(
-        "--prompts", type=int, default=len(PROMPTS), help="chat prompts of the agreement runs"
+        "--forced-prompts",
+        type=int,
+        default=len(PROMPTS),
+        help=f"chat prompts of the teacher-forced agreement (at most {len(PROMPTS)}; 0: skip it)",
     )
     parser.add_argument("--tokens", type=int, default=64, help="greedy tokens per run")
     parser.add_argument("--modes", nargs="+", default=["lossless", "bf16", "fp16", "int8"])
@@ -277,6 +428,17 @@ def main() -> int:
             f"| {sum(same)}/{len(same)} ({100 * sum(same) / len(same):.0f}%) "
             f"| {statistics.mean(prefix):.1f} of {args.tokens} |"
         )
+    if args.forced_prompts:
+        many = [chat(p) for p in PROMPTS[: args.forced_prompts]]
+        print(
+            f"\nTeacher-forced agreement with the lossless wire, {len(many)} prompts x {args.tokens} "
+            "tokens (runs in which no position's likeliest token moves; mean change of the gap "
+            "between the two likeliest tokens' logits, over every position):\n"
+        )
+        print("| wire | runs that agree | mean gap change |")
+        print("|---|---|---|")
+        for mode, (agree, moved) in forced(str(source.path), args.modes, many, args.tokens).items():
+            print(f"| {mode} | {agree}/{len(many)} ({100 * agree / len(many):.1f}%) | {moved:.4f} |")
     hidden, prefill = base["hidden"], len(long_prompt)
     print(
         f"\nCodec time per frame on one thread (encode / decode, microseconds), float32 hidden states of size {hidden}:\n"

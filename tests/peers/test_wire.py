@@ -21,6 +21,7 @@ from peers.wire import (
     ENCODINGS,
     FP16,
     INT8,
+    INT8_WINDOW,
     LOSSLESS,
     accepted_encodings,
     decode_hidden,
@@ -70,31 +71,52 @@ def test_halves_round_trip_exactly_as_their_dtype(encoding, half):
 
 @pytest.mark.parametrize("encoding", [BF16, INT8])
 @pytest.mark.parametrize("draft", [0, 2])
-def test_sampled_positions_travel_as_float16(encoding, draft):
+def test_sampled_positions_and_int8s_window_travel_as_float16(encoding, draft):
     """The positions the last peer samples from (the last of each sequence, or draft + 1 of
-    them) keep float16's precision under bf16 and int8; the others take the encoding's."""
-    x = hidden((1 if draft else 2, 6, 100))  # (a drafted step is one sequence's)
+    them), and under int8 the INT8_WINDOW before them, keep float16's precision; the others take
+    the encoding's."""
+    x = hidden((1 if draft else 2, 30, 100))  # (a drafted step is one sequence's)
     x[-1, -1, 7] = 600.0  # an outlier in a sampled position
     got = decode_step(encode_step(replace(step(x, encoding), draft=draft)))
-    k = draft + 1
+    k = draft + 1 + (INT8_WINDOW if encoding == INT8 else 0)
     assert got.wire == encoding and got.tensor.shape == x.shape
     assert torch.equal(got.tensor[:, -k:], x[:, -k:].half().float())
     assert torch.equal(got.tensor[:, :-k], round_trip(x[:, :-k].contiguous(), encoding))
-    fields, _ = encode_hidden(x, encoding, sampled=k)
-    assert fields["sampled"] == k and fields["sampled_encoding"] == FP16
-    fields, payload = encode_hidden(x, encoding, sampled=6)  # every position sampled
+    fields, _ = encode_hidden(x, encoding, sampled=draft + 1)
+    assert (fields["head"], fields["tail"], fields["edge_encoding"]) == (0, k, FP16)
+    fields, payload = encode_hidden(x, encoding, sampled=30)  # every position sampled
+    assert fields["tail"] == 30
     assert torch.equal(decode_hidden(fields, x.dtype, list(x.shape), payload), x.half().float())
 
 
-def test_sampled_positions_beyond_float16_travel_lossless():
-    x = hidden((1, 4, 64))
+@pytest.mark.parametrize("encoding", [BF16, INT8])
+def test_int8_sends_the_attention_sink_as_float16(encoding):
+    """Under int8, a frame that starts its sequences (position 0) sends their first position as
+    float16 as well; a frame that starts later (a reused prefix, a decode step) has no head."""
+    x = hidden((2, 30, 100))
+    got = decode_step(encode_step(replace(step(x, encoding), position=0))).tensor
+    head, tail = (1, 1 + INT8_WINDOW) if encoding == INT8 else (0, 1)
+    assert torch.equal(got[:, :head], x[:, :head].half().float())
+    assert torch.equal(got[:, -tail:], x[:, -tail:].half().float())
+    assert torch.equal(got[:, head:-tail], round_trip(x[:, head:-tail].contiguous(), encoding))
+    assert encode_hidden(x, encoding, sampled=1, start=0)[0]["head"] == head
+    assert ("head" in encode_hidden(x, encoding, start=0)[0]) == (encoding == INT8)
+    assert encode_hidden(x, encoding, sampled=1, start=5)[0]["head"] == 0
+    one = x[:, :1].contiguous()  # a one-position frame at 0: its position is the sampled one
+    fields, payload = encode_hidden(one, encoding, sampled=1, start=0)
+    assert (fields["head"], fields["tail"]) == (0, 1)
+    assert torch.equal(decode_hidden(fields, x.dtype, [2, 1, 100], payload), one.half().float())
+
+
+def test_edge_positions_beyond_float16_travel_lossless():
+    x = hidden((1, 24, 64))
     x[0, -1, 3] = 1e6
-    fields, payload = encode_hidden(x, INT8, sampled=1)
-    assert fields["sampled_encoding"] == LOSSLESS
+    fields, payload = encode_hidden(x, INT8, sampled=1, start=0)
+    assert fields["edge_encoding"] == LOSSLESS and (fields["head"], fields["tail"]) == (1, 17)
     got = decode_hidden(fields, x.dtype, list(x.shape), payload)
-    assert torch.equal(got[:, -1], x[:, -1])
-    assert torch.equal(got[:, :-1], round_trip(x[:, :-1].contiguous(), INT8))
-    assert encode_hidden(x, FP16, sampled=1) == ({}, x.numpy().tobytes())  # fp16 has no sampled part
+    assert torch.equal(got[:, :1], x[:, :1]) and torch.equal(got[:, -17:], x[:, -17:])
+    assert torch.equal(got[:, 1:-17], round_trip(x[:, 1:-17].contiguous(), INT8))
+    assert encode_hidden(x, FP16, sampled=1) == ({}, x.numpy().tobytes())  # fp16 has no edges
 
 
 def test_fp16_beyond_its_range_travels_lossless():
@@ -160,18 +182,22 @@ def test_a_receiver_decodes_blocks_of_32_too():
 
 
 def test_bytes_on_the_wire_halve_and_quarter():
-    """A prefill frame of the default model's shape: [1, 200, 576] float32."""
+    """A prefill frame of the default model's shape: [1, 200, 576] float32, from position 0."""
     x = hidden((1, 200, 576))
-    sizes = {e: len(encode_step(step(x, e))) for e in ENCODINGS}
+    sizes = {e: len(encode_step(replace(step(x, e), position=0))) for e in ENCODINGS}
     payload = x.numel() * 4
     assert sizes[LOSSLESS] > payload
     assert sizes[BF16] / sizes[LOSSLESS] <= 0.501
     assert len(encode_hidden(x, BF16, sampled=1)[1]) == len(encode_hidden(x, FP16)[1]) == payload / 2
     # int8: 64 values and one float16 scale per block, 8 outliers (position, value) a row of 576:
-    # 626 / 2304 of float32; the sampled (last) position as float16
-    assert sizes[INT8] / sizes[LOSSLESS] <= 0.274
-    assert len(encode_hidden(x, INT8)[1]) == 200 * (576 + 9 * 2 + 8 * 4)
-    assert len(encode_hidden(x, INT8, sampled=1)[1]) == 199 * (576 + 9 * 2 + 8 * 4) + 576 * 2
+    # 626 / 2304 of float32 (0.272); the first position and the last 17 (the window and the
+    # sampled one) as float16: 0.292 of this frame, tending to 0.272 as frames grow
+    row = 576 + 9 * 2 + 8 * 4
+    assert len(encode_hidden(x, INT8)[1]) == 200 * row
+    assert len(encode_hidden(x, INT8, sampled=1, start=0)[1]) == 182 * row + 18 * 576 * 2
+    assert sizes[INT8] / sizes[LOSSLESS] <= 0.294
+    long = hidden((1, 2000, 576))
+    assert len(encode_hidden(long, INT8, sampled=1, start=0)[1]) / (long.numel() * 4) <= 0.275
 
 
 def test_token_ids_and_checked_steps_travel_lossless():
@@ -259,15 +285,16 @@ def test_an_entry_announces_the_encodings_it_accepts():
 
 
 def _frame(
-    x: torch.Tensor, encoding: str, header: dict | None = None, payload=None, sampled: bool = False
+    x: torch.Tensor, encoding: str, header: dict | None = None, payload=None, edges: bool = False
 ) -> bytes:
     """An encoded step frame, its header changed (a field set to None: removed) and/or its
-    payload replaced; without `sampled`, one whose positions all travel in `encoding`."""
-    frame = encode_step(step(x, encoding))
+    payload replaced; without `edges`, one whose positions all travel in `encoding` (with them,
+    a frame from position 0)."""
+    frame = encode_step(replace(step(x, encoding), position=0) if edges else step(x, encoding))
     (n,) = struct.unpack_from(">I", frame)
     meta = json.loads(frame[4 : 4 + n])
-    if not sampled:
-        meta.update(sampled=None, sampled_encoding=None)
+    if not edges:
+        meta.update(head=None, tail=None, edge_encoding=None)
         payload = encode_hidden(x, encoding)[1] if payload is None else payload
     meta.update(header or {})
     meta = {k: v for k, v in meta.items() if v is not None}
@@ -279,8 +306,8 @@ def test_the_hostile_frames_base_decodes():
     """The frames the next test spoils decode as they are (each case fails by its change only)."""
     for encoding in ENCODINGS:
         assert torch.equal(decode_step(_frame(X, encoding)).tensor, round_trip(X, encoding))
-        got = decode_step(_frame(X, encoding, sampled=True)).tensor
-        assert torch.equal(got, decode_step(encode_step(step(X, encoding))).tensor)
+        got = decode_step(_frame(E, encoding, edges=True)).tensor
+        assert torch.equal(got, decode_step(encode_step(replace(step(E, encoding), position=0))).tensor)
 
 
 def _int8_payload(x: torch.Tensor, scale=None, value=None, where=None, outlier=None) -> bytes:
@@ -301,6 +328,7 @@ def _int8_payload(x: torch.Tensor, scale=None, value=None, where=None, outlier=N
 
 
 X = hidden((1, 3, 64))
+E = hidden((1, 20, 64))  # from position 0: int8 sends 1 + 17 of them as float16, bf16 the last
 
 
 @pytest.mark.parametrize(
@@ -339,17 +367,22 @@ X = hidden((1, 3, 64))
         _frame(X, LOSSLESS, {"scale_dtype": "float16"}),
         _frame(X, INT8, {"dtype": "int64"}),  # token ids are never compressed
         _frame(X, BF16, {"shape": [3, 64], "dtype": "float32"}),  # nor anything but [B, T, H]
-        _frame(X, FP16, {"sampled": 1, "sampled_encoding": "fp16"}),  # fp16 has no sampled part
-        _frame(X, LOSSLESS, {"sampled": 1, "sampled_encoding": "fp16"}),
-        _frame(X, BF16, {"sampled": 4}, sampled=True),  # more than the frame's 3 positions
-        _frame(X, BF16, {"sampled": -1}, sampled=True),
-        _frame(X, INT8, {"sampled": True}, sampled=True),
-        _frame(X, INT8, {"sampled": 2}, sampled=True),  # (the lengths no longer fit)
-        _frame(X, INT8, {"sampled_encoding": "int8"}, sampled=True),
-        _frame(X, BF16, {"sampled_encoding": "lossless"}, sampled=True),  # (lengths no longer fit)
-        _frame(X, BF16, {"sampled_encoding": None}, sampled=True),  # one without the other
-        _frame(X, BF16, {"sampled": None}, sampled=True),
-        _frame(X, INT8, payload=encode_hidden(X, INT8, sampled=1)[1][:-2], sampled=True),
+        _frame(X, FP16, {"head": 0, "tail": 1, "edge_encoding": "fp16"}),  # fp16 has no edges
+        _frame(X, LOSSLESS, {"head": 0, "tail": 1, "edge_encoding": "fp16"}),
+        _frame(E, BF16, {"tail": 21}, edges=True),  # more than the frame's 20 positions
+        _frame(E, BF16, {"tail": -1}, edges=True),
+        _frame(E, INT8, {"head": 4}, edges=True),  # 4 + 17 past the 20 positions
+        _frame(E, INT8, {"head": -1}, edges=True),
+        _frame(E, INT8, {"tail": True}, edges=True),
+        _frame(E, INT8, {"head": 1.0}, edges=True),
+        _frame(E, INT8, {"tail": 16}, edges=True),  # (the lengths no longer fit)
+        _frame(E, INT8, {"head": 0}, edges=True),  # (the lengths no longer fit)
+        _frame(E, INT8, {"edge_encoding": "int8"}, edges=True),
+        _frame(E, BF16, {"edge_encoding": "lossless"}, edges=True),  # (lengths no longer fit)
+        _frame(E, BF16, {"edge_encoding": None}, edges=True),  # not all three
+        _frame(E, BF16, {"tail": None}, edges=True),
+        _frame(E, INT8, {"head": None}, edges=True),
+        _frame(E, INT8, payload=encode_hidden(E, INT8, sampled=1, start=0)[1][:-2], edges=True),
     ],
     ids=[
         "unknown encoding",
@@ -385,17 +418,22 @@ X = hidden((1, 3, 64))
         "lossless with a scale dtype",
         "int8 token ids",
         "bf16 of two dimensions",
-        "fp16 with sampled positions",
-        "lossless with sampled positions",
-        "sampled past the positions",
-        "sampled negative",
-        "sampled true",
-        "sampled count lies",
-        "sampled as int8",
-        "sampled encoding lies",
-        "sampled without its encoding",
-        "sampled encoding alone",
-        "sampled part short",
+        "fp16 with edges",
+        "lossless with edges",
+        "tail past the positions",
+        "tail negative",
+        "head and tail past the positions",
+        "head negative",
+        "tail true",
+        "head a float",
+        "tail count lies",
+        "head count lies",
+        "edges as int8",
+        "edge encoding lies",
+        "edges without their encoding",
+        "no tail",
+        "no head",
+        "edges short",
     ],
 )
 def test_hostile_compressed_frames_are_protocol_errors(frame):
