@@ -373,7 +373,9 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--prompts", type=int, default=40, help="chat prompts of the agreement runs")
+    parser.add_argument(
+        "--prompts", type=int, default=40, help="chat prompts of the agreement runs (0: skip them)"
+    )
     parser.add_argument(
         "--forced-prompts",
         type=int,
@@ -396,38 +398,39 @@ def main() -> int:
     print(f"{source.model_id}, layers {', '.join(SPANS)} in one process; {cpu_line()}")
     print(f"prefill prompt {len(long_prompt)} tokens; {len(prompts)} prompts x {args.tokens} greedy tokens\n")
 
-    results = {}
-    for mode in args.modes:
-        results[mode] = asyncio.run(run_mode(str(source.path), mode, prompts, long_prompt, args.tokens))
-        r = results[mode]
-        print(
-            f"  {mode}: {r['prefill']:.0f} B/token prefill, {r['decode']:.0f} B/token decode "
-            f"({r['hops'][0]} prefill and {r['hops'][1]} decode messages; {r['tokens_per_s']:.1f} tokens/s "
-            "on these cores, three peers in one process)",
-            flush=True,
-        )
+    if args.prompts:
+        results = {}
+        for mode in args.modes:
+            results[mode] = asyncio.run(run_mode(str(source.path), mode, prompts, long_prompt, args.tokens))
+            r = results[mode]
+            print(
+                f"  {mode}: {r['prefill']:.0f} B/token prefill, {r['decode']:.0f} B/token decode "
+                f"({r['hops'][0]} prefill and {r['hops'][1]} decode messages; {r['tokens_per_s']:.1f} tokens/s "
+                "on these cores, three peers in one process)",
+                flush=True,
+            )
 
-    base = results["lossless"]
-    print(
-        "\nBytes per token per hop: whole steps messages (frame headers included), and in brackets "
-        "their tensor data alone (int8: scales included)\n"
-    )
-    print(
-        "| wire | prefill B/token/hop | vs lossless | decode B/token/hop | vs lossless "
-        "| identical greedy runs | mean common prefix |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for mode, r in results.items():
-        same = [a == b for a, b in zip(r["runs"], base["runs"], strict=True)]
-        prefix = [_common(a, b) for a, b in zip(r["runs"], base["runs"], strict=True)]
+        base = results["lossless"]
         print(
-            f"| {mode} | {r['prefill']:.0f} ({r['prefill_tensor']:.0f}) "
-            f"| {r['prefill'] / base['prefill']:.3f} ({r['prefill_tensor'] / base['prefill_tensor']:.3f}) "
-            f"| {r['decode']:.0f} ({r['decode_tensor']:.0f}) "
-            f"| {r['decode'] / base['decode']:.3f} ({r['decode_tensor'] / base['decode_tensor']:.3f}) "
-            f"| {sum(same)}/{len(same)} ({100 * sum(same) / len(same):.0f}%) "
-            f"| {statistics.mean(prefix):.1f} of {args.tokens} |"
+            "\nBytes per token per hop: whole steps messages (frame headers included), and in brackets "
+            "their tensor data alone (int8: scales included)\n"
         )
+        print(
+            "| wire | prefill B/token/hop | vs lossless | decode B/token/hop | vs lossless "
+            "| identical greedy runs | mean common prefix |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for mode, r in results.items():
+            same = [a == b for a, b in zip(r["runs"], base["runs"], strict=True)]
+            prefix = [_common(a, b) for a, b in zip(r["runs"], base["runs"], strict=True)]
+            print(
+                f"| {mode} | {r['prefill']:.0f} ({r['prefill_tensor']:.0f}) "
+                f"| {r['prefill'] / base['prefill']:.3f} ({r['prefill_tensor'] / base['prefill_tensor']:.3f}) "
+                f"| {r['decode']:.0f} ({r['decode_tensor']:.0f}) "
+                f"| {r['decode'] / base['decode']:.3f} ({r['decode_tensor'] / base['decode_tensor']:.3f}) "
+                f"| {sum(same)}/{len(same)} ({100 * sum(same) / len(same):.0f}%) "
+                f"| {statistics.mean(prefix):.1f} of {args.tokens} |"
+            )
     if args.forced_prompts:
         many = [chat(p) for p in PROMPTS[: args.forced_prompts]]
         print(
@@ -439,13 +442,15 @@ def main() -> int:
         print("|---|---|---|")
         for mode, (agree, moved) in forced(str(source.path), args.modes, many, args.tokens).items():
             print(f"| {mode} | {agree}/{len(many)} ({100 * agree / len(many):.1f}%) | {moved:.4f} |")
-    hidden, prefill = base["hidden"], len(long_prompt)
+    from inference.block import load_config
+
+    hidden, prefill = load_config(source.path).hidden_size, len(long_prompt)
     print(
         f"\nCodec time per frame on one thread (encode / decode, microseconds), float32 hidden states of size {hidden}:\n"
     )
     print(f"| wire | prefill frame ({prefill} positions) | decode frame (1 position) |")
     print("|---|---|---|")
-    for mode in results:
+    for mode in args.modes:
         (pe, pd), (de, dd) = codec_us(mode, prefill, hidden), codec_us(mode, 1, hidden)
         print(f"| {mode} | {pe:.0f} / {pd:.0f} | {de:.0f} / {dd:.0f} |")
     return 0

@@ -1,11 +1,16 @@
-"""A peer stops cleanly on SIGTERM and refuses bad flags with one line."""
+"""A peer stops cleanly on SIGTERM (at once on a second) and refuses bad flags with one line."""
 
 import signal
 import subprocess
 import sys
+import time
+
+import httpx
 
 from peers.local_swarm import serve_command
+from peers.protocol import PATH_STEPS, STEP_CONTENT_TYPE, Hop
 from tests.peers.swarm import wait_until
+from tests.peers.test_fuzz import valid_message
 
 
 def test_sigterm_stops_a_peer_cleanly(tiny_llama, make_swarm):
@@ -18,6 +23,27 @@ def test_sigterm_stops_a_peer_cleanly(tiny_llama, make_swarm):
     wait_until(lambda: peer.proc.poll() is not None, 20)
     assert peer.proc.returncode == 0, peer.log_tail()
     assert "Traceback" not in peer.log_tail(200)
+
+
+def test_a_second_sigterm_stops_at_once_while_the_first_drains(tiny_llama, make_swarm):
+    """A session left open keeps a leaving peer draining (up to --drain-s, 10 s by default); a
+    second signal ends that at once."""
+    swarm = make_swarm(tiny_llama)
+    peer = swarm.add("0:4")
+    swarm.wait_ready()
+    route = Hop(peer.peer_id, peer.address, 0, 4)
+    body = valid_message(hop=route)  # a step that opens a session and never closes it
+    r = httpx.post(f"{peer.url}{PATH_STEPS}", content=body, headers={"content-type": STEP_CONTENT_TYPE})
+    assert r.status_code == 200 and "tokens" in r.json()["results"][0], r.text
+    peer.signal(signal.SIGTERM)
+    wait_until(lambda: peer.health() is None or peer.health()["state"] == "leaving", 5)
+    time.sleep(0.5)
+    assert peer.alive()  # still draining
+    started = time.monotonic()
+    peer.signal(signal.SIGTERM)
+    wait_until(lambda: peer.proc.poll() is not None, 20)
+    assert time.monotonic() - started < 4, peer.log_tail()
+    assert peer.proc.returncode == 0, peer.log_tail()
 
 
 def test_serve_rejects_a_bad_layer_range(tiny_llama):
