@@ -517,7 +517,7 @@ def test_fifty_different_schemas_always_validate(client, model_id):
         return r.choices[0].message.content, r.choices[0].finish_reason
 
     start = time.monotonic()
-    with ThreadPoolExecutor(8) as pool:  # (the peers batch them: more at once, less wall time)
+    with ThreadPoolExecutor(16) as pool:  # (the peers batch them: more at once, less wall time)
         outputs = list(pool.map(one, range(50)))
     print(f"50 schemas: {time.monotonic() - start:.1f} s")
     bad = []

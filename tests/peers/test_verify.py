@@ -153,15 +153,15 @@ def test_a_tampered_replica_is_outvoted_and_convicted(tiny_llama):
 
 def test_five_hundred_honest_requests_flag_nobody(tiny_llama):
     """Honest replicas differ only by floating-point noise (batched with other sessions or not,
-    prefill against decode): 500 checked requests, 25 at a time, convict nobody."""
+    prefill against decode): 500 checked requests, 50 at a time, convict nobody."""
 
     async def main():
         net, nodes = await start_swarm(tiny_llama, ["0:1", "1:3", "1:3", "3:4"])
         entry = nodes[0]
         prompts = [[(11 * i + 5 * j) % 250 + 3 for j in range(2 + i % 13)] for i in range(500)]
         try:
-            for k in range(0, len(prompts), 25):
-                await asyncio.gather(*(tokens(entry, p, 4) for p in prompts[k : k + 25]))
+            for k in range(0, len(prompts), 50):
+                await asyncio.gather(*(tokens(entry, p, 4) for p in prompts[k : k + 50]))
             return entry.verification, [set(n.verification.convicted) for n in nodes]
         finally:
             await stop_swarm(nodes)
