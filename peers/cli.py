@@ -325,8 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["lossless", "bf16", "fp16", "int8"],
         default="lossless",
         help="how this peer's hidden states travel to next peers that accept it: lossless (exact), "
-        "bf16, fp16, or int8 (absmax per 64 values, each row's 8 largest apart); a peer that chose a "
-        "compressed wire accepts any, one left lossless only lossless",
+        "bf16, fp16, or int8 (absmax per 64 values, each row's 8 largest apart; the sampled positions, "
+        "and under int8 a sequence's first and the 16 before the sampled ones, as float16); a peer "
+        "that chose a compressed wire accepts any, one left lossless only lossless",
     )
     serve.add_argument(
         "--no-direct-return",

@@ -73,8 +73,9 @@ def encode_hidden(
     """(the frame header's encoding fields, the payload) of `tensor`, which decodes back to the
     tensor's own dtype and shape. float16 falls back to lossless for a tensor beyond its range.
     `sampled`: how many last positions of each sequence the last peer samples from; `start`: the
-    sequence position of the tensor's first (0: the frame starts its sequences). Under bf16 and
-    int8 they decide the edges that travel as float16 (see the module's doc)."""
+    sequence position of the tensor's first (0: the frame starts its sequences). They decide the
+    edges that travel as float16: `sampled` under bf16 and int8, `start` under int8 (see the
+    module's doc)."""
     tensor = tensor.detach().contiguous().cpu()
     if encoding == LOSSLESS:
         return {}, _bytes(tensor)
@@ -86,7 +87,7 @@ def encode_hidden(
         )
     if encoding == FP16 and _beyond_fp16(tensor):
         return {}, _bytes(tensor)  # (inf would be refused downstream as non-finite)
-    head, tail = edges(encoding, tensor.shape[1], sampled, start)
+    head, tail = _edges(encoding, tensor.shape[1], sampled, start)
     middle = tensor[:, head : tensor.shape[1] - tail]
     if encoding in _HALVES:
         fields, payload = {"encoding": encoding}, _bytes(middle.to(_HALVES[encoding]))
@@ -100,7 +101,7 @@ def encode_hidden(
     return fields, payload + _bytes(ends if exact else ends.to(torch.float16))
 
 
-def edges(encoding: str, positions: int, sampled: int, start: int | None) -> tuple[int, int]:
+def _edges(encoding: str, positions: int, sampled: int, start: int | None) -> tuple[int, int]:
     """(head, tail): how many first and last positions of each sequence of a frame of
     `positions` travel as float16 under `encoding`."""
     if encoding not in EDGES_APART:

@@ -362,12 +362,6 @@ def codec_us(mode: str, positions: int, hidden: int) -> tuple[float, float]:
     return (t1 - t0) / reps * 1e6, (t2 - t1) / reps * 1e6
 
 
-def cpu_line() -> str:
-    from scripts.machine import cpu_model
-
-    return cpu_model()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -389,13 +383,14 @@ def main() -> int:
         parser.error("--modes starts with lossless, the reference")
 
     from inference import Tokenizer, resolve_model
+    from scripts.machine import cpu_model
 
     source = resolve_model(args.model)
     tok = Tokenizer(source.path)
     chat = lambda text: tok.encode_chat([{"role": "user", "content": text}])  # noqa: E731
     prompts = [chat(p) for p in PROMPTS[: args.prompts]]
     long_prompt = chat(LONG_PROMPT)
-    print(f"{source.model_id}, layers {', '.join(SPANS)} in one process; {cpu_line()}")
+    print(f"{source.model_id}, layers {', '.join(SPANS)} in one process; {cpu_model()}")
     print(f"prefill prompt {len(long_prompt)} tokens; {len(prompts)} prompts x {args.tokens} greedy tokens\n")
 
     if args.prompts:

@@ -1,5 +1,6 @@
 """Gossip between real peers: newcomers spread in O(log N) rounds, the dead are declared within
-the detection time, and nobody alive is declared dead in 60 rounds of normal running. Rounds are counted, not timed: each peer's own heartbeat advances once per gossip round."""
+the detection time, and nobody alive is declared dead in 60 rounds of normal running. Rounds are
+counted, not timed: each peer's own heartbeat advances once per gossip round."""
 
 import math
 import statistics

@@ -6,11 +6,11 @@ import sys
 import time
 
 import httpx
+import torch
 
 from peers.local_swarm import serve_command
-from peers.protocol import PATH_STEPS, STEP_CONTENT_TYPE, Hop
+from peers.protocol import PATH_STEPS, STEP_CONTENT_TYPE, Hop, Sampling, StepRequest, encode_steps
 from tests.peers.swarm import wait_until
-from tests.peers.test_fuzz import valid_message
 
 
 def test_sigterm_stops_a_peer_cleanly(tiny_llama, make_swarm):
@@ -26,13 +26,13 @@ def test_sigterm_stops_a_peer_cleanly(tiny_llama, make_swarm):
 
 
 def test_a_second_sigterm_stops_at_once_while_the_first_drains(tiny_llama, make_swarm):
-    """A session left open keeps a leaving peer draining (up to --drain-s, 10 s by default); a
+    """A session left open keeps a leaving peer draining (up to --drain, 10 s by default); a
     second signal ends that at once."""
     swarm = make_swarm(tiny_llama)
     peer = swarm.add("0:4")
     swarm.wait_ready()
-    route = Hop(peer.peer_id, peer.address, 0, 4)
-    body = valid_message(hop=route)  # a step that opens a session and never closes it
+    route = [Hop(peer.peer_id, peer.address, 0, 4)]
+    body = encode_steps([StepRequest("s", 0, route, Sampling(), torch.tensor([[5, 6, 7]]))])  # never closed
     r = httpx.post(f"{peer.url}{PATH_STEPS}", content=body, headers={"content-type": STEP_CONTENT_TYPE})
     assert r.status_code == 200 and "tokens" in r.json()["results"][0], r.text
     peer.signal(signal.SIGTERM)
