@@ -2,12 +2,13 @@
 the same seed gives the same tokens whichever peer samples; and the logit controls applied before
 it (logit bias, repetition/presence/frequency penalties, banned tokens, a grammar's token mask)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
 MIN_TEMPERATURE = 1e-5
+COMMIT_K = 16  # entries of a row a hop commits to (peers/swarm/commitments.py)
 _MIX = 0x9E3779B97F4A7C15  # odd constant spreading (seed, step) over the generator's seed space
 
 
@@ -71,6 +72,42 @@ class RowControls:
     @property
     def empty(self) -> bool:
         return not (self.counts or self.context or self.banned) and self.mask is None
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    prompt_tokens: tuple[int, ...] = ()  # with a repetition penalty: the prompt's distinct tokens
+    top_logprobs: int = 0  # the last peer answers this many likeliest tokens per sampled one
+
+    def params(self) -> SamplingParams:
+        """What the sampler takes (below); raises ValueError when out of range."""
+        return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(SamplingParams)})
+
+    @property
+    def steered(self) -> bool:
+        """Anything besides temperature, top-k/p and the seed decides the token."""
+        return self.params().modifies_logits or self.min_p > 0
+
+
+@dataclass(frozen=True)
+class Controls:
+    """What the last peer applies to one sampled row's logits besides the request's sampling
+    parameters, as the entry sends it: the tokens its sequence generated so far and how often
+    (penalties), the tokens it may not take now (min_tokens), and the packed mask of the tokens
+    a grammar allows (inference/grammar.py's pack_mask; unpacked where the vocabulary is known)."""
+
+    counts: tuple[tuple[int, int], ...] = ()
+    banned: tuple[int, ...] = ()
+    mask: str | None = None
 
 
 def controlled(
@@ -179,3 +216,13 @@ def sample_many(
             tokens = tokens.to(x.device)
         out.append((tokens, lp.gather(-1, tokens[:, None])[:, 0]))
     return out
+
+
+def top_entries(
+    x: torch.Tensor, k: int = COMMIT_K, logits: bool = False
+) -> tuple[list[list[int]], list[list[float]]]:
+    """The k largest-magnitude entries of each row of x [B, D] (of logits: the k largest, so that
+    a greedy token can be checked against them): (indices, values)."""
+    x = x.detach().float().cpu()
+    idx = torch.topk(x if logits else x.abs(), min(k, x.shape[-1]), dim=-1).indices
+    return idx.tolist(), torch.gather(x, -1, idx).tolist()

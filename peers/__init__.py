@@ -3,7 +3,7 @@ entry, the Python SDK and the `peer` command."""
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .sdk import (
+from peers.sdk import (
     AsyncSwarmClient,
     Completion,
     SwarmAPIError,

@@ -18,12 +18,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from .limits import guarded_h11
-    from .membership import GossipSettings
-    from .node import NodeConfig, PeerNode
-    from .scheduler import SchedulerSettings
-    from .server import create_app
-    from .trust import swarm_key_from
+    from inference.scheduler import SchedulerSettings
+    from peers.node import NodeConfig, PeerNode
+    from peers.server import create_app
+    from peers.swarm.membership import GossipSettings
+    from peers.transport.auth import swarm_key_from
+    from peers.transport.limits import guarded_h11
 
     gossip = GossipSettings(
         interval_s=args.gossip_interval,
@@ -176,7 +176,7 @@ OPEN_SWARM_VERIFY_RATE = 0.05  # strangers may join: check one request in 20 (co
 
 def _verify_rate(args: argparse.Namespace) -> float:
     """--verify-rate, or by default: checked in an open swarm (strangers may join), not else."""
-    from .trust import swarm_key_from
+    from peers.transport.auth import swarm_key_from
 
     if args.verify_rate is not None:
         return args.verify_rate
@@ -186,8 +186,8 @@ def _verify_rate(args: argparse.Namespace) -> float:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from .sdk import fetch_table, format_table
-    from .trust import swarm_key_from
+    from peers.sdk import fetch_table, format_table
+    from peers.transport.auth import swarm_key_from
 
     key = swarm_key_from(args.swarm_key)
     if args.watch is not None and args.watch <= 0:
@@ -209,7 +209,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _swarm(args: argparse.Namespace) -> int:
-    from .local_swarm import run_local_swarm
+    from peers.local_swarm import run_local_swarm
 
     return run_local_swarm(args.config, args.model, args.served_model_name, args.quant)
 
@@ -614,9 +614,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":  # read by OpenMP when torch loads: set it first
         _set_wait_policy(args.omp_wait_policy)
     from inference import InferenceError
-
-    from .logs import setup_logging
-    from .sdk import SwarmAPIError
+    from peers.sdk import SwarmAPIError
+    from peers.transport.logs import setup_logging
 
     setup_logging(getattr(args, "log_format", "text"), logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
-from .errors import HopFailed
-from .wire import ENCODINGS
+from peers.transport.errors import HopFailed
+from peers.transport.wire import ENCODINGS
 
 if TYPE_CHECKING:
-    from .node import PeerNode
+    from peers.node import PeerNode
 
 PREFIX = "layerswarm"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -93,27 +93,6 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of a scrape."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-
-class TokenClock:
-    """Times one generation into Metrics: its first step's tokens, then the gap between steps."""
-
-    def __init__(self, metrics: Metrics, prompt_tokens: int):
-        self.metrics, self.started, self.last = metrics, time.perf_counter(), None
-        metrics.prompt_tokens.inc(prompt_tokens)
-
-    def step(self, tokens: int) -> None:
-        """A step brought `tokens` new tokens (one per sequence still running)."""
-        if tokens < 1:
-            return
-        now = time.perf_counter()
-        self.metrics.generated_tokens.inc(tokens)
-        self.metrics.tokens += tokens
-        if self.last is None:
-            self.metrics.ttft.observe(now - self.started)
-        else:
-            self.metrics.inter_token.observe(now - self.last)
-        self.last = now
 
 
 class NodeCollector:

@@ -1,6 +1,6 @@
 """A peer: its block of layers and its life in the swarm (join, load, serve, move, leave). The
 compute belongs to the scheduler, sending to other peers to the forwarder, and the gossip loop
-to peers/gossip.py; this module wires them together and runs one hop of a step."""
+to peers/swarm/gossip.py; this module wires them together and runs one hop of a step."""
 
 import asyncio
 import logging
@@ -11,6 +11,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import httpx
 import torch
@@ -25,30 +26,13 @@ from inference import (
     resolve_model,
 )
 from inference.block import load_config
+from inference.core_turns import CoreTurns
 from inference.prefix_cache import BLOCK_TOKENS
 from inference.quant import QUANT_MODES, weights_bytes
-
-from .bans import Bans
-from .direct import DONE, FAILED, QUEUED, Progress, Returns
-from .errors import HopFailed
-from .forwarding import Forwarder
-from .gossip import Gossip
-from .identity import Identity
-from .limits import (
-    DEFAULT_HEADER_TIMEOUT_S,
-    DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_READ_TIMEOUT_S,
-)
-from .links import Links, Speed
-from .membership import DEAD, JOINING, LEAVING, SERVING, GossipSettings, PeerEntry, Table, new_incarnation
-from .metrics import Metrics
-from .protocol import Hop, StepRequest, StepResult, step_error_body, step_result_body
-from .scheduler import Busy, CoreTurns, Job, NonFinite, Scheduler, SchedulerSettings
-from .speculative import SpeculationStats
-from .timing import HopTimes
-from .trust import SwarmAuth
-from .verify import (
+from inference.scheduler import Busy, Job, NonFinite, Sampled, Scheduler, SchedulerSettings
+from peers.entry.speculative import SpeculationStats
+from peers.metrics import Metrics
+from peers.swarm.commitments import (
     MAX_REASON,
     TOLERANCE,
     Accusation,
@@ -61,7 +45,34 @@ from .verify import (
     top_entries,
     with_shadow,
 )
-from .wire import ENCODINGS, LOSSLESS, accepted_encodings
+from peers.swarm.gossip import Gossip
+from peers.swarm.identity import Identity
+from peers.swarm.links import Links, Speed
+from peers.swarm.membership import (
+    DEAD,
+    JOINING,
+    LEAVING,
+    SERVING,
+    GossipSettings,
+    PeerEntry,
+    Table,
+    new_incarnation,
+)
+from peers.swarm.reputation import Bans
+from peers.timing import HopTimes
+from peers.transport.auth import SwarmAuth
+from peers.transport.direct import DONE, FAILED, QUEUED, Progress, Returns
+from peers.transport.errors import HopFailed
+from peers.transport.forwarder import Forwarder
+from peers.transport.frames import Hop, StepRequest, StepResult, step_error_body, step_result_body
+from peers.transport.limits import (
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_READ_TIMEOUT_S,
+    post_capped,
+)
+from peers.transport.wire import ENCODINGS, LOSSLESS, accepted_encodings
 
 log = logging.getLogger("layerswarm.peer")
 
@@ -106,19 +117,23 @@ class NodeConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # open HTTP connections; more are closed
     swarm_key: bytes | None = field(default=None, repr=False)  # a private swarm's shared key
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # keys the OpenAI door takes; () = any caller
-    verify_rate: float = 0.0  # share of requests this entry checks on a second route (peers/consensus.py)
+    verify_rate: float = (
+        0.0  # share of requests this entry checks on a second route (peers/entry/consensus.py)
+    )
     liar_ban_s: float = 3600.0  # how long a peer convicted of computing wrong is avoided
     self_referee: bool = False  # with no third replica, this entry recomputes disputed layers itself
     identity_file: str | None = None  # this peer's Ed25519 key, created on first start; None: new each start
     prefix_reuse: bool = True  # reuse the KV of prompt prefixes this peer computed before
     prefix_cache_tokens: int = 16384  # token slots of KV kept for prefix reuse
-    speculative: bool = True  # requests entering here draft tokens the chain checks (peers/speculative.py)
+    speculative: bool = (
+        True  # requests entering here draft tokens the chain checks (peers/entry/speculative.py)
+    )
     direct_return: bool = True  # results of this entry's steps come straight from the last peer
     draft_model: str | None = None  # a small model sharing the tokenizer, run here to draft tokens
     served_model_names: tuple[str, ...] = ()  # names the OpenAI API answers to; () = the model's id
     allowed_origins: tuple[str, ...] = ()  # browser origins allowed by CORS ("*": any); () = no CORS
     chat_template: str | None = field(default=None, repr=False)  # Jinja, in place of the model's
-    wire: str = LOSSLESS  # how hidden states travel to next hops that accept it (peers/wire.py)
+    wire: str = LOSSLESS  # how hidden states travel to next hops that accept it (peers/transport/wire.py)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     gossip: GossipSettings = field(default_factory=GossipSettings)
 
@@ -224,7 +239,13 @@ class PeerNode:
         self.accusations = Accusations(
             self._public_key_of, self._avoid_accused, config.liar_ban_s, trusted=config.swarm_key is not None
         )
-        self.gossip = Gossip(self.table, self.http, self.list_seeds(), self._housekeeping, self.accusations)
+        self.gossip = Gossip(
+            self.table,
+            partial(post_capped, self.http),
+            self.list_seeds(),
+            self._housekeeping,
+            self.accusations,
+        )
         self.scheduler = Scheduler(lambda: self.block, config.scheduler)
         self.bans = Bans(config.ban_s, config.ban_max_s)
         self.active_requests = 0  # entry requests in flight here
@@ -325,7 +346,7 @@ class PeerNode:
         """An automatically placed peer whose layers others also serve moves to fill a gap; if
         the new layers cannot be loaded it goes back to the old ones, and if that fails too the
         peer stops (on_fatal) rather than stay `joining` for ever."""
-        from .layer_choice import rebalance_target
+        from peers.swarm.placement import rebalance_target
 
         settle_s = 3 * self.config.gossip.dead_after_s  # let views agree before acting on them
         if self._moving or not self.ready or self.config.layers is not None or not self.config.rebalance:
@@ -360,7 +381,7 @@ class PeerNode:
     async def _choose_layers(self, rounds: int = 5) -> None:
         """Pick the span that most needs serving; announce it while joining, and move if a peer
         that chose first claimed the same layers (simultaneous newcomers settle in a few rounds)."""
-        from .layer_choice import choose_span
+        from peers.swarm.placement import choose_span
 
         interval = self.config.gossip.interval_s
         budget = self._layer_budget()
@@ -377,7 +398,7 @@ class PeerNode:
     def _layer_budget(self) -> int:
         if self.config.num_layers is not None:
             return min(self.config.num_layers, self.total_layers)
-        from .layer_choice import layers_fitting_memory
+        from peers.swarm.placement import layers_fitting_memory
 
         c = self.config
         return layers_fitting_memory(self.model_path, self.model_config, c.device, c.dtype, c.quant)
@@ -554,7 +575,7 @@ class PeerNode:
     async def accept_step(self, req: StepRequest) -> None:
         """Direct return: check the step (HopFailed if this peer refuses it), then compute it and
         hand it on in the background, while the sender goes on; the result, or the failure
-        and who is at fault, goes straight to the entry (peers/direct.py)."""
+        and who is at fault, goes straight to the entry (peers/transport/direct.py)."""
         entry = req.reply_to
         if not self._knows_entry(entry) and not await self._learn(lambda: self._knows_entry(entry)):
             raise HopFailed(
@@ -610,7 +631,7 @@ class PeerNode:
         before any work (the receiver bounds its own work, whatever the sender asks)."""
         hop = req.hops[0]
         block = self.block
-        log.log(  # with the request's id (peers/logs.py): a session's first step at info, the rest at debug
+        log.log(  # with the request's id (peers/transport/logs.py): a session's first step at info, the rest at debug
             logging.INFO if req.position == 0 else logging.DEBUG,
             "step of session %s: positions %d-%d of %d sequence(s), layers %d:%d",
             req.session_id[:12],
@@ -684,6 +705,8 @@ class PeerNode:
         if job.started is not None:
             self.hop_times.add("queue", job.started - job.enqueued)
         self.hop_times.add("compute", job.compute_s)
+        if isinstance(out, Sampled):
+            out = StepResult(out.tokens, out.logprobs, top=out.top, alternatives=out.alternatives)
         return out, job
 
     def _shadow_of(self, hop: Hop, shadows: tuple[Hop, ...]) -> Hop | None:

@@ -22,12 +22,12 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from .trust import SwarmAuth
+from peers.transport.auth import SwarmAuth
 
 Deltas = Generator[str, None, None]  # a stream's text deltas; close() ends it early
 AsyncDeltas = AsyncGenerator[str, None]  # the same for asyncio; aclose() ends it early
 
-# The status of each error type a peer sends (peers/errors.py gives them; the SDK does not import
+# The status of each error type a peer sends (peers/transport/errors.py gives them; the SDK does not import
 # the server's errors, which load FastAPI): an error that arrives inside a stream, after the 200,
 # gets the status it would have had before it. A code names its status more precisely.
 STATUS_OF_TYPE = {

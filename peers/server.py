@@ -11,18 +11,19 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from .errors import Forbidden, HopFailed, InvalidRequest, SwarmError, install_handlers
-from .forwarding import outcome_of
-from .limits import BodyLimits
-from .logs import REQUEST_ID, REQUEST_ID_HEADER, RequestIds
-from .metrics import HTTPMetrics
-from .node import PeerNode
-from .openai_api import router as openai_router
-from .openai_api import unless_gone
-from .protocol import (
+from peers.api.openai_routes import router as openai_router
+from peers.api.openai_routes import unless_gone
+from peers.api.service_routes import router as service_router
+from peers.metrics import HTTPMetrics
+from peers.node import PeerNode
+from peers.swarm.gossip import PATH_GOSSIP
+from peers.swarm.routing import coverage, gaps
+from peers.transport.auth import Guard
+from peers.transport.errors import Forbidden, HopFailed, InvalidRequest, SwarmError, install_handlers
+from peers.transport.forwarder import outcome_of
+from peers.transport.frames import (
     MAX_STEPS_PER_MESSAGE,
     PATH_CLOSE,
-    PATH_GOSSIP,
     PATH_HEALTH,
     PATH_METRICS,
     PATH_PROGRESS,
@@ -35,10 +36,9 @@ from .protocol import (
     step_error_body,
     step_result_body,
 )
-from .routing import coverage, gaps
-from .service_api import router as service_router
-from .trust import Guard
-from .view import PAGE, View, loopback
+from peers.transport.limits import BodyLimits
+from peers.transport.logs import REQUEST_ID, REQUEST_ID_HEADER, RequestIds
+from peers.view import PAGE, View, loopback
 
 log = logging.getLogger("layerswarm.server")
 

@@ -16,8 +16,8 @@ from importlib.resources import files
 
 import httpx
 
-from .protocol import PATH_HEALTH
-from .routing import coverage, gaps
+from peers.swarm.routing import coverage, gaps
+from peers.transport.frames import PATH_HEALTH
 
 HEALTH_TIMEOUT_S = 1.0
 CACHE_S = 1.0

@@ -185,7 +185,7 @@ class Counting(httpx.AsyncBaseTransport):
         self.messages: list[tuple[int, int, int, bool]] = []
 
     async def handle_async_request(self, request):
-        from peers.protocol import PATH_STEPS, decode_steps
+        from peers.transport.frames import PATH_STEPS, decode_steps
 
         if request.url.path == PATH_STEPS:
             body = await request.aread()
@@ -211,9 +211,9 @@ def _tensor_bytes(body: bytes) -> int:
 async def start(model: str, wire: str):
     import torch
 
-    from peers.membership import GossipSettings
     from peers.node import NodeConfig, PeerNode
     from peers.server import create_app
+    from peers.swarm.membership import GossipSettings
 
     gossip = GossipSettings(interval_s=0.5, suspect_after_s=20, dead_after_s=40, tombstone_s=120)
     net = Counting()
@@ -244,8 +244,8 @@ async def start(model: str, wire: str):
 
 
 async def run_mode(model: str, wire: str, prompts: list[list[int]], long_prompt: list[int], tokens: int):
-    from peers.entry import generate
-    from peers.protocol import Sampling
+    from peers.entry.generation import generate
+    from peers.transport.frames import Sampling
 
     net, nodes = await start(model, wire)
     entry = nodes[0]
@@ -288,7 +288,7 @@ def forced(model: str, modes: list[str], prompts: list[list[int]], tokens: int) 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from peers.wire import decode_hidden, encode_hidden
+    from peers.transport.wire import decode_hidden, encode_hidden
 
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     state = {"mode": "lossless", "prompt": 0}
@@ -345,7 +345,7 @@ def codec_us(mode: str, positions: int, hidden: int) -> tuple[float, float]:
     on one thread (as the cores are shared, more threads mostly measure their contention)."""
     import torch
 
-    from peers.protocol import Hop, Sampling, StepRequest, decode_step, encode_step
+    from peers.transport.frames import Hop, Sampling, StepRequest, decode_step, encode_step
 
     x = torch.randn(1, positions, hidden)
     req = StepRequest("s" * 32, 0, [Hop("a" * 43, "127.0.0.1:9101", 10, 30)], Sampling(), x, wire=mode)

@@ -10,7 +10,7 @@ from torch import nn
 
 from inference import LocalChain, load_block, weights_bytes
 from inference.quant import GROUP, GroupQuantized, QuantizedEmbedding, quantize_linear
-from peers.layer_choice import layers_fitting_memory
+from peers.swarm.placement import layers_fitting_memory
 
 MODES = ("int8", "int4")
 KINDS = ("llama", "qwen2", "mistral")  # qwen2: tied embeddings and q/k/v biases
@@ -120,7 +120,7 @@ def test_layer_choice_counts_the_bytes_of_quantized_layers(tiny_llama, monkeypat
 
     config = load_config(tiny_llama)
     per_layer = weights_bytes(load_block(tiny_llama)) // config.num_hidden_layers
-    monkeypatch.setattr("peers.layer_choice._mem_available", lambda: int(2.5 * per_layer / 0.6))
+    monkeypatch.setattr("peers.swarm.placement._mem_available", lambda: int(2.5 * per_layer / 0.6))
     fits = {mode: layers_fitting_memory(tiny_llama, config, None, None, mode) for mode in ("none", *MODES)}
     assert fits == {"none": 2, "int8": 4, "int4": 4}, fits
 

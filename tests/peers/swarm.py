@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from peers.local_swarm import serve_command
-from peers.trust import SwarmAuth, swarm_key_from
+from peers.transport.auth import SwarmAuth, swarm_key_from
 
 START_TIMEOUT_S = 120.0
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,6 +1,6 @@
 """The entry's bans: doubling backoff, lifted by success or by a new life of the peer."""
 
-from peers.bans import Bans
+from peers.swarm.reputation import Bans
 from tests.helpers import FakeClock
 
 

@@ -9,9 +9,9 @@ import httpx
 import pytest
 import torch
 
-from peers.direct import DONE, QUEUED, UNKNOWN, Progress, Returns, probe_route
-from peers.errors import HopFailed
-from peers.protocol import (
+from peers.transport.direct import DONE, QUEUED, UNKNOWN, Progress, Returns, probe_route
+from peers.transport.errors import HopFailed
+from peers.transport.frames import (
     PATH_RESULTS,
     PATH_STEPS,
     Entry,

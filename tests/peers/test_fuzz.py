@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 
-from peers.identity import Identity
-from peers.membership import parse_entries
-from peers.protocol import (
-    PATH_GOSSIP,
+from peers.swarm.gossip import PATH_GOSSIP
+from peers.swarm.identity import Identity
+from peers.swarm.membership import parse_entries
+from peers.transport.frames import (
     PATH_STEPS,
     STEP_CONTENT_TYPE,
     Hop,

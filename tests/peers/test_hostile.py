@@ -14,9 +14,9 @@ import httpx
 import pytest
 import torch
 
-from peers.identity import Identity
-from peers.membership import PeerEntry
-from peers.protocol import (
+from peers.swarm.identity import Identity
+from peers.swarm.membership import PeerEntry
+from peers.transport.frames import (
     PATH_GOSSIP,
     PATH_STEPS,
     STEP_CONTENT_TYPE,
@@ -442,7 +442,7 @@ def test_no_peer_logs_a_prompt(swarm):
 # -- lying peers ---------------------------------------------------------------------------------
 NAN_OUTPUT = """
 import torch
-import peers.scheduler as s
+import inference.scheduler as s
 _compute = s._compute
 def lying(block, batch):
     out = _compute(block, batch)  # its own check passed; then it sends NaN
@@ -451,8 +451,8 @@ s._compute = lying
 """
 
 HUGE_TOKEN = """
-import peers.scheduler as s
-from peers.protocol import StepResult
+import inference.scheduler as s
+from peers.transport.frames import StepResult
 def lying(batch, results, which):
     return [StepResult([10**12] * batch[i][0].batch, [0.0] * batch[i][0].batch) for i in which]
 s._sample = lying

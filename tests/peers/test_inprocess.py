@@ -9,12 +9,12 @@ import httpx
 import pytest
 import torch
 
-from peers.entry import generate
-from peers.membership import GossipSettings
+from peers.entry.generation import generate
 from peers.node import NodeConfig, PeerNode
-from peers.protocol import Hop, Sampling
 from peers.server import create_app
-from peers.trust import SwarmAuth
+from peers.swarm.membership import GossipSettings
+from peers.transport.auth import SwarmAuth
+from peers.transport.frames import Hop, Sampling
 from tests.helpers import greedy_reference, monolithic
 
 GOSSIP = GossipSettings(interval_s=0.05, suspect_after_s=5, dead_after_s=10, tombstone_s=30)
@@ -151,7 +151,7 @@ def test_a_peer_dropping_out_mid_generation_is_failed_over_exactly(tiny_llama):
 
 
 def test_a_failed_move_goes_back_to_its_layers_or_stops_the_peer(tiny_llama, monkeypatch):
-    monkeypatch.setattr("peers.layer_choice.rebalance_target", lambda *args: (2, 4))
+    monkeypatch.setattr("peers.swarm.placement.rebalance_target", lambda *args: (2, 4))
 
     async def main():
         _, nodes = await start_swarm(tiny_llama, ["0:4"])
@@ -185,7 +185,7 @@ def test_a_failed_move_goes_back_to_its_layers_or_stops_the_peer(tiny_llama, mon
 def test_one_frame_that_breaks_does_not_fail_its_whole_message(tiny_llama):
     """A coalesced /swarm/steps message: a frame whose step raises anything gets its own error
     result; the other frames of the message are answered normally."""
-    from peers.protocol import PATH_STEPS, Hop, StepRequest, encode_steps
+    from peers.transport.frames import PATH_STEPS, Hop, StepRequest, encode_steps
 
     async def main():
         net, nodes = await start_swarm(tiny_llama, ["0:4"])

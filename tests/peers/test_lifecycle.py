@@ -9,7 +9,7 @@ import httpx
 import torch
 
 from peers.local_swarm import serve_command
-from peers.protocol import PATH_STEPS, STEP_CONTENT_TYPE, Hop, Sampling, StepRequest, encode_steps
+from peers.transport.frames import PATH_STEPS, STEP_CONTENT_TYPE, Hop, Sampling, StepRequest, encode_steps
 from tests.peers.swarm import wait_until
 
 

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from peers.identity import Identity
-from peers.membership import (
+from peers.swarm.identity import Identity
+from peers.swarm.membership import (
     DEAD,
     JOINING,
     LEAVING,
@@ -207,7 +207,7 @@ def test_tombstones_keep_their_age_and_expire_everywhere():
 
 
 def test_rebalance_moves_only_a_redundant_larger_id_peer_into_a_gap():
-    from peers.layer_choice import rebalance_target
+    from peers.swarm.placement import rebalance_target
 
     clock = FakeClock(100.0)
     low_name, high_name = sorted(["a", "b"], key=pid)

@@ -183,7 +183,7 @@ def test_json_log_lines_carry_the_request_id(capsys):
     import json
     import logging
 
-    from peers.logs import REQUEST_ID, setup_logging
+    from peers.transport.logs import REQUEST_ID, setup_logging
 
     root = logging.getLogger()
     saved = root.handlers[:], root.level

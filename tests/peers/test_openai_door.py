@@ -374,9 +374,9 @@ def test_continue_final_message_continues_it(tiny_swarm, model, tok):
 
 
 IGNORE_CONTROLS = """
-import peers.scheduler
+import inference.scheduler
 from inference.sampling import RowControls
-peers.scheduler._row_controls = lambda controls, sampling, vocab: RowControls()  # samples as it likes
+inference.scheduler._row_controls = lambda controls, sampling, vocab: RowControls()  # samples as it likes
 """
 
 

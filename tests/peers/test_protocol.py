@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from peers.protocol import (
+from peers.transport.frames import (
     Controls,
     Hop,
     ProtocolError,
@@ -133,8 +133,8 @@ def test_sampling_and_controls_round_trip():
 
 
 def test_a_last_peers_reply_with_bad_alternatives_is_its_fault():
-    from peers.errors import HopFailed
-    from peers.forwarding import _parse
+    from peers.transport.errors import HopFailed
+    from peers.transport.forwarder import _parse
 
     good = {"tokens": [5], "logprobs": [-0.5], "top_logprobs": [[[5, -0.5], [6, -1.0]]]}
     assert _parse(good, 200, "p").alternatives == (((5, -0.5), (6, -1.0)),)

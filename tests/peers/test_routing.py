@@ -5,8 +5,8 @@ from dataclasses import replace
 
 import pytest
 
-from peers.membership import SERVING, PeerEntry
-from peers.routing import NoRouteError, coverage, gaps, plan_route
+from peers.swarm.membership import SERVING, PeerEntry
+from peers.swarm.routing import NoRouteError, coverage, gaps, plan_route
 
 TOTAL = 30
 

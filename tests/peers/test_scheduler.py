@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from inference import load_block
-from peers.prefix import prefix_hashes
-from peers.protocol import Sampling, StepResult
-from peers.scheduler import Busy, CoreTurns, Job, Scheduler, SchedulerSettings
+from inference.core_turns import CoreTurns
+from inference.sampling import Sampling
+from inference.scheduler import Busy, Job, Sampled, Scheduler, SchedulerSettings
+from peers.entry.prefix import prefix_hashes
 
 GREEDY = Sampling(temperature=0)
 PROMPTS = [[5, 17, 99, 42, 7, 3, 250, 64, 12, 8, 77], [9, 9, 1, 200, 31], [44] * 3, list(range(3, 40))]
@@ -44,7 +45,7 @@ def test_concurrent_steps_run_as_one_batch_and_equal_each_alone(tiny_llama):
     results, stats = run(main())
     assert stats.batches == 1 and stats.max_batch_steps == len(PROMPTS)
     for i, (p, result) in enumerate(zip(PROMPTS, results, strict=True)):
-        assert isinstance(result, StepResult)
+        assert isinstance(result, Sampled)
         assert result.tokens == [int(alone.forward(f"a{i}", torch.tensor([p]), 0)[0, -1].argmax())]
 
 
@@ -263,7 +264,7 @@ def test_colocated_a_slow_session_does_not_hold_the_others(tiny_llama):
 
 
 def test_one_steps_sampling_failure_stays_its_own(tiny_llama, monkeypatch):
-    import peers.scheduler as scheduler
+    import inference.scheduler as scheduler
 
     real = scheduler.sample_many
 
@@ -286,7 +287,7 @@ def test_one_steps_sampling_failure_stays_its_own(tiny_llama, monkeypatch):
 
     (good, bad), stats = run(main())
     assert stats.batches == 1  # they shared a forward
-    assert isinstance(good, StepResult) and isinstance(bad, RuntimeError)
+    assert isinstance(good, Sampled) and isinstance(bad, RuntimeError)
 
 
 def test_decode_steps_leave_room_for_a_waiting_prompt(tiny_llama):
@@ -340,7 +341,7 @@ def test_forwards_wait_for_their_turn_on_the_cores(tiny_llama, tmp_path):
             other.close()
 
     result, after_release, stats, turns = run(main())
-    assert isinstance(result, StepResult) and after_release
+    assert isinstance(result, Sampled) and after_release
     assert turns.turns == 1 and stats.turn_wait_s >= 0.4 and stats.turn_wait_s == pytest.approx(turns.wait_s)
     assert stats.compute_s < stats.turn_wait_s  # the wait is not counted as compute
 
@@ -386,7 +387,7 @@ def test_a_frozen_holder_of_the_turn_does_not_stop_the_others(tiny_llama, tmp_pa
                 sched.turns.close()
 
         first, second, third, waited, stats, turns = run(main())
-    assert all(isinstance(r, StepResult) for r in (first, second, third))
+    assert all(isinstance(r, Sampled) for r in (first, second, third))
     assert 0.3 <= waited < 1.0 and stats.turn_wait_s < waited + 0.2
     assert stats.turns_skipped == 2 and turns.turns == 1  # the third ran in a turn again
 
@@ -406,7 +407,7 @@ def turn_held_elsewhere(path: str):
 
 HOLD_TURN = """
 import sys, time
-from peers.scheduler import CoreTurns
+from inference.core_turns import CoreTurns
 turns = CoreTurns(sys.argv[1])
 turns.__enter__()
 print("held", flush=True)

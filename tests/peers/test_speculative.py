@@ -7,12 +7,20 @@ import asyncio
 import pytest
 import torch
 
-import peers.entry
-import peers.speculative
-from peers.entry import generate
+import peers.entry.generation
+import peers.entry.speculative
+from peers.entry.generation import generate
+from peers.entry.speculative import PAUSE_AFTER_MISSES, Drafter, accepted_length
 from peers.node import NodeConfig, PeerNode
-from peers.protocol import MAX_DRAFT, Hop, ProtocolError, Sampling, StepRequest, decode_step, encode_step
-from peers.speculative import PAUSE_AFTER_MISSES, Drafter, accepted_length
+from peers.transport.frames import (
+    MAX_DRAFT,
+    Hop,
+    ProtocolError,
+    Sampling,
+    StepRequest,
+    decode_step,
+    encode_step,
+)
 from tests.helpers import greedy_reference, monolithic, save_tiny_model
 from tests.peers.test_inprocess import PROMPTS, start_swarm, stop_swarm
 
@@ -124,7 +132,9 @@ async def _tokens(node, prompt, n, sampling=GREEDY, stop=frozenset(), on_token=N
 
 
 def test_greedy_with_prompt_lookup_equals_monolithic_under_concurrency(tiny_llama, monkeypatch):
-    monkeypatch.setattr(peers.speculative, "MIN_NGRAM", 1)  # a random model's text repeats single tokens only
+    monkeypatch.setattr(
+        peers.entry.speculative, "MIN_NGRAM", 1
+    )  # a random model's text repeats single tokens only
     model = monolithic(tiny_llama)
     prompts = PROMPTS + LOOPING
     expected = [greedy_reference(model, p, 24) for p in prompts]
@@ -157,10 +167,12 @@ def test_drafted_steps_give_the_same_tokens_greedy_and_seeded(tiny_llama, monkey
             plain = []
             for p in prompts:  # seeded, without speculation
                 plain.append([t[0].token async for t in generate(entry, p, 20, seeded, frozenset())])
-            monkeypatch.setattr(peers.entry, "Drafter", Oracle(greedy))
+            monkeypatch.setattr(peers.entry.generation, "Drafter", Oracle(greedy))
             got_greedy = await asyncio.gather(*(_tokens(entry, p, 20) for p in prompts))
             steps = entry.speculation.steps
-            monkeypatch.setattr(peers.entry, "Drafter", Oracle(dict(zip(greedy, plain, strict=True))))
+            monkeypatch.setattr(
+                peers.entry.generation, "Drafter", Oracle(dict(zip(greedy, plain, strict=True)))
+            )
             got_seeded = await asyncio.gather(*(_tokens(entry, p, 20, seeded) for p in prompts))
             return plain, got_greedy, got_seeded, steps, entry.speculation
         finally:
@@ -182,7 +194,7 @@ def test_max_tokens_and_stop_ids_hold_when_several_tokens_arrive_at_once(tiny_ll
 
     async def main():
         net, nodes = await start_swarm(tiny_llama, ["0:2", "2:4"])
-        monkeypatch.setattr(peers.entry, "Drafter", Oracle({tuple(prompt): ref}))
+        monkeypatch.setattr(peers.entry.generation, "Drafter", Oracle({tuple(prompt): ref}))
         try:
             capped = await _tokens(nodes[0], prompt, 7)
             stopped = await _tokens(nodes[0], prompt, 20, stop=frozenset({stop}))
@@ -200,7 +212,9 @@ def test_a_peer_lost_during_a_drafted_step_is_failed_over_exactly(tiny_llama, mo
     model = monolithic(tiny_llama)
     prompts = PROMPTS[:4]
     expected = [greedy_reference(model, p, 20) for p in prompts]
-    monkeypatch.setattr(peers.entry, "Drafter", Oracle(dict(zip(map(tuple, prompts), expected, strict=True))))
+    monkeypatch.setattr(
+        peers.entry.generation, "Drafter", Oracle(dict(zip(map(tuple, prompts), expected, strict=True)))
+    )
 
     async def main():
         net, nodes = await start_swarm(tiny_llama, ["0:4", "0:2", "0:2", "2:4"])  # entry, 2 replicas, tail

@@ -1,6 +1,6 @@
 """Text deltas with stop strings."""
 
-from peers.textstream import TextStream
+from peers.api.textstream import TextStream
 
 
 class CharTokenizer:

@@ -6,9 +6,9 @@ import json
 from transformers import AutoTokenizer
 
 from inference import Tokenizer
-from peers.openai_api import _text_of
-from peers.openai_schema import ChatMessage, NamedTool, Tool
-from peers.tools import CallFilter, chat_messages, split_calls, template_tools, with_tool_prompt
+from peers.api.openai_routes import _text_of
+from peers.api.schema import ChatMessage, NamedTool, Tool
+from peers.api.tools import CallFilter, chat_messages, split_calls, template_tools, with_tool_prompt
 
 WEATHER = Tool.model_validate(
     {
@@ -105,7 +105,7 @@ def test_the_stream_filter_sends_text_and_holds_calls_back():
 
 
 def test_a_looping_model_is_stopped_and_its_calls_kept_once():
-    from peers.tools import repeats_a_call
+    from peers.api.tools import repeats_a_call
 
     one = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
     two = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'

@@ -16,9 +16,10 @@ import torch
 
 from peers import AsyncSwarmClient, SwarmAPIError, SwarmClient
 from peers.cli import _api_keys
-from peers.protocol import (
+from peers.swarm.gossip import PATH_GOSSIP
+from peers.transport.auth import sign_headers, swarm_key_from
+from peers.transport.frames import (
     PATH_CLOSE,
-    PATH_GOSSIP,
     PATH_STEPS,
     PATH_TABLE,
     STEP_CONTENT_TYPE,
@@ -27,7 +28,6 @@ from peers.protocol import (
     StepRequest,
     encode_steps,
 )
-from peers.trust import sign_headers, swarm_key_from
 from tests.peers.swarm import Swarm
 
 KEY = "correct horse battery staple"

@@ -9,10 +9,8 @@ import httpx
 import pytest
 import torch
 
-from peers.consensus import checked_generate, verified_generate
-from peers.identity import Identity
-from peers.protocol import Sampling
-from peers.verify import (
+from peers.entry.consensus import checked_generate, verified_generate
+from peers.swarm.commitments import (
     TOLERANCE,
     Accusation,
     Accusations,
@@ -22,6 +20,8 @@ from peers.verify import (
     distance,
     top_entries,
 )
+from peers.swarm.identity import Identity
+from peers.transport.frames import Sampling
 from tests.helpers import greedy_reference, monolithic
 from tests.peers.swarm import wait_until
 from tests.peers.test_inprocess import start_swarm, stop_swarm
@@ -320,7 +320,7 @@ def test_a_liar_serving_tampered_weights_never_reaches_a_user(tiny_llama, make_s
 def test_two_replicas_that_disagree_fail_the_request_instead_of_guessing(tiny_llama):
     """One liar beside one honest replica and no third: no majority can be formed, so the
     request fails naming both suspects; the user gets no token of either."""
-    from peers.errors import SwarmUnavailable
+    from peers.transport.errors import SwarmUnavailable
 
     async def main():
         net, nodes = await start_swarm(tiny_llama, ["0:1", "1:3", "1:3", "3:4"])
@@ -345,7 +345,7 @@ def test_two_replicas_that_disagree_fail_the_request_instead_of_guessing(tiny_ll
 CORRUPTS_WHAT_IT_SENDS = """
 from dataclasses import replace
 import peers.node as node
-import peers.forwarding as forwarding
+import peers.transport.forwarder as forwarding
 node.check_commitments = lambda *args, **kwargs: None  # a liar checks nothing
 _push = forwarding.Forwarder.push
 async def push(self, req):
@@ -363,8 +363,8 @@ def test_a_peer_sending_on_other_hidden_states_than_it_committed_to_is_caught(ti
     prompts are ones whose routes go through the liar, so that each run tests the same thing."""
     from transformers import AutoTokenizer
 
-    from peers.prefix import routing_key
-    from peers.routing import weight
+    from peers.entry.prefix import routing_key
+    from peers.swarm.routing import weight
 
     s, entry, (honest,), liar, last = liar_swarm(
         make_swarm, tiny_llama, ["--verify-rate", "1"], CORRUPTS_WHAT_IT_SENDS
@@ -388,7 +388,7 @@ def test_a_peer_sending_on_other_hidden_states_than_it_committed_to_is_caught(ti
 def test_only_the_shadow_commitments_an_entry_asked_for_count():
     """A relaying hop cannot slip in a commitment of its making (to frame a peer), and a shadow
     fed another input than its hop is not compared with it."""
-    from peers.protocol import Hop
+    from peers.transport.frames import Hop
 
     hop_id, shadow_id, other_id = Identity.generate(), Identity.generate(), Identity.generate()
     keys = {i.peer_id: i.public_key for i in (hop_id, shadow_id, other_id)}

@@ -1,4 +1,4 @@
-"""The compressed wire (peers/wire.py): codec round trips within each encoding's error, the bytes
+"""The compressed wire (peers/transport/wire.py): codec round trips within each encoding's error, the bytes
 a frame takes, hostile frames refused with a ProtocolError, and the encoding chosen per hop."""
 
 import asyncio
@@ -12,11 +12,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peers.forwarding import Forwarder
-from peers.identity import Identity
-from peers.membership import PeerEntry
-from peers.protocol import Hop, ProtocolError, Sampling, StepRequest, decode_step, decode_steps, encode_step
-from peers.wire import (
+from peers.swarm.identity import Identity
+from peers.swarm.membership import PeerEntry
+from peers.transport.forwarder import Forwarder
+from peers.transport.frames import (
+    Hop,
+    ProtocolError,
+    Sampling,
+    StepRequest,
+    decode_step,
+    decode_steps,
+    encode_step,
+)
+from peers.transport.wire import (
     BF16,
     ENCODINGS,
     FP16,
@@ -173,7 +181,7 @@ def test_int8_scales_fall_back_to_float32_where_float16_loses_them():
 
 
 def test_a_receiver_decodes_blocks_of_32_too():
-    from peers.wire import _encode_int8
+    from peers.transport.wire import _encode_int8
 
     x = hidden((2, 3, 80))
     fields, payload = _encode_int8(x, 32)

@@ -1,5 +1,5 @@
 """The gossip loop: every interval, push-pull the whole table with a few random live peers (and
-seeds not yet reached). The table itself (peers/membership.py) is pure data.
+seeds not yet reached). The table itself (peers/swarm/membership.py) is pure data.
 
 Each exchange carries a fresh challenge; the answering peer signs it with its identity, so the
 caller learns which peer answers at the address it dialled (it vouches for that peer: only
@@ -11,29 +11,31 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import httpx
 
-from .identity import verify
-from .limits import post_capped
-from .membership import Table, parse_entries
-from .protocol import PATH_GOSSIP
-from .verify import Accusations
+from peers.swarm.commitments import Accusations
+from peers.swarm.identity import verify
+from peers.swarm.membership import Table, parse_entries
 
 log = logging.getLogger("layerswarm.gossip")
+
+PATH_GOSSIP = "/swarm/gossip"
 
 
 class Gossip:
     def __init__(
         self,
         table: Table,
-        http: httpx.AsyncClient,
+        post: Callable[..., Awaitable[httpx.Response]],
         seeds: list[str],
         before_round: Callable[[], None],
         accusations: Accusations,
     ):
-        self.table, self.http, self.seeds = table, http, seeds
+        """`post(url, timeout_s, json=...)` sends one exchange and reads its bounded answer
+        (peers/transport/limits.py's post_capped over the peer's HTTP client)."""
+        self.table, self.post, self.seeds = table, post, seeds
         self.before_round = before_round  # the node's housekeeping: heartbeat, load, expiry
         self.accusations = accusations  # relayed with the table, checked on receipt
         self.metrics = None  # set by the node: peers/metrics.Metrics (round trips, failures)
@@ -81,9 +83,7 @@ class Gossip:
         challenge = base64.urlsafe_b64encode(os.urandom(18)).decode()
         body = {**self._message(), "challenge": challenge}
         try:
-            r = await post_capped(
-                self.http, f"http://{address}{PATH_GOSSIP}", self.settings.timeout_s, json=body
-            )
+            r = await self.post(f"http://{address}{PATH_GOSSIP}", self.settings.timeout_s, json=body)
             r.raise_for_status()
             reply = r.json()
             self._take(reply)

@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 import xxhash
 
-from .identity import SIGNATURE_CHARS, Identity, verify
-from .limits import finite_number
+from inference.sampling import COMMIT_K, top_entries
+from peers.swarm.checks import finite_number
+from peers.swarm.identity import SIGNATURE_CHARS, Identity, verify
 
-COMMIT_K = 16  # entries of a row a hop commits to
 MIN_OVERLAP = COMMIT_K // 2  # top-k indices two honest replicas share at least
 MAX_COMMITMENTS = 64  # hops one result may carry
 MAX_CONTEXT = 64  # characters of the entry's digest
@@ -147,16 +147,6 @@ def tensor_digest(t: torch.Tensor) -> str:
 def input_rows(t: torch.Tensor) -> torch.Tensor:
     """The last position of a step's input: [B, H] hidden states, or [B, 1] token ids."""
     return t[:, -1].float() if t.dim() == 3 else t[:, -1:].float()
-
-
-def top_entries(
-    x: torch.Tensor, k: int = COMMIT_K, logits: bool = False
-) -> tuple[list[list[int]], list[list[float]]]:
-    """The k largest-magnitude entries of each row of x [B, D] (of logits: the k largest, so that
-    a greedy token can be checked against them): (indices, values)."""
-    x = x.detach().float().cpu()
-    idx = torch.topk(x if logits else x.abs(), min(k, x.shape[-1]), dim=-1).indices
-    return idx.tolist(), torch.gather(x, -1, idx).tolist()
 
 
 def agree(a: Commitment, b: Commitment) -> bool:

@@ -3,29 +3,28 @@ binary step frame, and the small JSON messages.
 
 A step frame is: 4-byte big-endian length of a JSON header, the header, then the raw bytes of one
 tensor (token ids [B, T] int64, or hidden states [B, T, H]) whose dtype and shape the header gives;
-hidden states may travel compressed, as the header's `encoding` says (peers/wire.py).
+hidden states may travel compressed, as the header's `encoding` says (peers/transport/wire.py).
 A steps message is a 4-byte count, then each frame behind its 4-byte length; its reply is JSON,
 one result (tokens or error) per frame, in order.
 """
 
 import json
 import struct
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 
-from inference.sampling import SamplingParams
-
-from .limits import finite_number
-from .logs import valid_request_id
-from .wire import LOSSLESS, decode_hidden, encode_hidden
+from inference.sampling import Controls, Sampling
+from peers.swarm.checks import finite_number
+from peers.swarm.routing import Hop
+from peers.transport.logs import valid_request_id
+from peers.transport.wire import LOSSLESS, decode_hidden, encode_hidden
 
 PATH_HEALTH = "/health"
 PATH_METRICS = "/metrics"  # Prometheus metrics (peers/metrics.py)
 PATH_VIEW = "/view"  # what the swarm page (GET /) draws (peers/view.py)
 PATH_STEPS = "/swarm/steps"  # several step frames in one message (coalesced for one next peer)
 PATH_CLOSE = "/swarm/close"
-PATH_GOSSIP = "/swarm/gossip"
 PATH_TABLE = "/swarm/table"
 PATH_RESULTS = "/swarm/results"  # direct return: results (or failures) of steps, to their entry
 PATH_PROGRESS = "/swarm/progress"  # how far a step got on this hop (the entry asks when it is late)
@@ -53,57 +52,11 @@ class ProtocolError(ValueError):
 
 
 @dataclass(frozen=True)
-class Hop:
-    """One peer of a route and the layers [start, end) it runs for this session."""
-
-    peer_id: str
-    address: str  # host:port
-    start: int
-    end: int
-
-
-@dataclass(frozen=True)
 class Entry:
     """The peer a step's result goes to (direct return)."""
 
     peer_id: str
     address: str
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    min_p: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    prompt_tokens: tuple[int, ...] = ()  # with a repetition penalty: the prompt's distinct tokens
-    top_logprobs: int = 0  # the last peer answers this many likeliest tokens per sampled one
-
-    def params(self) -> SamplingParams:
-        """What the sampler takes (inference/sampling.py); raises ValueError when out of range."""
-        return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(SamplingParams)})
-
-    @property
-    def steered(self) -> bool:
-        """Anything besides temperature, top-k/p and the seed decides the token."""
-        return self.params().modifies_logits or self.min_p > 0
-
-
-@dataclass(frozen=True)
-class Controls:
-    """What the last peer applies to one sampled row's logits besides the request's sampling
-    parameters, as the entry sends it: the tokens its sequence generated so far and how often
-    (penalties), the tokens it may not take now (min_tokens), and the packed mask of the tokens
-    a grammar allows (inference/grammar.py's pack_mask; unpacked where the vocabulary is known)."""
-
-    counts: tuple[tuple[int, int], ...] = ()
-    banned: tuple[int, ...] = ()
-    mask: str | None = None
 
 
 MAX_COUNT = 1 << 24  # times a token was generated (more than any context holds)
@@ -128,7 +81,9 @@ class StepRequest:
     # per sampled row (B of them, or draft + 1 for a drafted step), or none: what the last peer
     # applies to that row's logits besides `sampling` (penalties' counts, banned tokens, a mask)
     controls: tuple[Controls, ...] = ()
-    wire: str = LOSSLESS  # how `tensor` travels (peers/wire.py): the sender's forwarder chooses per hop
+    wire: str = (
+        LOSSLESS  # how `tensor` travels (peers/transport/wire.py): the sender's forwarder chooses per hop
+    )
 
 
 @dataclass(frozen=True)
@@ -136,7 +91,7 @@ class StepResult:
     tokens: list[int]  # one per sequence of the session's batch; draft + 1 for a drafted step
     logprobs: list[float]
     commitments: tuple = ()  # the hops' signed Commitments, first hop first (when the frame asked)
-    shadows: tuple = ()  # the shadows' signed Commitments (peers/verify.py)
+    shadows: tuple = ()  # the shadows' signed Commitments (peers/swarm/commitments.py)
     top: tuple | None = field(default=None, repr=False)  # the last hop's committed logits, before signing
     # with sampling.top_logprobs: per sampled token, the likeliest tokens and their logprobs
     alternatives: tuple[tuple[tuple[int, float], ...], ...] = ()
@@ -145,7 +100,7 @@ class StepResult:
 def encode_tensor_frame(
     header: dict, tensor: torch.Tensor, encoding: str = LOSSLESS, sampled: int = 0, start: int | None = None
 ) -> bytes:
-    """A frame of `header` and `tensor` in `encoding` (peers/wire.py; `sampled`: how many last
+    """A frame of `header` and `tensor` in `encoding` (peers/transport/wire.py; `sampled`: how many last
     positions of each sequence the last peer samples from; `start`: the first one's position)."""
     if tensor.dtype not in _NAMES:
         raise ProtocolError(f"dtype {tensor.dtype} cannot travel; use one of {', '.join(_DTYPES)}")

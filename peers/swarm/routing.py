@@ -5,15 +5,25 @@ than another candidate's (as the peers measured and published them)."""
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import xxhash
 
-from .membership import PeerEntry
-from .protocol import Hop
+from peers.swarm.membership import PeerEntry
 
 LOAD_BOUND = 1.25  # a peer above this times the mean load of its candidates (rounded up) is skipped
 SLOW_FACTOR = 2.0  # a peer whose compute and link take more than this times the best candidate's,
 SLOW_MARGIN_MS = 20.0  # plus this, is skipped
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One peer of a route and the layers [start, end) it runs for this session."""
+
+    peer_id: str
+    address: str  # host:port
+    start: int
+    end: int
 
 
 class NoRouteError(Exception):

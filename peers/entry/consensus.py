@@ -3,7 +3,7 @@ the same.
 
 - `--verify-rate R` (verified_generate): that share of requests has every hop that has another
   replica recomputed by it at every step, on the same input (its shadow: the hop before it sends
-  both the same hidden states, and the shadow answers only its commitment, peers/verify.py). The
+  both the same hidden states, and the shadow answers only its commitment, peers/swarm/commitments.py). The
   entry compares each hop's commitment with its shadow's. On a disagreement a referee route that
   avoids both recomputes the step from the agreed tokens; the one it contradicts is convicted
   (avoided for --liar-ban seconds, whatever life it starts, and accused by gossip with the
@@ -22,15 +22,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 from inference.sampling import MIN_TEMPERATURE
-
-from .entry import Token, _route, banned_now, generate
-from .errors import SwarmUnavailable
-from .node import PeerNode
-from .prefix import routing_key
-from .protocol import Hop, Sampling, StepResult
-from .routing import NoRouteError
-from .steering import Steering
-from .verify import agree, greedy_choice
+from peers.entry.generation import Token, _route, banned_now, generate
+from peers.entry.peer import EntryPeer
+from peers.entry.prefix import routing_key
+from peers.entry.steering import Steering
+from peers.swarm.commitments import agree, greedy_choice
+from peers.swarm.routing import NoRouteError
+from peers.transport.errors import SwarmUnavailable
+from peers.transport.frames import Hop, Sampling, StepResult
 
 log = logging.getLogger("layerswarm.verify")
 
@@ -101,7 +100,7 @@ def _peers(route: list[Hop]) -> set[str]:
     return {h.peer_id for h in route}
 
 
-def _planned(node: PeerNode, key: str, avoid: set[str]) -> list[Hop] | None:
+def _planned(node: EntryPeer, key: str, avoid: set[str]) -> list[Hop] | None:
     """The route a generation avoiding `avoid` would take now (None: no route at all)."""
     try:
         return _route(node, key, banned_now(node), frozenset(avoid), strict=False)
@@ -140,7 +139,7 @@ def _suspects(route: list[Hop], other: list[Hop], start: int, end: int) -> list[
 
 
 async def checked_generate(
-    node: PeerNode,
+    node: EntryPeer,
     prompt_ids: list[int],
     max_tokens: int,
     sampling: Sampling,
@@ -223,7 +222,7 @@ async def checked_generate(
         await asyncio.gather(*(r.close() for r in runners), return_exceptions=True)
 
 
-async def _drop_false_tokens(node: PeerNode, runners: list[_Runner]) -> list[_Runner]:
+async def _drop_false_tokens(node: EntryPeer, runners: list[_Runner]) -> list[_Runner]:
     """Greedy tokens must be the argmax of the logits the last hop signed: a last hop that
     answers another token convicts itself."""
     kept = []
@@ -252,7 +251,7 @@ def _independent(runners: list[_Runner], group: list[int], greedy: bool) -> bool
     return True
 
 
-def _evidence(node: PeerNode, hop: Hop, wrong: StepResult, right: StepResult, boundary: int):
+def _evidence(node: EntryPeer, hop: Hop, wrong: StepResult, right: StepResult, boundary: int):
     """The accused hop's commitment and another peer's at the boundary where they disagree, when
     the hop's own output is that boundary's (else None: this entry convicts, but cannot accuse)."""
     mine, theirs = _boundaries(wrong).get(boundary), _boundaries(right).get(boundary)
@@ -263,7 +262,7 @@ def _evidence(node: PeerNode, hop: Hop, wrong: StepResult, right: StepResult, bo
     return mine, theirs
 
 
-async def _decide(node: PeerNode, runners: list[_Runner], groups: list[list[int]], start, greedy: bool):
+async def _decide(node: EntryPeer, runners: list[_Runner], groups: list[list[int]], start, greedy: bool):
     """Routes disagreed on a step: the majority (or, with no majority, a referee route that
     avoids every suspect) decides; the minority's suspects are convicted and its routes closed.
     Returns the runners to go on with, one that computed the step right first."""
@@ -332,7 +331,7 @@ def _plain_greedy(sampling: Sampling, steering: Steering | None) -> bool:
 
 
 async def verified_generate(
-    node: PeerNode,
+    node: EntryPeer,
     prompt_ids: list[int],
     max_tokens: int,
     sampling: Sampling,
@@ -405,7 +404,7 @@ async def verified_generate(
             await runner.close()
 
 
-def _true_tokens(node: PeerNode, route: list[Hop], result: StepResult, tokens: list[Token]) -> bool:
+def _true_tokens(node: EntryPeer, route: list[Hop], result: StepResult, tokens: list[Token]) -> bool:
     """Greedy tokens must be the argmax of the logits the last peer signed; one that answers
     another token convicts itself (its own signature is the evidence)."""
     last = route[-1]
@@ -416,7 +415,7 @@ def _true_tokens(node: PeerNode, route: list[Hop], result: StepResult, tokens: l
     return False
 
 
-async def _referee(node: PeerNode, disputes, tokens: list[Token], start, rows) -> list[Token] | None:
+async def _referee(node: EntryPeer, disputes, tokens: list[Token], start, rows) -> list[Token] | None:
     """Hops and their shadows disagree: a route avoiding all of them recomputes the step (or,
     with no such route and --self-referee, this entry recomputes the disputed layers itself on
     `rows`, the token sequences so far); the side it contradicts is convicted. Returns the

@@ -14,16 +14,16 @@ from dataclasses import dataclass, replace
 import torch
 import xxhash
 
-from .direct import probe_route
-from .errors import HopFailed, Overloaded, SwarmError, SwarmUnavailable
-from .logs import REQUEST_ID
-from .node import PeerNode
-from .prefix import prefix_hashes, routing_key
-from .protocol import MAX_SHADOWS, Controls, Entry, Hop, Sampling, StepRequest, StepResult
-from .routing import NoRouteError, plan_route, weight
-from .speculative import Drafter, ModelDrafter, accepted_length
-from .steering import Steering
-from .verify import check_commitments, checked_shadows, with_shadow
+from peers.entry.peer import EntryPeer
+from peers.entry.prefix import prefix_hashes, routing_key
+from peers.entry.speculative import Drafter, ModelDrafter, accepted_length
+from peers.entry.steering import Steering
+from peers.swarm.commitments import check_commitments, checked_shadows, with_shadow
+from peers.swarm.routing import NoRouteError, plan_route, weight
+from peers.transport.direct import probe_route
+from peers.transport.errors import HopFailed, Overloaded, SwarmError, SwarmUnavailable
+from peers.transport.frames import MAX_SHADOWS, Controls, Entry, Hop, Sampling, StepRequest, StepResult
+from peers.transport.logs import REQUEST_ID
 
 log = logging.getLogger("layerswarm.entry")
 
@@ -37,18 +37,18 @@ class Token:
     top: tuple[tuple[int, float], ...] = ()  # the likeliest tokens and their logprobs (top_logprobs)
 
 
-def current_route(node: PeerNode, key: str, exclude: set[str]) -> list[Hop]:
+def current_route(node: EntryPeer, key: str, exclude: set[str]) -> list[Hop]:
     peers = node.table.serving(node.model_id)
     return plan_route(peers, node.total_layers, key, node.model_id, exclude, origin=node.table.me)
 
 
-def banned_now(node: PeerNode) -> set[str]:
+def banned_now(node: EntryPeer) -> set[str]:
     incarnations = {e.peer_id: e.incarnation for e in node.table.live()}
     return node.bans.banned(incarnations)
 
 
 async def step(
-    node: PeerNode,
+    node: EntryPeer,
     route: list[Hop],
     session_id: str,
     rows: list[list[int]],
@@ -105,8 +105,8 @@ async def step(
     return result
 
 
-async def _direct(node: PeerNode, req: StepRequest) -> StepResult:
-    """Send the step with direct return (peers/direct.py): the first hop takes it on, the last
+async def _direct(node: EntryPeer, req: StepRequest) -> StepResult:
+    """Send the step with direct return (peers/transport/direct.py): the first hop takes it on, the last
     sends the result here; a failure reported by a hop, or found by probing a late step, is a
     HopFailed naming the peer at fault."""
     step_id = uuid.uuid4().hex
@@ -128,7 +128,7 @@ async def _direct(node: PeerNode, req: StepRequest) -> StepResult:
 
 
 async def generate(
-    node: PeerNode,
+    node: EntryPeer,
     prompt_ids: list[int],
     max_tokens: int,
     sampling: Sampling,
@@ -146,7 +146,7 @@ async def generate(
     """Yield the next token of each of `n` sequences of one prompt, step by step, until every
     sequence met a stop id or max_tokens; survives failing peers until failover_timeout_s.
 
-    For checked generation (peers/consensus.py): `history` continues sequences already generated
+    For checked generation (peers/entry/consensus.py): `history` continues sequences already generated
     (the first step replays them), routes avoid the peers in `avoid` where the swarm allows (always,
     with `strict_avoid`), and with `observe` every hop commits to its output and observe(route,
     result) sees each step that makes tokens before they are yielded; `shadowed` also has every
@@ -154,7 +154,7 @@ async def generate(
     result.shadows.
 
     `speculative`: one sequence, unchecked, drafts tokens by prompt lookup and has the chain check
-    them in one step (peers/speculative.py); the tokens are the same as without it, and they are
+    them in one step (peers/entry/speculative.py); the tokens are the same as without it, and they are
     yielded one at a time, so that a consumer stopping at a stop string never sees past it.
 
     `steering`: penalties, min_tokens and a grammar, sent with each step that samples (a token
@@ -316,7 +316,7 @@ def _tokens(result: StepResult) -> list[Token]:
     return [Token(t, lp, top) for t, lp, top in zip(result.tokens, result.logprobs, tops, strict=True)]
 
 
-def _route(node: PeerNode, key: str, exclude: set[str], avoid: frozenset[str], strict: bool) -> list[Hop]:
+def _route(node: EntryPeer, key: str, exclude: set[str], avoid: frozenset[str], strict: bool) -> list[Hop]:
     """A route around `exclude`, and around as many of the peers in `avoid` as the swarm allows
     (all of them, with `strict`)."""
     if strict or not avoid:
@@ -332,7 +332,7 @@ def _route(node: PeerNode, key: str, exclude: set[str], avoid: frozenset[str], s
     return current_route(node, key, excluded)
 
 
-def _shadows(node: PeerNode, key: str, route: list[Hop], exclude: set[str]) -> tuple[Hop, ...]:
+def _shadows(node: EntryPeer, key: str, route: list[Hop], exclude: set[str]) -> tuple[Hop, ...]:
     """For each hop, a replica off the route that serves its layers, chosen by rendezvous hashing
     on the request's key (none where the swarm has no other)."""
     on_route = {h.peer_id for h in route}
@@ -368,7 +368,7 @@ def _plan(prompt_ids: list[int], generated: list[list[int]], n: int) -> list[tup
 
 
 def _handle_failure(
-    node: PeerNode, e: HopFailed, route: list[Hop], session_id: str, avoided: dict[str, str]
+    node: EntryPeer, e: HopFailed, route: list[Hop], session_id: str, avoided: dict[str, str]
 ) -> None:
     """Only a peer at fault is banned; one without room is avoided by this request (in
     `avoided`: full or busy now, or too small for it ever); a lost session is simply replayed."""
@@ -387,6 +387,6 @@ def _handle_failure(
     node.spawn(node.close_sessions(session_id, route))
 
 
-def _give_up_if_late(node: PeerNode, since: float, why: str) -> None:
+def _give_up_if_late(node: EntryPeer, since: float, why: str) -> None:
     if time.monotonic() - since > node.config.failover_timeout_s:
         raise SwarmUnavailable(f"gave up after {node.config.failover_timeout_s:.0f} s of failover: {why}")

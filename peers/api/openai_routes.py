@@ -14,18 +14,17 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from inference.grammar import GrammarError, json_object_grammar, json_schema_grammar, tool_call_grammar
-
-from .entry import RETRY_AFTER_S, banned_now, current_route
-from .errors import InvalidRequest, ModelNotServed, Overloaded, SwarmUnavailable
-from .logs import RUN_KEY
-from .node import PeerNode
-from .openai_run import Run, Usage, best, collect, first_events, merged, usage
-from .openai_schema import MAX_PROMPTS, ChatMessage, ChatRequest, CompletionRequest, NamedTool, _Request
-from .openai_shapes import Shape, sse
-from .protocol import Sampling
-from .routing import NoRouteError
-from .steering import Steering
-from .tools import chat_messages, template_tools, with_tool_prompt
+from peers.api.door import ApiPeer
+from peers.api.runs import Run, Usage, best, collect, first_events, merged, usage
+from peers.api.schema import MAX_PROMPTS, ChatMessage, ChatRequest, CompletionRequest, NamedTool, _Request
+from peers.api.shapes import Shape, sse
+from peers.api.tools import chat_messages, template_tools, with_tool_prompt
+from peers.entry.generation import RETRY_AFTER_S, banned_now, current_route
+from peers.entry.steering import Steering
+from peers.swarm.routing import NoRouteError
+from peers.transport.errors import InvalidRequest, ModelNotServed, Overloaded, SwarmUnavailable
+from peers.transport.frames import Sampling
+from peers.transport.logs import RUN_KEY
 
 __all__ = ["ChatMessage", "router", "unless_gone"]
 
@@ -63,7 +62,7 @@ def _text_of(content: str | list[dict]) -> str:
     return "".join(parts)
 
 
-def router(node: PeerNode) -> APIRouter:
+def router(node: ApiPeer) -> APIRouter:
     api = APIRouter()
     tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")  # off the event loop
 
@@ -167,7 +166,7 @@ def _chat_grammar(req: ChatRequest, tools: list) -> str | None:
         raise InvalidRequest(f"{param}: {e}", param=param) from None
 
 
-def _fill_in_the_middle(node: PeerNode, prompts: list, suffix: str) -> list[str]:
+def _fill_in_the_middle(node: ApiPeer, prompts: list, suffix: str) -> list[str]:
     """`suffix`: prompt and suffix around the model's fill-in-the-middle markers."""
     marks = next((m for m in FIM_TOKENS if node.tokenizer.special_ids(*m) is not None), None)
     if marks is None:
@@ -181,7 +180,7 @@ def _fill_in_the_middle(node: PeerNode, prompts: list, suffix: str) -> list[str]
     return [f"{pre}{p}{suf}{suffix}{mid}" for p in prompts]
 
 
-def _check_prompt_size(node: PeerNode, chars: int, param: str) -> None:
+def _check_prompt_size(node: ApiPeer, chars: int, param: str) -> None:
     """Before tokenizing: a prompt that could not fit the context however it tokenizes is
     refused at once (tokenizing megabytes takes seconds and gigabytes)."""
     limit = node.context_length * MAX_CHARS_PER_TOKEN
@@ -194,7 +193,7 @@ def _check_prompt_size(node: PeerNode, chars: int, param: str) -> None:
         )
 
 
-def _admit(node: PeerNode, req: _Request) -> None:
+def _admit(node: ApiPeer, req: _Request) -> None:
     """Before any work: the model, and room for one more request at this entry (so that no more
     than --max-requests prompts wait for the tokenizer either)."""
     if req.model not in node.served_names:
@@ -209,7 +208,7 @@ def _admit(node: PeerNode, req: _Request) -> None:
         raise SwarmUnavailable("this peer is shutting down; send the request to another peer")
 
 
-def _check(node: PeerNode, req: _Request, prompt_ids: list[int]) -> int:
+def _check(node: ApiPeer, req: _Request, prompt_ids: list[int]) -> int:
     """Validate what pydantic cannot; returns max_tokens."""
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
     if len(stops) > 4:
@@ -226,7 +225,7 @@ def _check(node: PeerNode, req: _Request, prompt_ids: list[int]) -> int:
     return asked or min(DEFAULT_MAX_TOKENS, room)
 
 
-def _sampling(node: PeerNode, req: _Request, ask: Ask) -> Sampling:
+def _sampling(node: ApiPeer, req: _Request, ask: Ask) -> Sampling:
     vocab = node.model_config.vocab_size
     bias = tuple(sorted((int(k), float(v)) for k, v in (req.logit_bias or {}).items()))
     if any(t >= vocab for t, _ in bias):
@@ -247,7 +246,7 @@ def _sampling(node: PeerNode, req: _Request, ask: Ask) -> Sampling:
     )
 
 
-def _steering(node: PeerNode, req: _Request, ask: Ask, stop_ids: frozenset[int]) -> Steering | None:
+def _steering(node: ApiPeer, req: _Request, ask: Ask, stop_ids: frozenset[int]) -> Steering | None:
     counts = (req.presence_penalty, req.frequency_penalty, req.repetition_penalty) != (0, 0, 1)
     if not (counts or req.min_tokens or ask.grammar):
         return None
@@ -262,7 +261,7 @@ def _steering(node: PeerNode, req: _Request, ask: Ask, stop_ids: frozenset[int])
 
 
 async def _complete(
-    node: PeerNode,
+    node: ApiPeer,
     req: _Request,
     ask: Ask,
     prompt_ids: Callable[[], Awaitable[list[list[int]]]],
@@ -293,7 +292,7 @@ def _once(fn):
 
 
 async def _respond(
-    node: PeerNode,
+    node: ApiPeer,
     req: _Request,
     ask: Ask,
     prompts: list[list[int]],

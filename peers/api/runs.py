@@ -2,16 +2,16 @@
 tokens it covers), finish reasons and usage; several runs merge into one stream of choices."""
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
-from .consensus import checked_generate, verified_generate
-from .entry import Token, generate
-from .metrics import TokenClock
-from .node import PeerNode
-from .openai_shapes import Choice
-from .steering import Steering
-from .textstream import TextStream
-from .tools import repeats_a_call
+from peers.api.door import ApiPeer
+from peers.api.shapes import Choice
+from peers.api.textstream import TextStream
+from peers.api.tools import repeats_a_call
+from peers.entry.consensus import checked_generate, verified_generate
+from peers.entry.generation import Token, generate
+from peers.entry.steering import Steering
 
 
 def best(choices: list[Choice], prompts: int, best_of: int, n: int) -> list[Choice]:
@@ -21,6 +21,27 @@ def best(choices: list[Choice], prompts: int, best_of: int, n: int) -> list[Choi
         group = choices[k * best_of : (k + 1) * best_of]
         out += sorted(group, key=lambda c: -sum(t.logprob for t in c.tokens))[:n]
     return out
+
+
+class TokenClock:
+    """Times one generation into the peer's metrics (peers/metrics.py): its first step's tokens, then the gap between steps."""
+
+    def __init__(self, metrics, prompt_tokens: int):
+        self.metrics, self.started, self.last = metrics, time.perf_counter(), None
+        metrics.prompt_tokens.inc(prompt_tokens)
+
+    def step(self, tokens: int) -> None:
+        """A step brought `tokens` new tokens (one per sequence still running)."""
+        if tokens < 1:
+            return
+        now = time.perf_counter()
+        self.metrics.generated_tokens.inc(tokens)
+        self.metrics.tokens += tokens
+        if self.last is None:
+            self.metrics.ttft.observe(now - self.started)
+        else:
+            self.metrics.inter_token.observe(now - self.last)
+        self.last = now
 
 
 class Usage:
@@ -107,7 +128,7 @@ class Run:
 
     def __init__(
         self,
-        node: PeerNode,
+        node: ApiPeer,
         prompt_ids,
         max_tokens,
         sampling,

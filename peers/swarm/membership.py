@@ -1,7 +1,7 @@
 """The swarm table each peer keeps, merged by gossip (heartbeats with suspicion, incarnations and
 tombstones, after SWIM and Scuttlebutt). Pure data: the gossip loop lives in the server.
 
-A peer is its Ed25519 identity (peers/identity.py): its peer id is derived from its public key,
+A peer is its Ed25519 identity (peers/swarm/identity.py): its peer id is derived from its public key,
 and it signs every version of its own entry, its address included. An entry is taken from gossip
 only with its owner's valid signature, so no one can forge, move or revive another peer's entry.
 Each process life has a new, larger incarnation, so a restarted peer supersedes its previous life
@@ -21,8 +21,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
-from .identity import PEER_ID_CHARS, SIGNATURE_CHARS, Identity, peer_id_of, verify
-from .limits import finite_number
+from peers.swarm.checks import finite_number
+from peers.swarm.identity import PEER_ID_CHARS, SIGNATURE_CHARS, Identity, peer_id_of, verify
 
 JOINING, SERVING, LEAVING, DEAD = "joining", "serving", "leaving", "dead"
 STATES = (JOINING, SERVING, LEAVING, DEAD)
@@ -36,7 +36,7 @@ MAX_CLOCK_AHEAD_S = 300.0  # an incarnation (a start time in microseconds) at mo
 MAX_COUNTER = 2**53  # heartbeats and loads
 MAX_LINKS = 16  # round-trip times an entry publishes
 MAX_MS = 600_000.0  # the largest time an entry may publish
-MAX_WIRE_NAMES = 8  # encodings of hidden states an entry announces it accepts (peers/wire.py)
+MAX_WIRE_NAMES = 8  # encodings of hidden states an entry announces it accepts (peers/transport/wire.py)
 MAX_WIRE_NAME = 16  # characters of one
 _HOST = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
@@ -85,7 +85,7 @@ class PeerEntry:
     signature: str = ""  # the owner's, over every other field but dead_for_s
     layer_ms: float = 0.0  # its recent compute time per layer of a forward (0: not measured yet)
     links: tuple[tuple[str, float], ...] = ()  # (peer id, round-trip ms) to peers it talks to
-    wire: tuple[str, ...] = ("lossless",)  # encodings of hidden states it accepts (peers/wire.py)
+    wire: tuple[str, ...] = ("lossless",)  # encodings of hidden states it accepts (peers/transport/wire.py)
 
     @property
     def version(self) -> tuple[int, int]:

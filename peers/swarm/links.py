@@ -6,7 +6,7 @@ published in its signed entry."""
 import time
 from collections import OrderedDict
 
-from .membership import MAX_LINKS, MAX_MS
+from peers.swarm.membership import MAX_LINKS, MAX_MS
 
 EMA = 0.2  # weight of a new sample
 MAX_TRACKED = 256  # peers whose round-trip time is kept

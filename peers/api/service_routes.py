@@ -1,4 +1,4 @@
-"""The rest of the OpenAI door, beside the completions of peers/openai_api.py: the model cards
+"""The rest of the OpenAI door, beside the completions of peers/api/openai_routes.py: the model cards
 (/v1/models), the served model's tokenizer (/tokenize, /detokenize, as in vLLM) and the
 installed version (/version)."""
 
@@ -11,10 +11,10 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from .errors import InvalidRequest, ModelNotServed
-from .node import PeerNode
-from .openai_api import ChatMessage, _check_prompt_size, _text_of
-from .tools import chat_messages
+from peers.api.door import ApiPeer
+from peers.api.openai_routes import ChatMessage, _check_prompt_size, _text_of
+from peers.api.tools import chat_messages
+from peers.transport.errors import InvalidRequest, ModelNotServed
 
 
 class TokenizeRequest(BaseModel):
@@ -43,7 +43,7 @@ def installed_version() -> str:
         return "unknown"
 
 
-def router(node: PeerNode) -> APIRouter:
+def router(node: ApiPeer) -> APIRouter:
     api = APIRouter()
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize-api")  # off the event loop
     created = int(time.time())
@@ -112,6 +112,6 @@ def router(node: PeerNode) -> APIRouter:
     return api
 
 
-def _check_model(node: PeerNode, model: str | None) -> None:
+def _check_model(node: ApiPeer, model: str | None) -> None:
     if model is not None and model not in node.served_names:
         raise ModelNotServed(model, node.served_model)

@@ -7,8 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from inference.grammar import Matcher, pack_mask
-
-from .protocol import Controls
+from peers.transport.frames import Controls
 
 
 @dataclass(frozen=True)

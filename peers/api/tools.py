@@ -7,8 +7,7 @@ import json
 import uuid
 
 from inference.grammar import parse_tool_calls
-
-from .openai_schema import ChatMessage, NamedTool, Tool
+from peers.api.schema import ChatMessage, NamedTool, Tool
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"

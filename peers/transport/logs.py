@@ -12,7 +12,7 @@ import re
 import time
 import uuid
 
-from .limits import json_error
+from peers.transport.limits import json_error
 
 REQUEST_ID = contextvars.ContextVar("request_id", default="")
 REQUEST_ID_HEADER = "x-request-id"

@@ -4,12 +4,7 @@ with prefill chunks, so a long prompt cannot stall the others. Queue wait and co
 measured apart; a step that waits too long, or finds the queue full, is `Busy`, not failed."""
 
 import asyncio
-import fcntl
 import logging
-import os
-import queue
-import tempfile
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -20,11 +15,9 @@ import torch
 
 from inference import Block
 from inference.batch import Step
+from inference.core_turns import CoreTurns
 from inference.grammar import unpack_mask
-from inference.sampling import RowControls, sample_many
-
-from .protocol import Controls, Sampling, StepResult
-from .verify import top_entries
+from inference.sampling import Controls, RowControls, Sampling, sample_many, top_entries
 
 log = logging.getLogger("layerswarm.scheduler")
 
@@ -32,7 +25,18 @@ RECENT_S = 2.0  # a session that took a decode step here this recently is expect
 COLOCATED_WAIT_S = 0.05  # how long to wait for a session whose round time is not known yet
 MERGE_FRACTION = 0.5  # co-located: wait up to this share of the queued sessions' round time
 MAX_MERGE_WAIT_S = 1.0  # the longest a forward waits for sessions expected back
-TURN_WAIT_S = 2.0  # the longest a forward waits for its turn on shared cores
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """The tokens a step chose (these layers end the model): one per sequence, or draft + 1 for
+    a drafted step, with their logprobs."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    top: tuple | None = field(default=None, repr=False)  # the last logits' top entries, when committing
+    # with sampling.top_logprobs: per sampled token, the likeliest tokens and their logprobs
+    alternatives: tuple[tuple[tuple[int, float], ...], ...] = ()
 
 
 class Busy(Exception):
@@ -72,94 +76,6 @@ class SchedulerSettings:
             raise ValueError(f"batch_wait_s must be >= 0, got {self.batch_wait_s}")
 
 
-class CoreTurns:
-    """Forwards of the peers that share a machine's cores, one at a time: an exclusive lock on
-    a file that every peer of this user on this machine opens (flock: released by the kernel if
-    the holder dies, so no stale lock survives a killed peer).
-
-    Co-located peers whose OpenMP threads together outnumber the cores must not compute at
-    once: each parallel region then waits at its barriers for threads that another process's
-    threads keep off the cores. Measured with three peers on 2 cores: a one-prompt prefill that
-    takes 40 ms alone took 740 ms while the peer before it ran the other prompts' prefills.
-
-    A turn is waited for at most `max_wait_s`: a holder that does not let go (a frozen process
-    keeps its lock) must not stop the others. Past that, forwards run without turns until the
-    lock comes free again (a thread of this object waits for it in the background)."""
-
-    def __init__(self, path: str | None = None, max_wait_s: float = TURN_WAIT_S):
-        self.path = path or default_turns_path()
-        self.max_wait_s = max_wait_s
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        self.turns = 0  # forwards run in a turn
-        self.skipped = 0  # forwards run without one (a holder did not let go in time)
-        self.wait_s = 0.0  # summed time spent waiting for the cores
-        self._asks: queue.SimpleQueue = queue.SimpleQueue()
-        self._state = threading.Lock()
-        self._stuck: _Ask | None = None  # an ask given up on, still waiting for the lock
-        self._held = False
-        threading.Thread(target=self._serve_asks, name="core-turns", daemon=True).start()
-
-    def _serve_asks(self) -> None:
-        """In the background: take the lock for each ask; give it back at once if the asker
-        gave up meanwhile."""
-        while (ask := self._asks.get()) is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            with self._state:
-                if ask.abandoned:
-                    fcntl.flock(self._fd, fcntl.LOCK_UN)
-                    self._stuck = None
-                else:
-                    ask.granted = True
-                ask.done.set()
-        os.close(self._fd)
-
-    def __enter__(self) -> "CoreTurns":
-        t0 = time.monotonic()
-        with self._state:
-            stuck = self._stuck is not None
-        if not stuck:
-            ask = _Ask()
-            self._asks.put(ask)
-            ask.done.wait(self.max_wait_s)
-            with self._state:
-                self._held = ask.granted
-                if not ask.granted:
-                    ask.abandoned = True
-                    self._stuck = ask
-                    log.warning(
-                        "no turn on the cores within %.1f s (a co-located peer holds it and does not "
-                        "let go): forwards run without turns until it does",
-                        self.max_wait_s,
-                    )
-        self.wait_s += time.monotonic() - t0
-        if self._held:
-            self.turns += 1
-        else:
-            self.skipped += 1
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._held:
-            self._held = False
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        self._asks.put(None)  # the thread closes the file once no ask waits for its lock
-
-
-@dataclass(eq=False)
-class _Ask:
-    done: threading.Event = field(default_factory=threading.Event)
-    granted: bool = False
-    abandoned: bool = False
-
-
-def default_turns_path() -> str:
-    """One lock per user and machine (peers of one user share their machine's cores)."""
-    folder = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return os.path.join(folder, f"layerswarm-{os.getuid()}-cores.lock")
-
-
 @dataclass(eq=False)
 class Job:
     """One session's step through this peer's layers."""
@@ -178,7 +94,7 @@ class Job:
     outputs: list[torch.Tensor] = field(default_factory=list)
     compute_s: float = 0.0
     block: Block | None = None  # the block the step was checked against; another one refuses it
-    commit: bool = False  # the last hop keeps the top entries of its logits (peers/verify.py)
+    commit: bool = False  # the last hop keeps the top entries of its logits (peers/swarm/commitments.py)
     draft: int = 0  # drafted tokens at the end: sample after each of the last draft + 1 positions
     controls: tuple[Controls, ...] = ()  # per sampled row, or none (see StepRequest.controls)
 
@@ -275,7 +191,7 @@ class Scheduler:
         """Run `fn` on the compute thread (e.g. loading a block), between forwards."""
         return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def run(self, job: Job) -> torch.Tensor | StepResult:
+    async def run(self, job: Job) -> torch.Tensor | Sampled:
         """Queue a step and wait for its output: hidden states [B, T, H], or the sampled tokens."""
         self.start()
         if len(self._queue) >= self.settings.max_queue:
@@ -445,7 +361,7 @@ def _compute_in_turn(turns: CoreTurns | None, block: Block | None, batch: list[t
 def _compute(block: Block | None, batch: list[tuple[Job, int]]) -> list:
     """On the compute thread: one forward of the block over the batch's chunks; sampling for
     the steps that end the model. Per chunk: hidden states (on the CPU, ready to travel), None
-    (a non-final chunk at the last layer), a StepResult, or the exception that refused it. One
+    (a non-final chunk at the last layer), a Sampled, or the exception that refused it. One
     step's failure never fails the others."""
     if block is None:
         raise Busy("this peer is loading its layers")
@@ -518,11 +434,11 @@ def _compute(block: Block | None, batch: list[tuple[Job, int]]) -> list:
     return results
 
 
-def _sample(batch: list[tuple[Job, int]], results: list, which: list[int]) -> list[StepResult]:
+def _sample(batch: list[tuple[Job, int]], results: list, which: list[int]) -> list[Sampled]:
     """The tokens chosen after each step's last position ([B, V] logits each), or, for a
     drafted step, after each of its last draft + 1 positions (one sequence: one row each, each
     drawn from its own position's generator, so that speculation samples what plain decoding
-    would: see peers/speculative.py)."""
+    would: see peers/entry/speculative.py)."""
     logits, params, positions, spans, controls = [], [], [], [], []
     for i in which:
         job = batch[i][0]
@@ -548,7 +464,7 @@ def _sample(batch: list[tuple[Job, int]], results: list, which: list[int]) -> li
         top = top_entries(logits[start + rows - 1], logits=True) if batch[i][0].commit else None
         k = batch[i][0].sampling.top_logprobs
         alternatives = _alternatives(logits[start : start + rows], k) if k else ()
-        out.append(StepResult(tokens, logprobs, top=top, alternatives=alternatives))
+        out.append(Sampled(tokens, logprobs, top=top, alternatives=alternatives))
     return out
 
 

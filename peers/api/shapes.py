@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
-from .entry import Token
-from .errors import SwarmError
-from .tools import CallFilter, openai_calls, split_calls
+from peers.api.tools import CallFilter, openai_calls, split_calls
+from peers.entry.generation import Token
+from peers.transport.errors import SwarmError
 
 log = logging.getLogger("layerswarm.api")
 

@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .consensus import MAX_CONSENSUS
-from .protocol import MAX_TOP_LOGPROBS
+from peers.entry.consensus import MAX_CONSENSUS
+from peers.transport.frames import MAX_TOP_LOGPROBS
 
 MAX_N = 16  # sequences per request (n, or best_of)
 MAX_PROMPTS = 32  # prompts in one completions request

@@ -14,7 +14,6 @@ the number of open connections. Every peer listens to strangers; none of these m
 
 import asyncio
 import json
-import math
 from collections.abc import Callable
 
 import httpx
@@ -174,14 +173,3 @@ async def post_capped(
         return await asyncio.wait_for(exchange(), timeout_s)
     except TimeoutError:
         raise httpx.ReadTimeout(f"{url} did not answer in full within {timeout_s:.1f} s") from None
-
-
-def finite_number(value) -> bool:
-    """Whether a JSON value is a finite int or float (a bool is not a number here, and an
-    integer too large for a float is not finite)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import httpx
 
-from .limits import json_error
+from peers.transport.limits import json_error
 
 SWARM_PREFIX = "/swarm/"
 API_PREFIX = "/v1/"

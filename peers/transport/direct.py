@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from .errors import HopFailed
-from .protocol import PATH_PROGRESS, Hop, StepResult
+from peers.transport.errors import HopFailed
+from peers.transport.frames import PATH_PROGRESS, Hop, StepResult
 
 log = logging.getLogger("layerswarm.direct")
 

@@ -8,9 +8,8 @@ import torch
 from inference.block import resolve_device
 from inference.quant import bytes_per_weight
 from inference.weights import checkpoint_weights
-
-from .membership import JOINING, SERVING, PeerEntry, Table
-from .routing import coverage, gaps
+from peers.swarm.membership import JOINING, SERVING, PeerEntry, Table
+from peers.swarm.routing import coverage, gaps
 
 
 def best_span(counts: list[int], budget: int) -> tuple[int, int]:

@@ -11,10 +11,11 @@ from dataclasses import replace
 
 import httpx
 
-from .errors import HopFailed
-from .limits import finite_number, post_capped
-from .links import Links
-from .protocol import (
+from peers.swarm.checks import finite_number
+from peers.swarm.commitments import MAX_COMMITMENTS, Commitment
+from peers.swarm.links import Links
+from peers.transport.errors import HopFailed
+from peers.transport.frames import (
     MAX_TOP_LOGPROBS,
     PATH_CLOSE,
     PATH_RESULTS,
@@ -29,8 +30,8 @@ from .protocol import (
     results_message,
     steps_message,
 )
-from .verify import MAX_COMMITMENTS, Commitment
-from .wire import LOSSLESS, hop_encoding
+from peers.transport.limits import post_capped
+from peers.transport.wire import LOSSLESS, hop_encoding
 
 log = logging.getLogger("layerswarm.forwarding")
 
@@ -50,13 +51,13 @@ class Forwarder:
     A hop's deadline grows with the work it carries: `hop_timeout_s` for queueing and a decode,
     plus `per_token_s` for each position of the step, for each hop still ahead (calls are nested:
     the reply comes back once the rest of the route has run). A step returned directly
-    (peers/direct.py) is answered as soon as the next hop has checked it: `hop_timeout_s` plus
+    (peers/transport/direct.py) is answered as soon as the next hop has checked it: `hop_timeout_s` plus
     `per_token_s` per position, for that hop alone.
 
     Results of steps returned directly travel the same way: those for the same entry in the
     same turn of the event loop go as one message.
 
-    Hidden states travel as `wire` (peers/wire.py) to a next peer whose announced encodings
+    Hidden states travel as `wire` (peers/transport/wire.py) to a next peer whose announced encodings
     (`accepts(peer_id)`, from its gossip entry) include it, else lossless; so do token ids and
     the frames of checked steps, whose commitments are digests of the exact tensors."""
 

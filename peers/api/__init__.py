@@ -1,0 +1,1 @@
+"""The OpenAI door: routes, schema, runs, response shapes, tools."""

@@ -1,0 +1,18 @@
+"""What the OpenAI door needs of the peer it runs on, beyond what the entry needs: a small
+interface that the composition root's node satisfies, so that the API never imports the node."""
+
+from typing import Protocol
+
+from inference import Tokenizer
+from peers.entry.peer import EntryPeer
+
+
+class ApiPeer(EntryPeer, Protocol):
+    """The peer whose OpenAI door a request came through."""
+
+    tokenizer: Tokenizer
+    active_requests: int
+    served_model: str  # the name the API reports
+    served_names: tuple[str, ...]  # the names it answers to
+
+    def should_verify(self) -> bool: ...

@@ -1,0 +1,1 @@
+"""One request across the swarm: route, failover and replay, speculation, steering, consensus."""

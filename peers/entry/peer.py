@@ -1,0 +1,81 @@
+"""What a request's generation needs of the peer it enters through: a small interface that the
+composition root's node satisfies, so that the entry never imports the node."""
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
+
+import httpx
+
+from inference import Block
+from peers.entry.speculative import SpeculationStats
+from peers.swarm.commitments import Commitment, VerificationStats
+from peers.swarm.membership import Table
+from peers.swarm.reputation import Bans
+from peers.swarm.routing import Hop
+from peers.transport.direct import Progress, Returns
+from peers.transport.forwarder import Forwarder
+from peers.transport.frames import StepRequest, StepResult
+
+
+class EntryOptions(Protocol):
+    """The options an entry reads (peer serve's flags of the same names)."""
+
+    address: str
+    direct_return: bool
+    failover_timeout_s: float
+    prefix_reuse: bool
+    self_referee: bool
+    speculative: bool
+    max_requests: int
+    sse_keepalive_s: float
+
+
+class Compute(Protocol):
+    """Runs a function on the peer's compute thread (the scheduler's)."""
+
+    def run_in_compute(self, fn: Callable, *args) -> Awaitable[Any]: ...
+
+
+class EntryPeer(Protocol):
+    """The peer a request enters through, as the entry uses it."""
+
+    config: EntryOptions
+    peer_id: str
+    model_id: str
+    model_config: Any  # the model's transformers config (vocab_size)
+    total_layers: int
+    context_length: int
+    table: Table
+    bans: Bans
+    forwarder: Forwarder
+    http: httpx.AsyncClient
+    progress: Progress
+    returns: Returns
+    scheduler: Compute
+    draft_block: Block | None
+    metrics: Any  # the peer's Prometheus metrics (peers/metrics.py): failovers by reason
+    speculation: SpeculationStats
+    verification: VerificationStats
+    failovers: int
+    failover_log: deque[dict]
+    stopping: bool
+
+    def spawn(self, coro: Coroutine) -> asyncio.Task: ...
+
+    async def run_step(self, req: StepRequest) -> StepResult: ...
+
+    async def accept_step(self, req: StepRequest) -> None: ...
+
+    async def run_shadow(
+        self, req: StepRequest, shadow: Hop, mine: Commitment | None = None
+    ) -> tuple[Commitment, ...]: ...
+
+    async def close_sessions(self, session_id: str, hops: list[Hop]) -> None: ...
+
+    async def judge(self, rows: list[list[int]], end: int) -> Commitment: ...
+
+    def convict(
+        self, peer_id: str, why: str, evidence: tuple[Commitment, Commitment] | None = None
+    ) -> None: ...

@@ -1,0 +1,1 @@
+"""Bytes between peers: step frames, wire encodings, the forwarder, direct return, auth, HTTP limits."""
