@@ -19,7 +19,8 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from inference.scheduler import SchedulerSettings
-    from peers.node import NodeConfig, PeerNode
+    from peers.config import NodeConfig
+    from peers.node import PeerNode
     from peers.server import create_app
     from peers.swarm.membership import GossipSettings
     from peers.transport.auth import swarm_key_from

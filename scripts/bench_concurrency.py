@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from inference import Tokenizer, resolve_model  # noqa: E402
-from tests.peers.swarm import Swarm  # noqa: E402
+from tests.peers.processes import Swarm  # noqa: E402
 
 SPLIT = ("0:10", "10:20", "20:30")
 START_TIMEOUT_S = 300.0

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.peers.swarm import Swarm, serving_replica, stream_chat, wait_until  # noqa: E402
+from tests.peers.processes import Swarm, serving_replica, stream_chat, wait_until  # noqa: E402
 
 SPANS = ("0:10", "10:20", "20:30")
 

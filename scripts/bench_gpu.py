@@ -312,7 +312,7 @@ def run_swarm(args, model_dir: Path, layer_spans, prompts, log_dir: Path, extra:
     """Start the peers, run the waves (each once unmeasured), read their memory; stop them."""
     import httpx
 
-    from tests.peers.swarm import Swarm
+    from tests.peers.processes import Swarm
 
     peer_args = (["--device", "cuda", "--dtype", "bfloat16"] if args.device == "cuda" else []) + extra
     swarm = Swarm(model_dir, log_dir, peer_args, threads=2 if args.device == "cuda" else 1)

@@ -24,7 +24,7 @@ from bench_concurrency import cpu_model  # noqa: E402
 from bench_swarm import monolithic_run as monolithic_ttft_and_decode  # noqa: E402
 
 from inference import Tokenizer, resolve_model  # noqa: E402
-from tests.peers.swarm import Swarm  # noqa: E402
+from tests.peers.processes import Swarm  # noqa: E402
 
 PASSAGE = (
     "The lighthouse stood on the northern cliff for two hundred years. Every night its keeper climbed "

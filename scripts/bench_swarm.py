@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from inference import Tokenizer, resolve_model  # noqa: E402
-from tests.peers.swarm import Swarm  # noqa: E402
+from tests.peers.processes import Swarm  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 

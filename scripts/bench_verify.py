@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from scripts.bench_concurrency import cores, cpu_model, prompts_for  # noqa: E402
-from tests.peers.swarm import Swarm, wait_until  # noqa: E402
+from tests.peers.processes import Swarm, wait_until  # noqa: E402
 
 SPANS = ("0:10", "10:20", "10:20", "20:30")
 

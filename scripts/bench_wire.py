@@ -211,7 +211,8 @@ def _tensor_bytes(body: bytes) -> int:
 async def start(model: str, wire: str):
     import torch
 
-    from peers.node import NodeConfig, PeerNode
+    from peers.config import NodeConfig
+    from peers.node import PeerNode
     from peers.server import create_app
     from peers.swarm.membership import GossipSettings
 

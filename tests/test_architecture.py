@@ -64,7 +64,9 @@ def test_a_forbidden_import_breaks_the_contract(tmp_path):
 def test_no_import_cycles():
     graph = grimp.build_graph(*PACKAGES)
     modules = sorted(graph.modules)
-    edges = {m: {n for n in graph.find_modules_directly_imported_by(m) if n in graph.modules} for m in modules}
+    edges = {
+        m: {n for n in graph.find_modules_directly_imported_by(m) if n in graph.modules} for m in modules
+    }
     # Tarjan's strongly connected components: any with two or more modules is a cycle
     index, low, stack, on_stack, cycles = {}, {}, [], set(), []
 

@@ -9,7 +9,7 @@ to the largest activations catches other weights, prompts or precisions).
 
 Two honest computations of the same layers are equal up to floating-point noise (batching,
 prefill against decode, kernels); the tolerance, relative to the row's largest value, is
-calibrated per dtype (tests/peers/test_verify.py measures the honest noise against it).
+calibrated per dtype (tests/peers/swarm/test_commitments.py measures the honest noise against it).
 """
 
 import asyncio

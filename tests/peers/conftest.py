@@ -1,6 +1,6 @@
 import pytest
 
-from tests.peers.swarm import Swarm
+from tests.peers.processes import Swarm
 
 
 @pytest.fixture(scope="module")

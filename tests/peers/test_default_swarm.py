@@ -13,7 +13,7 @@ import torch
 
 from inference import Tokenizer
 from tests.helpers import monolithic
-from tests.peers.swarm import Swarm, wait_until
+from tests.peers.processes import Swarm, wait_until
 
 pytestmark = pytest.mark.slow
 

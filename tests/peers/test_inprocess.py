@@ -9,8 +9,9 @@ import httpx
 import pytest
 import torch
 
+from peers.config import NodeConfig
 from peers.entry.generation import generate
-from peers.node import NodeConfig, PeerNode
+from peers.node import PeerNode
 from peers.server import create_app
 from peers.swarm.membership import GossipSettings
 from peers.transport.auth import SwarmAuth

@@ -10,7 +10,7 @@ import torch
 
 from peers.local_swarm import serve_command
 from peers.transport.frames import PATH_STEPS, STEP_CONTENT_TYPE, Hop, Sampling, StepRequest, encode_steps
-from tests.peers.swarm import wait_until
+from tests.peers.processes import wait_until
 
 
 def test_sigterm_stops_a_peer_cleanly(tiny_llama, make_swarm):

@@ -6,7 +6,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.peers.swarm import Swarm, serving_replica, stream_chat, wait_until
+from tests.peers.processes import Swarm, serving_replica, stream_chat, wait_until
 
 
 @pytest.fixture(scope="module")

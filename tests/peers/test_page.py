@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.peers.swarm import Swarm, wait_until
+from tests.peers.processes import Swarm, wait_until
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 GOSSIP = ["--gossip-interval", "0.5", "--suspect-after", "2", "--dead-after", "4"]

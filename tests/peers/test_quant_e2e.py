@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from inference import LocalChain, generate, load_block, weights_bytes
-from peers.node import NodeConfig
+from peers.config import NodeConfig
 
 
 def test_node_config_refuses_an_unknown_quant():

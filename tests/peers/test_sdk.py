@@ -15,8 +15,8 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from peers import AsyncSwarmClient, SwarmAPIError, SwarmClient, SwarmConnectionError, SwarmTimeoutError
-from peers import errors as server_errors
 from peers.sdk import STATUS_OF_CODE, STATUS_OF_TYPE, fetch_table, root_url
+from peers.transport import errors as server_errors
 
 MODEL = "tiny"
 TABLE = {"model": MODEL, "peers": []}

@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.helpers import greedy_reference, monolithic
-from tests.peers.swarm import Swarm
+from tests.peers.processes import Swarm
 
 STATIC = """
 import inference.block, peers.node
@@ -77,7 +77,7 @@ def test_widened_prefixed_and_drafted_sessions_stay_exact(static_swarm, greedy_t
 
 def test_the_cuda_graphs_flag_is_checked():
     from peers.cli import build_parser
-    from peers.node import NodeConfig
+    from peers.config import NodeConfig
 
     assert build_parser().parse_args(["serve", "--cuda-graphs", "off"]).cuda_graphs == "off"
     assert build_parser().parse_args(["serve"]).cuda_graphs == "auto"

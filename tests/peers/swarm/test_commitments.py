@@ -23,7 +23,7 @@ from peers.swarm.commitments import (
 from peers.swarm.identity import Identity
 from peers.transport.frames import Sampling
 from tests.helpers import greedy_reference, monolithic
-from tests.peers.swarm import wait_until
+from tests.peers.processes import wait_until
 from tests.peers.test_inprocess import start_swarm, stop_swarm
 
 KEY = b"a private swarm's shared key"

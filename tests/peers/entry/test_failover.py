@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.peers.swarm import Swarm, serving_replica, stream_chat, wait_until
+from tests.peers.processes import Swarm, serving_replica, stream_chat, wait_until
 
 pytestmark = pytest.mark.slow
 

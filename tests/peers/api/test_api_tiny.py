@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from peers import AsyncSwarmClient, SwarmAPIError, SwarmClient
 from tests.helpers import greedy_reference, monolithic
-from tests.peers.swarm import wait_until
+from tests.peers.processes import wait_until
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from peers.transport.frames import (
     decode_steps,
     encode_steps,
 )
-from tests.peers.swarm import Swarm
+from tests.peers.processes import Swarm
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LIVE = settings(

@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from tests.peers.swarm import wait_until
+from tests.peers.processes import wait_until
 
 INTERVAL_S, DEAD_AFTER_S = 0.5, 4.0
 GOSSIP = ["--gossip-interval", str(INTERVAL_S), "--suspect-after", "2", "--dead-after", str(DEAD_AFTER_S)]

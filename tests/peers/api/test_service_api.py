@@ -221,7 +221,7 @@ def test_served_model_names(tiny_llama):
 
 
 def test_served_model_names_are_checked():
-    from peers.node import NodeConfig
+    from peers.config import NodeConfig
 
     with pytest.raises(ValueError, match="repeat"):
         NodeConfig(served_model_names=("a", "a"))

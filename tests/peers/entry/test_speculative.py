@@ -9,9 +9,10 @@ import torch
 
 import peers.entry.generation
 import peers.entry.speculative
+from peers.config import NodeConfig
 from peers.entry.generation import generate
 from peers.entry.speculative import PAUSE_AFTER_MISSES, Drafter, accepted_length
-from peers.node import NodeConfig, PeerNode
+from peers.node import PeerNode
 from peers.transport.frames import (
     MAX_DRAFT,
     Hop,

@@ -11,7 +11,7 @@ import httpx
 from transformers import AutoTokenizer
 
 from tests.helpers import greedy_reference, monolithic
-from tests.peers.swarm import ROOT, Swarm, free_port, wait_until
+from tests.peers.processes import ROOT, Swarm, free_port, wait_until
 from tests.peers.test_inprocess import start_swarm, stop_swarm, tokens_of
 
 

@@ -14,10 +14,10 @@ import httpx
 import pytest
 import torch
 
+from peers.swarm.gossip import PATH_GOSSIP
 from peers.swarm.identity import Identity
 from peers.swarm.membership import PeerEntry
 from peers.transport.frames import (
-    PATH_GOSSIP,
     PATH_STEPS,
     STEP_CONTENT_TYPE,
     Hop,
@@ -25,7 +25,7 @@ from peers.transport.frames import (
     StepRequest,
     encode_steps,
 )
-from tests.peers.swarm import Swarm, free_port, wait_until
+from tests.peers.processes import Swarm, free_port, wait_until
 
 GUARDS = ["--header-timeout", "1", "--read-timeout", "1", "--max-connections", "48"]
 

@@ -3,7 +3,7 @@
 import httpx
 import pytest
 
-from tests.peers.swarm import wait_until
+from tests.peers.processes import wait_until
 
 FAST_GOSSIP = ["--gossip-interval", "0.3", "--suspect-after", "1.5", "--dead-after", "3", "--tombstone", "20"]
 

@@ -28,7 +28,7 @@ from peers.transport.frames import (
     StepRequest,
     encode_steps,
 )
-from tests.peers.swarm import Swarm
+from tests.peers.processes import Swarm
 
 KEY = "correct horse battery staple"
 API_KEY = "sk-test-0123456789"
