@@ -53,7 +53,7 @@ from peers.swarm.membership import (
     JOINING,
     LEAVING,
     SERVING,
-    PeerEntry,
+    PeerRecord,
     Table,
     new_incarnation,
 )
@@ -96,7 +96,7 @@ class PeerNode:
             self.identity = Identity.load_or_create(config.identity_file)
         else:
             self.identity = Identity.generate()
-        me = PeerEntry(
+        me = PeerRecord(
             "",
             self.model_id,
             self.total_layers,

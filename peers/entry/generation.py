@@ -22,7 +22,7 @@ from peers.swarm.commitments import check_commitments, checked_shadows, with_sha
 from peers.swarm.routing import NoRouteError, plan_route, weight
 from peers.transport.direct import probe_route
 from peers.transport.errors import HopFailed, Overloaded, SwarmError, SwarmUnavailable
-from peers.transport.frames import MAX_SHADOWS, Controls, Entry, Hop, Sampling, StepRequest, StepResult
+from peers.transport.frames import MAX_SHADOWS, Controls, Hop, ReplyTo, Sampling, StepRequest, StepResult
 from peers.transport.logs import REQUEST_ID
 
 log = logging.getLogger("layerswarm.entry")
@@ -110,7 +110,7 @@ async def _direct(node: EntryPeer, req: StepRequest) -> StepResult:
     sends the result here; a failure reported by a hop, or found by probing a late step, is a
     HopFailed naming the peer at fault."""
     step_id = uuid.uuid4().hex
-    req = replace(req, reply_to=Entry(node.peer_id, node.config.address), step_id=step_id)
+    req = replace(req, reply_to=ReplyTo(node.peer_id, node.config.address), step_id=step_id)
     pending = node.returns.expect(step_id, req.hops)
     try:
         if req.hops[0].peer_id == node.peer_id:

@@ -67,7 +67,7 @@ class GossipSettings:
 
 
 @dataclass(frozen=True)
-class PeerEntry:
+class PeerRecord:
     """What the swarm knows of one peer, signed by its owner (who alone changes it)."""
 
     peer_id: str  # derived from its public key
@@ -98,7 +98,7 @@ class PeerEntry:
         fields = {k: v for k, v in asdict(self).items() if k not in ("signature", "dead_for_s")}
         return b"layerswarm-entry\0" + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
-    def signed(self, identity: Identity) -> "PeerEntry":
+    def signed(self, identity: Identity) -> "PeerRecord":
         """This entry as `identity`'s own, signed."""
         mine = replace(self, peer_id=identity.peer_id, public_key=identity.public_key, signature="")
         return replace(mine, signature=identity.sign(mine.signed_message()))
@@ -108,7 +108,7 @@ class PeerEntry:
         return verify(self.public_key, self.signature, self.signed_message())
 
     @classmethod
-    def from_json(cls, data: dict, now_us: int | None = None) -> "PeerEntry":
+    def from_json(cls, data: dict, now_us: int | None = None) -> "PeerRecord":
         """A gossiped entry, checked field by field (ValueError names the first bad one)."""
         if not isinstance(data, dict):
             raise ValueError(f"a peer entry must be an object, got {type(data).__name__}")
@@ -226,7 +226,7 @@ def _int(data: dict, name: str, low: int, high: int) -> int:
     return value
 
 
-def parse_entries(items, now_us: int | None = None) -> list[PeerEntry]:
+def parse_entries(items, now_us: int | None = None) -> list[PeerRecord]:
     """The entries of one gossip message (ValueError if it is not a list of valid entries, or
     longer than MAX_ENTRIES_PER_MESSAGE)."""
     if not isinstance(items, list):
@@ -239,13 +239,13 @@ def parse_entries(items, now_us: int | None = None) -> list[PeerEntry]:
     out = []
     for i, item in enumerate(items):
         try:
-            out.append(PeerEntry.from_json(item, now_us))
+            out.append(PeerRecord.from_json(item, now_us))
         except (ValueError, TypeError) as e:
             raise ValueError(f"entry {i}: {e}") from None
     return out
 
 
-def supersedes(new: PeerEntry, old: PeerEntry) -> bool:
+def supersedes(new: PeerRecord, old: PeerRecord) -> bool:
     """Whether gossip of `new` replaces `old` (same peer): a later life wins; within one life
     its own tombstone is final, otherwise the later heartbeat wins."""
     if new.incarnation != old.incarnation:
@@ -257,7 +257,7 @@ def supersedes(new: PeerEntry, old: PeerEntry) -> bool:
 
 @dataclass
 class _Local:
-    entry: PeerEntry  # as its owner signed it
+    entry: PeerRecord  # as its owner signed it
     seen_at: float  # when its version last advanced here
     died_at: float | None = None  # when it died: declared here, or its own tombstone arrived
     suspected: bool = False  # a failure report, until its heartbeat advances
@@ -278,7 +278,7 @@ class Table:
     """This peer's view of the swarm, itself included. `me` is this peer's entry; the table
     fills in and signs its identity fields with `identity`."""
 
-    me: PeerEntry
+    me: PeerRecord
     identity: Identity
     settings: GossipSettings = field(default_factory=GossipSettings)
     clock: Callable[[], float] = time.monotonic
@@ -290,7 +290,7 @@ class Table:
         self._peers[self.me.peer_id] = _Local(self.me, self.clock())
 
     # -- the owner's own entry -------------------------------------------------------------
-    def update_me(self, **changes) -> PeerEntry:
+    def update_me(self, **changes) -> PeerRecord:
         """Change this peer's own entry; every change is a new heartbeat, so gossip carries it."""
         changes.setdefault("heartbeat", self.me.heartbeat + 1)
         self.me = replace(self.me, **changes).signed(self.identity)
@@ -298,13 +298,13 @@ class Table:
         self._peers[self.me.peer_id] = _Local(self.me, now, died_at=now if self.me.state == DEAD else None)
         return self.me
 
-    def beat(self, load: int | None = None, **measured) -> PeerEntry:
+    def beat(self, load: int | None = None, **measured) -> PeerRecord:
         """Advance this peer's heartbeat (each gossip round), with its load and what it measured
         (layer_ms, links)."""
         return self.update_me(load=self.me.load if load is None else load, **measured)
 
     # -- gossip ----------------------------------------------------------------------------
-    def merge(self, entries: list[PeerEntry]) -> None:
+    def merge(self, entries: list[PeerRecord]) -> None:
         """Take what is news in `entries`. ValueError, and nothing merged, if an entry this table
         would take is not signed by its owner (honest peers relay only entries they checked)."""
         news = [e for e in entries if self._news(e)]
@@ -330,7 +330,7 @@ class Table:
             elif died is not None and known.died_at is not None:
                 known.died_at = min(known.died_at, died)
 
-    def _news(self, entry: PeerEntry) -> bool:
+    def _news(self, entry: PeerRecord) -> bool:
         """Whether merging `entry` would change this table."""
         if entry.peer_id == self.me.peer_id:
             return (entry.state == DEAD and entry.incarnation >= self.me.incarnation) or supersedes(
@@ -345,7 +345,7 @@ class Table:
             return True
         return entry.state == DEAD and entry.version == known.entry.version and known.died_at is not None
 
-    def entries(self) -> list[PeerEntry]:
+    def entries(self) -> list[PeerRecord]:
         """Everything to gossip: live entries and unexpired tombstones of peers that left (with
         their age); deaths found here stay here."""
         now = self.clock()
@@ -355,7 +355,7 @@ class Table:
             if not local.declared_here
         ]
 
-    def known(self) -> list[PeerEntry]:
+    def known(self) -> list[PeerRecord]:
         """Every peer this table holds, the dead included (for people to read, not to gossip)."""
         return [local.entry for local in self._peers.values()]
 
@@ -437,7 +437,7 @@ class Table:
                 return "suspect"
         return local.entry.state
 
-    def serving(self, model: str) -> list[PeerEntry]:
+    def serving(self, model: str) -> list[PeerRecord]:
         """Peers that can take new sessions of `model`: serving, not suspect, and vouched for
         (they answered this peer at their address as the life the table holds)."""
         return [
@@ -449,12 +449,12 @@ class Table:
             and self.vouched(peer_id)
         ]
 
-    def get(self, peer_id: str) -> PeerEntry | None:
+    def get(self, peer_id: str) -> PeerRecord | None:
         """The entry of a peer, as its owner signed it (None if unknown)."""
         local = self._peers.get(peer_id)
         return local.entry if local is not None else None
 
-    def live(self) -> list[PeerEntry]:
+    def live(self) -> list[PeerRecord]:
         """Peers not dead, as far as this peer knows."""
         return [local.entry for local in self._peers.values() if not local.dead]
 

@@ -8,7 +8,7 @@ import torch
 from inference.block import resolve_device
 from inference.quant import bytes_per_weight
 from inference.weights import checkpoint_weights
-from peers.swarm.membership import JOINING, SERVING, PeerEntry, Table
+from peers.swarm.membership import JOINING, SERVING, PeerRecord, Table
 from peers.swarm.routing import coverage, gaps
 
 
@@ -25,7 +25,7 @@ def best_span(counts: list[int], budget: int) -> tuple[int, int]:
     return start, start + budget
 
 
-def claims(table: Table, model: str) -> list[PeerEntry]:
+def claims(table: Table, model: str) -> list[PeerRecord]:
     """Spans this peer must respect: those of peers serving the model, and of peers loading it
     that chose before it could (a smaller id breaks ties between simultaneous newcomers)."""
     me = table.me

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from peers.swarm.membership import PeerEntry
+from peers.swarm.membership import PeerRecord
 
 LOAD_BOUND = 1.25  # a peer above this times the mean load of its candidates (rounded up) is skipped
 SLOW_FACTOR = 2.0  # a peer whose compute and link take more than this times the best candidate's,
@@ -43,7 +43,7 @@ def weight(key: str, peer_id: str) -> int:
     return xxhash.xxh64_intdigest(f"{key}\0{peer_id}".encode())
 
 
-def coverage(peers: Iterable[PeerEntry], total: int) -> list[int]:
+def coverage(peers: Iterable[PeerRecord], total: int) -> list[int]:
     """How many peers serve each layer."""
     counts = [0] * total
     for p in peers:
@@ -65,12 +65,12 @@ def gaps(counts: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def plan_route(
-    peers: Sequence[PeerEntry],
+    peers: Sequence[PeerRecord],
     total: int,
     key: str,
     model: str = "",
     exclude: Iterable[str] = (),
-    origin: PeerEntry | None = None,
+    origin: PeerRecord | None = None,
 ) -> list[Hop]:
     """Hops tiling [0, total). A hop may start inside a peer's span (it runs the rest of it).
     `origin`: the entry planning the route (its links time the first hop)."""
@@ -97,8 +97,12 @@ def plan_route(
 
 
 def choose(
-    key: str, candidates: Sequence[PeerEntry], prev: PeerEntry | None = None, pos: int = 0, mine: bool = False
-) -> PeerEntry:
+    key: str,
+    candidates: Sequence[PeerRecord],
+    prev: PeerRecord | None = None,
+    pos: int = 0,
+    mine: bool = False,
+) -> PeerRecord:
     """Rendezvous hashing among candidates, skipping those above the load bound and those much
     slower than another (`fast`) when others can serve. Measurements change slowly and only a
     much slower peer is skipped, so requests with one key keep reaching the same peers."""
@@ -109,8 +113,8 @@ def choose(
 
 
 def fast(
-    candidates: Sequence[PeerEntry], prev: PeerEntry | None, pos: int, mine: bool = False
-) -> list[PeerEntry]:
+    candidates: Sequence[PeerRecord], prev: PeerRecord | None, pos: int, mine: bool = False
+) -> list[PeerRecord]:
     """The candidates for a hop from layer `pos` that are not much slower than another: by the
     time each would take, its compute (published ms per layer x the layers it would run) plus
     its link from `prev` (see link_ms; `mine`: prev is the planner itself, and only its own
@@ -128,7 +132,7 @@ def fast(
     return [p for p in candidates if cost[p.peer_id] <= limit]
 
 
-def link_ms(a: PeerEntry | None, b: PeerEntry, only_a: bool = False) -> float | None:
+def link_ms(a: PeerRecord | None, b: PeerRecord, only_a: bool = False) -> float | None:
     """The round-trip time between two peers as they published it: the larger of their two
     measurements, so that neither can make a link look shorter than the other end sees it
     (`only_a`: a's alone, a being the planner). None if neither measured it."""

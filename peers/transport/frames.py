@@ -52,7 +52,7 @@ class ProtocolError(ValueError):
 
 
 @dataclass(frozen=True)
-class Entry:
+class ReplyTo:
     """The peer a step's result goes to (direct return)."""
 
     peer_id: str
@@ -75,7 +75,7 @@ class StepRequest:
     shadows: tuple[Hop, ...] = ()  # replicas that recompute hops of the route on the same input
     terminal: bool = False  # a shadow's frame: compute this hop, answer its commitment, forward nothing
     draft: int = 0  # the last `draft` tokens are drafted: sample after each of the last draft + 1
-    reply_to: "Entry | None" = None  # direct return: the last hop sends the result here, not back
+    reply_to: "ReplyTo | None" = None  # direct return: the last hop sends the result here, not back
     step_id: str = ""  # with reply_to: the entry's name for this step
     request_id: str = ""  # the OpenAI request it serves (x-request-id): every peer logs with it
     # per sampled row (B of them, or draft + 1 for a drafted step), or none: what the last peer
@@ -200,7 +200,7 @@ def decode_step(body: bytes) -> StepRequest:
             shadows=tuple(_hop(h) for h in _typed(header.get("shadows", []), list, "shadows")),
             terminal=_typed(header.get("terminal", False), bool, "terminal", bools=True),
             draft=_typed(header.get("draft", 0), int, "draft"),
-            reply_to=_entry(header["reply_to"]) if "reply_to" in header else None,
+            reply_to=_reply_to(header["reply_to"]) if "reply_to" in header else None,
             step_id=_typed(header.get("step_id", ""), str, "step_id"),
             request_id=_typed(header.get("request_id", ""), str, "request_id"),
             controls=tuple(_controls(c) for c in _typed(header.get("controls", []), list, "controls")),
@@ -263,10 +263,10 @@ def _hop(h) -> Hop:
     )
 
 
-def _entry(h) -> Entry:
+def _reply_to(h) -> ReplyTo:
     if not isinstance(h, dict):
         raise ValueError(f"reply_to must be an object, got {h!r:.80}")
-    return Entry(_typed(h["peer_id"], str, "peer_id"), _typed(h["address"], str, "address"))
+    return ReplyTo(_typed(h["peer_id"], str, "peer_id"), _typed(h["address"], str, "address"))
 
 
 def _sampling(data: dict) -> Sampling:

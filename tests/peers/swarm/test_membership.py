@@ -13,7 +13,7 @@ from peers.swarm.membership import (
     LEAVING,
     SERVING,
     GossipSettings,
-    PeerEntry,
+    PeerRecord,
     Table,
     parse_entries,
     supersedes,
@@ -28,9 +28,9 @@ def pid(name: str) -> str:
     return IDS[name].peer_id
 
 
-def entry(name="b", inc=1, hb=1, state=SERVING, start=0, end=4) -> PeerEntry:
+def entry(name="b", inc=1, hb=1, state=SERVING, start=0, end=4) -> PeerRecord:
     """The entry of peer `name` (at address name:1), signed by its owner."""
-    return PeerEntry("", "m", 4, start, end, state, inc, hb, 0, address=f"{name}:1").signed(IDS[name])
+    return PeerRecord("", "m", 4, start, end, state, inc, hb, 0, address=f"{name}:1").signed(IDS[name])
 
 
 def table(clock, name="a") -> Table:

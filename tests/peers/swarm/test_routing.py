@@ -5,14 +5,14 @@ from dataclasses import replace
 
 import pytest
 
-from peers.swarm.membership import SERVING, PeerEntry
+from peers.swarm.membership import SERVING, PeerRecord
 from peers.swarm.routing import NoRouteError, coverage, gaps, plan_route
 
 TOTAL = 30
 
 
-def peer(name: str, start: int, end: int, load: int = 0) -> PeerEntry:
-    return PeerEntry(name, "m", TOTAL, start, end, SERVING, 1, 1, load)
+def peer(name: str, start: int, end: int, load: int = 0) -> PeerRecord:
+    return PeerRecord(name, "m", TOTAL, start, end, SERVING, 1, 1, load)
 
 
 def spans(route):
@@ -80,7 +80,7 @@ def test_one_session_more_is_no_imbalance():
     assert {plan_route(peers, TOTAL, str(k))[0].peer_id for k in range(100)} == {"b"}
 
 
-def measured(name: str, start: int, end: int, layer_ms: float = 0.0, links=()) -> PeerEntry:
+def measured(name: str, start: int, end: int, layer_ms: float = 0.0, links=()) -> PeerRecord:
     return replace(peer(name, start, end), layer_ms=layer_ms, links=tuple(links))
 
 

@@ -14,8 +14,8 @@ from peers.transport.errors import HopFailed
 from peers.transport.frames import (
     PATH_RESULTS,
     PATH_STEPS,
-    Entry,
     Hop,
+    ReplyTo,
     Sampling,
     StepRequest,
     StepResult,
@@ -206,7 +206,7 @@ def test_a_frame_cannot_make_a_peer_send_results_to_a_stranger(tiny_llama):
                 hops,
                 Sampling(),
                 torch.tensor([[1, 2, 3]]),
-                reply_to=Entry("x", "203.0.113.9:80"),
+                reply_to=ReplyTo("x", "203.0.113.9:80"),
                 step_id="1",
             )
             r = await first.http.post(

@@ -16,7 +16,7 @@ import torch
 
 from peers.swarm.gossip import PATH_GOSSIP
 from peers.swarm.identity import Identity
-from peers.swarm.membership import PeerEntry
+from peers.swarm.membership import PeerRecord
 from peers.transport.frames import (
     PATH_STEPS,
     STEP_CONTENT_TYPE,
@@ -53,7 +53,7 @@ def completion(peer, prompt="hello", max_tokens=4, **extra):
 def signed_entry(address="127.0.0.1:1", identity: Identity | None = None, **fields) -> dict:
     """A well-formed gossip entry, signed by `identity` (by default a new one: anyone can make
     up a peer of their own)."""
-    entry = PeerEntry("", "llama", 4, 0, 4, "serving", 1, 1, 0, address=address)
+    entry = PeerRecord("", "llama", 4, 0, 4, "serving", 1, 1, 0, address=address)
     return replace(entry, **fields).signed(identity or Identity.generate()).to_json()
 
 
@@ -178,7 +178,7 @@ def test_a_fake_serving_peer_at_a_silent_port_gets_no_steps(swarm):
 
 def forged(row: dict, **changes) -> dict:
     """A peer's entry (a /swarm/table row) with `changes`, signed by someone else."""
-    entry = PeerEntry.from_json({k: v for k, v in row.items() if k not in ("status", "vouched")})
+    entry = PeerRecord.from_json({k: v for k, v in row.items() if k not in ("status", "vouched")})
     entry = replace(entry, **changes)
     return replace(entry, signature=Identity.generate().sign(entry.signed_message())).to_json()
 

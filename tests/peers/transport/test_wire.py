@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peers.swarm.identity import Identity
-from peers.swarm.membership import PeerEntry
+from peers.swarm.membership import PeerRecord
 from peers.transport.forwarder import Forwarder
 from peers.transport.frames import (
     Hop,
@@ -274,12 +274,12 @@ def test_the_forwarder_counts_a_float16_fallback_as_lossless():
 
 def test_an_entry_announces_the_encodings_it_accepts():
     identity = Identity.generate()
-    entry = PeerEntry("", "m", 4, 0, 4, "serving", 1, 1, address="127.0.0.1:1", wire=ENCODINGS)
+    entry = PeerRecord("", "m", 4, 0, 4, "serving", 1, 1, address="127.0.0.1:1", wire=ENCODINGS)
     entry = entry.signed(identity)
-    back = PeerEntry.from_json(json.loads(json.dumps(entry.to_json())))
+    back = PeerRecord.from_json(json.loads(json.dumps(entry.to_json())))
     assert back == entry and back.verify()
     newer = replace(entry, wire=("lossless", "fp8")).signed(identity)  # a name this version lacks
-    assert PeerEntry.from_json(json.loads(json.dumps(newer.to_json()))).wire == ("lossless", "fp8")
+    assert PeerRecord.from_json(json.loads(json.dumps(newer.to_json()))).wire == ("lossless", "fp8")
     for bad, why in [
         ([], "1 to 8"),
         ("int8", "1 to 8"),
@@ -289,7 +289,7 @@ def test_an_entry_announces_the_encodings_it_accepts():
         (["int8", "int8"], "twice"),
     ]:
         with pytest.raises(ValueError, match=why):
-            PeerEntry.from_json({**entry.to_json(), "wire": bad})
+            PeerRecord.from_json({**entry.to_json(), "wire": bad})
 
 
 def _frame(
