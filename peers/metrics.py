@@ -1,24 +1,31 @@
 """Prometheus metrics of one peer (`GET /metrics`, prometheus-client's text format).
 
 Each peer has a registry of its own, so that several peers can share a process (the in-process
-tests). What the node already counts for /health (sessions, KV slots, the table, bans,
-verification, drafting) is read when scraped (`NodeCollector`); what has a distribution (time to
-the first token, between tokens, queue waits, forwards, batch sizes, gossip round trips) is
-observed where it happens. Label sets are bounded: HTTP endpoints are the app's own routes (any
-other path counts as "other"), failover reasons are HopFailed.REASONS.
+tests). What the peer's components already count for /health (sessions, KV slots, the table,
+bans, verification, drafting) is read when scraped, through `Readings`; what has a distribution
+(time to the first token, between tokens, queue waits, forwards, batch sizes, gossip round trips)
+is observed where it happens. Label sets are bounded: HTTP endpoints are the app's own routes
+(any other path counts as "other"), failover reasons are HopFailed.REASONS.
 """
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
+from fastapi import APIRouter
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
+from inference.block import Block
+from peers.entry.speculative import SpeculationStats
+from peers.swarm.commitments import VerificationStats
+from peers.swarm.membership import Table
+from peers.swarm.reputation import Bans
 from peers.transport.errors import HopFailed
+from peers.transport.forwarder import Forwarder
+from peers.transport.frames import PATH_METRICS
 from peers.transport.wire import ENCODINGS
-
-if TYPE_CHECKING:
-    from peers.node import PeerNode
 
 PREFIX = "layerswarm"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -30,8 +37,9 @@ OTHER = "other"
 class Metrics:
     """The metrics a peer observes as things happen, and the text of a scrape."""
 
-    def __init__(self, node: "PeerNode | None" = None):
+    def __init__(self):
         self.registry = r = CollectorRegistry(auto_describe=True)
+        self._collector: PeerCollector | None = None
 
         def histogram(name: str, doc: str, buckets, labels=()) -> Histogram:
             return Histogram(f"{PREFIX}_{name}", doc, labels, buckets=buckets, registry=r)
@@ -87,32 +95,76 @@ class Metrics:
         )
         self.gossip_failures = counter("gossip_failures", "Gossip exchanges that got no usable answer")
         self.tokens = 0  # generated_tokens, as a number for /health
-        if node is not None:
-            r.register(NodeCollector(node))
+
+    def watch(self, readings: "Readings") -> None:
+        """Read the peer's components at each scrape (again: the latest readings replace any
+        earlier ones, so that a second app over the same peer does not count it twice)."""
+        if self._collector is not None:
+            self.registry.unregister(self._collector)
+        self._collector = PeerCollector(readings)
+        self.registry.register(self._collector)
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of a scrape."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-class NodeCollector:
-    """What the node counts anyway, read at each scrape."""
+def metrics_router(metrics: Metrics) -> APIRouter:
+    """GET /metrics: a scrape of `metrics`."""
+    router = APIRouter()
 
-    def __init__(self, node: "PeerNode"):
-        self.node = node
+    @router.get(PATH_METRICS)
+    async def scrape() -> Response:
+        """Prometheus metrics of this peer (peers/metrics.py)."""
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
-    def describe(self):
-        return []  # (collected at scrape time only: the node may not have its block yet)
+    return router
 
-    def collect(self):
-        n = self.node
-        me = n.table.me
+
+@dataclass(frozen=True)
+class Readings:
+    """What a scrape reads: the components that count, and callables for the values that change
+    or come late (the block exists once loaded)."""
+
+    table: Table
+    forwarder: Forwarder
+    bans: Bans
+    verification: VerificationStats
+    speculation: SpeculationStats
+    model_id: str
+    kv_budget_tokens: int  # --max-cache-tokens
+    block: Callable[[], Block | None]
+    ready: Callable[[], bool]
+    queued_steps: Callable[[], int]
+    active_requests: Callable[[], int]
+    steps_served: Callable[[], int]
+
+
+class PeerCollector:
+    """What the peer counts anyway, read at each scrape."""
+
+    def __init__(self, readings: Readings):
+        self.readings = readings
+
+    def describe(self) -> list:
+        return []  # (collected at scrape time only: the peer may not have its block yet)
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.peer()
+        yield from self.wire()
+        yield from self.table()
+        yield from self.checks()
+
+    def peer(self) -> Iterator[Metric]:
+        """This peer: who it is, whether it serves, what it holds and what waits."""
+        r = self.readings
+        me, block = r.table.me, r.block()
         info = InfoMetricFamily(f"{PREFIX}_peer", "This peer: its id, model and layers")
-        info.add_metric([], {"peer_id": n.peer_id, "model": n.model_id, "layers": f"{me.start}:{me.end}"})
+        info.add_metric([], {"peer_id": me.peer_id, "model": r.model_id, "layers": f"{me.start}:{me.end}"})
         yield info
-        yield _gauge("ready", "1 while this peer serves its layers", int(n.ready))
+        yield _gauge("ready", "1 while this peer serves its layers", int(r.ready()))
         yield _gauge("served_layers", "Layers this peer serves", me.end - me.start)
-        block = n.block
         yield _gauge(
             "sessions", "Sessions this peer holds KV caches for", block.open_sessions() if block else 0
         )
@@ -121,10 +173,13 @@ class NodeCollector:
             "KV cache token slots in use (batch x positions)",
             block.sessions.used_tokens if block else 0,
         )
-        yield _gauge("kv_slots_budget", "KV cache token slots this peer may use", n.config.max_cache_tokens)
-        yield _gauge("queued_steps", "Steps waiting in this peer's queue", len(n.scheduler))
-        yield _gauge("active_requests", "OpenAI requests this entry is answering", n.active_requests)
-        yield _counter("steps_served", "Steps this peer computed and answered", n.steps_served)
+        yield _gauge("kv_slots_budget", "KV cache token slots this peer may use", r.kv_budget_tokens)
+        yield _gauge("queued_steps", "Steps waiting in this peer's queue", r.queued_steps())
+        yield _gauge("active_requests", "OpenAI requests this entry is answering", r.active_requests())
+        yield _counter("steps_served", "Steps this peer computed and answered", r.steps_served())
+
+    def wire(self) -> Iterator[Metric]:
+        """Hidden-state frames sent to next hops, by encoding."""
         frames = CounterMetricFamily(
             f"{PREFIX}_wire_frames",
             "Frames of hidden states this peer sent to next hops, by encoding (--wire, negotiated per hop)",
@@ -133,28 +188,36 @@ class NodeCollector:
         sent = CounterMetricFamily(
             f"{PREFIX}_wire_bytes", "Bytes of those frames, their headers included", labels=["encoding"]
         )
+        forwarder = self.readings.forwarder
         for encoding in ENCODINGS:
-            frames.add_metric([encoding], n.forwarder.hidden_frames[encoding])
-            sent.add_metric([encoding], n.forwarder.hidden_bytes[encoding])
+            frames.add_metric([encoding], forwarder.hidden_frames[encoding])
+            sent.add_metric([encoding], forwarder.hidden_bytes[encoding])
         yield frames
         yield sent
+
+    def table(self) -> Iterator[Metric]:
+        """The peers this peer knows, by status, and those it avoids."""
+        table = self.readings.table
         peers = GaugeMetricFamily(
             f"{PREFIX}_table_peers", "Peers in this peer's table, by status", labels=["status"]
         )
         counts: dict[str, int] = {}
-        for entry in n.table.known():
-            status = n.table.status(entry.peer_id)
+        for entry in table.known():
+            status = table.status(entry.peer_id)
             counts[status] = counts.get(status, 0) + 1
         for status, count in sorted(counts.items()):
             peers.add_metric([status], count)
         yield peers
-        incarnations = {e.peer_id: e.incarnation for e in n.table.known()}
+        incarnations = {e.peer_id: e.incarnation for e in table.known()}
         yield _gauge(
             "banned_peers",
             "Peers this entry avoids now (failures and convictions)",
-            len(n.bans.banned(incarnations)),
+            len(self.readings.bans.banned(incarnations)),
         )
-        v = n.verification
+
+    def checks(self) -> Iterator[Metric]:
+        """Verification by other replicas, and drafting."""
+        v = self.readings.verification
         yield _counter(
             "verified_requests", "Requests this entry had recomputed by other replicas", v.requests
         )
@@ -168,7 +231,7 @@ class NodeCollector:
         yield _gauge(
             "convicted_peers", "Peers this entry convicted of lying (the latest 64)", len(v.convicted)
         )
-        s = n.speculation
+        s = self.readings.speculation
         yield _counter("drafted_steps", "Steps that carried drafted tokens", s.steps)
         yield _counter("drafted_tokens", "Tokens drafted by this entry", s.drafted)
         yield _counter("accepted_draft_tokens", "Drafted tokens the model kept", s.accepted)

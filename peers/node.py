@@ -144,7 +144,7 @@ class PeerNode:
         self.failover_log: deque[dict] = deque(maxlen=32)  # the latest, for the swarm page
         self.verification = VerificationStats()
         self.speculation = SpeculationStats()
-        self.metrics = Metrics(self)  # GET /metrics
+        self.metrics = Metrics()  # GET /metrics (what it reads when scraped: peers/app.py readings)
         self.scheduler.metrics = self.gossip.metrics = self.metrics
         self.progress = Progress()  # how far the steps that reached this hop got (direct return)
         self.returns = Returns()  # this entry's steps in flight (direct return)

@@ -15,9 +15,12 @@ import time
 from importlib.resources import files
 
 import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 
 from peers.swarm.routing import coverage, gaps
-from peers.transport.frames import PATH_HEALTH
+from peers.transport.errors import Forbidden
+from peers.transport.frames import PATH_HEALTH, PATH_VIEW
 
 HEALTH_TIMEOUT_S = 1.0
 CACHE_S = 1.0
@@ -26,13 +29,36 @@ PAGE = files(__package__).joinpath("page.html").read_bytes()
 
 
 def loopback(host: str | None) -> bool:
+    """Whether `host` (a client's address) is on this machine."""
     try:
         return host is not None and ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
 
+def view_router(view: "View", private: bool) -> APIRouter:
+    """GET / (the page) and GET /view (its data: on loopback only where `private`)."""
+    router = APIRouter()
+
+    @router.get("/")
+    async def page() -> Response:
+        """The swarm page (peers/page.html): it draws GET /view once a second."""
+        return Response(PAGE, media_type="text/html; charset=utf-8")
+
+    @router.get(PATH_VIEW)
+    async def view_data(request: Request) -> Response:
+        if private and not loopback(request.client.host if request.client else None):
+            raise Forbidden(
+                "this is a private swarm: its page answers on loopback only", code="loopback_only"
+            )
+        return JSONResponse(await view.snapshot())
+
+    return router
+
+
 class View:
+    """The data of the swarm page, built at most once a second."""
+
     def __init__(self, node):
         self.node = node
         self._cached: tuple[float, dict] | None = None

@@ -1,0 +1,86 @@
+"""GET /health: this peer's identity and state and each component's counters, one section each;
+200 while the peer serves its layers, 503 before (a readiness probe)."""
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from inference.block import Block
+from peers.node import PeerNode
+from peers.swarm.commitments import Accusations, VerificationStats
+from peers.transport.direct import Returns
+from peers.transport.frames import PATH_HEALTH
+
+
+def health(node: PeerNode) -> dict:
+    """The body of GET /health."""
+    me, block, config = node.table.me, node.block, node.config
+    return {
+        "peer_id": node.peer_id,
+        "address": me.address,
+        "public_key": me.public_key,
+        "model": node.model_id,
+        "layers": [me.start, me.end],
+        "total_layers": node.total_layers,
+        "weights_bytes": node.weights_bytes,
+        "quant": config.quant,
+        "state": me.state,
+        "sessions": block.open_sessions() if block else 0,
+        "steps_served": node.steps_served,
+        "incarnation": me.incarnation,
+        "active_requests": node.active_requests,
+        "threads": node.threads,
+        "core_turns": node.scheduler.turns is not None,
+        "cuda_graphs": block.graphs.to_json() if block and block.graphs else None,
+        "failovers": node.failovers,
+        "tokens_generated": node.metrics.tokens,
+        "verification": verification(config.verify_rate, node.verification, node.accusations),
+        "speculation": {"enabled": config.speculative, **node.speculation.to_json()},
+        "direct_return": direct_return(config.direct_return, node.returns),
+        "hop_path_ms": node.hop_times.to_json(),
+        "queued_steps": len(node.scheduler),
+        "scheduler": node.scheduler.stats.to_json(),
+        "forwarded": {"messages": node.forwarder.messages, "frames": node.forwarder.frames},
+        "prefix_cache": prefix_cache(block),
+    }
+
+
+def verification(rate: float, stats: VerificationStats, accusations: Accusations) -> dict:
+    """What this entry's checks found, and the accusations it holds or ignored."""
+    return {
+        "rate": rate,
+        **stats.to_json(),
+        "accusations_held": len(accusations),
+        "accusations_ignored": accusations.ignored,
+    }
+
+
+def direct_return(enabled: bool, returns: Returns) -> dict:
+    """This entry's steps in flight under direct return, and what became of their results."""
+    return {
+        "enabled": enabled,
+        "in_flight": len(returns),
+        "mean_step_ms": round(1000 * returns.step_s, 2),
+        "late_step_probes": returns.probes,
+        "results_taken": returns.taken,
+        "results_ignored": returns.ignored,
+    }
+
+
+def prefix_cache(block: Block | None) -> dict:
+    """The prefix KV blocks this peer keeps, and the prompt positions they saved or missed."""
+    return {
+        "blocks": len(block.prefixes) if block else 0,
+        "hit_positions": block.prefixes.hits if block else 0,
+        "miss_positions": block.prefixes.misses if block else 0,
+    }
+
+
+def health_router(node: PeerNode) -> APIRouter:
+    """GET /health over `node`."""
+    router = APIRouter()
+
+    @router.get(PATH_HEALTH)
+    async def answer() -> JSONResponse:
+        return JSONResponse(health(node), status_code=200 if node.ready else 503)
+
+    return router
