@@ -38,62 +38,93 @@ def value(metrics: dict, name: str, **labels) -> float:
     return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def test_counters_match_the_workload(swarm):
+def grew(before: dict, after: dict, name: str, **labels) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def complete(entry, i: int) -> dict:
+    """The usage of a greedy completion of 3 + i tokens."""
+    body = {
+        "model": "llama",
+        "prompt": f"count {i}",
+        "max_tokens": 3 + i,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    r = httpx.post(f"{entry.url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["usage"]
+
+
+def stream_usage(entry, i: int) -> dict:
+    """The usage of a streamed chat of 6 tokens, from its last usage event."""
+    body = {
+        "model": "llama",
+        "messages": [{"role": "user", "content": f"stream {i}"}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with httpx.stream("POST", f"{entry.url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        usage = [line for line in r.iter_lines() if '"usage"' in line and '"choices": []' in line]
+    return httpx.Response(200, content=usage[-1][len("data: ") :]).json()["usage"]
+
+
+@pytest.fixture(scope="module")
+def workload(swarm):
+    """Five completions, two streamed chats, a refused request and five strangers' paths on the
+    entry: (its scrape before, its scrape after, the usages the clients were told)."""
     entry = swarm.peers[0]
     before = scrape(entry)
-    usages = []
-    for i in range(5):
-        body = {
-            "model": "llama",
-            "prompt": f"count {i}",
-            "max_tokens": 3 + i,
-            "temperature": 0,
-            "ignore_eos": True,
-        }
-        r = httpx.post(f"{entry.url}/v1/completions", json=body, timeout=60)
-        assert r.status_code == 200, r.text
-        usages.append(r.json()["usage"])
-    for i in range(2):
-        body = {
-            "model": "llama",
-            "messages": [{"role": "user", "content": f"stream {i}"}],
-            "max_tokens": 6,
-            "temperature": 0,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        with httpx.stream("POST", f"{entry.url}/v1/chat/completions", json=body, timeout=60) as r:
-            assert r.status_code == 200
-            usage = [line for line in r.iter_lines() if '"usage"' in line and '"choices": []' in line]
-        usages.append(httpx.Response(200, content=usage[-1][len("data: ") :]).json()["usage"])
+    usages = [complete(entry, i) for i in range(5)] + [stream_usage(entry, i) for i in range(2)]
     bad = httpx.post(f"{entry.url}/v1/completions", json={"model": "llama", "prompt": "x", "max_tokens": 0})
     assert bad.status_code == 400
     for i in range(5):  # strangers' paths: one label value for all of them
         assert httpx.get(f"{entry.url}/probe-{i}").status_code == 404
-    after = scrape(entry)
+    return before, scrape(entry), usages
 
-    def grew(name, **labels):
-        return value(after, name, **labels) - value(before, name, **labels)
 
+def test_counters_match_the_workload(workload):
+    before, after, usages = workload
     generated = sum(u["completion_tokens"] for u in usages)
     assert generated == 5 * 3 + 10 + 2 * 6
-    assert grew("layerswarm_generated_tokens_total") == generated
-    assert grew("layerswarm_prompt_tokens_total") == sum(u["prompt_tokens"] for u in usages)
-    assert grew("layerswarm_http_requests_total", endpoint="/v1/completions", status="200") == 5
-    assert grew("layerswarm_http_requests_total", endpoint="/v1/chat/completions", status="200") == 2
-    assert grew("layerswarm_http_requests_total", endpoint="/v1/completions", status="400") == 1
-    assert grew("layerswarm_http_requests_total", endpoint="other", status="404") == 5
-    assert not any(k[0] == "layerswarm_http_requests_total" and "probe" in str(k[1]) for k in after)
-    assert grew("layerswarm_time_to_first_token_seconds_count") == 7
+    assert grew(before, after, "layerswarm_generated_tokens_total") == generated
+    assert grew(before, after, "layerswarm_prompt_tokens_total") == sum(u["prompt_tokens"] for u in usages)
+    assert grew(before, after, "layerswarm_time_to_first_token_seconds_count") == 7
     # one observation between each two of a generation's steps; drafting may bring several at once
-    assert grew("layerswarm_inter_token_seconds_count") == generated - 7
-    assert grew("layerswarm_http_request_duration_seconds_count", endpoint="/v1/completions") == 6
+    assert grew(before, after, "layerswarm_inter_token_seconds_count") == generated - 7
+
+
+def test_http_requests_count_by_route_and_status(workload):
+    before, after, _ = workload
+
+    def requests(endpoint: str, status: str) -> float:
+        return grew(before, after, "layerswarm_http_requests_total", endpoint=endpoint, status=status)
+
+    assert requests("/v1/completions", "200") == 5
+    assert requests("/v1/chat/completions", "200") == 2
+    assert requests("/v1/completions", "400") == 1
+    assert requests("other", "404") == 5
+    assert not any(k[0] == "layerswarm_http_requests_total" and "probe" in str(k[1]) for k in after)
+    assert (
+        grew(before, after, "layerswarm_http_request_duration_seconds_count", endpoint="/v1/completions") == 6
+    )
+
+
+def test_the_peer_is_read_when_scraped(swarm, workload):
+    _, after, _ = workload
+    entry = swarm.peers[0]
     assert value(after, "layerswarm_table_peers", status="serving") == 3
     assert value(after, "layerswarm_kv_slots_budget") == 65536
     assert value(after, "layerswarm_ready") == 1
     assert value(after, "layerswarm_peer_info", peer_id=entry.peer_id, model="llama", layers="0:2") == 1
-    # every hop's forwards and queue waits were observed where they ran
+
+
+def test_every_hop_observed_its_forwards_where_they_ran(swarm, workload):
+    entry = swarm.peers[0]
     for peer in swarm.peers:
         m = scrape(peer)
         forwards = value(m, "layerswarm_forward_seconds_count")
