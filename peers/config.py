@@ -1,12 +1,12 @@
-"""A peer's options: the frozen settings `peer serve` builds from its flags."""
+"""A peer's options, each declared once (its field, flag, default, help and check): the frozen
+settings `peer serve` builds, and the flags its parser is generated from (peers/options.py)."""
 
+import argparse
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from inference.quant import QUANT_MODES
-from inference.scheduler import SchedulerSettings
+from peers.options import Flag, at_least, check_fields, one_of, option, positive, settings
 from peers.swarm.membership import GossipSettings
 from peers.transport.limits import (
     DEFAULT_HEADER_TIMEOUT_S,
@@ -14,109 +14,422 @@ from peers.transport.limits import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_READ_TIMEOUT_S,
 )
-from peers.transport.wire import ENCODINGS, LOSSLESS
 
+if TYPE_CHECKING:
+    from inference.scheduler import SchedulerSettings
+
+# The engine's names and the scheduler's defaults (SCHEDULER_FLAGS) are written here too, so that
+# the parser never imports torch; tests/test_cli.py checks that they agree with inference's.
+DEFAULT_MODEL = "smollm2-135m"
+QUANT_CHOICES = ("none", "int8", "int4")
+WIRE_CHOICES = ("lossless", "bf16", "fp16", "int8")
+GOSSIP_DEFAULTS = GossipSettings()
+
+MAX_PORT = 65535
+MAX_CACHE_TOKENS = 65536  # the KV cache budget's default, in token slots
 CORE_TURNS = ("auto", "on", "off")
 CUDA_GRAPHS = {"auto": None, "on": True, "off": False}  # --cuda-graphs -> load_block's cuda_graphs
 ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s]+")  # what a browser's Origin header holds
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+OPEN_SWARM_VERIFY_RATE = 0.05  # strangers may join: check one request in 20 (costs under 10%, README)
+MODEL_HELP = "built-in name, HF directory or .gguf file"
+DEVICE_HELP = "cpu (default) or cuda[:N]"
+DTYPE_HELP = "float32 (CPU default), bfloat16 (CUDA default), float16"
+QUANT_HELP = (
+    "weight-only quantization of this peer's layers: none; int8 (integers per group of 32 weights, "
+    "about 0.31x the float32 bytes; exact on weights from a Q8_0/Q4_x GGUF such as the default model's); "
+    "int4 (torchao's int4 tinygemm, bfloat16 compute, about 0.16-0.19x)"
+)
+
+
+def check_port(name: str, port: int) -> None:
+    if not 0 < port <= MAX_PORT:
+        raise ValueError(f"{name} must be in 1..{MAX_PORT}, got {port}")
+
+
+def check_share(name: str, value: float) -> None:
+    if not 0 <= value <= 1:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def check_served_names(name: str, names: tuple[str, ...]) -> None:
+    for served in names:
+        if not served.strip() or served != served.strip():
+            raise ValueError(
+                f"a served model name is a non-empty name without spaces around it, got {served!r}"
+            )
+    if len(set(names)) < len(names):
+        raise ValueError(f"served model names repeat: {', '.join(names)}")
+
+
+def check_origins(name: str, origins: tuple[str, ...]) -> None:
+    for origin in origins:
+        if origin != "*" and not ORIGIN.fullmatch(origin):
+            raise ValueError(f"an allowed origin is * or SCHEME://HOST[:PORT] without a path, got {origin!r}")
+
+
+def read_swarm_key(args: argparse.Namespace) -> bytes | None:
+    """--swarm-key, else LAYERSWARM_SWARM_KEY."""
+    from peers.transport.auth import swarm_key_from
+
+    return swarm_key_from(args.swarm_key)
+
+
+def read_api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    """--api-key values and the lines of --api-key-file (blank lines and # comments skipped)."""
+    keys = list(args.api_key or ())
+    if args.api_key_file:
+        with open(args.api_key_file) as f:
+            keys += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    for key in keys:
+        if len(key) < 8 or not key.isprintable() or " " in key:
+            raise ValueError("an API key has at least 8 printable characters and no spaces")
+    return tuple(keys)
+
+
+def read_origins(value: str | None) -> tuple[str, ...]:
+    """--allowed-origins: a comma-separated list."""
+    return tuple(o.strip() for o in (value or "").split(",") if o.strip())
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """--chat-template: a file's text, or the argument itself if it is a template (it holds "{%"
+    or "{{"); checked to compile here, before the model loads."""
+    from pathlib import Path
+
+    from inference.tokenizer import check_chat_template
+
+    if value is None:
+        return None
+    try:
+        is_file = Path(value).is_file()
+    except (OSError, ValueError):  # a template's text may be too long, or odd, for a file name
+        is_file = False
+    if is_file:
+        text = Path(value).read_text()
+    elif "{%" in value or "{{" in value:
+        text = value
+    else:
+        raise ValueError(f"--chat-template {value!r} is neither a file nor a template's text")
+    try:
+        check_chat_template(text)
+    except ValueError as e:
+        raise ValueError(f"--chat-template {value if is_file else '(the text given)'}: {e}") from None
+    return text
+
+
+def read_verify_rate(args: argparse.Namespace) -> float:
+    """--verify-rate, or by default: checked in an open swarm (strangers may join), not else."""
+    if args.verify_rate is not None:
+        return args.verify_rate
+    if args.host not in LOOPBACK and read_swarm_key(args) is None:
+        return OPEN_SWARM_VERIFY_RATE
+    return 0.0
+
+
+def scheduler_settings(**values: object) -> "SchedulerSettings":
+    """The engine's scheduler settings (imported here, late: it loads torch)."""
+    from inference.scheduler import SchedulerSettings
+
+    return SchedulerSettings(**values)
+
+
+SCHEDULER_FLAGS = {
+    "max_batch_tokens": Flag(
+        "--max-batch-tokens", "positions in one forward (all its steps together)", 512, int
+    ),
+    "prefill_chunk": Flag(
+        "--prefill-chunk", "a prompt runs in chunks of at most this many positions", 256, int
+    ),
+    "max_queue": Flag("--max-step-queue", "steps queued here at once; more are answered busy", 1024, int),
+    "max_queue_wait_s": Flag(
+        "--max-queue-wait", "seconds a step may wait to start before it is busy", 10.0, float
+    ),
+    "batch_wait_s": Flag(
+        "--batch-wait",
+        "seconds a forward may wait for sessions that are mid-round on other peers, never when idle "
+        "(default: while other peers share this machine's cores, until each is due back, so that waves "
+        "merge; else 0)",
+        None,
+        float,
+    ),
+}
+GOSSIP_FLAGS = {
+    "interval_s": Flag(
+        "--gossip-interval", "seconds between gossip rounds", GOSSIP_DEFAULTS.interval_s, float
+    ),
+    "fanout": Flag("--gossip-fanout", "peers contacted each round", GOSSIP_DEFAULTS.fanout, int),
+    "suspect_after_s": Flag(
+        "--suspect-after",
+        "seconds of silence before a peer is suspect",
+        GOSSIP_DEFAULTS.suspect_after_s,
+        float,
+    ),
+    "dead_after_s": Flag(
+        "--dead-after", "seconds of silence before a peer is dead", GOSSIP_DEFAULTS.dead_after_s, float
+    ),
+    "tombstone_s": Flag(
+        "--tombstone", "seconds a dead peer's tombstone is kept", GOSSIP_DEFAULTS.tombstone_s, float
+    ),
+}
 
 
 @dataclass(frozen=True)
 class NodeConfig:
-    model: str = "smollm2-135m"
-    layers: str | None = None  # "A:B"; None chooses automatically
-    num_layers: int | None = None  # with layers None: how many to serve
-    host: str = "127.0.0.1"
-    port: int = 7001
-    public_address: str | None = None  # what others dial; host:port by default
-    join: tuple[str, ...] = ()
-    device: str | None = None
-    dtype: str | None = None
-    quant: str = "none"  # this peer's weights: none, int8 or int4 (weight-only, inference/quant.py)
-    threads: int | None = None  # torch threads; None: the cores shared among this host's peers
-    core_turns: str = "auto"  # on, off, or auto: on while co-located peers' threads outnumber the cores
-    cuda_graphs: str = "auto"  # decode steps captured as CUDA graphs: on, off, or auto (on a CUDA device)
-    max_cache_tokens: int = 65536
-    session_idle_s: float = 120.0
-    hop_timeout_s: float = 30.0  # a hop's deadline: this, plus hop_timeout_per_token_s per position
-    hop_timeout_per_token_s: float = 0.02
-    failover_timeout_s: float = 60.0  # how long an entry keeps trying to re-route one request
-    sse_keepalive_s: float = 5.0  # a stream sends a comment line after this long without an event
-    ban_s: float = 5.0  # first ban of a failed peer; doubles on each repeat, up to ban_max_s
+    model: str = option(DEFAULT_MODEL, Flag("--model", MODEL_HELP))
+    layers: str | None = option(
+        None, Flag("--layers", "layers START:END to serve; default: chosen automatically")
+    )
+    num_layers: int | None = option(
+        None,
+        Flag("--num-layers", "without --layers: how many layers (default: what fits memory)"),
+        check=at_least(1),
+    )
+    host: str = option("127.0.0.1", Flag("--host", "address to listen on"))
+    port: int = option(7001, Flag("--port", "port to listen on"), check=check_port)
+    public_address: str | None = option(  # what others dial; host:port by default
+        None, Flag("--public-address", "HOST:PORT other peers dial (default: host:port)")
+    )
+    join: tuple[str, ...] = option(
+        (), Flag("--join", "one or more peers of the swarm to join through", nargs="+", metavar="HOST:PORT")
+    )
+    device: str | None = option(None, Flag("--device", DEVICE_HELP))
+    dtype: str | None = option(None, Flag("--dtype", DTYPE_HELP))
+    quant: str = option(  # this peer's weights, weight-only (inference/quant.py)
+        "none", Flag("--quant", QUANT_HELP, choices=QUANT_CHOICES), check=one_of(QUANT_CHOICES)
+    )
+    threads: int | None = option(  # torch threads; None: the cores shared among this host's peers
+        None,
+        Flag(
+            "--threads", "torch threads of this peer's forwards (default: OMP_NUM_THREADS, else every core)"
+        ),
+        check=at_least(1),
+    )
+    core_turns: str = option(
+        "auto",
+        Flag(
+            "--core-turns",
+            "forwards of the peers on this machine take turns, one at a time, so that their threads "
+            "never fight for the cores (default auto: on for a CPU peer that shares the machine with other "
+            "peers whose threads together outnumber the cores)",
+            choices=CORE_TURNS,
+        ),
+        check=one_of(CORE_TURNS),
+    )
+    cuda_graphs: str = option(
+        "auto",
+        Flag(
+            "--cuda-graphs",
+            "decode steps (one position per session, batches of up to 16) run as CUDA graphs over "
+            "static KV slots (default auto: on for a CUDA device, off on a CPU)",
+            choices=tuple(CUDA_GRAPHS),
+        ),
+        check=one_of(tuple(CUDA_GRAPHS)),
+    )
+    max_cache_tokens: int = option(
+        MAX_CACHE_TOKENS, Flag("--max-cache-tokens", "KV cache budget in token slots")
+    )
+    scheduler: "SchedulerSettings" = settings(scheduler_settings, SCHEDULER_FLAGS)
+    prefix_reuse: bool = option(
+        True, Flag("--no-prefix-reuse", "never reuse the KV of prompt prefixes computed before")
+    )
+    wire: str = option(  # how hidden states travel to next hops that accept it (peers/transport/wire.py)
+        WIRE_CHOICES[0],
+        Flag(
+            "--wire",
+            "how this peer's hidden states travel to next peers that accept it: lossless (exact), "
+            "bf16, fp16, or int8 (absmax per 64 values, each row's 8 largest apart; the sampled positions, "
+            "and under int8 a sequence's first and the 16 before the sampled ones, as float16); a peer "
+            "that chose a compressed wire accepts any, one left lossless only lossless",
+            choices=WIRE_CHOICES,
+        ),
+        check=one_of(WIRE_CHOICES),
+    )
+    direct_return: bool = option(
+        True,
+        Flag(
+            "--no-direct-return",
+            "results of steps entering here come back through every hop of the route, not straight "
+            "from the last peer",
+        ),
+    )
+    draft_model: str | None = option(
+        None,
+        Flag(
+            "--draft-model",
+            "a small model sharing the served model's tokenizer (a name or a folder), run by this peer "
+            "to draft tokens for requests entering here where prompt lookup finds none",
+        ),
+    )
+    speculative: bool = option(  # (peers/entry/speculative.py)
+        True,
+        Flag(
+            "--no-speculative",
+            "requests entering here never draft tokens for the chain to check (speculative decoding)",
+        ),
+    )
+    prefix_cache_tokens: int = option(
+        16384, Flag("--prefix-cache-tokens", "KV token slots kept for prefix reuse"), check=at_least(0)
+    )
+    session_idle_s: float = option(
+        120.0, Flag("--session-idle", "seconds before an idle session is freed"), check=positive
+    )
+    hop_timeout_s: float = option(  # a hop's deadline: this, plus hop_timeout_per_token_s per position
+        30.0, Flag("--hop-timeout", "seconds one hop of a step may take, plus the next"), check=positive
+    )
+    hop_timeout_per_token_s: float = option(
+        0.02,
+        Flag(
+            "--hop-timeout-per-token",
+            "extra seconds a hop may take per position it carries (a long prefill is not a dead peer)",
+        ),
+        check=at_least(0),
+    )
+    failover_timeout_s: float = option(
+        60.0, Flag("--failover-timeout", "seconds an entry keeps re-routing a request"), check=positive
+    )
+    sse_keepalive_s: float = option(
+        5.0,
+        Flag(
+            "--sse-keepalive",
+            "seconds without an event after which a stream sends a keep-alive comment (e.g. during a failover)",
+        ),
+        check=positive,
+    )
+    ban_s: float = option(  # doubles on each repeat, up to ban_max_s
+        5.0, Flag("--ban", "seconds a failed peer is first avoided (doubles on repeats)"), check=positive
+    )
     ban_max_s: float = 120.0
-    drain_s: float = 10.0  # on leave: how long in-flight requests may finish
-    rebalance: bool = True  # with layers None: move to fill a gap when this peer's span is redundant
-    max_requests: int = 64  # requests this entry serves at once; more get 429
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # a request body other than step frames
-    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S  # the longest pause while a body arrives
-    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S  # to send a request's headers
-    max_connections: int = DEFAULT_MAX_CONNECTIONS  # open HTTP connections; more are closed
-    swarm_key: bytes | None = field(default=None, repr=False)  # a private swarm's shared key
-    api_keys: tuple[str, ...] = field(default=(), repr=False)  # keys the OpenAI door takes; () = any caller
-    verify_rate: float = (
-        0.0  # share of requests this entry checks on a second route (peers/entry/consensus.py)
+    verify_rate: float = option(  # (peers/entry/consensus.py)
+        0.0,
+        Flag(
+            "--verify-rate",
+            "share of requests (0 to 1) this entry checks: at each step, every hop that has another "
+            "replica is recomputed by it on the same input, hops commit to their outputs, and a referee "
+            f"route decides a disagreement (default {OPEN_SWARM_VERIFY_RATE} in an open swarm, listening "
+            "beyond loopback without --swarm-key; else 0)",
+            default=None,
+        ),
+        check=check_share,
+        read=read_verify_rate,
     )
-    liar_ban_s: float = 3600.0  # how long a peer convicted of computing wrong is avoided
-    self_referee: bool = False  # with no third replica, this entry recomputes disputed layers itself
-    identity_file: str | None = None  # this peer's Ed25519 key, created on first start; None: new each start
-    prefix_reuse: bool = True  # reuse the KV of prompt prefixes this peer computed before
-    prefix_cache_tokens: int = 16384  # token slots of KV kept for prefix reuse
-    speculative: bool = (
-        True  # requests entering here draft tokens the chain checks (peers/entry/speculative.py)
+    self_referee: bool = option(
+        False,
+        Flag(
+            "--self-referee",
+            "when a hop and its only other replica disagree, this entry recomputes the disputed "
+            "layers itself (loading layers 0 to the disputed boundary) instead of failing the request",
+        ),
     )
-    direct_return: bool = True  # results of this entry's steps come straight from the last peer
-    draft_model: str | None = None  # a small model sharing the tokenizer, run here to draft tokens
-    served_model_names: tuple[str, ...] = ()  # names the OpenAI API answers to; () = the model's id
-    allowed_origins: tuple[str, ...] = ()  # browser origins allowed by CORS ("*": any); () = no CORS
-    chat_template: str | None = field(default=None, repr=False)  # Jinja, in place of the model's
-    wire: str = LOSSLESS  # how hidden states travel to next hops that accept it (peers/transport/wire.py)
-    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
-    gossip: GossipSettings = field(default_factory=GossipSettings)
+    liar_ban_s: float = option(
+        3600.0,
+        Flag("--liar-ban", "seconds a peer convicted of computing wrong is avoided, whatever life it starts"),
+        check=positive,
+    )
+    drain_s: float = option(10.0, Flag("--drain", "seconds in-flight requests get on shutdown"))
+    max_requests: int = option(
+        64, Flag("--max-requests", "requests this entry serves at once; more get 429"), check=at_least(1)
+    )
+    max_body_bytes: int = option(  # a request body other than step frames
+        DEFAULT_MAX_BODY_BYTES,
+        Flag(
+            "--max-body-bytes",
+            "the largest request body (OpenAI requests, gossip) in bytes; more get 413 (step frames "
+            "may carry the hidden states of a whole context)",
+        ),
+        check=at_least(1),
+    )
+    read_timeout_s: float = option(
+        DEFAULT_READ_TIMEOUT_S,
+        Flag("--read-timeout", "seconds a request body may pause; then 408"),
+        check=positive,
+    )
+    header_timeout_s: float = option(
+        DEFAULT_HEADER_TIMEOUT_S,
+        Flag(
+            "--header-timeout", "seconds a connection may take to send a request's headers; then it is closed"
+        ),
+        check=positive,
+    )
+    swarm_key: bytes | None = option(
+        None,
+        Flag(
+            "--swarm-key",
+            "a private swarm's shared key (16+ characters; default: LAYERSWARM_SWARM_KEY): every "
+            "peer-to-peer request is signed with it, and unsigned ones get 401",
+        ),
+        read=read_swarm_key,
+    )
+    api_keys: tuple[str, ...] = option(  # () = any caller
+        (),
+        Flag(
+            "--api-key",
+            "a key the OpenAI API takes as 'Authorization: Bearer KEY' (repeatable; default: any caller)",
+            action="append",
+        ),
+        Flag("--api-key-file", "a file of API keys, one per line", default=None),
+        read=read_api_keys,
+    )
+    served_model_names: tuple[str, ...] = option(  # () = the model's id
+        (),
+        Flag(
+            "--served-model-name",
+            "the model names the OpenAI API answers to; responses and /v1/models report the first "
+            "(default: the model's id)",
+            nargs="+",
+            metavar="NAME",
+        ),
+        check=check_served_names,
+    )
+    chat_template: str | None = option(  # Jinja, in place of the model's
+        None,
+        Flag(
+            "--chat-template",
+            "a Jinja chat template in place of the model's: a file, or the template's text itself",
+            metavar="TEMPLATE",
+        ),
+        read=lambda args: read_chat_template(args.chat_template),
+    )
+    allowed_origins: tuple[str, ...] = option(  # () = no CORS
+        (),
+        Flag(
+            "--allowed-origins",
+            "browser origins (SCHEME://HOST[:PORT], or *) that may call this peer's API (CORS); "
+            "default: none, no CORS headers",
+            default=None,
+            metavar="ORIGIN[,ORIGIN...]",
+        ),
+        check=check_origins,
+        read=lambda args: read_origins(args.allowed_origins),
+    )
+    identity_file: str | None = option(  # None: a new identity each start
+        None,
+        Flag(
+            "--identity",
+            "this peer's Ed25519 key (PEM), created on first start; its peer id derives from it "
+            "(default: a new identity each start)",
+            metavar="FILE",
+        ),
+    )
+    max_connections: int = option(
+        DEFAULT_MAX_CONNECTIONS,
+        Flag("--max-connections", "open HTTP connections; more are closed at once"),
+        check=at_least(1),
+    )
+    rebalance: bool = option(  # with layers None: move to fill a gap when this peer's span is redundant
+        True, Flag("--no-rebalance", "without --layers: keep the chosen span even when a gap opens")
+    )
+    gossip: GossipSettings = settings(GossipSettings, GOSSIP_FLAGS)
 
     def __post_init__(self):
-        if not 0 < self.port < 65536:
-            raise ValueError(f"port must be in 1..65535, got {self.port}")
-        for name in ("hop_timeout_s", "failover_timeout_s", "ban_s", "session_idle_s", "sse_keepalive_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.hop_timeout_per_token_s < 0:
-            raise ValueError(f"hop_timeout_per_token_s must be >= 0, got {self.hop_timeout_per_token_s}")
-        for name in ("read_timeout_s", "header_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("num_layers", "threads", "max_requests", "max_body_bytes", "max_connections"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.wire not in ENCODINGS:
-            raise ValueError(f"wire must be one of {', '.join(ENCODINGS)}, got {self.wire!r}")
-        if self.core_turns not in CORE_TURNS:
-            raise ValueError(f"core_turns must be one of {', '.join(CORE_TURNS)}, got {self.core_turns!r}")
-        if self.quant not in QUANT_MODES:
-            raise ValueError(f"quant must be one of {', '.join(QUANT_MODES)}, got {self.quant!r}")
-        if self.cuda_graphs not in CUDA_GRAPHS:
-            raise ValueError(f"cuda_graphs must be one of {', '.join(CUDA_GRAPHS)}, got {self.cuda_graphs!r}")
-        if self.cuda_graphs == "on" and torch.device(self.device or "cpu").type != "cuda":
-            raise ValueError(f"cuda_graphs 'on' needs a CUDA device, got device {self.device or 'cpu'!r}")
-        if not 0 <= self.verify_rate <= 1:
-            raise ValueError(f"verify_rate must be in [0, 1], got {self.verify_rate}")
-        if self.liar_ban_s <= 0:
-            raise ValueError(f"liar_ban_s must be positive, got {self.liar_ban_s}")
+        check_fields(self)
+        if self.cuda_graphs == "on":
+            import torch
+
+            if torch.device(self.device or "cpu").type != "cuda":
+                raise ValueError(f"cuda_graphs 'on' needs a CUDA device, got device {self.device or 'cpu'!r}")
         if self.draft_model and not self.speculative:
             raise ValueError("a draft model has no use without speculative decoding (--no-speculative)")
-        if self.prefix_cache_tokens < 0:
-            raise ValueError(f"prefix_cache_tokens must be >= 0, got {self.prefix_cache_tokens}")
-        for name in self.served_model_names:
-            if not name.strip() or name != name.strip():
-                raise ValueError(
-                    f"a served model name is a non-empty name without spaces around it, got {name!r}"
-                )
-        if len(set(self.served_model_names)) < len(self.served_model_names):
-            raise ValueError(f"served model names repeat: {', '.join(self.served_model_names)}")
-        for origin in self.allowed_origins:
-            if origin != "*" and not ORIGIN.fullmatch(origin):
-                raise ValueError(
-                    f"an allowed origin is * or SCHEME://HOST[:PORT] without a path, got {origin!r}"
-                )
 
     @property
     def address(self) -> str:
