@@ -1,17 +1,21 @@
-"""One request's generations: a run per prompt turns tokens into text deltas (each with the
-tokens it covers), finish reasons and usage; several runs merge into one stream of choices."""
+"""One request's generations: a run per prompt turns tokens into typed events (text deltas with
+the tokens they cover, finish reasons) and counts usage; several runs merge into one stream of
+choices."""
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
 from peers.api.door import ApiPeer
+from peers.api.events import Delta, Event, Finish, Stepped, renumbered
 from peers.api.shapes import Choice
 from peers.api.textstream import TextStream
 from peers.api.tools import repeats_a_call
 from peers.entry.consensus import checked_generate, verified_generate
 from peers.entry.generation import Token, generate
 from peers.entry.steering import Steering
+from peers.transport.frames import Sampling
 
 
 def best(choices: list[Choice], prompts: int, best_of: int, n: int) -> list[Choice]:
@@ -61,11 +65,11 @@ def usage(runs: list["Run"]) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-async def first_events(events: AsyncIterator) -> list:
-    """The events up to and including the first one that follows a generated token (the
-    generator stays open for the rest)."""
-    first = []
-    while not first or first[-1][0] != "token":
+async def first_events(events: AsyncIterator[Event]) -> list[Event]:
+    """The events up to and including the first step's end (the generator stays open for the
+    rest)."""
+    first: list[Event] = []
+    while not first or not isinstance(first[-1], Stepped):
         try:
             first.append(await anext(events))
         except StopAsyncIteration:
@@ -73,18 +77,19 @@ async def first_events(events: AsyncIterator) -> list:
     return first
 
 
-async def collect(events: AsyncIterator, count: int) -> list[Choice]:
+async def collect(events: AsyncIterator[Event], count: int) -> list[Choice]:
+    """The `count` choices of a whole answer, from all their events."""
     choices = [Choice(i) for i in range(count)]
-    async for kind, index, a, b in events:
-        if kind == "delta":
-            choices[index].text.append(a)
-            choices[index].tokens += b
-        elif kind == "finish":
-            choices[index].finish = b
+    async for event in events:
+        if isinstance(event, Delta):
+            choices[event.index].text.append(event.text)
+            choices[event.index].tokens += event.tokens
+        elif isinstance(event, Finish):
+            choices[event.index].finish = event.reason
     return choices
 
 
-async def merged(streams: list[AsyncIterator], width: int) -> AsyncIterator[tuple]:
+async def merged(streams: list[AsyncIterator[Event]], width: int) -> AsyncIterator[Event]:
     """The events of several runs as one stream; run k's sequence i becomes choice k * width + i."""
     if len(streams) == 1:
         try:
@@ -97,8 +102,8 @@ async def merged(streams: list[AsyncIterator], width: int) -> AsyncIterator[tupl
 
     async def pump(k: int, stream: AsyncIterator) -> None:
         try:
-            async for kind, i, a, b in stream:
-                await queue.put((kind, i if i < 0 else k * width + i, a, b))
+            async for event in stream:
+                await queue.put(renumbered(event, k * width))
             await queue.put(None)
         except Exception as e:
             await queue.put(e)
@@ -122,70 +127,63 @@ async def merged(streams: list[AsyncIterator], width: int) -> AsyncIterator[tupl
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """What one run generates: `n` sequences of one prompt, at most `max_tokens` each.
+
+    `routes` > 1: that many whole routes, the majority deciding (the consensus field); `verify`:
+    every replicated hop recomputed by a shadow (--verify-rate); `speculative`: drafted tokens
+    checked by the chain where that applies (one sequence, unchecked); `tools`: a sequence ends
+    once it repeats a tool call it made (a model looping on calls)."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: Sampling
+    stops: list[str]  # stop strings
+    stop_ids: frozenset[int]  # token ids that end a sequence
+    n: int
+    routes: int = 1
+    verify: bool = False
+    speculative: bool = False
+    steering: Steering | None = None
+    tools: bool = False
+
+
 class Run:
     """One generation of n sequences of one prompt: tokens -> text deltas (each with the tokens
     it covers), finish reasons and usage."""
 
-    def __init__(
-        self,
-        node: ApiPeer,
-        prompt_ids,
-        max_tokens,
-        sampling,
-        stops,
-        stop_ids,
-        n: int,
-        routes: int = 1,
-        verify: bool = False,
-        speculative: bool = False,
-        steering: Steering | None = None,
-        tools: bool = False,
-    ):
-        """`routes` > 1: that many whole routes, the majority deciding (the consensus field);
-        `verify`: every replicated hop recomputed by a shadow (--verify-rate); `speculative`:
-        drafted tokens checked by the chain where that applies (one sequence, unchecked);
-        `tools`: a sequence ends once it repeats a tool call it made (a model looping on calls)."""
-        self.node, self.prompt_ids, self.max_tokens = node, prompt_ids, max_tokens
-        self.routes, self.verify, self.speculative = routes, verify, speculative
-        self.sampling, self.stop_ids, self.n, self.steering = sampling, stop_ids, n, steering
-        self.tools = tools
-        self.texts = [TextStream(node.tokenizer, stops) for _ in range(n)]
-        self.held: list[list[Token]] = [[] for _ in range(n)]  # tokens whose text is not out yet
-        self.finish = ["length"] * n
-        self.done = [False] * n
+    def __init__(self, node: ApiPeer, spec: RunSpec):
+        self.node, self.spec = node, spec
+        self.prompt_ids, self.stop_ids, self.n = spec.prompt_ids, spec.stop_ids, spec.n
+        self.texts = [TextStream(node.tokenizer, spec.stops) for _ in range(spec.n)]
+        self.held: list[list[Token]] = [[] for _ in range(spec.n)]  # tokens whose text is not out yet
+        self.finish = ["length"] * spec.n
+        self.done = [False] * spec.n
         self.completion_tokens = 0
-        self.clock = TokenClock(node.metrics, len(prompt_ids))
+        self.clock = TokenClock(node.metrics, len(spec.prompt_ids))
 
-    async def events(self) -> AsyncIterator[tuple]:
-        """("token", -1, None, None) after each step; per sequence i ("delta", i, text, tokens)
-        and ("finish", i, None, reason)."""
-        args = (self.node, self.prompt_ids, self.max_tokens, self.sampling, self.stop_ids, self.n)
-        if self.verify:
-            gen = verified_generate(*args, steering=self.steering)
-        elif self.routes > 1:
-            gen = checked_generate(*args, routes=self.routes, steering=self.steering)
-        else:
-            gen = generate(*args, speculative=self.speculative, steering=self.steering)
+    def _generation(self) -> AsyncIterator[list[Token]]:
+        spec = self.spec
+        args = (self.node, spec.prompt_ids, spec.max_tokens, spec.sampling, spec.stop_ids, spec.n)
+        if spec.verify:
+            return verified_generate(*args, steering=spec.steering)
+        if spec.routes > 1:
+            return checked_generate(*args, routes=spec.routes, steering=spec.steering)
+        return generate(*args, speculative=spec.speculative, steering=spec.steering)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Per sequence its Delta and Finish events; a Stepped after each step."""
+        gen = self._generation()
         try:
             async for tokens in gen:
                 counted = self.completion_tokens
                 for i, tok in enumerate(tokens):
-                    if self.done[i]:
-                        continue
-                    self.completion_tokens += 1
-                    if tok.token in self.stop_ids:
-                        for event in self._end(i, "stop"):
-                            yield event
-                        continue
-                    self.held[i].append(tok)
-                    delta = self.texts[i].push(tok.token)
-                    if delta:
-                        yield ("delta", i, delta, self._take(i))
-                    if self.texts[i].stopped or (self.tools and delta and repeats_a_call(self.texts[i].text)):
-                        for event in self._end(i, "stop"):
+                    if not self.done[i]:
+                        for event in self._advance(i, tok):
                             yield event
                 self.clock.step(self.completion_tokens - counted)
-                yield ("token", -1, None, None)
+                yield Stepped()
                 if all(self.done):
                     break
             for i in range(self.n):
@@ -195,13 +193,27 @@ class Run:
         finally:
             await gen.aclose()
 
-    def _take(self, i: int) -> list[Token]:
-        held, self.held[i] = self.held[i], []
-        return held
+    def _advance(self, i: int, tok: Token) -> Iterator[Event]:
+        """Sequence i's new token: its text, and its end if it brings one."""
+        self.completion_tokens += 1
+        if tok.token in self.stop_ids:
+            yield from self._end(i, "stop")
+            return
+        self.held[i].append(tok)
+        text = self.texts[i]
+        delta = text.push(tok.token)
+        if delta:
+            yield Delta(i, delta, self._take(i))
+        if text.stopped or (self.spec.tools and delta and repeats_a_call(text.text)):
+            yield from self._end(i, "stop")
 
-    def _end(self, i: int, reason: str):
+    def _take(self, i: int) -> tuple[Token, ...]:
+        held, self.held[i] = self.held[i], []
+        return tuple(held)
+
+    def _end(self, i: int, reason: str) -> Iterator[Event]:
         self.done[i], self.finish[i] = True, reason
         rest = self.texts[i].finish()
         if rest:
-            yield ("delta", i, rest, self._take(i))
-        yield ("finish", i, None, reason)
+            yield Delta(i, rest, self._take(i))
+        yield Finish(i, reason)

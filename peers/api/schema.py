@@ -28,7 +28,9 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _Request(_Strict):
+class GenerationRequest(_Strict):
+    """The fields both completion endpoints take."""
+
     model: str
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -137,7 +139,7 @@ class ResponseFormat(_Strict):
         return self
 
 
-class ChatRequest(_Request):
+class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -165,7 +167,7 @@ class ChatRequest(_Request):
         return self
 
 
-class CompletionRequest(_Request):
+class CompletionRequest(GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False

@@ -12,7 +12,8 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from peers.api.door import ApiPeer
-from peers.api.openai_routes import ChatMessage, _check_prompt_size, _text_of
+from peers.api.prompts import check_prompt_size, text_of
+from peers.api.schema import ChatMessage
 from peers.api.tools import chat_messages
 from peers.transport.errors import InvalidRequest, ModelNotServed
 
@@ -44,46 +45,59 @@ def installed_version() -> str:
 
 
 def router(node: ApiPeer) -> APIRouter:
+    """The service routes of `node`'s door."""
+    door = ServiceDoor(node)
     api = APIRouter()
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize-api")  # off the event loop
-    created = int(time.time())
+    api.add_api_route("/v1/models", door.models, methods=["GET"])
+    api.add_api_route("/v1/models/{model:path}", door.model, methods=["GET"])
+    api.add_api_route("/tokenize", door.tokenize, methods=["POST"])
+    api.add_api_route("/detokenize", door.detokenize, methods=["POST"])
+    api.add_api_route("/version", door.version_, methods=["GET"])
+    return api
 
-    def card() -> dict:
+
+class ServiceDoor:
+    """The service endpoints of one peer; each public async method is a route's handler."""
+
+    def __init__(self, node: ApiPeer):
+        self.node = node
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize-api")  # off the event loop
+        self.created = int(time.time())
+
+    def card(self) -> dict:
         return {
-            "id": node.served_model,
+            "id": self.node.served_model,
             "object": "model",
-            "created": created,
+            "created": self.created,
             "owned_by": "layerswarm",
-            "max_model_len": node.context_length,
+            "max_model_len": self.node.context_length,
         }
 
-    @api.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [card()]}
+    async def models(self) -> dict:
+        return {"object": "list", "data": [self.card()]}
 
-    @api.get("/v1/models/{model:path}")
-    async def model(model: str) -> dict:
+    async def model(self, model: str) -> dict:
         """Any served name gives the card; the card names the model as responses do."""
-        _check_model(node, model)
-        return card()
+        _check_model(self.node, model)
+        return self.card()
 
-    @api.post("/tokenize")
-    async def tokenize(req: TokenizeRequest) -> dict:
+    async def tokenize(self, req: TokenizeRequest) -> dict:
+        node = self.node
         _check_model(node, req.model)
         if (req.prompt is None) == (req.messages is None):
             raise InvalidRequest("give either prompt or messages, not both", param="prompt")
         if req.prompt is not None:
-            _check_prompt_size(node, len(req.prompt), "prompt")
+            check_prompt_size(node, len(req.prompt), "prompt")
             encode = partial(node.tokenizer.encode, req.prompt)
         else:
             try:  # as a chat without tools renders them
-                messages = chat_messages(req.messages, _text_of, generic_tools=False)
+                messages = chat_messages(req.messages, text_of, generic_tools=False)
             except ValueError as e:
                 raise InvalidRequest(str(e), param="messages") from None
-            _check_prompt_size(node, sum(len(m["content"]) for m in messages), "messages")
+            check_prompt_size(node, sum(len(m["content"]) for m in messages), "messages")
             encode = partial(node.tokenizer.encode_chat, messages, req.add_generation_prompt)
         try:
-            ids = await asyncio.get_running_loop().run_in_executor(pool, encode)
+            ids = await asyncio.get_running_loop().run_in_executor(self.pool, encode)
         except Exception as e:  # the chat template refused these messages (e.g. roles not alternating)
             if req.messages is None:
                 raise
@@ -92,24 +106,22 @@ def router(node: ApiPeer) -> APIRouter:
             ) from e
         return {"tokens": ids, "count": len(ids), "max_model_len": node.context_length}
 
-    @api.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest) -> dict:
-        _check_model(node, req.model)
-        vocab = node.model_config.vocab_size
+    async def detokenize(self, req: DetokenizeRequest) -> dict:
+        _check_model(self.node, req.model)
+        vocab = self.node.model_config.vocab_size
         bad = next((i for i, t in enumerate(req.tokens) if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequest(
                 f"tokens[{bad}] is {req.tokens[bad]}, outside this model's vocabulary [0, {vocab})",
                 param="tokens",
             )
-        text = await asyncio.get_running_loop().run_in_executor(pool, node.tokenizer.decode, req.tokens)
+        text = await asyncio.get_running_loop().run_in_executor(
+            self.pool, self.node.tokenizer.decode, req.tokens
+        )
         return {"prompt": text}
 
-    @api.get("/version")
-    async def version_() -> dict:
+    async def version_(self) -> dict:
         return {"version": installed_version()}
-
-    return api
 
 
 def _check_model(node: ApiPeer, model: str | None) -> None:

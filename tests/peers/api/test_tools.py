@@ -6,7 +6,7 @@ import json
 from transformers import AutoTokenizer
 
 from inference import Tokenizer
-from peers.api.openai_routes import _text_of
+from peers.api.prompts import text_of
 from peers.api.schema import ChatMessage, NamedTool, Tool
 from peers.api.tools import CallFilter, chat_messages, split_calls, template_tools, with_tool_prompt
 
@@ -50,7 +50,7 @@ HISTORY = [
 
 
 def test_a_template_without_tools_gets_the_calls_as_text_and_one_answer_turn():
-    messages = chat_messages(HISTORY, _text_of, generic_tools=True)
+    messages = chat_messages(HISTORY, text_of, generic_tools=True)
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]  # roles still alternate
     call = messages[1]["content"].split("\n</tool_call>")[0].split("<tool_call>\n")[1]
     assert json.loads(call) == {"name": "get_weather", "arguments": {"city": "Paris"}}
@@ -78,7 +78,7 @@ def test_a_template_with_tools_renders_them_itself(tiny_llama):
         ),
     )
     assert tokenizer.template_takes_tools
-    messages = chat_messages(HISTORY, _text_of, generic_tools=False)
+    messages = chat_messages(HISTORY, text_of, generic_tools=False)
     assert messages[1]["tool_calls"][1]["function"]["arguments"] == {"city": "Rome"}
     ids = tokenizer.encode_chat(messages, tools=template_tools([WEATHER]))
     text = AutoTokenizer.from_pretrained(tiny_llama).decode(ids)

@@ -1,0 +1,154 @@
+"""What a completion request asks for besides its prompts, read and checked: admission, the
+grammar its output follows, max_tokens, the sampling controls and steering, and from these the
+spec of each prompt's run."""
+
+from dataclasses import dataclass, replace
+
+from inference.grammar import GrammarError, json_object_grammar, json_schema_grammar, tool_call_grammar
+from peers.api.door import ApiPeer
+from peers.api.runs import RunSpec
+from peers.api.schema import ChatRequest, GenerationRequest, NamedTool
+from peers.entry.generation import RETRY_AFTER_S
+from peers.entry.steering import Steering
+from peers.transport.errors import InvalidRequest, ModelNotServed, Overloaded, SwarmUnavailable
+from peers.transport.frames import Sampling
+
+DEFAULT_MAX_TOKENS = 1024  # when a request names none: this, or what the context has left
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What a request wants besides its tokens, read from its body."""
+
+    chat: bool
+    logprobs: int | None = None  # None: none; k: the sampled token's and k alternatives
+    grammar: str | None = None  # the output follows it (response_format, forced tool calls)
+    tools: tuple = ()  # the calls in the output are parsed into message.tool_calls
+    echo: tuple[str, ...] = ()  # per prompt: text put before its outputs (completions' echo)
+    best_of: int | None = None  # sequences generated per prompt, of which the n likeliest are kept
+
+
+def chat_grammar(req: ChatRequest, tools: list) -> str | None:
+    """The grammar the output must follow: the response format's, or forced tool calls'."""
+    forced = isinstance(req.tool_choice, NamedTool) or req.tool_choice == "required"
+    fmt = req.response_format
+    if fmt is not None and fmt.type != "text" and forced:
+        raise InvalidRequest(
+            "response_format and a forced tool_choice exclude each other", param="response_format"
+        )
+    if req.ignore_eos and (forced or (fmt is not None and fmt.type != "text")):
+        raise InvalidRequest("ignore_eos cannot end a structured output", param="ignore_eos")
+    try:
+        if forced:
+            name = req.tool_choice.function.name if isinstance(req.tool_choice, NamedTool) else None
+            specs = [t.model_dump(exclude_none=True) for t in tools]
+            return tool_call_grammar(specs, name, req.parallel_tool_calls)
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return json_object_grammar()
+        return json_schema_grammar(fmt.json_schema.schema_)
+    except GrammarError as e:
+        param = "tools" if forced else "response_format"
+        raise InvalidRequest(f"{param}: {e}", param=param) from None
+
+
+def admit(node: ApiPeer, req: GenerationRequest) -> None:
+    """Before any work: the model, and room for one more request at this entry (so that no more
+    than --max-requests prompts wait for the tokenizer either)."""
+    if req.model not in node.served_names:
+        raise ModelNotServed(req.model, node.served_model)
+    if node.active_requests >= node.config.max_requests:
+        raise Overloaded(
+            f"this peer already serves {node.active_requests} requests at once (--max-requests "
+            f"{node.config.max_requests}); retry in {RETRY_AFTER_S} s or use another peer",
+            RETRY_AFTER_S,
+        )
+    if node.stopping or node.table.me.state in ("leaving", "dead"):
+        raise SwarmUnavailable("this peer is shutting down; send the request to another peer")
+
+
+def max_tokens_for(node: ApiPeer, req: GenerationRequest, prompt_ids: list[int]) -> int:
+    """Validate what pydantic cannot; returns max_tokens."""
+    stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    if len(stops) > 4:
+        raise InvalidRequest(f"at most 4 stop sequences, got {len(stops)}", param="stop")
+    room = node.context_length - len(prompt_ids)
+    asked = req.max_completion_tokens or req.max_tokens
+    if room < 1 or (asked is not None and asked > room):
+        raise InvalidRequest(
+            f"this model's maximum context length is {node.context_length} tokens; the prompt has "
+            f"{len(prompt_ids)} tokens and {asked or 1} more were asked for",
+            param="messages" if isinstance(req, ChatRequest) else "prompt",
+            code="context_length_exceeded",
+        )
+    return asked or min(DEFAULT_MAX_TOKENS, room)
+
+
+def sampling_of(node: ApiPeer, req: GenerationRequest, ask: Ask) -> Sampling:
+    """The sampling controls, token ids checked against the vocabulary."""
+    vocab = node.model_config.vocab_size
+    bias = tuple(sorted((int(k), float(v)) for k, v in (req.logit_bias or {}).items()))
+    if any(t >= vocab for t, _ in bias):
+        raise InvalidRequest(f"logit_bias names token ids outside [0, {vocab})", param="logit_bias")
+    if any(not 0 <= t < vocab for t in req.stop_token_ids or ()):
+        raise InvalidRequest(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+    return Sampling(
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        seed=req.seed,
+        min_p=req.min_p,
+        logit_bias=bias,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        top_logprobs=ask.logprobs or 0,
+    )
+
+
+def steering_of(node: ApiPeer, req: GenerationRequest, ask: Ask, stop_ids: frozenset[int]) -> Steering | None:
+    """The entry's steering (penalties' counts, min_tokens, a grammar), or None where none is asked."""
+    counts = (req.presence_penalty, req.frequency_penalty, req.repetition_penalty) != (0, 0, 1)
+    if not (counts or req.min_tokens or ask.grammar):
+        return None
+    return Steering(
+        tokenizer=node.tokenizer.hf,
+        vocab_size=node.model_config.vocab_size,
+        stop_ids=stop_ids,
+        min_tokens=req.min_tokens,
+        counts=counts,
+        grammar=ask.grammar,
+    )
+
+
+def run_specs(
+    node: ApiPeer, req: GenerationRequest, ask: Ask, prompts: list[list[int]], max_tokens: list[int]
+) -> list[RunSpec]:
+    """One run's spec per prompt, all with the request's controls."""
+    sampling = sampling_of(node, req, ask)
+    eos = frozenset() if req.ignore_eos else node.tokenizer.eos_token_ids
+    stop_ids = frozenset(req.stop_token_ids or ())
+    steering = steering_of(node, req, ask, node.tokenizer.eos_token_ids | stop_ids)
+    common = RunSpec(
+        prompt_ids=[],
+        max_tokens=0,
+        sampling=sampling,
+        stops=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+        stop_ids=eos | stop_ids,
+        n=ask.best_of or req.n,
+        routes=req.consensus,
+        verify=req.consensus == 1 and node.should_verify(),
+        speculative=req.speculative and node.config.speculative,
+        steering=steering,
+        tools=bool(ask.tools),
+    )
+    specs = []
+    for ids, limit in zip(prompts, max_tokens, strict=True):
+        s = (
+            replace(sampling, prompt_tokens=tuple(sorted(set(ids))))
+            if req.repetition_penalty != 1
+            else sampling
+        )
+        specs.append(replace(common, prompt_ids=ids, max_tokens=limit, sampling=s))
+    return specs

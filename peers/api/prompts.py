@@ -1,0 +1,73 @@
+"""Prompts as requests give them, checked before tokenizing: message text out of content parts,
+a size that could fit the context, completions' prompt forms and fill-in-the-middle."""
+
+from peers.api.door import ApiPeer
+from peers.api.schema import MAX_PROMPTS, CompletionRequest
+from peers.transport.errors import InvalidRequest
+
+MAX_CHARS_PER_TOKEN = 64  # no token of a real vocabulary is longer: longer prompts cannot fit
+FIM_TOKENS = (  # fill-in-the-middle markers: a model with one of these sets takes `suffix`
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+)
+
+
+def text_of(content: str | list[dict]) -> str:
+    """A message's content as text (only text parts are taken)."""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise InvalidRequest("only text content parts are supported", param="messages")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+def check_prompt_size(node: ApiPeer, chars: int, param: str) -> None:
+    """Before tokenizing: a prompt that could not fit the context however it tokenizes is
+    refused at once (tokenizing megabytes takes seconds and gigabytes)."""
+    limit = node.context_length * MAX_CHARS_PER_TOKEN
+    if chars > limit:
+        raise InvalidRequest(
+            f"the prompt has {chars} characters; this model's context of {node.context_length} tokens "
+            f"holds at most {limit}",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def completion_prompts(node: ApiPeer, req: CompletionRequest) -> list[str | list[int]]:
+    """A completions request's prompts, checked (and put around the suffix where one is given)."""
+    prompts = req.prompts()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise InvalidRequest("prompt must not be empty", param="prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise InvalidRequest(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", param="prompt")
+    if req.echo and req.logprobs is not None:
+        raise InvalidRequest(
+            "echo with logprobs is not supported: it needs the logprobs of the prompt's tokens",
+            param="echo",
+        )
+    if req.suffix:
+        prompts = fill_in_the_middle(node, prompts, req.suffix)
+    check_prompt_size(node, max(len(p) for p in prompts), "prompt")
+    vocab = node.model_config.vocab_size
+    for p in prompts:
+        if not isinstance(p, str) and not all(0 <= t < vocab for t in p):
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
+    return prompts
+
+
+def fill_in_the_middle(node: ApiPeer, prompts: list, suffix: str) -> list[str]:
+    """`suffix`: prompt and suffix around the model's fill-in-the-middle markers."""
+    marks = next((m for m in FIM_TOKENS if node.tokenizer.special_ids(*m) is not None), None)
+    if marks is None:
+        raise InvalidRequest(
+            f"this model ({node.served_model}) has no fill-in-the-middle tokens: it cannot take a suffix",
+            param="suffix",
+        )
+    if not all(isinstance(p, str) for p in prompts):
+        raise InvalidRequest("suffix takes text prompts, not token ids", param="suffix")
+    pre, suf, mid = marks
+    return [f"{pre}{p}{suf}{suffix}{mid}" for p in prompts]

@@ -1,0 +1,137 @@
+"""A streamed answer as server-sent events: each choice's chunks from the run events (tool calls
+held back and sent whole at the end), a keep-alive comment while nothing comes, the error as an
+event once the stream has started, and `data: [DONE]` last."""
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+
+from peers.api.events import Delta, Event, Finish
+from peers.api.shapes import Shape
+from peers.api.tools import CallFilter, openai_calls, split_calls
+from peers.transport.errors import SwarmError
+
+log = logging.getLogger("layerswarm.api")
+
+KEEPALIVE = b": keep-alive\n\n"
+
+
+def event_bytes(data: dict | str) -> bytes:
+    """One server-sent event carrying `data` (JSON, or a bare string such as [DONE])."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+
+
+class Chunks:
+    """The chunks of `count` streamed choices, event by event: chat streams open with the
+    assistant's role, completions with their echo; text offsets count on for text logprobs."""
+
+    def __init__(self, shape: Shape, count: int, echo: list[str]):
+        self.shape, self.count, self.echo = shape, count, echo
+        self.filters = [CallFilter() for _ in range(count)] if shape.tools else []
+        self.offsets = [len(e) for e in echo] or [0] * count  # completions' text_offset
+
+    def opening(self) -> Iterator[dict]:
+        for i in range(self.count):
+            if self.shape.chat:
+                yield self.shape.chunk(i, {"role": "assistant", "content": ""})
+            elif self.echo:
+                yield self.shape.chunk(i, self.echo[i])
+
+    def of(self, event: Event) -> Iterator[dict]:
+        """The chunks that `event` brings (none for a step's end)."""
+        if isinstance(event, Delta):
+            yield from self._delta(event)
+        elif isinstance(event, Finish):
+            yield from self._finish(event)
+
+    def _delta(self, event: Delta) -> Iterator[dict]:
+        shape, i = self.shape, event.index
+        text = self.filters[i].push(event.text) if self.filters else event.text
+        logprobs = shape.delta_logprobs(event.tokens, self.offsets[i])
+        if logprobs:
+            self.offsets[i] += sum(len(shape.tokenizer.token_text(t.token)) for t in event.tokens)
+        if text or logprobs:
+            yield shape.chunk(i, {"content": text} if shape.chat else text, logprobs=logprobs)
+
+    def _finish(self, event: Finish) -> Iterator[dict]:
+        shape, i, reason = self.shape, event.index, event.reason
+        if self.filters:
+            held = self.filters[i].finish()
+            rest, calls = split_calls(held, shape.tools)
+            if calls:
+                if rest:
+                    yield shape.chunk(i, {"content": rest})
+                deltas = [{"index": k, **call} for k, call in enumerate(openai_calls(calls))]
+                yield shape.chunk(i, {"tool_calls": deltas})
+                reason = "tool_calls" if reason != "length" else reason
+            elif held:
+                yield shape.chunk(i, {"content": held})
+        yield shape.chunk(i, {} if shape.chat else "", reason)
+
+
+async def sse(
+    first: list[Event],
+    events: AsyncIterator[Event],
+    chunks: Chunks,
+    usage: Callable[[], dict | None],
+    release: Callable[[], None],
+    keepalive_s: float,
+) -> AsyncIterator[bytes]:
+    """The stream: `first` (events already taken), then the rest of `events`, with a keep-alive
+    comment after each `keepalive_s` without one (a failover may take seconds); `usage()` is the
+    final usage chunk's, or None for none; `release()` once the stream ends, however it ends."""
+    ticking = with_keepalive(_chained(first, events), keepalive_s)
+    try:
+        for chunk in chunks.opening():
+            yield event_bytes(chunk)
+        async for event in ticking:
+            if event is None:
+                yield KEEPALIVE
+                continue
+            for chunk in chunks.of(event):
+                yield event_bytes(chunk)
+        final = usage()
+        if final is not None:
+            yield event_bytes(chunks.shape.usage_chunk(final))
+    except SwarmError as e:  # the stream has started: the error travels as an event
+        yield event_bytes(e.to_json())
+    except Exception as e:
+        log.exception("stream failed")
+        yield event_bytes(SwarmError(f"internal error: {type(e).__name__}: {e}").to_json())
+    finally:
+        await ticking.aclose()
+        await events.aclose()
+        release()
+    yield event_bytes("[DONE]")
+
+
+async def _chained(first: list[Event], events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    for event in first:
+        yield event
+    async for event in events:
+        yield event
+
+
+async def with_keepalive(events: AsyncIterator, every_s: float) -> AsyncIterator:
+    """The events, with None after each `every_s` seconds that brought none."""
+    pending = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({pending}, timeout=every_s)
+            if not done:
+                yield None
+                continue
+            task, pending = pending, None
+            try:
+                event = task.result()
+            except StopAsyncIteration:
+                return
+            yield event
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+        await events.aclose()
