@@ -1,47 +1,66 @@
-"""The swarm table each peer keeps, merged by gossip (heartbeats with suspicion, incarnations and
-tombstones, after SWIM and Scuttlebutt). Pure data: the gossip loop lives in the server.
+"""The swarm table each peer keeps, merged by gossip (after SWIM and Scuttlebutt); pure data, driven
+by peers/swarm/gossip.py. The records it holds, and their checks, are peers/swarm/record.py.
 
-A peer is its Ed25519 identity (peers/swarm/identity.py): its peer id is derived from its public key,
-and it signs every version of its own entry, its address included. An entry is taken from gossip
-only with its owner's valid signature, so no one can forge, move or revive another peer's entry.
-Each process life has a new, larger incarnation, so a restarted peer supersedes its previous life
-at once; the owner alone advances its heartbeat. A peer whose heartbeat has not advanced for
-`suspect_after_s` is suspect here (no new routes), and for `dead_after_s` dead here: a death is
-each peer's own finding, never taken from gossip, so no one can kill another peer's entry either;
-a later heartbeat of that life, signed by its owner, brings it back. The one death that travels is
-a peer's own signed tombstone (it left), kept for `tombstone_s` so that stale gossip of that life
-cannot bring it back.
+The rules: only an entry its owner signed is taken, and only the owner advances its heartbeat; a new
+life has a larger incarnation and supersedes the old at once; a silent peer is suspect here after
+`suspect_after_s` and dead here after `dead_after_s`, each peer's own finding and never gossiped (a
+later signed heartbeat of that life brings it back); the one death that travels is a peer's own
+signed tombstone, kept for `tombstone_s` so that stale gossip of that life cannot revive it.
 """
 
-import json
 import random
-import re
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
-from peers.swarm.checks import finite_number
-from peers.swarm.identity import PEER_ID_CHARS, SIGNATURE_CHARS, Identity, peer_id_of, verify
-
-JOINING, SERVING, LEAVING, DEAD = "joining", "serving", "leaving", "dead"
-STATES = (JOINING, SERVING, LEAVING, DEAD)
-
-# Bounds on what gossip may carry (everything a peer receives is validated before it is used)
-MAX_ENTRIES_PER_MESSAGE = 1024
-MAX_TABLE_ENTRIES = MAX_ENTRIES_PER_MESSAGE  # peers one table holds (all of it fits one message)
-MAX_LAYERS = 4096
-MAX_MODEL_ID = 256
-MAX_CLOCK_AHEAD_S = 300.0  # an incarnation (a start time in microseconds) at most this far ahead
-MAX_COUNTER = 2**53  # heartbeats and loads
-MAX_LINKS = 16  # round-trip times an entry publishes
-MAX_MS = 600_000.0  # the largest time an entry may publish
-MAX_WIRE_NAMES = 8  # encodings of hidden states an entry announces it accepts (peers/transport/wire.py)
-MAX_WIRE_NAME = 16  # characters of one
-_HOST = re.compile(
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+from peers.swarm.identity import Identity
+from peers.swarm.record import (
+    DEAD,
+    JOINING,
+    LEAVING,
+    MAX_CLOCK_AHEAD_S,
+    MAX_COUNTER,
+    MAX_ENTRIES_PER_MESSAGE,
+    MAX_LAYERS,
+    MAX_LINKS,
+    MAX_MODEL_ID,
+    MAX_MS,
+    MAX_TABLE_ENTRIES,
+    MAX_WIRE_NAME,
+    MAX_WIRE_NAMES,
+    SERVING,
+    STATES,
+    PeerRecord,
+    check_address,
+    new_incarnation,
+    parse_entries,
 )
-_IPV6 = re.compile(r"\[[0-9A-Fa-f:.]{2,45}\]")
+
+__all__ = [  # the record's names stay importable from here, where the table that holds them lives
+    "DEAD",
+    "JOINING",
+    "LEAVING",
+    "MAX_CLOCK_AHEAD_S",
+    "MAX_COUNTER",
+    "MAX_ENTRIES_PER_MESSAGE",
+    "MAX_LAYERS",
+    "MAX_LINKS",
+    "MAX_MODEL_ID",
+    "MAX_MS",
+    "MAX_TABLE_ENTRIES",
+    "MAX_WIRE_NAME",
+    "MAX_WIRE_NAMES",
+    "SERVING",
+    "STATES",
+    "GossipSettings",
+    "PeerRecord",
+    "Table",
+    "check_address",
+    "new_incarnation",
+    "parse_entries",
+    "supersedes",
+]
 
 
 @dataclass(frozen=True)
@@ -64,185 +83,6 @@ class GossipSettings:
                 "gossip timings must satisfy interval_s < suspect_after_s < dead_after_s < tombstone_s, "
                 f"got {self.interval_s}, {self.suspect_after_s}, {self.dead_after_s}, {self.tombstone_s}"
             )
-
-
-@dataclass(frozen=True)
-class PeerRecord:
-    """What the swarm knows of one peer, signed by its owner (who alone changes it)."""
-
-    peer_id: str  # derived from its public key
-    model: str
-    total_layers: int
-    start: int
-    end: int
-    state: str = JOINING
-    incarnation: int = 0
-    heartbeat: int = 0
-    load: int = 0  # sessions open on it
-    dead_for_s: float = 0.0  # on a tombstone: how long ago the sender saw the death (not signed)
-    address: str = ""  # what others dial, host:port
-    public_key: str = ""  # Ed25519, unpadded base64url
-    signature: str = ""  # the owner's, over every other field but dead_for_s
-    layer_ms: float = 0.0  # its recent compute time per layer of a forward (0: not measured yet)
-    links: tuple[tuple[str, float], ...] = ()  # (peer id, round-trip ms) to peers it talks to
-    wire: tuple[str, ...] = ("lossless",)  # encodings of hidden states it accepts (peers/transport/wire.py)
-
-    @property
-    def version(self) -> tuple[int, int]:
-        return self.incarnation, self.heartbeat
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    def signed_message(self) -> bytes:
-        fields = {k: v for k, v in asdict(self).items() if k not in ("signature", "dead_for_s")}
-        return b"layerswarm-entry\0" + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
-
-    def signed(self, identity: Identity) -> "PeerRecord":
-        """This entry as `identity`'s own, signed."""
-        mine = replace(self, peer_id=identity.peer_id, public_key=identity.public_key, signature="")
-        return replace(mine, signature=identity.sign(mine.signed_message()))
-
-    def verify(self) -> bool:
-        """Whether its owner signed exactly this (from_json checked that the key owns the id)."""
-        return verify(self.public_key, self.signature, self.signed_message())
-
-    @classmethod
-    def from_json(cls, data: dict, now_us: int | None = None) -> "PeerRecord":
-        """A gossiped entry, checked field by field (ValueError names the first bad one)."""
-        if not isinstance(data, dict):
-            raise ValueError(f"a peer entry must be an object, got {type(data).__name__}")
-        names = cls.__dataclass_fields__.keys()
-        if data.keys() != names:
-            missing, extra = sorted(names - data.keys()), sorted(data.keys() - names)
-            raise ValueError(
-                f"a peer entry has the fields {sorted(names)}; missing {missing}, unknown {extra}"
-            )
-        peer_id = data["peer_id"]
-        if (
-            not isinstance(peer_id, str)
-            or len(peer_id) != PEER_ID_CHARS
-            or peer_id != peer_id_of(data["public_key"])
-        ):
-            raise ValueError(f"peer_id must be the id its public_key owns, got {peer_id!r:.40}")
-        signature = data["signature"]
-        if not isinstance(signature, str) or len(signature) != SIGNATURE_CHARS:
-            raise ValueError("signature must be 64 bytes in unpadded base64url")
-        address = check_address(data["address"])
-        model = data["model"]
-        if not isinstance(model, str) or not 0 < len(model) <= MAX_MODEL_ID or not model.isprintable():
-            raise ValueError(f"model must be a printable string of 1 to {MAX_MODEL_ID} characters")
-        total = _int(data, "total_layers", 1, MAX_LAYERS)
-        start, end = _int(data, "start", 0, total), _int(data, "end", 0, total)
-        state = data["state"]
-        if state not in STATES:
-            raise ValueError(f"state must be one of {', '.join(STATES)}, got {state!r}")
-        if start > end or (start == end and state == SERVING):
-            raise ValueError(f"layers {start}:{end} are not a range of a {state} peer")
-        now_us = _now_us() if now_us is None else now_us
-        incarnation = _int(data, "incarnation", 0, now_us + int(MAX_CLOCK_AHEAD_S * 1e6))
-        dead_for = data["dead_for_s"]
-        if not finite_number(dead_for):
-            raise ValueError(f"dead_for_s must be a finite number, got {dead_for!r}")
-        if dead_for < 0:
-            raise ValueError(f"dead_for_s must be >= 0, got {dead_for}")
-        return cls(
-            peer_id,
-            model,
-            total,
-            start,
-            end,
-            state,
-            incarnation,
-            _int(data, "heartbeat", 0, MAX_COUNTER),
-            _int(data, "load", 0, MAX_COUNTER),
-            float(dead_for),
-            address,
-            data["public_key"],
-            signature,
-            _ms(data["layer_ms"], "layer_ms"),
-            _links(data["links"]),
-            _wire(data["wire"]),
-        )
-
-
-def check_address(value) -> str:
-    """A peer's address: host:port and nothing else (no scheme, path, user or query)."""
-    if not isinstance(value, str) or len(value) > 262:
-        raise ValueError(f"an address must be a string host:port, got {value!r:.80}")
-    host, sep, port = value.rpartition(":")
-    if (
-        not sep
-        or not port.isdigit()
-        or not 0 < int(port) < 65536
-        or len(port) > 5
-        or not (_HOST.fullmatch(host) or _IPV6.fullmatch(host))
-    ):
-        raise ValueError(f"an address must be host:port, got {value!r:.80}")
-    return value
-
-
-def _ms(value, name: str) -> float:
-    if not finite_number(value) or not 0 <= value <= MAX_MS:
-        raise ValueError(f"{name} must be a number of milliseconds in [0, {MAX_MS:g}], got {value!r:.40}")
-    return float(value)
-
-
-def _links(value) -> tuple[tuple[str, float], ...]:
-    if not isinstance(value, list | tuple) or len(value) > MAX_LINKS:
-        raise ValueError(f"links must be a list of at most {MAX_LINKS} [peer id, ms] pairs")
-    out = []
-    for item in value:
-        if (
-            not isinstance(item, list | tuple)
-            or len(item) != 2
-            or not isinstance(item[0], str)
-            or len(item[0]) != PEER_ID_CHARS
-        ):
-            raise ValueError(f"a link must be [peer id, ms], got {item!r:.60}")
-        out.append((item[0], _ms(item[1], "a link's ms")))
-    return tuple(out)
-
-
-def _wire(value) -> tuple[str, ...]:
-    """The encodings an entry accepts: names this version may not know are kept (and never
-    chosen), so that a newer peer's entry still merges."""
-    if not isinstance(value, list | tuple) or not 0 < len(value) <= MAX_WIRE_NAMES:
-        raise ValueError(f"wire must be a list of 1 to {MAX_WIRE_NAMES} encoding names")
-    for name in value:
-        if not isinstance(name, str) or not 0 < len(name) <= MAX_WIRE_NAME or not name.isprintable():
-            raise ValueError(
-                f"a wire encoding is a name of 1 to {MAX_WIRE_NAME} characters, got {name!r:.40}"
-            )
-    if len(set(value)) < len(value):
-        raise ValueError(f"wire names an encoding twice: {list(value)!r:.80}")
-    return tuple(value)
-
-
-def _int(data: dict, name: str, low: int, high: int) -> int:
-    value = data[name]
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r:.40}")
-    return value
-
-
-def parse_entries(items, now_us: int | None = None) -> list[PeerRecord]:
-    """The entries of one gossip message (ValueError if it is not a list of valid entries, or
-    longer than MAX_ENTRIES_PER_MESSAGE)."""
-    if not isinstance(items, list):
-        raise ValueError("entries must be a list")
-    if len(items) > MAX_ENTRIES_PER_MESSAGE:
-        raise ValueError(
-            f"a gossip message carries at most {MAX_ENTRIES_PER_MESSAGE} entries, got {len(items)}"
-        )
-    now_us = _now_us() if now_us is None else now_us
-    out = []
-    for i, item in enumerate(items):
-        try:
-            out.append(PeerRecord.from_json(item, now_us))
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"entry {i}: {e}") from None
-    return out
 
 
 def supersedes(new: PeerRecord, old: PeerRecord) -> bool:
@@ -316,7 +156,7 @@ class Table:
             if entry.peer_id == self.me.peer_id:
                 # A version of this peer it does not have (a former life of this identity with a
                 # clock ahead, or its own tombstone of a life it still lives): a newer life.
-                self.update_me(incarnation=max(entry.incarnation + 1, _now_us()), heartbeat=0)
+                self.update_me(incarnation=max(entry.incarnation + 1, new_incarnation()), heartbeat=0)
                 continue
             known = self._peers.get(entry.peer_id)
             died = now - max(0.0, entry.dead_for_s) if entry.state == DEAD else None
@@ -457,11 +297,3 @@ class Table:
     def live(self) -> list[PeerRecord]:
         """Peers not dead, as far as this peer knows."""
         return [local.entry for local in self._peers.values() if not local.dead]
-
-
-def new_incarnation() -> int:
-    return _now_us()
-
-
-def _now_us() -> int:
-    return time.time_ns() // 1000
