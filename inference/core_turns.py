@@ -1,5 +1,6 @@
 """CPU turns: co-located peers' forwards take turns on the cores they share, so that their
-OpenMP threads do not fight over them."""
+OpenMP threads do not fight over them; and the policy that sets a peer's torch threads and
+decides whether its forwards take turns."""
 
 import fcntl
 import logging
@@ -8,7 +9,11 @@ import queue
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
 
 log = logging.getLogger("layerswarm.scheduler")
 
@@ -100,3 +105,58 @@ def default_turns_path() -> str:
     """One lock per user and machine (peers of one user share their machine's cores)."""
     folder = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     return os.path.join(folder, f"layerswarm-{os.getuid()}-cores.lock")
+
+
+class TurnTaker(Protocol):
+    """What the policy sets on a scheduler (inference/scheduler.py's Scheduler)."""
+
+    colocated: bool
+    turns: CoreTurns | None
+
+    def run_in_compute(self, fn: Callable, *args) -> Awaitable[Any]: ...
+
+
+class ThreadPolicy:
+    """Torch threads of the compute thread: `threads` (--threads), else OMP_NUM_THREADS, else
+    every core. Co-located peers compute in turns (--core-turns, and waves: see
+    SchedulerSettings.batch_wait_s) and their idle OpenMP threads sleep after a moment
+    (--omp-wait-policy brief), so each may use all cores (README, "CPU threads")."""
+
+    def __init__(
+        self, scheduler: TurnTaker, threads: int = 0, core_turns: str = "auto", device: str | None = None
+    ):
+        """`core_turns`: on, off or auto (peers/config.py checks it); `device`: the block's."""
+        self.scheduler, self.core_turns, self.device = scheduler, core_turns, device
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        self.threads = threads or (int(env) if env.isdigit() and int(env) > 0 else 0) or os.cpu_count() or 1
+        self._turns: CoreTurns | None = None
+
+    def set_threads(self) -> Awaitable[Any]:
+        """Set the torch threads where forwards run (OpenMP's thread count belongs to the thread
+        that sets it)."""
+        return self.scheduler.run_in_compute(torch.set_num_threads, self.threads)
+
+    def fit(self, colocated: int) -> None:
+        """--core-turns: forwards take turns with the co-located peers' (see CoreTurns); auto
+        while this CPU peer shares the machine and the peers' threads outnumber its cores."""
+        self.scheduler.colocated = colocated > 1
+        cpu = torch.device(self.device or "cpu").type == "cpu"
+        on = self.core_turns == "on" or (
+            self.core_turns == "auto"
+            and cpu
+            and colocated > 1
+            and colocated * self.threads > (os.cpu_count() or 1)
+        )
+        if on and self._turns is None:
+            self._turns = CoreTurns()
+        self.scheduler.turns = self._turns if on else None
+
+    def close(self) -> None:
+        if self._turns is not None:
+            self._turns.close()
+
+
+def colocated_peers(address: str, addresses: Iterable[str]) -> int:
+    """How many of the live peers at `addresses` share this peer's host (itself included)."""
+    host = address.rsplit(":", 1)[0]
+    return max(1, sum(1 for a in addresses if a.rsplit(":", 1)[0] == host))

@@ -9,14 +9,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
-from inference import Block
 from inference.batch import Step
+from inference.block import Block
 from inference.core_turns import CoreTurns
 from inference.grammar import unpack_mask
+from inference.jobs import Busy, Job, NonFinite, Sampled, SchedulerSettings, SchedulerStats
 from inference.sampling import Controls, RowControls, Sampling, sample_many, top_entries
 
 log = logging.getLogger("layerswarm.scheduler")
@@ -27,137 +28,39 @@ MERGE_FRACTION = 0.5  # co-located: wait up to this share of the queued sessions
 MAX_MERGE_WAIT_S = 1.0  # the longest a forward waits for sessions expected back
 
 
-@dataclass(frozen=True)
-class Sampled:
-    """The tokens a step chose (these layers end the model): one per sequence, or draft + 1 for
-    a drafted step, with their logprobs."""
-
-    tokens: list[int]
-    logprobs: list[float]
-    top: tuple | None = field(default=None, repr=False)  # the last logits' top entries, when committing
-    # with sampling.top_logprobs: per sampled token, the likeliest tokens and their logprobs
-    alternatives: tuple[tuple[tuple[int, float], ...], ...] = ()
+class Observer(Protocol):
+    def observe(self, amount: float) -> None: ...
 
 
-class Busy(Exception):
-    """This peer is healthy but cannot take the step now; the message names the limit."""
+class SchedulerMetrics(Protocol):
+    """The distributions a scheduler observes (peers/metrics.py's Metrics has them)."""
 
-
-class NonFinite(Exception):
-    """This peer's layers produced NaN or infinity."""
-
-
-@dataclass(frozen=True)
-class SchedulerSettings:
-    max_batch_tokens: int = 512  # positions in one forward (B x T summed over its steps)
-    prefill_chunk: int = 256  # a prompt runs in chunks of at most this many positions
-    max_queue: int = 1024  # steps waiting or running; more are Busy at once
-    max_queue_wait_s: float = 10.0  # a step not started by then is Busy
-    # While sessions that stepped here moments ago are still on their way back (mid-round on
-    # the other peers), a forward waits up to this long for them, so that the sessions of a
-    # swarm move in one wave and batches stay large. Never when idle: only sessions seen within
-    # RECENT_S are waited for, and their arrival starts the forward at once. None: while this
-    # peer shares its machine's cores with other peers, wait for those due back (by their last
-    # round time here) within MERGE_FRACTION of the queued sessions' round time (COLOCATED_WAIT_S
-    # while either is unknown; at most MAX_MERGE_WAIT_S), so that waves that drifted apart merge
-    # (of two waves, one is at most half a round behind the other), while a session that is
-    # slow to come back does not hold the others: there, forwards run in turns on the same
-    # cores, and one forward of all sessions costs far less than one per wave. Otherwise 0:
-    # every peer computes while the others' outputs travel.
-    batch_wait_s: float | None = None
-
-    def __post_init__(self):
-        for name in ("max_batch_tokens", "prefill_chunk", "max_queue"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_queue_wait_s <= 0:
-            raise ValueError(f"max_queue_wait_s must be positive, got {self.max_queue_wait_s}")
-        if self.batch_wait_s is not None and self.batch_wait_s < 0:
-            raise ValueError(f"batch_wait_s must be >= 0, got {self.batch_wait_s}")
-
-
-@dataclass(eq=False)
-class Job:
-    """One session's step through this peer's layers."""
-
-    session_id: str
-    inputs: torch.Tensor  # [B, T] ids or [B, T, H] hidden states
-    position: int
-    layers: tuple[int, int]
-    sampling: Sampling | None = None  # set when these layers end the model: sample the next token
-    prefix: tuple[int, ...] = ()
-    future: asyncio.Future | None = None
-    enqueued: float = 0.0
-    started: float | None = None
-    done: int = 0  # positions computed (or restored from the prefix cache) so far
-    skipped: int = 0  # leading positions restored from the prefix cache: the output starts after them
-    outputs: list[torch.Tensor] = field(default_factory=list)
-    compute_s: float = 0.0
-    block: Block | None = None  # the block the step was checked against; another one refuses it
-    commit: bool = False  # the last hop keeps the top entries of its logits (peers/swarm/commitments.py)
-    draft: int = 0  # drafted tokens at the end: sample after each of the last draft + 1 positions
-    controls: tuple[Controls, ...] = ()  # per sampled row, or none (see StepRequest.controls)
-
-    @property
-    def batch(self) -> int:
-        return self.inputs.shape[0]
-
-    @property
-    def is_decode(self) -> bool:
-        """One position left, or a drafted step (decoded as one, never cut into chunks)."""
-        return self.remaining == 1 or bool(self.draft)
-
-    @property
-    def remaining(self) -> int:
-        return self.inputs.shape[1] - self.done
-
-
-@dataclass
-class SchedulerStats:
-    steps: int = 0
-    batches: int = 0
-    positions: int = 0
-    busy: int = 0
-    queue_wait_s: float = 0.0  # summed over started steps
-    compute_s: float = 0.0  # summed over forwards (without waits for the cores)
-    turn_wait_s: float = 0.0  # summed waits for co-located peers' forwards (--core-turns)
-    turns_skipped: int = 0  # forwards run without a turn: a co-located peer held it too long
-    max_batch_steps: int = 0
-    decode_batches: int = 0  # forwards of decode steps only (drafted ones included)
-    decode_compute_s: float = 0.0  # their compute seconds: what a peer's published speed is made of
-
-    def to_json(self) -> dict:
-        return {
-            "steps": self.steps,
-            "batches": self.batches,
-            "positions": self.positions,
-            "busy": self.busy,
-            "mean_batch_steps": round(self.steps / self.batches, 2) if self.batches else 0.0,
-            "max_batch_steps": self.max_batch_steps,
-            "mean_queue_wait_ms": round(1000 * self.queue_wait_s / self.steps, 2) if self.steps else 0.0,
-            "compute_s": round(self.compute_s, 3),
-            "turn_wait_s": round(self.turn_wait_s, 3),
-            "turns_skipped": self.turns_skipped,
-        }
+    queue_wait: Observer
+    forward_seconds: Observer
+    batch_steps: Observer
+    batch_positions: Observer
 
 
 class Scheduler:
     def __init__(
         self,
         block: Callable[[], Block | None],
-        settings: SchedulerSettings = SchedulerSettings(),
+        settings: SchedulerSettings | None = None,
         clock: Callable[[], float] = time.monotonic,
+        metrics: SchedulerMetrics | None = None,
     ):
-        self._block, self.settings, self._clock = block, settings, clock
+        """`block`: the block to compute with now (None while loading); `metrics`, if given,
+        observes queue waits, forwards and batch sizes (peers/metrics.py's Metrics)."""
+        self._block, self.settings, self._clock = block, settings or SchedulerSettings(), clock
+        self.metrics = metrics
         self._queue: deque[Job] = deque()
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._task: asyncio.Task | None = None
         # session id -> (when its last decode step started here, the time since the one before)
         self._recent: dict[str, tuple[float, float | None]] = {}
-        self.colocated = False  # other peers share this machine's cores (set by the node)
-        self.turns: CoreTurns | None = None  # set by the node: forwards take turns with co-located peers
-        self.metrics = None  # set by the node: peers/metrics.Metrics
+        self.colocated = False  # other peers share this machine's cores (set by ThreadPolicy)
+        self.turns: CoreTurns | None = None  # set by ThreadPolicy: forwards take turns with co-located peers
         self.stats = SchedulerStats()
 
     def __len__(self) -> int:
@@ -365,6 +268,36 @@ def _compute(block: Block | None, batch: list[tuple[Job, int]]) -> list:
     step's failure never fails the others."""
     if block is None:
         raise Busy("this peer is loading its layers")
+    refused = _restore_prefixes(block, batch)
+    runnable = [i for i in range(len(batch)) if i not in refused]
+    steps = [
+        Step(
+            job.session_id,
+            job.inputs[:, job.done : job.done + size],
+            job.position + job.done,
+            job.layers,
+            last_only=not job.draft,
+            drafted=bool(job.draft),
+        )
+        for job, size in (batch[i] for i in runnable)
+    ]
+    outs = dict(zip(runnable, block.forward_batch(steps), strict=True)) | refused
+    results: list = []
+    to_sample = []
+    for i, (job, size) in enumerate(batch):
+        result = _chunk_result(block, job, size, outs[i])
+        results.append(result)
+        if job.sampling is not None and isinstance(result, torch.Tensor):
+            to_sample.append(i)  # the logits after a step's last position
+    if to_sample:
+        for i, result in zip(to_sample, _sample_each(batch, results, to_sample), strict=True):
+            results[i] = result
+    return results
+
+
+def _restore_prefixes(block: Block, batch: list[tuple[Job, int]]) -> dict[int, Exception]:
+    """Refuse the chunks of steps checked against another block; restore the cached prefix of
+    each step starting here (its chunk shrinks to what is left). The refusals, by index."""
     refused: dict[int, Exception] = {}
     for i, (job, size) in enumerate(batch):
         if job.block is not None and job.block is not block:
@@ -379,59 +312,42 @@ def _compute(block: Block | None, batch: list[tuple[Job, int]]) -> list:
                 refused[i] = e
             job.done = job.skipped
             batch[i] = (job, min(size, job.remaining))
-    runnable = [i for i in range(len(batch)) if i not in refused]
-    steps = []
-    for i in runnable:
-        job, size = batch[i]
-        steps.append(
-            Step(
-                job.session_id,
-                job.inputs[:, job.done : job.done + size],
-                job.position + job.done,
-                job.layers,
-                last_only=not job.draft,
-                drafted=bool(job.draft),
-            )
-        )
-    outs = dict(zip(runnable, block.forward_batch(steps), strict=True)) | refused
-    results: list = []
-    to_sample = []
-    for i, (job, size) in enumerate(batch):
-        out = outs[i]
-        if isinstance(out, Exception):
-            results.append(out)
-            continue
-        if job.sampling is None:
-            out = out.cpu()  # hidden states travel from the host: the one wait for the device
-        if not torch.isfinite(out).all():
-            a, b = job.layers
-            results.append(NonFinite(f"non-finite values in the output of layers {a}:{b}"))
-            continue
-        if job.prefix and job.remaining == size:
-            try:
-                block.store_prefix(job.session_id, job.prefix)
-            except Exception as e:  # keeping a prefix is an optimisation: never fail the step for it
-                log.warning("keeping the prefix of %s failed: %s", job.session_id, e)
-        if job.sampling is None:
-            results.append(out)
-        elif job.remaining > size:
-            results.append(None)  # logits of a prompt's inner chunk: not needed
-        else:
-            results.append(out)
-            to_sample.append(len(results) - 1)
-    if to_sample:
+    return refused
+
+
+def _chunk_result(block: Block, job: Job, size: int, out):
+    """What one chunk's forward output becomes: hidden states on the CPU, logits to sample,
+    None (a prompt's inner chunk at the last layer), or the exception that refused it."""
+    if isinstance(out, Exception):
+        return out
+    if job.sampling is None:
+        out = out.cpu()  # hidden states travel from the host: the one wait for the device
+    if not torch.isfinite(out).all():
+        a, b = job.layers
+        return NonFinite(f"non-finite values in the output of layers {a}:{b}")
+    if job.prefix and job.remaining == size:
         try:
-            sampled = _sample(batch, results, to_sample)
-        except Exception:  # sample one by one, so that one step's failure stays its own
-            sampled = []
-            for i in to_sample:
-                try:
-                    sampled.append(_sample(batch, results, [i])[0])
-                except Exception as e:
-                    sampled.append(e)
-        for i, result in zip(to_sample, sampled, strict=True):
-            results[i] = result
-    return results
+            block.store_prefix(job.session_id, job.prefix)
+        except Exception as e:  # keeping a prefix is an optimisation: never fail the step for it
+            log.warning("keeping the prefix of %s failed: %s", job.session_id, e)
+    if job.sampling is not None and job.remaining > size:
+        return None  # logits of a prompt's inner chunk: not needed
+    return out
+
+
+def _sample_each(batch: list[tuple[Job, int]], results: list, which: list[int]) -> list:
+    """Sample the steps `which` together; if that fails, one by one, so that one step's failure
+    stays its own (its exception in its place)."""
+    try:
+        return _sample(batch, results, which)
+    except Exception:
+        sampled: list = []
+        for i in which:
+            try:
+                sampled.append(_sample(batch, results, [i])[0])
+            except Exception as e:
+                sampled.append(e)
+        return sampled
 
 
 def _sample(batch: list[tuple[Job, int]], results: list, which: list[int]) -> list[Sampled]:

@@ -3,9 +3,6 @@ chunks between other sessions' decode steps, a full or slow queue answers busy, 
 restores KV without changing the output."""
 
 import asyncio
-import contextlib
-import subprocess
-import sys
 import threading
 import time
 
@@ -13,7 +10,6 @@ import pytest
 import torch
 
 from inference import load_block
-from inference.core_turns import CoreTurns
 from inference.sampling import Sampling
 from inference.scheduler import Busy, Job, Sampled, Scheduler, SchedulerSettings
 from peers.entry.prefix import prefix_hashes
@@ -314,102 +310,28 @@ def test_decode_steps_leave_room_for_a_waiting_prompt(tiny_llama):
     assert forwards[0] == [1, 1, 1, 1, 4]  # four decode steps and a chunk of the prompt
 
 
-def test_forwards_wait_for_their_turn_on_the_cores(tiny_llama, tmp_path):
-    """With core turns, a forward starts only once the co-located peer's forward has ended, and
-    the wait counts as waiting, not as compute."""
+def test_the_metrics_sink_given_at_construction_observes_forwards(tiny_llama):
+    """A scheduler built with a metrics sink observes each forward, its batch and queue waits."""
     block = load_block(tiny_llama)
-    path = str(tmp_path / "cores.lock")
-    other = CoreTurns(path)  # another peer's forward, holding the cores
-    other.__enter__()
-    released = threading.Event()
 
-    def release():
-        time.sleep(0.5)
-        released.set()
-        other.__exit__(None, None, None)
+    class Histogram:
+        def __init__(self):
+            self.values = []
+
+        def observe(self, amount):
+            self.values.append(amount)
+
+    class Metrics:
+        queue_wait, forward_seconds, batch_steps, batch_positions = (Histogram() for _ in range(4))
 
     async def main():
-        sched = Scheduler(lambda: block)
-        sched.turns = CoreTurns(path)
-        threading.Thread(target=release).start()
+        sched = Scheduler(lambda: block, metrics=Metrics)
         try:
-            result = await sched.run(job("s", [PROMPTS[0]]))
-            return result, released.is_set(), sched.stats, sched.turns
+            return await asyncio.gather(*(sched.run(job(f"s{i}", [p])) for i, p in enumerate(PROMPTS[:2])))
         finally:
             await sched.close()
-            sched.turns.close()
-            other.close()
 
-    result, after_release, stats, turns = run(main())
-    assert isinstance(result, Sampled) and after_release
-    assert turns.turns == 1 and stats.turn_wait_s >= 0.4 and stats.turn_wait_s == pytest.approx(turns.wait_s)
-    assert stats.compute_s < stats.turn_wait_s  # the wait is not counted as compute
-
-
-def test_a_killed_peer_leaves_no_turn_held(tmp_path):
-    """The kernel releases a dead holder's lock: a peer killed mid-forward blocks no one."""
-    path = str(tmp_path / "cores.lock")
-    with turn_held_elsewhere(path) as holder:
-        holder.kill()
-        holder.wait(10)
-        turns = CoreTurns(path)
-        done = threading.Event()
-        threading.Thread(target=lambda: (turns.__enter__(), done.set())).start()
-        assert done.wait(10), "the turn of a killed peer was never released"
-        turns.__exit__(None, None, None)
-        turns.close()
-
-
-def test_a_frozen_holder_of_the_turn_does_not_stop_the_others(tiny_llama, tmp_path):
-    """A co-located peer frozen while it holds the cores (its lock stays held): forwards wait
-    for it at most max_wait_s once, then run without turns until it lets go."""
-    block = load_block(tiny_llama)
-    path = str(tmp_path / "cores.lock")
-    with turn_held_elsewhere(path) as holder:
-
-        async def main():
-            sched = Scheduler(lambda: block)
-            sched.turns = CoreTurns(path, max_wait_s=0.3)
-            try:
-                first = await sched.run(job("a", [PROMPTS[0]]))
-                waited = sched.stats.turn_wait_s
-                second = await sched.run(job("b", [PROMPTS[1]]))  # no second wait
-                holder.kill()  # the holder lets go (here: dies)
-                holder.wait(10)
-                for _ in range(100):  # until the background ask got the lock and gave it back
-                    if sched.turns._stuck is None:
-                        break
-                    await asyncio.sleep(0.05)
-                third = await sched.run(job("c", [PROMPTS[2]]))
-                return first, second, third, waited, sched.stats, sched.turns
-            finally:
-                await sched.close()
-                sched.turns.close()
-
-        first, second, third, waited, stats, turns = run(main())
-    assert all(isinstance(r, Sampled) for r in (first, second, third))
-    assert 0.3 <= waited < 1.0 and stats.turn_wait_s < waited + 0.2
-    assert stats.turns_skipped == 2 and turns.turns == 1  # the third ran in a turn again
-
-
-@contextlib.contextmanager
-def turn_held_elsewhere(path: str):
-    """Another process that takes the turn and keeps it (as a frozen peer would); killed after."""
-    with subprocess.Popen(
-        [sys.executable, "-c", HOLD_TURN, path], stdout=subprocess.PIPE, text=True
-    ) as holder:
-        try:
-            assert holder.stdout.readline().strip() == "held"
-            yield holder
-        finally:
-            holder.kill()
-
-
-HOLD_TURN = """
-import sys, time
-from inference.core_turns import CoreTurns
-turns = CoreTurns(sys.argv[1])
-turns.__enter__()
-print("held", flush=True)
-time.sleep(600)
-"""
+    assert all(isinstance(r, Sampled) for r in run(main()))
+    assert Metrics.batch_steps.values == [2] and len(Metrics.forward_seconds.values) == 1
+    assert Metrics.batch_positions.values == [len(PROMPTS[0]) + len(PROMPTS[1])]
+    assert len(Metrics.queue_wait.values) == 2

@@ -111,7 +111,7 @@ def test_a_next_hop_the_table_does_not_know_yet_is_learned_by_gossip(tiny_llama)
             for node in nodes:
                 node._gossip_task.cancel()  # no gossip rounds from now on but those asked for
             del middle.table._peers[last.peer_id]  # as if it had not heard of the last peer yet
-            assert not middle._knows(Hop(last.peer_id, last.config.address, 3, 4))
+            assert not middle.hops.knows(Hop(last.peer_id, last.config.address, 3, 4))
             return await tokens_of(nodes[0], PROMPTS[0], 8), middle.table.status(last.peer_id)
         finally:
             await stop_swarm(nodes)
@@ -157,8 +157,9 @@ def test_a_failed_move_goes_back_to_its_layers_or_stops_the_peer(tiny_llama, mon
     async def main():
         _, nodes = await start_swarm(tiny_llama, ["0:4"])
         node = nodes[0]
-        node.config = replace(node.config, layers=None)  # as if it had placed itself
-        node._serving_since = -1e9
+        placement = node.placement
+        placement.settings = replace(placement.settings, auto=True)  # as if it had placed itself
+        placement.serving_since = -1e9
         real, fatal = node._load_block, []
         node.on_fatal = fatal.append
 
@@ -169,11 +170,11 @@ def test_a_failed_move_goes_back_to_its_layers_or_stops_the_peer(tiny_llama, mon
 
         node._load_block, node.disk_gone = load, False
         try:
-            await node._maybe_rebalance()  # the move fails: back to 0:4, serving
+            await placement.rebalance()  # the move fails: back to 0:4, serving
             back = (node.table.me.start, node.table.me.end, node.table.me.state, node.ready)
-            node.disk_gone, node._serving_since = True, -1e9
+            node.disk_gone, placement.serving_since = True, -1e9
             with pytest.raises(OSError):
-                await node._maybe_rebalance()  # the way back fails too: the peer stops
+                await placement.rebalance()  # the way back fails too: the peer stops
             return back, fatal
         finally:
             await stop_swarm(nodes)
@@ -213,33 +214,6 @@ def test_one_frame_that_breaks_does_not_fail_its_whole_message(tiny_llama):
     status, (fine, broken) = asyncio.run(main())
     assert status == 200
     assert fine["tokens"] and "RuntimeError" in broken["error"]["message"]
-
-
-@pytest.mark.parametrize(
-    ("mode", "device", "colocated", "threads", "cores", "on"),
-    [
-        ("auto", None, 3, 2, 2, True),  # three peers of 2 threads on 2 cores
-        ("auto", None, 1, 2, 2, False),  # alone on the machine
-        ("auto", None, 3, 4, 16, False),  # 12 threads fit 16 cores
-        ("auto", "cuda", 3, 2, 2, False),  # a GPU peer's forwards do not run on the cores
-        ("on", None, 1, 2, 16, True),
-        ("off", None, 3, 2, 2, False),
-    ],
-)
-def test_core_turns_are_taken_where_threads_outnumber_the_cores(
-    tiny_llama, monkeypatch, tmp_path, mode, device, colocated, threads, cores, on
-):
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
-    monkeypatch.setattr("peers.node.os.cpu_count", lambda: cores)
-    node = PeerNode(NodeConfig(model=str(tiny_llama), layers="0:4", core_turns=mode))
-    node.config = replace(node.config, device=device)  # the CUDA case without a GPU: no block loads here
-    node._threads = threads
-    node._apply_turns(colocated)
-    assert (node.scheduler.turns is not None) == on
-    node._apply_turns(1)  # alone again: auto stops taking turns
-    assert (node.scheduler.turns is not None) == (mode == "on")
-    if node._turns is not None:
-        node._turns.close()
 
 
 def test_core_turns_refuse_an_unknown_mode():
