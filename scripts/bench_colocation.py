@@ -114,9 +114,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=48)
     args = parser.parse_args()
 
-    from bench_concurrency import cpu_model
-
     from inference import resolve_model
+    from scripts.machine import cpu_model
 
     path = str(resolve_model("smollm2-135m").path)
     cases = {
@@ -130,7 +129,7 @@ def main() -> int:
         for name, run in cases.items():
             samples[name].append(run())
     base = statistics.median(samples["monolithic"])
-    print(f"\nsmollm2-135m decode step, median of {args.runs} runs; {cpu_model()}, {os.cpu_count()} cores")
+    print(f"\nsmollm2-135m decode step, median of {args.runs} runs; {cpu_model()}")
     for name, values in samples.items():
         ms = statistics.median(values) * 1000
         print(f"  {name:<28} {ms:6.1f} ms/token  {ms / (base * 1000):5.2f}x monolithic")

@@ -20,10 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench_concurrency import cpu_model  # noqa: E402
 from bench_swarm import monolithic_run as monolithic_ttft_and_decode  # noqa: E402
 
 from inference import Tokenizer, resolve_model  # noqa: E402
+from scripts.machine import cpu_model  # noqa: E402
 from tests.peers.processes import Swarm  # noqa: E402
 
 PASSAGE = (
@@ -108,7 +108,7 @@ def start_swarm(model: str, split: list[str], delay_ms: float, peer_args: list[s
     return swarm
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -120,45 +120,48 @@ def main() -> int:
     parser.add_argument("--prompts", default=",".join(PROMPTS), help="which prompt kinds, comma-separated")
     parser.add_argument("--peer-args", default="", help="extra `peer serve` flags, e.g. --no-direct-return")
     args = parser.parse_args()
-    kinds = args.prompts.split(",")
-    unknown = set(kinds) - set(PROMPTS)
+    unknown = set(args.prompts.split(",")) - set(PROMPTS)
     if unknown:
         parser.error(f"unknown prompt kinds {sorted(unknown)}; choose from {', '.join(PROMPTS)}")
+    return args
 
-    from transformers import AutoModelForCausalLM
 
-    source = resolve_model(args.model)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
-    tokenizer = Tokenizer(source.path)
+def measure(args, delay: float, model, tokenizer: Tokenizer, model_id: str) -> tuple[list, list]:
+    """One swarm with `delay` ms per hop, every prompt kind against the monolithic model:
+    (rows, paths), a row (delay, kind, mono s/token, plain s/token, speculative s/token,
+    acceptance) per kind and a path (delay, layers, mean ms per step of each phase, the entry's
+    direct-return counters) per peer."""
+    rows, paths = [], []
+    swarm = start_swarm(args.model, args.split.split(","), delay, args.peer_args.split())
+    try:
+        entry = swarm.peers[0].address  # the client talks to the entry directly; hops pay the delay
+        swarm_run(entry, model_id, PROMPTS["story"], 8, True)  # warm up
+        monolithic_run(model, chat_ids(tokenizer, PROMPTS["story"]), 8)
+        for kind in args.prompts.split(","):
+            content, samples = PROMPTS[kind], []
+            ids = chat_ids(tokenizer, content)
+            for _ in range(args.runs):  # alternate, so that machine noise hits all alike
+                mono = monolithic_run(model, ids, args.max_tokens)
+                plain, _ = swarm_run(entry, model_id, content, args.max_tokens, False)
+                spec, rate = swarm_run(entry, model_id, content, args.max_tokens, True)
+                samples.append((mono, plain, spec, rate))
+            med = [statistics.median(s[i] for s in samples) for i in range(4)]
+            rows.append((delay, kind, *med))
+            print(f"  {delay:g} ms {kind}: {[round(x * 1e3, 1) for x in med[:3]]} ms/token", flush=True)
+        for peer in swarm.peers:  # where the steps' time went on each hop (all runs at this delay)
+            health = httpx.get(f"{peer.url}/health").json()
+            paths.append((delay, health["layers"], health["hop_path_ms"], health["direct_return"]))
+    finally:
+        swarm.stop()
+    return rows, paths
+
+
+def report(args, model_id: str, rows: list, paths: list) -> None:
+    """The table of every delay and prompt, where each peer's time went, and the goal per delay."""
     split = args.split.split(",")
-    rows = []  # (delay, kind, mono s/token, plain s/token, speculative s/token, acceptance)
-    paths = []  # (delay, layers, mean ms per step of each phase, the entry's direct-return counters)
-    for delay in [float(d) for d in args.delays.split(",")]:
-        swarm = start_swarm(args.model, split, delay, args.peer_args.split())
-        try:
-            entry = swarm.peers[0].address  # the client talks to the entry directly; hops pay the delay
-            swarm_run(entry, source.model_id, PROMPTS["story"], 8, True)  # warm up
-            monolithic_run(model, chat_ids(tokenizer, PROMPTS["story"]), 8)
-            for kind in kinds:
-                content, samples = PROMPTS[kind], []
-                ids = chat_ids(tokenizer, content)
-                for _ in range(args.runs):  # alternate, so that machine noise hits all alike
-                    mono = monolithic_run(model, ids, args.max_tokens)
-                    plain, _ = swarm_run(entry, source.model_id, content, args.max_tokens, False)
-                    spec, rate = swarm_run(entry, source.model_id, content, args.max_tokens, True)
-                    samples.append((mono, plain, spec, rate))
-                med = [statistics.median(s[i] for s in samples) for i in range(4)]
-                rows.append((delay, kind, *med))
-                print(f"  {delay:g} ms {kind}: {[round(x * 1e3, 1) for x in med[:3]]} ms/token", flush=True)
-            for peer in swarm.peers:  # where the steps' time went on each hop (all runs at this delay)
-                health = httpx.get(f"{peer.url}/health").json()
-                paths.append((delay, health["layers"], health["hop_path_ms"], health["direct_return"]))
-        finally:
-            swarm.stop()
-
     print(
-        f"\nmodel {source.model_id}, split {args.split}, {args.max_tokens} new tokens (greedy), median of "
-        f"{args.runs} runs; {cpu_model()}, {os.cpu_count()} cores; peer flags: {args.peer_args or 'defaults'}"
+        f"\nmodel {model_id}, split {args.split}, {args.max_tokens} new tokens (greedy), median of "
+        f"{args.runs} runs; {cpu_model()}; peer flags: {args.peer_args or 'defaults'}"
     )
     head = (
         f"{'delay':>6} {'prompt':<10} {'mono ms/tok':>11} {'swarm':>8} {'swarm+spec':>10} {'spec tok/s':>10} "
@@ -186,6 +189,21 @@ def main() -> int:
                 f"+ compute {compute * 1e3:.1f} ms + 10% = {(legs * delay / 1e3 + compute) * 1.1e3:.1f} ms "
                 f"(nested replies pay {nested} legs: {(nested * delay / 1e3 + compute) * 1e3:.1f} ms)"
             )
+
+
+def main() -> int:
+    args = parse_args()
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(args.model)
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
+    tokenizer = Tokenizer(source.path)
+    rows, paths = [], []
+    for delay in [float(d) for d in args.delays.split(",")]:
+        more_rows, more_paths = measure(args, delay, model, tokenizer, source.model_id)
+        rows += more_rows
+        paths += more_paths
+    report(args, source.model_id, rows, paths)
     return 0
 
 

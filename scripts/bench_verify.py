@@ -29,7 +29,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from scripts.bench_concurrency import cores, cpu_model, prompts_for  # noqa: E402
+from scripts.machine import cores, cpu_name  # noqa: E402
+from scripts.swarm_load import prompts_for  # noqa: E402
 from tests.peers.processes import Swarm, wait_until  # noqa: E402
 
 SPANS = ("0:10", "10:20", "10:20", "20:30")
@@ -95,6 +96,35 @@ async def steady(
     return counted / window_s
 
 
+def alternate(args, plain: Swarm, checked: Swarm, prompts: list[str]) -> list[dict]:
+    """Steady-state tokens per second of both swarms, run after run (the order alternating, so
+    that machine noise hits both alike): per run, both rates and the cost of checking."""
+    rows = []
+    for run in range(args.runs):
+        order = (plain, checked) if run % 2 == 0 else (checked, plain)
+        rates = {}
+        for swarm in order:
+            rates[swarm is checked] = asyncio.run(
+                steady(
+                    swarm.peers[0].address,
+                    args.model,
+                    prompts,
+                    args.streams,
+                    args.max_tokens,
+                    args.warmup,
+                    args.window,
+                )
+            )
+        cost = 1 - rates[True] / rates[False]
+        rows.append({"unchecked_tok_s": rates[False], "checked_tok_s": rates[True], "cost": cost})
+        print(
+            f"run {run + 1}: unchecked {rates[False]:.1f} tok/s, checked {rates[True]:.1f} tok/s, "
+            f"cost {100 * cost:.1f}%",
+            flush=True,
+        )
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -109,40 +139,17 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per peer")
     parser.add_argument("--json", default=None, metavar="PATH")
     args = parser.parse_args()
-    print(f"CPU: {cpu_model()}, {cores()} cores; verify-rate {args.rate} against 0", flush=True)
+    print(f"CPU: {cpu_name()}, {cores()} cores; verify-rate {args.rate} against 0", flush=True)
     plain, checked = start(args.model, 0.0, args.threads), start(args.model, args.rate, args.threads)
     try:
         for swarm in (plain, checked):
             wait_until(lambda s=swarm: ready(s), 300, swarm._why)
-        prompts = prompts_for(32)
         before = checked.peers[0].health()["verification"]["requests"]
-        rows = []
-        for run in range(args.runs):
-            order = (plain, checked) if run % 2 == 0 else (checked, plain)
-            rates = {}
-            for swarm in order:
-                rates[swarm is checked] = asyncio.run(
-                    steady(
-                        swarm.peers[0].address,
-                        args.model,
-                        prompts,
-                        args.streams,
-                        args.max_tokens,
-                        args.warmup,
-                        args.window,
-                    )
-                )
-            cost = 1 - rates[True] / rates[False]
-            rows.append({"unchecked_tok_s": rates[False], "checked_tok_s": rates[True], "cost": cost})
-            print(
-                f"run {run + 1}: unchecked {rates[False]:.1f} tok/s, checked {rates[True]:.1f} tok/s, "
-                f"cost {100 * cost:.1f}%",
-                flush=True,
-            )
+        rows = alternate(args, plain, checked, prompts_for(32))
         stats = checked.peers[0].health()["verification"]
         checked_requests = stats["requests"] - before
         result = {
-            "cpu": cpu_model(),
+            "cpu": cpu_name(),
             "cores": cores(),
             "rate": args.rate,
             "window_s": args.window,
