@@ -11,8 +11,6 @@ from dataclasses import replace
 
 from . import __version__
 from .config import (
-    DEVICE_HELP,
-    DTYPE_HELP,
     LOOPBACK,
     NodeConfig,
     read_api_keys,
@@ -90,8 +88,8 @@ GENERATE_FLAGS = (
     Flag("--max-tokens", None, 64, int),
     Flag("--temperature", "0 = greedy", 0.0, float),
     Flag("--seed", None, None, int),
-    Flag("--device", DEVICE_HELP, None),
-    Flag("--dtype", DTYPE_HELP, None),
+    config_flag(NodeConfig, "--device"),
+    config_flag(NodeConfig, "--dtype"),
     config_flag(NodeConfig, "--quant"),
 )
 

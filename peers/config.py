@@ -32,9 +32,6 @@ CUDA_GRAPHS = {"auto": None, "on": True, "off": False}  # --cuda-graphs -> load_
 ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s]+")  # what a browser's Origin header holds
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 OPEN_SWARM_VERIFY_RATE = 0.05  # strangers may join: check one request in 20 (costs under 10%, README)
-MODEL_HELP = "built-in name, HF directory or .gguf file"
-DEVICE_HELP = "cpu (default) or cuda[:N]"
-DTYPE_HELP = "float32 (CPU default), bfloat16 (CUDA default), float16"
 QUANT_HELP = (
     "weight-only quantization of this peer's layers: none; int8 (integers per group of 32 weights, "
     "about 0.31x the float32 bytes; exact on weights from a Q8_0/Q4_x GGUF such as the default model's); "
@@ -176,7 +173,9 @@ GOSSIP_FLAGS = {
 
 @dataclass(frozen=True)
 class NodeConfig:
-    model: str = option(DEFAULT_MODEL, Flag("--model", MODEL_HELP))
+    """A peer's settings; each field declares its `peer serve` flag, default, help and check."""
+
+    model: str = option(DEFAULT_MODEL, Flag("--model", "built-in name, HF directory or .gguf file"))
     layers: str | None = option(
         None, Flag("--layers", "layers START:END to serve; default: chosen automatically")
     )
@@ -193,8 +192,10 @@ class NodeConfig:
     join: tuple[str, ...] = option(
         (), Flag("--join", "one or more peers of the swarm to join through", nargs="+", metavar="HOST:PORT")
     )
-    device: str | None = option(None, Flag("--device", DEVICE_HELP))
-    dtype: str | None = option(None, Flag("--dtype", DTYPE_HELP))
+    device: str | None = option(None, Flag("--device", "cpu (default) or cuda[:N]"))
+    dtype: str | None = option(
+        None, Flag("--dtype", "float32 (CPU default), bfloat16 (CUDA default), float16")
+    )
     quant: str = option(  # this peer's weights, weight-only (inference/quant.py)
         "none", Flag("--quant", QUANT_HELP, choices=QUANT_CHOICES), check=one_of(QUANT_CHOICES)
     )

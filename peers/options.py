@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import MISSING, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 Check = Callable[[str, Any], None]  # (field name, value) -> None, or ValueError naming the value
@@ -46,9 +46,7 @@ class Flag:
         """Whether the flag gathers a list (read into a tuple)."""
         return self.action == "append" or self.nargs in ("+", "*")
 
-    def add_to(self, parser: argparse.ArgumentParser, default: Any = MISSING) -> None:
-        """Add this flag to `parser`; `default` is the field's, used unless the flag names its own."""
-        default = default if self.default is FIELD_DEFAULT else self.default
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
         kwargs = {
             "help": self.help,
             "type": self.type,
@@ -59,24 +57,15 @@ class Flag:
             "const": self.const,
         }
         kwargs = {key: value for key, value in kwargs.items() if value is not None}
-        if default is not MISSING and self.action != "store_true":
-            kwargs["default"] = default
+        if self.default is not FIELD_DEFAULT and self.action != "store_true":
+            kwargs["default"] = self.default
         parser.add_argument(self.name, **kwargs)
 
 
-def option(
-    default: Any = MISSING,
-    *flags: Flag,
-    check: Check | None = None,
-    read: Read | None = None,
-    factory: Callable[[], Any] | None = None,
-) -> Any:
+def option(default: Any, *flags: Flag, check: Check | None = None, read: Read | None = None) -> Any:
     """A settings field with its flags (the first is its own, more are read by `read`), its
     check and its reading; a bool field defaulting to True is set off by a --no-... flag."""
-    metadata = {"flags": flags, "check": check, "read": read}
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+    return dataclasses.field(default=default, metadata={"flags": flags, "check": check, "read": read})
 
 
 def settings(factory: Callable[..., Any], flags: Mapping[str, Flag]) -> Any:
@@ -96,34 +85,39 @@ def switch(field: dataclasses.Field) -> bool:
     return field.type is bool
 
 
-def config_flags(cls: type) -> Iterable[tuple[Flag, Any]]:
-    """Every flag of a settings dataclass with its default, in field order, nested ones inline."""
+def own_flag(field: dataclasses.Field, flag: Flag) -> Flag:
+    """A field's own flag completed from the field: a switch, or its type and default."""
+    if switch(field):
+        return dataclasses.replace(flag, action="store_true")
+    changes = {}
+    if flag.type is None and flag.action is None:
+        changes["type"] = field_type(field)
+    if flag.default is FIELD_DEFAULT and not flag.many:  # a list flag starts empty (None)
+        changes["default"] = field.default
+    return dataclasses.replace(flag, **changes)
+
+
+def config_flags(cls: type) -> list[Flag]:
+    """Every flag of a settings dataclass, in field order, those of nested settings inline."""
+    flags = []
     for field in dataclasses.fields(cls):
         if "settings" in field.metadata:
-            yield from ((flag, MISSING) for flag in field.metadata["settings"][1].values())
-            continue
+            flags += field.metadata["settings"][1].values()
         for i, flag in enumerate(field.metadata.get("flags", ())):
-            if i == 0 and switch(field):
-                flag = dataclasses.replace(flag, action="store_true")
-            elif i == 0 and flag.type is None and flag.action is None:
-                flag = dataclasses.replace(flag, type=field_type(field))
-            yield flag, field.default if i == 0 and not flag.many else MISSING
+            flags.append(own_flag(field, flag) if i == 0 else flag)
+    return flags
 
 
 def config_flag(cls: type, name: str) -> Flag:
-    """The flag `name` of a settings dataclass, complete with its default, to share with another
-    subcommand."""
-    for flag, default in config_flags(cls):
-        if flag.name == name:
-            return flag if default is MISSING else dataclasses.replace(flag, default=default)
-    raise KeyError(name)
+    """The flag `name` of a settings dataclass, to share with another subcommand."""
+    (flag,) = [flag for flag in config_flags(cls) if flag.name == name]
+    return flag
 
 
-def add_flags(parser: argparse.ArgumentParser, flags: Iterable[Flag | tuple[Flag, Any]]) -> None:
-    """Add flags (each alone, or with the default of its field) to a parser, in order."""
-    for item in flags:
-        flag, default = item if isinstance(item, tuple) else (item, MISSING)
-        flag.add_to(parser, default)
+def add_flags(parser: argparse.ArgumentParser, flags: Iterable[Flag]) -> None:
+    """Add flags to a parser, in order."""
+    for flag in flags:
+        flag.add_to(parser)
 
 
 def read_config(cls: type, args: argparse.Namespace) -> dict[str, Any]:
