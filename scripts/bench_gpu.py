@@ -30,14 +30,14 @@ aggregate), and writes everything as JSON (--out).
 
 On this project's GPU machines (/work/.library/device/README.md): the image has torch,
 transformers, accelerate, safetensors, httpx and xxhash, but not fastapi, uvicorn, pydantic,
-cryptography or llguidance, and its transformers (5.17 when last read) is older than the 5.24
-the blocks need. Those travel as wheels, made on the development machine:
+cryptography or llguidance, and its transformers is older than the 5.24 the blocks
+need. Those travel as wheels, made on the development machine:
 
     echo /.whl/ >> .git/info/exclude
-    python scripts/bench_gpu.py --wheels | sh      # into .whl/ (CPython 3.12, x86-64; 24 MB)
+    python scripts/bench_gpu.py --wheels | sh      # into .whl/ (CPython 3.12, x86-64)
 
-and the device run names `.whl` in `carry` and runs (one command, about 5 minutes for 8b on an
-H100: start, install, build and save 16 GB, generate, 4 peers):
+and the device run names `.whl` in `carry` and runs one command (install, build and save the
+model, generate, 4 peers):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
@@ -47,20 +47,15 @@ The script checks these imports first and stops at once, naming what is missing.
 """
 
 import argparse
-import asyncio
 import gc
-import importlib.util
 import json
-import math
 import os
 import random
 import shlex
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,338 +63,12 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHAPES = {
-    "8b": dict(  # Llama-3-8B
-        hidden_size=4096,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=14336,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-    ),
-    "tiny": dict(
-        hidden_size=64,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=512,
-        max_position_embeddings=1024,
-    ),
-}
-# What a peer needs beyond the GPU image (device KINDS.md), with the versions installed here.
-WHEELS = [
-    "transformers",
-    "fastapi",
-    "starlette",
-    "pydantic",
-    "pydantic-core",
-    "annotated-types",
-    "typing-inspection",
-    "typing-extensions",
-    "opentelemetry-api",
-    "uvicorn",
-    "cryptography",
-    "cffi",
-    "pycparser",
-    "llguidance",
-]
-NEEDED_IMPORTS = ("torch", "transformers", "safetensors", "httpx", "xxhash", "fastapi", "uvicorn")
-NEEDED_IMPORTS += ("pydantic", "cryptography", "llguidance")
-MIN_TRANSFORMERS = (5, 24)
-START_TIMEOUT_S = 900.0
-REQUEST_TIMEOUT_S = 600.0
+from scripts.gpu_image import missing_packages, wheels_command  # noqa: E402
+from scripts.gpu_model import SHAPES, build_model, hf_generate, share_bytes, spans  # noqa: E402
+from scripts.gpu_swarm import run_swarm  # noqa: E402
+
 GOAL_LATENCY_X = 5.0  # 4 peers' per-token decode vs HF generate batch 1
 GOAL_STREAMS_X = 10.0  # N streams' aggregate tokens/s vs one stream's
-
-
-def wheels_command() -> str:
-    pins = []
-    for name in WHEELS:
-        try:
-            pins.append(f"{name}=={version(name)}")
-        except PackageNotFoundError:
-            pins.append(name)
-    platforms = " ".join(
-        f"--platform {p}"
-        for p in [f"manylinux_2_{n}_x86_64" for n in (35, 34, 31, 28, 27, 24, 17)]
-        + ["manylinux2014_x86_64", "manylinux1_x86_64"]
-    )
-    return (
-        "python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "
-        f"{platforms} -d .whl {' '.join(pins)}"
-    )
-
-
-def missing_packages() -> list[str]:
-    missing = [name for name in NEEDED_IMPORTS if importlib.util.find_spec(name) is None]
-    try:
-        have = tuple(int(x) for x in version("transformers").split(".")[:2])
-        if have < MIN_TRANSFORMERS:
-            missing.append(
-                f"transformers>={'.'.join(map(str, MIN_TRANSFORMERS))} (found {version('transformers')})"
-            )
-    except (PackageNotFoundError, ValueError):
-        pass
-    return missing
-
-
-# --- the model -------------------------------------------------------------------------------
-
-
-def byte_tokenizer(vocab_size: int):
-    """A tokenizer of one token per character (printable ASCII, then fillers), no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>"]
-    vocab = {tok: i for i, tok in enumerate(specials)}
-    for i in range(vocab_size - len(specials)):
-        vocab[chr(32 + i) if i < 95 else f"<x{i}>"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
-def build_model(shape: str, device, dtype, path: Path):
-    """A random Llama of `shape`, initialised on the device, saved to `path` with a tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    model.eval().requires_grad_(False)
-    model.save_pretrained(path, max_shard_size="5GB")
-    byte_tokenizer(config.vocab_size).save_pretrained(path)
-    return model
-
-
-def spans(layers: int, peers: int) -> list[tuple[int, int]]:
-    cuts = [round(i * layers / peers) for i in range(peers + 1)]
-    return list(zip(cuts, cuts[1:], strict=False))
-
-
-def share_bytes(path: Path, start: int, end: int, total: int) -> int:
-    """Bytes of the checkpoint's tensors that layers [start, end) load (as saved)."""
-    from safetensors import safe_open
-
-    files = sorted(path.glob("*.safetensors"))
-    every = set()  # the names of all shards (embed_tokens and lm_head may sit in different ones)
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            every.update(f.keys())
-    size = 0
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                if name.startswith("model.layers."):
-                    mine = start <= int(name.split(".")[2]) < end
-                elif name.startswith("model.embed_tokens."):
-                    mine = start == 0 or (end == total and "lm_head.weight" not in every)
-                else:  # model.norm, lm_head
-                    mine = end == total
-                if mine:
-                    t = f.get_slice(name)
-                    size += math.prod(t.get_shape()) * _dtype_bytes(t.get_dtype())
-    return size
-
-
-def _dtype_bytes(name: str) -> int:
-    return {"F32": 4, "BF16": 2, "F16": 2, "I64": 8}.get(name, 4)
-
-
-# --- (a) HF generate -------------------------------------------------------------------------
-
-
-def hf_generate(model, prompts: list[list[int]], new_tokens: int, device) -> dict:
-    import torch
-
-    ids = torch.tensor(prompts, device=device)
-
-    def timed(n: int) -> float:
-        _sync(device)
-        t0 = time.perf_counter()
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n,
-            min_new_tokens=n,  # EOS ignored, as the swarm's side does
-            do_sample=False,
-            pad_token_id=0,
-        )
-        _sync(device)
-        assert out.shape == (len(prompts), ids.shape[1] + n), f"generate gave {tuple(out.shape)}"
-        return time.perf_counter() - t0
-
-    first, whole = timed(1), timed(new_tokens)
-    return {
-        "batch": len(prompts),
-        "tokens": len(prompts) * new_tokens,
-        "wall_s": whole,
-        "ttft_ms": 1000 * first,
-        "ms_per_token": 1000 * (whole - first) / max(1, new_tokens - 1),
-        "tok_s": len(prompts) * new_tokens / whole,
-    }
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# --- (b) the swarm ---------------------------------------------------------------------------
-
-
-async def one_stream(client, url: str, body: dict) -> dict:
-    stamps, tokens, error = [], None, None
-    t0 = time.perf_counter()
-    async with client.stream("POST", url, json=body) as r:
-        if r.status_code != 200:
-            await r.aread()
-            return {"error": f"{r.status_code}: {r.text[:300]}"}
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                error = str(event["error"])[:300]
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-            if any(c.get("text") for c in event.get("choices") or []):
-                stamps.append(time.perf_counter())
-    if error or not stamps:
-        return {"error": error or "no tokens"}
-    tokens = tokens if tokens is not None else len(stamps)
-    decode = (stamps[-1] - stamps[0]) / (tokens - 1) if tokens > 1 else math.nan
-    return {"tokens": tokens, "ttft_s": stamps[0] - t0, "decode_s": decode}
-
-
-async def wave(entry: str, model_id: str, prompts: list[list[int]], new_tokens: int) -> dict:
-    import httpx
-
-    limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
-    timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=30.0)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        body = dict(model=model_id, max_tokens=new_tokens, temperature=0, ignore_eos=True, stream=True)
-        body |= dict(stream_options={"include_usage": True}, speculative=False)
-        url = f"http://{entry}/v1/completions"
-        t0 = time.perf_counter()
-        streams = await asyncio.gather(*(one_stream(client, url, body | {"prompt": p}) for p in prompts))
-        wall = time.perf_counter() - t0
-    errors = [s["error"] for s in streams if "error" in s]
-    if errors:
-        raise RuntimeError(f"{len(errors)} of {len(streams)} streams failed: {errors[0]}")
-    tokens = sum(s["tokens"] for s in streams)
-    return {
-        "streams": len(prompts),
-        "tokens": tokens,
-        "wall_s": wall,
-        "ttft_ms": 1000 * statistics.median(s["ttft_s"] for s in streams),
-        "ms_per_token": 1000 * statistics.median(s["decode_s"] for s in streams),
-        "tok_s": tokens / wall,
-    }
-
-
-def run_swarm(args, model_dir: Path, layer_spans, prompts, log_dir: Path, extra: list[str]) -> dict:
-    """Start the peers, run the waves (each once unmeasured), read their memory; stop them."""
-    import httpx
-
-    from tests.peers.processes import Swarm
-
-    peer_args = (["--device", "cuda", "--dtype", "bfloat16"] if args.device == "cuda" else []) + extra
-    swarm = Swarm(model_dir, log_dir, peer_args, threads=2 if args.device == "cuda" else 1)
-    try:
-        t0 = time.perf_counter()
-        for a, b in layer_spans:
-            swarm.add(f"{a}:{b}")
-        swarm.wait_ready(timeout_s=START_TIMEOUT_S)
-        swarm.wait_route(swarm.peers[0], timeout_s=START_TIMEOUT_S)
-        started = time.perf_counter() - t0
-        entry = swarm.peers[0].address
-        model_id = httpx.get(f"http://{entry}/v1/models", timeout=10).json()["data"][0]["id"]
-        results = {}
-        for n in (1, args.streams):
-            chosen = prompts[:n]
-            asyncio.run(wave(entry, model_id, chosen, args.new_tokens))  # warm-up: graphs are captured
-            runs = [asyncio.run(wave(entry, model_id, chosen, args.new_tokens)) for _ in range(args.runs)]
-            results[str(n)] = _median_run(runs)
-        peers = [_peer_memory(peer, args.device) for peer in swarm.peers]
-        return {"start_s": started, "waves": results, "peers": peers}
-    finally:
-        swarm.stop()
-
-
-def _median_run(runs: list[dict]) -> dict:
-    out = dict(runs[0])
-    for key in ("wall_s", "ttft_ms", "ms_per_token", "tok_s"):
-        out[key] = statistics.median(r[key] for r in runs)
-    return out | {"runs": len(runs)}
-
-
-# --- (c) memory --------------------------------------------------------------------------------
-
-
-def _peer_memory(peer, device: str) -> dict:
-    health = peer.health() or {}
-    pid = peer.proc.pid
-    process = _gpu_process_bytes(pid) if device == "cuda" else _rss_bytes(pid)
-    return {
-        "layers": peer.layers,
-        "pid": pid,
-        "weights_bytes": health.get("weights_bytes"),
-        "process_bytes": process,
-        "process_memory": "device (nvidia-smi)" if device == "cuda" else "resident (RSS)",
-        "cuda_graphs": health.get("cuda_graphs"),
-    }
-
-
-def _rss_bytes(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _gpu_process_bytes(pid: int) -> int | None:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        ).stdout
-        for line in out.splitlines():
-            p, mib = (x.strip() for x in line.split(","))
-            if int(p) == pid:
-                return int(mib) << 20
-    except (OSError, ValueError, subprocess.SubprocessError):
-        pass
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if proc.pid == pid:
-                    return proc.usedGpuMemory
-    except Exception:  # no NVML, or a container that hides other processes
-        pass
-    return None
-
-
-# --- report ------------------------------------------------------------------------------------
 
 
 def goals(report: dict) -> list[dict]:
@@ -467,7 +136,7 @@ def describe_device(device) -> str:
     return cpu_model()
 
 
-def main(argv: list[str] | None = None) -> int:
+def options() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: 8b on CUDA, else tiny")
     ap.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if there is one")
@@ -480,31 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer-args", default="", help="more `peer serve` flags for every peer")
     ap.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     ap.add_argument("--wheels", action="store_true", help="print the pip command for the GPU image's wheels")
-    args = ap.parse_args(argv)
-    if args.wheels:
-        print(wheels_command())
-        return 0
-    missing = missing_packages()
-    if missing:
-        print(
-            f"bench_gpu: missing {', '.join(missing)}; see this script's docstring (wheels)", file=sys.stderr
-        )
-        return 2
-    if args.new_tokens < 2 or args.streams < 2 or args.prompt_tokens < 1 or args.runs < 1:
-        ap.error("--new-tokens and --streams must be >= 2, --prompt-tokens and --runs >= 1")
+    return ap
+
+
+def measure(args, device, dtype, prompts: list[list[int]]) -> dict:
+    """Build and save the model, time HF generate, then the peers (and again eager with
+    --eager-too), and each peer's share of the checkpoint; the phases' seconds too."""
     import torch
 
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.shape = args.shape or ("8b" if args.device == "cuda" else "tiny")
-    if args.peers < 1 or args.peers > SHAPES[args.shape]["num_hidden_layers"]:
-        ap.error(f"--peers must be in 1..{SHAPES[args.shape]['num_hidden_layers']}")
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.set_num_threads(1)  # on a CPU as each peer (idle OpenMP threads waking cost more than they give)
     phases = {}
-    rng = random.Random(0)
-    vocab = SHAPES[args.shape]["vocab_size"]
-    prompts = [[rng.randrange(3, vocab) for _ in range(args.prompt_tokens)] for _ in range(args.streams)]
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         model_dir = Path(tmp) / f"llama-{args.shape}-random"
         t0 = time.perf_counter()
@@ -536,11 +189,19 @@ def main(argv: list[str] | None = None) -> int:
         for peer, (a, b) in zip(swarm["peers"], layer_spans, strict=True):
             peer["share_bytes"] = share_bytes(model_dir, a, b, total)
         model_bytes = share_bytes(model_dir, 0, total, total)
+    return {"hf": hf, "swarm": swarm, "eager": eager, "phases": phases, "model_bytes": model_bytes}
+
+
+def build_report(args, device, dtype, measured: dict) -> dict:
+    """Everything measured, with the run's settings and a title, as the JSON report holds it."""
+    import torch
+
     shape = SHAPES[args.shape]
+    swarm, eager = measured["swarm"], measured["eager"]
     report = {
         "title": (
-            f"bench_gpu: shape {args.shape} (hidden {shape['hidden_size']}, {total} layers, "
-            f"{shape['num_attention_heads']}/{shape['num_key_value_heads']} heads, vocab {vocab}), "
+            f"bench_gpu: shape {args.shape} (hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
+            f"{shape['num_attention_heads']}/{shape['num_key_value_heads']} heads, vocab {shape['vocab_size']}), "
             f"{describe_device(device)}, {str(dtype).removeprefix('torch.')}, prompts of "
             f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens, {args.peers} peers"
         ),
@@ -553,14 +214,44 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "streams": args.streams,
-        "model_bytes": model_bytes,
-        "hf": hf,
+        "model_bytes": measured["model_bytes"],
+        "hf": measured["hf"],
         "swarm": {"start_s": swarm["start_s"], "waves": swarm["waves"]},
         "swarm_eager": eager and {"start_s": eager["start_s"], "waves": eager["waves"]},
         "peers": swarm["peers"],
-        "phases_s": phases,
+        "phases_s": measured["phases"],
     }
     report["goals"] = goals(report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = options()
+    args = ap.parse_args(argv)
+    if args.wheels:
+        print(wheels_command())
+        return 0
+    missing = missing_packages()
+    if missing:
+        print(
+            f"bench_gpu: missing {', '.join(missing)}; see this script's docstring (wheels)", file=sys.stderr
+        )
+        return 2
+    if args.new_tokens < 2 or args.streams < 2 or args.prompt_tokens < 1 or args.runs < 1:
+        ap.error("--new-tokens and --streams must be >= 2, --prompt-tokens and --runs >= 1")
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.shape = args.shape or ("8b" if args.device == "cuda" else "tiny")
+    if args.peers < 1 or args.peers > SHAPES[args.shape]["num_hidden_layers"]:
+        ap.error(f"--peers must be in 1..{SHAPES[args.shape]['num_hidden_layers']}")
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.set_num_threads(1)  # on a CPU as each peer (idle OpenMP threads waking cost more than they give)
+    rng = random.Random(0)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    prompts = [[rng.randrange(3, vocab) for _ in range(args.prompt_tokens)] for _ in range(args.streams)]
+    report = build_report(args, device, dtype, measure(args, device, dtype, prompts))
     print_report(report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
