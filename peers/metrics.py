@@ -11,6 +11,7 @@ is observed where it happens. Label sets are bounded: HTTP endpoints are the app
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 from fastapi import APIRouter
 from fastapi.responses import Response
@@ -40,13 +41,7 @@ class Metrics:
     def __init__(self):
         self.registry = r = CollectorRegistry(auto_describe=True)
         self._collector: PeerCollector | None = None
-
-        def histogram(name: str, doc: str, buckets, labels=()) -> Histogram:
-            return Histogram(f"{PREFIX}_{name}", doc, labels, buckets=buckets, registry=r)
-
-        def counter(name: str, doc: str, labels=()) -> Counter:
-            return Counter(f"{PREFIX}_{name}", doc, labels, registry=r)
-
+        histogram, counter = partial(_new_histogram, r), partial(_new_counter, r)
         self.http_requests = counter(
             "http_requests", "HTTP requests answered, by endpoint and status", ["endpoint", "status"]
         )
@@ -235,6 +230,14 @@ class PeerCollector:
         yield _counter("drafted_steps", "Steps that carried drafted tokens", s.steps)
         yield _counter("drafted_tokens", "Tokens drafted by this entry", s.drafted)
         yield _counter("accepted_draft_tokens", "Drafted tokens the model kept", s.accepted)
+
+
+def _new_histogram(r: CollectorRegistry, name: str, doc: str, buckets: tuple, labels=()) -> Histogram:
+    return Histogram(f"{PREFIX}_{name}", doc, labels, buckets=buckets, registry=r)
+
+
+def _new_counter(r: CollectorRegistry, name: str, doc: str, labels=()) -> Counter:
+    return Counter(f"{PREFIX}_{name}", doc, labels, registry=r)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -9,6 +9,8 @@ PHASES = ("read_body", "decode", "check", "queue", "compute", "hand_on")
 
 @dataclass
 class HopTimes:
+    """Seconds and step counts of each phase, summed since the peer started."""
+
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
 

@@ -12,12 +12,14 @@ through `ssh -L`)."""
 import asyncio
 import ipaddress
 import time
+from collections.abc import Sequence
 from importlib.resources import files
 
 import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from peers.swarm.membership import Table
 from peers.swarm.routing import coverage, gaps
 from peers.transport.errors import Forbidden
 from peers.transport.frames import PATH_HEALTH, PATH_VIEW
@@ -57,10 +59,19 @@ def view_router(view: "View", private: bool) -> APIRouter:
 
 
 class View:
-    """The data of the swarm page, built at most once a second."""
+    """The data of the swarm page, built at most once a second: from this peer's `table`, other
+    peers' /health (asked over `http`) and this entry's recent `failovers`."""
 
-    def __init__(self, node):
-        self.node = node
+    def __init__(
+        self,
+        table: Table,
+        http: httpx.AsyncClient,
+        model_id: str,
+        total_layers: int,
+        failovers: Sequence[dict],
+    ):
+        self.table, self.http, self.failovers = table, http, failovers
+        self.model_id, self.total_layers = model_id, total_layers
         self._cached: tuple[float, dict] | None = None
         self._lock = asyncio.Lock()
 
@@ -72,7 +83,7 @@ class View:
             return self._cached[1]
 
     async def _build(self) -> dict:
-        n, t = self.node, self.node.table
+        t, me = self.table, self.table.me.peer_id
         rows = []
         for e in t.known():
             status = t.status(e.peer_id) or "unknown"
@@ -85,7 +96,7 @@ class View:
                     "status": status,
                     "load": e.load,
                     "layer_ms": e.layer_ms,
-                    "me": e.peer_id == n.peer_id,
+                    "me": e.peer_id == me,
                 }
             )
         rows.sort(key=lambda r: (r["layers"][0], r["layers"][1], r["peer_id"]))
@@ -93,21 +104,21 @@ class View:
         healths = await asyncio.gather(*(self._health(r["address"]) for r in asked))
         for row, health in zip(asked, healths, strict=True):
             row["health"] = health
-        counts = coverage(t.serving(n.model_id), n.total_layers)
+        counts = coverage(t.serving(self.model_id), self.total_layers)
         return {
-            "me": n.peer_id,
-            "model": n.model_id,
-            "total_layers": n.total_layers,
+            "me": me,
+            "model": self.model_id,
+            "total_layers": self.total_layers,
             "time": time.time(),
             "peers": rows,
             "coverage": counts,
             "gaps": gaps(counts),
-            "failovers": list(n.failover_log),
+            "failovers": list(self.failovers),
         }
 
     async def _health(self, address: str) -> dict | None:
         try:
-            r = await self.node.http.get(f"http://{address}{PATH_HEALTH}", timeout=HEALTH_TIMEOUT_S)
+            r = await self.http.get(f"http://{address}{PATH_HEALTH}", timeout=HEALTH_TIMEOUT_S)
             h = r.json()
         except (httpx.HTTPError, ValueError):
             return None

@@ -132,11 +132,10 @@ def test_other_peers_health_reaches_the_page_as_numbers_only():
         "hop_path_ms": {"compute": 3.5},
     }
     http = httpx.AsyncClient(transport=httpx.MockTransport(lambda request: httpx.Response(200, json=hostile)))
-    node = type("Node", (), {"http": http})()
 
     async def ask():
         try:
-            return await View(node)._health("127.0.0.1:9")
+            return await View(None, http, "llama", 4, [])._health("127.0.0.1:9")
         finally:
             await http.aclose()
 
