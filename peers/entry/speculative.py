@@ -13,11 +13,17 @@ for that draft, so the output has the model's distribution, greedy decoding give
 tokens, and a seeded request gives the same tokens with or without speculation.
 """
 
+import asyncio
+import logging
 import threading
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
+
+log = logging.getLogger("layerswarm.entry")
 
 K_START = 4  # drafted tokens per step at first
 K_MAX = 8  # and at most (the protocol allows up to MAX_DRAFT)
@@ -190,3 +196,52 @@ class SpeculationStats:
             "accepted": self.accepted,
             "acceptance": round(rate, 3),
         }
+
+
+class Compute(Protocol):
+    """Runs a function on the peer's compute thread (the scheduler's)."""
+
+    def run_in_compute(self, fn: Callable, *args) -> Any: ...
+
+
+class Speculation:
+    """One request's drafting at its entry: each decode step's draft (prompt lookup, else the
+    draft model on the compute thread), and what the chain kept of it. An optional speed-up: a
+    failing draft model never fails the request."""
+
+    def __init__(
+        self,
+        context: list[int],
+        draft_block,
+        compute: Compute,
+        stats: SpeculationStats,
+        spawn: Callable[[Coroutine], asyncio.Task],
+    ):
+        self.drafter = Drafter(context) if draft_block is None else ModelDrafter(context, draft_block)
+        self.compute, self.stats, self.spawn = compute, stats, spawn
+
+    async def propose(self, room: int) -> list[int]:
+        """Up to `room` drafted tokens to follow the sequence ([] for a plain step)."""
+        draft = self.drafter.propose(room)
+        if draft is not None:
+            return draft
+        try:  # nothing to look up: the entry's draft model drafts
+            return await self.compute.run_in_compute(self.drafter.draft_with_model, room)
+        except Exception as e:
+            log.warning("the draft model failed (%s: %s); prompt lookup only", type(e).__name__, e)
+            await self.compute.run_in_compute(self.drafter.drop_model)
+            return []
+
+    def accepted(self, draft: list[int], sampled: list[int]) -> int:
+        """How many of `draft` the chain kept (`sampled`: its draft + 1 tokens); recorded."""
+        kept = accepted_length(draft, sampled)
+        self.drafter.record(len(draft), kept)
+        self.stats.record(len(draft), kept)
+        return kept
+
+    def extend(self, tokens: list[int]) -> None:
+        self.drafter.extend(tokens)
+
+    def close(self) -> None:
+        if isinstance(self.drafter, ModelDrafter):  # (on the compute thread: a draft may be running there)
+            self.spawn(self.compute.run_in_compute(self.drafter.close))

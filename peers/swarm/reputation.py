@@ -1,11 +1,18 @@
-"""Peers an entry avoids after they failed: the ban doubles with each repeat; it is lifted by a
-success through that peer or by a new life (incarnation) of it. A peer convicted of computing
-wrong is banned for a fixed time whatever life it starts, and no success lifts it."""
+"""Whom an entry avoids, and why: failure accounting in one place. A peer at fault is banned; the
+ban doubles with each repeat and is lifted by a success through that peer or by a new life
+(incarnation) of it. A peer convicted of computing wrong is banned for a fixed time whatever life
+it starts, and no success lifts it. A busy or full peer is not at fault: nobody is banned."""
 
 import time
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from peers.swarm.membership import Table
+
 MAX_CONVICTED = 4096
+AT_FAULT = "failed"  # the one failure reason that bans (see HopFailed.REASONS)
+MESSAGE_CHARS = 300  # of a failure's message, kept in the log
 
 
 @dataclass
@@ -51,3 +58,47 @@ class Bans:
 
     def proven(self, peer_id: str) -> None:
         self._bans.pop(peer_id, None)
+
+
+class Reputation:
+    """An entry's failure accounting (Petals' sequence manager's `on_request_failure` and
+    `on_request_success`): every failed hop is counted and logged; a peer at fault is banned and
+    reported to the table; a success through peers lifts their bans. Retries and backoff are
+    the caller's (the entry's generation loop)."""
+
+    def __init__(
+        self,
+        bans: Bans,
+        table: Table,
+        log: deque[dict],
+        count: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        """`log`: the latest failures (for the swarm page); `count(reason)`: called once per
+        failure (the peer's failover counters)."""
+        self.bans, self.table, self.log, self.count, self.clock = bans, table, log, count, clock
+
+    def banned_now(self) -> set[str]:
+        """The peers to route around now: banned in their current life, or convicted."""
+        incarnations = {e.peer_id: e.incarnation for e in self.table.live()}
+        return self.bans.banned(incarnations)
+
+    def on_request_failure(self, peer_id: str, reason: str, message: str) -> float | None:
+        """A hop through `peer_id` failed for `reason`: count and log it; ban the peer if it is at
+        fault. Returns the ban's duration in seconds, or None where nobody is banned."""
+        if self.count is not None:
+            self.count(reason)
+        self.log.append(
+            {"at": self.clock(), "peer_id": peer_id, "reason": reason, "message": message[:MESSAGE_CHARS]}
+        )
+        if reason != AT_FAULT:
+            return None
+        entry = next((x for x in self.table.live() if x.peer_id == peer_id), None)
+        duration = self.bans.ban(peer_id, entry.incarnation if entry else 0)
+        self.table.report_failure(peer_id)
+        return duration
+
+    def on_request_success(self, peer_ids: Iterable[str]) -> None:
+        """A step went through these peers after a failure: their bans are lifted."""
+        for peer_id in peer_ids:
+            self.bans.proven(peer_id)

@@ -7,7 +7,6 @@ import asyncio
 import pytest
 import torch
 
-import peers.entry.generation
 import peers.entry.speculative
 from peers.config import NodeConfig
 from peers.entry.generation import generate
@@ -168,11 +167,11 @@ def test_drafted_steps_give_the_same_tokens_greedy_and_seeded(tiny_llama, monkey
             plain = []
             for p in prompts:  # seeded, without speculation
                 plain.append([t[0].token async for t in generate(entry, p, 20, seeded, frozenset())])
-            monkeypatch.setattr(peers.entry.generation, "Drafter", Oracle(greedy))
+            monkeypatch.setattr(peers.entry.speculative, "Drafter", Oracle(greedy))
             got_greedy = await asyncio.gather(*(_tokens(entry, p, 20) for p in prompts))
             steps = entry.speculation.steps
             monkeypatch.setattr(
-                peers.entry.generation, "Drafter", Oracle(dict(zip(greedy, plain, strict=True)))
+                peers.entry.speculative, "Drafter", Oracle(dict(zip(greedy, plain, strict=True)))
             )
             got_seeded = await asyncio.gather(*(_tokens(entry, p, 20, seeded) for p in prompts))
             return plain, got_greedy, got_seeded, steps, entry.speculation
@@ -195,7 +194,7 @@ def test_max_tokens_and_stop_ids_hold_when_several_tokens_arrive_at_once(tiny_ll
 
     async def main():
         net, nodes = await start_swarm(tiny_llama, ["0:2", "2:4"])
-        monkeypatch.setattr(peers.entry.generation, "Drafter", Oracle({tuple(prompt): ref}))
+        monkeypatch.setattr(peers.entry.speculative, "Drafter", Oracle({tuple(prompt): ref}))
         try:
             capped = await _tokens(nodes[0], prompt, 7)
             stopped = await _tokens(nodes[0], prompt, 20, stop=frozenset({stop}))
@@ -214,7 +213,7 @@ def test_a_peer_lost_during_a_drafted_step_is_failed_over_exactly(tiny_llama, mo
     prompts = PROMPTS[:4]
     expected = [greedy_reference(model, p, 20) for p in prompts]
     monkeypatch.setattr(
-        peers.entry.generation, "Drafter", Oracle(dict(zip(map(tuple, prompts), expected, strict=True)))
+        peers.entry.speculative, "Drafter", Oracle(dict(zip(map(tuple, prompts), expected, strict=True)))
     )
 
     async def main():

@@ -1,6 +1,10 @@
-"""The entry's bans: doubling backoff, lifted by success or by a new life of the peer."""
+"""The entry's bans (doubling, lifted by success or by a new life of the peer) and its failure
+accounting (Reputation: who is banned, reported, counted and logged, for which failure)."""
 
-from peers.swarm.reputation import Bans
+from collections import deque
+from types import SimpleNamespace
+
+from peers.swarm.reputation import Bans, Reputation
 from tests.helpers import FakeClock
 
 
@@ -23,3 +27,55 @@ def test_ban_is_lifted_by_success_or_a_new_life():
     bans.proven("p")
     assert bans.banned({"p": 1}) == set()
     assert bans.ban("p", 1) == 10  # strikes start over after a success
+
+
+class Table:
+    """The part of membership's Table that Reputation reads and tells."""
+
+    def __init__(self, incarnations: dict[str, int]):
+        self.incarnations, self.reported = incarnations, []
+
+    def live(self):
+        return [SimpleNamespace(peer_id=p, incarnation=i) for p, i in self.incarnations.items()]
+
+    def report_failure(self, peer_id: str) -> None:
+        self.reported.append(peer_id)
+
+
+def reputation(clock=None, **incarnations):
+    table, counted = Table(incarnations), []
+    rep = Reputation(
+        Bans(10, 60, clock or FakeClock()), table, deque(maxlen=2), counted.append, clock=lambda: 7.0
+    )
+    return rep, table, counted
+
+
+def test_a_peer_at_fault_is_banned_in_its_life_and_reported():
+    rep, table, counted = reputation(p=3)
+    assert rep.on_request_failure("p", "failed", "peer p failed: timed out") == 10
+    assert rep.banned_now() == {"p"} and table.reported == ["p"] and counted == ["failed"]
+    assert list(rep.log) == [
+        {"at": 7.0, "peer_id": "p", "reason": "failed", "message": "peer p failed: timed out"}
+    ]
+    assert rep.bans.ban("p", 3) == 20  # the same life: the next ban doubles
+    table.incarnations["p"] = 4
+    assert rep.banned_now() == set()  # a new life is not banned
+
+
+def test_a_peer_without_room_or_a_lost_session_bans_nobody():
+    rep, table, counted = reputation(p=1, q=1)
+    for reason in ("busy", "cache_full", "too_large", "session_lost", "bad_request"):
+        assert rep.on_request_failure("p", reason, "x" * 500) is None
+    assert rep.banned_now() == set() and table.reported == []
+    assert counted == ["busy", "cache_full", "too_large", "session_lost", "bad_request"]
+    assert len(rep.log) == 2 and len(rep.log[-1]["message"]) == 300  # bounded, both
+
+
+def test_a_success_lifts_the_bans_of_its_peers_but_not_a_conviction():
+    rep, _, _ = reputation(p=1, q=1, r=1)
+    rep.on_request_failure("p", "failed", "")
+    rep.on_request_failure("q", "failed", "")
+    rep.bans.convict("r", 100)
+    rep.on_request_success(["p", "r"])
+    assert rep.banned_now() == {"q", "r"}
+    assert rep.on_request_failure("p", "failed", "") == 10  # strikes start over

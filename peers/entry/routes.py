@@ -1,0 +1,77 @@
+"""Routes for one request, read from the entry's table: the route around the peers to avoid, the
+shadows that recompute a route's hops, and the entry's Reputation (whom to avoid)."""
+
+from peers.entry.peer import EntryPeer
+from peers.swarm.reputation import Reputation
+from peers.swarm.routing import NoRouteError, plan_route, weight
+from peers.transport.frames import MAX_SHADOWS, Hop
+
+
+def reputation_of(node: EntryPeer) -> Reputation:
+    """The peer's Reputation; for a peer that wires none, one over its bans, table, failover log
+    and counters (it holds no state of its own)."""
+    wired = getattr(node, "reputation", None)
+    if wired is not None:
+        return wired
+
+    def count(reason: str) -> None:
+        node.failovers += 1
+        node.metrics.failovers.labels(reason).inc()  # (one of HopFailed.REASONS)
+
+    return Reputation(node.bans, node.table, node.failover_log, count)
+
+
+def current_route(node: EntryPeer, key: str, exclude: set[str]) -> list[Hop]:
+    """The route for routing key `key` around the peers in `exclude` (NoRouteError: none)."""
+    peers = node.table.serving(node.model_id)
+    return plan_route(peers, node.total_layers, key, node.model_id, exclude, origin=node.table.me)
+
+
+def banned_now(node: EntryPeer) -> set[str]:
+    """The peers this entry routes around now (banned or convicted)."""
+    return reputation_of(node).banned_now()
+
+
+def route_around(
+    node: EntryPeer, key: str, exclude: set[str], avoid: frozenset[str], strict: bool
+) -> list[Hop]:
+    """A route around `exclude`, and around as many of the peers in `avoid` as the swarm allows
+    (all of them, with `strict`)."""
+    if strict or not avoid:
+        return current_route(node, key, exclude | avoid)
+    excluded = set(exclude)
+    current_route(node, key, excluded)  # NoRouteError: none at all
+    for peer in sorted(avoid):
+        try:
+            current_route(node, key, excluded | {peer})
+            excluded.add(peer)
+        except NoRouteError:
+            continue  # no route without it: keep it
+    return current_route(node, key, excluded)
+
+
+def planned_route(node: EntryPeer, key: str, avoid: set[str]) -> list[Hop] | None:
+    """The route a generation avoiding `avoid` would take now (None: no route at all)."""
+    try:
+        return route_around(node, key, banned_now(node), frozenset(avoid), strict=False)
+    except NoRouteError:
+        return None
+
+
+def shadows_for(node: EntryPeer, key: str, route: list[Hop], exclude: set[str]) -> tuple[Hop, ...]:
+    """For each hop, a replica off the route that serves its layers, chosen by rendezvous hashing
+    on the request's key (none where the swarm has no other)."""
+    on_route = {h.peer_id for h in route}
+    peers = [p for p in node.table.serving(node.model_id) if p.peer_id not in on_route | exclude]
+    shadows = []
+    for hop in route:
+        fits = [p for p in peers if p.start <= hop.start and hop.end <= p.end]
+        if fits:  # one hop per shadow: a session is one run of layers on each peer
+            best = max(fits, key=lambda p: weight(key, p.peer_id))
+            shadows.append(Hop(best.peer_id, best.address, hop.start, hop.end))
+            peers.remove(best)
+    return tuple(shadows[:MAX_SHADOWS])
+
+
+def peers_of(route: list[Hop]) -> set[str]:
+    return {h.peer_id for h in route}

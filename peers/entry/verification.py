@@ -1,0 +1,80 @@
+"""Verified generation (`--verify-rate R`): every hop that has another replica is recomputed by it
+(its shadow) at every step, on the same input; a token reaches the user only once each shadow's
+commitment agrees with its hop's (else the referee decides, peers/entry/referee.py)."""
+
+from collections.abc import AsyncIterator
+
+from peers.entry.peer import EntryPeer
+from peers.entry.referee import Dispute, referee_shadows
+from peers.entry.runner import Request, Runner, plain_greedy, seeded, true_tokens
+from peers.entry.session import Token
+from peers.entry.steering import Steering
+from peers.swarm.commitments import agree
+from peers.transport.frames import Sampling, StepResult
+
+
+def disputes_of(result: StepResult) -> list[Dispute]:
+    """The hops whose shadow committed to another output on the same input."""
+    by_span = {(c.start, c.end): c for c in result.commitments}
+    return [
+        Dispute(by_span[(s.start, s.end)], s)
+        for s in result.shadows
+        if (s.start, s.end) in by_span and not agree(by_span[(s.start, s.end)], s)
+    ]
+
+
+async def verified_generate(
+    node: EntryPeer,
+    prompt_ids: list[int],
+    max_tokens: int,
+    sampling: Sampling,
+    stop_ids: frozenset[int],
+    n: int = 1,
+    steering: Steering | None = None,
+) -> AsyncIterator[list[Token]]:
+    """generate(), with every hop that has another replica recomputed by it on the same input
+    (its shadow: the hop before it sends it the same hidden states) at every step; a token is
+    yielded only when each shadow's commitment agrees with its hop's. On a disagreement a referee
+    route that avoids both decides; the peer it contradicts is convicted, and generation goes on
+    from the agreed tokens on a new route."""
+    request = Request(prompt_ids, max_tokens, seeded(sampling), stop_ids, n, steering)
+    greedy = plain_greedy(request.sampling, steering)
+    history: list[list[int]] = [[] for _ in range(n)]
+    stats = node.verification
+    stats.requests += 1
+
+    def start(avoid: frozenset[str] = frozenset(), shadowed: bool = True) -> Runner:
+        return Runner(node, request, history, avoid, bool(avoid), shadowed)
+
+    runner: Runner | None = None
+    try:
+        while True:
+            runner = runner or start()  # (a new one: around the convicted, from the agreed tokens on)
+            tokens = await runner.next()
+            if tokens is None:
+                return
+            route, result = runner.route, runner.result
+            stats.steps += 1
+            if not result.shadows:
+                stats.unchecked_steps += 1
+            if greedy and not true_tokens(node, route, result, tokens):
+                await runner.close()  # its last peer convicted itself: this step again, elsewhere
+                runner = None
+                continue
+            disputes = disputes_of(result)
+            if disputes:
+                stats.disagreements += 1
+                decided = await referee_shadows(
+                    node, disputes, tokens, start, [prompt_ids + h for h in history]
+                )
+                await runner.close()
+                runner = None
+                if decided is None:  # this step again, on a route without the convicted
+                    continue
+                tokens = decided
+            for seq, tok in zip(history, tokens, strict=True):
+                seq.append(tok.token)
+            yield tokens
+    finally:
+        if runner is not None:
+            await runner.close()
