@@ -11,8 +11,9 @@ from dataclasses import replace
 import torch
 
 from inference import Block, CacheFullError, RequestTooLarge, SessionError
+from inference.jobs import Busy, Job, NonFinite, Sampled
 from inference.prefix_cache import BLOCK_TOKENS
-from inference.scheduler import Busy, Job, NonFinite, Sampled, Scheduler
+from inference.scheduler import Scheduler
 from peers.swarm.commitments import (
     TOLERANCE,
     Commitment,
