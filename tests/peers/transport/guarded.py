@@ -1,0 +1,55 @@
+"""The peers that the hostile-input tests attack: three of the tiny Llama with short HTTP timeouts
+and a connection cap (test_hostile.py, test_hostile_http.py); a completion request, raw bytes
+over a socket, and a peer's resident memory."""
+
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from tests.peers.processes import Swarm
+
+GUARDS = ["--header-timeout", "1", "--read-timeout", "1", "--max-connections", "48"]
+
+
+@contextmanager
+def guarded_swarm(model, log_dir: Path) -> Iterator[Swarm]:
+    """Peers 0:1, 1:3 and 3:4 with GUARDS, each with a route; stopped on leaving."""
+    s = Swarm(model, log_dir, args=GUARDS)
+    try:
+        for layers in ("0:1", "1:3", "3:4"):
+            s.add(layers)
+        s.wait_ready()
+        for peer in s.peers:
+            s.wait_route(peer)
+        yield s
+    finally:
+        s.stop()
+
+
+def completion(peer, prompt="hello", max_tokens=4, **extra) -> httpx.Response:
+    body = {"model": "llama", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
+    return httpx.post(f"{peer.url}/v1/completions", json=body, timeout=60)
+
+
+def raw(peer, data: bytes, timeout=5.0) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", peer.port), timeout=timeout)
+    s.sendall(data)
+    return s
+
+
+def read_all(s: socket.socket) -> bytes:
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    return out
+
+
+def rss_kib(peer) -> int:
+    with open(f"/proc/{peer.proc.pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
