@@ -32,15 +32,15 @@ _api_keys, _origins, _chat_template, _verify_rate = (
 )
 
 # serve's flags that set up the process rather than the peer (NodeConfig declares the others)
-PROCESS_FLAGS = (
-    Flag(
-        "--omp-wait-policy",
-        "how idle OpenMP threads wait: brief spins a moment between the operations of a forward, "
-        "then sleeps; passive sleeps at once; active spins (default: OMP_WAIT_POLICY if set, else brief, "
-        "which leaves the cores to co-located peers between forwards)",
-        None,
-        choices=("brief", "passive", "active"),
-    ),
+OMP_FLAG = Flag(
+    "--omp-wait-policy",
+    "how idle OpenMP threads wait: brief spins a moment between the operations of a forward, "
+    "then sleeps; passive sleeps at once; active spins (default: OMP_WAIT_POLICY if set, else brief, "
+    "which leaves the cores to co-located peers between forwards)",
+    None,
+    choices=("brief", "passive", "active"),
+)
+LOG_FLAGS = (
     Flag("--log-level", "uvicorn's log level", "warning"),
     Flag(
         "--log-format",
@@ -258,6 +258,13 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_flags() -> list[Flag]:
+    """NodeConfig's flags with the process's own: --omp-wait-policy beside --threads, logging last."""
+    flags = config_flags(NodeConfig)
+    at = [flag.name for flag in flags].index("--threads") + 1
+    return [*flags[:at], OMP_FLAG, *flags[at:], *LOG_FLAGS]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `peer` parser, generated from the declared flags (serve's from NodeConfig's fields)."""
     parser = argparse.ArgumentParser(prog="peer", description=__doc__)
@@ -267,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         (
             "serve",
             "serve a block of layers and the OpenAI API",
-            (*config_flags(NodeConfig), *PROCESS_FLAGS),
+            _serve_flags(),
             _serve,
         ),
         ("status", "print the swarm as one peer sees it", STATUS_FLAGS, _status),
