@@ -10,20 +10,14 @@ import time
 from dataclasses import replace
 
 from . import __version__
-from .config import (
-    LOOPBACK,
-    NodeConfig,
-    read_api_keys,
-    read_chat_template,
-    read_origins,
-    read_verify_rate,
-)
+from .config import NodeConfig
+from .option_values import LOOPBACK, read_api_keys, read_chat_template, read_origins, read_verify_rate
 from .options import Flag, add_flags, config_flag, config_flags, read_config
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 BRIEF_SPINS = 300000  # GOMP_SPINCOUNT of the brief policy: a few milliseconds at most
-# the readers of peers/config.py under their former names here (tests import them from the cli)
+# the readers of peers/option_values.py under their former names here (tests import them from the cli)
 _api_keys, _origins, _chat_template, _verify_rate = (
     read_api_keys,
     read_origins,

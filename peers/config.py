@@ -1,11 +1,21 @@
 """A peer's options, each declared once (its field, flag, default, help and check): the frozen
 settings `peer serve` builds, and the flags its parser is generated from (peers/options.py)."""
 
-import argparse
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from peers.option_values import (
+    OPEN_SWARM_VERIFY_RATE,
+    check_origins,
+    check_port,
+    check_served_names,
+    check_share,
+    read_api_keys,
+    read_chat_template,
+    read_origins,
+    read_swarm_key,
+    read_verify_rate,
+)
 from peers.options import Flag, at_least, check_fields, one_of, option, positive, settings
 from peers.swarm.membership import GossipSettings
 from peers.transport.limits import (
@@ -25,103 +35,14 @@ QUANT_CHOICES = ("none", "int8", "int4")
 WIRE_CHOICES = ("lossless", "bf16", "fp16", "int8")
 GOSSIP_DEFAULTS = GossipSettings()
 
-MAX_PORT = 65535
 MAX_CACHE_TOKENS = 65536  # the KV cache budget's default, in token slots
 CORE_TURNS = ("auto", "on", "off")
 CUDA_GRAPHS = {"auto": None, "on": True, "off": False}  # --cuda-graphs -> load_block's cuda_graphs
-ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s]+")  # what a browser's Origin header holds
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
-OPEN_SWARM_VERIFY_RATE = 0.05  # strangers may join: check one request in 20 (costs under 10%, README)
 QUANT_HELP = (
     "weight-only quantization of this peer's layers: none; int8 (integers per group of 32 weights, "
     "about 0.31x the float32 bytes; exact on weights from a Q8_0/Q4_x GGUF such as the default model's); "
     "int4 (torchao's int4 tinygemm, bfloat16 compute, about 0.16-0.19x)"
 )
-
-
-def check_port(name: str, port: int) -> None:
-    if not 0 < port <= MAX_PORT:
-        raise ValueError(f"{name} must be in 1..{MAX_PORT}, got {port}")
-
-
-def check_share(name: str, value: float) -> None:
-    if not 0 <= value <= 1:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-
-
-def check_served_names(name: str, names: tuple[str, ...]) -> None:
-    for served in names:
-        if not served.strip() or served != served.strip():
-            raise ValueError(
-                f"a served model name is a non-empty name without spaces around it, got {served!r}"
-            )
-    if len(set(names)) < len(names):
-        raise ValueError(f"served model names repeat: {', '.join(names)}")
-
-
-def check_origins(name: str, origins: tuple[str, ...]) -> None:
-    for origin in origins:
-        if origin != "*" and not ORIGIN.fullmatch(origin):
-            raise ValueError(f"an allowed origin is * or SCHEME://HOST[:PORT] without a path, got {origin!r}")
-
-
-def read_swarm_key(args: argparse.Namespace) -> bytes | None:
-    """--swarm-key, else LAYERSWARM_SWARM_KEY."""
-    from peers.transport.auth import swarm_key_from
-
-    return swarm_key_from(args.swarm_key)
-
-
-def read_api_keys(args: argparse.Namespace) -> tuple[str, ...]:
-    """--api-key values and the lines of --api-key-file (blank lines and # comments skipped)."""
-    keys = list(args.api_key or ())
-    if args.api_key_file:
-        with open(args.api_key_file) as f:
-            keys += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
-    for key in keys:
-        if len(key) < 8 or not key.isprintable() or " " in key:
-            raise ValueError("an API key has at least 8 printable characters and no spaces")
-    return tuple(keys)
-
-
-def read_origins(value: str | None) -> tuple[str, ...]:
-    """--allowed-origins: a comma-separated list."""
-    return tuple(o.strip() for o in (value or "").split(",") if o.strip())
-
-
-def read_chat_template(value: str | None) -> str | None:
-    """--chat-template: a file's text, or the argument itself if it is a template (it holds "{%"
-    or "{{"); checked to compile here, before the model loads."""
-    from pathlib import Path
-
-    from inference.tokenizer import check_chat_template
-
-    if value is None:
-        return None
-    try:
-        is_file = Path(value).is_file()
-    except (OSError, ValueError):  # a template's text may be too long, or odd, for a file name
-        is_file = False
-    if is_file:
-        text = Path(value).read_text()
-    elif "{%" in value or "{{" in value:
-        text = value
-    else:
-        raise ValueError(f"--chat-template {value!r} is neither a file nor a template's text")
-    try:
-        check_chat_template(text)
-    except ValueError as e:
-        raise ValueError(f"--chat-template {value if is_file else '(the text given)'}: {e}") from None
-    return text
-
-
-def read_verify_rate(args: argparse.Namespace) -> float:
-    """--verify-rate, or by default: checked in an open swarm (strangers may join), not else."""
-    if args.verify_rate is not None:
-        return args.verify_rate
-    if args.host not in LOOPBACK and read_swarm_key(args) is None:
-        return OPEN_SWARM_VERIFY_RATE
-    return 0.0
 
 
 def scheduler_settings(**values: object) -> "SchedulerSettings":

@@ -12,7 +12,8 @@ import pytest
 
 import peers
 from peers import cli
-from peers.config import OPEN_SWARM_VERIFY_RATE, NodeConfig, read_verify_rate
+from peers.config import NodeConfig
+from peers.option_values import OPEN_SWARM_VERIFY_RATE, read_verify_rate
 from peers.options import read_config
 
 
