@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
@@ -32,6 +33,7 @@ __all__ = ["OpenAIDoor", "router", "unless_gone"]
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 
 log = logging.getLogger("layerswarm.api")
+T = TypeVar("T")
 
 
 def router(node: ApiPeer) -> APIRouter:
@@ -65,11 +67,11 @@ class OpenAIDoor:
 
     def __init__(self, node: ApiPeer):
         self.node = node
-        self.tokenizing = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="tokenize"
-        )  # off the event loop
+        # tokenizing runs off the event loop, one prompt at a time
+        self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
-    async def off_loop(self, fn, *args):
+    async def off_loop(self, fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)` on the tokenizing thread."""
         return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn, *args)
 
     async def chat(self, req: ChatRequest, request: Request):
@@ -146,7 +148,13 @@ class OpenAIDoor:
             raise
 
     def answer(
-        self, req, ask: Ask, prompts: list[list[int]], max_tokens: list[int], release, request
+        self,
+        req: GenerationRequest,
+        ask: Ask,
+        prompts: list[list[int]],
+        max_tokens: list[int],
+        release: Callable[[], None],
+        request: Request,
     ) -> Answer:
         """The runs of an admitted request, once a route is there (a missing route is a 503
         before anything is computed)."""
@@ -163,6 +171,7 @@ class OpenAIDoor:
         return Answer(req, ask, runs, shape, events, release, request)
 
     async def respond(self, answer: Answer) -> Response | dict:
+        """The answer, streamed or whole as the request asked."""
         if answer.req.stream:
             return await self.streamed(answer)
         return await whole(answer)
