@@ -1,10 +1,6 @@
 """Consensus (`consensus: k`, a request field): k whole routes, as disjoint as the swarm allows, in
-lockstep; the majority decides each step (between two, a referee route, peers/entry/referee.py),
-and a route in the minority is convicted (avoided for --liar-ban seconds, whatever life it
-starts, and accused by gossip with the evidence) and replaced.
-
-Sampling with a temperature draws from a seed (the request's, or a random one) so that honest
-routes draw the same tokens."""
+lockstep; the majority decides each step (between two, a referee route), and the peer a minority
+route's disagreement pins is convicted (--liar-ban, across lives, accused by gossip) and replaced."""
 
 import asyncio
 import logging

@@ -1,7 +1,6 @@
-"""The entry's generation loop: plan a route, prefill, decode step by step; on a failed hop, account
-it (peers/swarm/reputation.py), re-plan and replay prompt + generated tokens as one prefill, then
-go on. A busy or full peer is not at fault: it is avoided, and a request that finds no room before
-its first token is told to retry later (429). Retries and backoff live here and nowhere else."""
+"""The entry's generation loop: route, prefill, decode; on a failed hop, account it (reputation),
+re-route and replay prompt + tokens so far as one prefill. A peer without room is avoided, not
+banned (429 when none has room before the first token). Retries and backoff live here alone."""
 
 import asyncio
 import logging
@@ -170,7 +169,8 @@ class Stepper:
             room = min(self.max_tokens - len(s.generated[0]), self.node.context_length - s.position) - 1
             draft = await self.speculation.propose(room)
             if self.state is not None:
-                controls, draft = self.state.drafted(s.generated[0], draft)
+                steered = self.state.drafted(s.generated[0], draft)
+                draft, controls = steered.draft, steered.controls
             return Ask([rebuild.rows[0] + draft], prefix, verify, len(draft), controls)
         if self.state is not None and not rebuild.widens and len(s.pending) <= 1:  # tokens kept
             controls = self.state.controls(s.generated)

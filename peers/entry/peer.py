@@ -3,13 +3,13 @@ composition root's node satisfies, so that the entry never imports the node."""
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, Protocol
 
 import httpx
 
 from inference import Block
-from peers.entry.speculative import SpeculationStats
+from peers.entry.speculative import Compute, SpeculationStats
 from peers.swarm.commitments import Commitment, VerificationStats
 from peers.swarm.membership import Table
 from peers.swarm.reputation import Bans
@@ -30,12 +30,6 @@ class EntryOptions(Protocol):
     speculative: bool
     max_requests: int
     sse_keepalive_s: float
-
-
-class Compute(Protocol):
-    """Runs a function on the peer's compute thread (the scheduler's)."""
-
-    def run_in_compute(self, fn: Callable, *args) -> Awaitable[Any]: ...
 
 
 class EntryPeer(Protocol):

@@ -1,23 +1,12 @@
-"""Speculative decoding at the entry: the entry drafts the next tokens from the text so far
-(prompt lookup: what followed the latest earlier occurrence of the context's last n-gram) and
-sends them through the chain as one multi-token step; the last peer samples after every drafted
-position, and the entry keeps the drafts up to the first that differs from what was sampled,
-plus that sample: the model's own next token. Every peer drops the rejected positions when the
-next step starts at the accepted length (inference/kv_cache.py: `rewind`).
-
-Why the output is exact: the last peer samples after each position from that position's own
-generator (inference/sampling.py), as plain decoding would there. A draft is a point mass on one
-token d; keeping d when the sample equals it happens with probability p(d), and otherwise the
-sample is a token drawn from p without d: this is the rejection rule of speculative sampling
-for that draft, so the output has the model's distribution, greedy decoding gives the same
-tokens, and a seeded request gives the same tokens with or without speculation.
-"""
+"""Speculative decoding at the entry: draft the next tokens (prompt lookup, or a small draft model),
+send them through the chain as one step, keep the drafts up to the first the last peer sampled
+otherwise plus that sample; the peers drop the rest (inference/kv_cache.py: `rewind`)."""
 
 import asyncio
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -169,7 +158,14 @@ class ModelDrafter(Drafter):
 
 def accepted_length(draft: list[int], sampled: list[int]) -> int:
     """How many drafted tokens are kept: those equal to what was sampled after the position
-    before each (sampled[i] follows the i-th position of the step; draft[i] is its position i + 1)."""
+    before each (sampled[i] follows the i-th position of the step; draft[i] is its position i + 1).
+
+    Why the output is exact: the last peer samples after each position from that position's own
+    generator (inference/sampling.py), as plain decoding would there. A draft is a point mass on
+    one token d; keeping d when the sample equals it happens with probability p(d), and otherwise
+    the sample is a token drawn from p without d: the rejection rule of speculative sampling for
+    that draft, so the output has the model's distribution, greedy decoding gives the same
+    tokens, and a seeded request gives the same tokens with or without speculation."""
     assert len(sampled) == len(draft) + 1, f"{len(sampled)} samples for {len(draft)} drafted tokens"
     j = 0
     while j < len(draft) and draft[j] == sampled[j]:
@@ -201,7 +197,7 @@ class SpeculationStats:
 class Compute(Protocol):
     """Runs a function on the peer's compute thread (the scheduler's)."""
 
-    def run_in_compute(self, fn: Callable, *args) -> Any: ...
+    def run_in_compute(self, fn: Callable, *args) -> Awaitable[Any]: ...
 
 
 class Speculation:

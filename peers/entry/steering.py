@@ -1,7 +1,6 @@
-"""What a request asks of each step beyond its fixed sampling parameters, kept by its entry: the
-counts of the tokens each sequence generated (presence/frequency/repetition penalties), the stop
-ids it may not take before min_tokens, and a grammar's mask (structured output, tool calls). The
-entry sends them with each step as protocol Controls; the last peer applies them (scheduler)."""
+"""What a request asks of each step beyond its sampling parameters, kept by its entry: each
+sequence's token counts (penalties), the stop ids banned before min_tokens, and a grammar's mask;
+sent with each step as protocol Controls, applied by the last peer (scheduler)."""
 
 from collections import Counter
 from dataclasses import dataclass
@@ -24,6 +23,15 @@ class Steering:
 
     def start(self, generated: list[list[int]]) -> "SteerState":
         return SteerState(self, generated)
+
+
+@dataclass(frozen=True)
+class SteeredDraft:
+    """A draft as steering lets it go: cut where the grammar refuses it, with the controls of each
+    of its draft + 1 sampled positions."""
+
+    draft: list[int]
+    controls: tuple[Controls, ...]
 
 
 class SteerState:
@@ -51,7 +59,7 @@ class SteerState:
         ]
         return tuple(self._row(len(g), self.counts[i], self.masks[i]) for i, g in enumerate(generated))
 
-    def drafted(self, generated: list[int], draft: list[int]) -> tuple[tuple[Controls, ...], list[int]]:
+    def drafted(self, generated: list[int], draft: list[int]) -> SteeredDraft:
         """For a drafted step of the one sequence: the draft cut where the grammar refuses it, and
         controls for each of its draft + 1 sampled positions (as if the draft had been taken)."""
         matcher = self.matchers[0]
@@ -62,7 +70,7 @@ class SteerState:
             rows.append(self._row(len(generated) + j, counts, mask))
             if j < len(draft):
                 counts[draft[j]] += 1
-        return tuple(rows), draft
+        return SteeredDraft(draft, tuple(rows))
 
     def _row(self, length: int, counts: Counter, mask: bytes | None) -> Controls:
         s = self.steering

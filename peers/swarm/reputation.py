@@ -1,7 +1,6 @@
-"""Whom an entry avoids, and why: failure accounting in one place. A peer at fault is banned; the
-ban doubles with each repeat and is lifted by a success through that peer or by a new life
-(incarnation) of it. A peer convicted of computing wrong is banned for a fixed time whatever life
-it starts, and no success lifts it. A busy or full peer is not at fault: nobody is banned."""
+"""Whom an entry avoids, and why: failure accounting in one place. A peer at fault is banned (doubling
+per repeat; lifted by a success through it or a new life of it); a convicted one for a fixed time
+across lives; a busy or full peer is not at fault."""
 
 import time
 from collections import deque

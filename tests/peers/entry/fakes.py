@@ -1,7 +1,6 @@
 """An entry peer over a fake swarm, in one process and without a model: each peer keeps its
-sessions' tokens, the last one "samples" a token that is a function of the whole sequence, and a
-test makes any peer fail with any HopFailed reason. Enough to test routing, failover and replay
-exactly, fast."""
+sessions' tokens, the last "samples" a function of the whole sequence, and a test makes any peer
+fail with any HopFailed reason: routing, failover and replay tested exactly, fast."""
 
 import asyncio
 from collections import deque

@@ -9,9 +9,10 @@ import pytest
 from peers.entry.generation import Checks, generate
 from peers.entry.prefix import prefix_hashes
 from peers.entry.session import Rebuild, RouteSession, replay_plan
+from peers.entry.steering import Steering
 from peers.transport.errors import Overloaded, SwarmError, SwarmUnavailable
 from peers.transport.frames import Hop, Sampling
-from tests.peers.entry.fakes import FakeEntry, FakeSwarm, next_token, reference
+from tests.peers.entry.fakes import VOCAB, FakeEntry, FakeSwarm, next_token, reference
 
 GREEDY = Sampling(temperature=0)
 PROMPT = [5, 17, 9, 42, 7, 3]
@@ -181,3 +182,17 @@ def test_routes_avoid_the_peers_asked_where_the_swarm_allows():
     assert {h.peer_id for s in swarm.steps for h in s.hops} == {"b", "c"}  # c has no other replica
     with pytest.raises(SwarmUnavailable):
         run(FakeEntry(FakeSwarm(REPLICATED)), checks=Checks(avoid=frozenset({"c"}), strict_avoid=True))
+
+
+def test_a_token_that_breaks_the_steps_controls_fails_over_its_last_peer():
+    swarm = FakeSwarm({"a": (0, 4), "b": (0, 4)})  # the fake peers ignore the controls sent
+    entry = FakeEntry(swarm, failover_timeout_s=0.3)
+    ref = reference(PROMPT, 3)
+    steering = Steering(None, VOCAB, frozenset({ref[1]}), min_tokens=5)
+    with pytest.raises(SwarmUnavailable, match="gave up after 0 s of failover"):
+        run(entry, steering=steering)
+    assert {e["peer_id"] for e in entry.failover_log} == {"a", "b"}
+    assert all(
+        e["message"].endswith(f"it sampled token {ref[1]}, which the step banned") for e in entry.failover_log
+    )
+    assert entry.bans.banned({}) == {"a", "b"}
