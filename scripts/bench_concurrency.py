@@ -157,7 +157,7 @@ def parse_args() -> tuple[argparse.Namespace, list[int]]:
     return args, levels
 
 
-def load_monolithic(name: str, levels: list[int]):
+def load_monolithic(name: str, levels: list[int]) -> tuple:
     """The monolithic model, its source and tokenizer, the pad id and each level's batch."""
     from transformers import AutoModelForCausalLM
 
@@ -170,7 +170,9 @@ def load_monolithic(name: str, levels: list[int]):
     return model, source, tokenizer, pad_id, inputs
 
 
-def alternate(args, levels: list[int], entries: list[str], model_id: str, mono) -> tuple[dict, dict]:
+def alternate(
+    args: argparse.Namespace, levels: list[int], entries: list[str], model_id: str, mono: tuple
+) -> tuple[dict, dict]:
     """Every level on both sides, run after run, after a warm-up of both: (swarm runs, monolithic
     runs) per level. `mono` is (model, pad_id, inputs)."""
     model, pad_id, inputs = mono
@@ -231,7 +233,14 @@ def report_prefix(prefix: dict) -> None:
     print()
 
 
-def report(args, levels: list[int], results: dict, prefix: dict | None, model_id: str, n_cores: int) -> list:
+def report(
+    args: argparse.Namespace,
+    levels: list[int],
+    results: dict,
+    prefix: dict | None,
+    model_id: str,
+    n_cores: int,
+) -> list:
     """Print the machine, the table, the prefix scenario and the goals; returns the goals."""
     print()
     print(f"CPU: {cpu_name()}, {n_cores} cores")
@@ -259,8 +268,15 @@ def report(args, levels: list[int], results: dict, prefix: dict | None, model_id
 
 
 def write_json(
-    path: str, args, levels: list[int], results: dict, prefix, checks, model_id: str, n_cores: int
-):
+    path: str,
+    args: argparse.Namespace,
+    levels: list[int],
+    results: dict,
+    prefix: dict | None,
+    checks: list,
+    model_id: str,
+    n_cores: int,
+) -> None:
     payload = {
         "cpu": cpu_name(),
         "cores": n_cores,

@@ -57,6 +57,10 @@ import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -126,7 +130,7 @@ def print_report(report: dict) -> None:
     print(f"phases (s): {', '.join(f'{k} {v:.1f}' for k, v in report['phases_s'].items())}")
 
 
-def describe_device(device) -> str:
+def describe_device(device: "torch.device") -> str:
     import torch
 
     if device.type == "cuda":
@@ -152,7 +156,9 @@ def options() -> argparse.ArgumentParser:
     return ap
 
 
-def measure(args, device, dtype, prompts: list[list[int]]) -> dict:
+def measure(
+    args: argparse.Namespace, device: "torch.device", dtype: "torch.dtype", prompts: list[list[int]]
+) -> dict:
     """Build and save the model, time HF generate, then the peers (and again eager with
     --eager-too), and each peer's share of the checkpoint; the phases' seconds too."""
     import torch
@@ -192,7 +198,9 @@ def measure(args, device, dtype, prompts: list[list[int]]) -> dict:
     return {"hf": hf, "swarm": swarm, "eager": eager, "phases": phases, "model_bytes": model_bytes}
 
 
-def build_report(args, device, dtype, measured: dict) -> dict:
+def build_report(
+    args: argparse.Namespace, device: "torch.device", dtype: "torch.dtype", measured: dict
+) -> dict:
     """Everything measured, with the run's settings and a title, as the JSON report holds it."""
     import torch
 

@@ -126,7 +126,9 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def measure(args, delay: float, model, tokenizer: Tokenizer, model_id: str) -> tuple[list, list]:
+def measure(
+    args: argparse.Namespace, delay: float, model, tokenizer: Tokenizer, model_id: str
+) -> tuple[list, list]:
     """One swarm with `delay` ms per hop, every prompt kind against the monolithic model:
     (rows, paths), a row (delay, kind, mono s/token, plain s/token, speculative s/token,
     acceptance) per kind and a path (delay, layers, mean ms per step of each phase, the entry's
@@ -156,7 +158,7 @@ def measure(args, delay: float, model, tokenizer: Tokenizer, model_id: str) -> t
     return rows, paths
 
 
-def report(args, model_id: str, rows: list, paths: list) -> None:
+def report(args: argparse.Namespace, model_id: str, rows: list, paths: list) -> None:
     """The table of every delay and prompt, where each peer's time went, and the goal per delay."""
     split = args.split.split(",")
     print(

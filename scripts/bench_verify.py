@@ -96,7 +96,7 @@ async def steady(
     return counted / window_s
 
 
-def alternate(args, plain: Swarm, checked: Swarm, prompts: list[str]) -> list[dict]:
+def alternate(args: argparse.Namespace, plain: Swarm, checked: Swarm, prompts: list[str]) -> list[dict]:
     """Steady-state tokens per second of both swarms, run after run (the order alternating, so
     that machine noise hits both alike): per run, both rates and the cost of checking."""
     rows = []

@@ -137,7 +137,9 @@ def options() -> argparse.ArgumentParser:
     return parser
 
 
-def report_runs(args, model: str, prompts: list[list[int]], long_prompt: list[int]) -> None:
+def report_runs(
+    args: argparse.Namespace, model: str, prompts: list[list[int]], long_prompt: list[int]
+) -> None:
     """Bytes per token per hop and greedy agreement with the lossless wire, mode by mode."""
     results = {}
     for mode in args.modes:
@@ -173,7 +175,7 @@ def report_runs(args, model: str, prompts: list[list[int]], long_prompt: list[in
         )
 
 
-def report_forced(args, model: str, many: list[list[int]]) -> None:
+def report_forced(args: argparse.Namespace, model: str, many: list[list[int]]) -> None:
     """The teacher-forced agreement of each mode with the lossless wire."""
     print(
         f"\nTeacher-forced agreement with the lossless wire, {len(many)} prompts x {args.tokens} "

@@ -1,6 +1,7 @@
 """Time to first token of requests that share a long system prompt, on a swarm that reuses the
 prefix's KV cache and on one started with --no-prefix-reuse."""
 
+import argparse
 import math
 import random
 import shlex
@@ -102,7 +103,7 @@ def prefix_ttft(entry: str, model_id: str, system: str, question_no: int) -> tup
     return (elapsed if r.status_code == 200 else math.nan), r.status_code
 
 
-def prefix_scenario(args, model_id: str, tokenizer: Tokenizer, reuse_entry: str) -> dict:
+def prefix_scenario(args: argparse.Namespace, model_id: str, tokenizer: Tokenizer, reuse_entry: str) -> dict:
     """Sequential 1-token requests sharing a ~500-token system prompt, after one warm-up request,
     on the normal swarm vs one started with --no-prefix-reuse; alternating, every run."""
     system, system_tokens = shared_system_prompt(tokenizer)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import httpx
 
-from tests.peers.processes import Swarm
+from tests.peers.processes import Peer, Swarm
 
 GUARDS = ["--header-timeout", "1", "--read-timeout", "1", "--max-connections", "48"]
 
 
 @contextmanager
-def guarded_swarm(model, log_dir: Path) -> Iterator[Swarm]:
+def guarded_swarm(model: str | Path, log_dir: Path) -> Iterator[Swarm]:
     """Peers 0:1, 1:3 and 3:4 with GUARDS, each with a route; stopped on leaving."""
     s = Swarm(model, log_dir, args=GUARDS)
     try:
@@ -29,12 +29,12 @@ def guarded_swarm(model, log_dir: Path) -> Iterator[Swarm]:
         s.stop()
 
 
-def completion(peer, prompt="hello", max_tokens=4, **extra) -> httpx.Response:
+def completion(peer: Peer, prompt: str = "hello", max_tokens: int = 4, **extra) -> httpx.Response:
     body = {"model": "llama", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
     return httpx.post(f"{peer.url}/v1/completions", json=body, timeout=60)
 
 
-def raw(peer, data: bytes, timeout=5.0) -> socket.socket:
+def raw(peer: Peer, data: bytes, timeout: float = 5.0) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", peer.port), timeout=timeout)
     s.sendall(data)
     return s
@@ -47,7 +47,7 @@ def read_all(s: socket.socket) -> bytes:
     return out
 
 
-def rss_kib(peer) -> int:
+def rss_kib(peer: Peer) -> int:
     with open(f"/proc/{peer.proc.pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):

@@ -9,7 +9,9 @@ from peers.transport.wire import LOSSLESS, decode_hidden, encode_hidden
 HOPS = [Hop("a" * 43, "127.0.0.1:7001", 10, 20), Hop("b" * 43, "127.0.0.1:7002", 20, 30)]
 
 
-def hidden(shape=(2, 5, 100), seed=0, dtype=torch.float32) -> torch.Tensor:
+def hidden(
+    shape: tuple[int, ...] = (2, 5, 100), seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g) * torch.logspace(-2, 2, shape[-1])  # blocks of every size
     x[0, 1, 3] = 900.0  # an outlier, as real hidden states have
