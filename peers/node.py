@@ -20,7 +20,6 @@ from inference.scheduler import Scheduler
 from peers.config import CUDA_GRAPHS, NodeConfig
 from peers.entry.speculative import SpeculationStats
 from peers.hop import HopRunner
-from peers.hop import route_problem as _route_problem  # noqa: F401 (tests/peers/transport/test_frames.py)
 from peers.metrics import Metrics
 from peers.swarm.commitments import (
     MAX_REASON,
@@ -28,7 +27,6 @@ from peers.swarm.commitments import (
     Accusations,
     Commitment,
     VerificationStats,
-    check_commitments,
     top_entries,
 )
 from peers.swarm.gossip import Gossip
@@ -36,7 +34,7 @@ from peers.swarm.identity import Identity
 from peers.swarm.links import Links, Speed
 from peers.swarm.membership import DEAD, JOINING, LEAVING, SERVING, PeerRecord, Table, new_incarnation
 from peers.swarm.placement import Placement, PlacementSettings, initial_span, layer_budget
-from peers.swarm.reputation import Bans
+from peers.swarm.reputation import Bans, Reputation
 from peers.timing import HopTimes
 from peers.transport.auth import SwarmAuth
 from peers.transport.direct import Progress, Returns
@@ -81,16 +79,18 @@ class PeerNode:
         self.accusations = Accusations(
             self._public_key_of, self._avoid_accused, config.liar_ban_s, trusted=config.swarm_key is not None
         )
-        post = partial(post_capped, self.http)
-        self.gossip = Gossip(self.table, post, self.list_seeds(), self._housekeeping, self.accusations)
         self.metrics = Metrics()  # GET /metrics (what it reads when scraped: peers/app.py readings)
-        self.gossip.metrics = self.metrics  # (Gossip is given its metrics by attribute)
+        post = partial(post_capped, self.http)
+        self.gossip = Gossip(
+            self.table, post, self.list_seeds(), self._housekeeping, self.accusations, self.metrics
+        )
         self.scheduler = Scheduler(lambda: self.block, config.scheduler, metrics=self.metrics)
         self.cpu = ThreadPolicy(self.scheduler, config.threads, config.core_turns, config.device)
         self.bans = Bans(config.ban_s, config.ban_max_s)
         self.active_requests = 0  # entry requests in flight here
         self.failovers = 0  # re-routes this entry made (a failed, busy or full peer, a lost session)
         self.failover_log: deque[dict] = deque(maxlen=32)  # the latest, for the swarm page
+        self.reputation = Reputation(self.bans, self.table, self.failover_log, self._count_failover)
         self.verification = VerificationStats()
         self.speculation = SpeculationStats()
         self.progress = Progress()  # how far the steps that reached this hop got (direct return)
@@ -104,6 +104,11 @@ class PeerNode:
         self.on_fatal = None  # called with the exception when this peer cannot go on
         self._tasks: set[asyncio.Task] = set()  # background work, e.g. closing sessions
         self._gossip_task: asyncio.Task | None = None
+
+    def _count_failover(self, reason: str) -> None:
+        """A re-route this entry made, by reason (one of HopFailed.REASONS)."""
+        self.failovers += 1
+        self.metrics.failovers.labels(reason).inc()
 
     def _announced(self) -> PeerRecord:
         """This peer's first entry of the table: joining, with --layers' span or none yet."""
@@ -124,7 +129,6 @@ class PeerNode:
             hop_times=self.hop_times,
             spawn=self.spawn,
             gossip_round=lambda: self.gossip.round(self.table.gossip_targets(self.list_seeds())),
-            check=check_commitments,  # (this module's: a test's lying peer replaces it here)
         )
 
     def _placement(self) -> Placement:
@@ -347,14 +351,6 @@ class PeerNode:
     ) -> tuple[Commitment, ...]:
         """Send `req`'s input for its first hop to `shadow` too: its checked commitment, or nothing."""
         return await self.hops.run_shadow(req, shadow, mine)
-
-    @property
-    def _compute(self):  # (tests/peers/transport/test_direct.py replaces a peer's compute here)
-        return self.hops.compute
-
-    @_compute.setter
-    def _compute(self, compute) -> None:
-        self.hops.compute = compute
 
     async def close_sessions(self, session_id: str, hops: list[Hop]) -> None:
         """Free the session on every peer of a route (best effort, bounded)."""

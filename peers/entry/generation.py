@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from peers.entry.peer import EntryPeer
 from peers.entry.prefix import prefix_hashes, routing_key
-from peers.entry.routes import banned_now, current_route, reputation_of, route_around, shadows_for
+from peers.entry.routes import banned_now, current_route, route_around, shadows_for
 from peers.entry.session import Ask, Observed, RouteSession, Token, context_digest, tokens_of
 from peers.entry.speculative import Speculation
 from peers.entry.steering import Steering, SteerState
@@ -246,7 +246,7 @@ async def generate(
     if speculative and n == 1 and checks.observe is None and not checks.shadowed:
         run.speculate()
     session = run.session
-    failover = Failover(node, reputation_of(node), routing_key(prompt_ids), checks)
+    failover = Failover(node, node.reputation, routing_key(prompt_ids), checks)
     try:
         while len(session.generated[0]) < max_tokens:
             if node.stopping:

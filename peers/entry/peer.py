@@ -12,7 +12,7 @@ from inference import Block
 from peers.entry.speculative import Compute, SpeculationStats
 from peers.swarm.commitments import Commitment, VerificationStats
 from peers.swarm.membership import Table
-from peers.swarm.reputation import Bans
+from peers.swarm.reputation import Bans, Reputation
 from peers.swarm.routing import Hop
 from peers.transport.direct import Progress, Returns
 from peers.transport.forwarder import Forwarder
@@ -43,6 +43,7 @@ class EntryPeer(Protocol):
     context_length: int
     table: Table
     bans: Bans
+    reputation: Reputation  # failure accounting: bans, reports, the failover log and counts
     forwarder: Forwarder
     http: httpx.AsyncClient
     progress: Progress

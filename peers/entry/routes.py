@@ -2,23 +2,8 @@
 shadows that recompute a route's hops, and the entry's Reputation (whom to avoid)."""
 
 from peers.entry.peer import EntryPeer
-from peers.swarm.reputation import Reputation
 from peers.swarm.routing import NoRouteError, plan_route, weight
 from peers.transport.frames import MAX_SHADOWS, Hop
-
-
-def reputation_of(node: EntryPeer) -> Reputation:
-    """The peer's Reputation; for a peer that wires none, one over its bans, table, failover log
-    and counters (it holds no state of its own)."""
-    wired = getattr(node, "reputation", None)
-    if wired is not None:
-        return wired
-
-    def count(reason: str) -> None:
-        node.failovers += 1
-        node.metrics.failovers.labels(reason).inc()  # (one of HopFailed.REASONS)
-
-    return Reputation(node.bans, node.table, node.failover_log, count)
 
 
 def current_route(node: EntryPeer, key: str, exclude: set[str]) -> list[Hop]:
@@ -29,7 +14,7 @@ def current_route(node: EntryPeer, key: str, exclude: set[str]) -> list[Hop]:
 
 def banned_now(node: EntryPeer) -> set[str]:
     """The peers this entry routes around now (banned or convicted)."""
-    return reputation_of(node).banned_now()
+    return node.reputation.banned_now()
 
 
 def route_around(

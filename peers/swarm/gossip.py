@@ -32,13 +32,15 @@ class Gossip:
         seeds: list[str],
         before_round: Callable[[], None],
         accusations: Accusations,
+        metrics=None,
     ):
         """`post(url, timeout_s, json=...)` sends one exchange and reads its bounded answer
-        (peers/transport/limits.py's post_capped over the peer's HTTP client)."""
+        (peers/transport/limits.py's post_capped over the peer's HTTP client); `metrics`, if
+        given, times the exchanges and counts the failed ones (peers/metrics.py)."""
         self.table, self.post, self.seeds = table, post, seeds
         self.before_round = before_round  # the node's housekeeping: heartbeat, load, expiry
         self.accusations = accusations  # relayed with the table, checked on receipt
-        self.metrics = None  # set by the node: peers/metrics.Metrics (round trips, failures)
+        self.metrics = metrics
 
     @property
     def settings(self):

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from peers.entry.speculative import SpeculationStats
 from peers.swarm.commitments import VerificationStats
 from peers.swarm.membership import SERVING, PeerRecord
-from peers.swarm.reputation import Bans
+from peers.swarm.reputation import Bans, Reputation
 from peers.transport.errors import HopFailed
 from peers.transport.frames import Hop, StepRequest, StepResult
 
@@ -136,6 +136,11 @@ class FakeEntry:
         self.bans = Bans(60, 600)
         self.forwarder = SimpleNamespace(push=self.swarm.push)
         self.metrics = SimpleNamespace(failovers=FakeCounter())
+        self.reputation = Reputation(self.bans, self.table, self.failover_log, self._count)
+
+    def _count(self, reason: str) -> None:
+        self.failovers += 1
+        self.metrics.failovers.labels(reason).inc()
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)

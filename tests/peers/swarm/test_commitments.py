@@ -344,9 +344,9 @@ def test_two_replicas_that_disagree_fail_the_request_instead_of_guessing(tiny_ll
 
 CORRUPTS_WHAT_IT_SENDS = """
 from dataclasses import replace
-import peers.node as node
+import peers.hop as hop
 import peers.transport.forwarder as forwarding
-node.check_commitments = lambda *args, **kwargs: None  # a liar checks nothing
+hop.check_commitments = lambda *args, **kwargs: None  # a liar checks nothing
 _push = forwarding.Forwarder.push
 async def push(self, req):
     if not req.terminal and req.tensor.is_floating_point():

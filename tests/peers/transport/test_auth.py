@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from peers import AsyncSwarmClient, SwarmAPIError, SwarmClient
-from peers.cli import _api_keys
+from peers.option_values import read_api_keys
 from peers.swarm.gossip import PATH_GOSSIP
 from peers.transport.auth import sign_headers, swarm_key_from
 from peers.transport.frames import (
@@ -172,4 +172,4 @@ def test_short_keys_are_refused():
         swarm_key_from("short")
     args = argparse.Namespace(api_key=["sk 1 2"], api_key_file=None)
     with pytest.raises(ValueError, match="no spaces"):
-        _api_keys(args)
+        read_api_keys(args)

@@ -109,7 +109,7 @@ def test_results_come_straight_from_the_last_peer_while_no_hop_waits(tiny_llama)
         net, nodes = await start_swarm(tiny_llama, ["0:1", "1:3", "3:4"])
         entry, middle, last = nodes
         handed_on = asyncio.Event()
-        push, compute = middle.forwarder.push, last._compute
+        push, compute = middle.forwarder.push, last.hops.compute
 
         async def middle_push(req):
             result = await push(req)
@@ -121,7 +121,7 @@ def test_results_come_straight_from_the_last_peer_while_no_hop_waits(tiny_llama)
             handed_on.clear()
             return await compute(req, hop, block)
 
-        middle.forwarder.push, last._compute = middle_push, last_compute
+        middle.forwarder.push, last.hops.compute = middle_push, last_compute
         try:
             got = []
             for p in PROMPTS[:3]:
@@ -162,7 +162,7 @@ def test_a_hop_that_fails_silently_after_acknowledging_is_found_and_failed_over(
                     await asyncio.Event().wait()
 
                 if how == "stalls":
-                    victim._compute = forever
+                    victim.hops.compute = forever
                 else:
                     victim.accept_step = silently
 

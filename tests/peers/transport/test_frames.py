@@ -150,11 +150,11 @@ def test_a_last_peers_reply_with_bad_alternatives_is_its_fault():
 
 
 def test_a_route_must_tile_the_layers_to_the_end():
-    from peers.node import _route_problem
+    from peers.hop import route_problem
 
     hop = lambda a, b, p="127.0.0.1:1": Hop(p, p, a, b)  # noqa: E731
-    assert _route_problem([hop(0, 2), hop(2, 4, "127.0.0.1:2")], 4) is None
-    assert "more than once" in _route_problem([hop(0, 2), hop(2, 4)], 4)
-    assert "skips or repeats" in _route_problem([hop(0, 2), hop(3, 4, "127.0.0.1:2")], 4)
-    assert "ends at layer 2" in _route_problem([hop(0, 2)], 4)
-    assert "bad layer range" in _route_problem([Hop("a", "127.0.0.1:9", 4, 4)], 4)
+    assert route_problem([hop(0, 2), hop(2, 4, "127.0.0.1:2")], 4) is None
+    assert "more than once" in route_problem([hop(0, 2), hop(2, 4)], 4)
+    assert "skips or repeats" in route_problem([hop(0, 2), hop(3, 4, "127.0.0.1:2")], 4)
+    assert "ends at layer 2" in route_problem([hop(0, 2)], 4)
+    assert "bad layer range" in route_problem([Hop("a", "127.0.0.1:9", 4, 4)], 4)
