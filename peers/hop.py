@@ -29,7 +29,8 @@ from peers.timing import HopTimes
 from peers.transport.direct import DONE, FAILED, QUEUED, Progress, Returns
 from peers.transport.errors import HopFailed
 from peers.transport.forwarder import Forwarder
-from peers.transport.frames import Hop, ReplyTo, StepRequest, StepResult, step_error_body, step_result_body
+from peers.transport.frames import Hop, ReplyTo, StepRequest
+from peers.transport.results import StepResult, failure_body, step_result_body
 
 log = logging.getLogger("layerswarm.peer")
 
@@ -162,7 +163,7 @@ class HopRunner:
         if req.reply_to.peer_id == self.peer_id:
             self.returns.deliver(self.peer_id, req.step_id, outcome)
         elif isinstance(outcome, HopFailed):
-            body = step_error_body(outcome.message, outcome.peer_id, outcome.reason)
+            body = failure_body(outcome)
             self.forwarder.send_result(req.reply_to.address, req.step_id, body)
         else:
             self.forwarder.send_result(req.reply_to.address, req.step_id, step_result_body(outcome))

@@ -39,8 +39,9 @@ from peers.timing import HopTimes
 from peers.transport.auth import SwarmAuth
 from peers.transport.direct import Progress, Returns
 from peers.transport.forwarder import Forwarder
-from peers.transport.frames import Hop, StepRequest, StepResult
+from peers.transport.frames import Hop, StepRequest
 from peers.transport.limits import post_capped
+from peers.transport.results import StepResult
 from peers.transport.wire import accepted_encodings
 
 log = logging.getLogger("layerswarm.peer")

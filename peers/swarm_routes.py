@@ -14,7 +14,6 @@ from peers.node import PeerNode
 from peers.swarm.gossip import PATH_GOSSIP
 from peers.swarm.routing import coverage, gaps
 from peers.transport.errors import HopFailed
-from peers.transport.forwarder import outcome_of
 from peers.transport.frames import (
     MAX_STEPS_PER_MESSAGE,
     PATH_CLOSE,
@@ -25,10 +24,9 @@ from peers.transport.frames import (
     ProtocolError,
     StepRequest,
     decode_steps,
-    step_error_body,
-    step_result_body,
 )
 from peers.transport.logs import REQUEST_ID
+from peers.transport.results import failure_body, outcome_of, step_error_body, step_result_body
 
 log = logging.getLogger("layerswarm.server")
 DECODE_OFF_LOOP_BYTES = 1 << 20  # a larger message is decoded in a thread, not on the event loop
@@ -78,7 +76,7 @@ class SwarmRoutes:
                 return {"accepted": True}
             return step_result_body(await self.node.run_step(req))
         except HopFailed as e:
-            return step_error_body(e.message, e.peer_id, e.reason)
+            return failure_body(e)
         except Exception as e:  # one frame's bug must not fail the others of its message
             log.exception("step failed")
             return step_error_body(f"{type(e).__name__}: {e}", self.node.peer_id, "failed")

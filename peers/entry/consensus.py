@@ -27,7 +27,8 @@ from peers.entry.steering import Steering
 from peers.entry.verification import verified_generate
 from peers.swarm.commitments import Commitment
 from peers.transport.errors import SwarmUnavailable
-from peers.transport.frames import Hop, Sampling, StepResult
+from peers.transport.frames import Hop, Sampling
+from peers.transport.results import StepResult
 
 __all__ = ["MAX_CONSENSUS", "checked_generate", "verified_generate"]
 

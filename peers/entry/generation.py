@@ -18,7 +18,8 @@ from peers.entry.step import step
 from peers.swarm.reputation import Reputation
 from peers.swarm.routing import NoRouteError
 from peers.transport.errors import HopFailed, Overloaded, SwarmError, SwarmUnavailable
-from peers.transport.frames import Sampling, StepResult
+from peers.transport.frames import Sampling
+from peers.transport.results import StepResult
 
 __all__ = ["RETRY_AFTER_S", "Checks", "Token", "banned_now", "current_route", "generate"]
 

@@ -16,7 +16,8 @@ from peers.swarm.reputation import Bans, Reputation
 from peers.swarm.routing import Hop
 from peers.transport.direct import Progress, Returns
 from peers.transport.forwarder import Forwarder
-from peers.transport.frames import StepRequest, StepResult
+from peers.transport.frames import StepRequest
+from peers.transport.results import StepResult
 
 
 class EntryOptions(Protocol):

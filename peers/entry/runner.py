@@ -12,7 +12,8 @@ from peers.entry.routes import peers_of
 from peers.entry.session import Observed, Token
 from peers.entry.steering import Steering
 from peers.swarm.commitments import Commitment, agree, greedy_choice
-from peers.transport.frames import Hop, Sampling, StepResult
+from peers.transport.frames import Hop, Sampling
+from peers.transport.results import StepResult
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from peers.transport.frames import Controls, Hop, StepResult
+from peers.transport.frames import Controls, Hop
+from peers.transport.results import StepResult
 
 
 @dataclass(frozen=True)

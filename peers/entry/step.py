@@ -12,8 +12,9 @@ from peers.entry.session import Ask, RouteSession
 from peers.swarm.commitments import check_commitments, checked_shadows, with_shadow
 from peers.transport.direct import probe_route
 from peers.transport.errors import HopFailed
-from peers.transport.frames import Hop, ReplyTo, Sampling, StepRequest, StepResult
+from peers.transport.frames import Hop, ReplyTo, Sampling, StepRequest
 from peers.transport.logs import REQUEST_ID
+from peers.transport.results import StepResult
 
 
 async def step(node: EntryPeer, session: RouteSession, ask: Ask, sampling: Sampling) -> StepResult:

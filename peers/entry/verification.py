@@ -10,7 +10,8 @@ from peers.entry.runner import Request, Runner, plain_greedy, seeded, true_token
 from peers.entry.session import Token
 from peers.entry.steering import Steering
 from peers.swarm.commitments import agree
-from peers.transport.frames import Sampling, StepResult
+from peers.transport.frames import Sampling
+from peers.transport.results import StepResult
 
 
 def disputes_of(result: StepResult) -> list[Dispute]:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import httpx
 
 from peers.transport.errors import HopFailed
-from peers.transport.frames import PATH_PROGRESS, Hop, StepResult
+from peers.transport.frames import PATH_PROGRESS, Hop
+from peers.transport.results import StepResult
 
 log = logging.getLogger("layerswarm.direct")
 

@@ -83,6 +83,7 @@ class HopFailed(SwarmError):
         super().__init__(f"peer {peer_id} failed: {message}")
         assert reason in self.REASONS, reason
         self.peer_id, self.reason = peer_id, reason
+        self.detail = message  # what went wrong, without whom (`message` names the peer too)
 
 
 def error_response(error: SwarmError) -> JSONResponse:

@@ -11,12 +11,9 @@ from dataclasses import replace
 
 import httpx
 
-from peers.swarm.checks import finite_number
-from peers.swarm.commitments import MAX_COMMITMENTS, Commitment
 from peers.swarm.links import Links
 from peers.transport.errors import HopFailed
 from peers.transport.frames import (
-    MAX_TOP_LOGPROBS,
     PATH_CLOSE,
     PATH_RESULTS,
     PATH_STEPS,
@@ -24,13 +21,12 @@ from peers.transport.frames import (
     Hop,
     ProtocolError,
     StepRequest,
-    StepResult,
     encode_step,
     frame_encoding,
-    results_message,
     steps_message,
 )
 from peers.transport.limits import post_capped
+from peers.transport.results import StepResult, parse_steps_reply, results_message
 from peers.transport.wire import LOSSLESS, hop_encoding
 
 log = logging.getLogger("layerswarm.forwarding")
@@ -201,8 +197,7 @@ class Forwarder:
                 continue
             if isinstance(result, HopFailed) and result.reason == "bad_input":
                 # the next peer refused what this peer computed: this peer is the one at fault
-                detail = result.message.removeprefix(f"peer {result.peer_id} failed: ")
-                result = HopFailed(self.me, f"its output was refused by {nxt.peer_id}: {detail}")
+                result = HopFailed(self.me, f"its output was refused by {nxt.peer_id}: {result.detail}")
             if isinstance(result, HopFailed):
                 future.set_exception(result)
             else:
@@ -220,94 +215,3 @@ class Forwarder:
                 pass  # the peer's idle expiry frees it
 
         await asyncio.gather(*(close_one(h) for h in hops if h.peer_id != self.me))
-
-
-def parse_steps_reply(r: httpx.Response, peer_id: str, count: int) -> list[StepResult | HopFailed]:
-    """One result per frame; a reply that is not a list of `count` results fails them all."""
-    if r.status_code != 200:
-        try:
-            parse_step_reply(r, peer_id)
-        except HopFailed as e:
-            return [e] * count
-    try:
-        items = r.json()["results"]
-        if not isinstance(items, list) or len(items) != count:
-            raise ValueError(f"{count} results expected")
-    except (ValueError, KeyError, TypeError) as e:
-        return [HopFailed(peer_id, f"a steps reply that does not fit its message: {e}")] * count
-    return [outcome_of(item, peer_id) for item in items]
-
-
-ACCEPTED = StepResult([], [])  # a step returned directly, checked and taken on by the next hop
-
-
-def outcome_of(item, peer_id: str) -> StepResult | HopFailed:
-    """One step's result, or its failure, from a reply or a results message sent by `peer_id`."""
-    try:
-        return _parse(item, 200 if isinstance(item, dict) and "error" not in item else 502, peer_id)
-    except HopFailed as e:
-        return e
-
-
-def parse_step_reply(r: httpx.Response, peer_id: str) -> StepResult:
-    try:
-        data = r.json()
-    except ValueError:
-        raise HopFailed(peer_id, f"status {r.status_code} with a body that is not JSON") from None
-    return _parse(data, r.status_code, peer_id)
-
-
-def _parse(data, status: int, peer_id: str) -> StepResult:
-    if status != 200:
-        err = data.get("error", {}) if isinstance(data, dict) else {}
-        err = err if isinstance(err, dict) else {"message": str(err)}
-        failed = str(err.get("failed_peer") or peer_id)
-        reason = err.get("type") if err.get("type") in HopFailed.REASONS else "failed"
-        message = str(err.get("message", f"status {status}")).removeprefix(f"peer {failed} failed: ")
-        raise HopFailed(str(failed), str(message), reason)
-    if isinstance(data, dict) and data.get("accepted") is True:
-        return ACCEPTED
-    try:
-        result = StepResult([int(t) for t in data["tokens"]], [float(x) for x in data["logprobs"]])
-    except (KeyError, TypeError, ValueError, OverflowError):
-        raise HopFailed(peer_id, "a step reply without tokens") from None
-    try:
-        result = replace(result, alternatives=_alternatives(data.get("top_logprobs"), len(result.tokens)))
-    except (TypeError, ValueError) as e:
-        raise HopFailed(peer_id, f"a step reply with bad top_logprobs: {e}") from None
-    try:
-        found = {}
-        for key in ("commitments", "shadow_commitments"):
-            items = data.get(key, [])
-            if not isinstance(items, list) or len(items) > MAX_COMMITMENTS:
-                raise ValueError(f"{key} must be a list of at most {MAX_COMMITMENTS}")
-            found[key] = tuple(Commitment.from_json(c) for c in items)
-        result = replace(result, commitments=found["commitments"], shadows=found["shadow_commitments"])
-    except ValueError as e:
-        raise HopFailed(peer_id, f"a step reply with bad commitments: {e}") from None
-    if (not result.tokens and not result.commitments) or len(result.tokens) != len(result.logprobs):
-        raise HopFailed(
-            peer_id, f"a step reply with {len(result.tokens)} tokens and {len(result.logprobs)} logprobs"
-        )
-    return result
-
-
-def _alternatives(data, tokens: int) -> tuple:
-    """A reply's top_logprobs: per sampled token, at most MAX_TOP_LOGPROBS [token, logprob] pairs."""
-    if data is None:
-        return ()
-    if not isinstance(data, list) or len(data) != tokens:
-        raise ValueError(f"one list per sampled token ({tokens}) expected")
-    out = []
-    for alts in data:
-        if not isinstance(alts, list) or len(alts) > MAX_TOP_LOGPROBS:
-            raise ValueError(f"at most {MAX_TOP_LOGPROBS} alternatives per token")
-        pairs = []
-        for pair in alts:
-            if not (isinstance(pair, list) and len(pair) == 2 and type(pair[0]) is int and pair[0] >= 0):
-                raise ValueError(f"alternatives are [token, logprob] pairs, got {pair!r:.60}")
-            if not finite_number(pair[1]) or pair[1] > 0:
-                raise ValueError(f"a logprob is a finite number <= 0, got {pair[1]!r:.60}")
-            pairs.append((pair[0], float(pair[1])))
-        out.append(tuple(pairs))
-    return tuple(out)

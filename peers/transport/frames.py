@@ -86,17 +86,6 @@ class StepRequest:
     )
 
 
-@dataclass(frozen=True)
-class StepResult:
-    tokens: list[int]  # one per sequence of the session's batch; draft + 1 for a drafted step
-    logprobs: list[float]
-    commitments: tuple = ()  # the hops' signed Commitments, first hop first (when the frame asked)
-    shadows: tuple = ()  # the shadows' signed Commitments (peers/swarm/commitments.py)
-    top: tuple | None = field(default=None, repr=False)  # the last hop's committed logits, before signing
-    # with sampling.top_logprobs: per sampled token, the likeliest tokens and their logprobs
-    alternatives: tuple[tuple[tuple[int, float], ...], ...] = ()
-
-
 def encode_tensor_frame(
     header: dict, tensor: torch.Tensor, encoding: str = LOSSLESS, sampled: int = 0, start: int | None = None
 ) -> bytes:
@@ -383,24 +372,3 @@ def decode_steps(body: bytes) -> list[StepRequest]:
     if offset != len(body):
         raise ProtocolError(f"{len(body) - offset} bytes after the last frame of the steps message")
     return reqs
-
-
-def step_result_body(result: StepResult) -> dict:
-    body = {"tokens": result.tokens, "logprobs": result.logprobs}
-    if result.alternatives:
-        body["top_logprobs"] = [[list(x) for x in alts] for alts in result.alternatives]
-    if result.commitments:
-        body["commitments"] = [c.to_json() for c in result.commitments]
-    if result.shadows:
-        body["shadow_commitments"] = [c.to_json() for c in result.shadows]
-    return body
-
-
-def results_message(sender: str, items: list[tuple[str, dict]]) -> dict:
-    """Direct return: (step id, step_result_body or step_error_body) of steps for one entry."""
-    return {"from": sender, "results": [{"step_id": sid, **body} for sid, body in items]}
-
-
-def step_error_body(message: str, failed_peer: str | None, reason: str) -> dict:
-    """The JSON body of a failed step: which peer failed, and why (a HopFailed reason)."""
-    return {"error": {"message": message, "failed_peer": failed_peer, "type": reason}}

@@ -3,6 +3,7 @@ stopped by the owning fixture, whatever happens."""
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,7 +26,26 @@ _HANDED_OUT: set[int] = set()
 
 def free_port() -> int:
     """A loopback port nobody listens on, never the same twice in this process (the kernel may
-    hand a just-closed port out again)."""
+    hand a just-closed port out again). Under pytest-xdist each worker draws from its own range,
+    so two workers never hand out one port between its check and its peer's bind."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.removeprefix("gw").isdigit():
+        return _any_free_port()
+    low = 20000 + 2000 * int(worker.removeprefix("gw"))
+    while True:
+        port = random.randrange(low, low + 2000)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+
+
+def _any_free_port() -> int:
     while True:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -12,7 +12,8 @@ from peers.swarm.commitments import VerificationStats
 from peers.swarm.membership import SERVING, PeerRecord
 from peers.swarm.reputation import Bans, Reputation
 from peers.transport.errors import HopFailed
-from peers.transport.frames import Hop, StepRequest, StepResult
+from peers.transport.frames import Hop, StepRequest
+from peers.transport.results import StepResult
 
 VOCAB = 64
 LAYERS = 4

@@ -12,7 +12,8 @@ from peers.entry.runner import Comparison, same_step, suspects
 from peers.entry.session import Token
 from peers.swarm.commitments import Commitment
 from peers.transport.errors import SwarmUnavailable
-from peers.transport.frames import Hop, Sampling, StepResult
+from peers.transport.frames import Hop, Sampling
+from peers.transport.results import StepResult
 from tests.peers.entry.fakes import FakeEntry, FakeSwarm, reference
 
 HONEST = (4.0, 3.0, 2.0, 1.0)  # a boundary's committed top values, token 0 the argmax

@@ -11,16 +11,8 @@ import torch
 
 from peers.transport.direct import DONE, QUEUED, UNKNOWN, Progress, Returns, probe_route
 from peers.transport.errors import HopFailed
-from peers.transport.frames import (
-    PATH_RESULTS,
-    PATH_STEPS,
-    Hop,
-    ReplyTo,
-    Sampling,
-    StepRequest,
-    StepResult,
-    encode_steps,
-)
+from peers.transport.frames import PATH_RESULTS, PATH_STEPS, Hop, ReplyTo, Sampling, StepRequest, encode_steps
+from peers.transport.results import StepResult
 from tests.helpers import greedy_reference, monolithic
 from tests.peers.test_inprocess import PROMPTS, start_swarm, stop_swarm, tokens_of
 

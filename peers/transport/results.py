@@ -1,0 +1,146 @@
+"""A step's result as it travels back (nested, or by direct return) and its failure, both
+directions in one place: encoded here and decoded here, with structured failure reasons."""
+
+from dataclasses import dataclass, field, replace
+
+import httpx
+
+from peers.swarm.checks import finite_number
+from peers.swarm.commitments import MAX_COMMITMENTS, Commitment
+from peers.transport.errors import HopFailed
+from peers.transport.frames import MAX_TOP_LOGPROBS
+
+
+@dataclass(frozen=True)
+class StepResult:
+    tokens: list[int]  # one per sequence of the session's batch; draft + 1 for a drafted step
+    logprobs: list[float]
+    commitments: tuple = ()  # the hops' signed Commitments, first hop first (when the frame asked)
+    shadows: tuple = ()  # the shadows' signed Commitments (peers/swarm/commitments.py)
+    top: tuple | None = field(default=None, repr=False)  # the last hop's committed logits, before signing
+    # with sampling.top_logprobs: per sampled token, the likeliest tokens and their logprobs
+    alternatives: tuple[tuple[tuple[int, float], ...], ...] = ()
+
+
+def step_result_body(result: StepResult) -> dict:
+    body = {"tokens": result.tokens, "logprobs": result.logprobs}
+    if result.alternatives:
+        body["top_logprobs"] = [[list(x) for x in alts] for alts in result.alternatives]
+    if result.commitments:
+        body["commitments"] = [c.to_json() for c in result.commitments]
+    if result.shadows:
+        body["shadow_commitments"] = [c.to_json() for c in result.shadows]
+    return body
+
+
+def results_message(sender: str, items: list[tuple[str, dict]]) -> dict:
+    """Direct return: (step id, step_result_body or step_error_body) of steps for one entry."""
+    return {"from": sender, "results": [{"step_id": sid, **body} for sid, body in items]}
+
+
+def step_error_body(message: str, failed_peer: str | None, reason: str, detail: str | None = None) -> dict:
+    """The JSON body of a failed step: which peer failed and why (a HopFailed reason), the line
+    for people (`message`) and, from a HopFailed, what the failed peer said (`detail`: its
+    decoder takes this, never a prefix cut off the message)."""
+    error = {"message": message, "failed_peer": failed_peer, "type": reason}
+    if detail is not None:
+        error["detail"] = detail
+    return {"error": error}
+
+
+def failure_body(failure: HopFailed) -> dict:
+    """step_error_body of a HopFailed."""
+    return step_error_body(failure.message, failure.peer_id, failure.reason, failure.detail)
+
+
+def parse_steps_reply(r: httpx.Response, peer_id: str, count: int) -> list[StepResult | HopFailed]:
+    """One result per frame; a reply that is not a list of `count` results fails them all."""
+    if r.status_code != 200:
+        try:
+            parse_step_reply(r, peer_id)
+        except HopFailed as e:
+            return [e] * count
+    try:
+        items = r.json()["results"]
+        if not isinstance(items, list) or len(items) != count:
+            raise ValueError(f"{count} results expected")
+    except (ValueError, KeyError, TypeError) as e:
+        return [HopFailed(peer_id, f"a steps reply that does not fit its message: {e}")] * count
+    return [outcome_of(item, peer_id) for item in items]
+
+
+ACCEPTED = StepResult([], [])  # a step returned directly, checked and taken on by the next hop
+
+
+def outcome_of(item, peer_id: str) -> StepResult | HopFailed:
+    """One step's result, or its failure, from a reply or a results message sent by `peer_id`."""
+    try:
+        return _parse(item, 200 if isinstance(item, dict) and "error" not in item else 502, peer_id)
+    except HopFailed as e:
+        return e
+
+
+def parse_step_reply(r: httpx.Response, peer_id: str) -> StepResult:
+    try:
+        data = r.json()
+    except ValueError:
+        raise HopFailed(peer_id, f"status {r.status_code} with a body that is not JSON") from None
+    return _parse(data, r.status_code, peer_id)
+
+
+def _parse(data, status: int, peer_id: str) -> StepResult:
+    if status != 200:
+        err = data.get("error", {}) if isinstance(data, dict) else {}
+        err = err if isinstance(err, dict) else {"message": str(err)}
+        failed = str(err.get("failed_peer") or peer_id)
+        reason = err.get("type") if err.get("type") in HopFailed.REASONS else "failed"
+        detail = err.get("detail")
+        if not isinstance(detail, str):  # (a body without the bare reason: its whole message)
+            detail = str(err.get("message", f"status {status}"))
+        raise HopFailed(failed, detail, reason)
+    if isinstance(data, dict) and data.get("accepted") is True:
+        return ACCEPTED
+    try:
+        result = StepResult([int(t) for t in data["tokens"]], [float(x) for x in data["logprobs"]])
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise HopFailed(peer_id, "a step reply without tokens") from None
+    try:
+        result = replace(result, alternatives=_alternatives(data.get("top_logprobs"), len(result.tokens)))
+    except (TypeError, ValueError) as e:
+        raise HopFailed(peer_id, f"a step reply with bad top_logprobs: {e}") from None
+    try:
+        found = {}
+        for key in ("commitments", "shadow_commitments"):
+            items = data.get(key, [])
+            if not isinstance(items, list) or len(items) > MAX_COMMITMENTS:
+                raise ValueError(f"{key} must be a list of at most {MAX_COMMITMENTS}")
+            found[key] = tuple(Commitment.from_json(c) for c in items)
+        result = replace(result, commitments=found["commitments"], shadows=found["shadow_commitments"])
+    except ValueError as e:
+        raise HopFailed(peer_id, f"a step reply with bad commitments: {e}") from None
+    if (not result.tokens and not result.commitments) or len(result.tokens) != len(result.logprobs):
+        raise HopFailed(
+            peer_id, f"a step reply with {len(result.tokens)} tokens and {len(result.logprobs)} logprobs"
+        )
+    return result
+
+
+def _alternatives(data, tokens: int) -> tuple:
+    """A reply's top_logprobs: per sampled token, at most MAX_TOP_LOGPROBS [token, logprob] pairs."""
+    if data is None:
+        return ()
+    if not isinstance(data, list) or len(data) != tokens:
+        raise ValueError(f"one list per sampled token ({tokens}) expected")
+    out = []
+    for alts in data:
+        if not isinstance(alts, list) or len(alts) > MAX_TOP_LOGPROBS:
+            raise ValueError(f"at most {MAX_TOP_LOGPROBS} alternatives per token")
+        pairs = []
+        for pair in alts:
+            if not (isinstance(pair, list) and len(pair) == 2 and type(pair[0]) is int and pair[0] >= 0):
+                raise ValueError(f"alternatives are [token, logprob] pairs, got {pair!r:.60}")
+            if not finite_number(pair[1]) or pair[1] > 0:
+                raise ValueError(f"a logprob is a finite number <= 0, got {pair[1]!r:.60}")
+            pairs.append((pair[0], float(pair[1])))
+        out.append(tuple(pairs))
+    return tuple(out)

@@ -1,0 +1,79 @@
+"""A step's result and its failure, encoded and decoded in one module (peers/transport/results.py):
+round trips, and blame carried as fields, never parsed out of a message."""
+
+import pytest
+
+from peers.transport.errors import HopFailed
+from peers.transport.results import (
+    ACCEPTED,
+    StepResult,
+    failure_body,
+    outcome_of,
+    results_message,
+    step_error_body,
+    step_result_body,
+)
+
+
+def test_a_result_survives_its_round_trip():
+    result = StepResult([5, 7], [-0.5, -1.25], alternatives=(((5, -0.5), (9, -2.0)), ((7, -1.25),)))
+    assert outcome_of(step_result_body(result), "p1") == result
+
+
+@pytest.mark.parametrize("reason", HopFailed.REASONS)
+def test_a_failure_keeps_who_why_and_what_as_fields(reason):
+    detail = "peer p1 failed: looks like a prefix but is what p1 said"  # never cut off
+    failure = HopFailed("p1", detail, reason)
+    outcome = outcome_of(failure_body(failure), "sender")
+    assert isinstance(outcome, HopFailed)
+    assert (outcome.peer_id, outcome.reason, outcome.detail) == ("p1", reason, detail)
+    assert outcome.message == failure.message
+
+
+def test_a_failure_without_a_detail_keeps_its_whole_message():
+    body = step_error_body("bad results message", None, "bad_request")
+    outcome = outcome_of(body, "sender")
+    assert (outcome.peer_id, outcome.reason, outcome.detail) == (
+        "sender",
+        "bad_request",
+        "bad results message",
+    )
+
+
+def test_an_unknown_reason_counts_as_failed_and_a_missing_one_too():
+    assert outcome_of({"error": {"message": "x", "type": "made-up"}}, "p").reason == "failed"
+    assert outcome_of({"error": "just text"}, "p").reason == "failed"
+
+
+def test_results_message_and_accepted_steps():
+    body = results_message("me", [("s1", step_result_body(StepResult([1], [-0.1])))])
+    assert body == {"from": "me", "results": [{"step_id": "s1", "tokens": [1], "logprobs": [-0.1]}]}
+    assert outcome_of({"accepted": True}, "p") is ACCEPTED
+
+
+@pytest.mark.parametrize(
+    "item, says",
+    [
+        ({"tokens": [1]}, "without tokens"),
+        ({"tokens": [1], "logprobs": [-0.1, -0.2]}, "1 tokens and 2 logprobs"),
+        ({"tokens": [1], "logprobs": [-0.1], "top_logprobs": [[[1, 0.5]]]}, "bad top_logprobs"),
+        ({"tokens": [1], "logprobs": [-0.1], "commitments": "x"}, "bad commitments"),
+    ],
+)
+def test_a_bad_result_is_the_senders_failure(item, says):
+    outcome = outcome_of(item, "p9")
+    assert isinstance(outcome, HopFailed) and outcome.peer_id == "p9" and says in outcome.detail
+
+
+def test_a_last_peers_reply_with_bad_alternatives_is_its_fault():
+    good = {"tokens": [5], "logprobs": [-0.5], "top_logprobs": [[[5, -0.5], [6, -1.0]]]}
+    assert outcome_of(good, "p").alternatives == (((5, -0.5), (6, -1.0)),)
+    for bad in (
+        [[[5, -0.5]], [[6, -1.0]]],  # two lists for one token
+        [[[5, 0.5]]],  # a probability above 1
+        [[[5, float("nan")]]],
+        [[["5", -0.5]]],
+        [[[5, -0.5]] * 21],
+    ):
+        outcome = outcome_of({**good, "top_logprobs": bad}, "p")
+        assert isinstance(outcome, HopFailed) and "top_logprobs" in outcome.detail and outcome.peer_id == "p"
