@@ -11,19 +11,12 @@ from dataclasses import replace
 
 from . import __version__
 from .config import NodeConfig
-from .option_values import LOOPBACK, read_api_keys, read_chat_template, read_origins, read_verify_rate
+from .option_values import LOOPBACK
 from .options import Flag, add_flags, config_flag, config_flags, read_config
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 BRIEF_SPINS = 300000  # GOMP_SPINCOUNT of the brief policy: a few milliseconds at most
-# the readers of peers/option_values.py under their former names here (tests import them from the cli)
-_api_keys, _origins, _chat_template, _verify_rate = (
-    read_api_keys,
-    read_origins,
-    read_chat_template,
-    read_verify_rate,
-)
 
 # serve's flags that set up the process rather than the peer (NodeConfig declares the others)
 OMP_FLAG = Flag(
@@ -286,8 +279,7 @@ def _set_wait_policy(policy: str | None) -> None:
     """Passive OpenMP threads sleep after every parallel region, and waking them costs tens of
     microseconds on a VM, once per operation of a forward; active ones spin between forwards
     too, taking the cores from co-located peers. Brief: spin a moment, then sleep (libgomp's
-    GOMP_SPINCOUNT; an explicit one wins). Three peers on 2 cores, 8 streams, side by side: a
-    forward of 10 layers took 28 ms brief against 34 ms passive (medians of 3 runs each)."""
+    GOMP_SPINCOUNT; an explicit one wins). README, "CPU threads", compares the three."""
     if policy is None and "OMP_WAIT_POLICY" in os.environ:
         return  # the environment's
     policy = policy or "brief"

@@ -8,16 +8,12 @@ sender's choice if the next peer announced it accepts it).
 A frame's edges: under bf16 and int8, some positions of each sequence travel as float16 (lossless
 beyond its range): the last `sampled` ones (those whose logits the last peer samples: 1, or
 draft + 1), and under int8 also the INT8_WINDOW before them and, in a frame that starts the
-sequence, its first position. Measured on the default model (README, scripts/bench_wire.py):
-- the sampled positions' error decides the token directly; that of the others reaches it only
-  through attention. With every position bfloat16, 2 of 20 greedy runs of 64 tokens differed from
-  the lossless wire; with the sampled ones lossless, none did; float16 did as well as lossless.
-- int8's error (~4e-3 of a row's norm, against bfloat16's ~1.6e-3) matters most where attention
-  looks most: the first position (the "attention sink" every later one attends to; at layer 20
-  of SmolLM2 its norm is ~25000 against ~200) and the positions nearest the sampled one. With
-  these two as float16, int8 moves the logits less than bfloat16 does (teacher-forced over 120
-  chat prompts: see README), at 0.27x of float32 on the far context. During decoding every new
-  position travels as float16 anyway (it is sampled), so int8 carries only the older context.
+sequence, its first position. Why these: a sampled position's error moves its token directly,
+the others' only through attention; and int8's larger error matters most where attention looks
+most, at the first position (the "attention sink" every later one attends to, with far larger
+values than the rest) and the positions nearest the sampled one. During decoding every new
+position is sampled, so int8 carries only the older context. README, "A compressed wire", has
+the measurements behind these choices (scripts/bench_wire.py).
 
 A payload: the first `head` positions [B, head, H] and the last `tail` ones [B, tail, H] in
 `edge_encoding` (fp16 or lossless), and between them the others [B, T - head - tail, H] in the

@@ -10,7 +10,7 @@ from importlib.metadata import version
 import httpx
 import pytest
 
-from peers import cli
+from peers.option_values import read_chat_template, read_origins
 from tests.peers.test_inprocess import start_swarm, stop_swarm
 
 ORIGIN = "http://good.example"
@@ -229,7 +229,7 @@ def test_served_model_names_are_checked():
         NodeConfig(served_model_names=("",))
     with pytest.raises(ValueError, match="'http://good.example/'"):
         NodeConfig(allowed_origins=("http://good.example/",))
-    assert cli._origins(" http://a.example, http://b.example:8080 ,") == (
+    assert read_origins(" http://a.example, http://b.example:8080 ,") == (
         "http://a.example",
         "http://b.example:8080",
     )
@@ -238,8 +238,8 @@ def test_served_model_names_are_checked():
 def test_a_chat_template_from_a_file_changes_tokenize(tiny_llama, tmp_path):
     path = tmp_path / "template.jinja"
     path.write_text(TEMPLATE)
-    text = cli._chat_template(str(path))
-    assert text == TEMPLATE and cli._chat_template(TEMPLATE) == TEMPLATE  # a file, or the text itself
+    text = read_chat_template(str(path))
+    assert text == TEMPLATE and read_chat_template(TEMPLATE) == TEMPLATE  # a file, or the text itself
 
     async def calls(http, node):
         r = await http.post("/tokenize", json={"messages": HI})
@@ -253,9 +253,9 @@ def test_bad_chat_templates_are_refused_naming_the_flag(tmp_path):
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for m in messages %}{{ m['content'] }}")
     with pytest.raises(ValueError, match=f"--chat-template {broken}: the chat template does not compile"):
-        cli._chat_template(str(broken))
+        read_chat_template(str(broken))
     with pytest.raises(ValueError, match="--chat-template 'no/such/template.jinja' is neither a file"):
-        cli._chat_template("no/such/template.jinja")
+        read_chat_template("no/such/template.jinja")
 
 
 def test_a_broken_chat_template_stops_the_peer_at_start(tiny_llama):
