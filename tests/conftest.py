@@ -39,12 +39,9 @@ def default_model() -> Path:
 _PROCESS_WORDS = ("tests.peers.processes", "make_swarm", "tiny_swarm", "guarded")
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Marks, before xdist reads them: `processes` on the tests of modules that start peer
-    processes (scripts/test --quick leaves them out, with `slow`); and under pytest-xdist
-    (`--dist loadgroup`, scripts/test) a module's tests run on one worker, so its module-scoped
-    swarm starts once (a package sharing one swarm among its modules names its group itself)."""
+    """`processes` on the tests of modules that start peer processes: scripts/test --quick leaves
+    them out (with `slow`)."""
     starts: dict[str, bool] = {}
     for item in items:
         path = str(item.path)
@@ -53,5 +50,3 @@ def pytest_collection_modifyitems(config, items):
             starts[path] = any(word in text for word in _PROCESS_WORDS)
         if starts[path]:
             item.add_marker(pytest.mark.processes)
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))

@@ -8,7 +8,7 @@ import pytest
 
 from tests.peers.api.compat.common import COLORS, PROMPTS, City, chat, complete
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("api-compat")]  # one swarm for the package
+pytestmark = pytest.mark.slow
 
 
 # --- langchain-openai

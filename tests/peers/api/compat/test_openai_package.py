@@ -19,7 +19,7 @@ from tests.peers.api.compat.common import (
     tokenize,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("api-compat")]  # one swarm for the package
+pytestmark = pytest.mark.slow
 
 
 def test_streamed_chat_equals_whole_and_ends_with_usage(client, model_id):

@@ -11,7 +11,7 @@ import pytest
 
 from tests.peers.api.compat.common import chat
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("api-compat")]  # one swarm for the package
+pytestmark = pytest.mark.slow
 
 WORDS = [
     "title",
