@@ -24,6 +24,10 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
+    def to_json(self) -> dict:
+        """The blocks held and the prompt positions they saved or missed (a section of /health)."""
+        return {"blocks": len(self), "hit_positions": self.hits, "miss_positions": self.misses}
+
     def match(self, layers: tuple[int, int], hashes: tuple[int, ...]) -> int:
         """How many leading blocks of `hashes` are held."""
         with self._lock:

@@ -39,40 +39,26 @@ def health(node: PeerNode) -> dict:
         "hop_path_ms": node.hop_times.to_json(),
         "queued_steps": len(node.scheduler),
         "scheduler": node.scheduler.stats.to_json(),
-        "forwarded": {"messages": node.forwarder.messages, "frames": node.forwarder.frames},
+        "forwarded": node.forwarder.to_json(),
         "prefix_cache": prefix_cache(block),
     }
 
 
 def verification(rate: float, stats: VerificationStats, accusations: Accusations) -> dict:
     """What this entry's checks found, and the accusations it holds or ignored."""
-    return {
-        "rate": rate,
-        **stats.to_json(),
-        "accusations_held": len(accusations),
-        "accusations_ignored": accusations.ignored,
-    }
+    return {"rate": rate, **stats.to_json(), **accusations.to_json()}
 
 
 def direct_return(enabled: bool, returns: Returns) -> dict:
     """This entry's steps in flight under direct return, and what became of their results."""
-    return {
-        "enabled": enabled,
-        "in_flight": len(returns),
-        "mean_step_ms": round(1000 * returns.step_s, 2),
-        "late_step_probes": returns.probes,
-        "results_taken": returns.taken,
-        "results_ignored": returns.ignored,
-    }
+    return {"enabled": enabled, **returns.to_json()}
 
 
 def prefix_cache(block: Block | None) -> dict:
     """The prefix KV blocks this peer keeps, and the prompt positions they saved or missed."""
-    return {
-        "blocks": len(block.prefixes) if block else 0,
-        "hit_positions": block.prefixes.hits if block else 0,
-        "miss_positions": block.prefixes.misses if block else 0,
-    }
+    if block is None:
+        return {"blocks": 0, "hit_positions": 0, "miss_positions": 0}
+    return block.prefixes.to_json()
 
 
 def health_router(node: PeerNode) -> APIRouter:

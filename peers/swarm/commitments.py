@@ -363,6 +363,10 @@ class Accusations:
         self.ignored = 0  # accusations received and not acted on (an open swarm)
         self._held: dict[tuple[str, str], Accusation] = {}  # (accused, accuser) -> accusation
 
+    def to_json(self) -> dict:
+        """The accusations held and those ignored (fields of /health's verification section)."""
+        return {"accusations_held": len(self), "accusations_ignored": self.ignored}
+
     def add(self, accusation: Accusation) -> None:
         now = self.clock()
         for key in [k for k, a in self._held.items() if a.until <= now]:

@@ -71,6 +71,16 @@ class Returns:
     def __len__(self) -> int:
         return len(self._pending)
 
+    def to_json(self) -> dict:
+        """The steps in flight and what became of their results (a section of /health)."""
+        return {
+            "in_flight": len(self),
+            "mean_step_ms": round(1000 * self.step_s, 2),
+            "late_step_probes": self.probes,
+            "results_taken": self.taken,
+            "results_ignored": self.ignored,
+        }
+
     def expect(self, step_id: str, route: list[Hop]) -> Pending:
         pending = Pending(route, asyncio.get_running_loop().create_future())
         self._pending[step_id] = pending

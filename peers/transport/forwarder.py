@@ -79,6 +79,10 @@ class Forwarder:
         self.hidden_frames: Counter[str] = Counter()  # frames of hidden states sent, by encoding
         self.hidden_bytes: Counter[str] = Counter()  # and their bytes (headers included)
 
+    def to_json(self) -> dict:
+        """The step messages sent and the frames in them (a section of /health)."""
+        return {"messages": self.messages, "frames": self.frames}
+
     def deadline_s(self, req: StepRequest) -> float:
         """How long the next hop has to answer `req`: to acknowledge it (returned directly: one
         hop's worth of its work, to receive and check it), or for the whole rest of the route."""
