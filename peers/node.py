@@ -77,8 +77,18 @@ class PeerNode:
             config.wire,
             self._wire_accepted,
         )
+        self.bans = Bans(config.ban_s, config.ban_max_s)
+        self.failovers = 0  # re-routes this entry made (a failed, busy or full peer, a lost session)
+        self.failover_log: deque[dict] = deque(maxlen=32)  # the latest, for the swarm page
+        self.verification = VerificationStats()
+        self.reputation = Reputation(
+            self.bans, self.table, self.failover_log, self._count_failover, verification=self.verification
+        )
         self.accusations = Accusations(
-            self._public_key_of, self._avoid_accused, config.liar_ban_s, trusted=config.swarm_key is not None
+            self._public_key_of,
+            self.reputation.convict,
+            config.liar_ban_s,
+            trusted=config.swarm_key is not None,
         )
         self.metrics = Metrics()  # GET /metrics (what it reads when scraped: peers/app.py readings)
         post = partial(post_capped, self.http)
@@ -87,12 +97,7 @@ class PeerNode:
         )
         self.scheduler = Scheduler(lambda: self.block, config.scheduler, metrics=self.metrics)
         self.cpu = ThreadPolicy(self.scheduler, config.threads, config.core_turns, config.device)
-        self.bans = Bans(config.ban_s, config.ban_max_s)
         self.active_requests = 0  # entry requests in flight here
-        self.failovers = 0  # re-routes this entry made (a failed, busy or full peer, a lost session)
-        self.failover_log: deque[dict] = deque(maxlen=32)  # the latest, for the swarm page
-        self.reputation = Reputation(self.bans, self.table, self.failover_log, self._count_failover)
-        self.verification = VerificationStats()
         self.speculation = SpeculationStats()
         self.progress = Progress()  # how far the steps that reached this hop got (direct return)
         self.returns = Returns()  # this entry's steps in flight (direct return)
@@ -398,21 +403,12 @@ class PeerNode:
     def convict(self, peer_id: str, why: str, evidence: tuple[Commitment, Commitment] | None = None) -> None:
         """A peer computed wrong (outvoted by other replicas): avoid it for liar_ban_s, any life;
         with `evidence` (its commitment and a witness's, disagreeing), accuse it by gossip too."""
-        self._avoid_accused(peer_id, self.config.liar_ban_s, why)
+        self.reputation.convict(peer_id, self.config.liar_ban_s, why)
         if evidence is not None:
             until = time.time() + self.config.liar_ban_s
             self.accusations.add(
                 Accusation(peer_id, "", until, why[:MAX_REASON], evidence).signed(self.identity)
             )
-
-    def _avoid_accused(self, peer_id: str, seconds: float, why: str) -> None:
-        self.bans.convict(peer_id, seconds)
-        self.verification.convicted[peer_id] = why
-        while len(self.verification.convicted) > 64:
-            del self.verification.convicted[next(iter(self.verification.convicted))]
-        entry = self.table.get(peer_id)
-        address = entry.address if entry else "?"
-        log.warning("peer %s (%s) convicted: %s; avoided for %.0f s", peer_id, address, why, seconds)
 
     def _wire_accepted(self, peer_id: str) -> tuple[str, ...]:
         """The encodings of hidden states a peer announced it accepts (none if unknown)."""

@@ -2,14 +2,19 @@
 per repeat; lifted by a success through it or a new life of it); a convicted one for a fixed time
 across lives; a busy or full peer is not at fault."""
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from peers.swarm.commitments import VerificationStats
 from peers.swarm.membership import Table
 
+log = logging.getLogger("layerswarm.peer")
+
 MAX_CONVICTED = 4096
+SHOWN_CONVICTED = 64  # the latest convictions, with why, kept for /health
 AT_FAULT = "failed"  # the one failure reason that bans (see HopFailed.REASONS)
 MESSAGE_CHARS = 300  # of a failure's message, kept in the log
 
@@ -72,10 +77,24 @@ class Reputation:
         log: deque[dict],
         count: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
+        verification: VerificationStats | None = None,
     ):
         """`log`: the latest failures (for the swarm page); `count(reason)`: called once per
-        failure (the peer's failover counters)."""
+        failure (the peer's failover counters); `verification`: where convictions are shown."""
         self.bans, self.table, self.log, self.count, self.clock = bans, table, log, count, clock
+        self.verification = verification if verification is not None else VerificationStats()
+
+    def convict(self, peer_id: str, seconds: float, why: str) -> None:
+        """A peer computed wrong (outvoted, or accused with evidence): avoid it for `seconds`, any
+        life; keep why among the latest convictions and log it with its address."""
+        self.bans.convict(peer_id, seconds)
+        convicted = self.verification.convicted
+        convicted[peer_id] = why
+        while len(convicted) > SHOWN_CONVICTED:
+            del convicted[next(iter(convicted))]
+        entry = self.table.get(peer_id)
+        address = entry.address if entry else "?"
+        log.warning("peer %s (%s) convicted: %s; avoided for %.0f s", peer_id, address, why, seconds)
 
     def banned_now(self) -> set[str]:
         """The peers to route around now: banned in their current life, or convicted."""

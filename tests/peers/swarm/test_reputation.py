@@ -1,9 +1,11 @@
 """The entry's bans (doubling, lifted by success or by a new life of the peer) and its failure
 accounting (Reputation: who is banned, reported, counted and logged, for which failure)."""
 
+import logging
 from collections import deque
 from types import SimpleNamespace
 
+from peers.swarm.commitments import VerificationStats
 from peers.swarm.reputation import Bans, Reputation
 from tests.helpers import FakeClock
 
@@ -40,6 +42,9 @@ class Table:
 
     def report_failure(self, peer_id: str) -> None:
         self.reported.append(peer_id)
+
+    def get(self, peer_id: str):
+        return SimpleNamespace(address=f"http://{peer_id}:1") if peer_id in self.incarnations else None
 
 
 def reputation(clock=None, **incarnations):
@@ -79,3 +84,27 @@ def test_a_success_lifts_the_bans_of_its_peers_but_not_a_conviction():
     rep.on_request_success(["p", "r"])
     assert rep.banned_now() == {"q", "r"}
     assert rep.on_request_failure("p", "failed", "") == 10  # strikes start over
+
+
+def test_a_conviction_bans_any_life_and_is_shown_and_logged(caplog):
+    rep, table, counted = reputation(p=1)
+    with caplog.at_level(logging.WARNING, logger="layerswarm.peer"):
+        rep.convict("p", 600, "outvoted")
+        rep.convict("stranger", 60, "accused")
+    table.incarnations["p"] = 2  # a liar restarting is still a liar
+    assert rep.banned_now() == {"p", "stranger"}
+    assert rep.verification.convicted == {"p": "outvoted", "stranger": "accused"}
+    assert [r.getMessage() for r in caplog.records] == [
+        "peer p (http://p:1) convicted: outvoted; avoided for 600 s",
+        "peer stranger (?) convicted: accused; avoided for 60 s",
+    ]
+    assert counted == [] and list(rep.log) == [] and table.reported == []  # not a failover
+
+
+def test_convictions_shown_are_the_latest_64_in_the_stats_given():
+    stats = VerificationStats()
+    rep = Reputation(Bans(10, 60, FakeClock()), Table({}), deque(), verification=stats)
+    for i in range(70):
+        rep.convict(f"p{i}", 100, f"why {i}")
+    assert rep.verification is stats and list(stats.convicted) == [f"p{i}" for i in range(6, 70)]
+    assert rep.bans.convicted("p0")  # the ban outlives its line on /health
