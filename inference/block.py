@@ -16,10 +16,11 @@ from transformers import AutoConfig, PretrainedConfig
 from .architectures import get_architecture, sliding_window
 from .batch import ATTENTION, BatchCache, Segment, Step
 from .cuda_graphs import DecodeGraphs, GraphSettings, graph_problem
-from .errors import InferenceError, LayerRangeError, ModelNotFoundError, SessionError
+from .errors import InferenceError, LayerRangeError, ModelNotFoundError
 from .kv_cache import CacheStore, SessionCache
-from .prefix_cache import BLOCK_TOKENS, PrefixCache
+from .prefix_cache import PrefixCache
 from .quant import check_quant, quantize_block, quantize_linears, release_freed_memory
+from .sessions import Sessions
 from .weights import Checkpoint
 
 _LOADING = threading.Lock()
@@ -105,11 +106,16 @@ class Block(nn.Module):
                 self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = arch.rotary(config)  # a few buffers, computed here, not loaded
         self.windows = [sliding_window(config, i) for i in range(span.start, span.end)]
-        self.sessions = CacheStore(max_cache_tokens, idle_timeout_s)
-        self.prefixes = PrefixCache(prefix_cache_tokens)
+        self.kv = Sessions(
+            (span.start, span.end),
+            config.hidden_size,
+            config.vocab_size,
+            max_cache_tokens,
+            idle_timeout_s,
+            prefix_cache_tokens,
+        )
         self.quant = "none"  # weight-only quantization (inference/quant.py), set by load_weights
         self._dtype = torch.float32  # what the block computes in, set by load_weights
-        self.graphs: DecodeGraphs | None = None  # captured decode steps (enable_decode_graphs)
 
     @property
     def device(self) -> torch.device:
@@ -183,11 +189,30 @@ class Block(nn.Module):
         self.graphs = DecodeGraphs(self, settings or GraphSettings(), capture)
         return True
 
+    @property
+    def sessions(self) -> CacheStore:
+        """The KV caches of this block's sessions."""
+        return self.kv.store
+
+    @property
+    def prefixes(self) -> PrefixCache:
+        """The KV of prompt prefixes kept for later requests."""
+        return self.kv.prefixes
+
+    @property
+    def graphs(self) -> DecodeGraphs | None:
+        """Captured decode steps (enable_decode_graphs); None when off."""
+        return self.kv.graphs
+
+    @graphs.setter
+    def graphs(self, graphs: DecodeGraphs | None) -> None:
+        self.kv.graphs = graphs
+
     def open_sessions(self) -> int:
-        return len(self.sessions)
+        return len(self.kv)
 
     def close(self, session_id: str) -> bool:
-        return self.sessions.close(session_id)
+        return self.kv.close(session_id)
 
     def restore_prefix(
         self, session_id: str, layers: tuple[int, int], prefix: tuple[int, ...], position: int, steps: int
@@ -198,41 +223,11 @@ class Block(nn.Module):
         blocks, leaving at least the last position to compute). A step that starts past 0 on a
         session this peer does not have continues a prefix the previous peer reused: it opens
         from the cache, or SessionError if the cache does not hold that much."""
-        if not prefix or session_id in self.sessions or self.sessions.closed_recently(session_id):
-            return 0
-        held = self.prefixes.match(layers, prefix)
-        if position == 0:
-            blocks = min(held, (steps - 1) // BLOCK_TOKENS)
-            self.prefixes.misses += (min(len(prefix), (steps - 1) // BLOCK_TOKENS) - blocks) * BLOCK_TOKENS
-            if blocks == 0:
-                return 0
-        elif position % BLOCK_TOKENS or position // BLOCK_TOKENS > held:
-            raise SessionError(
-                f"session {session_id!r} continues at {position} from a reused prefix; this peer holds "
-                f"{held * BLOCK_TOKENS} positions of it"
-            )
-        else:
-            blocks = position // BLOCK_TOKENS
-        session = self.sessions.open(session_id, 1, refuse_closed=True)
-        session.layers = layers
-        if self.graphs is not None:
-            self.graphs.bind(session)
-        try:
-            self.sessions.reserve(session, blocks * BLOCK_TOKENS)
-        except Exception:
-            self.sessions.close(session_id)
-            raise
-        self.prefixes.restore(session, layers, prefix[:blocks])
-        session.advance(blocks * BLOCK_TOKENS)
-        return blocks * BLOCK_TOKENS - position
+        return self.kv.restore_prefix(session_id, layers, prefix, position, steps)
 
     def store_prefix(self, session_id: str, prefix: tuple[int, ...]) -> None:
         """Keep the KV of a session's leading prompt blocks for later requests."""
-        session = self.sessions.find(session_id)
-        if session is None or session.batch != 1:
-            return
-        blocks = min(len(prefix), session.length // BLOCK_TOKENS)
-        self.prefixes.store(session, session.layers, prefix[:blocks])
+        self.kv.store_prefix(session_id, prefix)
 
     @torch.inference_mode()
     def forward(
@@ -274,8 +269,8 @@ class Block(nn.Module):
         self.sessions.expire()
         for i, step in enumerate(steps):
             try:
-                layers = self._check(step, seen)
-                groups.setdefault(layers, []).append((i, step, self._session_for(step, layers)))
+                layers = self.kv.check(step, seen)
+                groups.setdefault(layers, []).append((i, step, self.kv.session_for(step, layers)))
                 seen.add(step.session_id)
             except (InferenceError, ValueError) as e:
                 results[i] = e
@@ -294,66 +289,6 @@ class Block(nn.Module):
             for (i, _, _), out in zip(items, outs, strict=True):
                 results[i] = out
         return results
-
-    def _check(self, step: Step, seen: set[str]) -> tuple[int, int]:
-        start, end = step.layers or (self.span.start, self.span.end)
-        if not self.span.start <= start < end <= self.span.end:
-            raise ValueError(f"layers {start}:{end} are not inside this block's span {self.span}")
-        inputs = step.inputs
-        expect_ids = start == 0
-        if expect_ids != (inputs.dim() == 2) or (
-            not expect_ids and inputs.shape[-1] != self.config.hidden_size
-        ):
-            want = "token ids [B, T]" if expect_ids else f"hidden states [B, T, {self.config.hidden_size}]"
-            raise ValueError(f"layers {start}:{end} take {want}, got a tensor of shape {tuple(inputs.shape)}")
-        if inputs.shape[0] < 1 or inputs.shape[1] < 1:
-            raise ValueError(
-                f"a step needs at least one sequence and one position, got {tuple(inputs.shape)}"
-            )
-        if (
-            expect_ids
-            and inputs.numel()
-            and not 0 <= int(inputs.min()) <= int(inputs.max()) < self.config.vocab_size
-        ):
-            raise ValueError(
-                f"token ids must be in [0, {self.config.vocab_size}), got {int(inputs.min())}..{int(inputs.max())}"
-            )
-        if step.session_id in seen:
-            raise SessionError(f"session {step.session_id!r} has two steps in one batch")
-        return start, end
-
-    def _session_for(self, step: Step, layers: tuple[int, int]) -> SessionCache:
-        """Open, check and reserve the session of a step (CacheFullError, SessionError)."""
-        batch, steps = step.inputs.shape[:2]
-        if step.position == 0:
-            session = self.sessions.open(step.session_id, batch, refuse_closed=True)
-            session.layers = layers
-            if self.graphs is not None:
-                self.graphs.bind(session)
-        else:
-            session = self.sessions.get(step.session_id)
-            if session.batch == 1 < batch and session.length == step.position:
-                self.sessions.widen(session, batch)  # n sequences continue from one shared prompt
-            floor = 1 if step.rewind else session.rewind_floor
-            if (
-                floor is not None
-                and floor <= step.position < session.length
-                and (session.batch, session.layers) == (batch, layers)
-            ):
-                session.rewind(step.position)  # drafted positions that were not accepted
-            if (session.length, session.batch, session.layers) != (step.position, batch, layers):
-                raise SessionError(
-                    f"session {step.session_id!r} holds {session.length} positions of batch {session.batch} "
-                    f"for layers {session.layers[0]}:{session.layers[1]}; the step starts at {step.position} "
-                    f"with batch {batch} for layers {layers[0]}:{layers[1]}"
-                )
-        try:
-            self.sessions.reserve(session, steps)
-        except Exception:
-            if step.position == 0:
-                self.sessions.close(step.session_id)  # leave no empty session behind
-            raise
-        return session
 
     def _run(self, start: int, end: int, items: list[tuple[Step, SessionCache]]) -> list[torch.Tensor]:
         segments, flat, positions, offset = [], [], [], 0
