@@ -1,14 +1,17 @@
-"""The peer's app in-process (httpx.ASGITransport over create_app, one tiny peer): /health's fields,
-/metrics read from the peer's components, the /swarm routes' refusals of bad messages, and
-Starlette's own 404 and 405 in OpenAI's error JSON."""
+"""The peer's app in-process (httpx.ASGITransport over create_app, one tiny peer): /health's fields
+(each section a component's to_json()), /metrics read from the peer's components, the /swarm
+routes' refusals of bad messages, and Starlette's own 404 and 405 in OpenAI's error JSON."""
 
 import asyncio
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from inference.prefix_cache import PrefixCache
 from peers.server import create_app
-from peers.transport.direct import UNKNOWN
+from peers.swarm.commitments import Accusations
+from peers.transport.direct import UNKNOWN, Returns
+from peers.transport.forwarder import Forwarder
 from tests.peers.test_inprocess import start_swarm, stop_swarm
 
 HEALTH_FIELDS = {
@@ -144,3 +147,24 @@ def test_starlettes_own_answers_speak_openais_error_json(tiny_llama):
     assert "GET /nowhere" in missing.json()["error"]["message"]
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
     assert wrong_method.headers["allow"] == "POST"
+
+
+def test_the_health_sections_read_their_components_counters():
+    returns = Returns()
+    returns.step_s, returns.taken, returns.ignored, returns.probes = 0.012345, 3, 2, 1
+    assert returns.to_json() == {
+        "in_flight": 0,
+        "mean_step_ms": 12.35,
+        "late_step_probes": 1,
+        "results_taken": 3,
+        "results_ignored": 2,
+    }
+    prefixes = PrefixCache(64)
+    prefixes.hits, prefixes.misses = 32, 16
+    assert prefixes.to_json() == {"blocks": 0, "hit_positions": 32, "miss_positions": 16}
+    accusations = Accusations(lambda peer_id: None, lambda peer_id: None, 60.0, trusted=False)
+    accusations.ignored = 4
+    assert accusations.to_json() == {"accusations_held": 0, "accusations_ignored": 4}
+    forwarder = Forwarder("me", None, hop_timeout_s=1.0, per_token_s=0.0)
+    forwarder.messages, forwarder.frames = 5, 7
+    assert forwarder.to_json() == {"messages": 5, "frames": 7}
