@@ -33,8 +33,8 @@ class Sessions:
     def close(self, session_id: str) -> bool:
         return self.store.close(session_id)
 
-    def expire(self) -> None:
-        self.store.expire()
+    def expire(self) -> list[str]:
+        return self.store.expire()
 
     def _open(self, session_id: str, batch: int, layers: tuple[int, int]) -> SessionCache:
         session = self.store.open(session_id, batch, refuse_closed=True)

@@ -1,0 +1,90 @@
+"""Sessions in process, without a model: checking steps, opening, continuing, reserving and
+closing their KV caches, and the prefix-cache guards."""
+
+import pytest
+import torch
+
+from inference import CacheFullError, SessionError
+from inference.batch import Step
+from inference.kv_cache import GROW_TOKENS
+from inference.sessions import Sessions
+
+HIDDEN, VOCAB = 8, 32
+
+
+def make(max_tokens: int = 4 * GROW_TOKENS, span: tuple[int, int] = (0, 4)) -> Sessions:
+    return Sessions(span, HIDDEN, VOCAB, max_tokens, idle_timeout_s=60, prefix_cache_tokens=0)
+
+
+def ids(batch: int, steps: int) -> torch.Tensor:
+    return torch.zeros(batch, steps, dtype=torch.long)
+
+
+def test_check_returns_the_layers_and_refuses_bad_steps():
+    sessions = make()
+    assert sessions.check(Step("a", ids(1, 3), 0), set()) == (0, 4)
+    assert sessions.check(Step("a", torch.zeros(1, 2, HIDDEN), 0, (2, 4)), set()) == (2, 4)
+    with pytest.raises(ValueError, match=r"layers 2:6 are not inside this block's span 0:4"):
+        sessions.check(Step("a", torch.zeros(1, 2, HIDDEN), 0, (2, 6)), set())
+    with pytest.raises(ValueError, match=r"take token ids \[B, T\], got a tensor of shape \(1, 2, 8\)"):
+        sessions.check(Step("a", torch.zeros(1, 2, HIDDEN), 0), set())
+    with pytest.raises(ValueError, match=r"take hidden states \[B, T, 8\]"):
+        sessions.check(Step("a", torch.zeros(1, 2, HIDDEN + 1), 0, (1, 4)), set())
+    with pytest.raises(ValueError, match="at least one sequence and one position"):
+        sessions.check(Step("a", ids(1, 0), 0), set())
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 32\), got 0..32"):
+        sessions.check(Step("a", torch.tensor([[0, VOCAB]]), 0), set())
+    with pytest.raises(SessionError, match="session 'a' has two steps in one batch"):
+        sessions.check(Step("a", ids(1, 1), 0), {"a"})
+
+
+def test_a_step_opens_reserves_and_continues_its_session():
+    sessions = make()
+    session = sessions.session_for(Step("a", ids(1, 5), 0), (0, 4))
+    assert len(sessions) == 1 and session.layers == (0, 4) and sessions.store.used_tokens == GROW_TOKENS
+    session.advance(5)
+    assert sessions.session_for(Step("a", ids(1, 1), 5), (0, 4)) is session
+    with pytest.raises(
+        SessionError, match=r"session 'a' holds 5 positions of batch 1 for layers 0:4; the step"
+    ):
+        sessions.session_for(Step("a", ids(1, 1), 7), (0, 4))
+    assert sessions.close("a") and len(sessions) == 0 and not sessions.close("a")
+
+
+def test_one_shared_prompt_widens_to_n_sequences():
+    sessions = make(max_tokens=8 * GROW_TOKENS)
+    session = sessions.session_for(Step("a", ids(1, 4), 0), (0, 4))
+    session.advance(4)
+    assert sessions.session_for(Step("a", ids(3, 1), 4), (0, 4)).batch == 3
+
+
+def test_a_refused_first_step_leaves_no_session_behind():
+    sessions = make(max_tokens=GROW_TOKENS)
+    with pytest.raises(CacheFullError):
+        sessions.session_for(Step("big", ids(2, GROW_TOKENS), 0), (0, 4))
+    assert "big" not in sessions.store and len(sessions) == 0
+
+
+def test_new_sessions_are_bound_to_the_decode_graphs():
+    bound = []
+
+    class Graphs:
+        def bind(self, session):
+            bound.append(session.session_id)
+
+    sessions = make()
+    sessions.graphs = Graphs()
+    sessions.session_for(Step("a", ids(1, 2), 0), (0, 4))
+    assert bound == ["a"]
+
+
+def test_prefix_guards():
+    sessions = make()
+    assert sessions.restore_prefix("a", (0, 4), (), 0, 40) == 0  # no prefix: nothing to restore
+    assert sessions.restore_prefix("a", (0, 4), (1, 2), 0, 40) == 0  # nothing held
+    with pytest.raises(
+        SessionError, match=r"continues at 16 from a reused prefix; this peer holds 0 positions"
+    ):
+        sessions.restore_prefix("a", (0, 4), (1, 2), 16, 4)
+    sessions.store_prefix("unknown", (1, 2))  # no such session: nothing kept
+    assert len(sessions.prefixes) == 0 and sessions.expire() == []
