@@ -106,6 +106,7 @@ class Block(nn.Module):
                 self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = arch.rotary(config)  # a few buffers, computed here, not loaded
         self.windows = [sliding_window(config, i) for i in range(span.start, span.end)]
+        # the sessions' KV caches, the prefix cache and the decode-graph binding (inference/sessions.py)
         self.kv = Sessions(
             (span.start, span.end),
             config.hidden_size,
