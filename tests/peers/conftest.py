@@ -1,21 +1,13 @@
 import pytest
 
-from tests.peers.processes import Swarm
+from tests.peers.processes import Swarm, tiny_route
 
 
 @pytest.fixture(scope="module")
 def tiny_swarm(tiny_llama, tmp_path_factory):
     """Three peers of the tiny Llama: layers 0:1, 1:3, 3:4."""
-    swarm = Swarm(tiny_llama, tmp_path_factory.mktemp("logs"))
-    try:
-        for layers in ("0:1", "1:3", "3:4"):
-            swarm.add(layers)
-        swarm.wait_ready()
-        for peer in swarm.peers:
-            swarm.wait_route(peer)
+    with tiny_route(tiny_llama, tmp_path_factory.mktemp("logs")) as swarm:
         yield swarm
-    finally:
-        swarm.stop()
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -211,6 +213,22 @@ class Swarm:
         for p in self.peers:
             p.stop()
             p.stop_proxy()
+
+
+@contextmanager
+def tiny_route(model: Path | str, log_dir: Path, args: list[str] | tuple[str, ...] = ()) -> Iterator[Swarm]:
+    """Three peers of a 4-layer model, 0:1, 1:3 and 3:4 (with `args`), each with a complete
+    route; stopped on leaving."""
+    swarm = Swarm(model, log_dir, list(args))
+    try:
+        for layers in ("0:1", "1:3", "3:4"):
+            swarm.add(layers)
+        swarm.wait_ready()
+        for peer in swarm.peers:
+            swarm.wait_route(peer)
+        yield swarm
+    finally:
+        swarm.stop()
 
 
 def wait_until(condition, timeout_s: float, why=lambda: "", interval_s: float = 0.2):

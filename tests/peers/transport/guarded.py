@@ -3,30 +3,18 @@ and a connection cap (test_hostile.py, test_hostile_http.py); a completion reque
 over a socket, and a peer's resident memory."""
 
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
-from tests.peers.processes import Peer, Swarm
+from tests.peers.processes import Peer, tiny_route
 
 GUARDS = ["--header-timeout", "1", "--read-timeout", "1", "--max-connections", "48"]
 
 
-@contextmanager
-def guarded_swarm(model: str | Path, log_dir: Path) -> Iterator[Swarm]:
+def guarded_swarm(model: str | Path, log_dir: Path):
     """Peers 0:1, 1:3 and 3:4 with GUARDS, each with a route; stopped on leaving."""
-    s = Swarm(model, log_dir, args=GUARDS)
-    try:
-        for layers in ("0:1", "1:3", "3:4"):
-            s.add(layers)
-        s.wait_ready()
-        for peer in s.peers:
-            s.wait_route(peer)
-        yield s
-    finally:
-        s.stop()
+    return tiny_route(model, log_dir, GUARDS)
 
 
 def completion(peer: Peer, prompt: str = "hello", max_tokens: int = 4, **extra) -> httpx.Response:
