@@ -267,7 +267,7 @@ class Block(nn.Module):
         results: list[torch.Tensor | Exception | None] = [None] * len(steps)
         groups: dict[tuple[int, int], list[tuple[int, Step, SessionCache]]] = {}
         seen: set[str] = set()
-        self.sessions.expire()
+        self.kv.expire()
         for i, step in enumerate(steps):
             try:
                 layers = self.kv.check(step, seen)

@@ -68,9 +68,14 @@ def admit(node: ApiPeer, req: GenerationRequest) -> None:
         raise SwarmUnavailable("this peer is shutting down; send the request to another peer")
 
 
+def stops_of(req: GenerationRequest) -> list[str]:
+    """The request's stop sequences as a list (`stop` may be one string, a list, or none)."""
+    return [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+
+
 def max_tokens_for(node: ApiPeer, req: GenerationRequest, prompt_ids: list[int]) -> int:
     """Validate what pydantic cannot; returns max_tokens."""
-    stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    stops = stops_of(req)
     if len(stops) > 4:
         raise InvalidRequest(f"at most 4 stop sequences, got {len(stops)}", param="stop")
     room = node.context_length - len(prompt_ids)
@@ -134,7 +139,7 @@ def run_specs(
         prompt_ids=[],
         max_tokens=0,
         sampling=sampling,
-        stops=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+        stops=stops_of(req),
         stop_ids=eos | stop_ids,
         n=ask.best_of or req.n,
         routes=req.consensus,
