@@ -52,8 +52,7 @@ COMPUTE_REASONS: tuple[tuple[type[Exception], str], ...] = (
 class HopRunner:
     """Runs this peer's hop of the steps it is sent. `block()` is the block to compute with now
     (None while loading or moving); `gossip_round()` runs one gossip round with known peers, to
-    learn a peer the table does not know yet; `spawn` runs a coroutine in the background;
-    `check` checks a next hop's commitments (peers/swarm/commitments.check_commitments)."""
+    learn a peer the table does not know yet; `spawn` runs a coroutine in the background."""
 
     def __init__(
         self,
@@ -69,13 +68,11 @@ class HopRunner:
         hop_times: HopTimes,
         spawn: Callable[[Coroutine], asyncio.Task],
         gossip_round: Callable[[], Awaitable[object]],
-        check: Callable | None = None,
     ):
         self.identity, self.table, self.context_length = identity, table, context_length
         self.scheduler, self.block, self.forwarder = scheduler, block, forwarder
         self.returns, self.progress, self.hop_times = returns, progress, hop_times
         self.spawn, self.gossip_round = spawn, gossip_round
-        self.check = check or check_commitments  # (read when built: a test's lying peer replaces it)
         self.steps_served = 0  # hops this peer computed
         self._learning: asyncio.Future | None = None  # a gossip round to learn an unknown peer
         self._learned_at = 0.0
@@ -153,7 +150,7 @@ class HopRunner:
             result = replace(result, shadows=(*result.shadows, *seen))
         if mine is None:
             return result
-        problem = self.check(self.table, req.hops[1:], result.commitments, nxt, only=1, mine=mine)
+        problem = check_commitments(self.table, req.hops[1:], result.commitments, nxt, only=1, mine=mine)
         if problem:  # what the next hop answered does not say who computed what: it is at fault
             raise HopFailed(req.hops[1].peer_id, problem[1])
         return replace(result, commitments=(mine, *result.commitments))
@@ -329,7 +326,7 @@ class HopRunner:
                 "shadow %s of layers %d:%d failed: %s", shadow.peer_id, shadow.start, shadow.end, e.message
             )
             return ()
-        problem = self.check(self.table, [shadow], result.commitments, req, mine=mine)
+        problem = check_commitments(self.table, [shadow], result.commitments, req, mine=mine)
         if problem:  # (its input must be exactly what this peer sent its hop)
             log.info("shadow %s answered no valid commitment: %s", shadow.peer_id, problem[1])
             return ()
