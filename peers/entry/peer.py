@@ -2,7 +2,6 @@
 composition root's node satisfies, so that the entry never imports the node."""
 
 import asyncio
-from collections import deque
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
@@ -12,7 +11,7 @@ from inference import Block
 from peers.entry.speculative import Compute, SpeculationStats
 from peers.swarm.commitments import Commitment, VerificationStats
 from peers.swarm.membership import Table
-from peers.swarm.reputation import Bans, Reputation
+from peers.swarm.reputation import Reputation
 from peers.swarm.routing import Hop
 from peers.transport.direct import Progress, Returns
 from peers.transport.forwarder import Forwarder
@@ -43,7 +42,6 @@ class EntryPeer(Protocol):
     total_layers: int
     context_length: int
     table: Table
-    bans: Bans
     reputation: Reputation  # failure accounting: bans, reports, the failover log and counts
     forwarder: Forwarder
     http: httpx.AsyncClient
@@ -51,11 +49,8 @@ class EntryPeer(Protocol):
     returns: Returns
     scheduler: Compute
     draft_block: Block | None
-    metrics: Any  # the peer's Prometheus metrics (peers/metrics.py): failovers by reason
     speculation: SpeculationStats
     verification: VerificationStats
-    failovers: int
-    failover_log: deque[dict]
     stopping: bool
 
     def spawn(self, coro: Coroutine) -> asyncio.Task: ...
