@@ -25,7 +25,8 @@ class PrefixCache:
         return len(self._blocks)
 
     def to_json(self) -> dict:
-        """The blocks held and the prompt positions they saved or missed (a section of /health)."""
+        """The blocks held and the prompt positions they saved or missed (for /metrics behind its
+        key: never on the open /health, where a hit would tell one caller what another sent)."""
         return {"blocks": len(self), "hit_positions": self.hits, "miss_positions": self.misses}
 
     def match(self, layers: tuple[int, int], hashes: tuple[int, ...]) -> int:

@@ -18,7 +18,7 @@ from peers.node import PeerNode
 from peers.swarm_routes import SwarmRoutes
 from peers.transport.auth import Guard
 from peers.transport.errors import InvalidRequest, SwarmError, install_handlers
-from peers.transport.frames import PATH_STEPS
+from peers.transport.frames import PATH_METRICS, PATH_STEPS
 from peers.transport.limits import BodyLimits
 from peers.transport.logs import REQUEST_ID_HEADER, RequestIds
 from peers.view import View, view_router
@@ -46,7 +46,8 @@ def build_app(node: PeerNode, lifespan: Lifespan | None = None) -> FastAPI:
 def add_middleware(app: FastAPI, node: PeerNode) -> None:
     """Each one added wraps those before it: the last added sees a request first."""
     config = node.config
-    app.add_middleware(Guard, swarm_key=config.swarm_key, api_keys=config.api_keys)
+    metrics = (PATH_METRICS, config.metrics_key) if config.metrics_key is not None else None
+    app.add_middleware(Guard, swarm_key=config.swarm_key, api_keys=config.api_keys, metrics=metrics)
     app.add_middleware(  # outside Guard: caps what Guard reads too
         BodyLimits,
         cap_for=lambda path: node.max_steps_body_bytes if path == PATH_STEPS else node.config.max_body_bytes,
@@ -80,6 +81,7 @@ def readings(node: PeerNode) -> Readings:
         queued_steps=lambda: len(node.scheduler),
         active_requests=lambda: node.active_requests,
         steps_served=lambda: node.steps_served,
+        prefix_counters=node.config.metrics_key is not None,
     )
 
 

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from peers.option_values import (
     OPEN_SWARM_VERIFY_RATE,
+    check_key,
     check_origins,
     check_port,
     check_served_names,
@@ -291,6 +292,16 @@ class NodeConfig:
         ),
         Flag("--api-key-file", "a file of API keys, one per line", default=None),
         read=read_api_keys,
+    )
+    metrics_key: str | None = option(  # None: /metrics is open, without the prefix cache's counters
+        None,
+        Flag(
+            "--metrics-key",
+            "a key GET /metrics then needs as 'Authorization: Bearer KEY' (401 without it), and shows "
+            "the prefix cache's hits and misses for; default: /metrics is open to anyone, without "
+            "those counters (a hit tells that someone sent that prompt before)",
+        ),
+        check=check_key,
     )
     served_model_names: tuple[str, ...] = option(  # () = the model's id
         (),

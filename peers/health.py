@@ -4,7 +4,7 @@
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from inference.block import Block
+from peers.config import NodeConfig
 from peers.node import PeerNode
 from peers.swarm.commitments import Accusations, VerificationStats
 from peers.transport.direct import Returns
@@ -40,7 +40,7 @@ def health(node: PeerNode) -> dict:
         "queued_steps": len(node.scheduler),
         "scheduler": node.scheduler.stats.to_json(),
         "forwarded": node.forwarder.to_json(),
-        "prefix_cache": prefix_cache(block),
+        "prefix_cache": prefix_cache(config),
     }
 
 
@@ -54,11 +54,14 @@ def direct_return(enabled: bool, returns: Returns) -> dict:
     return {"enabled": enabled, **returns.to_json()}
 
 
-def prefix_cache(block: Block | None) -> dict:
-    """The prefix KV blocks this peer keeps, and the prompt positions they saved or missed."""
-    if block is None:
-        return {"blocks": 0, "hit_positions": 0, "miss_positions": 0}
-    return block.prefixes.to_json()
+def prefix_cache(config: NodeConfig) -> dict:
+    """The prefix cache's budget and what requests entering here partition it by. Never what it
+    holds, hit or missed: /health is open, and a hit would tell a caller that someone else sent
+    its prompt (those counters are in /metrics behind --metrics-key)."""
+    return {
+        "max_tokens": config.prefix_cache_tokens if config.prefix_reuse else 0,
+        "partitioned_by": "api_key" if config.api_keys else "client_host",
+    }
 
 
 def health_router(node: PeerNode) -> APIRouter:

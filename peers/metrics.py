@@ -5,7 +5,8 @@ tests). What the peer's components already count for /health (sessions, KV slots
 bans, verification, drafting) is read when scraped, through `Readings`; what has a distribution
 (time to the first token, between tokens, queue waits, forwards, batch sizes, gossip round trips)
 is observed where it happens. Label sets are bounded: HTTP endpoints are the app's own routes
-(any other path counts as "other"), failover reasons are HopFailed.REASONS.
+(any other path counts as "other"), failover reasons are HopFailed.REASONS. The prefix cache's
+hits and misses are shown only behind --metrics-key (a hit tells that someone sent that prompt).
 """
 
 import time
@@ -134,6 +135,7 @@ class Readings:
     queued_steps: Callable[[], int]
     active_requests: Callable[[], int]
     steps_served: Callable[[], int]
+    prefix_counters: bool  # the prefix cache's hits and misses (only where /metrics needs a key)
 
 
 class PeerCollector:
@@ -150,6 +152,8 @@ class PeerCollector:
         yield from self.wire()
         yield from self.table()
         yield from self.checks()
+        if self.readings.prefix_counters:
+            yield from self.prefixes()
 
     def peer(self) -> Iterator[Metric]:
         """This peer: who it is, whether it serves, what it holds and what waits."""
@@ -230,6 +234,22 @@ class PeerCollector:
         yield _counter("drafted_steps", "Steps that carried drafted tokens", s.steps)
         yield _counter("drafted_tokens", "Tokens drafted by this entry", s.drafted)
         yield _counter("accepted_draft_tokens", "Drafted tokens the model kept", s.accepted)
+
+    def prefixes(self) -> Iterator[Metric]:
+        """The prefix cache: what it holds, and the prompt positions it saved or missed."""
+        block = self.readings.block()
+        cache = block.prefixes.to_json() if block else {"blocks": 0, "hit_positions": 0, "miss_positions": 0}
+        yield _gauge(
+            "prefix_cache_blocks", "Prompt blocks whose KV this peer keeps for reuse", cache["blocks"]
+        )
+        yield _counter(
+            "prefix_hit_positions", "Prompt positions restored from the prefix cache", cache["hit_positions"]
+        )
+        yield _counter(
+            "prefix_miss_positions",
+            "Prompt positions looked for in the prefix cache and absent",
+            cache["miss_positions"],
+        )
 
 
 def _new_histogram(r: CollectorRegistry, name: str, doc: str, buckets: tuple, labels=()) -> Histogram:

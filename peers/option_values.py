@@ -7,6 +7,7 @@ import re
 MAX_PORT = 65535
 ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s]+")  # what a browser's Origin header holds
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+MIN_KEY_CHARS = 8  # an API key's or the metrics key's
 OPEN_SWARM_VERIFY_RATE = 0.05  # strangers may join: check one request in 20 (costs under 10%, README)
 
 
@@ -36,6 +37,12 @@ def check_origins(name: str, origins: tuple[str, ...]) -> None:
             raise ValueError(f"an allowed origin is * or SCHEME://HOST[:PORT] without a path, got {origin!r}")
 
 
+def check_key(name: str, key: str | None) -> None:
+    """An API or metrics key: at least MIN_KEY_CHARS printable characters, no spaces."""
+    if key is not None and (len(key) < MIN_KEY_CHARS or not key.isprintable() or " " in key):
+        raise ValueError(f"{name} must be at least {MIN_KEY_CHARS} printable characters without spaces")
+
+
 def read_swarm_key(args: argparse.Namespace) -> bytes | None:
     """--swarm-key, else LAYERSWARM_SWARM_KEY."""
     from peers.transport.auth import swarm_key_from
@@ -50,8 +57,8 @@ def read_api_keys(args: argparse.Namespace) -> tuple[str, ...]:
         with open(args.api_key_file) as f:
             keys += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
     for key in keys:
-        if len(key) < 8 or not key.isprintable() or " " in key:
-            raise ValueError("an API key has at least 8 printable characters and no spaces")
+        if len(key) < MIN_KEY_CHARS or not key.isprintable() or " " in key:
+            raise ValueError(f"an API key has at least {MIN_KEY_CHARS} printable characters and no spaces")
     return tuple(keys)
 
 

@@ -185,6 +185,7 @@ FLAGS = {
         "--swarm-key": (None, None, None, None, None, "StoreAction"),
         "--api-key": (None, None, None, None, None, "AppendAction"),
         "--api-key-file": (None, None, None, None, None, "StoreAction"),
+        "--metrics-key": (None, None, None, None, None, "StoreAction"),
         "--served-model-name": (None, None, None, "NAME", "+", "StoreAction"),
         "--chat-template": (None, None, None, "TEMPLATE", None, "StoreAction"),
         "--allowed-origins": (None, None, None, "ORIGIN[,ORIGIN...]", None, "StoreAction"),

@@ -1,6 +1,7 @@
 """Who may talk to this peer: a private swarm's shared key on every peer-to-peer request, and
-API keys on the OpenAI door. One place, used by the server (checks), forwarding and gossip (the
-peer's HTTP client signs) alike.
+API keys on the OpenAI door, the metrics key on /metrics, and who asked the request being served
+(its API key, else its host: the partition of the prefix cache it may reuse). One place, used by
+the server (checks), forwarding and gossip (the peer's HTTP client signs) alike.
 
 Peer-to-peer requests (`/swarm/...`) of a swarm started with a key carry
 `x-swarm-time`, `x-swarm-nonce` and `x-swarm-auth` = HMAC-SHA256(key, method, path, time, nonce,
@@ -16,6 +17,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from contextvars import ContextVar
 
 import httpx
 
@@ -28,6 +30,17 @@ MIN_KEY_CHARS = 16
 MAX_NONCES = 1 << 20  # signed requests remembered for replay checks (within WINDOW_S)
 SWARM_KEY_ENV = "LAYERSWARM_SWARM_KEY"
 H_TIME, H_NONCE, H_AUTH = "x-swarm-time", "x-swarm-nonce", "x-swarm-auth"
+LOCAL = "local"  # the requester of work no HTTP request asked for (in-process callers)
+
+# who asked the request being served: "key:<SHA-256 of its API key>" where the door takes API keys,
+# else "host:<the client's address>"; set by Guard for the request's whole life
+_REQUESTER: ContextVar[str] = ContextVar("requester", default=LOCAL)
+
+
+def requester() -> str:
+    """Who asked the request being served (its API key's digest, else its host), LOCAL outside
+    one: entries partition the prefix cache by it, so that no caller reuses another's prompt."""
+    return _REQUESTER.get()
 
 
 def swarm_key_from(value: str | None) -> bytes | None:
@@ -86,10 +99,20 @@ class ReplayCache:
 
 class Guard:
     """ASGI middleware: `/swarm/...` requests must be signed with the swarm key (when there is
-    one), `/v1/...` requests must carry one of the API keys (when there are any)."""
+    one), `/v1/...` requests must carry one of the API keys (when there are any), `/metrics` the
+    metrics key (when there is one); every request runs as its requester (see `requester`)."""
 
-    def __init__(self, app, swarm_key: bytes | None, api_keys: tuple[str, ...] = (), clock=time.time):
+    def __init__(
+        self,
+        app,
+        swarm_key: bytes | None,
+        api_keys: tuple[str, ...] = (),
+        clock=time.time,
+        metrics: tuple[str, str] | None = None,
+    ):
+        """`metrics`: (the metrics path, the key it needs), or None where it is open."""
         self.app, self.swarm_key, self.api_keys, self.clock = app, swarm_key, api_keys, clock
+        self.metrics = metrics
         self.replays = ReplayCache(clock=clock)
 
     async def __call__(self, scope, receive, send):
@@ -100,6 +123,10 @@ class Guard:
             why = self._api_key_problem(scope)
             if why:
                 return await self._refuse(send, why, "invalid_request_error", "invalid_api_key")
+        elif self.metrics is not None and path == self.metrics[0]:
+            why = self._metrics_key_problem(scope)
+            if why:
+                return await self._refuse(send, why, "authentication_error", "invalid_metrics_key")
         elif path.startswith(SWARM_PREFIX) and self.swarm_key is not None:
             headers = _headers(scope)
             why = self._stamp_problem(headers)
@@ -123,16 +150,35 @@ class Guard:
                     "authentication_error",
                     "invalid_swarm_auth",
                 )
-        await self.app(scope, receive, send)
+        as_requester = _REQUESTER.set(self._requester(scope))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _REQUESTER.reset(as_requester)
+
+    def _requester(self, scope) -> str:
+        """The API key of a /v1/ request where the door takes keys (checked by now), else the host."""
+        token = _bearer(scope)
+        if self.api_keys and scope["path"].startswith(API_PREFIX) and token:
+            return "key:" + hashlib.sha256(token.encode()).hexdigest()
+        client = scope.get("client")
+        return f"host:{client[0] if client else ''}"
 
     def _api_key_problem(self, scope) -> str | None:
-        auth = _headers(scope).get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = _bearer(scope)
+        if not token:
             return "no API key was given; send it as 'Authorization: Bearer KEY'"
-        token = token.strip().encode()
-        if not any(hmac.compare_digest(token, key.encode()) for key in self.api_keys):
+        if not any(hmac.compare_digest(token.encode(), key.encode()) for key in self.api_keys):
             return "the API key given is not one of this peer's keys"
+        return None
+
+    def _metrics_key_problem(self, scope) -> str | None:
+        path, key = self.metrics
+        token = _bearer(scope)
+        if not token:
+            return f"{path} needs this peer's metrics key; send it as 'Authorization: Bearer KEY'"
+        if not hmac.compare_digest(token.encode(), key.encode()):
+            return f"the key given is not this peer's metrics key ({path})"
         return None
 
     def _stamp_problem(self, headers: dict) -> str | None:
@@ -161,6 +207,12 @@ class Guard:
 
 def _headers(scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+
+
+def _bearer(scope) -> str:
+    """The token of an 'Authorization: Bearer TOKEN' header ("" without one)."""
+    scheme, _, token = _headers(scope).get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 async def _read_body(receive):

@@ -88,7 +88,10 @@ def test_health_answers_every_field(tiny_llama):
         "results_ignored",
     }
     assert h["speculation"]["enabled"] == node.config.speculative
-    assert h["prefix_cache"] == {"blocks": 0, "hit_positions": 0, "miss_positions": 0}
+    assert h["prefix_cache"] == {
+        "max_tokens": node.config.prefix_cache_tokens,
+        "partitioned_by": "client_host",
+    }
     assert h["forwarded"] == {"messages": 0, "frames": 0}
     assert set(h["hop_path_ms"]) == {"read_body", "decode", "check", "queue", "compute", "hand_on"}
     # each section is its component's to_json(), in the order /health always gave
@@ -96,7 +99,6 @@ def test_health_answers_every_field(tiny_llama):
     assert h["direct_return"] == {"enabled": node.config.direct_return, **node.returns.to_json()}
     assert list(h["verification"])[-2:] == ["accusations_held", "accusations_ignored"]
     assert h["verification"]["accusations_held"] == node.accusations.to_json()["accusations_held"]
-    assert h["prefix_cache"] == node.block.prefixes.to_json()
     assert h["forwarded"] == node.forwarder.to_json()
 
 

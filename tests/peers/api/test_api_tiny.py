@@ -163,19 +163,6 @@ def test_n_sequences_share_one_prompt(tiny_swarm, reference):
     assert [c["text"] for c in whole["choices"]] == streamed  # seeded: the same again
 
 
-def test_requests_sharing_a_prefix_reuse_its_kv(tiny_swarm, reference):
-    greedy_text, _, tok = reference
-    entry = tiny_swarm.peers[2]
-    system = "You are a helpful assistant of the LayerSwarm project. " * 2  # > 3 blocks of 32 tokens
-    hits = [p.health()["prefix_cache"]["hit_positions"] for p in tiny_swarm.peers]
-    for question in ("what is a swarm?", "who serves layer 2?"):
-        body = {"model": "llama", "prompt": system + question, "max_tokens": 10, "temperature": 0}
-        r = post(entry, "/v1/completions", body)
-        assert r.json()["choices"][0]["text"] == greedy_text(tok.encode(system + question), 10)
-    after = [p.health()["prefix_cache"]["hit_positions"] for p in tiny_swarm.peers]
-    assert all(a >= h + 96 for h, a in zip(hits, after, strict=True)), (hits, after)
-
-
 @pytest.mark.parametrize(
     ("body", "status", "says"),
     [
