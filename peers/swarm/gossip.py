@@ -1,9 +1,11 @@
-"""The gossip loop: every interval, push-pull the whole table with a few random live peers (and
-seeds not yet reached). The table itself (peers/swarm/membership.py) is pure data.
+"""The gossip loop: every interval, push-pull with a few random vouched peers, a few not vouched for
+yet, and seeds not yet reached. A message carries this peer's own entry and those it vouched for (at
+most what a receiver takes); the table itself (peers/swarm/membership.py) is pure data.
 
 Each exchange carries a fresh challenge; the answering peer signs it with its identity, so the
 caller learns which peer answers at the address it dialled (it vouches for that peer: only
-vouched peers are routed to)."""
+vouched peers are routed to, and relayed). What a message brings is counted against its source:
+the host that pushed it, or the host of the address dialled."""
 
 import asyncio
 import base64
@@ -65,9 +67,12 @@ class Gossip:
                 log.exception("gossip round failed")
 
     async def round(self, targets: list[str], fanout_all: bool = False) -> None:
-        if fanout_all:
-            me = self.table.me.peer_id
-            targets = [e.address for e in self.table.live() if e.peer_id != me][:32]
+        if fanout_all:  # (peers vouched for first: strangers' entries do not crowd them out)
+            me, table = self.table.me.peer_id, self.table
+            others = sorted(
+                (e for e in table.live() if e.peer_id != me), key=lambda e: not table.vouched(e.peer_id)
+            )
+            targets = list(dict.fromkeys(e.address for e in others))[:32]
         await asyncio.gather(*(self._exchange(t) for t in targets))
 
     async def _exchange(self, address: str) -> None:
@@ -84,11 +89,12 @@ class Gossip:
         """One exchange: True if the peer answered with a usable message."""
         challenge = base64.urlsafe_b64encode(os.urandom(18)).decode()
         body = {**self._message(), "challenge": challenge}
+        proved: tuple[str, int] | None = None
         try:
             r = await self.post(f"http://{address}{PATH_GOSSIP}", self.settings.timeout_s, json=body)
             r.raise_for_status()
             reply = r.json()
-            self._take(reply)
+            self._take(reply, source_of(address))
             proof = reply["proof"]
             peer_id, incarnation = proof["peer_id"], proof["incarnation"]
             entry = self.table.get(peer_id) if isinstance(peer_id, str) else None
@@ -100,44 +106,54 @@ class Gossip:
                     entry.public_key, proof["signature"], proof_message(challenge, peer_id, incarnation)
                 )
             ):  # the peer at this address is this life of that identity
-                self.table.vouch(peer_id, incarnation)
+                proved = peer_id, incarnation
             return True
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
             log.debug("gossip with %s failed: %s", address, e)
             return False
+        finally:
+            self.table.dialled(address, *(proved or (None, None)))
 
-    def receive(self, body: dict) -> dict:
-        """Merge a peer's gossip and answer with this table, and this peer's signature of the
-        caller's challenge (ValueError, and nothing merged, if anything is invalid)."""
+    def receive(self, body: dict, source: str = "") -> dict:
+        """Merge a peer's gossip, pushed from the host `source`, and answer with this peer's
+        entries and its signature of the caller's challenge (ValueError, and nothing merged, if
+        anything is invalid)."""
         challenge = body["challenge"]
         if not isinstance(challenge, str) or not 16 <= len(challenge) <= 64:
             raise ValueError("challenge must be a string of 16 to 64 characters")
         unknown = body.keys() - {"entries", "challenge", "accusations"}
         if unknown:
             raise ValueError(f"unknown gossip fields {sorted(unknown)}")
-        self._take(body)
+        self._take(body, source)
         me = self.table.me
         signature = self.table.identity.sign(proof_message(challenge, me.peer_id, me.incarnation))
         proof = {"peer_id": me.peer_id, "incarnation": me.incarnation, "signature": signature}
         return {**self._message(), "proof": proof}
 
     def _message(self) -> dict:
-        """What this peer gossips: its table, and the accusations it holds (if any)."""
-        message = {"entries": [e.to_json() for e in self.table.entries()]}
+        """What this peer gossips: its own and its vouched entries, and the accusations it holds (if any)."""
+        message = {"entries": [e.to_json() for e in self.table.outgoing()]}
         accusations = self.accusations.outgoing()
         if accusations:
             message["accusations"] = accusations
         return message
 
-    def _take(self, message: dict) -> None:
-        """Merge a gossip message (request or reply): everything is checked for form first, so
-        that an invalid one (ValueError) merges nothing."""
+    def _take(self, message: dict, source: str) -> None:
+        """Merge a gossip message (request or reply) from `source`: everything is checked for form
+        first, so that an invalid one (ValueError) merges nothing."""
         entries = parse_entries(message["entries"])
         accusations = self.accusations.parse(message.get("accusations", []))
-        self.table.merge(entries)
+        self.table.merge(entries, source)
         self.accusations.take(accusations, self.table.me.peer_id)
 
 
 def proof_message(challenge: str, peer_id: str, incarnation: int) -> bytes:
     """What a peer signs to prove it answers gossip at an address, as one life."""
     return f"layerswarm-gossip\0{challenge}\0{peer_id}\0{incarnation}".encode()
+
+
+def source_of(address: str) -> str:
+    """The host of a host:port address (an IPv6 host without its brackets), as a pushing peer's
+    remote host is spelled."""
+    host = address.rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host

@@ -6,6 +6,9 @@ life has a larger incarnation and supersedes the old at once; a silent peer is s
 `suspect_after_s` and dead here after `dead_after_s`, each peer's own finding and never gossiped (a
 later signed heartbeat of that life brings it back); the one death that travels is a peer's own
 signed tombstone, kept for `tombstone_s` so that stale gossip of that life cannot revive it.
+A peer is vouched for once it answered this peer's dial at its address, as that life (one per
+address); a new peer is taken only within its source's rate and the unvouched budget, checked entry
+by entry (peers/swarm/admission.py), and gossip carries only a peer's own and vouched entries.
 """
 
 import random
@@ -14,6 +17,18 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from peers.swarm.admission import (
+    DROP_EVICTED,
+    DROP_EXPIRED,
+    DROP_FULL,
+    DROP_RATE,
+    DROP_REASONS,
+    MAX_UNVOUCHED_ENTRIES,
+    Candidate,
+    SourceBuckets,
+    UnvouchedBudget,
+    dial_back,
+)
 from peers.swarm.identity import Identity
 from peers.swarm.record import (
     DEAD,
@@ -49,6 +64,8 @@ __all__ = [  # the record's names stay importable from here, where the table tha
     "MAX_MODEL_ID",
     "MAX_MS",
     "MAX_TABLE_ENTRIES",
+    "MAX_UNVOUCHED_ENTRIES",
+    "UNVOUCHED_DIALS_PER_ROUND",
     "MAX_WIRE_NAME",
     "MAX_WIRE_NAMES",
     "SERVING",
@@ -61,6 +78,8 @@ __all__ = [  # the record's names stay importable from here, where the table tha
     "parse_entries",
     "supersedes",
 ]
+
+UNVOUCHED_DIALS_PER_ROUND = 4  # peers not vouched for yet that one round dials, in turn across sources
 
 
 @dataclass(frozen=True)
@@ -102,6 +121,14 @@ class _Local:
     died_at: float | None = None  # when it died: declared here, or its own tombstone arrived
     suspected: bool = False  # a failure report, until its heartbeat advances
     vouched: int | None = None  # the incarnation this peer answered with when this peer dialled it
+    source: str = ""  # the host that brought it here
+    since: float = 0.0  # when this table took the life it holds
+    failures: int = 0  # dials of its address that another peer, or no one, answered
+    dialled_at: float | None = None  # when this peer last dialled its address
+
+    @property
+    def is_vouched(self) -> bool:
+        return self.vouched == self.entry.incarnation
 
     @property
     def dead(self) -> bool:
@@ -124,10 +151,15 @@ class Table:
     clock: Callable[[], float] = time.monotonic
     _peers: dict[str, _Local] = field(default_factory=dict)
     deaths: deque = field(default_factory=lambda: deque(maxlen=1000))  # (peer_id, incarnation) declared here
+    # entries not taken or let go, by reason (peers/swarm/admission.py's DROP_REASONS)
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    buckets: SourceBuckets | None = None  # new entries per source per minute (default: on this clock)
 
     def __post_init__(self):
         self.me = self.me.signed(self.identity)
         self._peers[self.me.peer_id] = _Local(self.me, self.clock())
+        if self.buckets is None:
+            self.buckets = SourceBuckets(clock=self.clock)
 
     # -- the owner's own entry -------------------------------------------------------------
     def update_me(self, **changes) -> PeerRecord:
@@ -144,31 +176,92 @@ class Table:
         return self.update_me(load=self.me.load if load is None else load, **measured)
 
     # -- gossip ----------------------------------------------------------------------------
-    def merge(self, entries: list[PeerRecord]) -> None:
-        """Take what is news in `entries`. ValueError, and nothing merged, if an entry this table
+    def merge(self, entries: list[PeerRecord], source: str = "") -> None:
+        """Take what is news in `entries`, gossiped by `source` (the host that pushed them, or the
+        host dialled). A peer new here takes one of its source's tokens and room in the unvouched
+        budget, entry by entry; one that does not fit is dropped (counted in `dropped`), and only
+        the entries taken are verified. ValueError, and nothing merged, if an entry this table
         would take is not signed by its owner (honest peers relay only entries they checked)."""
-        news = [e for e in entries if self._news(e)]
-        for entry in news:
+        taken, evicted = self._admit(entries, source)
+        for entry in taken:
             if not entry.verify():
                 raise ValueError(f"the entry of peer {entry.peer_id} is not signed by its owner")
+        for peer_id in evicted:
+            del self._peers[peer_id]
+        self.dropped[DROP_EVICTED] += len(evicted)
         now = self.clock()
-        for entry in news:
+        for entry in taken:
             if entry.peer_id == self.me.peer_id:
                 # A version of this peer it does not have (a former life of this identity with a
                 # clock ahead, or its own tombstone of a life it still lives): a newer life.
                 self.update_me(incarnation=max(entry.incarnation + 1, new_incarnation()), heartbeat=0)
                 continue
-            known = self._peers.get(entry.peer_id)
-            died = now - max(0.0, entry.dead_for_s) if entry.state == DEAD else None
-            if known is None or supersedes(entry, known.entry):
-                # its own tombstone is kept too, so that stale gossip of that life cannot revive
-                # it; it keeps its age, so that tombstones expire everywhere
-                vouched = known.vouched if known is not None else None
-                self._peers[entry.peer_id] = _Local(
-                    replace(entry, dead_for_s=0.0), now, died_at=died, vouched=vouched
-                )
-            elif died is not None and known.died_at is not None:
-                known.died_at = min(known.died_at, died)
+            if entry.peer_id not in evicted:
+                self._take(entry, source, now)
+
+    def _admit(self, entries: list[PeerRecord], source: str) -> tuple[list[PeerRecord], set[str]]:
+        """The entries of a message to take, and the unvouched peers that give way for them: news
+        of known peers is taken; a new peer needs a token of `source`'s and room (peers/swarm/admission.py)."""
+        taken, new, evicted = [], {}, set()
+        budget = None
+        for entry in entries:
+            if entry.peer_id in new:  # twice in one message: the later version, if it is later
+                if supersedes(entry, new[entry.peer_id]):
+                    taken.append(entry)
+                    new[entry.peer_id] = entry
+                continue
+            if not self._news(entry):
+                continue
+            if entry.peer_id != self.me.peer_id and entry.peer_id not in self._peers:
+                if not self.buckets.take(source):
+                    self.dropped[DROP_RATE] += 1
+                    continue
+                budget = budget or self._budget()
+                fits, victim = budget.room_for(source)
+                if not fits:
+                    self.dropped[DROP_FULL] += 1
+                    continue
+                if victim is not None:
+                    evicted.add(victim)
+                new[entry.peer_id] = entry
+            taken.append(entry)
+        return taken, evicted
+
+    def _budget(self) -> UnvouchedBudget:
+        return UnvouchedBudget(len(self._peers), self._unvouched(), MAX_TABLE_ENTRIES, MAX_UNVOUCHED_ENTRIES)
+
+    def _unvouched(self, live: bool = False) -> list[Candidate]:
+        """The entries of other peers not vouched for (only the live ones, with `live`)."""
+        return [
+            Candidate(p, local.source, local.since, local.failures, local.entry.address, local.dialled_at)
+            for p, local in self._peers.items()
+            if p != self.me.peer_id and not local.is_vouched and not (live and local.dead)
+        ]
+
+    def _take(self, entry: PeerRecord, source: str, now: float) -> None:
+        """Merge one checked entry of another peer."""
+        known = self._peers.get(entry.peer_id)
+        died = now - max(0.0, entry.dead_for_s) if entry.state == DEAD else None
+        if known is None:
+            # its own tombstone is kept too, so that stale gossip of that life cannot revive it; it
+            # keeps its age, so that tombstones expire everywhere
+            self._peers[entry.peer_id] = _Local(
+                replace(entry, dead_for_s=0.0), now, died_at=died, source=source, since=now
+            )
+        elif supersedes(entry, known.entry):
+            same_life = entry.incarnation == known.entry.incarnation and entry.address == known.entry.address
+            self._peers[entry.peer_id] = _Local(
+                replace(entry, dead_for_s=0.0),
+                now,
+                died_at=died,
+                vouched=known.vouched if entry.address == known.entry.address else None,
+                source=known.source,
+                since=known.since if same_life else now,
+                failures=known.failures if same_life else 0,
+                dialled_at=known.dialled_at,
+            )
+        elif died is not None and known.died_at is not None:
+            known.died_at = min(known.died_at, died)
 
     def _news(self, entry: PeerRecord) -> bool:
         """Whether merging `entry` would change this table."""
@@ -180,27 +273,42 @@ class Table:
             return False  # an expired tombstone: dropped everywhere, not bounced around
         known = self._peers.get(entry.peer_id)
         if known is None:
-            return len(self._peers) < MAX_TABLE_ENTRIES  # a full table takes no new peers
+            return True  # (whether it fits is the budget's question: _admit)
         if supersedes(entry, known.entry):
             return True
         return entry.state == DEAD and entry.version == known.entry.version and known.died_at is not None
 
     def entries(self) -> list[PeerRecord]:
-        """Everything to gossip: live entries and unexpired tombstones of peers that left (with
-        their age); deaths found here stay here."""
+        """Every entry that could be gossiped: live entries and unexpired tombstones of peers that
+        left (with their age); deaths found here stay here."""
         now = self.clock()
-        return [
-            replace(local.entry, dead_for_s=now - local.died_at) if local.dead else local.entry
-            for local in self._peers.values()
-            if not local.declared_here
+        return [self._gossiped(local, now) for local in self._peers.values() if not local.declared_here]
+
+    def outgoing(self, limit: int = MAX_ENTRIES_PER_MESSAGE, rng: random.Random = random) -> list[PeerRecord]:
+        """What this peer gossips: its own entry, then those of the peers it vouched for (a random
+        sample of them past `limit`), never a stranger's: an entry no one dialled reaches only the
+        peers its source pushed it to, and no message is longer than a receiver takes."""
+        now, me = self.clock(), self.me.peer_id
+        vouched = [
+            self._gossiped(local, now)
+            for p, local in self._peers.items()
+            if p != me and local.is_vouched and not local.declared_here
         ]
+        if len(vouched) > limit - 1:
+            vouched = rng.sample(vouched, limit - 1)
+        return [self._gossiped(self._peers[me], now), *vouched]
+
+    @staticmethod
+    def _gossiped(local: _Local, now: float) -> PeerRecord:
+        return replace(local.entry, dead_for_s=now - local.died_at) if local.dead else local.entry
 
     def known(self) -> list[PeerRecord]:
         """Every peer this table holds, the dead included (for people to read, not to gossip)."""
         return [local.entry for local in self._peers.values()]
 
     def sweep(self) -> list[str]:
-        """Declare peers dead whose heartbeat stopped; drop old tombstones. Returns the newly dead."""
+        """Declare peers dead whose heartbeat stopped; drop old tombstones, and entries still not
+        vouched for after `tombstone_s`. Returns the newly dead."""
         now, s = self.clock(), self.settings
         newly_dead = []
         for peer_id, local in list(self._peers.items()):
@@ -209,6 +317,10 @@ class Table:
             if local.dead:
                 if now - local.died_at > s.tombstone_s:
                     del self._peers[peer_id]
+                continue
+            if not local.is_vouched and now - local.since > s.tombstone_s:
+                del self._peers[peer_id]
+                self.dropped[DROP_EXPIRED] += 1
                 continue
             silent = now - local.seen_at
             if silent > s.dead_after_s or (local.suspected and silent > s.suspect_after_s):
@@ -232,18 +344,19 @@ class Table:
             local.seen_at = min(local.seen_at, self.clock())
 
     def gossip_targets(self, seeds: list[str], rng: random.Random = random) -> list[str]:
-        """Addresses to exchange tables with: a few random live peers, one live peer this peer
-        has not dialled yet (so that a new peer is vouched for within a round), and one seed not
-        (or no longer) known alive: a seed that was down when this peer started is retried, so
-        that peers started together cannot stay split in two swarms."""
+        """Addresses to exchange tables with: `fanout` random live peers vouched for; up to
+        UNVOUCHED_DIALS_PER_ROUND live peers not vouched for yet, the least recently dialled first,
+        in turn across the sources that brought them (so that a newcomer is vouched for within a
+        round or two however many entries strangers bring); and one seed not (or no longer) known
+        alive: a seed that was down when this peer started is retried, so that peers started
+        together cannot stay split in two swarms."""
         live = [local for p, local in self._peers.items() if p != self.me.peer_id and not local.dead]
-        chosen = rng.sample(live, min(self.settings.fanout, len(live)))
-        unvouched = [
-            local for local in live if local not in chosen and local.vouched != local.entry.incarnation
-        ]
-        if unvouched:
-            chosen.append(rng.choice(unvouched))
+        vouched = [local for local in live if local.is_vouched]
+        chosen = rng.sample(vouched, min(self.settings.fanout, len(vouched)))
         targets = list(dict.fromkeys(local.entry.address for local in chosen))
+        for address in dial_back(self._unvouched(live=True), UNVOUCHED_DIALS_PER_ROUND):
+            if address not in targets:
+                targets.append(address)
         known = {local.entry.address for local in live} | {self.me.address}
         unknown = [s for s in seeds if s not in known]
         if unknown:
@@ -251,10 +364,26 @@ class Table:
         return targets
 
     def vouch(self, peer_id: str, incarnation: int) -> None:
-        """This peer dialled `peer_id`'s address and it proved, as that life, that it is there."""
+        """This peer dialled `peer_id`'s address and it proved, as that life, that it is there
+        (then no other peer is vouched for at that address)."""
         local = self._peers.get(peer_id)
         if local is not None:
-            local.vouched = incarnation
+            self.dialled(local.entry.address, peer_id, incarnation)
+
+    def dialled(self, address: str, peer_id: str | None = None, incarnation: int | None = None) -> None:
+        """This peer dialled `address`, and `peer_id` proved that it answers there as `incarnation`
+        (None: no one proved anything). Any other entry naming the address failed its dial-back:
+        it is not vouched for, and gives way first when room is needed."""
+        now = self.clock()
+        for p, local in self._peers.items():
+            if p == self.me.peer_id or local.entry.address != address:
+                continue
+            local.dialled_at = now
+            if p == peer_id and local.entry.incarnation == incarnation:
+                local.vouched, local.failures = incarnation, 0
+            elif peer_id is not None or not local.is_vouched:  # (a vouched peer may just be slow)
+                local.vouched = None
+                local.failures += 1
 
     def vouched(self, peer_id: str) -> bool:
         """Whether the peer answered this peer at its address, as the life the table holds (a

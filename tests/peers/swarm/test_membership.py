@@ -12,6 +12,7 @@ from peers.swarm.membership import (
     JOINING,
     LEAVING,
     SERVING,
+    UNVOUCHED_DIALS_PER_ROUND,
     GossipSettings,
     PeerRecord,
     Table,
@@ -176,8 +177,10 @@ def test_gossip_targets_are_addresses_of_live_peers_or_seeds():
     t = table(clock)
     assert t.gossip_targets(["s:1", "a:1"]) == ["s:1"]
     t.merge([entry(f"p{i}") for i in range(10)])
-    picked = t.gossip_targets([], random.Random(0))  # fanout, plus one peer not yet dialled
-    assert len(picked) == S.fanout + 1 and "a:1" not in picked and len(set(picked)) == len(picked)
+    picked = t.gossip_targets([], random.Random(0))  # none vouched for yet: peers not yet dialled
+    assert (
+        len(picked) == UNVOUCHED_DIALS_PER_ROUND and "a:1" not in picked and len(set(picked)) == len(picked)
+    )
     assert all(p.startswith("p") and p.endswith(":1") for p in picked)
     for i in range(10):
         t.vouch(pid(f"p{i}"), 1)
