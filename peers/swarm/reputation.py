@@ -1,10 +1,11 @@
 """Whom an entry avoids, and why: failure accounting in one place. A peer at fault is banned (doubling
 per repeat; lifted by a success through it or a new life of it); a convicted one for a fixed time
-across lives; a busy or full peer is not at fault."""
+across lives; a busy or full peer is not at fault; a report that another peer failed is a claim,
+believed only once checked: the peer whose claims do not hold up is the one avoided."""
 
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ MAX_CONVICTED = 4096
 SHOWN_CONVICTED = 64  # the latest convictions, with why, kept for /health
 AT_FAULT = "failed"  # the one failure reason that bans (see HopFailed.REASONS)
 MESSAGE_CHARS = 300  # of a failure's message, kept in the log
+CLAIM_HOLD_S = 5.0  # the longest an unsettled claim keeps its two peers out of routes
+MAX_CLAIMANTS = 4096  # reporters whose false claims are remembered (the oldest forgotten first)
 
 
 @dataclass
@@ -64,6 +67,63 @@ class Bans:
         self._bans.pop(peer_id, None)
 
 
+@dataclass(frozen=True)
+class Claim:
+    """`reporter` says that `named` failed (a HopFailed `reason` and its `message`)."""
+
+    reporter: str
+    named: str
+    reason: str
+    message: str
+
+
+class Claims:
+    """Claims being checked (both of their peers held out of routes meanwhile, at most
+    CLAIM_HOLD_S) and each reporter's false claims so far (kept across its lives and successes:
+    a false claim is a lie, not a failure)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._open: dict[tuple[str, str], float] = {}  # (reporter, named) -> held until
+        self.false: OrderedDict[str, int] = OrderedDict()  # reporter -> false claims
+        self.upheld = self.refuted = 0
+
+    def open(self, claim: Claim) -> bool:
+        """Hold the claim's two peers out of routes until it is settled; False where the same
+        claim is being checked already (one check answers both)."""
+        key = (claim.reporter, claim.named)
+        if key in self._checking():
+            return False
+        self._open[key] = self.clock() + CLAIM_HOLD_S
+        return True
+
+    def held(self) -> set[str]:
+        """The peers of the claims being checked."""
+        return {p for key in self._checking() for p in key}
+
+    def _checking(self) -> dict[tuple[str, str], float]:
+        now = self.clock()
+        for key in [key for key, until in self._open.items() if until <= now]:
+            del self._open[key]  # (a check that never came back)
+        return self._open
+
+    def settle(self, claim: Claim, held_up: bool) -> int:
+        """The check's verdict; returns the reporter's false claims so far."""
+        self._open.pop((claim.reporter, claim.named), None)
+        if held_up:
+            self.upheld += 1
+            return self.false.get(claim.reporter, 0)
+        self.refuted += 1
+        self.false[claim.reporter] = self.false.pop(claim.reporter, 0) + 1
+        while len(self.false) > MAX_CLAIMANTS:
+            self.false.popitem(last=False)
+        return self.false[claim.reporter]
+
+    def to_json(self) -> dict:
+        """Claims checked, and how they ended."""
+        return {"checking": len(self._checking()), "upheld": self.upheld, "refuted": self.refuted}
+
+
 class Reputation:
     """An entry's failure accounting (Petals' sequence manager's `on_request_failure` and
     `on_request_success`): every failed hop is counted and logged; a peer at fault is banned and
@@ -83,6 +143,7 @@ class Reputation:
         failure (the peer's failover counters); `verification`: where convictions are shown."""
         self.bans, self.table, self.log, self.count, self.clock = bans, table, log, count, clock
         self.verification = verification if verification is not None else VerificationStats()
+        self.claims = Claims(bans.clock)
 
     def convict(self, peer_id: str, seconds: float, why: str) -> None:
         """A peer computed wrong (outvoted, or accused with evidence): avoid it for `seconds`, any
@@ -97,20 +158,54 @@ class Reputation:
         log.warning("peer %s (%s) convicted: %s; avoided for %.0f s", peer_id, address, why, seconds)
 
     def banned_now(self) -> set[str]:
-        """The peers to route around now: banned in their current life, or convicted."""
+        """The peers to route around now: banned in their current life, convicted, or concerned
+        by a claim being checked."""
         incarnations = {e.peer_id: e.incarnation for e in self.table.live()}
-        return self.bans.banned(incarnations)
+        return self.bans.banned(incarnations) | self.claims.held()
 
     def on_request_failure(self, peer_id: str, reason: str, message: str) -> float | None:
         """A hop through `peer_id` failed for `reason`: count and log it; ban the peer if it is at
         fault. Returns the ban's duration in seconds, or None where nobody is banned."""
+        self._record(peer_id, reason, message)
+        return self._ban(peer_id) if reason == AT_FAULT else None
+
+    def on_claim(self, claim: Claim) -> bool:
+        """A peer reports that another failed: count and log it, ban nobody yet, hold both out
+        of routes; True where the named peer is to be checked (see claim_settled)."""
+        self._record(claim.named, claim.reason, claim.message, claim.reporter)
+        return self.claims.open(claim)
+
+    def claim_settled(self, claim: Claim, held_up: bool) -> tuple[str, float]:
+        """The check of `claim`'s named peer is done: if the claim held up (the peer did not
+        answer), the named peer is banned as if this entry had seen it fail; if not, its reporter
+        is avoided, across lives, for ban_s doubling with each of its false claims. Returns
+        (who is avoided, for how many seconds)."""
+        false_claims = self.claims.settle(claim, held_up)
+        if held_up:
+            return claim.named, self._ban(claim.named)
+        seconds = min(self.bans.max_s, self.bans.first_s * 2 ** min(false_claims - 1, 32))
+        self.bans.convict(claim.reporter, seconds)
+        log.warning(
+            "peer %s reported that peer %s failed, but %s answers: a false claim (%d so far); "
+            "peer %s banned for %.1f s",
+            claim.reporter,
+            claim.named,
+            claim.named,
+            false_claims,
+            claim.reporter,
+            seconds,
+        )
+        return claim.reporter, seconds
+
+    def _record(self, peer_id: str, reason: str, message: str, reported_by: str | None = None) -> None:
         if self.count is not None:
             self.count(reason)
-        self.log.append(
-            {"at": self.clock(), "peer_id": peer_id, "reason": reason, "message": message[:MESSAGE_CHARS]}
-        )
-        if reason != AT_FAULT:
-            return None
+        line = {"at": self.clock(), "peer_id": peer_id, "reason": reason, "message": message[:MESSAGE_CHARS]}
+        if reported_by is not None:
+            line["reported_by"] = reported_by
+        self.log.append(line)
+
+    def _ban(self, peer_id: str) -> float:
         entry = next((x for x in self.table.live() if x.peer_id == peer_id), None)
         duration = self.bans.ban(peer_id, entry.incarnation if entry else 0)
         self.table.report_failure(peer_id)

@@ -73,17 +73,32 @@ class HopFailed(SwarmError):
     not fit it even when idle), "bad_request" (the sender's
     step did not fit: nobody is at fault), "bad_input" (the hidden states the previous hop sent
     are not finite: its sender turns this into its own failure, so the peer that computed them is
-    the one blamed)."""
+    the one blamed).
+
+    A failure that names another peer than the one reporting it is a claim, not a finding: the
+    entry checks it before banning anyone (peers/swarm/reputation.py)."""
 
     status = 502
     kind = "hop_failed"
     REASONS = ("failed", "session_lost", "cache_full", "busy", "too_large", "bad_request", "bad_input")
 
-    def __init__(self, peer_id: str, message: str, reason: str = "failed"):
+    def __init__(
+        self,
+        peer_id: str,
+        message: str,
+        reason: str = "failed",
+        *,
+        reported_by: str | None = None,
+        signature: str = "",
+        answered_by: str | None = None,
+    ):
         super().__init__(f"peer {peer_id} failed: {message}")
         assert reason in self.REASONS, reason
         self.peer_id, self.reason = peer_id, reason
         self.detail = message  # what went wrong, without whom (`message` names the peer too)
+        # who says so (None: this peer saw it itself), with that peer's signature of the report
+        # (peers/transport/results.py); the peer whose reply carried it, set by its receiver
+        self.reported_by, self.signature, self.answered_by = reported_by, signature, answered_by
 
 
 def error_response(error: SwarmError) -> JSONResponse:

@@ -15,6 +15,7 @@ from peers.swarm.links import Links
 from peers.transport.errors import HopFailed
 from peers.transport.frames import (
     PATH_CLOSE,
+    PATH_PROGRESS,
     PATH_RESULTS,
     PATH_STEPS,
     STEP_CONTENT_TYPE,
@@ -34,6 +35,7 @@ log = logging.getLogger("layerswarm.forwarding")
 ENCODE_IN_THREAD_BYTES = 1 << 20  # frames larger than this are built off the event loop
 SMALL_FRAME_POSITIONS = 32  # an acknowledgement of steps this small times the link
 COALESCE_MAX_POSITIONS = 64  # steps up to this long share messages; longer prompts travel alone
+ANSWER_TIMEOUT_S = 1.0  # a peer that has not answered a liveness check by then does not answer
 
 
 class Forwarder:
@@ -206,6 +208,17 @@ class Forwarder:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+    async def answers(self, address: str, timeout_s: float = ANSWER_TIMEOUT_S) -> bool:
+        """Whether the peer at `address` answers a cheap request (how far a step it never saw
+        got) within `timeout_s`: a refused connection is a no at once."""
+        url = f"http://{address}{PATH_PROGRESS}"
+        try:
+            get = self.http.get(url, params={"step": "liveness"}, timeout=timeout_s)
+            r = await asyncio.wait_for(get, timeout_s)  # (in all: a trickled answer is none)
+        except (httpx.HTTPError, TimeoutError):
+            return False
+        return r.status_code == 200
 
     async def close_remote(self, session_id: str, hops: list[Hop]) -> None:
         """Free the session on the other peers of a route (best effort, bounded)."""

@@ -1,12 +1,15 @@
 """A step's result as it travels back (nested, or by direct return) and its failure, both
-directions in one place: encoded here and decoded here, with structured failure reasons."""
+directions in one place: encoded here and decoded here, with structured failure reasons and who
+reports them (signed, so that no peer can lay its report at another's door)."""
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import httpx
 
 from peers.swarm.checks import finite_number
 from peers.swarm.commitments import MAX_COMMITMENTS, Commitment
+from peers.swarm.identity import SIGNATURE_CHARS, Identity, verify
 from peers.transport.errors import HopFailed
 from peers.transport.frames import MAX_TOP_LOGPROBS
 
@@ -38,19 +41,69 @@ def results_message(sender: str, items: list[tuple[str, dict]]) -> dict:
     return {"from": sender, "results": [{"step_id": sid, **body} for sid, body in items]}
 
 
-def step_error_body(message: str, failed_peer: str | None, reason: str, detail: str | None = None) -> dict:
+def step_error_body(
+    message: str,
+    failed_peer: str | None,
+    reason: str,
+    detail: str | None = None,
+    reported_by: str | None = None,
+    signature: str = "",
+) -> dict:
     """The JSON body of a failed step: which peer failed and why (a HopFailed reason), the line
     for people (`message`) and, from a HopFailed, what the failed peer said (`detail`: its
-    decoder takes this, never a prefix cut off the message)."""
+    decoder takes this, never a prefix cut off the message), and who reports it (`reported_by`,
+    with its `signature` of report_message)."""
     error = {"message": message, "failed_peer": failed_peer, "type": reason}
     if detail is not None:
         error["detail"] = detail
+    if reported_by is not None:
+        error["reported_by"], error["signature"] = reported_by, signature
     return {"error": error}
 
 
 def failure_body(failure: HopFailed) -> dict:
     """step_error_body of a HopFailed."""
-    return step_error_body(failure.message, failure.peer_id, failure.reason, failure.detail)
+    return step_error_body(
+        failure.message,
+        failure.peer_id,
+        failure.reason,
+        failure.detail,
+        failure.reported_by,
+        failure.signature,
+    )
+
+
+MAX_REPORTER_CHARS = 64  # a reported_by longer than this names no peer
+
+
+def report_message(session_id: str, failed_peer: str, reason: str, reported_by: str) -> bytes:
+    """What a peer signs when it reports a failed step: the session (a new one after each failover:
+    a report counts once), the peer it names, why, and itself."""
+    return "\n".join(("layerswarm failure report", session_id, failed_peer, reason, reported_by)).encode()
+
+
+def attest(failure: HopFailed, identity: Identity, session_id: str) -> HopFailed:
+    """`failure` as this peer hands it back: reported and signed by this peer, unless it carries
+    the report of a peer further on (kept as it came: only its own signature speaks for it)."""
+    if failure.reported_by is not None:
+        return failure
+    me = identity.peer_id
+    signature = identity.sign(report_message(session_id, failure.peer_id, failure.reason, me))
+    return HopFailed(failure.peer_id, failure.detail, failure.reason, reported_by=me, signature=signature)
+
+
+def reporter_of(
+    failure: HopFailed, session_id: str, public_key_of: Callable[[str], str | None]
+) -> str | None:
+    """Who reports `failure`: the peer it says reported it, if that peer signed it for this
+    session; else the peer whose reply carried it (a reporter speaks only for itself); None
+    where this peer found it itself."""
+    by = failure.reported_by
+    key = public_key_of(by) if by is not None else None
+    message = report_message(session_id, failure.peer_id, failure.reason, by) if by is not None else b""
+    if key and verify(key, failure.signature, message):
+        return by
+    return failure.answered_by
 
 
 def parse_steps_reply(r: httpx.Response, peer_id: str, count: int) -> list[StepResult | HopFailed]:
@@ -97,7 +150,10 @@ def _parse(data, status: int, peer_id: str) -> StepResult:
         detail = err.get("detail")
         if not isinstance(detail, str):  # (a body without the bare reason: its whole message)
             detail = str(err.get("message", f"status {status}"))
-        raise HopFailed(failed, detail, reason)
+        by, signature = err.get("reported_by"), err.get("signature")
+        by = by if isinstance(by, str) and 0 < len(by) <= MAX_REPORTER_CHARS else None
+        signature = signature if isinstance(signature, str) and len(signature) == SIGNATURE_CHARS else ""
+        raise HopFailed(failed, detail, reason, reported_by=by, signature=signature, answered_by=peer_id)
     if isinstance(data, dict) and data.get("accepted") is True:
         return ACCEPTED
     try:

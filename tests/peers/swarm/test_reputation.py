@@ -6,7 +6,7 @@ from collections import deque
 from types import SimpleNamespace
 
 from peers.swarm.commitments import VerificationStats
-from peers.swarm.reputation import Bans, Reputation
+from peers.swarm.reputation import CLAIM_HOLD_S, MAX_CLAIMANTS, Bans, Claim, Reputation
 from tests.helpers import FakeClock
 
 
@@ -108,3 +108,60 @@ def test_convictions_shown_are_the_latest_64_in_the_stats_given():
         rep.convict(f"p{i}", 100, f"why {i}")
     assert rep.verification is stats and list(stats.convicted) == [f"p{i}" for i in range(6, 70)]
     assert rep.bans.convicted("p0")  # the ban outlives its line on /health
+
+
+# -- claims: a failure that one peer reports of another -------------------------------------------
+def test_a_claim_bans_nobody_until_checked_and_holds_both_out_meanwhile():
+    clock = FakeClock()
+    rep, table, counted = reputation(clock, liar=1, named=1)
+    claim = Claim("liar", "named", "failed", "peer named failed: refused")
+    assert rep.on_claim(claim) is True
+    assert rep.on_claim(claim) is False  # the same claim again: one check answers both
+    assert rep.banned_now() == {"liar", "named"} and table.reported == []
+    assert counted == ["failed", "failed"] and rep.log[-1]["reported_by"] == "liar"
+    clock.now = CLAIM_HOLD_S + 0.1  # a check that never came back releases both
+    assert rep.banned_now() == set()
+    assert rep.claims.to_json() == {"checking": 0, "upheld": 0, "refuted": 0}
+
+
+def test_a_claim_that_holds_up_bans_the_named_peer_as_a_failure_would():
+    rep, table, _ = reputation(FakeClock(), liar=1, named=1)
+    claim = Claim("reporter", "named", "failed", "peer named failed: refused")
+    rep.on_claim(claim)
+    assert rep.claim_settled(claim, held_up=True) == ("named", 10)
+    assert rep.banned_now() == {"named"} and table.reported == ["named"]
+    assert rep.claims.false == {} and rep.claims.to_json()["upheld"] == 1
+
+
+def test_false_claims_ban_their_reporter_doubling_across_lives_and_successes(caplog):
+    clock = FakeClock()
+    rep, table, _ = reputation(clock, liar=1, named=1)
+    durations = []
+    with caplog.at_level(logging.WARNING, logger="layerswarm.peer"):
+        for i in range(5):
+            claim = Claim("liar", "named", "failed", "peer named failed: refused")
+            assert rep.on_claim(claim)
+            durations.append(rep.claim_settled(claim, held_up=False))
+            assert rep.banned_now() == {"liar"}  # the named peer is free at once
+            rep.on_request_success(["liar"])  # an honest step through it lifts no false claim
+            table.incarnations["liar"] = 2 + i  # nor does a new life
+            assert rep.banned_now() == {"liar"}
+            clock.now += 100
+    assert durations == [("liar", 10), ("liar", 20), ("liar", 40), ("liar", 60), ("liar", 60)]
+    assert table.reported == [] and rep.claims.false == {"liar": 5}
+    assert caplog.records[0].getMessage() == (
+        "peer liar reported that peer named failed, but named answers: a false claim (1 so far); "
+        "peer liar banned for 10.0 s"
+    )
+
+
+def test_false_claims_are_remembered_for_a_bounded_number_of_reporters():
+    rep, _, _ = reputation(FakeClock())
+    for i in range(MAX_CLAIMANTS + 3):
+        claim = Claim(f"r{i}", "named", "failed", "")
+        rep.on_claim(claim)
+        rep.claim_settled(claim, held_up=False)
+    assert len(rep.claims.false) == MAX_CLAIMANTS and "r0" not in rep.claims.false
+    claim = Claim("r9", "named", "failed", "")
+    rep.on_claim(claim)
+    assert rep.claim_settled(claim, held_up=False) == ("r9", 20)  # a remembered one still doubles
