@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from .kv_cache import SessionCache
+from .kv_cache import LOCAL, Sender, SessionCache
 
 ATTENTION = "layerswarm_varlen"
 
@@ -28,6 +28,7 @@ class Step:
     last_only: bool = True  # at the model's last layer: logits of the last position only
     drafted: bool = False  # its last positions are drafted tokens: the next step may start inside it
     rewind: bool = False  # it may start at any earlier position (a caller's own session, never a frame)
+    sender: Sender = LOCAL  # who sent it: a session it opens counts against that sender's share
 
 
 @dataclass

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from inference.block import Block
+from inference.kv_cache import LOCAL, Sender
 from inference.sampling import Controls, Sampling
 
 
@@ -80,6 +81,7 @@ class Job:
     commit: bool = False  # the last hop keeps the top entries of its logits (peers/swarm/commitments.py)
     draft: int = 0  # drafted tokens at the end: sample after each of the last draft + 1 positions
     controls: tuple[Controls, ...] = ()  # per sampled row, or none (see StepRequest.controls)
+    sender: Sender = LOCAL  # who sent the step (its KV counts against that sender: inference/kv_cache.py)
 
     @property
     def batch(self) -> int:

@@ -1,20 +1,38 @@
-"""Per-session KV caches of one block, and the store that bounds them: a token budget, idle
-expiry, LRU eviction and explicit close."""
+"""Per-session KV caches of one block, and the store that bounds them: a token budget shared
+fairly among the senders that open sessions, reservations that grow with use, idle expiry,
+eviction (senders over their share first) and explicit close."""
 
 import threading
 import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .errors import CacheFullError, RequestTooLarge, SessionError
 
-GROW_TOKENS = 256  # capacity grows in steps of this many positions
+FIRST_TOKENS = 16  # a session's first reservation, in positions (and the unit reservations round to)
+GROW_TOKENS = 256  # capacity doubles while below this many positions, then grows by this many
 EVICT_IDLE_S = 30.0  # only sessions idle this long may be evicted (a step may queue for a while)
+OVER_SHARE_IDLE_S = 5.0  # a sender over its fair share loses sessions idle this long to others
 MAX_SESSION_SHARE = 0.5  # of the budget, the most one session may hold
+STRANGER_SHARE = 0.25  # of the budget, the most one sender not vouched for may hold
+STRANGERS_SHARE = 0.5  # of the budget, the most all senders not vouched for may hold together
 MAX_CLOSED_IDS = 65536  # closed session ids remembered (refused if a late step reopens them)
+
+
+@dataclass(frozen=True)
+class Sender:
+    """Who opened a session: a key naming it (a peer's host, or this process) and whether it is
+    vouched for (a member of a private swarm, or a host where a vouched peer lives)."""
+
+    key: str
+    vouched: bool = False
+
+
+LOCAL = Sender("local", vouched=True)  # this process's own steps (its own hop, a local chain)
 
 
 class SessionCache:
@@ -34,6 +52,7 @@ class SessionCache:
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.lease = None  # a slot of static buffers holding its keys and values (inference/kv_slots.py)
         self._slot_positions = 0  # positions that slot holds
+        self.sender = LOCAL  # who opened it (the fair share it counts against: CacheStore)
 
     @property
     def slot(self) -> int | None:
@@ -107,6 +126,19 @@ class SessionCache:
         self.length = length
 
 
+def grown(capacity: int, needed: int) -> int:
+    """The capacity a session that needs `needed` positions grows to: double what it holds (at
+    least FIRST_TOKENS more, at most GROW_TOKENS), rounded up to FIRST_TOKENS, so that a session
+    holds about what it uses (a one-position step reserves FIRST_TOKENS) and grows rarely."""
+    step = min(max(capacity, FIRST_TOKENS), GROW_TOKENS)
+    return max(-(-needed // FIRST_TOKENS) * FIRST_TOKENS, capacity + step)
+
+
+def _slots(session: SessionCache) -> int:
+    """Token slots a session holds in the budget (a leased static slot's are the pool's)."""
+    return 0 if session.lease is not None else session.batch * session.capacity
+
+
 def _resized(t: torch.Tensor, capacity: int) -> torch.Tensor:
     out = t.new_empty((*t.shape[:2], capacity, t.shape[3]))
     n = min(capacity, t.shape[2])
@@ -115,7 +147,16 @@ def _resized(t: torch.Tensor, capacity: int) -> torch.Tensor:
 
 
 class CacheStore:
-    """All sessions of one block. Usage is counted in token slots: batch x allocated positions."""
+    """All sessions of one block. Usage is counted in token slots: batch x allocated positions.
+
+    Fair admission: a session counts against the sender that opened it. A sender not vouched for
+    holds at most STRANGER_SHARE of the budget, and such senders together STRANGERS_SHARE; a step
+    that would pass either is refused (CacheFullError). When the budget is full, room is made by
+    evicting, least recently used first: for a vouched sender, sessions of senders not vouched for
+    idle OVER_SHARE_IDLE_S; for a sender under its fair share (the budget over the senders holding
+    sessions), sessions of senders over theirs (and not vouched where it is not) idle as long;
+    then any session idle EVICT_IDLE_S. A vouched sender may use room nobody else wants.
+    """
 
     def __init__(self, max_tokens: int, idle_timeout_s: float, clock: Callable[[], float] = time.monotonic):
         if max_tokens <= 0:
@@ -139,17 +180,25 @@ class CacheStore:
     def used_tokens(self) -> int:
         """Token slots held in sessions' own buffers (a session in a leased static slot holds
         the pool's memory, which was taken out of the budget: inference/cuda_graphs.py)."""
-        return sum(s.batch * s.capacity for s in self._sessions.values() if s.lease is None)
+        return sum(_slots(s) for s in self._sessions.values())
 
-    def open(self, session_id: str, batch: int, refuse_closed: bool = False) -> SessionCache:
-        """A fresh cache for `session_id`; an existing one of that id is dropped first. With
-        refuse_closed, a session closed within the idle timeout is not opened again (SessionError)."""
+    def held_by(self, sender: Sender) -> int:
+        """Token slots the sessions a sender opened hold (by its key)."""
+        with self._lock:
+            return sum(_slots(s) for s in self._sessions.values() if s.sender.key == sender.key)
+
+    def open(
+        self, session_id: str, batch: int, refuse_closed: bool = False, sender: Sender = LOCAL
+    ) -> SessionCache:
+        """A fresh cache for `session_id`, counted against `sender`; an existing one of that id is
+        dropped first. With refuse_closed, a session closed within the idle timeout is not opened
+        again (SessionError)."""
         with self._lock:
             if refuse_closed and self.closed_recently(session_id):
                 raise SessionError(f"session {session_id!r} was closed")
             self._sessions.pop(session_id, None)
             session = SessionCache(session_id, batch)
-            session.last_used = self._clock()
+            session.last_used, session.sender = self._clock(), sender
             self._sessions[session_id] = session
             return session
 
@@ -176,15 +225,14 @@ class CacheStore:
             return self._sessions.get(session_id)
 
     def reserve(self, session: SessionCache, new_tokens: int) -> None:
-        """Make room for `new_tokens` more positions of `session`, evicting least recently used
-        sessions idle for EVICT_IDLE_S if the budget requires; CacheFullError if the session
-        alone cannot fit, or if active sessions hold the room."""
+        """Make room for `new_tokens` more positions of `session` (growing as `grown` says),
+        evicting as the class says if the budget requires; CacheFullError if the session alone
+        cannot fit, if its sender is over its share, or if active sessions hold the room."""
         needed = session.length + new_tokens
         if needed <= session.capacity:
             return
-        capacity = -(-needed // GROW_TOKENS) * GROW_TOKENS
         self._check_size(session, session.batch, needed)
-        capacity = min(capacity, self.max_session_tokens // session.batch)
+        capacity = min(grown(session.capacity, needed), self.max_session_tokens // session.batch)
         held = 0 if session.lease is not None else session.capacity  # (a slot's are the pool's)
         with self._lock:
             if session.lease is None or capacity > session.slot_positions:
@@ -219,19 +267,78 @@ class CacheStore:
         return max(1, int(self.max_tokens * MAX_SESSION_SHARE))
 
     def _make_room(self, session: SessionCache, extra: int) -> None:
-        """Evict least recently used sessions idle for EVICT_IDLE_S until `extra` more token
-        slots fit; CacheFullError if active sessions hold the room. Caller holds the lock."""
-        now = self._clock()
-        for other_id, other in list(self._sessions.items()):  # least recently used first
-            if self.used_tokens + extra <= self.max_tokens:
-                break
-            if other_id != session.session_id and now - other.last_used >= EVICT_IDLE_S:
-                del self._sessions[other_id]
-        if self.used_tokens + extra > self.max_tokens:
+        """Admit `extra` more token slots of `session`'s sender, then evict (see the class) until
+        they fit; CacheFullError if active sessions hold the room. Caller holds the lock."""
+        self._admit(session, extra)
+        held: dict[str, int] = {}
+        for s in self._sessions.values():
+            held[s.sender.key] = held.get(s.sender.key, 0) + _slots(s)
+        used, asker, now = sum(held.values()), session.sender, self._clock()
+        if used + extra <= self.max_tokens:
+            return
+        fair = self.max_tokens // len({k for k, v in held.items() if v} | {asker.key})
+        passes: list[Callable[[SessionCache], bool]] = []
+        if asker.vouched:
+            passes.append(lambda s: not s.sender.vouched and now - s.last_used >= OVER_SHARE_IDLE_S)
+        if held.get(asker.key, 0) + extra <= fair:
+            passes.append(
+                lambda s: (
+                    s.sender.key != asker.key
+                    and held[s.sender.key] > fair
+                    and (asker.vouched or not s.sender.vouched)
+                    and now - s.last_used >= OVER_SHARE_IDLE_S
+                )
+            )
+        passes.append(lambda s: now - s.last_used >= EVICT_IDLE_S)
+        for may_evict in passes:
+            for other_id, other in list(self._sessions.items()):  # least recently used first
+                if used + extra <= self.max_tokens:
+                    return
+                if other_id != session.session_id and may_evict(other):
+                    del self._sessions[other_id]
+                    used, held[other.sender.key] = (
+                        used - _slots(other),
+                        held[other.sender.key] - _slots(other),
+                    )
+        if used + extra > self.max_tokens:
             raise CacheFullError(
-                f"the KV cache is full: {self.used_tokens} of {self.max_tokens} token slots are held by "
+                f"the KV cache is full: {used} of {self.max_tokens} token slots are held by "
                 f"active sessions; session {session.session_id!r} needs {extra} more"
             )
+
+    def _admit(self, session: SessionCache, extra: int) -> None:
+        """CacheFullError if `extra` more token slots would take a sender not vouched for past
+        STRANGER_SHARE of the budget, or such senders together past STRANGERS_SHARE; its own
+        sessions idle EVICT_IDLE_S go first. Caller holds the lock."""
+        asker = session.sender
+        if asker.vouched:
+            return
+        mine = sum(_slots(s) for s in self._sessions.values() if s.sender.key == asker.key)
+        strangers = sum(_slots(s) for s in self._sessions.values() if not s.sender.vouched)
+        limit, pool, now = self.stranger_tokens, int(self.max_tokens * STRANGERS_SHARE), self._clock()
+        for other_id, other in list(self._sessions.items()):  # least recently used first
+            if mine + extra <= limit and strangers + extra <= pool:
+                break
+            own = other_id != session.session_id and other.sender.key == asker.key
+            if own and now - other.last_used >= EVICT_IDLE_S:
+                del self._sessions[other_id]
+                mine, strangers = mine - _slots(other), strangers - _slots(other)
+        what = f"session {session.session_id!r} needs {extra} more KV token slots"
+        if mine + extra > limit:
+            raise CacheFullError(
+                f"{what}; its sender {asker.key} is not vouched for and holds {mine}, of the {limit} "
+                f"one such sender may hold ({STRANGER_SHARE:.0%} of the cache budget of {self.max_tokens})"
+            )
+        if strangers + extra > pool:
+            raise CacheFullError(
+                f"{what}; senders not vouched for hold {strangers}, of the {pool} they may hold together "
+                f"({STRANGERS_SHARE:.0%} of the cache budget of {self.max_tokens})"
+            )
+
+    @property
+    def stranger_tokens(self) -> int:
+        """The most token slots one sender not vouched for may hold."""
+        return max(1, int(self.max_tokens * STRANGER_SHARE))
 
     def close(self, session_id: str) -> bool:
         """Free a session; its id is remembered for a while so that a step still travelling

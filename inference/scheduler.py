@@ -16,6 +16,7 @@ import torch
 from inference.batch import Step
 from inference.block import Block
 from inference.core_turns import CoreTurns
+from inference.errors import CacheFullError
 from inference.grammar import unpack_mask
 from inference.jobs import Busy, Job, NonFinite, Sampled, SchedulerSettings, SchedulerStats
 from inference.sampling import Controls, RowControls, Sampling, sample_many, top_entries
@@ -26,6 +27,7 @@ RECENT_S = 2.0  # a session that took a decode step here this recently is expect
 COLOCATED_WAIT_S = 0.05  # how long to wait for a session whose round time is not known yet
 MERGE_FRACTION = 0.5  # co-located: wait up to this share of the queued sessions' round time
 MAX_MERGE_WAIT_S = 1.0  # the longest a forward waits for sessions expected back
+STRANGER_QUEUE_SHARE = 0.25  # of --max-step-queue, the most one sender not vouched for may queue
 
 
 class Observer(Protocol):
@@ -62,6 +64,8 @@ class Scheduler:
         self.colocated = False  # other peers share this machine's cores (set by ThreadPolicy)
         self.turns: CoreTurns | None = None  # set by ThreadPolicy: forwards take turns with co-located peers
         self.stats = SchedulerStats()
+        self._strangers: dict[str, int] = {}  # steps queued per sender not vouched for
+        self._full: dict[str, bool] = {}  # such senders holding their whole KV share (this forward)
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -79,6 +83,7 @@ class Scheduler:
             if job.future is not None and not job.future.done():
                 job.future.set_exception(Busy("this peer's scheduler stopped"))
         self._queue.clear()
+        self._strangers.clear()
 
     async def close(self) -> None:
         if self._task is not None:
@@ -88,6 +93,7 @@ class Scheduler:
             if not job.future.done():
                 job.future.set_exception(Busy("this peer is shutting down"))
         self._queue.clear()
+        self._strangers.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def run_in_compute(self, fn, *args):
@@ -100,13 +106,41 @@ class Scheduler:
         if len(self._queue) >= self.settings.max_queue:
             self.stats.busy += 1
             raise Busy(f"its step queue is full ({len(self._queue)} steps; --max-step-queue)")
+        if not job.sender.vouched:
+            self._admit_stranger(job)
         job.future = asyncio.get_running_loop().create_future()
         job.enqueued = self._clock()
         if job.block is not None:
             job.block.sessions.touch(job.session_id)  # queued is in use: not to be evicted
         self._queue.append(job)
+        if not job.sender.vouched:
+            self._strangers[job.sender.key] = self._strangers.get(job.sender.key, 0) + 1
         self._wake.set()
         return await job.future
+
+    def _admit_stranger(self, job: Job) -> None:
+        """A sender not vouched for queues at most STRANGER_QUEUE_SHARE of the queue (Busy), and
+        opens no session while it holds its whole KV share (CacheFullError, before any work)."""
+        key, most = job.sender.key, max(1, int(self.settings.max_queue * STRANGER_QUEUE_SHARE))
+        if self._strangers.get(key, 0) >= most:
+            self.stats.busy += 1
+            raise Busy(f"its sender {key} is not vouched for and has {most} steps queued, the most it may")
+        if job.position == 0 and job.block is not None:
+            store = job.block.sessions
+            if key not in self._full:  # (counted once a forward, not once a frame)
+                self._full[key] = store.held_by(job.sender) >= store.stranger_tokens
+            if self._full[key]:
+                raise CacheFullError(
+                    f"its sender {key} is not vouched for and holds {store.stranger_tokens} KV token "
+                    f"slots here, the most one such sender may (of a budget of {store.max_tokens})"
+                )
+
+    def _dequeue(self, job: Job) -> None:
+        self._queue.remove(job)
+        if not job.sender.vouched:
+            left = self._strangers.pop(job.sender.key, 1) - 1
+            if left > 0:
+                self._strangers[job.sender.key] = left
 
     def forget(self, session_id: str) -> None:
         """A session ended: no forward waits for it any more."""
@@ -160,6 +194,7 @@ class Scheduler:
                 await self._wake.wait()
             await self._gather()
             batch = self._form_batch()
+            self._full.clear()
             if not batch:
                 continue
             block, turns = self._block(), self.turns
@@ -202,7 +237,7 @@ class Scheduler:
         self._drop_stale(now)
         for job in list(self._queue):
             if job.future.done():  # its caller gave up
-                self._queue.remove(job)
+                self._dequeue(job)
             elif job.started is None and now - job.enqueued > s.max_queue_wait_s:
                 self.stats.busy += 1
                 self._finish(
@@ -241,7 +276,7 @@ class Scheduler:
 
     def _finish(self, job: Job, result=None, error: BaseException | None = None) -> None:
         if job in self._queue:
-            self._queue.remove(job)
+            self._dequeue(job)
         if job.future.done():
             return
         if error is not None:
@@ -278,6 +313,7 @@ def _compute(block: Block | None, batch: list[tuple[Job, int]]) -> list:
             job.layers,
             last_only=not job.draft,
             drafted=bool(job.draft),
+            sender=job.sender,
         )
         for job, size in (batch[i] for i in runnable)
     ]
@@ -305,8 +341,8 @@ def _restore_prefixes(block: Block, batch: list[tuple[Job, int]]) -> dict[int, E
             continue
         if job.done == 0 and job.prefix and job.batch == 1:
             try:
-                job.skipped = block.restore_prefix(
-                    job.session_id, job.layers, job.prefix, job.position, job.inputs.shape[1]
+                job.skipped = block.kv.restore_prefix(  # (Block.restore_prefix, with the sender)
+                    job.session_id, job.layers, job.prefix, job.position, job.inputs.shape[1], job.sender
                 )
             except Exception as e:
                 refused[i] = e

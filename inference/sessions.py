@@ -5,7 +5,7 @@ from typing import Any
 
 from .batch import Step
 from .errors import SessionError
-from .kv_cache import CacheStore, SessionCache
+from .kv_cache import LOCAL, CacheStore, Sender, SessionCache
 from .prefix_cache import BLOCK_TOKENS, PrefixCache
 
 
@@ -36,18 +36,24 @@ class Sessions:
     def expire(self) -> list[str]:
         return self.store.expire()
 
-    def _open(self, session_id: str, batch: int, layers: tuple[int, int]) -> SessionCache:
-        session = self.store.open(session_id, batch, refuse_closed=True)
+    def _open(self, session_id: str, batch: int, layers: tuple[int, int], sender: Sender) -> SessionCache:
+        session = self.store.open(session_id, batch, refuse_closed=True, sender=sender)
         session.layers = layers
         if self.graphs is not None:
             self.graphs.bind(session)
         return session
 
     def restore_prefix(
-        self, session_id: str, layers: tuple[int, int], prefix: tuple[int, ...], position: int, steps: int
+        self,
+        session_id: str,
+        layers: tuple[int, int],
+        prefix: tuple[int, ...],
+        position: int,
+        steps: int,
+        sender: Sender = LOCAL,
     ) -> int:
-        """Open a step's session from the prefix cache (see Block.restore_prefix); returns how
-        many leading positions of the step need no computing."""
+        """Open a step's session from the prefix cache (see Block.restore_prefix), counted against
+        `sender`; returns how many leading positions of the step need no computing."""
         if not prefix or session_id in self.store or self.store.closed_recently(session_id):
             return 0
         held = self.prefixes.match(layers, prefix)
@@ -63,7 +69,7 @@ class Sessions:
             )
         else:
             blocks = position // BLOCK_TOKENS
-        session = self._open(session_id, 1, layers)
+        session = self._open(session_id, 1, layers, sender)
         try:
             self.store.reserve(session, blocks * BLOCK_TOKENS)
         except Exception:
@@ -111,7 +117,7 @@ class Sessions:
         """Open, check and reserve the session of a step (CacheFullError, SessionError)."""
         batch, steps = step.inputs.shape[:2]
         if step.position == 0:
-            session = self._open(step.session_id, batch, layers)
+            session = self._open(step.session_id, batch, layers, step.sender)
         else:
             session = self._continue(step, batch, layers)
         try:

@@ -1,10 +1,11 @@
-"""The session cache store: budget, LRU eviction, idle expiry, close."""
+"""The session cache store: budget, reservations that grow with use, LRU eviction, idle expiry,
+close (the fair share of each sender: test_kv_fairness.py)."""
 
 import pytest
 import torch
 
 from inference import CacheFullError, RequestTooLarge, SessionError, load_block
-from inference.kv_cache import EVICT_IDLE_S, GROW_TOKENS, CacheStore
+from inference.kv_cache import EVICT_IDLE_S, FIRST_TOKENS, GROW_TOKENS, CacheStore
 from tests.helpers import FakeClock
 
 
@@ -12,12 +13,12 @@ def test_budget_counts_batch_times_allocated_positions():
     store = CacheStore(max_tokens=4 * GROW_TOKENS, idle_timeout_s=60)
     a = store.open("a", batch=2)
     store.reserve(a, 10)
-    assert store.used_tokens == 2 * GROW_TOKENS
+    assert store.used_tokens == 2 * FIRST_TOKENS
 
 
 def test_least_recently_used_session_is_evicted_for_a_new_one():
     clock = FakeClock()
-    store = CacheStore(max_tokens=2 * GROW_TOKENS, idle_timeout_s=60, clock=clock)
+    store = CacheStore(max_tokens=2 * FIRST_TOKENS, idle_timeout_s=60, clock=clock)
     for sid in ("a", "b"):
         store.reserve(store.open(sid, batch=1), 10)
         clock.now += 1
@@ -52,7 +53,7 @@ def test_one_session_may_hold_at_most_half_the_budget():
     store.reserve(big, 8)  # 512: exactly half
     assert store.used_tokens == 512
     other = store.open("other", batch=1)
-    store.reserve(other, 500)  # the other half stays for others (allocated in steps of 256)
+    store.reserve(other, 500)  # the other half stays for others (500 positions round up to 512)
     assert store.used_tokens == 1024
 
 
@@ -88,7 +89,7 @@ def test_cache_grows_past_its_first_allocation(tiny_llama):
 
 def test_a_session_with_a_queued_step_is_not_evicted():
     clock = FakeClock()
-    store = CacheStore(max_tokens=2 * GROW_TOKENS, idle_timeout_s=600, clock=clock)
+    store = CacheStore(max_tokens=2 * FIRST_TOKENS, idle_timeout_s=600, clock=clock)
     for sid in ("a", "b"):
         store.reserve(store.open(sid, batch=1), 10)
     clock.now += EVICT_IDLE_S + 1

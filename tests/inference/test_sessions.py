@@ -6,7 +6,7 @@ import torch
 
 from inference import CacheFullError, SessionError
 from inference.batch import Step
-from inference.kv_cache import GROW_TOKENS
+from inference.kv_cache import FIRST_TOKENS, GROW_TOKENS
 from inference.sessions import Sessions
 
 HIDDEN, VOCAB = 8, 32
@@ -41,7 +41,7 @@ def test_check_returns_the_layers_and_refuses_bad_steps():
 def test_a_step_opens_reserves_and_continues_its_session():
     sessions = make()
     session = sessions.session_for(Step("a", ids(1, 5), 0), (0, 4))
-    assert len(sessions) == 1 and session.layers == (0, 4) and sessions.store.used_tokens == GROW_TOKENS
+    assert len(sessions) == 1 and session.layers == (0, 4) and sessions.store.used_tokens == FIRST_TOKENS
     session.advance(5)
     assert sessions.session_for(Step("a", ids(1, 1), 5), (0, 4)) is session
     with pytest.raises(
