@@ -30,7 +30,7 @@ from peers.transport.direct import DONE, FAILED, QUEUED, Progress, Returns
 from peers.transport.errors import HopFailed
 from peers.transport.forwarder import Forwarder
 from peers.transport.frames import Hop, ReplyTo, StepRequest
-from peers.transport.results import StepResult, failure_body, step_result_body
+from peers.transport.results import StepResult, attest, failure_body, step_result_body
 
 log = logging.getLogger("layerswarm.peer")
 
@@ -83,14 +83,33 @@ class HopRunner:
 
     # -- the two ways in -------------------------------------------------------------------
     async def run_step(self, req: StepRequest) -> StepResult:
-        """Run this peer's hop of the step, then the rest of the route; HopFailed names who failed."""
-        hop, block = await self.admit(req)
-        return await self._run(req, hop, block)
+        """Run this peer's hop of the step, then the rest of the route; HopFailed names who failed
+        (and who reports it: see report)."""
+        try:
+            hop, block = await self.admit(req)
+            return await self._run(req, hop, block)
+        except Exception as e:
+            raise self.report(req, e) from None
 
     async def accept_step(self, req: StepRequest) -> None:
         """Direct return: check the step (HopFailed if this peer refuses it), then compute it and
         hand it on in the background, while the sender goes on; the result, or the failure
         and who is at fault, goes straight to the entry (peers/transport/direct.py)."""
+        try:
+            await self._accept(req)
+        except Exception as e:
+            raise self.report(req, e) from None
+
+    def report(self, req: StepRequest, e: Exception) -> HopFailed:
+        """A failure of `req` as this peer hands it back: its own, or its next hop's as this peer
+        saw it, reported and signed by this peer; a later hop's signed report as it came (a peer
+        speaks only for itself: the entry checks a report naming another peer before it bans)."""
+        if not isinstance(e, HopFailed):  # a bug here, a torch or CUDA error: this hop failed
+            log.error("step failed here", exc_info=e)
+            e = HopFailed(self.peer_id, f"{type(e).__name__}: {e}")
+        return attest(e, self.identity, req.session_id)
+
+    async def _accept(self, req: StepRequest) -> None:
         entry = req.reply_to
         if not self.knows_entry(entry) and not await self._learn(lambda: self.knows_entry(entry)):
             raise HopFailed(
@@ -107,11 +126,8 @@ class HopRunner:
             await self._run(req, hop, block)
             self.progress.mark(req.step_id, DONE)
         except Exception as e:  # (HopFailed names who failed; anything else is a bug here)
-            if not isinstance(e, HopFailed):
-                log.exception("step failed here")
-                e = HopFailed(self.peer_id, f"{type(e).__name__}: {e}")
             self.progress.mark(req.step_id, FAILED)
-            self.reply(req, e)
+            self.reply(req, self.report(req, e))
 
     # -- the one path ----------------------------------------------------------------------
     async def _run(self, req: StepRequest, hop: Hop, block: Block) -> StepResult | None:

@@ -15,11 +15,11 @@ from peers.entry.session import Ask, Observed, RouteSession, Token, context_dige
 from peers.entry.speculative import Speculation
 from peers.entry.steering import Steering, SteerState
 from peers.entry.step import step
-from peers.swarm.reputation import Reputation
+from peers.swarm.reputation import AT_FAULT, Claim, Reputation
 from peers.swarm.routing import NoRouteError
 from peers.transport.errors import HopFailed, Overloaded, SwarmError, SwarmUnavailable
 from peers.transport.frames import Sampling
-from peers.transport.results import StepResult
+from peers.transport.results import StepResult, reporter_of
 
 __all__ = ["RETRY_AFTER_S", "Checks", "Token", "banned_now", "current_route", "generate"]
 
@@ -92,8 +92,11 @@ class Failover:
     def failed(self, e: HopFailed, session: RouteSession) -> None:
         """A step of `session` failed: account it, leave the route (the next step replays)."""
         self.since = self.since or time.monotonic()
-        banned_s = self.reputation.on_request_failure(e.peer_id, e.reason, e.message)
-        if banned_s is not None:
+        claim = self._claim(e, session)
+        banned_s = None if claim else self.reputation.on_request_failure(e.peer_id, e.reason, e.message)
+        if claim is not None:
+            log.info("%s (reported by %s); checking it before anyone is banned", e.message, claim.reporter)
+        elif banned_s is not None:
             log.warning("%s; banned for %.1f s, re-routing", e.message, banned_s)
         elif e.reason in NO_ROOM:
             (self.too_large if e.reason == "too_large" else self.full)[e.peer_id] = e.message
@@ -107,6 +110,18 @@ class Failover:
         if e.reason == "session_lost":
             self.reuse = False  # a peer could not rebuild a reused prefix: compute it in full
 
+    def _claim(self, e: HopFailed, session: RouteSession) -> Claim | None:
+        """`e` as a claim, its check started: a failure at fault that a peer reports of another
+        (None where the failed peer reports itself, or this entry saw it fail)."""
+        table = self.node.table
+        reporter = reporter_of(e, session.session_id, lambda p: (r := table.get(p)) and r.public_key)
+        if e.reason != AT_FAULT or reporter in (None, self.node.peer_id, e.peer_id):
+            return None
+        claim = Claim(reporter, e.peer_id, e.reason, e.message)
+        if self.reputation.on_claim(claim):
+            self.node.spawn(check_claim(self.node, claim))
+        return claim
+
     def succeeded(self, session: RouteSession) -> None:
         """A step went through: a failover, if any, is over."""
         if self.since is None:
@@ -119,6 +134,22 @@ class Failover:
         timeout_s = self.node.config.failover_timeout_s
         if self.since is not None and time.monotonic() - self.since > timeout_s:
             raise SwarmUnavailable(f"gave up after {timeout_s:.0f} s of failover: {why}")
+
+
+async def check_claim(node: EntryPeer, claim: Claim) -> None:
+    """Ask the peer a claim names, at its address in this entry's table, whether it answers: if
+    not, it failed indeed and is banned; if it does, the claim is false and its reporter is the
+    one avoided (peers/swarm/reputation.py). Both are routed around meanwhile."""
+    named = node.table.get(claim.named)
+    answers = named is not None and await node.forwarder.answers(named.address)
+    _, seconds = node.reputation.claim_settled(claim, held_up=not answers)
+    if not answers:
+        log.warning(
+            "%s (reported by %s; it does not answer); banned for %.1f s",
+            claim.message,
+            claim.reporter,
+            seconds,
+        )
 
 
 class Stepper:
