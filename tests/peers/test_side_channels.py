@@ -16,7 +16,7 @@ KEY_A, KEY_B, METRICS_KEY = "sk-user-a-0123", "sk-user-b-4567", "metrics-key-89a
 ARGS = ["--api-key", KEY_A, "--api-key", KEY_B, "--metrics-key", METRICS_KEY]
 SECRET = "4821"
 GUESSES = ["1111", "2222", "3333", "4444", "5555", SECRET, "6666", "7777", "8888", "9999", "0000"]
-FILLER = " and the quick brown fox jumps over the lazy dog, twice or more"  # 3 blocks in all
+FILLER = " and the quick brown fox jumps over the lazy dog, twice or more"  # 2 full blocks in all
 
 
 def prompt(pin: str) -> str:
