@@ -2,14 +2,25 @@
 shadows that recompute a route's hops, and the entry's Reputation (whom to avoid)."""
 
 from peers.entry.peer import EntryPeer
-from peers.swarm.routing import NoRouteError, plan_route, weight
+from peers.swarm.routing import NoRouteError, plan_route, unchecked_hops, weight
 from peers.transport.frames import MAX_SHADOWS, Hop
 
 
 def current_route(node: EntryPeer, key: str, exclude: set[str]) -> list[Hop]:
-    """The route for routing key `key` around the peers in `exclude` (NoRouteError: none)."""
+    """The route for routing key `key` around the peers in `exclude` (NoRouteError: none). In an
+    open swarm (no swarm key) hops that others could recompute come first (plan_route's
+    checkable_first)."""
     peers = node.table.serving(node.model_id)
-    return plan_route(peers, node.total_layers, key, node.model_id, exclude, origin=node.table.me)
+    open_swarm = node.config.swarm_key is None
+    return plan_route(
+        peers,
+        node.total_layers,
+        key,
+        node.model_id,
+        exclude,
+        origin=node.table.me,
+        checkable_first=open_swarm,
+    )
 
 
 def banned_now(node: EntryPeer) -> set[str]:
@@ -56,6 +67,22 @@ def shadows_for(node: EntryPeer, key: str, route: list[Hop], exclude: set[str]) 
             shadows.append(Hop(best.peer_id, best.address, hop.start, hop.end))
             peers.remove(best)
     return tuple(shadows[:MAX_SHADOWS])
+
+
+def unshadowed(node: EntryPeer, key: str, route: list[Hop], exclude: set[str]) -> list[Hop]:
+    """The hops of `route` that no single replica can shadow but a chain of other peers covers:
+    checking them takes a second route (consensus of two) rather than shadows."""
+    shadowed = {(s.start, s.end) for s in shadows_for(node, key, route, exclude)}
+    peers = [p for p in node.table.serving(node.model_id) if p.peer_id not in exclude]
+    alone = {h.peer_id for h in unchecked_hops(peers, route, node.total_layers)}
+    return [h for h in route if (h.start, h.end) not in shadowed and h.peer_id not in alone]
+
+
+def unchecked_layers(node: EntryPeer, route: list[Hop]) -> list[tuple[int, int]]:
+    """The spans of `route` that no other serving peer (nor chain of them) could recompute: no
+    check of this entry's can cover them but its own (--self-referee)."""
+    peers = node.table.serving(node.model_id)
+    return [(h.start, h.end) for h in unchecked_hops(peers, route, node.total_layers)]
 
 
 def peers_of(route: list[Hop]) -> set[str]:

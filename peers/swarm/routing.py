@@ -71,29 +71,70 @@ def plan_route(
     model: str = "",
     exclude: Iterable[str] = (),
     origin: PeerRecord | None = None,
+    checkable_first: bool = False,
 ) -> list[Hop]:
     """Hops tiling [0, total). A hop may start inside a peer's span (it runs the rest of it).
-    `origin`: the entry planning the route (its links time the first hop)."""
+    `origin`: the entry planning the route (its links time the first hop). `checkable_first`
+    (an open swarm): fewest layers on hops that no other peers could recompute comes before
+    fewest hops, so that a stranger announcing a long span does not win routes by its length
+    alone (see unchecked_from)."""
     excluded = set(exclude)
     usable = [p for p in peers if p.peer_id not in excluded and p.start < p.end]
-    missing = gaps(coverage(usable, total))
+    counts = coverage(usable, total)
+    missing = gaps(counts)
     if missing:
         raise NoRouteError(model, missing)
-    # hops_left[pos]: fewest hops from layer `pos` to the end, over positions a hop can start at.
+    last_alone = unchecked_from(usable, counts) if checkable_first else {}
+
+    def cost(p: PeerRecord, pos: int) -> tuple[int, int]:  # (layers no one else covers, hops)
+        alone = p.end - pos if last_alone.get(p.peer_id, -1) >= pos else 0
+        return alone, 1
+
+    # best[pos]: the least (unchecked layers, hops) from layer `pos` to the end, over positions
+    # a hop can start at.
     starts = sorted({0} | {p.end for p in usable if p.end < total}, reverse=True)
-    hops_left = {total: 0}
+    best: dict[int, tuple[int, int]] = {total: (0, 0)}
     for pos in starts:
-        options = [hops_left[p.end] for p in usable if p.start <= pos < p.end and p.end in hops_left]
+        options = [
+            _plus(cost(p, pos), best[p.end]) for p in usable if p.start <= pos < p.end and p.end in best
+        ]
         if options:
-            hops_left[pos] = 1 + min(options)
+            best[pos] = min(options)
     route, pos, prev = [], 0, origin
     while pos < total:
-        candidates = [p for p in usable if p.start <= pos < p.end and p.end in hops_left]
-        best = min(hops_left[p.end] for p in candidates)
-        chosen = choose(key, [p for p in candidates if hops_left[p.end] == best], prev, pos, prev is origin)
+        candidates = [p for p in usable if p.start <= pos < p.end and p.end in best]
+        least = min(_plus(cost(p, pos), best[p.end]) for p in candidates)
+        tied = [p for p in candidates if _plus(cost(p, pos), best[p.end]) == least]
+        chosen = choose(key, tied, prev, pos, prev is origin)
         route.append(Hop(chosen.peer_id, chosen.address, pos, chosen.end))
         pos, prev = chosen.end, chosen
     return route
+
+
+def _plus(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    return a[0] + b[0], a[1] + b[1]
+
+
+def unchecked_from(peers: Sequence[PeerRecord], counts: Sequence[int]) -> dict[str, int]:
+    """For each peer, the last layer of its span that no other peer serves (-1: none): a hop of
+    it from layer `pos` on can be recomputed by others (one replica or a chain of them) only
+    when `pos` lies past that layer."""
+    out = {}
+    for p in peers:
+        alone = [layer for layer in range(p.start, p.end) if counts[layer] <= 1]
+        out[p.peer_id] = alone[-1] if alone else -1
+    return out
+
+
+def unchecked_hops(peers: Sequence[PeerRecord], route: Sequence[Hop], total: int) -> list[Hop]:
+    """The hops of `route` whose layers no other peers of `peers` cover (no replica and no chain
+    of others could recompute them)."""
+    out = []
+    for hop in route:
+        others = coverage([p for p in peers if p.peer_id != hop.peer_id], total)
+        if any(others[layer] == 0 for layer in range(hop.start, hop.end)):
+            out.append(hop)
+    return out
 
 
 def choose(

@@ -131,6 +131,8 @@ class FakeEntry:
             failover_timeout_s=self.failover_timeout_s,
             prefix_reuse=self.prefix_reuse,
             self_referee=self.self_referee,
+            verify_rate=0.0,  # (an entry that checks some requests sends every step verified)
+            swarm_key=None,
         )
         self.model_config = SimpleNamespace(vocab_size=VOCAB)
         self.table = FakeTable(self.swarm.records)

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 from peers.swarm.membership import SERVING, PeerRecord
-from peers.swarm.routing import NoRouteError, coverage, gaps, plan_route
+from peers.swarm.routing import NoRouteError, coverage, gaps, plan_route, unchecked_from, unchecked_hops
 
 TOTAL = 30
 
@@ -109,3 +109,26 @@ def test_a_replica_behind_a_slow_link_from_the_previous_hop_is_avoided():
     origin = measured("entry", 0, 0, links=[(far, 1.0), (near, 90.0)])
     whole = [measured(far, 0, 30), measured(near, 0, 30, links=[("entry", 0.5)])]
     assert {plan_route(whole, TOTAL, k, origin=origin)[0].peer_id for k in keys} == {far}
+
+
+def test_open_swarm_routes_do_not_prefer_a_long_unchecked_hop():
+    """A stranger announcing 0:30 where only 0:10 and 10:20 are served otherwise: by fewest hops it
+    takes the whole route, none of it checkable; checkable first, it runs only 20:30 (the
+    layers nobody else serves) and the rest goes to peers others can check."""
+    peers = [peer("a", 0, 10), peer("b", 10, 20), peer("long", 0, 30)]
+    assert spans(plan_route(peers, TOTAL, "k")) == [("long", 0, 30)]
+    checked = plan_route(peers, TOTAL, "k", checkable_first=True)
+    assert spans(checked) == [("a", 0, 10), ("b", 10, 20), ("long", 20, 30)]
+    assert [h.peer_id for h in unchecked_hops(peers, checked, TOTAL)] == ["long"]
+
+
+def test_a_hop_a_chain_covers_is_checkable_and_keeps_fewest_hops():
+    """A full-span joiner beside a 0:10, 10:20, 20:30 chain: every hop is checkable (the chain
+    recomputes the joiner, the joiner each link), so fewest hops still wins."""
+    peers = [peer("a", 0, 10), peer("b", 10, 20), peer("c", 20, 30), peer("whole", 0, 30)]
+    route = plan_route(peers, TOTAL, "k", checkable_first=True)
+    assert spans(route) == [("whole", 0, 30)]
+    assert unchecked_hops(peers, route, TOTAL) == []
+    chain = plan_route(peers, TOTAL, "k", exclude={"whole"}, checkable_first=True)
+    assert unchecked_hops(peers, chain, TOTAL) == []
+    assert unchecked_from(peers, coverage(peers, TOTAL)) == {"a": -1, "b": -1, "c": -1, "whole": -1}
