@@ -157,8 +157,11 @@ class HopRunner:
 
     async def _hand_on(self, req: StepRequest, nxt: StepRequest, mine: Commitment | None) -> StepResult:
         """Nested: push `nxt` to the next hop (and, checked, the same input to a replica of it,
-        which only answers its commitment); check what comes back against this hop's commitment."""
+        which only answers its commitment); check what comes back against this hop's commitment.
+        The next hop never sees its own shadow: `nxt` carries only the shadows of later hops."""
+        span = (req.hops[1].start, req.hops[1].end)
         shadow = self._shadow_of(req.hops[1], req.shadows) if req.verify else None
+        nxt = replace(nxt, shadows=tuple(s for s in nxt.shadows if (s.start, s.end) != span))
         if shadow is None:
             result = await self.forwarder.push(nxt)
         else:

@@ -18,12 +18,12 @@ from peers.entry.runner import (
     boundaries,
     plain_greedy,
     same_step,
-    seeded,
     suspects,
     true_tokens,
 )
 from peers.entry.session import Token
 from peers.entry.steering import Steering
+from peers.entry.step import seeded
 from peers.entry.verification import verified_generate
 from peers.swarm.commitments import Commitment
 from peers.transport.errors import SwarmUnavailable

@@ -14,7 +14,7 @@ from peers.entry.routes import banned_now, current_route, route_around, shadows_
 from peers.entry.session import Ask, Observed, RouteSession, Token, context_digest, tokens_of
 from peers.entry.speculative import Speculation
 from peers.entry.steering import Steering, SteerState
-from peers.entry.step import step
+from peers.entry.step import seeded, step, uniform_steps
 from peers.swarm.reputation import AT_FAULT, Claim, Reputation
 from peers.swarm.routing import NoRouteError
 from peers.transport.errors import HopFailed, Overloaded, SwarmError, SwarmUnavailable
@@ -193,9 +193,14 @@ class Stepper:
         """The next step: a replay, a decode step, or a drafted one."""
         s = self.session
         rebuild = s.next_rebuild()
-        # (shadows recompute the whole prompt with their hop: they may not hold its prefix)
-        prefix = prefix_hashes(s.prompt_ids) if reuse and s.position == 0 and not s.shadows else ()
-        verify = context_digest(s.prompt_ids, s.generated) if self.checks.observe is not None else ""
+        # (shadows recompute the whole prompt with their hop: they may not hold its prefix; an
+        # entry that checks some requests reuses none, so that a checked step looks like any)
+        uniform = uniform_steps(self.node)
+        prefix = (
+            prefix_hashes(s.prompt_ids) if reuse and s.position == 0 and not (s.shadows or uniform) else ()
+        )
+        checked = self.checks.observe is not None or uniform
+        verify = context_digest(s.prompt_ids, s.generated) if checked else ""
         controls = ()
         if self.speculation is not None and s.position > 0:  # a decode step: the chain checks drafts too
             room = min(self.max_tokens - len(s.generated[0]), self.node.context_length - s.position) - 1
@@ -273,9 +278,11 @@ async def generate(
     generated = [list(h) for h in checks.history] if checks.history else [[] for _ in range(n)]
     if generated[0] and all(any(t in stop_ids for t in g) for g in generated):
         return
+    if uniform_steps(node):  # (as a checked request's: no hop tells the checked ones)
+        sampling = seeded(sampling)
     run = Stepper(node, prompt_ids, generated, max_tokens, sampling, stop_ids, checks)
     run.steer(steering)
-    if speculative and n == 1 and checks.observe is None and not checks.shadowed:
+    if speculative and n == 1 and checks.observe is None and not (checks.shadowed or uniform_steps(node)):
         run.speculate()
     session = run.session
     failover = Failover(node, node.reputation, routing_key(prompt_ids), checks)

@@ -1,9 +1,8 @@
 """What checked generation compares: one route's generation (a Runner) and what it saw at each
 step, whether two routes computed the same step, and where they part (the suspects)."""
 
-import random
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from inference.sampling import MIN_TEMPERATURE
 from peers.entry.generation import Checks, generate
@@ -127,13 +126,6 @@ def true_tokens(node: EntryPeer, route: list[Hop], result: StepResult, tokens: l
         return True
     node.convict(last.peer_id, "its greedy token is not the argmax of the logits it signed")
     return False
-
-
-def seeded(sampling: Sampling) -> Sampling:
-    """Sampling with a temperature draws from a seed, so that every route draws the same."""
-    if sampling.seed is None and sampling.temperature > 0:
-        return replace(sampling, seed=random.getrandbits(62))
-    return sampling
 
 
 def plain_greedy(sampling: Sampling, steering: Steering | None) -> bool:

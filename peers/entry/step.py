@@ -2,6 +2,7 @@
 return), have the first hop's shadow recompute it, and check what came back (token count and
 range, commitments): a wrong answer is a HopFailed naming the peer at fault."""
 
+import random
 import uuid
 from dataclasses import replace
 
@@ -15,6 +16,23 @@ from peers.transport.errors import HopFailed
 from peers.transport.frames import Hop, ReplyTo, Sampling, StepRequest
 from peers.transport.logs import REQUEST_ID
 from peers.transport.results import StepResult
+
+
+def uniform_steps(node: EntryPeer) -> bool:
+    """Whether every step this entry sends must look like a checked one: it checks some of its
+    requests (--verify-rate), so each of its steps carries the verify digest (every hop commits),
+    returns through the route, reuses no prefix, drafts nothing and samples from a seed; a hop
+    then cannot tell the steps its shadow recomputes from the others, and a liar honest only
+    when checked lies into a check."""
+    return node.config.verify_rate > 0
+
+
+def seeded(sampling: Sampling) -> Sampling:
+    """Sampling with a temperature draws from a seed, so that every route draws the same (and a
+    checked request's frames carry a seed exactly when an unchecked one's do)."""
+    if sampling.seed is None and sampling.temperature > 0:
+        return replace(sampling, seed=random.getrandbits(62))
+    return sampling
 
 
 async def step(node: EntryPeer, session: RouteSession, ask: Ask, sampling: Sampling) -> StepResult:
@@ -36,11 +54,13 @@ async def step(node: EntryPeer, session: RouteSession, ask: Ask, sampling: Sampl
         request_id=REQUEST_ID.get(),
         controls=ask.controls,
     )
-    if not verify and node.config.direct_return:
-        main = direct_step(node, req)
-    else:
-        main = node.run_step(req) if route[0].peer_id == node.peer_id else node.forwarder.push(req)
     shadow = next((s for s in shadows if (s.start, s.end) == (route[0].start, route[0].end)), None)
+    # the first hop never sees its own shadow: each hop learns only the shadows of later hops
+    sent = replace(req, shadows=tuple(s for s in shadows if s is not shadow))
+    if not verify and node.config.direct_return:  # (an entry that checks sends every step verified)
+        main = direct_step(node, sent)
+    else:
+        main = node.run_step(sent) if route[0].peer_id == node.peer_id else node.forwarder.push(sent)
     if shadow is None:
         result = await main
     else:  # the first hop's shadow gets the same tokens from here

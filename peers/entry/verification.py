@@ -6,9 +6,10 @@ from collections.abc import AsyncIterator
 
 from peers.entry.peer import EntryPeer
 from peers.entry.referee import Dispute, referee_shadows
-from peers.entry.runner import Request, Runner, plain_greedy, seeded, true_tokens
+from peers.entry.runner import Request, Runner, plain_greedy, true_tokens
 from peers.entry.session import Token
 from peers.entry.steering import Steering
+from peers.entry.step import seeded
 from peers.swarm.commitments import agree
 from peers.transport.frames import Sampling
 from peers.transport.results import StepResult

@@ -135,7 +135,7 @@ def encode_step(req: StepRequest) -> bytes:
     }
     if req.verify:
         header["verify"] = req.verify
-    if req.shadows:
+    if req.verify or req.shadows:  # (even none: a verified step has the keys of every other)
         header["shadows"] = [asdict(h) for h in req.shadows]
     if req.terminal:
         header["terminal"] = True
