@@ -17,7 +17,8 @@ of llguidance's and xgrammar's token bitmasks), 4 * ceil(vocab_size / 32) bytes.
 API:
     GrammarError(ValueError)                   a schema, grammar or token the engine refuses
     json_object_grammar() -> str
-    json_schema_grammar(schema: dict) -> str   raises GrammarError now, not mid-generation
+    json_schema_grammar(schema: dict) -> str   raises GrammarError now, not mid-generation nor
+        as a crash: a $ref loop with no finite value, $refs nested too deep (schema_refs.py)
     tool_call_grammar(tools: list[dict], name: str | None = None, parallel: bool = True) -> str
     parse_tool_calls(text: str) -> tuple[str, list[dict]]
     Matcher(tokenizer, grammar: str, stop_ids: frozenset[int], vocab_size: int)
@@ -29,11 +30,16 @@ API:
 JSON is generated in one fixed layout, the one `json.dumps` writes: ", " between items, ": "
 after keys, no other whitespace (flexible whitespace lets a model pad forever). A tool call is
 `<tool_call>\\n{"name": "<fn>", "arguments": {...}}\\n</tool_call>`, calls separated by "\\n".
+
+The engine's own error text (its parser state, the whole grammar) never reaches a GrammarError's
+message, which callers may show to clients: it is logged, and the message says what failed.
 """
 
 import base64
 import binascii
+import functools
 import json
+import logging
 import re
 import threading
 import weakref
@@ -45,11 +51,14 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from .sampling import allowed
+from .schema_refs import schema_problem
 
 # How JSON is laid out: json.dumps' separators, no free whitespace.
 _JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}  # parameters left out
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+log = logging.getLogger("layerswarm.grammar")
 
 
 class GrammarError(ValueError):
@@ -66,11 +75,15 @@ def json_schema_grammar(schema: dict) -> str:
     unsupported keywords and formats are refused, not ignored)."""
     if not isinstance(schema, dict):
         raise GrammarError(f"a JSON schema must be an object, not {type(schema).__name__}")
+    problem = schema_problem(schema)  # before the engine: too deep would crash it, a loop fail later
+    if problem is not None:
+        raise GrammarError(f"invalid JSON schema: {problem}")
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_LAYOUT)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         raise GrammarError(f"invalid JSON schema: {e}") from None
     _check(grammar, "JSON schema")
+    _check_start(grammar, "JSON schema")
     return grammar
 
 
@@ -146,6 +159,41 @@ def _check(grammar: str, what: str) -> None:
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
         raise GrammarError(f"{what} refused: {messages[0] if messages else 'no reason given'}")
+
+
+def _check_start(grammar: str, what: str) -> None:
+    """The engine can begin `grammar`: its first mask over a byte vocabulary computes."""
+    m = llguidance.LLMatcher(_byte_vocab(), grammar, log_level=0)
+    m.compute_bitmask()
+    if m.is_error():
+        log.warning("%s refused at its first mask: %s", what, m.get_error())
+        raise GrammarError(f"invalid {what}: no JSON value satisfies it")
+
+
+@functools.cache
+def _byte_vocab() -> llguidance.LLTokenizer:
+    """A tokenizer of the 256 bytes and an end token: enough to ask the engine how a grammar starts."""
+    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Bytes()))
+
+
+class _Bytes:
+    eos_token_id, bos_token_id, special_token_ids = 256, None, [256]
+    tokens = [bytes([i]) for i in range(256)] + [b"\xff<end>"]
+
+    def __call__(self, text: bytes) -> list[int]:
+        return list(text)
+
+
+def _label(grammar: str) -> str:
+    """What `grammar` is, for messages: a JSON schema's, tool calls' (as built here) or other."""
+    try:
+        whole = json.loads(grammar) if grammar.lstrip().startswith("{") else None
+    except ValueError:
+        whole = None
+    parts = whole.get("grammars") if isinstance(whole, dict) else None
+    if isinstance(parts, list) and parts and all(isinstance(p, dict) and "json_schema" in p for p in parts):
+        return "JSON schema"
+    return "tool call grammar" if '"<tool_call>' in grammar else "grammar"
 
 
 # --- the engine's view of a tokenizer: built once per tokenizer object (~0.5 s for 49k tokens)
@@ -240,7 +288,9 @@ class Matcher:
         ll = ll_tokenizer(tokenizer)
         self._m = llguidance.LLMatcher(ll, grammar, log_level=0)
         if self._m.is_error():
-            raise GrammarError(f"grammar refused: {self._m.get_error()}")
+            log.warning("grammar refused: %s", self._m.get_error())
+            raise GrammarError(f"grammar refused: {self._m.get_error().splitlines()[0][:200]}")
+        self.label = _label(grammar)
         self.stop_ids = frozenset(stop_ids)
         self.vocab_size = vocab_size
         self._known = min(ll.vocab_size, vocab_size)  # ids both the tokenizer and the model have
@@ -264,7 +314,7 @@ class Matcher:
         else:
             buf = bytearray(self._m.compute_bitmask())
             if self._m.is_error():
-                raise GrammarError(f"the grammar engine failed: {self._m.get_error()}")
+                raise self._failed("allows no token here: nothing can continue the output")
             accepting = self._m.is_accepting()
             # llguidance's mask has a word to spare; cut it at the last token both know
             del buf[(self._known + 7) // 8 :]
@@ -297,18 +347,25 @@ class Matcher:
         matcher as it was)."""
         if token in self.stop_ids:
             if not (self.finished or self._m.is_accepting()):
-                raise GrammarError(f"stop token {token} before the grammar is complete")
+                raise GrammarError(
+                    f"the {self.label} does not allow stop token {token} before it is complete"
+                )
             self._stopped = True
         elif self.finished:
-            raise GrammarError(f"token {token} after the grammar is complete (only a stop id may follow)")
+            raise GrammarError(f"the {self.label} is complete: only a stop id may follow, not token {token}")
         elif not 0 <= token < self._known or token in self._ll_eos:
-            raise GrammarError(f"token {token} is not allowed by the grammar")
+            raise GrammarError(f"the {self.label} does not allow token {token}")
         elif self._m.validate_tokens([token]) != 1:
-            raise GrammarError(f"token {token} is not allowed by the grammar here")
+            raise GrammarError(f"the {self.label} does not allow token {token} here")
         elif not self._m.consume_token(token):
-            raise GrammarError(f"the grammar engine failed: {self._m.get_error()}")
+            raise self._failed(f"failed on token {token}")
         else:
             self._run = self._after(self._run, token)
+
+    def _failed(self, what: str) -> GrammarError:
+        """The engine's failure as a GrammarError naming the grammar (its internals are logged)."""
+        log.warning("the %s %s: %s", self.label, what, self._m.get_error())
+        return GrammarError(f"the {self.label} {what}")
 
     def draft_masks(self, tokens: list[int]) -> list[bytes]:
         """With k = how many leading `tokens` the grammar accepts in sequence, the k + 1 masks
@@ -323,7 +380,7 @@ class Matcher:
                 if t in self.stop_ids:
                     self._stopped = True
                 elif not self._m.consume_token(t):
-                    raise GrammarError(f"the grammar engine failed: {self._m.get_error()}")
+                    raise self._failed(f"failed on draft token {t}")
                 else:
                     consumed += 1
                     self._run = self._after(self._run, t)
@@ -331,7 +388,7 @@ class Matcher:
         finally:
             self._stopped, self._run = stopped, run
             if consumed and not self._m.rollback(consumed):
-                raise GrammarError(f"the grammar engine could not roll back: {self._m.get_error()}")
+                raise self._failed("could not take back the draft tokens")
         return masks
 
 

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from inference.grammar import GrammarError
 from peers.api.asks import Ask, admit, chat_grammar, max_tokens_for, run_specs
 from peers.api.door import ApiPeer
 from peers.api.events import Event
@@ -168,6 +169,8 @@ class OpenAIDoor:
         rid = ("chatcmpl-" if ask.chat else "cmpl-") + uuid.uuid4().hex[:24]
         shape = Shape(rid, node.served_model, ask.chat, node.tokenizer, ask.logprobs, list(ask.tools))
         events = merged([r.events() for r in runs], ask.best_of or req.n)
+        if ask.grammar is not None:
+            events = grammar_failures_named(events, grammar_param(req))
         return Answer(req, ask, runs, shape, events, release, request)
 
     async def respond(self, answer: Answer) -> Response | dict:
@@ -223,6 +226,24 @@ async def whole(answer: Answer) -> Response | dict:
         if ask.echo:
             choice.echo = ask.echo[k // req.n]
     return answer.shape.whole(choices, usage(answer.runs))
+
+
+def grammar_param(req: GenerationRequest) -> str:
+    """The parameter that set a request's grammar: its response_format, or its forced tools."""
+    fmt = req.response_format if isinstance(req, ChatRequest) else None
+    return "response_format" if fmt is not None and fmt.type != "text" else "tool_choice"
+
+
+async def grammar_failures_named(events: AsyncIterator[Event], param: str) -> AsyncIterator[Event]:
+    """`events`; a grammar that fails while generating (GrammarError) ends them as a 400 that
+    names `param`, the request's grammar (an error event once a stream has started)."""
+    try:
+        async for event in events:
+            yield event
+    except GrammarError as e:
+        raise InvalidRequest(f"{param}: {e}", param=param, code="grammar_failed") from None
+    finally:
+        await events.aclose()
 
 
 def _once(fn: Callable[[], None]) -> Callable[[], None]:
