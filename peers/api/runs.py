@@ -14,6 +14,7 @@ from peers.api.textstream import TextStream
 from peers.api.tools import repeats_a_call
 from peers.entry.consensus import checked_generate, verified_generate
 from peers.entry.generation import Token, generate
+from peers.entry.routes import checked_by_a_second_route
 from peers.entry.steering import Steering
 from peers.transport.frames import Sampling
 
@@ -166,6 +167,8 @@ class Run:
     def _generation(self) -> AsyncIterator[list[Token]]:
         spec = self.spec
         args = (self.node, spec.prompt_ids, spec.max_tokens, spec.sampling, spec.stop_ids, spec.n)
+        if spec.verify and checked_by_a_second_route(self.node, spec.prompt_ids):
+            return checked_generate(*args, routes=2, steering=spec.steering)  # a chain checks a long hop
         if spec.verify:
             return verified_generate(*args, steering=spec.steering)
         if spec.routes > 1:

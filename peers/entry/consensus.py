@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from peers.entry.generation import generate
 from peers.entry.peer import EntryPeer
 from peers.entry.prefix import routing_key
-from peers.entry.referee import Start, referee_routes
+from peers.entry.referee import Judge, Start, referee_routes
 from peers.entry.routes import peers_of, planned_route
 from peers.entry.runner import (
     Comparison,
@@ -74,13 +74,22 @@ class Consensus:
         groups = group_by_step(self.runners, self.greedy)
         if len(groups) > 1:
             stats.disagreements += 1
-            self.runners = await decide(self.node, self.runners, groups, self.start, self.greedy)
+            self.runners = await decide(
+                self.node, self.runners, groups, self.start, self.greedy, self.judge()
+            )
         tokens = self.runners[0].tokens
         assert tokens is not None
         for seq, tok in zip(self.history, tokens, strict=True):
             seq.append(tok.token)
         await self._replace_others([t.token for t in tokens])
         return tokens
+
+    def judge(self) -> Judge | None:
+        """--self-referee: this entry recomputes a disputed boundary on the agreed sequences."""
+        if not self.node.config.self_referee:
+            return None
+        rows = [self.request.prompt_ids + h for h in self.history]
+        return lambda end: self.node.judge(rows, end)
 
     async def _replace_others(self, ids: list[int]) -> None:
         for runner in [r for r in self.runners if r.ids != ids]:
@@ -198,23 +207,31 @@ def evidence(
 
 
 async def decide(
-    node: EntryPeer, runners: list[Runner], groups: list[list[int]], start: Start, greedy: bool
+    node: EntryPeer,
+    runners: list[Runner],
+    groups: list[list[int]],
+    start: Start,
+    greedy: bool,
+    judge: Judge | None = None,
 ) -> list[Runner]:
     """Routes disagreed on a step: the majority (or, with no majority, a referee route that
-    avoids every suspect) decides; the minority's suspects are convicted and its routes closed.
-    Returns the runners to go on with, one that computed the step right first."""
+    avoids every suspect, else `judge`: this entry itself) decides; the minority's suspects are
+    convicted and its routes closed. Returns the runners to go on with, one that computed the
+    step right first."""
     groups = sorted(groups, key=len, reverse=True)
     keep: list[Runner] = []
+    votes = len(groups[0])
     if len(groups[0]) * 2 > len(runners) and independent(runners, groups[0], greedy):
         winners = groups[0]
-    else:  # no majority: a referee decides
-        verdict = await referee_routes(runners, groups, start, greedy)
-        winners, keep = verdict.winners, [verdict.referee]
+    else:  # no majority: a referee decides (a route, or this entry itself)
+        verdict = await referee_routes(runners, groups, start, greedy, judge)
+        winners, keep = verdict.winners, [verdict.referee] if verdict.referee else []
+        votes = len(winners) + 1
     right = runners[winners[0]]
     for i, runner in enumerate(runners):
         if i not in winners:
             where = same_step(runner.result, right.result, greedy)
-            convict_minority(node, runner, right, where, len(winners) + len(keep))
+            convict_minority(node, runner, right, where, votes)
             await runner.close()
     return [runners[i] for i in winners] + keep
 

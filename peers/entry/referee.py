@@ -3,11 +3,11 @@ that avoids every suspect recomputes the step (or, with --self-referee and no su
 entry recomputes the disputed layers itself); the side it contradicts is convicted."""
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from peers.entry.peer import EntryPeer
-from peers.entry.runner import Runner, same_step, suspects
+from peers.entry.runner import Runner, boundaries, same_step, suspects
 from peers.entry.session import Token
 from peers.swarm.commitments import Commitment, agree
 from peers.transport.errors import SwarmUnavailable
@@ -15,27 +15,31 @@ from peers.transport.errors import SwarmUnavailable
 log = logging.getLogger("layerswarm.verify")
 
 Start = Callable[..., Runner]  # starts a runner from the agreed tokens, avoiding the peers given
+Judge = Callable[[int], Awaitable[Commitment]]  # --self-referee: this entry's own output at a boundary
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """A referee route's decision between routes: the indices of the runners it agrees with,
-    and the referee's runner (to go on with)."""
+    """A referee's decision between routes: the indices of the runners it agrees with, and the
+    referee's runner (to go on with; None where this entry decided itself)."""
 
     winners: list[int]
-    referee: Runner
+    referee: Runner | None
 
 
 async def referee_routes(
-    runners: list[Runner], groups: list[list[int]], start: Start, greedy: bool
+    runners: list[Runner], groups: list[list[int]], start: Start, greedy: bool, judge: Judge | None = None
 ) -> Verdict:
     """Routes disagree with no majority: a route that avoids every suspect recomputes the step
-    and sides with one group (SwarmUnavailable: no such route, or it sides with none)."""
+    and sides with one group; with no such route, `judge` (--self-referee) recomputes the first
+    disputed boundary here (SwarmUnavailable: nobody can decide, or the referee sides with none)."""
     accused: set[str] = set()
+    first = None
     for i, a in enumerate(runners):
         for b in runners[i + 1 :]:
             where = same_step(a.result, b.result, greedy)
             if not where.agree:
+                first = first or where
                 accused |= {h.peer_id for h in suspects(a.route, b.route, where)}
                 accused |= {h.peer_id for h in suspects(b.route, a.route, where)}
     referee = start(accused, strict=True)
@@ -44,15 +48,33 @@ async def referee_routes(
             raise SwarmUnavailable("the referee route produced nothing")
     except SwarmUnavailable as e:
         await referee.close()
+        if judge is not None and first is not None:
+            return await judged(runners, groups, judge, first.end)
         raise SwarmUnavailable(
             f"verification failed: routes disagree (suspects {', '.join(sorted(accused))}) and no "
-            f"other replica of their layers can decide: {e}"
+            f"other replica of their layers can decide (an entry started with --self-referee decides "
+            f"itself): {e}"
         ) from None
     agreeing = [g for g in groups if same_step(runners[g[0]].result, referee.result, greedy).agree]
     if not agreeing:
         await referee.close()
         raise SwarmUnavailable("verification failed: three routes computed three different steps")
     return Verdict(agreeing[0], referee)
+
+
+async def judged(runners: list[Runner], groups: list[list[int]], judge: Judge, end: int) -> Verdict:
+    """This entry recomputes layers 0:end itself and sides with the one group whose commitment
+    at `end` agrees (SwarmUnavailable: none, or several)."""
+    mine = await judge(end)
+    agreeing = [
+        g for g in groups if (c := boundaries(runners[g[0]].result).get(end)) is not None and agree(mine, c)
+    ]
+    if len(agreeing) != 1:
+        raise SwarmUnavailable(
+            f"verification failed: routes disagree on layers up to {end} and this entry's own "
+            f"computation agrees with {len(agreeing)} of them"
+        )
+    return Verdict(agreeing[0], None)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 shadows that recompute a route's hops, and the entry's Reputation (whom to avoid)."""
 
 from peers.entry.peer import EntryPeer
+from peers.entry.prefix import routing_key
 from peers.swarm.routing import NoRouteError, plan_route, unchecked_hops, weight
 from peers.transport.frames import MAX_SHADOWS, Hop
 
@@ -76,6 +77,16 @@ def unshadowed(node: EntryPeer, key: str, route: list[Hop], exclude: set[str]) -
     peers = [p for p in node.table.serving(node.model_id) if p.peer_id not in exclude]
     alone = {h.peer_id for h in unchecked_hops(peers, route, node.total_layers)}
     return [h for h in route if (h.start, h.end) not in shadowed and h.peer_id not in alone]
+
+
+def checked_by_a_second_route(node: EntryPeer, prompt_ids: list[int]) -> bool:
+    """Whether a checked request of this prompt needs a second route: its route has a hop that
+    no single replica can shadow but a chain of other peers covers (a peer announcing a long
+    span is recomputed by the peers of shorter ones)."""
+    key = routing_key(prompt_ids)
+    exclude = banned_now(node)
+    route = planned_route(node, key, set())
+    return route is not None and bool(unshadowed(node, key, route, exclude))
 
 
 def unchecked_layers(node: EntryPeer, route: list[Hop]) -> list[tuple[int, int]]:

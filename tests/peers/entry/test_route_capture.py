@@ -1,0 +1,32 @@
+"""Route capture: a stranger announcing a long span wins routes by its length (one hop beats
+several). In an open swarm such a hop is checked by the chain of shorter peers it shortcuts (a
+second route, with this entry deciding a disagreement where no third route exists), so a lying
+joiner is convicted instead of answering every checked user."""
+
+from tests.peers.processes import wait_until
+from tests.peers.swarm.test_commitments import TAMPERED_WEIGHTS, complete, texts
+
+PROMPTS = [f"capture {i}: {'klmnopqrst'[i % 10] * (1 + i % 3)}" for i in range(8)]
+
+
+def test_a_full_span_joiner_is_checked_by_the_chain_it_shortcuts(tiny_llama, make_swarm):
+    """An entry 0:1 (--verify-rate 1, --self-referee), a chain 1:2, 2:3, 3:4 and a lying joiner
+    1:4 (tampered weights): unchecked requests take the joiner's one hop and get its text; every
+    checked request equals the monolithic model's, and the joiner is convicted."""
+    expected = texts(tiny_llama, PROMPTS, 8)
+    s = make_swarm(tiny_llama)
+    entry = s.add("0:1", args=["--verify-rate", "1", "--self-referee"])
+    chain = [s.add("1:2"), s.add("2:3"), s.add("3:4")]
+    joiner = s.add("1:4", patch=TAMPERED_WEIGHTS)
+    s.wait_ready()
+    size = len(s.peers)
+    serving = lambda p: sum(r["vouched"] and r["status"] == "serving" for r in p.table()["peers"])  # noqa: E731
+    wait_until(lambda: serving(entry) == size and serving(chain[-1]) == size, 60, s._why)
+
+    unchecked = [complete(chain[-1], p, 8) for p in PROMPTS]  # its verify rate is 0 on loopback
+    assert sum(u != e for u, e in zip(unchecked, expected, strict=True)) > 0  # the joiner captured them
+
+    assert [complete(entry, p, 8) for p in PROMPTS] == expected
+    stats = entry.health()["verification"]
+    assert set(stats["convicted"]) == {joiner.peer_id}, stats
+    assert stats["requests"] == len(PROMPTS), stats
