@@ -6,12 +6,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from contextvars import ContextVar
 from dataclasses import replace
 
 import torch
 
 from inference import Block, CacheFullError, RequestTooLarge, SessionError
 from inference.jobs import Busy, Job, NonFinite, Sampled
+from inference.kv_cache import LOCAL, Sender
 from inference.prefix_cache import BLOCK_TOKENS
 from inference.scheduler import Scheduler
 from peers.swarm.commitments import (
@@ -36,6 +38,9 @@ log = logging.getLogger("layerswarm.peer")
 
 MAX_STEP_BATCH = 64  # sequences in one step (an OpenAI request asks for at most 16)
 MAX_SESSION_ID = 128  # characters
+# who sent the step this task runs (set per frame by the /swarm/steps handler; this process's
+# own steps are LOCAL): the sessions it opens count against that sender's KV share
+STEP_SENDER: ContextVar[Sender] = ContextVar("step_sender", default=LOCAL)
 
 # the compute's errors and the reasons a failed hop gives for them (a ValueError: the sender's
 # step does not fit these layers)
@@ -279,6 +284,7 @@ class HopRunner:
             commit=bool(req.verify),
             draft=req.draft,
             controls=req.controls if last else (),
+            sender=STEP_SENDER.get(),
         )
         try:
             out = await self.scheduler.run(job)

@@ -1,15 +1,20 @@
 """The swarm protocol's routes (/swarm/*): steps, direct-return results, progress probes, closing a
 session, gossip and the table. Each answers in the protocol's own JSON; a bad message is the
-sender's mistake (400, `bad_request`), and one frame's failure never fails the others."""
+sender's mistake (400, `bad_request`), and one frame's failure never fails the others. A step's
+sender is its remote host, vouched for where a vouched peer of the table lives there."""
 
 import asyncio
+import ipaddress
 import logging
+import socket
 import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from inference.kv_cache import Sender
 from peers.api.openai_routes import unless_gone
+from peers.hop import STEP_SENDER
 from peers.node import PeerNode
 from peers.swarm.gossip import PATH_GOSSIP
 from peers.swarm.routing import coverage, gaps
@@ -30,6 +35,7 @@ from peers.transport.results import failure_body, outcome_of, step_error_body, s
 
 log = logging.getLogger("layerswarm.server")
 DECODE_OFF_LOOP_BYTES = 1 << 20  # a larger message is decoded in a thread, not on the event loop
+VOUCHED_HOSTS_S = 2.0  # the hosts of vouched peers are read from the table at most this often
 
 
 class SwarmRoutes:
@@ -37,6 +43,8 @@ class SwarmRoutes:
 
     def __init__(self, node: PeerNode):
         self.node = node
+        self._vouched_hosts: frozenset[str] = frozenset()
+        self._hosts_read_at = float("-inf")
 
     def router(self) -> APIRouter:
         router = APIRouter()
@@ -62,14 +70,16 @@ class SwarmRoutes:
             return JSONResponse(step_error_body(str(e), None, "bad_request"), status_code=400)
         self.node.hop_times.add("read_body", t1 - t0, len(reqs))
         self.node.hop_times.add("decode", time.perf_counter() - t1, len(reqs))
-        task = asyncio.ensure_future(asyncio.gather(*(self.run(r) for r in reqs)))
+        sender = await self.sender_of(request)
+        task = asyncio.ensure_future(asyncio.gather(*(self.run(r, sender) for r in reqs)))
         if not await unless_gone(task, request, "its steps"):  # the sender gave up: so does this peer
             return Response(status_code=499)
         return JSONResponse({"results": list(task.result())})
 
-    async def run(self, req: StepRequest) -> dict:
+    async def run(self, req: StepRequest, sender: Sender) -> dict:
         """One frame of a message: its result, its acceptance (direct return) or its failure."""
         REQUEST_ID.set(req.request_id)  # (this frame's own task: its logs carry the request's id)
+        STEP_SENDER.set(sender)  # (and the sessions it opens count against its sender)
         try:
             if req.reply_to is not None:  # returned directly: answered once checked and taken on
                 await self.node.accept_step(req)
@@ -80,6 +90,24 @@ class SwarmRoutes:
         except Exception as e:  # one frame's bug must not fail the others of its message
             log.exception("step failed")
             return step_error_body(f"{type(e).__name__}: {e}", self.node.peer_id, "failed")
+
+    async def sender_of(self, request: Request) -> Sender:
+        """Who sent a steps message: its remote host (a frame does not say who sent it), vouched
+        for in a private swarm (every request is signed by a member) or where a vouched peer of
+        this peer's table has its address."""
+        peer = request.client.host if request.client else ""
+        host = canonical_host(peer) or peer
+        if self.node.config.swarm_key is not None:
+            return Sender(f"host:{host}", vouched=True)
+        now = time.monotonic()
+        if now - self._hosts_read_at > VOUCHED_HOSTS_S:
+            self._hosts_read_at, t = now, self.node.table
+            hosts = {e.address.rpartition(":")[0].strip("[]") for e in t.live() if t.vouched(e.peer_id)}
+            names = {h for h in hosts if canonical_host(h) is None}
+            if names:  # (a name is resolved off the event loop)
+                hosts |= await asyncio.to_thread(resolved, names)
+            self._vouched_hosts = frozenset(filter(None, map(canonical_host, hosts)))
+        return Sender(f"host:{host}", vouched=host in self._vouched_hosts)
 
     async def results(self, body: dict) -> Response:
         """Direct return: results (or failures) of this entry's steps, from a peer of their route."""
@@ -128,3 +156,24 @@ class SwarmRoutes:
             "gaps": gaps(counts),
             "declared_dead": [list(d) for d in t.deaths],
         }
+
+
+def canonical_host(host: str) -> str | None:
+    """An IP address as one spelling (an IPv4-mapped IPv6 address as IPv4); None for a name."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return str(mapped or ip)
+
+
+def resolved(names: set[str]) -> set[str]:
+    """The addresses the host names resolve to (those that do not resolve are left out)."""
+    out: set[str] = set()
+    for name in names:
+        try:
+            out |= {info[4][0] for info in socket.getaddrinfo(name, None)}
+        except OSError:
+            continue
+    return out
