@@ -71,7 +71,7 @@ class Bans:
 class Claim:
     """`reporter` says that `named` failed (a HopFailed `reason` and its `message`)."""
 
-    reporter: str
+    reporter: str  # "" where nothing says who (an unsigned report that came by direct return)
     named: str
     reason: str
     message: str
@@ -114,6 +114,8 @@ class Claims:
             self.upheld += 1
             return self.false.get(claim.reporter, 0)
         self.refuted += 1
+        if not claim.reporter:
+            return 0
         self.false[claim.reporter] = self.false.pop(claim.reporter, 0) + 1
         while len(self.false) > MAX_CLAIMANTS:
             self.false.popitem(last=False)
@@ -183,6 +185,9 @@ class Reputation:
         false_claims = self.claims.settle(claim, held_up)
         if held_up:
             return claim.named, self._ban(claim.named)
+        if not claim.reporter:  # (an unsigned report in a results message: nobody to hold to it)
+            log.warning("an unsigned report that peer %s failed, but it answers: nobody banned", claim.named)
+            return "", 0.0
         seconds = min(self.bans.max_s, self.bans.first_s * 2 ** min(false_claims - 1, 32))
         self.bans.convict(claim.reporter, seconds)
         log.warning(

@@ -96,8 +96,8 @@ def reporter_of(
     failure: HopFailed, session_id: str, public_key_of: Callable[[str], str | None]
 ) -> str | None:
     """Who reports `failure`: the peer it says reported it, if that peer signed it for this
-    session; else the peer whose reply carried it (a reporter speaks only for itself); None
-    where this peer found it itself."""
+    session; else the peer whose reply carried it (a reporter speaks only for itself), or
+    UNKNOWN_SENDER where a results message carried it; None where this peer found it itself."""
     by = failure.reported_by
     key = public_key_of(by) if by is not None else None
     message = report_message(session_id, failure.peer_id, failure.reason, by) if by is not None else b""
@@ -119,16 +119,24 @@ def parse_steps_reply(r: httpx.Response, peer_id: str, count: int) -> list[StepR
             raise ValueError(f"{count} results expected")
     except (ValueError, KeyError, TypeError) as e:
         return [HopFailed(peer_id, f"a steps reply that does not fit its message: {e}")] * count
-    return [outcome_of(item, peer_id) for item in items]
+    return [_outcome(item, peer_id, peer_id) for item in items]
 
 
 ACCEPTED = StepResult([], [])  # a step returned directly, checked and taken on by the next hop
+UNKNOWN_SENDER = ""  # who carried a failure in a results message, as far as this peer can tell
 
 
 def outcome_of(item, peer_id: str) -> StepResult | HopFailed:
-    """One step's result, or its failure, from a reply or a results message sent by `peer_id`."""
+    """One step's result, or its failure, from a results message that says it comes from
+    `peer_id` (direct return): nothing proves that it does, so a failure names its reporter only
+    by its own signature (reporter_of gives UNKNOWN_SENDER for one without)."""
+    return _outcome(item, peer_id, UNKNOWN_SENDER)
+
+
+def _outcome(item, peer_id: str, answered_by: str) -> StepResult | HopFailed:
     try:
-        return _parse(item, 200 if isinstance(item, dict) and "error" not in item else 502, peer_id)
+        status = 200 if isinstance(item, dict) and "error" not in item else 502
+        return _parse(item, status, peer_id, answered_by)
     except HopFailed as e:
         return e
 
@@ -138,10 +146,10 @@ def parse_step_reply(r: httpx.Response, peer_id: str) -> StepResult:
         data = r.json()
     except ValueError:
         raise HopFailed(peer_id, f"status {r.status_code} with a body that is not JSON") from None
-    return _parse(data, r.status_code, peer_id)
+    return _parse(data, r.status_code, peer_id, peer_id)
 
 
-def _parse(data, status: int, peer_id: str) -> StepResult:
+def _parse(data, status: int, peer_id: str, answered_by: str) -> StepResult:
     if status != 200:
         err = data.get("error", {}) if isinstance(data, dict) else {}
         err = err if isinstance(err, dict) else {"message": str(err)}
@@ -153,7 +161,7 @@ def _parse(data, status: int, peer_id: str) -> StepResult:
         by, signature = err.get("reported_by"), err.get("signature")
         by = by if isinstance(by, str) and 0 < len(by) <= MAX_REPORTER_CHARS else None
         signature = signature if isinstance(signature, str) and len(signature) == SIGNATURE_CHARS else ""
-        raise HopFailed(failed, detail, reason, reported_by=by, signature=signature, answered_by=peer_id)
+        raise HopFailed(failed, detail, reason, reported_by=by, signature=signature, answered_by=answered_by)
     if isinstance(data, dict) and data.get("accepted") is True:
         return ACCEPTED
     try:

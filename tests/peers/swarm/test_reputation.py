@@ -165,3 +165,11 @@ def test_false_claims_are_remembered_for_a_bounded_number_of_reporters():
     claim = Claim("r9", "named", "failed", "")
     rep.on_claim(claim)
     assert rep.claim_settled(claim, held_up=False) == ("r9", 20)  # a remembered one still doubles
+
+
+def test_a_false_claim_that_nobody_signed_bans_nobody():
+    rep, table, _ = reputation(FakeClock(), named=1)
+    claim = Claim("", "named", "failed", "peer named failed: refused")
+    assert rep.on_claim(claim) and rep.banned_now() == {"", "named"}
+    assert rep.claim_settled(claim, held_up=False) == ("", 0.0)
+    assert rep.banned_now() == set() and table.reported == [] and rep.claims.false == {}

@@ -1,16 +1,19 @@
 """A step's result and its failure, encoded and decoded in one module (peers/transport/results.py):
 round trips, and blame carried as fields, never parsed out of a message."""
 
+import httpx
 import pytest
 
 from peers.swarm.identity import Identity
 from peers.transport.errors import HopFailed
 from peers.transport.results import (
     ACCEPTED,
+    UNKNOWN_SENDER,
     StepResult,
     attest,
     failure_body,
     outcome_of,
+    parse_steps_reply,
     reporter_of,
     results_message,
     step_error_body,
@@ -88,21 +91,29 @@ def keys_of(*identities: Identity):
     return keys.get
 
 
+def replied(body: dict, sender: str) -> HopFailed:
+    """A failure as it comes back in a steps reply from `sender` (nested: the peer that answered
+    is the one this peer sent the step to)."""
+    return parse_steps_reply(httpx.Response(200, json={"results": [body]}), sender, 1)[0]
+
+
 def test_a_signed_report_names_its_reporter_wherever_it_travels():
     """b reports that c failed, signed; a relays it to the entry: the reporter is b, not a."""
     a, b = Identity.generate(), Identity.generate()
     report = attest(HopFailed("c", "ConnectError: refused"), b, "s1")
     assert (report.reported_by, len(report.signature)) == (b.peer_id, 86)
-    relayed = attest(outcome_of(failure_body(report), b.peer_id), a, "s1")  # a keeps b's report
-    at_entry = outcome_of(failure_body(relayed), a.peer_id)
+    relayed = attest(replied(failure_body(report), b.peer_id), a, "s1")  # a keeps b's report
+    at_entry = replied(failure_body(relayed), a.peer_id)
     assert (at_entry.peer_id, at_entry.reported_by, at_entry.answered_by) == ("c", b.peer_id, a.peer_id)
     assert reporter_of(at_entry, "s1", keys_of(a, b)) == b.peer_id
+    direct = outcome_of(failure_body(report), "anyone")  # by direct return: the same reporter
+    assert reporter_of(direct, "s1", keys_of(a, b)) == b.peer_id
 
 
 def test_a_reporter_speaks_only_for_itself():
     """A report that names a reporter without its signature for this session is the report of
-    the peer whose reply carried it: nobody can lay a claim (or a failure of its own) at
-    another peer's door."""
+    the peer whose reply carried it, and of nobody known where a results message carried it (its
+    `from` proves nothing): nobody can lay a claim, or a failure of its own, at another's door."""
     a, b, c = Identity.generate(), Identity.generate(), Identity.generate()
     keys = keys_of(a, b, c)
     signed = attest(HopFailed("c", "refused"), b, "s1")
@@ -112,20 +123,20 @@ def test_a_reporter_speaks_only_for_itself():
         step_error_body("x", "c", "failed", "refused", c.peer_id, signed.signature),  # b's, as c's
         step_error_body("x", "c", "failed", "refused", "unknown", signed.signature),  # nobody's key
         step_error_body("x", "c", "busy", "refused", b.peer_id, signed.signature),  # another reason
+        step_error_body("x", "a", "failed", "refused"),  # a failure of a's own, said by someone
     ]
     for body in forged:
-        assert reporter_of(outcome_of(body, a.peer_id), "s1", keys) == a.peer_id, body
-    assert (
-        reporter_of(outcome_of(failure_body(signed), a.peer_id), "s2", keys) == a.peer_id
-    )  # another session
-    assert reporter_of(outcome_of(failure_body(signed), a.peer_id), "s1", keys) == b.peer_id
+        assert reporter_of(replied(body, a.peer_id), "s1", keys) == a.peer_id, body
+        assert reporter_of(outcome_of(body, a.peer_id), "s1", keys) == UNKNOWN_SENDER, body
+    assert reporter_of(replied(failure_body(signed), a.peer_id), "s2", keys) == a.peer_id  # another session
+    assert reporter_of(replied(failure_body(signed), a.peer_id), "s1", keys) == b.peer_id
 
 
 def test_a_failure_found_here_has_no_reporter_and_odd_fields_are_dropped():
     assert reporter_of(HopFailed("c", "no answer within 4.0 s"), "s1", lambda p: None) is None
     body = step_error_body("x", "c", "failed", "why", "r" * 65, "sig")  # too long an id, a short signature
-    outcome = outcome_of(body, "a")
+    outcome = replied(body, "a")
     assert (outcome.reported_by, outcome.signature, outcome.answered_by) == (None, "", "a")
     body["error"]["reported_by"], body["error"]["signature"] = ["b"], 7  # not strings
-    outcome = outcome_of(body, "a")
+    outcome = replied(body, "a")
     assert (outcome.reported_by, outcome.signature) == (None, "")
