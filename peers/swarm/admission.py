@@ -1,6 +1,7 @@
-"""What a table takes from strangers: new entries per source per minute (a token bucket each), and
-which unvouched entry gives way when their budget is full (one whose dial-back failed, else the
-oldest of the source holding the most), so that no one source crowds out the others."""
+"""What a table takes from strangers: entries of peers not vouched for, per source per minute (a
+token bucket each), and which unvouched entry gives way when their budget is full (one whose
+dial-back failed, else the oldest of the source holding the most), so that no one source crowds
+out the others."""
 
 import time
 from collections import OrderedDict
@@ -12,7 +13,7 @@ NEW_ENTRIES_PER_SOURCE_PER_MINUTE = 256  # also the burst: a newcomer learns a s
 MAX_SOURCES = 4096  # buckets kept; the least recently used is forgotten first
 
 # why an entry was not taken, or was let go (Table.dropped)
-DROP_RATE = "rate"  # its source sent more new entries than its share per minute
+DROP_RATE = "rate"  # its source sent more entries of strangers than its share per minute
 DROP_FULL = "full"  # no room in the unvouched budget, and its source holds its fair share
 DROP_EVICTED = "evicted"  # an unvouched entry that gave way to another source's
 DROP_EXPIRED = "expired"  # an unvouched entry that stayed unvouched too long
@@ -20,8 +21,9 @@ DROP_REASONS = (DROP_RATE, DROP_FULL, DROP_EVICTED, DROP_EXPIRED)
 
 
 class SourceBuckets:
-    """A token bucket per source (a remote host): each new entry a source brings takes a token;
-    `per_minute` tokens come back in a minute, up to `per_minute` held."""
+    """A token bucket per source (a remote host): each entry of a peer not vouched for that a
+    source brings (new, or news of it) takes a token; `per_minute` tokens come back in a minute,
+    up to `per_minute` held."""
 
     def __init__(
         self,
@@ -36,6 +38,11 @@ class SourceBuckets:
         self.capacity, self.rate_per_s = float(per_minute), per_minute / 60.0
         self.clock, self.max_sources = clock, max_sources
         self._levels: OrderedDict[str, tuple[float, float]] = OrderedDict()  # source -> (tokens, at)
+
+    def available(self, source: str) -> int:
+        """How many tokens `source` holds now (none taken)."""
+        tokens, at = self._levels.get(source, (self.capacity, self.clock()))
+        return int(min(self.capacity, tokens + (self.clock() - at) * self.rate_per_s))
 
     def take(self, source: str) -> bool:
         """Take one token of `source`'s (False, and nothing taken, when it has none left)."""
@@ -56,7 +63,7 @@ class Candidate:
     peer_id: str
     source: str
     added_at: float  # when this table first took it
-    failures: int  # dial-backs of its address that it did not answer as itself
+    failures: int  # dial-backs of its address it did not answer as itself (a death found here: one)
     address: str = ""
     dialled_at: float | None = None  # when this peer last dialled its address
 

@@ -141,7 +141,7 @@ class Gossip:
     def _take(self, message: dict, source: str) -> None:
         """Merge a gossip message (request or reply) from `source`: everything is checked for form
         first, so that an invalid one (ValueError) merges nothing."""
-        entries = parse_entries(message["entries"])
+        entries = parse_entries(message["entries"], keep=self.table.screen(source))
         accusations = self.accusations.parse(message.get("accusations", []))
         self.table.merge(entries, source)
         self.accusations.take(accusations, self.table.me.peer_id)

@@ -34,46 +34,31 @@ from peers.swarm.record import (
     DEAD,
     JOINING,
     LEAVING,
-    MAX_CLOCK_AHEAD_S,
-    MAX_COUNTER,
     MAX_ENTRIES_PER_MESSAGE,
-    MAX_LAYERS,
     MAX_LINKS,
-    MAX_MODEL_ID,
     MAX_MS,
     MAX_TABLE_ENTRIES,
-    MAX_WIRE_NAME,
-    MAX_WIRE_NAMES,
     SERVING,
-    STATES,
     PeerRecord,
-    check_address,
     new_incarnation,
     parse_entries,
+    supersedes,
 )
 
 __all__ = [  # the record's names stay importable from here, where the table that holds them lives
     "DEAD",
     "JOINING",
     "LEAVING",
-    "MAX_CLOCK_AHEAD_S",
-    "MAX_COUNTER",
     "MAX_ENTRIES_PER_MESSAGE",
-    "MAX_LAYERS",
     "MAX_LINKS",
-    "MAX_MODEL_ID",
     "MAX_MS",
     "MAX_TABLE_ENTRIES",
     "MAX_UNVOUCHED_ENTRIES",
     "UNVOUCHED_DIALS_PER_ROUND",
-    "MAX_WIRE_NAME",
-    "MAX_WIRE_NAMES",
     "SERVING",
-    "STATES",
     "GossipSettings",
     "PeerRecord",
     "Table",
-    "check_address",
     "new_incarnation",
     "parse_entries",
     "supersedes",
@@ -102,16 +87,6 @@ class GossipSettings:
                 "gossip timings must satisfy interval_s < suspect_after_s < dead_after_s < tombstone_s, "
                 f"got {self.interval_s}, {self.suspect_after_s}, {self.dead_after_s}, {self.tombstone_s}"
             )
-
-
-def supersedes(new: PeerRecord, old: PeerRecord) -> bool:
-    """Whether gossip of `new` replaces `old` (same peer): a later life wins; within one life
-    its own tombstone is final, otherwise the later heartbeat wins."""
-    if new.incarnation != old.incarnation:
-        return new.incarnation > old.incarnation
-    if old.state == DEAD:
-        return False
-    return new.state == DEAD or new.heartbeat > old.heartbeat
 
 
 @dataclass
@@ -201,7 +176,8 @@ class Table:
 
     def _admit(self, entries: list[PeerRecord], source: str) -> tuple[list[PeerRecord], set[str]]:
         """The entries of a message to take, and the unvouched peers that give way for them: news
-        of known peers is taken; a new peer needs a token of `source`'s and room (peers/swarm/admission.py)."""
+        of peers vouched for is taken; news of another peer takes a token of `source`'s, and a
+        new peer room too (peers/swarm/admission.py)."""
         taken, new, evicted = [], {}, set()
         budget = None
         for entry in entries:
@@ -212,20 +188,45 @@ class Table:
                 continue
             if not self._news(entry):
                 continue
-            if entry.peer_id != self.me.peer_id and entry.peer_id not in self._peers:
+            if not self._vouched_here(entry.peer_id):
                 if not self.buckets.take(source):
                     self.dropped[DROP_RATE] += 1
                     continue
-                budget = budget or self._budget()
-                fits, victim = budget.room_for(source)
-                if not fits:
-                    self.dropped[DROP_FULL] += 1
-                    continue
-                if victim is not None:
-                    evicted.add(victim)
-                new[entry.peer_id] = entry
+                if entry.peer_id not in self._peers:
+                    budget = budget or self._budget()
+                    fits, victim = budget.room_for(source)
+                    if not fits:
+                        self.dropped[DROP_FULL] += 1
+                        continue
+                    if victim is not None:
+                        evicted.add(victim)
+                    new[entry.peer_id] = entry
             taken.append(entry)
         return taken, evicted
+
+    def _vouched_here(self, peer_id: str) -> bool:
+        """This peer, or one vouched for (as the life the table holds)."""
+        local = self._peers.get(peer_id)
+        return peer_id == self.me.peer_id or (local is not None and local.is_vouched)
+
+    def screen(self, source: str) -> Callable[[object], bool]:
+        """Which raw entries of a message from `source` are worth reading (parse_entries' `keep`):
+        those of this peer and of peers vouched for, and as many others as `source` holds tokens
+        for; the rest, which merge would drop, are dropped unread (and counted)."""
+        tokens = self.buckets.available(source)
+
+        def keep(item) -> bool:
+            nonlocal tokens
+            peer_id = item.get("peer_id") if isinstance(item, dict) else None
+            if isinstance(peer_id, str) and self._vouched_here(peer_id):
+                return True
+            if tokens < 1:
+                self.dropped[DROP_RATE] += 1
+                return False
+            tokens -= 1
+            return True
+
+        return keep
 
     def _budget(self) -> UnvouchedBudget:
         return UnvouchedBudget(len(self._peers), self._unvouched(), MAX_TABLE_ENTRIES, MAX_UNVOUCHED_ENTRIES)
@@ -233,7 +234,14 @@ class Table:
     def _unvouched(self, live: bool = False) -> list[Candidate]:
         """The entries of other peers not vouched for (only the live ones, with `live`)."""
         return [
-            Candidate(p, local.source, local.since, local.failures, local.entry.address, local.dialled_at)
+            Candidate(
+                p,
+                local.source,
+                local.since,
+                local.failures + local.dead,
+                local.entry.address,
+                local.dialled_at,
+            )
             for p, local in self._peers.items()
             if p != self.me.peer_id and not local.is_vouched and not (live and local.dead)
         ]
@@ -388,8 +396,7 @@ class Table:
     def vouched(self, peer_id: str) -> bool:
         """Whether the peer answered this peer at its address, as the life the table holds (a
         peer only heard of, or one that names another's address, is not routed to)."""
-        local = self._peers.get(peer_id)
-        return peer_id == self.me.peer_id or (local is not None and local.vouched == local.entry.incarnation)
+        return self._vouched_here(peer_id)
 
     # -- reading -----------------------------------------------------------------------------
     def status(self, peer_id: str) -> str | None:

@@ -134,6 +134,16 @@ class PeerRecord:
         )
 
 
+def supersedes(new: PeerRecord, old: PeerRecord) -> bool:
+    """Whether gossip of `new` replaces `old` (same peer): a later life wins; within one life
+    its own tombstone is final, otherwise the later heartbeat wins."""
+    if new.incarnation != old.incarnation:
+        return new.incarnation > old.incarnation
+    if old.state == DEAD:
+        return False
+    return new.state == DEAD or new.heartbeat > old.heartbeat
+
+
 def check_address(value) -> str:
     """A peer's address: host:port and nothing else (no scheme, path, user or query)."""
     if not isinstance(value, str) or len(value) > 262:
@@ -194,9 +204,10 @@ def _int(data: dict, name: str, low: int, high: int) -> int:
     return value
 
 
-def parse_entries(items, now_us: int | None = None) -> list[PeerRecord]:
+def parse_entries(items, now_us: int | None = None, keep=None) -> list[PeerRecord]:
     """The entries of one gossip message (ValueError if it is not a list of valid entries, or
-    longer than MAX_ENTRIES_PER_MESSAGE)."""
+    longer than MAX_ENTRIES_PER_MESSAGE). `keep`, if given, is asked of each raw entry in turn
+    before it is read: one it refuses is skipped unread (see Table.screen)."""
     if not isinstance(items, list):
         raise ValueError("entries must be a list")
     if len(items) > MAX_ENTRIES_PER_MESSAGE:
@@ -206,6 +217,8 @@ def parse_entries(items, now_us: int | None = None) -> list[PeerRecord]:
     now_us = _now_us() if now_us is None else now_us
     out = []
     for i, item in enumerate(items):
+        if keep is not None and not keep(item):
+            continue
         try:
             out.append(PeerRecord.from_json(item, now_us))
         except (ValueError, TypeError) as e:

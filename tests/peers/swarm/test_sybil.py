@@ -137,7 +137,8 @@ def test_1023_sybils_pushed_to_one_peer_do_not_take_the_swarm_down(sybil_ids):
     flood = lambda: net.push(a.table.me.address, sybils(sybil_ids[:1023], next(hb)))  # noqa: E731
     assert flood().status_code == 200  # under the message cap: taken in part, not refused
     dead = net.rounds(clock, 12, rng, between=flood)  # 12 s, twice the silence that declares a death
-    assert dead == [] and net.refused == []
+    honest = {g.table.me.peer_id for g in (a, b, c)}
+    assert honest.isdisjoint(dead) and net.refused == []  # (strangers that fall silent here die here)
     for g in (a, b, c):
         assert len(g.table.outgoing()) <= MAX_ENTRIES_PER_MESSAGE
         assert len(g.table.known()) <= MAX_TABLE_ENTRIES
@@ -167,6 +168,29 @@ def test_new_entries_per_source_are_capped_per_minute_and_only_those_taken_are_v
     assert len(unvouched(t)) == NEW_ENTRIES_PER_SOURCE_PER_MINUTE // 2
     t.merge([entry("x")], "10.0.0.2")  # another source has tokens of its own
     assert t.get(IDS["x"].peer_id) is not None
+
+
+def test_a_source_out_of_tokens_costs_no_parsing_or_verifying(sybil_ids, monkeypatch):
+    """A flood message is read only as far as its source has tokens (the rest would be dropped
+    anyway); news of the strangers already taken (re-signed heartbeats) takes tokens too."""
+    clock = FakeClock(100.0)
+    net, (a, b) = honest_swarm(clock, 2)
+    parsed, verified = [], []
+    real_parse, real_verify = PeerRecord.from_json.__func__, PeerRecord.verify
+    monkeypatch.setattr(
+        PeerRecord, "from_json", classmethod(lambda c, d, n=None: parsed.append(1) or real_parse(c, d, n))
+    )
+    monkeypatch.setattr(PeerRecord, "verify", lambda e: verified.append(1) or real_verify(e))
+    assert net.push(a.table.me.address, sybils(sybil_ids[:1020])).status_code == 200
+    assert len(parsed) == len(verified) == NEW_ENTRIES_PER_SOURCE_PER_MINUTE
+    parsed.clear(), verified.clear()
+    clock.now += 1
+    flood = sybils(sybil_ids[:1020], hb=2)  # the same strangers, re-signed, and news of b
+    assert net.push(a.table.me.address, [entry("h1", b.table.me.address, hb=50), *flood]).status_code == 200
+    tokens_back = int(NEW_ENTRIES_PER_SOURCE_PER_MINUTE / 60)
+    assert len(parsed) == 1 + tokens_back and len(verified) == 1 + tokens_back
+    assert a.table.get(b.table.me.peer_id).heartbeat == 50  # a peer vouched for is always read
+    assert a.table.dropped[DROP_RATE] == 2 * 1020 - NEW_ENTRIES_PER_SOURCE_PER_MINUTE - tokens_back
 
 
 def test_strangers_never_crowd_out_peers_vouched_for(sybil_ids):
