@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 from peers.config import NodeConfig
 from peers.node import PeerNode
 from peers.swarm.commitments import Accusations, VerificationStats
+from peers.swarm.routing import alone, coverage
 from peers.transport.direct import Returns
 from peers.transport.frames import PATH_HEALTH
 
@@ -33,7 +34,12 @@ def health(node: PeerNode) -> dict:
         "cuda_graphs": block.graphs.to_json() if block and block.graphs else None,
         "failovers": node.failovers,
         "tokens_generated": node.metrics.tokens,
-        "verification": verification(config.verify_rate, node.verification, node.accusations),
+        "verification": {
+            **verification(config.verify_rate, node.verification, node.accusations),
+            "unchecked_layers": [
+                list(span) for span in alone(coverage(node.table.serving(node.model_id), node.total_layers))
+            ],
+        },
         "speculation": {"enabled": config.speculative, **node.speculation.to_json()},
         "direct_return": direct_return(config.direct_return, node.returns),
         "hop_path_ms": node.hop_times.to_json(),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from inference.grammar import GrammarError
@@ -25,12 +25,15 @@ from peers.api.shapes import Shape
 from peers.api.sse import Chunks, sse
 from peers.api.tools import chat_messages, template_tools, with_tool_prompt
 from peers.entry.generation import banned_now, current_route
+from peers.entry.prefix import routing_key
+from peers.entry.routes import unchecked_layers
 from peers.swarm.routing import NoRouteError
 from peers.transport.errors import InvalidRequest, SwarmUnavailable
 from peers.transport.logs import RUN_KEY
 
 __all__ = ["OpenAIDoor", "router", "unless_gone"]
 
+UNCHECKED_HEADER = "x-layerswarm-unchecked-layers"  # spans of the route no other peer could recompute
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 
 log = logging.getLogger("layerswarm.api")
@@ -57,6 +60,7 @@ class Answer:
     events: AsyncIterator[Event]
     release: Callable[[], None]  # once, when the response is done
     request: Request
+    headers: dict[str, str]  # the response's own (UNCHECKED_HEADER)
 
     @property
     def prompts(self) -> int:
@@ -161,9 +165,10 @@ class OpenAIDoor:
         before anything is computed)."""
         node = self.node
         try:
-            current_route(node, "probe", banned_now(node))
+            route = current_route(node, routing_key(prompts[0]), banned_now(node))
         except NoRouteError as e:
             raise SwarmUnavailable(str(e)) from None
+        headers = unchecked_header(node, route)
         runs = [Run(node, spec) for spec in run_specs(node, req, ask, prompts, max_tokens)]
         request.scope[RUN_KEY] = Usage(runs)  # its token count goes into the request's log line
         rid = ("chatcmpl-" if ask.chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -171,7 +176,7 @@ class OpenAIDoor:
         events = merged([r.events() for r in runs], ask.best_of or req.n)
         if ask.grammar is not None:
             events = grammar_failures_named(events, grammar_param(req))
-        return Answer(req, ask, runs, shape, events, release, request)
+        return Answer(req, ask, runs, shape, events, release, request, headers)
 
     async def respond(self, answer: Answer) -> Response | dict:
         """The answer, streamed or whole as the request asked."""
@@ -206,6 +211,7 @@ class OpenAIDoor:
                 self.node.config.sse_keepalive_s,
             ),
             media_type="text/event-stream",
+            headers=answer.headers,
             background=BackgroundTask(answer.release),
         )
 
@@ -225,7 +231,18 @@ async def whole(answer: Answer) -> Response | dict:
     for k, choice in enumerate(choices):
         if ask.echo:
             choice.echo = ask.echo[k // req.n]
-    return answer.shape.whole(choices, usage(answer.runs))
+    body = answer.shape.whole(choices, usage(answer.runs))
+    return JSONResponse(body, headers=answer.headers) if answer.headers else body
+
+
+def unchecked_header(node: ApiPeer, route: list) -> dict[str, str]:
+    """UNCHECKED_HEADER where the request's route runs layers that no other serving peer (nor
+    chain of them) could recompute, so that no check but the entry's own (--self-referee) can
+    cover them: their spans, start:end, comma-separated (none: no header)."""
+    spans = unchecked_layers(node, route)
+    if not spans:
+        return {}
+    return {UNCHECKED_HEADER: ",".join(f"{a}:{b}" for a, b in spans)}
 
 
 def grammar_param(req: GenerationRequest) -> str:

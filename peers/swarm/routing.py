@@ -64,6 +64,12 @@ def gaps(counts: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
+def alone(counts: Sequence[int]) -> list[tuple[int, int]]:
+    """Maximal runs [a, b) of layers exactly one peer serves: no replica or chain of others
+    could recompute them, so no check of another peer covers them."""
+    return gaps([0 if n == 1 else 1 for n in counts])
+
+
 def plan_route(
     peers: Sequence[PeerRecord],
     total: int,

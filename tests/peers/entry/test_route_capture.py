@@ -3,6 +3,8 @@ several). In an open swarm such a hop is checked by the chain of shorter peers i
 second route, with this entry deciding a disagreement where no third route exists), so a lying
 joiner is convicted instead of answering every checked user."""
 
+import httpx
+
 from tests.peers.processes import wait_until
 from tests.peers.swarm.test_commitments import TAMPERED_WEIGHTS, complete, texts
 
@@ -30,3 +32,22 @@ def test_a_full_span_joiner_is_checked_by_the_chain_it_shortcuts(tiny_llama, mak
     stats = entry.health()["verification"]
     assert set(stats["convicted"]) == {joiner.peer_id}, stats
     assert stats["requests"] == len(PROMPTS), stats
+
+
+def test_layers_only_one_peer_serves_are_reported_unchecked(tiny_llama, make_swarm):
+    """0:1 and 3:4 have one peer each, 1:3 two: /health names the spans no check can cover, and
+    each response says which of its route's layers were beyond any other peer's check."""
+    s = make_swarm(tiny_llama)
+    entry = s.add("0:1")
+    s.add("1:3")
+    s.add("1:3")
+    s.add("3:4")
+    s.wait_ready()
+    s.wait_route(entry)
+    wait_until(lambda: entry.health()["verification"]["unchecked_layers"] == [[0, 1], [3, 4]], 60, s._why)
+    body = {"model": "llama", "prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0}
+    r = httpx.post(f"{entry.url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.headers["x-layerswarm-unchecked-layers"] == "0:1,3:4", r.headers
+    with httpx.stream("POST", f"{entry.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        assert r.headers["x-layerswarm-unchecked-layers"] == "0:1,3:4"
+        r.read()

@@ -6,7 +6,15 @@ from dataclasses import replace
 import pytest
 
 from peers.swarm.membership import SERVING, PeerRecord
-from peers.swarm.routing import NoRouteError, coverage, gaps, plan_route, unchecked_from, unchecked_hops
+from peers.swarm.routing import (
+    NoRouteError,
+    alone,
+    coverage,
+    gaps,
+    plan_route,
+    unchecked_from,
+    unchecked_hops,
+)
 
 TOTAL = 30
 
@@ -132,3 +140,9 @@ def test_a_hop_a_chain_covers_is_checkable_and_keeps_fewest_hops():
     chain = plan_route(peers, TOTAL, "k", exclude={"whole"}, checkable_first=True)
     assert unchecked_hops(peers, chain, TOTAL) == []
     assert unchecked_from(peers, coverage(peers, TOTAL)) == {"a": -1, "b": -1, "c": -1, "whole": -1}
+
+
+def test_layers_one_peer_alone_serves_are_named():
+    peers = [peer("a", 0, 10), peer("b", 10, 20), peer("c", 20, 30), peer("x", 5, 15)]
+    assert alone(coverage(peers, TOTAL)) == [(0, 5), (15, 30)]
+    assert alone(coverage([*peers, peer("whole", 0, 30)], TOTAL)) == []
