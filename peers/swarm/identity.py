@@ -3,7 +3,8 @@ gossip entry (so that no one else can forge, move, revive or kill it) and its an
 (so that a caller knows which peer answered at an address).
 
 `--identity FILE` keeps one identity across restarts (created on first start, mode 0600, a
-PKCS#8 PEM file); without it a peer has a new identity each time it starts. The `cryptography`
+PKCS#8 PEM file); without it a peer has a new identity each time it starts. A key file that its
+group or others may read or write is refused (whoever holds the key is this peer in the swarm). The `cryptography`
 package does the curve arithmetic (OpenSSL underneath): constant-time, well reviewed, and already
 what most Python TLS stacks install.
 """
@@ -11,6 +12,8 @@ what most Python TLS stacks install.
 import base64
 import hashlib
 import os
+import secrets
+import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -20,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 PEER_ID_CHARS = 20  # base32 characters of sha256(public key): 100 bits
 PUBLIC_KEY_CHARS = 43  # 32 bytes, base64url without padding
 SIGNATURE_CHARS = 86  # 64 bytes
+KEY_FILE_MODE = 0o600  # a key file: its owner's alone
+MAX_KEY_FILE_BYTES = 64 << 10  # a PEM Ed25519 key is ~120 bytes
 
 
 def _b64(data: bytes) -> str:
@@ -54,6 +59,18 @@ def verify(public_key: str, signature: str, message: bytes) -> bool:
     return True
 
 
+def check_private(path: Path, st: os.stat_result) -> None:
+    """Refuse a key file that is not a regular file, or that its group or others may read or
+    write (ValueError naming the file, its mode and the fix)."""
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path} is not a regular file: --identity takes a PEM private key file")
+    if os.name == "posix" and st.st_mode & 0o066:
+        raise ValueError(
+            f"{path} is open to its group or others (mode {stat.S_IMODE(st.st_mode):04o}): a peer's "
+            f"private key must be its owner's alone; run: chmod 600 {path}"
+        )
+
+
 class Identity:
     """An Ed25519 key pair and the peer id derived from its public key."""
 
@@ -71,24 +88,54 @@ class Identity:
 
     @classmethod
     def load_or_create(cls, path: str | os.PathLike) -> "Identity":
-        """The identity kept in `path`; a new one is written there (0600) if the file is absent."""
+        """The identity kept in `path`; a new one is written there (0600) if the file is absent.
+        ValueError if the file is not a private key, or is open to its group or others."""
         path = Path(path)
-        if path.exists():
-            try:
-                key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"{path} is not a PEM private key: {e}") from None
-            if not isinstance(key, Ed25519PrivateKey):
-                raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 private key")
-            return cls(key)
+        try:  # (without blocking: a FIFO would hold the open until someone writes to it)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except FileNotFoundError:
+            if os.path.lexists(path):
+                raise ValueError(f"{path} is a link to a file that does not exist") from None
+            return cls._create(path)
+        try:
+            check_private(path, os.fstat(fd))
+            pem = os.read(fd, MAX_KEY_FILE_BYTES + 1)
+        finally:
+            os.close(fd)
+        if len(pem) > MAX_KEY_FILE_BYTES:
+            raise ValueError(f"{path} is not a PEM private key: it has more than {MAX_KEY_FILE_BYTES} bytes")
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path} is not a PEM private key: {e}") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 private key")
+        return cls(key)
+
+    @classmethod
+    def _create(cls, path: Path) -> "Identity":
+        """A new identity, written to `path` as its owner's alone (mode 0600), whole or not at
+        all: a peer starting beside this one with the same file reads the key or no file."""
         identity = cls.generate()
         pem = identity._key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        draft = path.with_name(f".{path.name}.{secrets.token_hex(6)}.new")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            with os.fdopen(os.open(draft, flags, KEY_FILE_MODE), "wb") as f:
+                if hasattr(os, "fchmod"):
+                    os.fchmod(f.fileno(), KEY_FILE_MODE)  # exactly 0600, whatever the umask
+                f.write(pem)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(draft, path)  # fails if another peer wrote one first: that one is the key
+            except FileExistsError:
+                return cls.load_or_create(path)
+        finally:
+            draft.unlink(missing_ok=True)
         return identity
 
     def sign(self, message: bytes) -> str:
