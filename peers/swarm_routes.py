@@ -132,10 +132,11 @@ class SwarmRoutes:
         closed = bool(self.node.block and self.node.block.close(session_id))
         return {"closed": closed}
 
-    async def gossip(self, body: dict) -> dict:
-        """One gossip exchange: the sender's news in, this peer's news out."""
+    async def gossip(self, body: dict, request: Request) -> dict:
+        """One gossip exchange: the sender's news in (what it may add counted against its host),
+        this peer's news out."""
         try:
-            return self.node.gossip.receive(body)
+            return self.node.gossip.receive(body, request.client.host if request.client else "")
         except (KeyError, TypeError, ValueError) as e:
             return JSONResponse({"error": {"message": f"bad gossip: {e}"}}, status_code=400)
 
