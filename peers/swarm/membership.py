@@ -7,8 +7,8 @@ life has a larger incarnation and supersedes the old at once; a silent peer is s
 later signed heartbeat of that life brings it back); the one death that travels is a peer's own
 signed tombstone, kept for `tombstone_s` so that stale gossip of that life cannot revive it.
 A peer is vouched for once it answered this peer's dial at its address, as that life (one per
-address); a new peer is taken only within its source's rate and the unvouched budget, checked entry
-by entry (peers/swarm/admission.py), and gossip carries only a peer's own and vouched entries.
+address); news of other peers is taken only within its source's rate, a new peer only within the
+unvouched budget, entry by entry (peers/swarm/admission.py); gossip carries own and vouched entries.
 """
 
 import random
@@ -128,7 +128,7 @@ class Table:
     deaths: deque = field(default_factory=lambda: deque(maxlen=1000))  # (peer_id, incarnation) declared here
     # entries not taken or let go, by reason (peers/swarm/admission.py's DROP_REASONS)
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
-    buckets: SourceBuckets | None = None  # new entries per source per minute (default: on this clock)
+    buckets: SourceBuckets | None = None  # strangers' entries per source per minute (default: on this clock)
 
     def __post_init__(self):
         self.me = self.me.signed(self.identity)
@@ -153,10 +153,11 @@ class Table:
     # -- gossip ----------------------------------------------------------------------------
     def merge(self, entries: list[PeerRecord], source: str = "") -> None:
         """Take what is news in `entries`, gossiped by `source` (the host that pushed them, or the
-        host dialled). A peer new here takes one of its source's tokens and room in the unvouched
-        budget, entry by entry; one that does not fit is dropped (counted in `dropped`), and only
-        the entries taken are verified. ValueError, and nothing merged, if an entry this table
-        would take is not signed by its owner (honest peers relay only entries they checked)."""
+        host dialled). News of a peer not vouched for takes one of the source's tokens, and a new
+        peer room in the unvouched budget, entry by entry; what does not fit is dropped (counted in
+        `dropped`), and only the entries taken are verified. ValueError, and nothing merged, if an
+        entry this table would take is not signed by its owner (honest peers relay only entries
+        they checked)."""
         taken, evicted = self._admit(entries, source)
         for entry in taken:
             if not entry.verify():
