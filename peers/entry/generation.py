@@ -193,13 +193,10 @@ class Stepper:
         """The next step: a replay, a decode step, or a drafted one."""
         s = self.session
         rebuild = s.next_rebuild()
-        # (shadows recompute the whole prompt with their hop: they may not hold its prefix; an
-        # entry that checks some requests reuses none, so that a checked step looks like any)
-        uniform = uniform_steps(self.node)
-        prefix = (
-            prefix_hashes(s.prompt_ids) if reuse and s.position == 0 and not (s.shadows or uniform) else ()
-        )
-        checked = self.checks.observe is not None or uniform
+        # (a checked step reuses prefixes as any other: a shadow restores what it holds of the
+        # prompt and computes the rest, and one that cannot continue there leaves the step unchecked)
+        prefix = prefix_hashes(s.prompt_ids) if reuse and s.position == 0 else ()
+        checked = self.checks.observe is not None or uniform_steps(self.node)
         verify = context_digest(s.prompt_ids, s.generated) if checked else ""
         controls = ()
         if self.speculation is not None and s.position > 0:  # a decode step: the chain checks drafts too

@@ -21,9 +21,9 @@ from peers.transport.results import StepResult
 def uniform_steps(node: EntryPeer) -> bool:
     """Whether every step this entry sends must look like a checked one: it checks some of its
     requests (--verify-rate), so each of its steps carries the verify digest (every hop commits),
-    returns through the route, reuses no prefix, drafts nothing and samples from a seed; a hop
-    then cannot tell the steps its shadow recomputes from the others, and a liar honest only
-    when checked lies into a check."""
+    returns through the route, drafts nothing and samples from a seed (prefix reuse stays: checked
+    steps reuse prefixes too); a hop then cannot tell the steps its shadow recomputes from the
+    others, and a liar honest only when checked lies into a check."""
     return node.config.verify_rate > 0
 
 
