@@ -4,13 +4,16 @@ page is plain HTML and JavaScript (peers/page.html, no build step); it asks `/vi
 second and redraws without reloading.
 
 `/view` is this peer's table (as `/swarm/table` gives it), each live peer's own /health counters
-(asked by this peer, in parallel, 1 s at most, cached for 1 s so that any number of open pages
-cost one round), and this entry's recent failovers. In a private swarm (--swarm-key) the table is
-not for strangers: `/view` answers only clients on loopback (an operator on the machine, or
-through `ssh -L`)."""
+(asked by this peer, in parallel, cached for 1 s so that any number of open pages cost one round),
+and this entry's recent failovers. The table's addresses come from gossip, anyone's: an answer is
+read whole within 1 s and 64 KiB or not at all, so a peer that trickles, floods or never answers
+shows as unreachable (`reachable: false`), and no page waits on a round longer than that. In a
+private swarm (--swarm-key) the table is not for strangers: `/view` answers only clients on
+loopback (an operator on the machine, or through `ssh -L`)."""
 
 import asyncio
 import ipaddress
+import json
 import time
 from collections.abc import Sequence
 from importlib.resources import files
@@ -23,8 +26,10 @@ from peers.swarm.membership import Table
 from peers.swarm.routing import coverage, gaps
 from peers.transport.errors import Forbidden
 from peers.transport.frames import PATH_HEALTH, PATH_VIEW
+from peers.transport.limits import ReplyTooLarge
 
-HEALTH_TIMEOUT_S = 1.0
+HEALTH_TIMEOUT_S = 1.0  # a peer's whole /health answer, from connecting to its last byte
+MAX_HEALTH_BYTES = 64 << 10  # a /health answer is ~2 KiB
 CACHE_S = 1.0
 MAX_ASKED = 64  # peers whose /health one view asks for
 PAGE = files(__package__).joinpath("page.html").read_bytes()
@@ -73,14 +78,25 @@ class View:
         self.table, self.http, self.failovers = table, http, failovers
         self.model_id, self.total_layers = model_id, total_layers
         self._cached: tuple[float, dict] | None = None
-        self._lock = asyncio.Lock()
+        self._round: asyncio.Future | None = None  # the round of /health requests under way
 
     async def snapshot(self) -> dict:
-        async with self._lock:  # concurrent pages share one round of /health requests
-            now = time.monotonic()
-            if self._cached is None or now - self._cached[0] > CACHE_S:
-                self._cached = (now, await self._build())
+        """The page's data: the last round's if under CACHE_S old, else the round under way (one
+        for all concurrent pages, each of them free to hang up without stopping it)."""
+        if self._cached is not None and time.monotonic() - self._cached[0] <= CACHE_S:
             return self._cached[1]
+        if self._round is None:
+            self._round = asyncio.ensure_future(self._build_round())
+        return await asyncio.shield(self._round)
+
+    async def _build_round(self) -> dict:
+        try:
+            started = time.monotonic()
+            data = await self._build()
+            self._cached = (started, data)
+            return data
+        finally:
+            self._round = None
 
     async def _build(self) -> dict:
         t, me = self.table, self.table.me.peer_id
@@ -103,7 +119,7 @@ class View:
         asked = [r for r in rows if r["status"] not in ("dead", "left")][:MAX_ASKED]
         healths = await asyncio.gather(*(self._health(r["address"]) for r in asked))
         for row, health in zip(asked, healths, strict=True):
-            row["health"] = health
+            row["health"], row["reachable"] = health, health is not None
         counts = coverage(t.serving(self.model_id), self.total_layers)
         return {
             "me": me,
@@ -117,9 +133,11 @@ class View:
         }
 
     async def _health(self, address: str) -> dict | None:
+        """The numbers the page shows of the peer at `address`, or None: it did not answer a
+        whole JSON object of MAX_HEALTH_BYTES at most within HEALTH_TIMEOUT_S."""
+        url = f"http://{address}{PATH_HEALTH}"
         try:
-            r = await self.http.get(f"http://{address}{PATH_HEALTH}", timeout=HEALTH_TIMEOUT_S)
-            h = r.json()
+            h = json.loads(await get_capped(self.http, url, HEALTH_TIMEOUT_S, MAX_HEALTH_BYTES))
         except (httpx.HTTPError, ValueError):
             return None
         if not isinstance(h, dict):
@@ -135,3 +153,25 @@ class View:
             "compute_ms": hop.get("compute"),
         }
         return {k: v for k, v in pick.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+async def get_capped(http: httpx.AsyncClient, url: str, timeout_s: float, cap: int) -> bytes:
+    """GET `url`'s body: at most `cap` bytes within `timeout_s` in all, else ReplyTooLarge or
+    httpx.ReadTimeout (as peers/transport/limits.py's post_capped reads a POST's answer)."""
+
+    async def exchange() -> bytes:
+        async with http.stream("GET", url, timeout=timeout_s) as r:
+            declared = r.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > cap:
+                raise ReplyTooLarge(f"{url} answered {declared} bytes; at most {cap} are read")
+            body = bytearray()
+            async for chunk in r.aiter_bytes():  # decoded: a compressed answer counts as it expands
+                body += chunk
+                if len(body) > cap:
+                    raise ReplyTooLarge(f"{url} answered more than {cap} bytes")
+            return bytes(body)
+
+    try:
+        return await asyncio.wait_for(exchange(), timeout_s)
+    except TimeoutError:
+        raise httpx.ReadTimeout(f"{url} did not answer in full within {timeout_s:.1f} s") from None
