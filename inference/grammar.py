@@ -51,7 +51,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from .sampling import allowed
-from .schema_refs import schema_problem
+from .schema_refs import rebased, schema_problem
 
 # How JSON is laid out: json.dumps' separators, no free whitespace.
 _JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -116,7 +116,11 @@ def tool_call_grammar(tools: list[dict], name: str | None = None, parallel: bool
         if name not in calls:
             raise GrammarError(f"no tool named {name!r} among {sorted(calls)}")
         calls = {name: calls[name]}
-    body = json.dumps({"x-guidance": _JSON_LAYOUT, "anyOf": list(calls.values())})
+    alternatives = list(calls.values())
+    for i, call in enumerate(alternatives):  # a tool's own $refs ("#/$defs/x") point into it still
+        arguments = rebased(call["properties"]["arguments"], f"/anyOf/{i}/properties/arguments")
+        call["properties"] = {**call["properties"], "arguments": arguments}
+    body = json.dumps({"x-guidance": _JSON_LAYOUT, "anyOf": alternatives})
     more = ' ("\\n" call)*' if parallel else ""
     lark = f'start: call{more}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\nbody: %json {body}\n'
     grammar = llguidance.LLMatcher.grammar_from_lark(lark)
@@ -157,8 +161,11 @@ def _parse_call(body: str) -> dict | None:
 
 def _check(grammar: str, what: str) -> None:
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
-    if is_error:
-        raise GrammarError(f"{what} refused: {messages[0] if messages else 'no reason given'}")
+    if is_error:  # the first line: the rest is the engine's copy of the grammar
+        log.warning("%s refused: %s", what, messages[0] if messages else "")
+        raise GrammarError(
+            f"{what} refused: {messages[0].splitlines()[0] if messages else 'no reason given'}"
+        )
 
 
 def _check_start(grammar: str, what: str) -> None:

@@ -4,6 +4,7 @@ compile and then fail mid-generation; and it recurses through nesting and $refs 
 stack, where a long chain of $refs (~1,200 levels) crashes the process. Here each $ref reachable
 from the root must allow a finite value, and no path may pass MAX_SCHEMA_LEVELS subschemas."""
 
+import copy
 from urllib.parse import unquote
 
 MAX_SCHEMA_LEVELS = 256  # subschemas on one path through nesting and $refs (a loop counts once)
@@ -75,6 +76,23 @@ def ref_loop(schema: dict) -> str | None:
         if not finite.met(target):
             return f"$ref {ref!r} loops back into itself: no finite value satisfies it"
     return None if finite.met(schema) else "no finite JSON value satisfies it"
+
+
+def rebased(schema: dict, pointer: str) -> dict:
+    """`schema` as a part of a larger one, at JSON `pointer` ("/anyOf/0"): a copy whose local
+    $refs point where their targets now are ("#/$defs/x" -> "#/anyOf/0/$defs/x")."""
+    out = copy.deepcopy(schema)
+    todo: list = [out]
+    while todo:
+        s = todo.pop()
+        if not isinstance(s, dict):
+            continue
+        ref = s.get("$ref")
+        if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+            s["$ref"] = "#" + pointer + ref[1:]
+        todo += _children(s)
+        todo += [d for k in ("$defs", "definitions") if isinstance(s.get(k), dict) for d in s[k].values()]
+    return out
 
 
 def _children(s: dict) -> list:

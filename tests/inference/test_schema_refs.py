@@ -118,3 +118,42 @@ def test_an_engine_failure_mid_generation_names_the_grammar_not_its_state():
     assert message.startswith("the JSON schema allows no token here"), message
     for internal in ("<state>", "NoExtensionBias", "Parser", "grammars"):
         assert internal not in message, message
+
+
+PYDANTIC_STYLE = {  # a tool's parameters as pydantic writes them: models under $defs
+    "type": "object",
+    "properties": {"where": {"$ref": "#/$defs/Place"}, "when": {"$ref": "#/$defs/Day"}},
+    "required": ["where", "when"],
+    "additionalProperties": False,
+    "$defs": {
+        "Place": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 6}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+        "Day": {"enum": ["mon", "tue"]},
+    },
+}
+
+
+def test_a_tools_own_refs_resolve_inside_the_tool_call_grammar(default_model):
+    """Each tool's parameters sit inside the one grammar of all calls: their "#/$defs/..." must
+    still reach their own definitions (they were refused, with the engine's grammar dump)."""
+    from transformers import AutoTokenizer
+
+    from inference.grammar import parse_tool_calls, tool_call_grammar
+
+    tools = [{"type": "function", "function": {"name": "meet", "parameters": PYDANTIC_STYLE}}]
+    tools.append({"type": "function", "function": {"name": "noop"}})
+    tok = AutoTokenizer.from_pretrained(default_model)
+    grammar = tool_call_grammar(tools, parallel=False)
+    for seed in range(4):
+        text = walk(Matcher(tok, grammar, frozenset({0, 2}), 49152), tok, seed)
+        _, (call,) = parse_tool_calls(text)
+        if call["name"] == "meet":
+            jsonschema.validate(call["arguments"], PYDANTIC_STYLE)
+    bad = {**PYDANTIC_STYLE, "properties": {"where": {"$ref": "#/$defs/Nowhere"}}}
+    with pytest.raises(GrammarError) as refused:
+        tool_call_grammar([{"type": "function", "function": {"name": "meet", "parameters": bad}}])
+    assert "\n" not in str(refused.value) and "Nowhere" in str(refused.value), refused.value
