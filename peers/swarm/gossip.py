@@ -139,8 +139,9 @@ class Gossip:
         return message
 
     def _take(self, message: dict, source: str) -> None:
-        """Merge a gossip message (request or reply) from `source`: everything is checked for form
-        first, so that an invalid one (ValueError) merges nothing."""
+        """Merge a gossip message (request or reply) from `source`: everything read is checked for
+        form first, so that an invalid one (ValueError) merges nothing; strangers' entries past the
+        source's tokens are dropped unread (Table.screen)."""
         entries = parse_entries(message["entries"], keep=self.table.screen(source))
         accusations = self.accusations.parse(message.get("accusations", []))
         self.table.merge(entries, source)
