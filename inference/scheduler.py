@@ -28,6 +28,7 @@ COLOCATED_WAIT_S = 0.05  # how long to wait for a session whose round time is no
 MERGE_FRACTION = 0.5  # co-located: wait up to this share of the queued sessions' round time
 MAX_MERGE_WAIT_S = 1.0  # the longest a forward waits for sessions expected back
 STRANGER_QUEUE_SHARE = 0.25  # of --max-step-queue, the most one sender not vouched for may queue
+RECOUNT_S = 0.5  # a stranger's KV held is counted again after this long without a forward
 
 
 class Observer(Protocol):
@@ -65,7 +66,7 @@ class Scheduler:
         self.turns: CoreTurns | None = None  # set by ThreadPolicy: forwards take turns with co-located peers
         self.stats = SchedulerStats()
         self._strangers: dict[str, int] = {}  # steps queued per sender not vouched for
-        self._full: dict[str, bool] = {}  # such senders holding their whole KV share (this forward)
+        self._full: dict[str, tuple[bool, float]] = {}  # such senders at their KV share: (full, when counted)
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -127,9 +128,11 @@ class Scheduler:
             raise Busy(f"its sender {key} is not vouched for and has {most} steps queued, the most it may")
         if job.position == 0 and job.block is not None:
             store = job.block.sessions
-            if key not in self._full:  # (counted once a forward, not once a frame)
-                self._full[key] = store.held_by(job.sender) >= store.stranger_tokens
-            if self._full[key]:
+            full, at = self._full.get(key, (False, -RECOUNT_S))
+            if self._clock() - at >= RECOUNT_S:  # (counted once a forward or RECOUNT_S, not once a frame)
+                full = store.held_by(job.sender) >= store.stranger_tokens
+                self._full[key] = (full, self._clock())
+            if full:
                 raise CacheFullError(
                     f"its sender {key} is not vouched for and holds {store.stranger_tokens} KV token "
                     f"slots here, the most one such sender may (of a budget of {store.max_tokens})"

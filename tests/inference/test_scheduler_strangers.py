@@ -11,7 +11,8 @@ import torch
 from inference import CacheFullError, load_block
 from inference.kv_cache import FIRST_TOKENS, STRANGER_SHARE, Sender
 from inference.sampling import Sampling
-from inference.scheduler import STRANGER_QUEUE_SHARE, Busy, Job, Scheduler, SchedulerSettings
+from inference.scheduler import RECOUNT_S, STRANGER_QUEUE_SHARE, Busy, Job, Scheduler, SchedulerSettings
+from tests.helpers import FakeClock
 
 STRANGER, PEER = Sender("host:127.0.0.2"), Sender("host:127.0.0.1", vouched=True)
 
@@ -78,3 +79,27 @@ def test_a_stranger_at_its_kv_share_is_refused_before_any_work(tiny_llama):
 
     assert asyncio.run(main())
     assert block.sessions.held_by(STRANGER) == budget * STRANGER_SHARE and "peer" in block.sessions
+
+
+def test_a_stranger_whose_sessions_are_gone_is_admitted_again_without_another_forward(tiny_llama):
+    """The refusal at the door counts what the stranger holds once a forward, or again after
+    RECOUNT_S when no forward ran (a refused step runs none): its closed sessions free its share."""
+    budget, clock = 8 * FIRST_TOKENS, FakeClock()
+    block = load_block(tiny_llama, max_cache_tokens=budget)
+    fits = int(budget * STRANGER_SHARE) // FIRST_TOKENS
+
+    async def main():
+        sched = Scheduler(lambda: block, clock=clock)
+        try:
+            for i in range(fits):
+                await sched.run(one(f"x{i}", STRANGER, block, Sampling(temperature=0)))
+            with pytest.raises(CacheFullError, match="not vouched for"):
+                await sched.run(one("x-late", STRANGER, block, Sampling(temperature=0)))
+            for i in range(fits):
+                block.close(f"x{i}")
+            clock.now += RECOUNT_S
+            return await sched.run(one("x-again", STRANGER, block, Sampling(temperature=0)))
+        finally:
+            await sched.close()
+
+    assert asyncio.run(main()).tokens and "x-again" in block.sessions
