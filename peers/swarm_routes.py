@@ -136,7 +136,8 @@ class SwarmRoutes:
         """One gossip exchange: the sender's news in (what it may add counted against its host),
         this peer's news out."""
         try:
-            return self.node.gossip.receive(body, request.client.host if request.client else "")
+            host = request.client.host if request.client else ""
+            return self.node.gossip.receive(body, canonical_host(host) or host)
         except (KeyError, TypeError, ValueError) as e:
             return JSONResponse({"error": {"message": f"bad gossip: {e}"}}, status_code=400)
 

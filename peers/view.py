@@ -26,7 +26,7 @@ from peers.swarm.membership import Table
 from peers.swarm.routing import coverage, gaps
 from peers.transport.errors import Forbidden
 from peers.transport.frames import PATH_HEALTH, PATH_VIEW
-from peers.transport.limits import ReplyTooLarge
+from peers.transport.limits import fetch_capped
 
 HEALTH_TIMEOUT_S = 1.0  # a peer's whole /health answer, from connecting to its last byte
 MAX_HEALTH_BYTES = 64 << 10  # a /health answer is ~2 KiB
@@ -137,7 +137,9 @@ class View:
         whole JSON object of MAX_HEALTH_BYTES at most within HEALTH_TIMEOUT_S."""
         url = f"http://{address}{PATH_HEALTH}"
         try:
-            h = json.loads(await get_capped(self.http, url, HEALTH_TIMEOUT_S, MAX_HEALTH_BYTES))
+            h = json.loads(
+                (await fetch_capped(self.http, "GET", url, HEALTH_TIMEOUT_S, MAX_HEALTH_BYTES)).content
+            )
         except (httpx.HTTPError, ValueError):
             return None
         if not isinstance(h, dict):
@@ -153,25 +155,3 @@ class View:
             "compute_ms": hop.get("compute"),
         }
         return {k: v for k, v in pick.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-
-
-async def get_capped(http: httpx.AsyncClient, url: str, timeout_s: float, cap: int) -> bytes:
-    """GET `url`'s body: at most `cap` bytes within `timeout_s` in all, else ReplyTooLarge or
-    httpx.ReadTimeout (as peers/transport/limits.py's post_capped reads a POST's answer)."""
-
-    async def exchange() -> bytes:
-        async with http.stream("GET", url, timeout=timeout_s) as r:
-            declared = r.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > cap:
-                raise ReplyTooLarge(f"{url} answered {declared} bytes; at most {cap} are read")
-            body = bytearray()
-            async for chunk in r.aiter_bytes():  # decoded: a compressed answer counts as it expands
-                body += chunk
-                if len(body) > cap:
-                    raise ReplyTooLarge(f"{url} answered more than {cap} bytes")
-            return bytes(body)
-
-    try:
-        return await asyncio.wait_for(exchange(), timeout_s)
-    except TimeoutError:
-        raise httpx.ReadTimeout(f"{url} did not answer in full within {timeout_s:.1f} s") from None

@@ -154,9 +154,18 @@ async def post_capped(
 ) -> httpx.Response:
     """POST, and read at most `cap` bytes of the answer within `timeout_s` in all (ReplyTooLarge,
     or httpx.ReadTimeout: both httpx errors, as a failed exchange would raise)."""
+    return await fetch_capped(http, "POST", url, timeout_s, cap, **kw)
+
+
+async def fetch_capped(
+    http: httpx.AsyncClient, method: str, url: str, timeout_s: float, cap: int = MAX_REPLY_BYTES, **kw
+) -> httpx.Response:
+    """Send `method`, and read at most `cap` bytes of the answer within `timeout_s` in all
+    (ReplyTooLarge, or httpx.ReadTimeout): a trickling or flooding peer costs a bounded wait
+    and bounded memory."""
 
     async def exchange() -> httpx.Response:
-        async with http.stream("POST", url, timeout=timeout_s, **kw) as r:
+        async with http.stream(method, url, timeout=timeout_s, **kw) as r:
             declared = r.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > cap:
                 raise ReplyTooLarge(f"{url} answered {declared} bytes; at most {cap} are read")
