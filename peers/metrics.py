@@ -207,6 +207,15 @@ class PeerCollector:
         for status, count in sorted(counts.items()):
             peers.add_metric([status], count)
         yield peers
+        dropped = CounterMetricFamily(
+            f"{PREFIX}_gossip_dropped_entries",
+            "Gossiped entries this peer did not take, by reason (a source over its rate, the "
+            "unvouched budget full, evicted, expired unvouched)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(table.dropped.items()):
+            dropped.add_metric([reason], count)
+        yield dropped
         incarnations = {e.peer_id: e.incarnation for e in table.known()}
         yield _gauge(
             "banned_peers",

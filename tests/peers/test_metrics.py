@@ -118,6 +118,7 @@ def test_the_peer_is_read_when_scraped(swarm, workload):
     _, after, _ = workload
     entry = swarm.peers[0]
     assert value(after, "layerswarm_table_peers", status="serving") == 3
+    assert value(after, "layerswarm_gossip_dropped_entries_total", reason="rate") == 0  # an honest swarm
     assert value(after, "layerswarm_kv_slots_budget") == 65536
     assert value(after, "layerswarm_ready") == 1
     assert value(after, "layerswarm_peer_info", peer_id=entry.peer_id, model="llama", layers="0:2") == 1
