@@ -17,7 +17,7 @@ from .architectures import get_architecture, sliding_window
 from .batch import ATTENTION, BatchCache, Segment, Step
 from .cuda_graphs import DecodeGraphs, GraphSettings, graph_problem
 from .errors import InferenceError, LayerRangeError, ModelNotFoundError
-from .kv_cache import CacheStore, SessionCache
+from .kv_cache import LOCAL, CacheStore, Sender, SessionCache
 from .prefix_cache import PrefixCache
 from .quant import check_quant, quantize_block, quantize_linears, release_freed_memory
 from .sessions import Sessions
@@ -216,15 +216,22 @@ class Block(nn.Module):
         return self.kv.close(session_id)
 
     def restore_prefix(
-        self, session_id: str, layers: tuple[int, int], prefix: tuple[int, ...], position: int, steps: int
+        self,
+        session_id: str,
+        layers: tuple[int, int],
+        prefix: tuple[int, ...],
+        position: int,
+        steps: int,
+        sender: Sender = LOCAL,
     ) -> int:
         """Before the first forward of a one-sequence step whose prompt starts with the blocks
         hashed in `prefix`: open its session from the prefix cache where it holds them. Returns
         how many leading positions of the step need no computing (at position 0: the held
         blocks, leaving at least the last position to compute). A step that starts past 0 on a
         session this peer does not have continues a prefix the previous peer reused: it opens
-        from the cache, or SessionError if the cache does not hold that much."""
-        return self.kv.restore_prefix(session_id, layers, prefix, position, steps)
+        from the cache, or SessionError if the cache does not hold that much. The session counts
+        against `sender` (the KV admission's accounting, inference/kv_cache.py)."""
+        return self.kv.restore_prefix(session_id, layers, prefix, position, steps, sender)
 
     def store_prefix(self, session_id: str, prefix: tuple[int, ...]) -> None:
         """Keep the KV of a session's leading prompt blocks for later requests."""

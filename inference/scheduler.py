@@ -344,7 +344,7 @@ def _restore_prefixes(block: Block, batch: list[tuple[Job, int]]) -> dict[int, E
             continue
         if job.done == 0 and job.prefix and job.batch == 1:
             try:
-                job.skipped = block.kv.restore_prefix(  # (Block.restore_prefix, with the sender)
+                job.skipped = block.restore_prefix(
                     job.session_id, job.layers, job.prefix, job.position, job.inputs.shape[1], job.sender
                 )
             except Exception as e:
