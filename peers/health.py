@@ -33,6 +33,7 @@ def health(node: PeerNode) -> dict:
         "core_turns": node.scheduler.turns is not None,
         "cuda_graphs": block.graphs.to_json() if block and block.graphs else None,
         "failovers": node.failovers,
+        "claims": node.reputation.claims.to_json(),
         "tokens_generated": node.metrics.tokens,
         "verification": {
             **verification(config.verify_rate, node.verification, node.accusations),

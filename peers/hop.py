@@ -29,7 +29,7 @@ from peers.swarm.identity import Identity
 from peers.swarm.membership import DEAD, LEAVING, SERVING, Table
 from peers.timing import HopTimes
 from peers.transport.direct import DONE, FAILED, QUEUED, Progress, Returns
-from peers.transport.errors import HopFailed
+from peers.transport.errors import WRONG_ANSWER, HopFailed
 from peers.transport.forwarder import Forwarder
 from peers.transport.frames import Hop, ReplyTo, StepRequest
 from peers.transport.results import StepResult, attest, failure_body, step_result_body
@@ -175,8 +175,8 @@ class HopRunner:
         if mine is None:
             return result
         problem = check_commitments(self.table, req.hops[1:], result.commitments, nxt, only=1, mine=mine)
-        if problem:  # what the next hop answered does not say who computed what: it is at fault
-            raise HopFailed(req.hops[1].peer_id, problem[1])
+        if problem:  # what the next hop answered does not say who computed what: it answered wrong
+            raise HopFailed(req.hops[1].peer_id, problem[1], claim=WRONG_ANSWER)
         return replace(result, commitments=(mine, *result.commitments))
 
     def reply(self, req: StepRequest, outcome: StepResult | HopFailed) -> None:

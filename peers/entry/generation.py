@@ -15,7 +15,7 @@ from peers.entry.session import Ask, Observed, RouteSession, Token, context_dige
 from peers.entry.speculative import Speculation
 from peers.entry.steering import Steering, SteerState
 from peers.entry.step import seeded, step, uniform_steps
-from peers.swarm.reputation import AT_FAULT, Claim, Reputation
+from peers.swarm.reputation import AT_FAULT, WRONG_ANSWER, Claim, Reputation
 from peers.swarm.routing import NoRouteError
 from peers.transport.errors import HopFailed, Overloaded, SwarmError, SwarmUnavailable
 from peers.transport.frames import Sampling
@@ -47,8 +47,9 @@ class Checks:
 
 
 class Failover:
-    """One request's retries: routes around banned peers and peers without room, backs off while
-    no route is left, gives up after failover_timeout_s of failing."""
+    """One request's retries: routes around banned peers and peers without room (and, where the
+    swarm allows, around the peers of wrong-answer claims), backs off while no route is left,
+    gives up after failover_timeout_s of failing."""
 
     def __init__(self, node: EntryPeer, reputation: Reputation, key: str, checks: Checks):
         self.node, self.reputation, self.key, self.checks = node, reputation, key, checks
@@ -57,6 +58,7 @@ class Failover:
         self.full: dict[str, str] = {}  # peers with no room for this request now -> why
         self.too_large: dict[str, str] = {}  # peers this request can never fit -> why
         self.reuse = node.config.prefix_reuse  # off once a peer could not rebuild a reused prefix
+        self.suspects: set[str] = set()  # the peers of wrong-answer claims met by this request
 
     def _exclude(self) -> set[str]:
         return self.reputation.banned_now() | set(self.full) | set(self.too_large)
@@ -65,13 +67,27 @@ class Failover:
         """Put `session` on a route; False where none is left yet (after a backoff: try again)."""
         node, key, checks = self.node, self.key, self.checks
         try:
-            route = route_around(node, key, self._exclude(), checks.avoid, checks.strict_avoid)
+            route = self._route()
         except NoRouteError as e:
             await self._no_route(str(e), started)
             return False
         shadows = shadows_for(node, key, route, self._exclude() | checks.avoid) if checks.shadowed else ()
         session.open(route, shadows)
         return True
+
+    def _route(self) -> list:
+        """A route around the excluded peers and `checks.avoid` (as asked), then around as many
+        suspects (this request's and the reputation's) as the swarm still allows: never the only
+        peer of a span."""
+        node, key, checks = self.node, self.key, self.checks
+        exclude = self._exclude()
+        route = route_around(node, key, exclude, checks.avoid, checks.strict_avoid)
+        suspects = (self.suspects | self.reputation.suspected()) - exclude
+        on_route = {h.peer_id for h in route}
+        if not suspects & on_route:
+            return route
+        exclude |= checks.avoid - on_route  # (what the first route avoided stays avoided)
+        return route_around(node, key, exclude, frozenset(suspects), False)
 
     async def _no_route(self, why: str, started: bool) -> None:
         if self.since is None:
@@ -94,7 +110,11 @@ class Failover:
         self.since = self.since or time.monotonic()
         claim = self._claim(e, session)
         banned_s = None if claim else self.reputation.on_request_failure(e.peer_id, e.reason, e.message)
-        if claim is not None:
+        if claim is not None and claim.kind == WRONG_ANSWER:
+            log.info(
+                "%s (reported by %s); routing around both where the swarm allows", e.message, claim.reporter
+            )
+        elif claim is not None:
             log.info("%s (reported by %s); checking it before anyone is banned", e.message, claim.reporter)
         elif banned_s is not None:
             log.warning("%s; banned for %.1f s, re-routing", e.message, banned_s)
@@ -117,8 +137,11 @@ class Failover:
         reporter = reporter_of(e, session.session_id, lambda p: (r := table.get(p)) and r.public_key)
         if e.reason != AT_FAULT or reporter in (None, self.node.peer_id, e.peer_id):
             return None
-        claim = Claim(reporter, e.peer_id, e.reason, e.message)
-        if self.reputation.on_claim(claim):
+        claim = Claim(reporter, e.peer_id, e.reason, e.message, e.claim)
+        if claim.kind == WRONG_ANSWER:  # alive by construction: no check settles it
+            self.suspects |= {reporter, e.peer_id} - {""}
+            self.reputation.on_wrong_answer(claim)
+        elif self.reputation.on_claim(claim):
             self.node.spawn(check_claim(self.node, claim))
         return claim
 

@@ -1,7 +1,9 @@
 """Whom an entry avoids, and why: failure accounting in one place. A peer at fault is banned (doubling
 per repeat; lifted by a success through it or a new life of it); a convicted one for a fixed time
 across lives; a busy or full peer is not at fault; a report that another peer failed is a claim,
-believed only once checked: the peer whose claims do not hold up is the one avoided."""
+believed only once checked: the peer whose claims do not hold up is the one avoided. A claim that
+a peer answered wrong is believed only corroborated (two reporters), and its reporter disbelieved
+where it is the common factor (two peers named)."""
 
 import logging
 import time
@@ -20,6 +22,11 @@ AT_FAULT = "failed"  # the one failure reason that bans (see HopFailed.REASONS)
 MESSAGE_CHARS = 300  # of a failure's message, kept in the log
 CLAIM_HOLD_S = 5.0  # the longest an unsettled claim keeps its two peers out of routes
 MAX_CLAIMANTS = 4096  # reporters whose false claims are remembered (the oldest forgotten first)
+UNREACHABLE, WRONG_ANSWER = "unreachable", "wrong_answer"  # a claim's kinds (HopFailed.claim)
+WRONG_ANSWER_WINDOW_S = 600.0  # how long a wrong-answer claim counts, and softly avoids its peers
+CORROBORATED = 2  # distinct reporters against one peer (or peers named by one reporter) that ban
+MAX_WRONG_ANSWERS = 4096  # wrong-answer claims kept (reporter, named), the oldest forgotten first
+SHOWN_SUSPECTS = 64  # of the peers softly avoided, in /health
 
 
 @dataclass
@@ -69,24 +76,30 @@ class Bans:
 
 @dataclass(frozen=True)
 class Claim:
-    """`reporter` says that `named` failed (a HopFailed `reason` and its `message`)."""
+    """`reporter` says that `named` failed (a HopFailed `reason` and its `message`): it did not
+    answer (UNREACHABLE: a liveness check decides) or answered wrong (WRONG_ANSWER: alive by
+    construction, so only corroboration decides)."""
 
     reporter: str  # "" where nothing says who (an unsigned report that came by direct return)
     named: str
     reason: str
     message: str
+    kind: str = UNREACHABLE
 
 
 class Claims:
     """Claims being checked (both of their peers held out of routes meanwhile, at most
     CLAIM_HOLD_S) and each reporter's false claims so far (kept across its lives and successes:
-    a false claim is a lie, not a failure)."""
+    a false claim is a lie, not a failure); and the wrong-answer claims of the last
+    WRONG_ANSWER_WINDOW_S, whose peers are softly avoided and counted (see wrong_answer)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self._open: dict[tuple[str, str], float] = {}  # (reporter, named) -> held until
         self.false: OrderedDict[str, int] = OrderedDict()  # reporter -> false claims
         self.upheld = self.refuted = 0
+        self._wrong: OrderedDict[tuple[str, str], float] = OrderedDict()  # (reporter, named) -> when
+        self.wrong_answers = 0  # wrong-answer claims counted
 
     def open(self, claim: Claim) -> bool:
         """Hold the claim's two peers out of routes until it is settled; False where the same
@@ -114,16 +127,58 @@ class Claims:
             self.upheld += 1
             return self.false.get(claim.reporter, 0)
         self.refuted += 1
-        if not claim.reporter:
-            return 0
-        self.false[claim.reporter] = self.false.pop(claim.reporter, 0) + 1
+        return self.lied(claim.reporter) if claim.reporter else 0
+
+    def lied(self, reporter: str) -> int:
+        """One more false claim of `reporter`; returns its false claims so far."""
+        self.false[reporter] = self.false.pop(reporter, 0) + 1
         while len(self.false) > MAX_CLAIMANTS:
             self.false.popitem(last=False)
-        return self.false[claim.reporter]
+        return self.false[reporter]
+
+    def wrong_answer(self, claim: Claim) -> list[str]:
+        """Count a signed wrong-answer claim; returns who it now shows at fault: the named peer
+        once CORROBORATED distinct reporters claim against it, the reporter once its claims name
+        CORROBORATED distinct peers (the common factor). Those are forgotten here (settled)."""
+        if not claim.reporter:  # (nobody to hold to it: it counts for nothing)
+            return []
+        wrong = self._recent()
+        key = (claim.reporter, claim.named)
+        wrong.pop(key, None)
+        wrong[key] = self.clock()
+        self.wrong_answers += 1
+        while len(wrong) > MAX_WRONG_ANSWERS:
+            wrong.popitem(last=False)
+        at_fault = []
+        if len({r for r, n in wrong if n == claim.named}) >= CORROBORATED:
+            at_fault.append(claim.named)
+        if len({n for r, n in wrong if r == claim.reporter}) >= CORROBORATED:
+            at_fault.append(claim.reporter)
+        for key in [key for key in wrong if set(key) & set(at_fault)]:
+            del wrong[key]  # (settled: neither counts for, nor against, anyone any more)
+        return at_fault
+
+    def suspected(self) -> set[str]:
+        """The peers of the wrong-answer claims of the window: routes avoid them where the swarm
+        allows (one of each pair lied, and nothing yet says which)."""
+        return {p for key in self._recent() for p in key}
+
+    def _recent(self) -> OrderedDict[tuple[str, str], float]:
+        since = self.clock() - WRONG_ANSWER_WINDOW_S
+        while self._wrong and next(iter(self._wrong.values())) < since:
+            self._wrong.popitem(last=False)  # (kept in the order they came: the oldest first)
+        return self._wrong
 
     def to_json(self) -> dict:
-        """Claims checked, and how they ended."""
-        return {"checking": len(self._checking()), "upheld": self.upheld, "refuted": self.refuted}
+        """Claims checked, and how they ended; wrong-answer claims counted, and the peers that
+        they have routes avoid now."""
+        return {
+            "checking": len(self._checking()),
+            "upheld": self.upheld,
+            "refuted": self.refuted,
+            "wrong_answers": self.wrong_answers,
+            "suspected": sorted(self.suspected())[:SHOWN_SUSPECTS],
+        }
 
 
 class Reputation:
@@ -201,6 +256,30 @@ class Reputation:
             seconds,
         )
         return claim.reporter, seconds
+
+    def on_wrong_answer(self, claim: Claim) -> list[tuple[str, float]]:
+        """A peer reports that another answered wrong: count and log it, ban nobody on its word
+        alone (both are softly avoided for WRONG_ANSWER_WINDOW_S: see suspected); a peer claimed
+        against by CORROBORATED reporters is banned as if this entry had seen it fail, a reporter
+        whose claims name CORROBORATED peers is avoided across lives like a false claimant.
+        Returns (who is banned, for how many seconds)."""
+        self._record(claim.named, claim.reason, claim.message, claim.reporter)
+        banned = []
+        for peer in self.claims.wrong_answer(claim):
+            if peer == claim.named:
+                seconds, why = self._ban(peer), f"{CORROBORATED} peers report that it answered wrong"
+            else:
+                false_claims = self.claims.lied(peer)
+                seconds = min(self.bans.max_s, self.bans.first_s * 2 ** min(false_claims - 1, 32))
+                self.bans.convict(peer, seconds)
+                why = f"it reports that {CORROBORATED} different peers answered wrong (the common factor)"
+            log.warning("peer %s banned for %.1f s: %s", peer, seconds, why)
+            banned.append((peer, seconds))
+        return banned
+
+    def suspected(self) -> set[str]:
+        """The peers that routes avoid where the swarm allows (see Claims.suspected)."""
+        return self.claims.suspected()
 
     def _record(self, peer_id: str, reason: str, message: str, reported_by: str | None = None) -> None:
         if self.count is not None:

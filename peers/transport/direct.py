@@ -99,7 +99,13 @@ class Returns:
             return False
         if isinstance(outcome, HopFailed):
             if outcome.peer_id not in on_route:  # a hop can only blame a peer of the route
-                outcome = HopFailed(sender, outcome.message, outcome.reason)
+                outcome = HopFailed(
+                    sender,
+                    outcome.detail,
+                    outcome.reason,
+                    answered_by=outcome.answered_by,
+                    claim=outcome.claim,
+                )
             pending.future.set_exception(outcome)
             pending.future.exception()  # (retrieved: a step given up on logs no warning)
         elif sender != pending.route[-1].peer_id:

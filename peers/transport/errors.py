@@ -18,6 +18,11 @@ from fastapi.responses import JSONResponse
 log = logging.getLogger("layerswarm.api")
 
 
+UNREACHABLE = "unreachable"  # a claim that a peer did not answer (refused, timed out)
+WRONG_ANSWER = "wrong_answer"  # a claim that a peer answered, but wrong (bad reply, bad commitments)
+CLAIM_KINDS = (UNREACHABLE, WRONG_ANSWER)
+
+
 class SwarmError(Exception):
     status = 500
     kind = "server_error"
@@ -76,7 +81,9 @@ class HopFailed(SwarmError):
     the one blamed).
 
     A failure that names another peer than the one reporting it is a claim, not a finding: the
-    entry checks it before banning anyone (peers/swarm/reputation.py)."""
+    entry checks it before banning anyone (peers/swarm/reputation.py). Its `claim` says what
+    kind: UNREACHABLE (the peer did not answer: a liveness check decides) or WRONG_ANSWER (it
+    answered, but not a valid answer: a liveness check proves nothing, corroboration decides)."""
 
     status = 502
     kind = "hop_failed"
@@ -91,9 +98,12 @@ class HopFailed(SwarmError):
         reported_by: str | None = None,
         signature: str = "",
         answered_by: str | None = None,
+        claim: str = UNREACHABLE,
     ):
         super().__init__(f"peer {peer_id} failed: {message}")
         assert reason in self.REASONS, reason
+        assert claim in CLAIM_KINDS, claim
+        self.claim = claim
         self.peer_id, self.reason = peer_id, reason
         self.detail = message  # what went wrong, without whom (`message` names the peer too)
         # who says so (None: this peer saw it itself), with that peer's signature of the report

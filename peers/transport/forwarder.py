@@ -12,7 +12,7 @@ from dataclasses import replace
 import httpx
 
 from peers.swarm.links import Links
-from peers.transport.errors import HopFailed
+from peers.transport.errors import WRONG_ANSWER, HopFailed
 from peers.transport.frames import (
     PATH_CLOSE,
     PATH_PROGRESS,
@@ -26,7 +26,7 @@ from peers.transport.frames import (
     frame_encoding,
     steps_message,
 )
-from peers.transport.limits import post_capped
+from peers.transport.limits import ReplyTooLarge, post_capped
 from peers.transport.results import StepResult, parse_steps_reply, results_message
 from peers.transport.wire import LOSSLESS, hop_encoding
 
@@ -190,6 +190,8 @@ class Forwarder:
             results = parse_steps_reply(r, nxt.peer_id, len(reqs))
             if timed and r.status_code == 200:
                 self.links.observe(nxt.peer_id, time.monotonic() - sent)
+        except ReplyTooLarge as e:  # (it answered: too much)
+            results = [HopFailed(nxt.peer_id, str(e), claim=WRONG_ANSWER)] * len(reqs)
         except httpx.TimeoutException:
             results = [HopFailed(nxt.peer_id, f"no answer within {timeout:.1f} s")] * len(reqs)
         except httpx.HTTPError as e:
@@ -198,16 +200,24 @@ class Forwarder:
             results = [HopFailed(self.me, str(e))] * len(reqs)
         except Exception as e:  # never leave a caller waiting
             results = [HopFailed(self.me, f"{type(e).__name__}: {e}")] * len(reqs)
-        for (_, future), result in zip(items, results, strict=True):
+        for (req, future), result in zip(items, results, strict=True):
             if future.done():  # its caller gave up (e.g. the client hung up)
                 continue
             if isinstance(result, HopFailed) and result.reason == "bad_input":
-                # the next peer refused what this peer computed: this peer is the one at fault
-                result = HopFailed(self.me, f"its output was refused by {nxt.peer_id}: {result.detail}")
+                result = self._refused(req, nxt.peer_id, result)
             if isinstance(result, HopFailed):
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+    def _refused(self, req: StepRequest, nxt: str, failure: HopFailed) -> HopFailed:
+        """The next peer refused what this peer computed as not finite: this peer is the one at
+        fault if it is so; if not, the next peer answered wrong (a lie that would get this peer
+        banned)."""
+        if req.tensor.is_floating_point() and not bool(req.tensor.isfinite().all()):
+            return HopFailed(self.me, f"its output was refused by {nxt}: {failure.detail}")
+        why = f"it refused finite hidden states as not finite ({failure.detail})"
+        return HopFailed(nxt, why, claim=WRONG_ANSWER)
 
     async def answers(self, address: str, timeout_s: float = ANSWER_TIMEOUT_S) -> bool:
         """Whether the peer at `address` answers a cheap request (how far a step it never saw

@@ -10,7 +10,7 @@ import httpx
 from peers.swarm.checks import finite_number
 from peers.swarm.commitments import MAX_COMMITMENTS, Commitment
 from peers.swarm.identity import SIGNATURE_CHARS, Identity, verify
-from peers.transport.errors import HopFailed
+from peers.transport.errors import CLAIM_KINDS, UNREACHABLE, WRONG_ANSWER, HopFailed
 from peers.transport.frames import MAX_TOP_LOGPROBS
 
 
@@ -48,16 +48,19 @@ def step_error_body(
     detail: str | None = None,
     reported_by: str | None = None,
     signature: str = "",
+    claim: str | None = None,
 ) -> dict:
     """The JSON body of a failed step: which peer failed and why (a HopFailed reason), the line
     for people (`message`) and, from a HopFailed, what the failed peer said (`detail`: its
-    decoder takes this, never a prefix cut off the message), and who reports it (`reported_by`,
-    with its `signature` of report_message)."""
+    decoder takes this, never a prefix cut off the message), who reports it (`reported_by`,
+    with its `signature` of report_message) and what kind of claim it is (`claim`: a HopFailed's)."""
     error = {"message": message, "failed_peer": failed_peer, "type": reason}
     if detail is not None:
         error["detail"] = detail
     if reported_by is not None:
         error["reported_by"], error["signature"] = reported_by, signature
+    if claim is not None:
+        error["claim"] = claim
     return {"error": error}
 
 
@@ -70,26 +73,51 @@ def failure_body(failure: HopFailed) -> dict:
         failure.detail,
         failure.reported_by,
         failure.signature,
+        failure.claim,
     )
 
 
 MAX_REPORTER_CHARS = 64  # a reported_by longer than this names no peer
 
 
-def report_message(session_id: str, failed_peer: str, reason: str, reported_by: str) -> bytes:
+def report_message(
+    session_id: str, failed_peer: str, reason: str, reported_by: str, claim: str = UNREACHABLE
+) -> bytes:
     """What a peer signs when it reports a failed step: the session (a new one after each failover:
-    a report counts once), the peer it names, why, and itself."""
-    return "\n".join(("layerswarm failure report", session_id, failed_peer, reason, reported_by)).encode()
+    a report counts once), the peer it names, why, itself, and the kind of its claim (did not
+    answer, or answered wrong: nobody can turn one into the other)."""
+    lines = ("layerswarm failure report", session_id, failed_peer, reason, reported_by, claim)
+    return "\n".join(lines).encode()
 
 
 def attest(failure: HopFailed, identity: Identity, session_id: str) -> HopFailed:
     """`failure` as this peer hands it back: reported and signed by this peer, unless it carries
-    the report of a peer further on (kept as it came: only its own signature speaks for it)."""
+    the report of a peer further on (kept as it came: only its own signature speaks for it). A
+    failure that came unsigned in another peer's reply is reported as that peer's wrong answer
+    (it answered; it speaks for nobody else): never as this peer's own, nor as another's silence."""
     if failure.reported_by is not None:
         return failure
     me = identity.peer_id
-    signature = identity.sign(report_message(session_id, failure.peer_id, failure.reason, me))
-    return HopFailed(failure.peer_id, failure.detail, failure.reason, reported_by=me, signature=signature)
+    failure = answered_wrong(failure) if failure.answered_by and failure.answered_by != me else failure
+    message = report_message(session_id, failure.peer_id, failure.reason, me, failure.claim)
+    return HopFailed(
+        failure.peer_id,
+        failure.detail,
+        failure.reason,
+        reported_by=me,
+        signature=identity.sign(message),
+        claim=failure.claim,
+    )
+
+
+def answered_wrong(failure: HopFailed) -> HopFailed:
+    """An unsigned failure that `failure.answered_by` answered: a wrong-answer claim against it
+    (against the peer it names, where that is itself: a peer that says it failed did answer)."""
+    by = failure.answered_by
+    if failure.peer_id == by:
+        return HopFailed(by, failure.detail, failure.reason, answered_by=by, claim=WRONG_ANSWER)
+    detail = f"it answered an unsigned report that peer {failure.peer_id} failed: {failure.detail}"
+    return HopFailed(by, detail, "failed", answered_by=by, claim=WRONG_ANSWER)
 
 
 def reporter_of(
@@ -100,7 +128,11 @@ def reporter_of(
     UNKNOWN_SENDER where a results message carried it; None where this peer found it itself."""
     by = failure.reported_by
     key = public_key_of(by) if by is not None else None
-    message = report_message(session_id, failure.peer_id, failure.reason, by) if by is not None else b""
+    message = (
+        report_message(session_id, failure.peer_id, failure.reason, by, failure.claim)
+        if by is not None
+        else b""
+    )
     if key and verify(key, failure.signature, message):
         return by
     return failure.answered_by
@@ -118,7 +150,9 @@ def parse_steps_reply(r: httpx.Response, peer_id: str, count: int) -> list[StepR
         if not isinstance(items, list) or len(items) != count:
             raise ValueError(f"{count} results expected")
     except (ValueError, KeyError, TypeError) as e:
-        return [HopFailed(peer_id, f"a steps reply that does not fit its message: {e}")] * count
+        return [
+            HopFailed(peer_id, f"a steps reply that does not fit its message: {e}", claim=WRONG_ANSWER)
+        ] * count
     return [_outcome(item, peer_id, peer_id) for item in items]
 
 
@@ -145,7 +179,9 @@ def parse_step_reply(r: httpx.Response, peer_id: str) -> StepResult:
     try:
         data = r.json()
     except ValueError:
-        raise HopFailed(peer_id, f"status {r.status_code} with a body that is not JSON") from None
+        raise HopFailed(
+            peer_id, f"status {r.status_code} with a body that is not JSON", claim=WRONG_ANSWER
+        ) from None
     return _parse(data, r.status_code, peer_id, peer_id)
 
 
@@ -161,17 +197,20 @@ def _parse(data, status: int, peer_id: str, answered_by: str) -> StepResult:
         by, signature = err.get("reported_by"), err.get("signature")
         by = by if isinstance(by, str) and 0 < len(by) <= MAX_REPORTER_CHARS else None
         signature = signature if isinstance(signature, str) and len(signature) == SIGNATURE_CHARS else ""
-        raise HopFailed(failed, detail, reason, reported_by=by, signature=signature, answered_by=answered_by)
+        claim = err.get("claim") if err.get("claim") in CLAIM_KINDS else UNREACHABLE
+        raise HopFailed(
+            failed, detail, reason, reported_by=by, signature=signature, answered_by=answered_by, claim=claim
+        )
     if isinstance(data, dict) and data.get("accepted") is True:
         return ACCEPTED
     try:
         result = StepResult([int(t) for t in data["tokens"]], [float(x) for x in data["logprobs"]])
     except (KeyError, TypeError, ValueError, OverflowError):
-        raise HopFailed(peer_id, "a step reply without tokens") from None
+        raise HopFailed(peer_id, "a step reply without tokens", claim=WRONG_ANSWER) from None
     try:
         result = replace(result, alternatives=_alternatives(data.get("top_logprobs"), len(result.tokens)))
     except (TypeError, ValueError) as e:
-        raise HopFailed(peer_id, f"a step reply with bad top_logprobs: {e}") from None
+        raise HopFailed(peer_id, f"a step reply with bad top_logprobs: {e}", claim=WRONG_ANSWER) from None
     try:
         found = {}
         for key in ("commitments", "shadow_commitments"):
@@ -181,10 +220,12 @@ def _parse(data, status: int, peer_id: str, answered_by: str) -> StepResult:
             found[key] = tuple(Commitment.from_json(c) for c in items)
         result = replace(result, commitments=found["commitments"], shadows=found["shadow_commitments"])
     except ValueError as e:
-        raise HopFailed(peer_id, f"a step reply with bad commitments: {e}") from None
+        raise HopFailed(peer_id, f"a step reply with bad commitments: {e}", claim=WRONG_ANSWER) from None
     if (not result.tokens and not result.commitments) or len(result.tokens) != len(result.logprobs):
         raise HopFailed(
-            peer_id, f"a step reply with {len(result.tokens)} tokens and {len(result.logprobs)} logprobs"
+            peer_id,
+            f"a step reply with {len(result.tokens)} tokens and {len(result.logprobs)} logprobs",
+            claim=WRONG_ANSWER,
         )
     return result
 

@@ -27,6 +27,7 @@ HEALTH_FIELDS = {
     "sessions",
     "steps_served",
     "incarnation",
+    "claims",
     "active_requests",
     "threads",
     "core_turns",

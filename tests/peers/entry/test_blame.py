@@ -1,5 +1,6 @@
 """Blame needs evidence (issue 23, attack 2): a route member that reports "my next hop failed" at
-every step gets itself avoided, not the honest peer it names. Real peer processes on loopback."""
+every step gets itself avoided, not the honest peer it names; a next hop that answers garbage
+does not get the honest peer before it banned. Real peer processes on loopback."""
 
 import re
 
@@ -16,6 +17,14 @@ from peers.transport.errors import HopFailed
 async def lying(self, req):
     raise HopFailed(req.hops[0].peer_id, "ConnectError: All connection attempts failed")
 f.Forwarder.push = lying
+"""
+
+# a 2:4 replica that answers every step frame it is sent with a reply that does not parse
+ANSWERS_GARBAGE = """
+import peers.swarm_routes as r
+async def garbage(self, req, sender):
+    return {"tokens": "garbage"}
+r.SwarmRoutes.run = garbage
 """
 
 PROMPTS = [f"request {i}: {'klmnopqrst'[i] * (1 + i % 3)}" for i in range(10)]
@@ -62,3 +71,38 @@ def test_a_peer_blaming_its_honest_next_hop_is_the_one_banned(tiny_llama, make_s
     ]
     assert not banned_last
     assert last.alive() and (last.health() or {}).get("steps_served", 0) > 0
+
+
+def banned_lines(lines: list[str], peer_id: str) -> list[str]:
+    """The entry's log lines that ban `peer_id` (see the test above)."""
+    return [line for line in lines if re.search(f"peer {peer_id} (banned for|failed: .*banned for)", line)]
+
+
+@pytest.mark.parametrize("entry_args", [[], ["--no-direct-return"]], ids=["direct", "nested"])
+def test_a_next_hop_answering_garbage_gets_nobody_honest_banned(tiny_llama, make_swarm, entry_args):
+    """An honest entry 0:1, the only 1:2, a 2:4 replica that answers garbage and an honest 2:4:
+    the honest 1:2 reports its next hop's wrong answer (alive: a liveness check would have banned
+    1:2 itself). Every request answers the monolithic model's text, 1:2 is never banned, and
+    the liar is avoided."""
+    s = make_swarm(tiny_llama, ["--failover-timeout", "5"])
+    entry = s.add("0:1", args=entry_args)
+    middle = s.add("1:2")
+    liar = s.add("2:4", patch=ANSWERS_GARBAGE)
+    s.add("2:4")
+    s.wait_ready()
+    serving = lambda p: sum(r["vouched"] and r["status"] == "serving" for r in p.table()["peers"])  # noqa: E731
+    wait_until(lambda: serving(entry) == len(s.peers), 60, s._why)
+    expected = monolithic_texts(tiny_llama, PROMPTS, N_TOKENS)
+    got = []
+    for prompt in PROMPTS:
+        body = {"model": "llama", "prompt": prompt, "max_tokens": N_TOKENS, "temperature": 0}
+        r = httpx.post(f"{entry.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        got.append(r.json()["choices"][0]["text"])
+    assert got == expected
+    lines = entry.log_path.read_text(errors="replace").splitlines()
+    assert not banned_lines(lines, middle.peer_id), "\n".join(lines[-40:])
+    claims = entry.health()["claims"]
+    assert claims["wrong_answers"] >= 1 and claims["refuted"] == 0, claims
+    assert liar.peer_id in claims["suspected"], claims
+    assert middle.alive() and (middle.health() or {}).get("steps_served", 0) > 0

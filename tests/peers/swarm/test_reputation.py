@@ -6,7 +6,16 @@ from collections import deque
 from types import SimpleNamespace
 
 from peers.swarm.commitments import VerificationStats
-from peers.swarm.reputation import CLAIM_HOLD_S, MAX_CLAIMANTS, Bans, Claim, Reputation
+from peers.swarm.reputation import (
+    CLAIM_HOLD_S,
+    MAX_CLAIMANTS,
+    MAX_WRONG_ANSWERS,
+    WRONG_ANSWER,
+    WRONG_ANSWER_WINDOW_S,
+    Bans,
+    Claim,
+    Reputation,
+)
 from tests.helpers import FakeClock
 
 
@@ -121,7 +130,13 @@ def test_a_claim_bans_nobody_until_checked_and_holds_both_out_meanwhile():
     assert counted == ["failed", "failed"] and rep.log[-1]["reported_by"] == "liar"
     clock.now = CLAIM_HOLD_S + 0.1  # a check that never came back releases both
     assert rep.banned_now() == set()
-    assert rep.claims.to_json() == {"checking": 0, "upheld": 0, "refuted": 0}
+    assert rep.claims.to_json() == {
+        "checking": 0,
+        "upheld": 0,
+        "refuted": 0,
+        "wrong_answers": 0,
+        "suspected": [],
+    }
 
 
 def test_a_claim_that_holds_up_bans_the_named_peer_as_a_failure_would():
@@ -173,3 +188,72 @@ def test_a_false_claim_that_nobody_signed_bans_nobody():
     assert rep.on_claim(claim) and rep.banned_now() == {"", "named"}
     assert rep.claim_settled(claim, held_up=False) == ("", 0.0)
     assert rep.banned_now() == set() and table.reported == [] and rep.claims.false == {}
+
+
+# -- claims that a peer answered wrong (it is alive by construction: no check settles them) ---
+def wrong(reporter: str, named: str) -> Claim:
+    return Claim(reporter, named, "failed", f"peer {named} failed: a step reply without tokens", WRONG_ANSWER)
+
+
+def test_a_wrong_answer_claim_bans_nobody_alone_and_has_both_peers_avoided_softly():
+    clock = FakeClock()
+    rep, table, counted = reputation(clock, honest=1, liar=1)
+    assert rep.on_wrong_answer(wrong("honest", "liar")) == []
+    assert rep.on_wrong_answer(wrong("honest", "liar")) == []  # the same pair again: one claim
+    assert rep.banned_now() == set() and table.reported == [] and rep.claims.false == {}
+    assert rep.suspected() == {"honest", "liar"} and counted == ["failed", "failed"]
+    assert rep.log[-1]["reported_by"] == "honest"
+    assert rep.claims.to_json()["wrong_answers"] == 2
+    assert rep.claims.to_json()["suspected"] == ["honest", "liar"]
+    clock.now = WRONG_ANSWER_WINDOW_S + 1  # the window is over: forgotten
+    assert rep.suspected() == set()
+
+
+def test_a_peer_two_reporters_claim_against_is_banned(caplog):
+    clock = FakeClock()
+    rep, table, _ = reputation(clock, a=1, b=1, liar=1)
+    assert rep.on_wrong_answer(wrong("a", "liar")) == []
+    clock.now = 5.0
+    with caplog.at_level(logging.WARNING, logger="layerswarm.peer"):
+        assert rep.on_wrong_answer(wrong("b", "liar")) == [("liar", 10)]
+    assert rep.banned_now() == {"liar"} and table.reported == ["liar"]
+    assert "peer liar banned for 10.0 s" in caplog.text
+    assert rep.suspected() == set()  # settled: a's and b's claims count against nobody now
+    assert rep.claims.false == {}
+
+
+def test_claims_apart_by_more_than_the_window_corroborate_nothing():
+    clock = FakeClock()
+    rep, _, _ = reputation(clock, a=1, b=1, liar=1)
+    rep.on_wrong_answer(wrong("a", "liar"))
+    clock.now = WRONG_ANSWER_WINDOW_S + 1
+    assert rep.on_wrong_answer(wrong("b", "liar")) == [] and rep.banned_now() == set()
+
+
+def test_a_reporter_whose_claims_name_two_peers_is_the_common_factor_and_banned_across_lives():
+    clock = FakeClock()
+    rep, table, _ = reputation(clock, liar=1, x=1, y=1)
+    assert rep.on_wrong_answer(wrong("liar", "x")) == []
+    assert rep.on_wrong_answer(wrong("liar", "y")) == [("liar", 10)]
+    table.incarnations["liar"] = 2  # a new life: still banned
+    rep.on_request_success(["liar"])
+    assert rep.banned_now() == {"liar"} and table.reported == [] and rep.claims.false == {"liar": 1}
+    assert rep.suspected() == set()  # its claims are settled: x and y are free
+    clock.now = 100
+    rep.on_wrong_answer(wrong("liar", "x"))
+    assert rep.on_wrong_answer(wrong("liar", "y")) == [("liar", 20)]  # doubling, as false claims
+
+
+def test_an_unsigned_wrong_answer_claim_counts_for_nothing():
+    rep, table, counted = reputation(FakeClock(), a=1, b=1)
+    for named in ("a", "b", "a"):
+        assert rep.on_wrong_answer(wrong("", named)) == []
+    assert rep.banned_now() == set() and rep.suspected() == set() and counted == ["failed"] * 3
+
+
+def test_wrong_answer_claims_are_kept_for_a_bounded_number_of_pairs():
+    rep, _, _ = reputation(FakeClock())
+    for i in range(MAX_WRONG_ANSWERS + 3):
+        assert rep.on_wrong_answer(wrong(f"r{i}", f"n{i}")) == []
+    suspected = rep.suspected()
+    assert len(suspected) == 2 * MAX_WRONG_ANSWERS and "r0" not in suspected and "n2" not in suspected

@@ -5,7 +5,7 @@ import httpx
 import pytest
 
 from peers.swarm.identity import Identity
-from peers.transport.errors import HopFailed
+from peers.transport.errors import UNREACHABLE, WRONG_ANSWER, HopFailed
 from peers.transport.results import (
     ACCEPTED,
     UNKNOWN_SENDER,
@@ -140,3 +140,57 @@ def test_a_failure_found_here_has_no_reporter_and_odd_fields_are_dropped():
     body["error"]["reported_by"], body["error"]["signature"] = ["b"], 7  # not strings
     outcome = replied(body, "a")
     assert (outcome.reported_by, outcome.signature) == (None, "")
+
+
+# -- what kind of claim a report is ------------------------------------------------------------
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"tokens": [1]},
+        {"tokens": [1], "logprobs": [-0.1, -0.2]},
+        {"tokens": [1], "logprobs": [-0.1], "top_logprobs": [[[1, 0.5]]]},
+        {"tokens": [1], "logprobs": [-0.1], "commitments": "x"},
+    ],
+)
+def test_a_reply_that_does_not_parse_is_a_wrong_answer_of_the_peer_that_sent_it(item):
+    assert replied(item, "p9").claim == WRONG_ANSWER
+    not_json = parse_steps_reply(httpx.Response(502, content=b"<html>"), "p9", 1)[0]
+    assert (not_json.peer_id, not_json.claim) == ("p9", WRONG_ANSWER)
+    misfit = parse_steps_reply(httpx.Response(200, json={"results": "garbage"}), "p9", 2)
+    assert [(f.peer_id, f.claim) for f in misfit] == [("p9", WRONG_ANSWER)] * 2
+
+
+def test_a_reports_kind_travels_signed_and_cannot_be_turned():
+    """b signs that c answered wrong; relayed by a, the entry reads the same kind from b; the
+    same report relabelled 'unreachable' (so that a liveness check of c would ban b) or
+    unlabelled is nobody's signed report: the peer whose reply carried it is its reporter."""
+    a, b = Identity.generate(), Identity.generate()
+    keys = keys_of(a, b)
+    report = attest(HopFailed("c", "a step reply without tokens", claim=WRONG_ANSWER), b, "s1")
+    assert failure_body(report)["error"]["claim"] == WRONG_ANSWER
+    relayed = attest(replied(failure_body(report), b.peer_id), a, "s1")
+    at_entry = replied(failure_body(relayed), a.peer_id)
+    assert (at_entry.claim, reporter_of(at_entry, "s1", keys)) == (WRONG_ANSWER, b.peer_id)
+    turned = failure_body(report)
+    turned["error"]["claim"] = UNREACHABLE
+    assert reporter_of(replied(turned, a.peer_id), "s1", keys) == a.peer_id
+    del turned["error"]["claim"]  # (a body without it is an 'unreachable' one)
+    assert replied(turned, a.peer_id).claim == UNREACHABLE
+    assert reporter_of(replied(turned, a.peer_id), "s1", keys) == a.peer_id
+    turned["error"]["claim"] = "whatever"
+    assert replied(turned, a.peer_id).claim == UNREACHABLE
+
+
+def test_an_unsigned_failure_in_a_reply_is_reported_as_that_peers_wrong_answer():
+    """c answers b with an unsigned failure: of c itself, or naming a, b or d. b reports c's
+    wrong answer (c is alive: it answered), never b's own failure, nor another peer's silence."""
+    b = Identity.generate()
+    for named in ("c", "a", b.peer_id, "d"):
+        body = step_error_body("x", named, "failed", "refused")
+        report = attest(replied(body, "c"), b, "s1")
+        assert (report.peer_id, report.claim, report.reported_by) == ("c", WRONG_ANSWER, b.peer_id), named
+        assert reporter_of(report, "s1", keys_of(b)) == b.peer_id
+    busy = attest(replied(step_error_body("x", "c", "busy", "no room"), "c"), b, "s1")
+    assert (busy.peer_id, busy.reason) == ("c", "busy")  # (a peer without room is no claim)
+    own = attest(HopFailed(b.peer_id, "CUDA error"), b, "s1")  # found here: as it was
+    assert (own.peer_id, own.claim) == (b.peer_id, UNREACHABLE)
