@@ -41,40 +41,44 @@ SYBIL_HOST = "127.0.0.3"  # what the sybil entries claim as their address (nobod
 JOIN_DEADLINE_S = 30.0  # the must-hold: a newcomer vouched for and serving within this
 START_TIMEOUT_S = 300.0
 CHAT_TIMEOUT_S = 300.0
+WINDOW_S = 10.0  # how long a peer's CPU use is watched, idle and then under the flood alone
 ENTRY_PREFIX = b"layerswarm-entry\0"  # what PeerRecord.signed_message puts before the fields
 JSON = {"content-type": "application/json"}
 
 
-def sybil_template(model: str, layers: int) -> dict:
-    """A sybil's entry as gossip carries it, unsigned: serving every layer of `model` (with no one
-    answering at its address), the fields its signature covers only."""
-    record = PeerRecord("", model, layers, 0, layers, "serving", 1, 0, 0, address=f"{SYBIL_HOST}:1")
-    fields = json.loads(json.dumps(record.to_json()))
-    del fields["signature"], fields["dead_for_s"]
-    return fields
+class Sybil:
+    """One sybil: a key of its own and its entry as gossip carries it, serving every layer of
+    `model` (nobody answers at its address), with the fields its owner's key sets (PeerRecord.signed
+    sets them, once)."""
+
+    def __init__(self, identity: Identity, model: str, layers: int):
+        record = PeerRecord("", model, layers, 0, layers, "serving", 1, 0, 0, address=f"{SYBIL_HOST}:1")
+        self.identity, self.fields = identity, json.loads(json.dumps(record.signed(identity).to_json()))
+        del self.fields["signature"], self.fields["dead_for_s"]
+
+    def entry(self, heartbeat: int, address: str) -> dict:
+        """Its entry with this heartbeat and address, signed now as PeerRecord.signed signs (without
+        its dataclass copies: twice as fast, which lets one process sign 5,000 entries a second)."""
+        fields = {**self.fields, "heartbeat": heartbeat, "address": address}
+        message = ENTRY_PREFIX + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+        return {**fields, "signature": self.identity.sign(message), "dead_for_s": 0.0}
+
+    def check(self) -> None:
+        """`entry` must give what PeerRecord.signed gives (else a peer would refuse every entry)."""
+        record = PeerRecord.from_json({**self.fields, "signature": "A" * 86, "dead_for_s": 0.0})
+        want = json.loads(json.dumps(replace(record, heartbeat=7).signed(self.identity).to_json()))
+        got = self.entry(7, self.fields["address"])
+        if got != want:
+            raise RuntimeError(f"Sybil.entry no longer signs as PeerRecord.signed does:\n{got}\n{want}")
 
 
-def sign_entry(template: dict, identity: Identity, heartbeat: int, address: str) -> dict:
-    """`template` as `identity`'s entry, signed as PeerRecord.signed signs it (without its
-    dataclass copies: twice as fast, which lets one process sign 5,000 entries a second)."""
-    fields = {
-        **template,
-        "peer_id": identity.peer_id,
-        "public_key": identity.public_key,
-        "heartbeat": heartbeat,
-        "address": address,
-    }
-    message = ENTRY_PREFIX + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
-    return {**fields, "signature": identity.sign(message), "dead_for_s": 0.0}
-
-
-def sybil_messages(pool: list[Identity], tick: int, entries: int, template: dict) -> list[bytes]:
-    """This second's gossip messages, encoded: `entries` entries of `pool`'s identities,
+def sybil_messages(pool: list[Sybil], tick: int, entries: int) -> list[bytes]:
+    """This second's gossip messages, encoded: `entries` entries of `pool`'s sybils,
     ENTRIES_PER_MESSAGE a message, each signed now with a heartbeat newer than the last (half of the
     window moves on each second: half are new peers, half news of those of the second before)."""
     start = tick * entries // 2
     signed = [
-        sign_entry(template, pool[(start + i) % len(pool)], tick + 1, f"{SYBIL_HOST}:{20000 + i % 40000}")
+        pool[(start + i) % len(pool)].entry(tick + 1, f"{SYBIL_HOST}:{20000 + i % 40000}")
         for i in range(entries)
     ]
     return [
@@ -83,22 +87,11 @@ def sybil_messages(pool: list[Identity], tick: int, entries: int, template: dict
     ]
 
 
-def check_signing(template: dict, identity: Identity) -> None:
-    """sign_entry must give what PeerRecord gives (else every sybil entry would be refused unread)."""
-    fields = {**template, "peer_id": "", "public_key": ""}
-    record = PeerRecord(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    want = json.loads(json.dumps(replace(record, heartbeat=7).signed(identity).to_json()))
-    got = sign_entry(template, identity, 7, template["address"])
-    if got != want:
-        raise RuntimeError(f"sign_entry no longer signs as PeerRecord.signed does:\n{got}\n{want}")
-
-
 async def flood_async(targets, new_targets, stop, delivered, spec: dict) -> dict:
     """Every second until `stop`: sign this second's messages and post each to every target at once;
     `delivered` counts the messages answered 200."""
-    pool = [Identity.generate() for _ in range(2 * spec["entries"])]
-    template = sybil_template(spec["model"], spec["layers"])
-    check_signing(template, pool[0])
+    pool = [Sybil(Identity.generate(), spec["model"], spec["layers"]) for _ in range(2 * spec["entries"])]
+    pool[0].check()
     statuses: Counter = Counter()
     ticks, late, sign_s = 0, 0, 0.0
     transport = httpx.AsyncHTTPTransport(local_address=ATTACKER_HOST)
@@ -118,7 +111,7 @@ async def flood_async(targets, new_targets, stop, delivered, spec: dict) -> dict
 
         def sign_round(tick: int) -> tuple[list[bytes], float]:  # in a thread, while a round is sent
             began = time.monotonic()
-            return sybil_messages(pool, tick, spec["entries"], template), time.monotonic() - began
+            return sybil_messages(pool, tick, spec["entries"]), time.monotonic() - began
 
         first = time.monotonic()
         next_round = asyncio.create_task(asyncio.to_thread(sign_round, 0))
@@ -145,7 +138,7 @@ def flood_process(targets, new_targets, stop, delivered, results, spec: dict) ->
 
 
 class Flood:
-    """The sybil flood in a process of its own: `start`, `add` a target, `stop` (its counts)."""
+    """The sybil flood in a process of its own: `start`, `new_targets.put` an address, `stop` (its counts)."""
 
     def __init__(self, targets: list[str], spec: dict):
         ctx = multiprocessing.get_context("spawn")
@@ -156,9 +149,6 @@ class Flood:
 
     def start(self) -> None:
         self.process.start()
-
-    def add(self, address: str) -> None:
-        self.new_targets.put(address)
 
     def stop(self) -> dict:
         self.stop_event.set()
@@ -239,21 +229,32 @@ def vouched_by_all(peers: list[Peer], newcomer: Peer) -> bool:
     )
 
 
-def join_newcomer(swarm: Swarm, honest: list[Peer], layers: str, flood: Flood, probe, out: dict) -> None:
+def join_newcomer(
+    swarm: Swarm, honest: list[Peer], layers: str, flood: Flood, probe: tuple, out: dict
+) -> None:
     """Start a newcomer during the flood and time (from when it answers /health) until every honest
-    peer vouches for it and a chat through it gives the expected text (given up after 4x the deadline)."""
-    began = time.monotonic()
-    newcomer = swarm.add(layers)
-    out["peer"] = newcomer
+    peer vouches for it and a chat through it gives the expected text (`probe`: model, prompt, text,
+    max_tokens; every answer counted in out["probes"]); given up after 4x the deadline."""
+    began, (model, prompt, want, max_tokens) = time.monotonic(), probe
+    newcomer = out["peer"] = swarm.add(layers)
     swarm.wait_ready([newcomer], timeout_s=START_TIMEOUT_S)
     ready = time.monotonic()
-    out["ready_s"] = ready - began
-    flood.add(newcomer.address)
+    out["ready_s"], out["probes"] = ready - began, Counter()
+    flood.new_targets.put(newcomer.address)
+
+    async def serves() -> bool:
+        if newcomer.table()["gaps"]:
+            return False
+        async with httpx.AsyncClient(timeout=CHAT_TIMEOUT_S) as client:
+            status, text = await chat(client, newcomer, model, prompt, max_tokens)
+        out["probes"][status] += 1
+        return status == 200 and text == want
+
     give_up = ready + 4 * JOIN_DEADLINE_S
     try:
         wait_until(lambda: vouched_by_all(honest, newcomer), give_up - time.monotonic(), swarm._why)
         out["vouched_s"] = time.monotonic() - ready
-        wait_until(lambda: probe(newcomer), give_up - time.monotonic(), swarm._why, interval_s=0.5)
+        wait_until(lambda: asyncio.run(serves()), give_up - time.monotonic(), swarm._why, interval_s=0.5)
         out["serves_s"] = time.monotonic() - ready
     except AssertionError as e:
         out["error"] = str(e).splitlines()[0]
@@ -263,6 +264,13 @@ def cpu_seconds(pid: int) -> float:
     """User plus system CPU seconds a process has spent (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_share(peers: list[Peer], window_s: float) -> list[float]:
+    """The share of a core each peer used over the next `window_s` seconds."""
+    before = [cpu_seconds(p.proc.pid) for p in peers]
+    time.sleep(window_s)
+    return [(cpu_seconds(p.proc.pid) - b) / window_s for p, b in zip(peers, before, strict=True)]
 
 
 def table_rows(peers: list[Peer]) -> list[dict]:
@@ -288,24 +296,6 @@ def start_swarm(model: str, split: list[str], threads: int | None) -> Swarm:
     return swarm
 
 
-def newcomer_probe(model: str, prompt: str, want: str, max_tokens: int, seen: list):
-    """A check that a chat through a peer answers 200 with `want` (each answer kept in `seen`)."""
-
-    def probe(peer: Peer) -> bool:
-        if peer.table()["gaps"]:
-            return False
-        status, text = asyncio.run(_one_chat(peer, model, prompt, max_tokens))
-        seen.append((status, text))
-        return status == 200 and text == want
-
-    return probe
-
-
-async def _one_chat(peer: Peer, model: str, prompt: str, max_tokens: int) -> tuple:
-    async with httpx.AsyncClient(timeout=CHAT_TIMEOUT_S) as client:
-        return await chat(client, peer, model, prompt, max_tokens)
-
-
 def under_flood(swarm: Swarm, args, prompts: list[str], expected: list[str]) -> dict:
     """Flood every peer, then send the chats and start the newcomer at once; what came of it all."""
     honest = list(swarm.peers)
@@ -313,20 +303,20 @@ def under_flood(swarm: Swarm, args, prompts: list[str], expected: list[str]) -> 
     model, layers = first["model"], first["total_layers"]
     spec = {"entries": args.entries, "model": model, "layers": layers}
     flood = Flood([p.address for p in honest], spec)
+    idle = cpu_share(honest, WINDOW_S)  # before the flood, for comparison
     cpu0 = [cpu_seconds(p.proc.pid) for p in honest]
     flood.start()
     try:
         per_second = len(honest) * -(-args.entries // ENTRIES_PER_MESSAGE)
         wait_until(lambda: flood.delivered.value >= 3 * per_second, 120, swarm._why)
-        joined, seen = {}, []
-        probe = newcomer_probe(model, prompts[0], expected[0], args.max_tokens, seen)
+        flooded = cpu_share(honest, WINDOW_S)  # the flood alone, no chat yet
+        joined, probe = {}, (model, prompts[0], expected[0], args.max_tokens)
         newcomer = threading.Thread(
             target=join_newcomer, args=(swarm, honest, args.newcomer, flood, probe, joined), daemon=True
         )
         newcomer.start()
         rows = asyncio.run(chats_through(honest, model, prompts, expected, args.max_tokens))
         newcomer.join(START_TIMEOUT_S + 5 * JOIN_DEADLINE_S)
-        joined["probes"] = Counter(status for status, _ in seen)
         peers = honest + ([joined["peer"]] if "peer" in joined else [])
         tables = table_rows(peers)  # while the flood goes on
         cpu = [cpu_seconds(p.proc.pid) - (cpu0[i] if i < len(cpu0) else 0.0) for i, p in enumerate(peers)]
@@ -338,6 +328,8 @@ def under_flood(swarm: Swarm, args, prompts: list[str], expected: list[str]) -> 
         "joined": joined,
         "attack": attack,
         "cpu": cpu,
+        "idle": idle,
+        "flooded": flooded,
         "tables": tables,
     }
 
@@ -356,18 +348,25 @@ def report(result: dict, args, split: list[str]) -> list[str]:
         f"took {attack['sign_s'] / max(1, attack['seconds']):.2f} s); messages answered {attack['statuses']}"
     )
     print(
-        f"{'peer':21} {'layers':7} {'chats 200':>10} {'texts equal':>12} {'CPU s':>7} {'entries':>8} "
-        f"{'vouched':>8} {'dead':>5}"
+        f"{'peer':21} {'layers':7} {'chats 200':>10} {'texts equal':>12} {'CPU s':>7} {'idle %':>7} "
+        f"{'flood %':>8} {'entries':>8} {'vouched':>8} {'dead':>5}"
     )
     for i, peer in enumerate(peers):
         table, newcomer = result["tables"][i], i >= len(chats)
-        ok = chats[i]["statuses"].get(200, 0) if not newcomer else joined["probes"].get(200, 0)
-        total = args.chats if not newcomer else sum(joined["probes"].values())
+        ok = chats[i]["statuses"].get(200, 0) if not newcomer else joined.get("probes", {}).get(200, 0)
+        total = args.chats if not newcomer else sum(joined.get("probes", {}).values())
         equal = f"{chats[i]['equal']}/{args.chats}" if not newcomer else "-"
+        idle = f"{100 * result['idle'][i]:.1f}" if not newcomer else "-"
+        flooded = f"{100 * result['flooded'][i]:.1f}" if not newcomer else "-"
         print(
             f"{peer.address:21} {peer.layers:7} {f'{ok}/{total}':>10} {equal:>12} {result['cpu'][i]:7.1f} "
-            f"{table['entries']:8} {table['vouched']:8} {table['dead']:5}"
+            f"{idle:>7} {flooded:>8} {table['entries']:8} {table['vouched']:8} {table['dead']:5}"
         )
+    print(
+        f"(CPU s: from the flood's start to the end of the chats, the newcomer's from its start; idle % and "
+        f"flood %: a core's share over {WINDOW_S:.0f} s before the flood and under the flood alone; "
+        "entries: its table under the flood; dead: live peers it declared dead)"
+    )
     ready = joined.get("ready_s")
     vouched, serves = joined.get("vouched_s"), joined.get("serves_s")
     print(
