@@ -200,24 +200,16 @@ class Forwarder:
             results = [HopFailed(self.me, str(e))] * len(reqs)
         except Exception as e:  # never leave a caller waiting
             results = [HopFailed(self.me, f"{type(e).__name__}: {e}")] * len(reqs)
-        for (req, future), result in zip(items, results, strict=True):
+        for (_, future), result in zip(items, results, strict=True):
             if future.done():  # its caller gave up (e.g. the client hung up)
                 continue
             if isinstance(result, HopFailed) and result.reason == "bad_input":
-                result = self._refused(req, nxt.peer_id, result)
+                # the next peer refused what this peer computed: this peer is the one at fault
+                result = HopFailed(self.me, f"its output was refused by {nxt.peer_id}: {result.detail}")
             if isinstance(result, HopFailed):
                 future.set_exception(result)
             else:
                 future.set_result(result)
-
-    def _refused(self, req: StepRequest, nxt: str, failure: HopFailed) -> HopFailed:
-        """The next peer refused what this peer computed as not finite: this peer is the one at
-        fault if it is so; if not, the next peer answered wrong (a lie that would get this peer
-        banned)."""
-        if req.tensor.is_floating_point() and not bool(req.tensor.isfinite().all()):
-            return HopFailed(self.me, f"its output was refused by {nxt}: {failure.detail}")
-        why = f"it refused finite hidden states as not finite ({failure.detail})"
-        return HopFailed(nxt, why, claim=WRONG_ANSWER)
 
     async def answers(self, address: str, timeout_s: float = ANSWER_TIMEOUT_S) -> bool:
         """Whether the peer at `address` answers a cheap request (how far a step it never saw
