@@ -227,9 +227,10 @@ class NodeConfig:
         0.0,
         Flag(
             "--verify-rate",
-            "share of requests (0 to 1) this entry checks: at each step, every hop that has another "
-            "replica is recomputed by it on the same input, hops commit to their outputs, and a referee "
-            f"route decides a disagreement (default {OPEN_SWARM_VERIFY_RATE} in an open swarm, listening "
+            "share of the hops of each request (0 to 1) this entry checks: each hop that has another "
+            "replica is drawn on its own, and a drawn hop is recomputed by that replica at every step "
+            "on the same input; hops commit to their outputs, and a referee route decides a disagreement "
+            f"(default {OPEN_SWARM_VERIFY_RATE} in an open swarm, listening "
             "beyond loopback without --swarm-key; else 0)",
             default=None,
         ),

@@ -153,7 +153,7 @@ class HopRunner:
             if req.terminal:  # a shadow: its commitment is its answer
                 return StepResult([], [], commitments=(mine,))
             position = req.position + job.skipped  # the positions restored from the prefix cache stay behind
-            nxt = replace(req, hops=req.hops[1:], tensor=out, position=position)
+            nxt = replace(req, hops=req.hops[1:], tensor=out, position=position, seals=req.seals[1:])
             if req.reply_to is None:
                 return await self._hand_on(req, nxt, mine)
             await self.forwarder.push(nxt)  # (the next hop's acknowledgement)
@@ -162,11 +162,9 @@ class HopRunner:
 
     async def _hand_on(self, req: StepRequest, nxt: StepRequest, mine: Commitment | None) -> StepResult:
         """Nested: push `nxt` to the next hop (and, checked, the same input to a replica of it,
-        which only answers its commitment); check what comes back against this hop's commitment.
-        The next hop never sees its own shadow: `nxt` carries only the shadows of later hops."""
-        span = (req.hops[1].start, req.hops[1].end)
-        shadow = self._shadow_of(req.hops[1], req.shadows) if req.verify else None
-        nxt = replace(nxt, shadows=tuple(s for s in nxt.shadows if (s.start, s.end) != span))
+        which only answers its commitment, if this peer's seal names one); check what comes back
+        against this hop's commitment. `nxt` carries the later hops' seals, which only they open."""
+        shadow = self._sealed_shadow(req) if req.verify else None
         if shadow is None:
             result = await self.forwarder.push(nxt)
         else:
@@ -328,11 +326,18 @@ class HopRunner:
         ).signed(self.identity)
 
     # -- shadows ---------------------------------------------------------------------------
-    def _shadow_of(self, hop: Hop, shadows: tuple[Hop, ...]) -> Hop | None:
-        """The shadow of `hop` among a frame's, if this peer's table knows it serves those layers
-        (no frame makes a peer send hidden states to an address of the sender's choosing)."""
-        shadow = next((s for s in shadows if (s.start, s.end) == (hop.start, hop.end)), None)
-        return shadow if shadow is not None and self.knows(shadow) else None
+    def _sealed_shadow(self, req: StepRequest) -> Hop | None:
+        """The shadow of the next hop that this peer's seal (the frame's first) names, at its
+        address in this peer's table, if that peer serves those layers (no frame makes a peer send
+        hidden states to an address of the sender's choosing). A seal this peer cannot open has
+        nothing for it: the next hop is not checked through it."""
+        said = self.identity.unseal(req.seals[0]) if req.seals and len(req.hops) > 1 else None
+        entry = self.table.get(said.decode("ascii", "replace")) if said else None
+        if entry is None:
+            return None
+        nxt = req.hops[1]
+        shadow = Hop(entry.peer_id, entry.address, nxt.start, nxt.end)
+        return shadow if self.knows(shadow) else None
 
     async def run_shadow(
         self, req: StepRequest, shadow: Hop, mine: Commitment | None = None
@@ -340,7 +345,7 @@ class HopRunner:
         """Send `req`'s input for its first hop to `shadow` too (a terminal frame): its checked
         commitment, or nothing if it failed (the entry then sees that hop unchecked). `mine`:
         this peer's commitment to what it sent, if it computed `req`'s input."""
-        frame = replace(req, hops=[shadow], shadows=(), terminal=True)
+        frame = replace(req, hops=[shadow], seals=(), terminal=True)
         try:
             if shadow.peer_id == self.peer_id:
                 result = await self.run_step(frame)

@@ -104,7 +104,6 @@ class PeerNode:
         self.hop_times = HopTimes()  # where steps' wall time goes here
         self.hops = self._hop_runner()
         self.placement = self._placement()
-        self._verify_credit = 0.0
         self._referee_block: Block | None = None  # --self-referee's layers, loaded on a dispute
         self.stopping = False  # set when draining ends: requests still running end with an error
         self.on_fatal = None  # called with the exception when this peer cannot go on
@@ -392,13 +391,10 @@ class PeerNode:
         return Commitment(self.peer_id, 0, end, 0, "", dtype, tuple(map(tuple, idx)), tuple(map(tuple, val)))
 
     def should_verify(self) -> bool:
-        """Whether this entry checks its next request: exactly verify_rate of them, evenly spread
-        (one in 20 at 0.05), so that the cost is what the rate says."""
-        self._verify_credit += self.config.verify_rate
-        if self._verify_credit >= 1 - 1e-9:
-            self._verify_credit -= 1
-            return True
-        return False
+        """Whether this entry checks its requests (--verify-rate > 0): each of them then runs
+        checked, each replicated hop of its route shadowed with chance verify_rate, drawn for
+        each hop on its own when the route opens (peers/entry/routes.py shadows_for)."""
+        return self.config.verify_rate > 0
 
     def convict(self, peer_id: str, why: str, evidence: tuple[Commitment, Commitment] | None = None) -> None:
         """A peer computed wrong (outvoted by other replicas): avoid it for liar_ban_s, any life;

@@ -143,7 +143,7 @@ def run_specs(
         stop_ids=eos | stop_ids,
         n=ask.best_of or req.n,
         routes=req.consensus,
-        verify=req.consensus == 1 and node.should_verify(),
+        verify=req.consensus == 1 and node.should_verify(),  # (each hop drawn at the rate)
         speculative=req.speculative and node.config.speculative,
         steering=steering,
         tools=bool(ask.tools),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from peers.entry.peer import EntryPeer
 from peers.entry.prefix import prefix_hashes, routing_key
-from peers.entry.routes import banned_now, current_route, route_around, shadows_for
+from peers.entry.routes import banned_now, check_rate, current_route, route_around, seals_for, shadows_for
 from peers.entry.session import Ask, Observed, RouteSession, Token, context_digest, tokens_of
 from peers.entry.speculative import Speculation
 from peers.entry.steering import Steering, SteerState
@@ -36,8 +36,9 @@ class Checks:
     sequences already generated (the first step replays them); routes avoid the peers in `avoid`
     where the swarm allows (always, with `strict_avoid`); with `observe` every hop commits to its
     output and observe(Observed) sees each step that makes tokens before they are yielded;
-    `shadowed` has every hop that has another replica recomputed by one (its shadow), whose
-    commitments come back in result.shadows."""
+    `shadowed` has each hop that has another replica recomputed by one (its shadow) with chance
+    routes.check_rate, drawn for each hop when a route opens (again after a failover), whose
+    commitments come back in result.shadows; each hop learns only whether it feeds a shadow."""
 
     history: list[list[int]] | None = None
     avoid: frozenset[str] = frozenset()
@@ -71,8 +72,9 @@ class Failover:
         except NoRouteError as e:
             await self._no_route(str(e), started)
             return False
-        shadows = shadows_for(node, key, route, self._exclude() | checks.avoid) if checks.shadowed else ()
-        session.open(route, shadows)
+        exclude = self._exclude() | checks.avoid
+        shadows = shadows_for(node, key, route, exclude, check_rate(node)) if checks.shadowed else ()
+        session.open(route, shadows, seals_for(node, route, shadows))
         return True
 
     def _route(self) -> list:

@@ -1,9 +1,13 @@
 """Routes for one request, read from the entry's table: the route around the peers to avoid, the
-shadows that recompute a route's hops, and the entry's Reputation (whom to avoid)."""
+shadows that recompute a route's hops (each drawn at the entry's rate) and the seals that tell
+each hop, and it alone, which shadow it feeds; and the entry's Reputation (whom to avoid)."""
+
+import random
 
 from peers.entry.peer import EntryPeer
 from peers.entry.prefix import routing_key
 from peers.swarm.routing import NoRouteError, plan_route, unchecked_hops, weight
+from peers.swarm.seals import blank_seal, seal
 from peers.transport.frames import MAX_SHADOWS, Hop
 
 
@@ -55,9 +59,18 @@ def planned_route(node: EntryPeer, key: str, avoid: set[str]) -> list[Hop] | Non
         return None
 
 
-def shadows_for(node: EntryPeer, key: str, route: list[Hop], exclude: set[str]) -> tuple[Hop, ...]:
+def check_rate(node: EntryPeer) -> float:
+    """The chance that each replicated hop of a checked request is shadowed: --verify-rate, or
+    every hop where the entry checks nothing by itself (a request checked on purpose)."""
+    return node.config.verify_rate or 1.0
+
+
+def shadows_for(
+    node: EntryPeer, key: str, route: list[Hop], exclude: set[str], rate: float = 1.0
+) -> tuple[Hop, ...]:
     """For each hop, a replica off the route that serves its layers, chosen by rendezvous hashing
-    on the request's key (none where the swarm has no other)."""
+    on the request's key (none where the swarm has no other); each kept with chance `rate`,
+    drawn for each hop on its own, so that whether one hop is checked says nothing of another."""
     on_route = {h.peer_id for h in route}
     peers = [p for p in node.table.serving(node.model_id) if p.peer_id not in on_route | exclude]
     shadows = []
@@ -65,9 +78,26 @@ def shadows_for(node: EntryPeer, key: str, route: list[Hop], exclude: set[str]) 
         fits = [p for p in peers if p.start <= hop.start and hop.end <= p.end]
         if fits:  # one hop per shadow: a session is one run of layers on each peer
             best = max(fits, key=lambda p: weight(key, p.peer_id))
-            shadows.append(Hop(best.peer_id, best.address, hop.start, hop.end))
             peers.remove(best)
+            if rate >= 1 or random.random() < rate:
+                shadows.append(Hop(best.peer_id, best.address, hop.start, hop.end))
     return tuple(shadows[:MAX_SHADOWS])
+
+
+def seals_for(node: EntryPeer, route: list[Hop], shadows: tuple[Hop, ...]) -> tuple[str, ...]:
+    """One seal per hop (StepRequest.seals): hop i's names the shadow of hop i + 1, sealed to hop
+    i's key; the others (and one to a hop whose key this entry lacks) are random bytes of the same
+    length. The first hop's shadow is fed by the entry itself."""
+    by_span = {(s.start, s.end): s for s in shadows}
+    seals = []
+    for hop, nxt in zip(route, [*route[1:], None], strict=True):
+        shadow = by_span.get((nxt.start, nxt.end)) if nxt is not None else None
+        entry = node.table.get(hop.peer_id) if shadow is not None else None
+        if entry is not None and entry.seal_key:
+            seals.append(seal(entry.seal_key, shadow.peer_id.encode()))
+        else:
+            seals.append(blank_seal())
+    return tuple(seals)
 
 
 def unshadowed(node: EntryPeer, key: str, route: list[Hop], exclude: set[str]) -> list[Hop]:
@@ -80,9 +110,11 @@ def unshadowed(node: EntryPeer, key: str, route: list[Hop], exclude: set[str]) -
 
 
 def checked_by_a_second_route(node: EntryPeer, prompt_ids: list[int]) -> bool:
-    """Whether a checked request of this prompt needs a second route: its route has a hop that
+    """Whether a checked request of this prompt runs on a second route: its route has a hop that
     no single replica can shadow but a chain of other peers covers (a peer announcing a long
-    span is recomputed by the peers of shorter ones)."""
+    span is recomputed by the peers of shorter ones), drawn at the entry's rate."""
+    if random.random() >= check_rate(node):  # (the long hop is checked at the rate, as any)
+        return False
     key = routing_key(prompt_ids)
     exclude = banned_now(node)
     route = planned_route(node, key, set())

@@ -1,5 +1,5 @@
-"""A request's session on one route (Petals' inference session): its id, route and shadows, the
-position the peers hold, and the steps that (re)build it: the prompt plus every token generated
+"""A request's session on one route (Petals' inference session): its id, route, shadows and the
+seals that tell each hop which shadow it feeds, the position the peers hold, and the steps that (re)build it: the prompt plus every token generated
 so far, replayed as one prefill on a new route after a failure."""
 
 import struct
@@ -80,7 +80,8 @@ class RouteSession:
     generated: list[list[int]]
     session_id: str = field(default_factory=new_session_id)
     route: list[Hop] | None = None
-    shadows: tuple[Hop, ...] = ()
+    shadows: tuple[Hop, ...] = ()  # the replicas that recompute hops (the entry alone knows them)
+    seals: tuple[str, ...] = ()  # one per hop of the route (StepRequest.seals), for every step
     position: int = 0  # tokens the route's peers hold of this session
     pending: list[Rebuild] = field(default_factory=list)
 
@@ -93,9 +94,9 @@ class RouteSession:
         """Every peer that holds this session: the route's and the shadows'."""
         return [*(self.route or []), *self.shadows]
 
-    def open(self, route: list[Hop], shadows: tuple[Hop, ...] = ()) -> None:
+    def open(self, route: list[Hop], shadows: tuple[Hop, ...] = (), seals: tuple[str, ...] = ()) -> None:
         """Start on `route`: replay the prompt and everything generated so far."""
-        self.route, self.shadows, self.position = route, shadows, 0
+        self.route, self.shadows, self.seals, self.position = route, shadows, seals, 0
         self.pending = replay_plan(self.prompt_ids, self.generated, self.n)
 
     def drop(self) -> tuple[str, list[Hop]]:
@@ -103,6 +104,7 @@ class RouteSession:
         new session on a new route."""
         old = (self.session_id, self.hops)
         self.session_id, self.route, self.shadows, self.pending = new_session_id(), None, (), []
+        self.seals = ()
         return old
 
     def next_rebuild(self) -> Rebuild:

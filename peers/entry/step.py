@@ -1,6 +1,7 @@
-"""One step of a request through its route: build the step frame, send it (nested, or with direct
-return), have the first hop's shadow recompute it, and check what came back (token count and
-range, commitments): a wrong answer is a HopFailed naming the peer at fault."""
+"""One step of a request through its route: build the step frame (a checked one carries a seal per
+hop: each hop alone learns which shadow it feeds), send it (nested, or with direct return), have
+the first hop's shadow recompute it, and check what came back (token count and range,
+commitments): a wrong answer is a HopFailed naming the peer at fault."""
 
 import random
 import uuid
@@ -49,18 +50,17 @@ async def step(node: EntryPeer, session: RouteSession, ask: Ask, sampling: Sampl
         tensor=torch.tensor(rows, dtype=torch.int64),  # [B, T]
         prefix=ask.prefix,
         verify=verify,
-        shadows=shadows,
+        seals=session.seals if verify else (),
         draft=draft,
         request_id=REQUEST_ID.get(),
         controls=ask.controls,
     )
     shadow = next((s for s in shadows if (s.start, s.end) == (route[0].start, route[0].end)), None)
-    # the first hop never sees its own shadow: each hop learns only the shadows of later hops
-    sent = replace(req, shadows=tuple(s for s in shadows if s is not shadow))
+    # no hop sees a shadow: each opens its own seal, which names at most its next hop's shadow
     if not verify and node.config.direct_return:  # (an entry that checks sends every step verified)
-        main = direct_step(node, sent)
+        main = direct_step(node, req)
     else:
-        main = node.run_step(sent) if route[0].peer_id == node.peer_id else node.forwarder.push(sent)
+        main = node.run_step(req) if route[0].peer_id == node.peer_id else node.forwarder.push(req)
     if shadow is None:
         result = await main
     else:  # the first hop's shadow gets the same tokens from here

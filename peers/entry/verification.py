@@ -1,6 +1,7 @@
-"""Verified generation (`--verify-rate R`): every hop that has another replica is recomputed by it
-(its shadow) at every step, on the same input; a token reaches the user only once each shadow's
-commitment agrees with its hop's (else the referee decides, peers/entry/referee.py)."""
+"""Verified generation (`--verify-rate R`): each hop that has another replica is drawn with chance R
+(every one, where the entry's rate is 0) and recomputed by it (its shadow) at every step, on the
+same input; a token reaches the user only once each shadow's commitment agrees with its hop's
+(else the referee decides, peers/entry/referee.py)."""
 
 from collections.abc import AsyncIterator
 
@@ -34,8 +35,9 @@ async def verified_generate(
     n: int = 1,
     steering: Steering | None = None,
 ) -> AsyncIterator[list[Token]]:
-    """generate(), with every hop that has another replica recomputed by it on the same input
-    (its shadow: the hop before it sends it the same hidden states) at every step; a token is
+    """generate(), with each hop that has another replica drawn at the entry's rate
+    (routes.check_rate) and recomputed by it on the same input (its shadow: the hop before it,
+    told by a seal only it opens, sends it the same hidden states) at every step; a token is
     yielded only when each shadow's commitment agrees with its hop's. On a disagreement a referee
     route that avoids both decides; the peer it contradicts is convicted, and generation goes on
     from the agreed tokens on a new route."""

@@ -39,9 +39,11 @@ TOLERANCE = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 5e-2, "int8": 2e-2, "
 class VerificationStats:
     """What this entry's checks found (shown on /health)."""
 
-    requests: int = 0  # requests run on several routes
-    steps: int = 0  # steps compared
-    unchecked_steps: int = 0  # steps of checked requests that no shadow recomputed
+    # requests checked: every request of an entry with --verify-rate (each replicated hop drawn
+    # at that rate), and those asked with consensus
+    requests: int = 0
+    steps: int = 0  # steps of those requests that made tokens
+    unchecked_steps: int = 0  # of those steps of shadowed requests, the ones no shadow recomputed
     disagreements: int = 0  # steps the routes computed differently
     unverifiable: int = 0  # requests to check that had no other replica of any hop
     convicted: dict = field(default_factory=dict)  # peer -> why (the latest 64)

@@ -20,6 +20,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from peers.swarm.seals import SealKey
+
 PEER_ID_CHARS = 20  # base32 characters of sha256(public key): 100 bits
 PUBLIC_KEY_CHARS = 43  # 32 bytes, base64url without padding
 SIGNATURE_CHARS = 86  # 64 bytes
@@ -72,7 +74,8 @@ def check_private(path: Path, st: os.stat_result) -> None:
 
 
 class Identity:
-    """An Ed25519 key pair and the peer id derived from its public key."""
+    """An Ed25519 key pair and the peer id derived from its public key; its X25519 sealing key
+    (peers/swarm/seals.py) is derived from the private key, so a key file keeps both."""
 
     def __init__(self, private_key: Ed25519PrivateKey):
         self._key = private_key
@@ -81,6 +84,11 @@ class Identity:
         )
         self.public_key = _b64(raw)
         self.peer_id = peer_id_of(self.public_key)
+        secret = private_key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        self._sealing = SealKey(secret)
+        self.seal_key = self._sealing.public_key  # X25519, unpadded base64url: others seal to it
 
     @classmethod
     def generate(cls) -> "Identity":
@@ -140,6 +148,10 @@ class Identity:
 
     def sign(self, message: bytes) -> str:
         return _b64(self._key.sign(message))
+
+    def unseal(self, sealed: str) -> bytes | None:
+        """What a seal to this peer says (None: it is not one to this peer, or says nothing)."""
+        return self._sealing.open(sealed)
 
     def __repr__(self) -> str:
         return f"Identity({self.peer_id})"

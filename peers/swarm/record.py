@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 
 from peers.swarm.checks import finite_number
 from peers.swarm.identity import PEER_ID_CHARS, SIGNATURE_CHARS, Identity, peer_id_of, verify
+from peers.swarm.seals import check_seal_key
 
 JOINING, SERVING, LEAVING, DEAD = "joining", "serving", "leaving", "dead"
 STATES = (JOINING, SERVING, LEAVING, DEAD)
@@ -54,6 +55,9 @@ class PeerRecord:
     layer_ms: float = 0.0  # its recent compute time per layer of a forward (0: not measured yet)
     links: tuple[tuple[str, float], ...] = ()  # (peer id, round-trip ms) to peers it talks to
     wire: tuple[str, ...] = ("lossless",)  # encodings of hidden states it accepts (peers/transport/wire.py)
+    seal_key: str = (
+        ""  # X25519, unpadded base64url: shadow instructions are sealed to it (peers/swarm/seals.py)
+    )
 
     @property
     def version(self) -> tuple[int, int]:
@@ -68,7 +72,13 @@ class PeerRecord:
 
     def signed(self, identity: Identity) -> "PeerRecord":
         """This entry as `identity`'s own, signed."""
-        mine = replace(self, peer_id=identity.peer_id, public_key=identity.public_key, signature="")
+        mine = replace(
+            self,
+            peer_id=identity.peer_id,
+            public_key=identity.public_key,
+            seal_key=identity.seal_key,
+            signature="",
+        )
         return replace(mine, signature=identity.sign(mine.signed_message()))
 
     def verify(self) -> bool:
@@ -131,6 +141,7 @@ class PeerRecord:
             _ms(data["layer_ms"], "layer_ms"),
             _links(data["links"]),
             _wire(data["wire"]),
+            check_seal_key(data["seal_key"]),
         )
 
 

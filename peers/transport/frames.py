@@ -9,6 +9,7 @@ one result (tokens or error) per frame, in order.
 """
 
 import json
+import re
 import struct
 from dataclasses import asdict, dataclass, field
 
@@ -17,6 +18,7 @@ import torch
 from inference.sampling import Controls, Sampling
 from peers.swarm.checks import finite_number
 from peers.swarm.routing import Hop
+from peers.swarm.seals import SEAL_CHARS
 from peers.transport.logs import valid_request_id
 from peers.transport.wire import LOSSLESS, decode_hidden, encode_hidden
 
@@ -40,7 +42,8 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 _LEN = struct.Struct(">I")
 MAX_HEADER_BYTES = 1 << 20
 MAX_VERIFY_CHARS = 64
-MAX_SHADOWS = 16
+MAX_SHADOWS = 16  # hops of one route an entry has recomputed
+_SEAL = re.compile(f"[A-Za-z0-9_-]{{{SEAL_CHARS}}}")
 MAX_DRAFT = 16  # drafted tokens in one step (speculative decoding)
 MAX_STEP_ID = 64  # characters
 MAX_TOP_LOGPROBS = 20  # alternatives per sampled token (as OpenAI's top_logprobs)
@@ -72,7 +75,9 @@ class StepRequest:
     tensor: torch.Tensor = field(repr=False)
     prefix: tuple[int, ...] = ()  # hashes of the session's leading token blocks (prefix reuse)
     verify: str = ""  # set: every hop commits to its output (the entry's digest of the tokens so far)
-    shadows: tuple[Hop, ...] = ()  # replicas that recompute hops of the route on the same input
+    # one sealed instruction per hop (peers/swarm/seals.py): seal i, opened by hop i alone, names
+    # the replica it feeds its output to (its next hop's shadow), or is random bytes (no shadow)
+    seals: tuple[str, ...] = ()
     terminal: bool = False  # a shadow's frame: compute this hop, answer its commitment, forward nothing
     draft: int = 0  # the last `draft` tokens are drafted: sample after each of the last draft + 1
     reply_to: "ReplyTo | None" = None  # direct return: the last hop sends the result here, not back
@@ -135,8 +140,8 @@ def encode_step(req: StepRequest) -> bytes:
     }
     if req.verify:
         header["verify"] = req.verify
-    if req.verify or req.shadows:  # (even none: a verified step has the keys of every other)
-        header["shadows"] = [asdict(h) for h in req.shadows]
+    if req.seals:
+        header["seals"] = list(req.seals)
     if req.terminal:
         header["terminal"] = True
     if req.draft:
@@ -186,7 +191,7 @@ def decode_step(body: bytes) -> StepRequest:
             tensor=tensor,
             prefix=tuple(_typed(x, int, "prefix") for x in header.get("prefix", ())),
             verify=_typed(header.get("verify", ""), str, "verify"),
-            shadows=tuple(_hop(h) for h in _typed(header.get("shadows", []), list, "shadows")),
+            seals=tuple(_typed(x, str, "seals") for x in _typed(header.get("seals", []), list, "seals")),
             terminal=_typed(header.get("terminal", False), bool, "terminal", bools=True),
             draft=_typed(header.get("draft", 0), int, "draft"),
             reply_to=_reply_to(header["reply_to"]) if "reply_to" in header else None,
@@ -203,8 +208,7 @@ def decode_step(body: bytes) -> StepRequest:
         )
     if len(req.verify) > MAX_VERIFY_CHARS or not req.verify.isprintable():
         raise ProtocolError(f"a step's verify digest is at most {MAX_VERIFY_CHARS} printable characters")
-    if len(req.shadows) > MAX_SHADOWS or ((req.shadows or req.terminal) and not req.verify):
-        raise ProtocolError(f"a step has at most {MAX_SHADOWS} shadows, and shadows only when it verifies")
+    _check_seals(req)
     if req.draft and not (
         0 < req.draft <= MAX_DRAFT and req.draft < tensor.shape[1] and tensor.shape[0] == 1
     ):
@@ -233,6 +237,20 @@ def decode_step(body: bytes) -> StepRequest:
     if (tensor.dim() == 2) != (tensor.dtype == torch.int64):
         raise ProtocolError("token ids travel as int64 [B, T] and hidden states as floats [B, T, H]")
     return req
+
+
+def _check_seals(req: StepRequest) -> None:
+    """A shadow's frame (terminal) is checked and carries no seal; a checked step carries one seal
+    per hop or none, each of SEAL_CHARS (ProtocolError otherwise)."""
+    if req.terminal and not req.verify:
+        raise ProtocolError("a shadow's frame (terminal) is a checked step: it carries a verify digest")
+    if req.seals and (req.terminal or not req.verify or len(req.seals) != len(req.hops)):
+        raise ProtocolError(
+            f"a checked step (verify) that is not a shadow's carries one seal per hop or none; this one "
+            f"carries {len(req.seals)} for {len(req.hops)} hops{' (terminal)' if req.terminal else ''}"
+        )
+    if not all(_SEAL.fullmatch(x) for x in req.seals):
+        raise ProtocolError(f"a seal is {SEAL_CHARS} characters of unpadded base64url")
 
 
 def _typed(value, kind: type, name: str, bools: bool = False):

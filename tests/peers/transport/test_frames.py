@@ -141,3 +141,23 @@ def test_a_route_must_tile_the_layers_to_the_end():
     assert "skips or repeats" in route_problem([hop(0, 2), hop(3, 4, "127.0.0.1:2")], 4)
     assert "ends at layer 2" in route_problem([hop(0, 2)], 4)
     assert "bad layer range" in route_problem([Hop("a", "127.0.0.1:9", 4, 4)], 4)
+
+
+def test_seals_travel_one_per_hop_of_a_checked_step_only():
+    """A checked step carries one seal per hop (each SEAL_CHARS of base64url), or none; a shadow's
+    frame (terminal) and an unchecked step carry none; anything else is a ProtocolError naming it."""
+    from peers.swarm.seals import SEAL_CHARS, blank_seal
+
+    checked = replace(request(0), verify="d" * 32, seals=(blank_seal(), blank_seal()))
+    assert decode_step(encode_step(checked)).seals == checked.seals
+    bad = [
+        (replace(checked, seals=checked.seals[:1]), "one seal per hop"),
+        (replace(checked, verify=""), "one seal per hop"),
+        (replace(checked, hops=checked.hops[:1], terminal=True, seals=checked.seals[:1]), "one seal per hop"),
+        (replace(checked, seals=(blank_seal(), blank_seal()[:-1])), f"{SEAL_CHARS} characters"),
+        (replace(checked, seals=(blank_seal(), "!" * SEAL_CHARS)), f"{SEAL_CHARS} characters"),
+        (replace(checked, verify="", seals=(), terminal=True), "verify digest"),
+    ]
+    for req, why in bad:
+        with pytest.raises(ProtocolError, match=why):
+            decode_step(encode_step(req))
