@@ -35,12 +35,9 @@ def health(node: PeerNode) -> dict:
         "failovers": node.failovers,
         "claims": node.reputation.claims.to_json(),
         "tokens_generated": node.metrics.tokens,
-        "verification": {
-            **verification(config.verify_rate, node.verification, node.accusations),
-            "unchecked_layers": [
-                list(span) for span in alone(coverage(node.table.serving(node.model_id), node.total_layers))
-            ],
-        },
+        "verification": verification(
+            config.verify_rate, node.verification, node.accusations, unchecked(node)
+        ),
         "speculation": {"enabled": config.speculative, **node.speculation.to_json()},
         "direct_return": direct_return(config.direct_return, node.returns),
         "hop_path_ms": node.hop_times.to_json(),
@@ -51,9 +48,19 @@ def health(node: PeerNode) -> dict:
     }
 
 
-def verification(rate: float, stats: VerificationStats, accusations: Accusations) -> dict:
-    """What this entry's checks found, and the accusations it holds or ignored."""
-    return {"rate": rate, **stats.to_json(), **accusations.to_json()}
+def verification(
+    rate: float, stats: VerificationStats, accusations: Accusations, unchecked_layers: list[list[int]]
+) -> dict:
+    """What this entry's checks found, the spans no check of another peer could cover, and the
+    accusations it holds or ignored."""
+    return {"rate": rate, **stats.to_json(), "unchecked_layers": unchecked_layers, **accusations.to_json()}
+
+
+def unchecked(node: PeerNode) -> list[list[int]]:
+    """The layer spans exactly one serving peer serves (no replica or chain of others could
+    recompute them: only the entry's own check, --self-referee, could)."""
+    counts = coverage(node.table.serving(node.model_id), node.total_layers)
+    return [list(span) for span in alone(counts)]
 
 
 def direct_return(enabled: bool, returns: Returns) -> dict:

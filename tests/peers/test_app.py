@@ -77,6 +77,7 @@ def test_health_answers_every_field(tiny_llama):
         "disagreements",
         "unverifiable",
         "convicted",
+        "unchecked_layers",
         "accusations_held",
         "accusations_ignored",
     }
