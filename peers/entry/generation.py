@@ -15,7 +15,7 @@ from peers.entry.session import Ask, Observed, RouteSession, Token, context_dige
 from peers.entry.speculative import Speculation
 from peers.entry.steering import Steering, SteerState
 from peers.entry.step import seeded, step, uniform_steps
-from peers.swarm.reputation import AT_FAULT, WRONG_ANSWER, Claim, Reputation
+from peers.swarm.reputation import AT_FAULT, STALLED, WRONG_ANSWER, Claim, Reputation
 from peers.swarm.routing import NoRouteError
 from peers.transport.errors import HopFailed, Overloaded, SwarmError, SwarmUnavailable
 from peers.transport.frames import Sampling
@@ -164,9 +164,14 @@ class Failover:
 async def check_claim(node: EntryPeer, claim: Claim) -> None:
     """Ask the peer a claim names, at its address in this entry's table, whether it answers: if
     not, it failed indeed and is banned; if it does, the claim is false and its reporter is the
-    one avoided (peers/swarm/reputation.py). Both are routed around meanwhile."""
+    one avoided (peers/swarm/reputation.py), except a STALLED one (a step without an answer in
+    time: either peer may have held it up), which counts as a wrong-answer claim. Both are routed
+    around meanwhile."""
     named = node.table.get(claim.named)
     answers = named is not None and await node.forwarder.answers(named.address)
+    if answers and claim.kind == STALLED:  # alive, yet the step got no answer: who held it up is open
+        node.reputation.claim_unsettled(claim)
+        return
     _, seconds = node.reputation.claim_settled(claim, held_up=not answers)
     if not answers:
         log.warning(

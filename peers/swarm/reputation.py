@@ -22,7 +22,11 @@ AT_FAULT = "failed"  # the one failure reason that bans (see HopFailed.REASONS)
 MESSAGE_CHARS = 300  # of a failure's message, kept in the log
 CLAIM_HOLD_S = 5.0  # the longest an unsettled claim keeps its two peers out of routes
 MAX_CLAIMANTS = 4096  # reporters whose false claims are remembered (the oldest forgotten first)
-UNREACHABLE, WRONG_ANSWER = "unreachable", "wrong_answer"  # a claim's kinds (HopFailed.claim)
+UNREACHABLE, WRONG_ANSWER, STALLED = (
+    "unreachable",
+    "wrong_answer",
+    "stalled",
+)  # a claim's kinds (HopFailed.claim)
 WRONG_ANSWER_WINDOW_S = 600.0  # how long a wrong-answer claim counts, and softly avoids its peers
 CORROBORATED = 2  # distinct reporters against one peer (or peers named by one reporter) that ban
 MAX_WRONG_ANSWERS = 4096  # wrong-answer claims kept (reporter, named), the oldest forgotten first
@@ -119,6 +123,10 @@ class Claims:
         for key in [key for key, until in self._open.items() if until <= now]:
             del self._open[key]  # (a check that never came back)
         return self._open
+
+    def close(self, claim: Claim) -> None:
+        """The check of `claim` settled nothing (see Reputation.claim_unsettled)."""
+        self._open.pop((claim.reporter, claim.named), None)
 
     def settle(self, claim: Claim, held_up: bool) -> int:
         """The check's verdict; returns the reporter's false claims so far."""
@@ -256,6 +264,13 @@ class Reputation:
             seconds,
         )
         return claim.reporter, seconds
+
+    def claim_unsettled(self, claim: Claim) -> list[tuple[str, float]]:
+        """A STALLED claim whose named peer answers the liveness check: either peer may have held
+        the step up, so the claim counts as a wrong-answer claim (corroboration decides), and
+        neither is banned on its word alone."""
+        self.claims.close(claim)
+        return self.on_wrong_answer(claim)
 
     def on_wrong_answer(self, claim: Claim) -> list[tuple[str, float]]:
         """A peer reports that another answered wrong: count and log it, ban nobody on its word

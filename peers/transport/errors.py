@@ -20,7 +20,8 @@ log = logging.getLogger("layerswarm.api")
 
 UNREACHABLE = "unreachable"  # a claim that a peer did not answer (refused, timed out)
 WRONG_ANSWER = "wrong_answer"  # a claim that a peer answered, but wrong (bad reply, bad commitments)
-CLAIM_KINDS = (UNREACHABLE, WRONG_ANSWER)
+STALLED = "stalled"  # a claim that a peer took the step and gave no answer in time (it may yet be alive)
+CLAIM_KINDS = (UNREACHABLE, WRONG_ANSWER, STALLED)
 
 
 class SwarmError(Exception):

@@ -12,7 +12,7 @@ from dataclasses import replace
 import httpx
 
 from peers.swarm.links import Links
-from peers.transport.errors import WRONG_ANSWER, HopFailed
+from peers.transport.errors import STALLED, WRONG_ANSWER, HopFailed
 from peers.transport.frames import (
     PATH_CLOSE,
     PATH_PROGRESS,
@@ -193,7 +193,7 @@ class Forwarder:
         except ReplyTooLarge as e:  # (it answered: too much)
             results = [HopFailed(nxt.peer_id, str(e), claim=WRONG_ANSWER)] * len(reqs)
         except httpx.TimeoutException:
-            results = [HopFailed(nxt.peer_id, f"no answer within {timeout:.1f} s")] * len(reqs)
+            results = [HopFailed(nxt.peer_id, f"no answer within {timeout:.1f} s", claim=STALLED)] * len(reqs)
         except httpx.HTTPError as e:
             results = [HopFailed(nxt.peer_id, f"{type(e).__name__}: {e}")] * len(reqs)
         except ProtocolError as e:

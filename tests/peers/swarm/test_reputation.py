@@ -10,6 +10,7 @@ from peers.swarm.reputation import (
     CLAIM_HOLD_S,
     MAX_CLAIMANTS,
     MAX_WRONG_ANSWERS,
+    STALLED,
     WRONG_ANSWER,
     WRONG_ANSWER_WINDOW_S,
     Bans,
@@ -257,3 +258,21 @@ def test_wrong_answer_claims_are_kept_for_a_bounded_number_of_pairs():
         assert rep.on_wrong_answer(wrong(f"r{i}", f"n{i}")) == []
     suspected = rep.suspected()
     assert len(suspected) == 2 * MAX_WRONG_ANSWERS and "r0" not in suspected and "n2" not in suspected
+
+
+def test_a_stalled_claim_about_a_peer_that_answers_bans_nobody_and_counts_as_a_wrong_answer():
+    """A hop says its next hop took the step and never answered; the named peer answers the
+    entry's liveness check. Either may have held the step up (a liar next hop that stalls, or a
+    liar reporter): nobody is banned on one word, both are avoided softly, and a second reporter
+    about the same peer corroborates it."""
+    clock = FakeClock()
+    rep, table, _ = reputation(clock, a=1, b=1, staller=1)
+    first = Claim("a", "staller", "failed", "peer staller failed: no answer within 5.0 s", STALLED)
+    assert rep.on_claim(first) is True
+    assert rep.claim_unsettled(first) == []
+    assert rep.banned_now() == set() and rep.claims.false == {} and table.reported == []
+    assert rep.suspected() == {"a", "staller"}
+    second = Claim("b", "staller", "failed", "peer staller failed: no answer within 5.0 s", STALLED)
+    rep.on_claim(second)
+    assert rep.claim_unsettled(second) == [("staller", 10)]
+    assert rep.banned_now() == {"staller"}
