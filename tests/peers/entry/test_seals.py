@@ -100,3 +100,28 @@ def test_sealing_and_opening_are_measured():
     assert all(o == b"x" * 20 for o in opened)
     seal_ms, open_ms = (t1 - t0) / n * 1e3, (t2 - t1) / n * 1e3
     print(f"seal {seal_ms:.3f} ms, open {open_ms:.3f} ms")  # (measured, not asserted: no timed checks)
+
+
+def test_each_hop_is_checked_on_its_own_at_the_rate():
+    """shadows_for with a rate draws each replicated hop on its own: over many routes, each hop
+    is shadowed about that often, and whether one is says nothing of the other (the share of
+    both is the product), so a hop that learns its next hop is checked learns nothing of itself."""
+    import random
+
+    from peers.entry.routes import shadows_for
+
+    ids = [Identity.generate() for _ in range(4)]
+    spans = [(1, 2), (1, 2), (2, 4), (2, 4)]
+    records = [
+        PeerRecord("", "m", 4, a, b, address=f"127.0.0.1:{7100 + n}").signed(i)
+        for n, (i, (a, b)) in enumerate(zip(ids, spans, strict=True))
+    ]
+    node = SimpleNamespace(model_id="m", table=SimpleNamespace(serving=lambda model: records))
+    route = [Hop(r.peer_id, r.address, r.start, r.end) for r in (records[0], records[2])]
+    random.seed(23)
+    draws = [{s.start for s in shadows_for(node, "k", route, set(), 0.2)} for _ in range(4000)]
+    first, second = (sum(start in d for d in draws) / len(draws) for start in (1, 2))
+    both = sum(d == {1, 2} for d in draws) / len(draws)
+    assert 0.17 < first < 0.23 and 0.17 < second < 0.23, (first, second)
+    assert abs(both - first * second) < 0.015, (both, first, second)
+    assert all(len(shadows_for(node, "k", route, set())) == 2 for _ in range(10))  # (rate 1: all)
