@@ -16,7 +16,7 @@ import asyncio
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import xxhash
@@ -70,20 +70,25 @@ class Commitment:
     input_values: tuple[tuple[float, ...], ...] = ()
     signature: str = ""
 
+    def _fields(self) -> dict:
+        """Its fields, shallow (every step signs and checks these: no deep copies)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
     def message(self) -> bytes:
-        fields = {k: v for k, v in asdict(self).items() if k != "signature"}
+        fields = self._fields()
+        del fields["signature"]
         return b"layerswarm-commitment\0" + json.dumps(fields, separators=(",", ":")).encode()
 
     def signed(self, identity: Identity) -> "Commitment":
-        unsigned = Commitment(**{**asdict(self), "peer_id": identity.peer_id, "signature": ""})
-        return Commitment(**{**asdict(unsigned), "signature": identity.sign(unsigned.message())})
+        unsigned = replace(self, peer_id=identity.peer_id, signature="")
+        return replace(unsigned, signature=identity.sign(unsigned.message()))
 
     def verify(self, public_key: str) -> bool:
         return verify(public_key, self.signature, self.message())
 
     def to_json(self) -> dict:
         rows = ("indices", "values", "input_top", "input_values")
-        return {**asdict(self), **{name: [list(r) for r in getattr(self, name)] for name in rows}}
+        return {**self._fields(), **{name: [list(r) for r in getattr(self, name)] for name in rows}}
 
     @classmethod
     def from_json(cls, data) -> "Commitment":
@@ -195,13 +200,20 @@ def distance(a: Commitment, b: Commitment) -> float:
 
 
 def check_commitments(
-    table, hops, commitments, req, only: int | None = None, mine: "Commitment | None" = None
+    table,
+    hops,
+    commitments,
+    req,
+    only: int | None = None,
+    mine: "Commitment | None" = None,
+    unsigned_ok: frozenset[int] = frozenset(),
 ) -> tuple[int, str] | None:
     """What is wrong with the commitments a step's result carries for `hops`, the route from the
     checker's next hop on (req: the frame the checker sent them): one per hop, for its layers
     and this step, signed by that hop's key, each one's input exactly what the one before it
     sent (the first one's: req's tensor). `only`: check the signatures of the first `only` only
-    (a peer on the route checks its next hop; the entry checks all). `mine`: the checker's own
+    (a peer on the route checks its next hop; the entry checks all but `unsigned_ok`: those whose
+    commitment nothing will rest on, since the hop before checked it). `mine`: the checker's own
     commitment, which says what it sent (else it is computed from req). Returns (i, why): the
     first wrong commitment is the i-th; each hop checks its next one's, so an honest hop i - 1
     would have refused it."""
@@ -227,7 +239,7 @@ def check_commitments(
             )
         if (c.input_digest, c.input_top, c.input_values) != sent:
             return i, f"{hop.peer_id} committed to another input than the one before it committed to sending"
-        if only is None or i < only:
+        if (only is None or i < only) and i not in unsigned_ok:
             entry = table.get(hop.peer_id)
             if entry is None or not c.verify(entry.public_key):
                 return i, f"the commitment of {hop.peer_id} is not signed by it"
