@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from peers.entry.peer import EntryPeer
 from peers.entry.referee import Dispute, referee_shadows
 from peers.entry.runner import Request, Runner, plain_greedy, true_tokens
+from peers.entry.selfcheck import SelfCheck
 from peers.entry.session import Token
 from peers.entry.steering import Steering
 from peers.entry.step import seeded
@@ -35,12 +36,11 @@ async def verified_generate(
     n: int = 1,
     steering: Steering | None = None,
 ) -> AsyncIterator[list[Token]]:
-    """generate(), with each hop that has another replica drawn at the entry's rate
-    (routes.check_rate) and recomputed by it on the same input (its shadow: the hop before it,
-    told by a seal only it opens, sends it the same hidden states) at every step; a token is
-    yielded only when each shadow's commitment agrees with its hop's. On a disagreement a referee
-    route that avoids both decides; the peer it contradicts is convicted, and generation goes on
-    from the agreed tokens on a new route."""
+    """generate(), each hop with another replica drawn at routes.check_rate and recomputed by it
+    on the same input (its shadow, fed by the hop before, told by a seal only it opens) at every
+    step, and lone hops by this entry (--self-referee, peers/entry/selfcheck.py); a token is
+    yielded only when each check agrees. On a disagreement a referee decides; the peer it
+    contradicts is convicted, and generation goes on from the agreed tokens on a new route."""
     request = Request(prompt_ids, max_tokens, seeded(sampling), stop_ids, n, steering)
     greedy = plain_greedy(request.sampling, steering)
     history: list[list[int]] = [[] for _ in range(n)]
@@ -51,6 +51,7 @@ async def verified_generate(
         return Runner(node, request, history, avoid, bool(avoid), shadowed)
 
     runner: Runner | None = None
+    own = SelfCheck(node)  # --self-referee: lone spans recomputed here
     try:
         while True:
             runner = runner or start()  # (a new one: around the convicted, from the agreed tokens on)
@@ -59,7 +60,7 @@ async def verified_generate(
                 return
             route, result = runner.route, runner.result
             stats.steps += 1
-            if not result.shadows:
+            if not result.shadows and not own.hops(route):
                 stats.unchecked_steps += 1
             if greedy and not true_tokens(node, route, result, tokens):
                 await runner.close()  # its last peer convicted itself: this step again, elsewhere
@@ -76,6 +77,10 @@ async def verified_generate(
                 if decided is None:  # this step again, on a route without the convicted
                     continue
                 tokens = decided
+            if not await own.check(route, result, [prompt_ids + h for h in history]):
+                await runner.close()  # a lone hop convicted: this step again, without it
+                runner = None
+                continue
             for seq, tok in zip(history, tokens, strict=True):
                 seq.append(tok.token)
             yield tokens

@@ -51,3 +51,24 @@ def test_layers_only_one_peer_serves_are_reported_unchecked(tiny_llama, make_swa
     with httpx.stream("POST", f"{entry.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
         assert r.headers["x-layerswarm-unchecked-layers"] == "0:1,3:4"
         r.read()
+
+
+def test_a_lone_liar_is_checked_by_the_entry_itself(tiny_llama, make_swarm):
+    """An entry 0:1 (--verify-rate 1, --self-referee), a lying 1:3 (tampered weights) that no other
+    peer serves, and a last 3:4: unchecked, users get the liar's text; checked, the entry
+    recomputes layers 0:3 itself, convicts the liar, and answers no text rather than a wrong one
+    (no other peer serves 1:3)."""
+    expected = texts(tiny_llama, PROMPTS[:4], 8)
+    s = make_swarm(tiny_llama)
+    entry = s.add("0:1", args=["--verify-rate", "1", "--self-referee"])
+    liar = s.add("1:3", patch=TAMPERED_WEIGHTS)
+    last = s.add("3:4")
+    s.wait_ready()
+    s.wait_route(entry)
+    s.wait_route(last)
+    unchecked = [complete(last, p, 8) for p in PROMPTS[:4]]
+    assert sum(u != e for u, e in zip(unchecked, expected, strict=True)) > 0  # the attack works unchecked
+    body = {"model": "llama", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
+    r = httpx.post(f"{entry.url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 503, r.text  # no route left without the liar: no text, never a wrong one
+    assert set(entry.health()["verification"]["convicted"]) == {liar.peer_id}
