@@ -102,8 +102,10 @@ class Identity:
         try:  # (without blocking: a FIFO would hold the open until someone writes to it)
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
-            if os.path.lexists(path):
+            if os.path.islink(path) and not os.path.exists(path):
                 raise ValueError(f"{path} is a link to a file that does not exist") from None
+            if os.path.lexists(path):  # another peer starting beside this one wrote it just now
+                return cls.load_or_create(path)
             return cls._create(path)
         try:
             check_private(path, os.fstat(fd))
