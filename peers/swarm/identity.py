@@ -20,7 +20,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from peers.swarm.seals import SealKey
+from peers.swarm.seals import SealKey, decode_key, encode_key
 
 PEER_ID_CHARS = 20  # base32 characters of sha256(public key): 100 bits
 PUBLIC_KEY_CHARS = 43  # 32 bytes, base64url without padding
@@ -29,33 +29,17 @@ KEY_FILE_MODE = 0o600  # a key file: its owner's alone
 MAX_KEY_FILE_BYTES = 64 << 10  # a PEM Ed25519 key is ~120 bytes
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str, size: int, what: str) -> bytes:
-    if not isinstance(text, str) or len(text) != (size * 4 + 2) // 3:
-        raise ValueError(f"{what} must be {size} bytes in unpadded base64url")
-    try:
-        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (ValueError, TypeError):
-        raise ValueError(f"{what} must be {size} bytes in unpadded base64url") from None
-    if len(data) != size or _b64(data) != text:  # one spelling per key: ids cannot be aliased
-        raise ValueError(f"{what} must be {size} bytes in unpadded base64url")
-    return data
-
-
 def peer_id_of(public_key: str) -> str:
     """The peer id a public key owns (ValueError if it is not an Ed25519 public key's spelling)."""
-    raw = _unb64(public_key, 32, "public_key")
+    raw = decode_key(public_key, 32, "public_key")
     return base64.b32encode(hashlib.sha256(raw).digest()).decode().lower()[:PEER_ID_CHARS]
 
 
 def verify(public_key: str, signature: str, message: bytes) -> bool:
     """Whether `signature` is the owner of `public_key`'s signature of `message`."""
     try:
-        key = Ed25519PublicKey.from_public_bytes(_unb64(public_key, 32, "public_key"))
-        key.verify(_unb64(signature, 64, "signature"), message)
+        key = Ed25519PublicKey.from_public_bytes(decode_key(public_key, 32, "public_key"))
+        key.verify(decode_key(signature, 64, "signature"), message)
     except (ValueError, InvalidSignature):
         return False
     return True
@@ -82,7 +66,7 @@ class Identity:
         raw = private_key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
-        self.public_key = _b64(raw)
+        self.public_key = encode_key(raw)
         self.peer_id = peer_id_of(self.public_key)
         secret = private_key.private_bytes(
             serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
@@ -149,7 +133,7 @@ class Identity:
         return identity
 
     def sign(self, message: bytes) -> str:
-        return _b64(self._key.sign(message))
+        return encode_key(self._key.sign(message))
 
     def unseal(self, sealed: str) -> bytes | None:
         """What a seal to this peer says (None: it is not one to this peer, or says nothing)."""

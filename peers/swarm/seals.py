@@ -21,6 +21,7 @@ _TAG = b"LSS1"  # what an opened seal starts with
 
 
 def encode_key(raw: bytes) -> str:
+    """`raw` as unpadded base64url (keys, ids and signatures all travel so)."""
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
@@ -32,7 +33,7 @@ def decode_key(text: str, size: int, what: str) -> bytes:
         data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (ValueError, TypeError):
         raise ValueError(f"{what} must be {size} bytes in unpadded base64url") from None
-    if len(data) != size or encode_key(data) != text:
+    if len(data) != size or encode_key(data) != text:  # one spelling per key: ids cannot be aliased
         raise ValueError(f"{what} must be {size} bytes in unpadded base64url")
     return data
 
