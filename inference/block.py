@@ -224,13 +224,9 @@ class Block(nn.Module):
         steps: int,
         sender: Sender = LOCAL,
     ) -> int:
-        """Before the first forward of a one-sequence step whose prompt starts with the blocks
-        hashed in `prefix`: open its session from the prefix cache where it holds them. Returns
-        how many leading positions of the step need no computing (at position 0: the held
-        blocks, leaving at least the last position to compute). A step that starts past 0 on a
-        session this peer does not have continues a prefix the previous peer reused: it opens
-        from the cache, or SessionError if the cache does not hold that much. The session counts
-        against `sender` (the KV admission's accounting, inference/kv_cache.py)."""
+        """Open a step's session from the prefix cache where it holds the step's leading blocks
+        (Sessions.restore_prefix), counted against `sender`; returns how many leading positions
+        need no computing."""
         return self.kv.restore_prefix(session_id, layers, prefix, position, steps, sender)
 
     def store_prefix(self, session_id: str, prefix: tuple[int, ...]) -> None:

@@ -52,8 +52,12 @@ class Sessions:
         steps: int,
         sender: Sender = LOCAL,
     ) -> int:
-        """Open a step's session from the prefix cache (see Block.restore_prefix), counted against
-        `sender`; returns how many leading positions of the step need no computing."""
+        """Before the first forward of a one-sequence step whose prompt starts with the blocks
+        hashed in `prefix`: open its session from the prefix cache where it holds them, counted
+        against `sender`. Returns how many leading positions of the step need no computing (at
+        position 0: the held blocks, leaving at least the last position to compute). A step that
+        starts past 0 on a session this peer does not have continues a prefix the previous peer
+        reused: it opens from the cache, or SessionError if the cache does not hold that much."""
         if not prefix or session_id in self.store or self.store.closed_recently(session_id):
             return 0
         held = self.prefixes.match(layers, prefix)
