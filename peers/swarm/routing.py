@@ -133,14 +133,15 @@ def unchecked_from(peers: Sequence[PeerRecord], counts: Sequence[int]) -> dict[s
 
 
 def unchecked_hops(peers: Sequence[PeerRecord], route: Sequence[Hop], total: int) -> list[Hop]:
-    """The hops of `route` whose layers no other peers of `peers` cover (no replica and no chain
+    """The hops of `route` whose layers no other peer of `peers` covers (no replica and no chain
     of others could recompute them)."""
-    out = []
-    for hop in route:
-        others = coverage([p for p in peers if p.peer_id != hop.peer_id], total)
-        if any(others[layer] == 0 for layer in range(hop.start, hop.end)):
-            out.append(hop)
-    return out
+    counts, by_id = coverage(peers, total), {p.peer_id: p for p in peers}
+
+    def others(hop: Hop, layer: int) -> int:
+        own = by_id.get(hop.peer_id)
+        return counts[layer] - (own is not None and own.start <= layer < own.end)
+
+    return [h for h in route if any(others(h, layer) == 0 for layer in range(h.start, h.end))]
 
 
 def choose(
