@@ -33,7 +33,8 @@ def static_swarm(tiny_llama, tmp_path_factory):
         for layers in ("0:1", "1:3", "3:4"):
             swarm.add(layers, patch=STATIC)
         swarm.wait_ready()
-        swarm.wait_route(swarm.peers[0])
+        for peer in swarm.peers:  # the tests use two of them as entries
+            swarm.wait_route(peer)
         yield swarm
     finally:
         swarm.stop()

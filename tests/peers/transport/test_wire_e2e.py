@@ -36,7 +36,8 @@ def start(make_swarm, model, wires: list[str]):
     for layers, wire in zip(("0:1", "1:3", "3:4"), wires, strict=True):
         swarm.add(layers, args=["--wire", wire])
     swarm.wait_ready()
-    swarm.wait_route(swarm.peers[0])
+    for peer in swarm.peers:  # each is an entry in a test below
+        swarm.wait_route(peer)
     return swarm
 
 
