@@ -1,4 +1,9 @@
-"""The decoder families a block can host: transformers' own layer, norm and rotary classes."""
+"""The decoder families a block can host. A block is cut from the family's own transformers model,
+built on the meta device: its embedding (Gemma's is scaled), decoder layers (q/k norms, sinks,
+multi-head latent attention, mixtures of experts with shared experts and leading dense layers all
+live inside them), final norm and rotary embedding (Gemma 3's has one per layer type) are the
+family's own classes. What lies between those parts in the family's model is listed here, so that
+a family whose model does anything else is refused rather than served inexactly."""
 
 from dataclasses import dataclass
 
@@ -8,42 +13,87 @@ from .errors import UnsupportedArchitectureError
 
 
 @dataclass(frozen=True)
-class Architecture:
+class Family:
     model_type: str
-    decoder_layer: type
-    norm: type
-    rotary: type
+    label: str  # for people: the README table, errors
+    moe: bool = False
+    rotary_per_layer_type: bool = False  # the rotary embedding takes each layer's type (Gemma 3)
+    final_softcap: bool = False  # logits = cap * tanh(logits / cap) (config.final_logit_softcapping)
 
 
-def _llama() -> Architecture:
-    from transformers.models.llama import modeling_llama as m
+FAMILIES = {
+    f.model_type: f
+    for f in (
+        Family("llama", "Llama"),
+        Family("mistral", "Mistral"),
+        Family("qwen2", "Qwen2"),
+        Family("qwen3", "Qwen3"),
+        Family("qwen3_moe", "Qwen3-MoE", moe=True),
+        Family("gemma3_text", "Gemma 3 (text)", rotary_per_layer_type=True, final_softcap=True),
+        Family("phi3", "Phi-3 / Phi-4"),
+        Family("mixtral", "Mixtral", moe=True),
+        Family("deepseek_v3", "DeepSeek-V3 / Kimi K2", moe=True),
+        Family("gpt_oss", "GPT-OSS", moe=True),
+        Family("glm4_moe", "GLM-4.5 (glm4_moe)", moe=True),
+        Family("olmo2", "OLMo 2"),
+        Family("smollm3", "SmolLM3"),
+    )
+}
+SUPPORTED = tuple(sorted(FAMILIES))
 
-    return Architecture("llama", m.LlamaDecoderLayer, m.LlamaRMSNorm, m.LlamaRotaryEmbedding)
+# families transformers has that a block cannot serve exactly, and why
+_REFUSED = {
+    "gemma3": "a Gemma 3 vision-language checkpoint; serve its text model (model_type gemma3_text)",
+    "gemma2": "its attention soft-caps scores inside the kernel with a window pattern of its own",
+}
 
 
-def _mistral() -> Architecture:
-    from transformers.models.mistral import modeling_mistral as m
-
-    return Architecture("mistral", m.MistralDecoderLayer, m.MistralRMSNorm, m.MistralRotaryEmbedding)
-
-
-def _qwen2() -> Architecture:
-    from transformers.models.qwen2 import modeling_qwen2 as m
-
-    return Architecture("qwen2", m.Qwen2DecoderLayer, m.Qwen2RMSNorm, m.Qwen2RotaryEmbedding)
-
-
-_ARCHITECTURES = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2}
-SUPPORTED = tuple(sorted(_ARCHITECTURES))
-
-
-def get_architecture(config: PretrainedConfig) -> Architecture:
+def get_family(config: PretrainedConfig) -> Family:
+    """The family of `config`, or UnsupportedArchitectureError naming why not."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in _ARCHITECTURES:
+    if model_type in _REFUSED:
+        raise UnsupportedArchitectureError(
+            f"architecture {model_type!r} is not supported: {_REFUSED[model_type]}"
+        )
+    if model_type not in FAMILIES:
         raise UnsupportedArchitectureError(
             f"architecture {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}"
         )
-    return _ARCHITECTURES[model_type]()
+    problem = _inexact(config)
+    if problem:
+        raise UnsupportedArchitectureError(f"this {model_type} model cannot be served exactly: {problem}")
+    return FAMILIES[model_type]
+
+
+def _inexact(config: PretrainedConfig) -> str | None:
+    """Why a config of a supported family turns on something a block does not reproduce."""
+    if getattr(config, "use_bidirectional_attention", False):
+        return "use_bidirectional_attention is set (its attention is not causal)"
+    if getattr(config, "attn_logit_softcapping", None) is not None and config.model_type != "gemma3_text":
+        return "attn_logit_softcapping is set"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kinds = {r.get("rope_type", r.get("type")) for r in (rope.values() if _nested(rope) else [rope])} - {None}
+    if "dynamic" in kinds:
+        return "its rotary embedding is 'dynamic' NTK scaling, which rescales with the longest sequence of a batch"
+    return None
+
+
+def _nested(rope: dict) -> bool:
+    return bool(rope) and all(isinstance(v, dict) for v in rope.values())
+
+
+def causal_lm_class(config: PretrainedConfig) -> type:
+    """The family's ...ForCausalLM class (a block builds one on the meta device and keeps its parts)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    get_family(config)
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+
+
+def layer_type(config: PretrainedConfig, layer: int) -> str:
+    """A layer's attention type ("full_attention" or "sliding_attention")."""
+    layer_types = getattr(config, "layer_types", None)
+    return layer_types[layer] if layer_types is not None else "full_attention"
 
 
 def sliding_window(config: PretrainedConfig, layer: int) -> int | None:

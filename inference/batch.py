@@ -46,13 +46,19 @@ class BatchCache:
     """transformers' Cache protocol for the flat batch: each layer's new keys and values are
     written into the sessions' own buffers; attention reads them back per sequence."""
 
-    def __init__(self, segments: list[Segment], windows: dict[int, int | None]):
+    def __init__(
+        self, segments: list[Segment], windows: dict[int, int | None], latent: frozenset[int] = frozenset()
+    ):
         self.segments = segments
         self.windows = windows  # global layer -> sliding window or None
+        # layers whose cache holds a compressed latent (multi-head latent attention): `update`
+        # returns every sequence's whole latent history, end to end, for the layer to expand
+        self.latent = latent
+        self.history: list[int] = []  # where each segment's history starts in what update returned
         self.updated: set[int] = set()
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        # key, value: [1, kv_heads, N, head_dim]
+        # key, value: [1, kv_heads, N, head_dim] (a latent layer's: [1, 1, N, rank] and [1, 1, N, rope])
         for s in self.segments:
             s.cache.write(
                 layer_idx,
@@ -62,7 +68,13 @@ class BatchCache:
                 value[:, :, s.offset : s.offset + s.steps],
             )
         self.updated.add(layer_idx)
-        return key, value
+        if layer_idx not in self.latent:
+            return key, value
+        reads = [s.cache.read(layer_idx, s.row, s.past + s.steps) for s in self.segments]
+        self.history = [0]
+        for s in self.segments[:-1]:
+            self.history.append(self.history[-1] + s.past + s.steps)
+        return torch.cat([k for k, _ in reads], dim=2), torch.cat([v for _, v in reads], dim=2)
 
 
 def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -74,26 +86,62 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if layer not in batch.updated:  # e.g. a transformers release that does not pass `cache` on
         raise RuntimeError(f"layer {layer} ran attention without this step's KV cache")
     window = batch.windows.get(layer)
+    sinks, softcap = kwargs.get("s_aux"), kwargs.get("softcap")
     outs = []
-    for s in batch.segments:
+    for i, s in enumerate(batch.segments):
         end = s.past + s.steps
-        k, v = s.cache.read(layer, s.row, end)  # [1, kv_heads, end, d]
+        if layer in batch.latent:  # keys and values expanded from the whole latent history
+            start = batch.history[i]
+            k, v = key[:, :, start : start + end], value[:, :, start : start + end]
+        else:
+            k, v = s.cache.read(layer, s.row, end)  # [1, kv_heads, end, d]
         q = query[:, :, s.offset : s.offset + s.steps]
         mask, causal = None, False
         if s.steps == 1:
             if window is not None and end > window:
                 k, v = k[:, :, end - window :], v[:, :, end - window :]
-        elif window is None and s.past == 0:
+        elif (
+            window is None
+            and s.past == 0
+            and sinks is None
+            and softcap is None
+            and v.shape[-1] == q.shape[-1]
+        ):
             causal = True
         else:
             mask = _mask(s.past, s.steps, window, q.device)
-        outs.append(
-            F.scaled_dot_product_attention(
+        if sinks is None and softcap is None and v.shape[-1] == q.shape[-1]:
+            out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=True
             )
-        )
+        else:
+            out = _explicit_attention(q, k, v, mask, scaling, sinks, softcap)
+        outs.append(out)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _explicit_attention(q, k, v, mask, scaling, sinks, softcap) -> torch.Tensor:
+    """Attention written out, for what the fused kernel lacks: values narrower than keys
+    (multi-head latent attention's, DeepSeek-V3), scores soft-capped
+    (cap * tanh(s / cap)) and attention sinks (one learned logit per head that takes part in the
+    softmax and adds nothing to the output; GPT-OSS), as the families' own eager code does it."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    k = k.repeat_interleave(heads // kv_heads, dim=1)
+    v = v.repeat_interleave(heads // kv_heads, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        sink = sinks.reshape(1, -1, 1, 1).expand(-1, -1, scores.shape[2], -1).to(scores.dtype)
+        scores = torch.cat([scores, sink], dim=-1)
+        scores = scores - scores.max(dim=-1, keepdim=True).values
+        probs = F.softmax(scores, dim=-1, dtype=scores.dtype)[..., :-1]
+    else:
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 def _mask(past: int, steps: int, window: int | None, device) -> torch.Tensor:

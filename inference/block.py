@@ -13,10 +13,11 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from .architectures import get_architecture, sliding_window
+from .architectures import causal_lm_class, get_family, layer_type, sliding_window
 from .batch import ATTENTION, BatchCache, Segment, Step
 from .cuda_graphs import DecodeGraphs, GraphSettings, graph_problem
 from .errors import InferenceError, LayerRangeError, ModelNotFoundError
+from .expert_weights import locate
 from .kv_cache import LOCAL, CacheStore, Sender, SessionCache
 from .prefix_cache import PrefixCache
 from .quant import check_quant, quantize_block, quantize_linears, release_freed_memory
@@ -80,7 +81,7 @@ def load_config(path: Path) -> PretrainedConfig:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ModelNotFoundError(f"cannot read the model config in {path}: {e}") from e
-    get_architecture(config)  # unsupported architectures fail here, before any weight is read
+    get_family(config)  # unsupported architectures fail here, before any weight is read
     config._attn_implementation = ATTENTION  # varlen attention over many sessions' caches
     return config
 
@@ -95,17 +96,24 @@ class Block(nn.Module):
         prefix_cache_tokens: int = 0,
     ):
         super().__init__()
-        arch = get_architecture(config)
+        self.family = get_family(config)
         self.config, self.span = config, span
-        with init_empty_weights():  # parameters on the meta device; real tensors come from the checkpoint
-            if span.is_first:
-                self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-            self.layers = nn.ModuleList(arch.decoder_layer(config, i) for i in range(span.start, span.end))
-            if span.is_last:
-                self.norm = arch.norm(config.hidden_size, eps=config.rms_norm_eps)
+        parts = _family_parts(config, span)
+        if span.is_first:
+            self.embed_tokens = parts["embed_tokens"]  # the family's own (Gemma 3 scales it)
+        self.layers = nn.ModuleList(parts["layers"])
+        if span.is_last:
+            self.norm = parts["norm"]
+            with init_empty_weights():  # its own tensor; tied to the embedding below where one is held
                 self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.rotary = arch.rotary(config)  # a few buffers, computed here, not loaded
+        self.rotary = parts["rotary"]  # a few buffers, computed here, not loaded
         self.windows = [sliding_window(config, i) for i in range(span.start, span.end)]
+        self.layer_types = [layer_type(config, i) for i in range(span.start, span.end)]
+        self.latent = frozenset(  # layers caching a compressed latent (multi-head latent attention)
+            layer.self_attn.layer_idx
+            for layer in self.layers
+            if hasattr(layer.self_attn, "kv_a_proj_with_mqa")
+        )
         # the sessions' KV caches, the prefix cache and the decode-graph binding (inference/sessions.py)
         self.kv = Sessions(
             (span.start, span.end),
@@ -120,11 +128,37 @@ class Block(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.rotary.inv_freq.device
+        return next(self.rotary.buffers()).device  # (Gemma 3's holds one inv_freq per layer type)
 
     @property
     def dtype(self) -> torch.dtype:
         return self._dtype  # (not a parameter's: a quantized weight may report its kernel's dtype)
+
+    def position_embeddings(self, hidden: torch.Tensor, pos: torch.Tensor, lengths: list[int]) -> dict:
+        """cos and sin for the flat batch's positions, per layer type. A rotary embedding that
+        depends on the sequence's length (longrope) is computed per sequence, as alone."""
+        kinds = set(self.layer_types)
+        rope = getattr(self.rotary, "rope_type", "default")
+        per_sequence = "longrope" in (rope.values() if isinstance(rope, dict) else [rope])
+
+        def embed(kind: str):
+            args = (kind,) if self.family.rotary_per_layer_type else ()
+            if not per_sequence or len(lengths) == 1:
+                return self.rotary(hidden, pos, *args)
+            parts = [
+                self.rotary(h, p, *args)
+                for h, p in zip(hidden.split(lengths, 1), pos.split(lengths, 1), strict=True)
+            ]
+            return tuple(torch.cat(t, dim=1) for t in zip(*parts, strict=True))
+
+        return {kind: embed(kind) for kind in kinds}
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of the last layer's hidden states: the final norm, lm_head and, where the
+        family has it, final soft-capping."""
+        logits = self.lm_head(self.norm(hidden)).float()
+        cap = getattr(self.config, "final_logit_softcapping", None) if self.family.final_softcap else None
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def checkpoint_names(self, checkpoint: Checkpoint) -> dict[str, str]:
         """Block parameter name -> checkpoint tensor name, for this block's share only."""
@@ -152,8 +186,12 @@ class Block(nn.Module):
         for name in names:
             parts.setdefault(int(name.split(".")[1]) if name.startswith("layers.") else -1, []).append(name)
         for part, part_names in sorted(parts.items(), key=lambda item: item[0] < 0):
-            tensors = checkpoint.read(sorted({names[name] for name in part_names}))
-            state = {name: tensors[names[name]].to(device=device, dtype=dtype) for name in part_names}
+            reads = {name: locate(names[name], checkpoint) for name in part_names}
+            tensors = checkpoint.read(sorted({source for read in reads.values() for source in read.names}))
+            state = {
+                name: read.combine([tensors[n] for n in read.names]).to(device=device, dtype=dtype)
+                for name, read in reads.items()
+            }
             if quant != "none":  # what stays float leaves the file's memory map, which then closes
                 state = {name: t if t.dim() > 1 else t.clone() for name, t in state.items()}
             self.load_state_dict(state, strict=False, assign=True)
@@ -311,16 +349,18 @@ class Block(nn.Module):
         x = torch.cat(flat)[None]  # [1, N] ids or [1, N, H]
         pos = torch.cat(positions)[None]  # [1, N]
         hidden = self.embed_tokens(x) if start == 0 else x  # [1, N, H]
-        cos_sin = self.rotary(hidden, pos)
+        cos_sin = self.position_embeddings(hidden, pos, [len(p) for p in positions])
         local = slice(start - self.span.start, end - self.span.start)
-        cache = BatchCache(segments, dict(zip(range(start, end), self.windows[local], strict=True)))
-        for layer in self.layers[local]:
+        cache = BatchCache(
+            segments, dict(zip(range(start, end), self.windows[local], strict=True)), self.latent
+        )
+        for layer, kind in zip(self.layers[local], self.layer_types[local], strict=True):
             hidden = layer(
                 hidden,
                 position_ids=pos,
                 cache=cache,
                 use_cache=True,
-                position_embeddings=cos_sin,
+                position_embeddings=cos_sin[kind],
                 batch=cache,
             )
         missing = sorted(set(range(start, end)) - cache.updated)
@@ -337,9 +377,22 @@ class Block(nn.Module):
             return outs  # hidden states [B, T, H] each
         picked = [h[:, -1:] if step.last_only else h for h, (step, _) in zip(outs, items, strict=True)]
         shapes = [p.shape[:2] for p in picked]
-        logits = self.lm_head(self.norm(torch.cat([p.reshape(-1, p.shape[-1]) for p in picked]))).float()
+        logits = self.logits(torch.cat([p.reshape(-1, p.shape[-1]) for p in picked]))
         chunks = logits.split([b * t for b, t in shapes])
         return [chunk.view(b, t, -1) for chunk, (b, t) in zip(chunks, shapes, strict=True)]  # [B, T', V]
+
+
+def _family_parts(config: PretrainedConfig, span: Span) -> dict:
+    """The parts of the family's own model a block of `span` keeps, built on the meta device."""
+    with init_empty_weights():
+        model = causal_lm_class(config)(config)
+    base = getattr(model, model.base_model_prefix)
+    return {
+        "embed_tokens": base.embed_tokens,
+        "layers": list(base.layers[span.start : span.end]),
+        "norm": base.norm,
+        "rotary": base.rotary_emb,
+    }
 
 
 def load_block(

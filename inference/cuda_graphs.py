@@ -116,8 +116,18 @@ class StaticDecode:
 def graph_problem(block) -> str | None:
     """Why this block's decode step cannot be captured, or None."""
     rope = getattr(block.rotary, "rope_type", "default")
-    if "dynamic" in rope or "longrope" in rope:
+    if "dynamic" in str(rope) or "longrope" in str(rope):
         return f"its rotary embedding ({rope!r}) changes with the sequence length"
+    if block.family.moe:
+        return "its mixture of experts picks experts per token (a shape a graph cannot fix)"
+    features = [
+        ("attention sinks", lambda layer: getattr(layer.self_attn, "sinks", None) is not None),
+        ("multi-head latent attention", lambda layer: hasattr(layer.self_attn, "kv_a_proj_with_mqa")),
+        ("rotary embeddings per layer type", lambda layer: block.family.rotary_per_layer_type),
+    ]
+    for name, has in features:
+        if any(has(layer) for layer in block.layers):
+            return f"the static decode step has no {name}"
     return None
 
 
@@ -275,15 +285,15 @@ class DecodeGraphs:
         x, pos, slots = self.inputs[:batch], self.meta[0, :batch], self.meta[1, :batch]
         hidden = (block.embed_tokens(x) if block.span.is_first else x)[None]  # [1, B, H]
         position_ids = pos[None]  # [1, B]
-        cos_sin = block.rotary(hidden, position_ids)
+        cos_sin = block.position_embeddings(hidden, position_ids, [batch])
         cache = StaticDecode(self.pool, pos, slots, length, self.windows)
-        for layer in block.layers:
+        for layer, kind in zip(block.layers, block.layer_types, strict=True):
             hidden = layer(
                 hidden,
                 position_ids=position_ids,
                 cache=cache,
                 use_cache=True,
-                position_embeddings=cos_sin,
+                position_embeddings=cos_sin[kind],
                 batch=cache,
             )
         if cache.updated != set(self.windows):
@@ -292,7 +302,7 @@ class DecodeGraphs:
             )
         if not block.span.is_last:
             return hidden[0]
-        return block.lm_head(block.norm(hidden[0])).float()
+        return block.logits(hidden[0])
 
     def _capture_checked(self, batch: int, length: int, rows: int) -> torch.Tensor:
         """Capture the step for (batch, length) on the staged inputs and replay it once against

@@ -95,8 +95,11 @@ class SessionCache:
         end = start + key.shape[2]
         assert end <= self.capacity, f"step to {end} over capacity {self.capacity}"
         if layer not in self._kv:
-            shape = (self.batch, key.shape[1], self.capacity, key.shape[3])
-            self._kv[layer] = (key.new_empty(shape), value.new_empty(shape))
+            shape = (self.batch, key.shape[1], self.capacity)  # (MLA's values are narrower than its keys)
+            self._kv[layer] = (
+                key.new_empty((*shape, key.shape[3])),
+                value.new_empty((*shape, value.shape[3])),
+            )
         k, v = self._kv[layer]
         k[row : row + 1, :, start:end] = key
         v[row : row + 1, :, start:end] = value

@@ -29,6 +29,79 @@ CONFIGS = {
     # a short sliding window, so that generation runs past it
     "mistral": lambda **kw: MistralConfig(**{**TINY, "sliding_window": 6, **kw}),
 }
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+ALTERNATING = ["sliding_attention", "full_attention"] * 2  # with a short window: generation runs past it
+# each family's own features switched on: q/k norms, scaled embeddings, soft-capping, per-type rotary,
+# sliding/global patterns, sinks, latent attention, shared experts and leading dense layers
+FAMILY_CONFIGS = {
+    "qwen3": dict(head_dim=16),
+    "qwen3_moe": dict(head_dim=16, num_experts=4, mlp_only_layers=[0], norm_topk_prob=True, **MOE),
+    "gemma3_text": dict(
+        head_dim=16,
+        sliding_window=6,
+        layer_types=ALTERNATING,
+        final_logit_softcapping=30.0,
+        query_pre_attn_scalar=16,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+    ),
+    "phi3": dict(sliding_window=None),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+    "deepseek_v3": dict(
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10_000.0,
+            "factor": 8.0,
+            "original_max_position_embeddings": 64,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+        rope_interleave=True,
+        **MOE,
+    ),
+    "gpt_oss": dict(
+        head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=6, layer_types=ALTERNATING
+    ),
+    "glm4_moe": dict(
+        head_dim=16,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        use_qk_norm=True,
+        partial_rotary_factor=0.5,
+        **MOE,
+    ),
+    "olmo2": dict(),
+    "smollm3": dict(no_rope_layers=[1, 1, 0, 1], sliding_window=None),
+}
+
+
+def _family_config(model_type: str):
+    from transformers import AutoConfig
+
+    def make(**kw):
+        return AutoConfig.for_model(model_type, **{**TINY, **FAMILY_CONFIGS[model_type], **kw})
+
+    return make
+
+
+CONFIGS.update({name: _family_config(name) for name in FAMILY_CONFIGS})
 
 
 class FakeClock:
@@ -48,7 +121,7 @@ def save_tiny_model(kind: str, path: Path, seed: int = 0, **overrides) -> Path:
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # random init is small; widen it so tokens are not all the same
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:  # (mixtures of experts hold theirs as [experts, out, in])
                 p.normal_(0, 0.2)
     model.save_pretrained(path)
     _byte_tokenizer(config.vocab_size).save_pretrained(path)
@@ -74,7 +147,10 @@ def _byte_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def monolithic(path: Path):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    except ValueError:  # a family transformers runs only eagerly (GPT-OSS: attention sinks)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     return model.eval()
 
 
