@@ -1,6 +1,7 @@
 """The tokenizer and chat template of a model (or a template given in its place), and its
 stop tokens."""
 
+from functools import cached_property
 from pathlib import Path
 
 from transformers import AutoTokenizer, GenerationConfig
@@ -38,10 +39,12 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
         continue_final_message: bool = False,
+        template_kwargs: dict | None = None,
     ) -> list[int]:
         """Messages [{role, content}] through the chat template, ready for the assistant's turn
         (unless `add_generation_prompt` is false; with `continue_final_message`, continuing the
-        last message, an assistant's)."""
+        last message, an assistant's); `template_kwargs`: more variables the template reads
+        (e.g. enable_thinking), among `template_variables`."""
         if not self.has_chat_template:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
             if continue_final_message:
@@ -53,13 +56,41 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt and not continue_final_message,
             continue_final_message=continue_final_message,
             tokenize=True,
+            **(template_kwargs or {}),
         )
         if hasattr(ids, "keys"):  # transformers returns a BatchEncoding in recent versions
             ids = ids["input_ids"]
         return list(ids)
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], keep: frozenset[int] = frozenset()) -> str:
+        """The text of `ids` without special tokens, except those in `keep` (markers that a
+        reasoning format reads, such as GPT-OSS's `<|channel|>`)."""
+        if not keep:
+            return self._tok.decode(ids, skip_special_tokens=True)
+        special = self._special_ids
+        return self._tok.decode([i for i in ids if i in keep or i not in special], skip_special_tokens=False)
+
+    @cached_property
+    def _special_ids(self) -> frozenset[int]:
+        added = (i for i, t in self._tok.added_tokens_decoder.items() if t.special)
+        return frozenset(self._tok.all_special_ids) | frozenset(added)
+
+    @property
+    def chat_template(self) -> str:
+        """The chat template's text ("" for none; of several named ones, the default)."""
+        template = self._tok.chat_template or ""
+        return template.get("default", "") if isinstance(template, dict) else template
+
+    @cached_property
+    def template_variables(self) -> frozenset[str]:
+        """The variables the chat template reads that nothing sets for it: the names that
+        `template_kwargs` may give."""
+        return template_variables(self.chat_template) if self.has_chat_template else frozenset()
+
+    def vocab_ids(self, *names: str) -> dict[str, int]:
+        """The ids of those of these tokens that the vocabulary has."""
+        vocab = self._tok.get_vocab()
+        return {n: vocab[n] for n in names if n in vocab}
 
     def token_text(self, token: int) -> str:
         """One token on its own, special tokens included (logprobs name tokens so)."""
@@ -81,6 +112,15 @@ def check_chat_template(text: str) -> None:
         _compile_jinja_template(text)
     except TemplateSyntaxError as e:
         raise ValueError(f"the chat template does not compile: line {e.lineno}: {e.message}") from None
+
+
+def template_variables(text: str) -> frozenset[str]:
+    """The undeclared variables of a chat template (read, never set inside it)."""
+    from jinja2 import meta
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    environment = _compile_jinja_template(text).environment
+    return frozenset(meta.find_undeclared_variables(environment.parse(text)))
 
 
 def _eos_ids(path: Path, tok) -> frozenset[int]:

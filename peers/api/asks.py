@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 
 from inference.grammar import GrammarError, json_object_grammar, json_schema_grammar, tool_call_grammar
 from peers.api.door import ApiPeer
+from peers.api.reasoning import PROMPT_TAIL_TOKENS, Reasoning, ReasoningStart
 from peers.api.runs import RunSpec
 from peers.api.schema import ChatRequest, GenerationRequest, NamedTool
 from peers.entry.generation import RETRY_AFTER_S
@@ -26,6 +27,13 @@ class Ask:
     tools: tuple = ()  # the calls in the output are parsed into message.tool_calls
     echo: tuple[str, ...] = ()  # per prompt: text put before its outputs (completions' echo)
     best_of: int | None = None  # sequences generated per prompt, of which the n likeliest are kept
+    reasoning: Reasoning | None = None  # a thinking model's chat: its thought apart from its content
+
+
+def grammar_param(req: GenerationRequest) -> str:
+    """The parameter that set a request's grammar: its response_format, or its forced tools."""
+    fmt = req.response_format if isinstance(req, ChatRequest) else None
+    return "response_format" if fmt is not None and fmt.type != "text" else "tool_choice"
 
 
 def chat_grammar(req: ChatRequest, tools: list) -> str | None:
@@ -155,5 +163,27 @@ def run_specs(
             if req.repetition_penalty != 1
             else sampling
         )
-        specs.append(replace(common, prompt_ids=ids, max_tokens=limit, sampling=s))
+        start = reasoning_start(node, req, ask, ids)
+        keep = ask.reasoning.keep if ask.reasoning else frozenset()
+        specs.append(
+            replace(common, prompt_ids=ids, max_tokens=limit, sampling=s, reasoning=start, keep=keep)
+        )
     return specs
+
+
+def reasoning_start(node: ApiPeer, req: GenerationRequest, ask: Ask, ids: list[int]) -> ReasoningStart | None:
+    """Where a thinking model's output of prompt `ids` starts. A grammar rules the output from its
+    first token: where the prompt has opened the thinking, it would rule the thought, and the
+    request is refused; elsewhere it keeps the model from opening one (all is content)."""
+    if ask.reasoning is None:
+        return None
+    start = ask.reasoning.start(node.tokenizer.decode(ids[-PROMPT_TAIL_TOKENS:], ask.reasoning.keep))
+    if start.inside and ask.grammar is not None:
+        param = grammar_param(req)
+        raise InvalidRequest(
+            f"{param}: the chat template opens the model's thinking, where a grammar cannot apply; "
+            'turn the thinking off (e.g. chat_template_kwargs {"enable_thinking": false}) or leave '
+            f"{param} out",
+            param=param,
+        )
+    return start

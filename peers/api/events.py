@@ -14,11 +14,13 @@ class Stepped:
 
 @dataclass(frozen=True)
 class Delta:
-    """Sequence `index` has `text` to give out; `tokens` are the tokens it covers."""
+    """Sequence `index` has `text` to give out (and `reasoning`, a thinking model's thought,
+    apart from it); `tokens` are the tokens it covers."""
 
     index: int
     text: str
     tokens: tuple[Token, ...]
+    reasoning: str = ""
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ def renumbered(event: Event, offset: int) -> Event:
     """The event with its sequence counted `offset` further (a run's sequence i becomes choice
     offset + i when several runs merge)."""
     if isinstance(event, Delta):
-        return Delta(event.index + offset, event.text, event.tokens)
+        return Delta(event.index + offset, event.text, event.tokens, event.reasoning)
     if isinstance(event, Finish):
         return Finish(event.index + offset, event.reason)
     return event

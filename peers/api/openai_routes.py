@@ -15,10 +15,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from inference.grammar import GrammarError
-from peers.api.asks import Ask, admit, chat_grammar, max_tokens_for, run_specs
+from peers.api.asks import Ask, admit, chat_grammar, grammar_param, max_tokens_for, run_specs
 from peers.api.door import ApiPeer
 from peers.api.events import Event
-from peers.api.prompts import check_prompt_size, completion_prompts, text_of
+from peers.api.prompts import check_prompt_size, completion_prompts, template_kwargs, text_of
+from peers.api.reasoning import reasoning_of
 from peers.api.runs import Run, Usage, best, collect, first_events, merged, usage
 from peers.api.schema import ChatRequest, CompletionRequest, GenerationRequest
 from peers.api.shapes import Shape
@@ -90,17 +91,19 @@ class OpenAIDoor:
         if generic:
             messages = with_tool_prompt(messages, tools, req.tool_choice)
         check_prompt_size(node, sum(len(m["content"]) for m in messages), "messages")
+        variables = template_kwargs(req, node.tokenizer.template_variables)
         ask = Ask(
             chat=True,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             grammar=chat_grammar(req, tools),
             tools=tuple(tools),
+            reasoning=reasoning_of(node.tokenizer),
         )
         given = template_tools(tools) if tools and not generic else None
-        return await self.complete(req, ask, lambda: self._chat_ids(req, messages, given), request)
+        return await self.complete(req, ask, lambda: self._chat_ids(req, messages, given, variables), request)
 
     async def _chat_ids(
-        self, req: ChatRequest, messages: list[dict], tools: list[dict] | None
+        self, req: ChatRequest, messages: list[dict], tools: list[dict] | None, variables: dict
     ) -> list[list[int]]:
         try:
             ids = await self.off_loop(
@@ -109,6 +112,7 @@ class OpenAIDoor:
                     req.add_generation_prompt,
                     tools=tools,
                     continue_final_message=req.continue_final_message,
+                    template_kwargs=variables,
                 )
             )
         except Exception as e:  # the chat template refused these messages (e.g. roles not alternating)
@@ -172,7 +176,15 @@ class OpenAIDoor:
         runs = [Run(node, spec) for spec in run_specs(node, req, ask, prompts, max_tokens)]
         request.scope[RUN_KEY] = Usage(runs)  # its token count goes into the request's log line
         rid = ("chatcmpl-" if ask.chat else "cmpl-") + uuid.uuid4().hex[:24]
-        shape = Shape(rid, node.served_model, ask.chat, node.tokenizer, ask.logprobs, list(ask.tools))
+        shape = Shape(
+            rid,
+            node.served_model,
+            ask.chat,
+            node.tokenizer,
+            ask.logprobs,
+            list(ask.tools),
+            ask.reasoning is not None,
+        )
         events = merged([r.events() for r in runs], ask.best_of or req.n)
         if ask.grammar is not None:
             events = grammar_failures_named(events, grammar_param(req))
@@ -243,12 +255,6 @@ def unchecked_header(node: ApiPeer, route: list) -> dict[str, str]:
     if not spans:
         return {}
     return {UNCHECKED_HEADER: ",".join(f"{a}:{b}" for a, b in spans)}
-
-
-def grammar_param(req: GenerationRequest) -> str:
-    """The parameter that set a request's grammar: its response_format, or its forced tools."""
-    fmt = req.response_format if isinstance(req, ChatRequest) else None
-    return "response_format" if fmt is not None and fmt.type != "text" else "tool_choice"
 
 
 async def grammar_failures_named(events: AsyncIterator[Event], param: str) -> AsyncIterator[Event]:

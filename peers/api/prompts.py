@@ -1,8 +1,9 @@
 """Prompts as requests give them, checked before tokenizing: message text out of content parts,
-a size that could fit the context, completions' prompt forms and fill-in-the-middle."""
+a size that could fit the context, the chat template's own variables, completions' prompt forms
+and fill-in-the-middle."""
 
 from peers.api.door import ApiPeer
-from peers.api.schema import MAX_PROMPTS, CompletionRequest
+from peers.api.schema import MAX_PROMPTS, ChatRequest, CompletionRequest
 from peers.transport.errors import InvalidRequest
 
 MAX_CHARS_PER_TOKEN = 64  # no token of a real vocabulary is longer: longer prompts cannot fit
@@ -22,6 +23,32 @@ def text_of(content: str | list[dict]) -> str:
             raise InvalidRequest("only text content parts are supported", param="messages")
         parts.append(part["text"])
     return "".join(parts)
+
+
+def template_kwargs(req: ChatRequest, template_variables: frozenset[str]) -> dict:
+    """The variables a chat request gives its chat template (chat_template_kwargs, and
+    reasoning_effort), each one the template reads (`template_variables`): one it would not read
+    is refused, never dropped."""
+    given = dict(req.chat_template_kwargs or {})
+    unread = sorted(k for k in given if k not in template_variables)
+    if unread:
+        raise InvalidRequest(
+            f"chat_template_kwargs: the model's chat template does not read {', '.join(unread)}",
+            param="chat_template_kwargs",
+        )
+    if req.reasoning_effort is not None:
+        if "reasoning_effort" not in template_variables:
+            raise InvalidRequest(
+                "reasoning_effort: the model's chat template does not read reasoning_effort",
+                param="reasoning_effort",
+            )
+        if given.get("reasoning_effort", req.reasoning_effort) != req.reasoning_effort:
+            raise InvalidRequest(
+                "reasoning_effort differs from chat_template_kwargs' reasoning_effort",
+                param="reasoning_effort",
+            )
+        given["reasoning_effort"] = req.reasoning_effort
+    return given
 
 
 def check_prompt_size(node: ApiPeer, chars: int, param: str) -> None:

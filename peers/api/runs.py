@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from peers.api.door import ApiPeer
 from peers.api.events import Delta, Event, Finish, Stepped, renumbered
+from peers.api.reasoning import ReasoningStart
 from peers.api.shapes import Choice
 from peers.api.textstream import TextStream
 from peers.api.tools import repeats_a_call
@@ -84,6 +85,8 @@ async def collect(events: AsyncIterator[Event], count: int) -> list[Choice]:
     async for event in events:
         if isinstance(event, Delta):
             choices[event.index].text.append(event.text)
+            if event.reasoning:
+                choices[event.index].reasoning.append(event.reasoning)
             choices[event.index].tokens += event.tokens
         elif isinstance(event, Finish):
             choices[event.index].finish = event.reason
@@ -135,7 +138,8 @@ class RunSpec:
     `routes` > 1: that many whole routes, the majority deciding (the consensus field); `verify`:
     every replicated hop recomputed by a shadow (--verify-rate); `speculative`: drafted tokens
     checked by the chain where that applies (one sequence, unchecked); `tools`: a sequence ends
-    once it repeats a tool call it made (a model looping on calls)."""
+    once it repeats a tool call it made (a model looping on calls); `reasoning`: where a thinking
+    model's output starts, its thought given apart from its text."""
 
     prompt_ids: list[int]
     max_tokens: int
@@ -148,6 +152,8 @@ class RunSpec:
     speculative: bool = False
     steering: Steering | None = None
     tools: bool = False
+    reasoning: ReasoningStart | None = None
+    keep: frozenset[int] = frozenset()  # special tokens kept in the text (the reasoning's markers)
 
 
 class Run:
@@ -157,7 +163,8 @@ class Run:
     def __init__(self, node: ApiPeer, spec: RunSpec):
         self.node, self.spec = node, spec
         self.prompt_ids, self.stop_ids, self.n = spec.prompt_ids, spec.stop_ids, spec.n
-        self.texts = [TextStream(node.tokenizer, spec.stops) for _ in range(spec.n)]
+        self.texts = [TextStream(node.tokenizer, spec.stops, spec.keep) for _ in range(spec.n)]
+        self.thoughts = [spec.reasoning.parser() for _ in range(spec.n)] if spec.reasoning else None
         self.held: list[list[Token]] = [[] for _ in range(spec.n)]  # tokens whose text is not out yet
         self.finish = ["length"] * spec.n
         self.done = [False] * spec.n
@@ -206,9 +213,22 @@ class Run:
         text = self.texts[i]
         delta = text.push(tok.token)
         if delta:
-            yield Delta(i, delta, self._take(i))
+            yield from self._out(i, delta)
         if text.stopped or (self.spec.tools and delta and repeats_a_call(text.text)):
             yield from self._end(i, "stop")
+
+    def _out(self, i: int, text: str, last: bool = False) -> Iterator[Delta]:
+        """Sequence i's new text as a Delta, its thought apart where the model thinks (`last`:
+        the text is complete)."""
+        reasoning = ""
+        if self.thoughts is not None:
+            thought = self.thoughts[i]
+            reasoning, text = thought.push(text)
+            if last:
+                more, rest = thought.finish()
+                reasoning, text = reasoning + more, text + rest
+        if text or reasoning:
+            yield Delta(i, text, self._take(i), reasoning)
 
     def _take(self, i: int) -> tuple[Token, ...]:
         held, self.held[i] = self.held[i], []
@@ -216,7 +236,5 @@ class Run:
 
     def _end(self, i: int, reason: str) -> Iterator[Event]:
         self.done[i], self.finish[i] = True, reason
-        rest = self.texts[i].finish()
-        if rest:
-            yield Delta(i, rest, self._take(i))
+        yield from self._out(i, self.texts[i].finish(), last=True)
         yield Finish(i, reason)

@@ -18,6 +18,7 @@ class Choice:
 
     index: int
     text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)  # a thinking model's thought
     tokens: list[Token] = field(default_factory=list)
     finish: str = "length"
     echo: str = ""
@@ -33,11 +34,21 @@ def fingerprint(model: str) -> str:
 
 
 class Shape:
-    """The responses of one request (chat or text completion)."""
+    """The responses of one request (chat or text completion); with `reasoning` (a thinking
+    model's chat), messages carry `reasoning_content`, null where there was no thought."""
 
-    def __init__(self, rid: str, model: str, chat: bool, tokenizer, logprobs: int | None, tools: list):
+    def __init__(
+        self,
+        rid: str,
+        model: str,
+        chat: bool,
+        tokenizer,
+        logprobs: int | None,
+        tools: list,
+        reasoning: bool = False,
+    ):
         self.rid, self.model, self.chat, self.tokenizer = rid, model, chat, tokenizer
-        self.logprobs, self.tools = logprobs, tools
+        self.logprobs, self.tools, self.reasoning = logprobs, tools, reasoning
         self.created = int(time.time())
         self.fingerprint = fingerprint(model)
 
@@ -56,13 +67,9 @@ class Shape:
         for i, c in enumerate(choices):
             text = "".join(c.text)
             if self.chat:
-                message: dict = {"role": "assistant", "content": text}
-                finish = c.finish
-                if self.tools:
-                    content, calls = split_calls(text, self.tools)
-                    if calls:
-                        message = {"role": "assistant", "content": content, "tool_calls": openai_calls(calls)}
-                        finish = "tool_calls" if finish != "length" else finish  # cut off: it says so
+                message, finish = self._message(text, "".join(c.reasoning)), c.finish
+                if "tool_calls" in message:
+                    finish = "tool_calls" if finish != "length" else finish  # cut off: it says so
                 lp = {"content": self._chat_logprobs(c.tokens)} if self.logprobs is not None else None
                 out.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
             else:
@@ -70,6 +77,19 @@ class Shape:
                 out.append({"index": i, "text": c.echo + text, "logprobs": lp, "finish_reason": c.finish})
         obj = "chat.completion" if self.chat else "text_completion"
         return {**self._base(obj), "choices": out, "usage": usage}
+
+    def _message(self, text: str, reasoning: str) -> dict:
+        """A whole answer's message: its content, thought and tool calls."""
+        message: dict = {"role": "assistant", "content": text}
+        if self.reasoning:
+            message["content"] = (text or None) if reasoning else text
+            message["reasoning_content"] = reasoning or None
+        if self.tools:
+            content, calls = split_calls(text, self.tools)
+            if calls:
+                message["content"] = content
+                message["tool_calls"] = openai_calls(calls)
+        return message
 
     # --- streamed chunks
     def chunk(self, index: int, delta: dict | str, finish: str | None = None, logprobs=None) -> dict:

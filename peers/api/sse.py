@@ -51,8 +51,15 @@ class Chunks:
         logprobs = shape.delta_logprobs(event.tokens, self.offsets[i])
         if logprobs:
             self.offsets[i] += sum(len(shape.tokenizer.token_text(t.token)) for t in event.tokens)
-        if text or logprobs:
-            yield shape.chunk(i, {"content": text} if shape.chat else text, logprobs=logprobs)
+        if not (text or logprobs or event.reasoning):
+            return
+        if not shape.chat:
+            yield shape.chunk(i, text, logprobs=logprobs)
+            return
+        delta = {"reasoning_content": event.reasoning} if event.reasoning else {}
+        if text or not event.reasoning:
+            delta["content"] = text
+        yield shape.chunk(i, delta, logprobs=logprobs)
 
     def _finish(self, event: Finish) -> Iterator[dict]:
         shape, i, reason = self.shape, event.index, event.reason

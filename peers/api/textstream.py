@@ -7,8 +7,9 @@ from inference import Tokenizer
 
 
 class TextStream:
-    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], keep: frozenset[int] = frozenset()):
+        """`keep`: special tokens kept in the text (a reasoning format's markers)."""
+        self.tokenizer, self.keep = tokenizer, keep
         self.stop = [s for s in stop if s]
         self.tokens: list[int] = []
         self.text = ""  # decoded so far
@@ -20,8 +21,8 @@ class TextStream:
     def push(self, token: int) -> str:
         """Add a token; return the text that is now safe to send."""
         self.tokens.append(token)
-        before = self.tokenizer.decode(self.tokens[self._context : self._settled])
-        after = self.tokenizer.decode(self.tokens[self._context :])
+        before = self._decode(self.tokens[self._context : self._settled])
+        after = self._decode(self.tokens[self._context :])
         if after.endswith("\ufffd") or len(after) <= len(before):
             return ""  # an incomplete UTF-8 sequence, or nothing visible yet: wait for more tokens
         text = self.text + after[len(before) :]
@@ -32,6 +33,9 @@ class TextStream:
             self.text, self.stopped = text[: min(hits)], True
             return self._take(len(self.text))
         return self._take(max(self.sent, len(text) - self._held(text)))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, self.keep) if self.keep else self.tokenizer.decode(ids)
 
     def _held(self, text: str) -> int:
         """Length of the longest tail of `text` that begins some stop string."""
