@@ -7,8 +7,11 @@ at a time. It holds weights that sit on GGUF's Q8_0 and Q4_x grids (the default 
 Q8_0 bit for bit and Q4_x up to float32 rounding.
 int4: torchao's int4 weight-only tensors and kernels (tinygemm, in bfloat16) for linear layers;
 the embedding as GroupQuantized int4. An embedding lookup dequantizes only its rows.
+Mixture-of-experts weights (3-D, one slice per expert) are GroupQuantized in both modes, and an
+expert's slice is dequantized when the family's forward indexes it (QuantizedExperts).
 """
 
+import copy
 import ctypes
 import ctypes.util
 import logging
@@ -24,6 +27,8 @@ INT4_DTYPE = torch.bfloat16  # what torchao's int4 kernels (CPU and CUDA tinygem
 INT4_CPU_ROWS = 16  # torchao's CPU int4 packs output rows by 16
 CHUNK_ROWS = 1024  # rows quantized at a time at load: the copies stay small
 CHUNK_WEIGHTS = 1 << 18  # weights a matmul dequantizes at a time (1 MB in float32: in cache)
+
+log = logging.getLogger("layerswarm.inference")
 
 
 class _DropNoise(logging.Filter):
@@ -170,6 +175,64 @@ class QuantizedEmbedding(nn.Module):
         return self.weight.rows(ids)  # [..., H]
 
 
+class QuantizedExperts(nn.Module):
+    """A mixture of experts' 3-D weight [E, N, K] held GroupQuantized row by row (expert e is rows
+    e*N..(e+1)*N of [E*N, K]), indexed as the family's forward indexes the float one: `w[e]`
+    dequantizes expert e [N, K], `w[ids]` the experts ids [S] -> [S, N, K]."""
+
+    def __init__(self, weight: torch.Tensor, bits: int):
+        super().__init__()
+        experts, rows, cols = weight.shape
+        self.shape, self.dtype = weight.shape, weight.dtype
+        if bits == 4 and cols % 2:
+            raise ValueError(f"int4 packs two weights a byte: experts of {tuple(weight.shape)} have odd rows")
+        self.weight = GroupQuantized(weight.detach().reshape(experts * rows, cols), bits)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        w, (experts, rows) = self.weight, self.shape[:2]
+        q, scale, low = (t.view(experts, rows, -1)[idx] for t in (w.q, w.scale, w.low))
+        return w.values(q, scale, low)  # [N, K] or [S, N, K]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.q.device
+
+    def extra_repr(self) -> str:
+        return f"{', '.join(map(str, self.shape))}, bits={self.weight.bits}, group={self.weight.group}"
+
+
+def expert_weights(module: nn.Module) -> list[str]:
+    """The names of `module`'s own 3-D parameters with one slice per expert ([E, ...] with
+    E = module.num_experts): a transformers `...Experts` module's gate_up_proj and down_proj."""
+    experts = getattr(module, "num_experts", None)
+    return [
+        name for name, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.shape[0] == experts
+    ]
+
+
+def quantize_experts(module: nn.Module, mode: str) -> bool:
+    """Quantize an experts module's 3-D weights in place (biases stay float); False if it holds none
+    or if its forward reads every expert at once (it then stays float). Its forward becomes the
+    family's eager one, which indexes one expert at a time: transformers' grouped_mm and batched_mm
+    read the whole tensor, or a copy of the chosen experts per token."""
+    names = expert_weights(module)
+    if check_quant(mode) == "none" or not names:
+        return False
+    if not hasattr(module, "is_transposed"):  # not @use_experts_implementation: its own forward
+        log.warning("the experts of %s stay float: its forward reads them all at once", type(module).__name__)
+        return False
+    for name in names:
+        weight = getattr(module, name)
+        delattr(module, name)
+        setattr(module, name, QuantizedExperts(weight, 8 if mode == "int8" else 4))
+    module.config = copy.copy(module.config)  # this module's own: the model's keeps its choice
+    module.config._experts_implementation = "eager"
+    return True
+
+
 def quantize_linear(linear: nn.Linear, mode: str) -> nn.Module:
     """`linear` with its weight quantized: int8 as GroupQuantized; int4 by torchao per group of
     GROUP inputs, in bfloat16 (CPU tinygemm on a CPU, the tile-packed tinygemm layout on CUDA).
@@ -201,13 +264,15 @@ def quantize_linear(linear: nn.Linear, mode: str) -> nn.Module:
 
 
 def quantize_linears(module: nn.Module, mode: str) -> None:
-    """Replace every nn.Linear inside `module` (one decoder layer, say) by its quantized form."""
+    """Replace every nn.Linear inside `module` (one decoder layer, say) by its quantized form, and
+    quantize the experts' 3-D weights of a mixture of experts (quantize_experts)."""
     if check_quant(mode) == "none":
         return
+    quantize_experts(module, mode)
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
             setattr(module, name, quantize_linear(child, mode))
-        else:
+        elif not isinstance(child, QuantizedExperts):
             quantize_linears(child, mode)
 
 
