@@ -1,6 +1,8 @@
-"""Model resolution: a name (built-in, local Hugging Face directory, or .gguf file) -> a local
-directory in Hugging Face layout with safetensors weights. GGUF models are converted once into a
-cache (LAYERSWARM_CACHE, default ~/.cache/layerswarm)."""
+"""Model resolution: a name (built-in, local Hugging Face directory, .gguf file or Hugging Face Hub
+repo id) -> a local directory in Hugging Face layout. For a GGUF file the cache (LAYERSWARM_CACHE,
+default ~/.cache/layerswarm) gets, once, only its config, tokenizer and tensor table: the weights are
+read from the GGUF itself (inference/gguf_weights.py); a Hub repo's shards download when first read
+(inference/hub.py). Directories converted whole to safetensors by earlier versions still work."""
 
 import fcntl
 import hashlib
@@ -17,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelNotFoundError, WeightFileError
+from .gguf_weights import describe_gguf
+from .hub import hub_model_dir, is_hub_id
+from .weights import MARKER
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +48,7 @@ BUILTIN_MODELS = {
 @dataclass(frozen=True)
 class ModelSource:
     model_id: str  # the name the swarm serves it under
-    path: Path  # Hugging Face layout: config.json, *.safetensors, tokenizer files
+    path: Path  # Hugging Face layout: config.json, tokenizer files, weights (weights.open_checkpoint)
 
 
 def cache_root() -> Path:
@@ -52,7 +57,7 @@ def cache_root() -> Path:
 
 
 def resolve_model(name: str) -> ModelSource:
-    """Turn a model name into a local Hugging Face directory, converting GGUF once if needed."""
+    """Turn a model name into a local Hugging Face directory, describing a GGUF once if needed."""
     if name in BUILTIN_MODELS:
         builtin = BUILTIN_MODELS[name]
         target = cache_root() / "models" / f"{name}-{builtin.version}"
@@ -66,21 +71,25 @@ def resolve_model(name: str) -> ModelSource:
         key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
         target = cache_root() / "models" / f"{path.stem}-{key[:12]}"
         return ModelSource(path.stem, _convert_once(target, lambda: path.resolve()))
+    if is_hub_id(name):
+        return ModelSource(name, hub_model_dir(name, cache_root() / "models"))
     known = ", ".join(sorted(BUILTIN_MODELS))
     raise ModelNotFoundError(
-        f"unknown model {name!r}: not a built-in ({known}), a Hugging Face directory or a .gguf file"
+        f"unknown model {name!r}: not a built-in ({known}), a Hugging Face directory, a .gguf file "
+        "or a Hugging Face Hub repo id (org/name)"
     )
 
 
 def _check_hf_dir(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
-    if not any(path.glob("*.safetensors")):
+    if not (path / MARKER).is_file() and not any(path.glob("*.safetensors")):
         raise WeightFileError(f"{path} has no *.safetensors weight files")
 
 
 def _convert_once(target: Path, gguf_path) -> Path:
-    """Convert the GGUF file to `target` unless already there; safe under concurrent first uses."""
+    """Describe the GGUF file into `target` unless already there (or converted there by an earlier
+    version); safe under concurrent first uses."""
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +100,7 @@ def _convert_once(target: Path, gguf_path) -> Path:
         source = gguf_path()
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            _convert_gguf(source, tmp)
+            _describe_gguf(source, tmp)
             tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other
             os.rename(tmp, target)
         finally:
@@ -114,39 +123,32 @@ def _wait_for_lock(lock, target: Path, timeout_s: float = CONVERT_TIMEOUT_S) -> 
             time.sleep(0.5)
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _describe_gguf(gguf: Path, out: Path) -> None:
+    """Write the GGUF's config, generation config, tokenizer and tensor table (layerswarm.json)
+    into `out`; the weights stay in the GGUF file."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     started = time.monotonic()
     print(
-        f"layerswarm: converting {gguf.name} ({gguf.stat().st_size / 1e6:.1f} MB) to safetensors in "
-        f"{out.parent} (once; later starts read the cache)",
+        f"layerswarm: reading the header of {gguf.name} (once; later starts read the cache)",
         file=sys.stderr,
         flush=True,
     )
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as e:
         raise WeightFileError(f"cannot read GGUF file {gguf}: {e}") from e
-    # transformers marks GGUF-loaded models as quantized and refuses save_pretrained: write the
-    # dequantized tensors and a plain config ourselves.
-    state = model.state_dict()
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    save_file({name: t.contiguous() for name, t in state.items()}, out / "model.safetensors")
-    config = model.config
+    table = describe_gguf(gguf, config)  # refuses an unsupported architecture, naming it
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
+    GenerationConfig.from_model_config(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "layerswarm.json").write_text(json.dumps({"source": str(gguf)}))
-    size = (out / "model.safetensors").stat().st_size
+    (out / MARKER).write_text(json.dumps(table))
     print(
-        f"layerswarm: converted in {time.monotonic() - started:.1f} s: {size / 1e6:.1f} MB of float32 weights",
+        f"layerswarm: {gguf.name}: {len(table['tensors'])} tensors, read from the GGUF when a block loads "
+        f"({time.monotonic() - started:.1f} s)",
         file=sys.stderr,
         flush=True,
     )
