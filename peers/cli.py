@@ -1,5 +1,5 @@
-"""The `peer` command: serve a block of layers, inspect a swarm, run a local swarm, or generate
-locally through a chain of blocks."""
+"""The `peer` command: serve a block of layers, inspect a swarm, run a local swarm, generate
+locally through a chain of blocks, or plan how a model's layers split over a group of devices."""
 
 import argparse
 import json
@@ -78,6 +78,32 @@ GENERATE_FLAGS = (
     config_flag(NodeConfig, "--device"),
     config_flag(NodeConfig, "--dtype"),
     config_flag(NodeConfig, "--quant"),
+)
+PLAN_FLAGS = (
+    replace(
+        config_flag(NodeConfig, "--model"),
+        help="what peer serve --model takes, or a config.json (a file, or a directory holding only it)",
+    ),
+    Flag(
+        "--gpus",
+        "required: each device's memory, comma-separated, in GB, GiB or MB (e.g. 24GB,24GB,16GB)",
+        None,
+    ),
+    replace(
+        config_flag(NodeConfig, "--quant"), help="weight-only quantization of the layers, as peer serve's"
+    ),
+    replace(
+        config_flag(NodeConfig, "--dtype"),
+        help="the dtype of weights left unquantized (a CUDA peer's)",
+        default="bfloat16",
+    ),
+    Flag(
+        "--reserve-gb",
+        "GB of each device kept for the KV cache and activations; if not given, 10%% of its memory",
+        None,
+        float,
+    ),
+    Flag("--json", "print the plan as JSON", action="store_true"),
 )
 
 
@@ -245,6 +271,16 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from peers.swarm.plan import format_plan, make_plan, plan_json
+
+    if args.gpus is None:
+        raise ValueError("plan needs --gpus, each device's memory: e.g. --gpus 24GB,24GB,16GB")
+    plan = make_plan(args.model, args.gpus, args.quant, args.dtype, args.reserve_gb)
+    print(plan_json(plan) if args.json else format_plan(plan))
+    return 0
+
+
 def _serve_flags() -> list[Flag]:
     """NodeConfig's flags with the process's own: --omp-wait-policy beside --threads, logging last."""
     flags = config_flags(NodeConfig)
@@ -267,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("status", "print the swarm as one peer sees it", STATUS_FLAGS, _status),
         ("swarm", "run a local swarm from a TOML config", SWARM_FLAGS, _swarm),
         ("generate", "generate locally through a chain of blocks", GENERATE_FLAGS, _generate),
+        ("plan", "how a model's layers would split over devices of given memory", PLAN_FLAGS, _plan),
     )
     for name, help, flags, run in commands:
         command = sub.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
