@@ -39,4 +39,4 @@ def metrics() -> SimpleNamespace:
 
 def node(**fields) -> SimpleNamespace:
     """A peer as the door's runs and checks read it."""
-    return SimpleNamespace(tokenizer=CharTokenizer(), metrics=metrics(), **fields)
+    return SimpleNamespace(**{"tokenizer": CharTokenizer(), "metrics": metrics(), **fields})
