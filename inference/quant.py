@@ -56,7 +56,8 @@ def check_quant(mode: str) -> str:
 
 
 def bytes_per_weight(mode: str, dtype: torch.dtype) -> float:
-    """About how many bytes one weight of a linear layer holds under `mode` (for layer choice)."""
+    """About how many bytes one weight of a linear layer or an expert holds under `mode` (for layer
+    choice and `peer plan`)."""
     if check_quant(mode) == "int8":
         return 1 + 2 * 4 / GROUP  # a float32 scale and offset per group
     if mode == "int4":

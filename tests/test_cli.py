@@ -3,6 +3,7 @@ the settings they name, and bad input fails with one line and a non-zero exit, n
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -225,6 +226,14 @@ FLAGS = {
         "--dtype": (None, None, None, None, None, "StoreAction"),
         "--quant": ("none", None, ("none", "int8", "int4"), None, None, "StoreAction"),
     },
+    "plan": {
+        "--model": ("smollm2-135m", None, None, None, None, "StoreAction"),
+        "--gpus": (None, None, None, None, None, "StoreAction"),
+        "--quant": ("none", None, ("none", "int8", "int4"), None, None, "StoreAction"),
+        "--dtype": ("bfloat16", None, None, None, None, "StoreAction"),
+        "--reserve-gb": (None, float, None, None, None, "StoreAction"),
+        "--json": (False, None, None, None, 0, "StoreTrueAction"),
+    },
 }
 
 
@@ -319,3 +328,44 @@ def test_each_check_names_the_bad_value(values, message):
     with pytest.raises(ValueError) as caught:
         NodeConfig(**values)
     assert str(caught.value).startswith(message)
+
+
+def _tiny_config(path, **kw):
+    """A Qwen3-MoE config alone (no weights), as volunteers plan from."""
+    from transformers import Qwen3MoeConfig
+
+    Qwen3MoeConfig(
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+        head_dim=16, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=256, **kw,
+    ).save_pretrained(path)  # fmt: skip
+    return path
+
+
+def test_plan_is_listed_and_prints_a_table_and_a_verdict(tmp_path):
+    assert "plan" in run_peer("--help").stdout
+    path = _tiny_config(tmp_path / "moe")
+    done = run_peer("plan", "--model", str(path), "--gpus", "1MB,1MiB", "--quant", "int8")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("moe (qwen3_moe): 4 layers") and "int8 weights" in lines[0]
+    assert lines[2].split()[:4] == ["gpu0", "1.00", "MB", "0:4"]
+    assert lines[-1] == "covered: layers 0:4 fit on 1 device"
+    short = run_peer("plan", "--model", str(path / "config.json"), "--gpus", "0.3MB", "--json")
+    assert short.returncode == 0, short.stderr
+    plan = json.loads(short.stdout)
+    assert plan["covered"] is False and plan["devices"][0]["memory_bytes"] == 300_000
+    assert 0 < plan["left_start"] < 4 and plan["left_memory_bytes"] > plan["left_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--gpus", "24GB,16XB"], "peer: error: --gpus entry 2 of 2: '16XB' is not a size such as 24GB"),
+        ([], "peer: error: plan needs --gpus"),
+        (["--gpus", "8GB", "--dtype", "float64"], "peer: error: dtype 'float64' is not one of"),
+    ],
+)
+def test_plan_refuses_bad_input_in_one_line(tmp_path, args, message):
+    done = run_peer("plan", "--model", str(_tiny_config(tmp_path / "moe")), *args)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr
