@@ -22,6 +22,20 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def family_model(tmp_path_factory):
+    """model_type -> directory of a tiny random model of that family (tests/helpers.py
+    FAMILY_CONFIGS: the family's own features switched on), made at first use."""
+    made: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in made:
+            made[kind] = save_tiny_model(kind, tmp_path_factory.mktemp("family") / kind)
+        return made[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tiny_models) -> Path:
     return tiny_models["llama"]
 

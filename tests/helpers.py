@@ -35,7 +35,7 @@ ALTERNATING = ["sliding_attention", "full_attention"] * 2  # with a short window
 # sliding/global patterns, sinks, latent attention, shared experts and leading dense layers
 FAMILY_CONFIGS = {
     "qwen3": dict(head_dim=16),
-    "qwen3_moe": dict(head_dim=16, num_experts=4, mlp_only_layers=[0], norm_topk_prob=True, **MOE),
+    "qwen3_moe": dict(head_dim=16, num_experts=4, mlp_only_layers=[0, 1], norm_topk_prob=True, **MOE),
     "gemma3_text": dict(
         head_dim=16,
         sliding_window=6,
@@ -54,7 +54,7 @@ FAMILY_CONFIGS = {
         num_key_value_heads=4,
         n_routed_experts=4,
         n_shared_experts=1,
-        first_k_dense_replace=1,
+        first_k_dense_replace=2,
         n_group=2,
         topk_group=1,
         q_lora_rank=32,
@@ -80,7 +80,7 @@ FAMILY_CONFIGS = {
         head_dim=16,
         n_routed_experts=4,
         n_shared_experts=1,
-        first_k_dense_replace=1,
+        first_k_dense_replace=2,
         n_group=1,
         topk_group=1,
         use_qk_norm=True,
@@ -102,6 +102,7 @@ def _family_config(model_type: str):
 
 
 CONFIGS.update({name: _family_config(name) for name in FAMILY_CONFIGS})
+FAMILIES = ("llama", "mistral", "qwen2", *FAMILY_CONFIGS)  # every family a block hosts
 
 
 class FakeClock:

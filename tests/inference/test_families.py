@@ -1,0 +1,75 @@
+"""Every family a block hosts, on a tiny random model with the family's own features switched on
+(tests/helpers.py FAMILY_CONFIGS): three blocks, batched over several sessions, give float32 logits
+within 1e-4 of transformers' monolithic model at three splits (for DeepSeek-V3, GLM-4.5 and
+Qwen3-MoE the first falls inside the leading dense layers)."""
+
+import pytest
+import torch
+
+from inference.architectures import FAMILIES as HOSTED
+from inference.batch import Step
+from inference.block import load_block
+from inference.errors import UnsupportedArchitectureError
+from tests.helpers import FAMILIES, monolithic
+
+SPLITS = [("0:1", "1:3", "3:4"), ("0:2", "2:3", "3:4"), ("0:1", "1:2", "2:4")]
+PROMPTS = [[5, 17, 33, 80, 9, 44, 12, 7, 100, 3, 60, 61], [9, 9, 1, 200, 31], list(range(3, 23))]
+DECODE = 6  # decode steps after the prefill, past the sliding windows of 6
+
+
+def test_every_hosted_family_is_tested():
+    assert set(FAMILIES) == set(HOSTED)
+
+
+def chain_logits(blocks, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """Prefill every prompt, then decode DECODE steps of each (feeding the prompt's own next ids,
+    teacher-forced), all sessions of a step in one batched forward per block."""
+    steps = [(f"s{i}", torch.tensor([p[:-DECODE]]), 0) for i, p in enumerate(prompts)]
+    outs: list[list[torch.Tensor]] = [[] for _ in prompts]
+    for t in range(DECODE + 1):
+        xs = [s[1] for s in steps]
+        for block in blocks:
+            results = block.forward_batch(
+                [Step(sid, x, pos, last_only=False) for (sid, _, pos), x in zip(steps, xs, strict=True)]
+            )
+            assert not any(isinstance(r, Exception) for r in results), results
+            xs = results
+        for i, logits in enumerate(xs):
+            outs[i].append(logits[0])
+        if t < DECODE:
+            steps = [
+                (sid, torch.tensor([[p[len(p) - DECODE + t]]]), pos + x.shape[1])
+                for (sid, x, pos), p in zip(steps, prompts, strict=True)
+            ]
+    return [torch.cat(o) for o in outs]
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_three_blocks_match_the_monolithic_model_at_three_splits(family_model, kind):
+    path = family_model(kind)
+    model = monolithic(path)
+    prompts = [p + [40 + i, 41, 42, 43, 44, 45] for i, p in enumerate(PROMPTS)]
+    with torch.no_grad():
+        expected = [model(torch.tensor([p])).logits[0] for p in prompts]  # [T, V]: every position
+    for split in SPLITS:
+        blocks = [load_block(path, layers) for layers in split]
+        got = chain_logits(blocks, prompts)
+        for g, e in zip(got, expected, strict=True):
+            assert torch.allclose(g, e, atol=1e-4, rtol=0), (kind, split, (g - e).abs().max())
+
+
+def test_a_family_that_cannot_be_served_exactly_is_refused_with_why(family_model, tmp_path):
+    from transformers import AutoConfig
+
+    from inference.architectures import get_family
+
+    config = AutoConfig.for_model("gemma3_text", use_bidirectional_attention=True)
+    with pytest.raises(UnsupportedArchitectureError, match="use_bidirectional_attention"):
+        get_family(config)
+    config = AutoConfig.for_model("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(UnsupportedArchitectureError, match="dynamic"):
+        get_family(config)
+    with pytest.raises(UnsupportedArchitectureError, match="gemma3_text"):
+        get_family(AutoConfig.for_model("gemma3"))
+    with pytest.raises(UnsupportedArchitectureError, match="not supported; supported: .*qwen3_moe"):
+        get_family(AutoConfig.for_model("bert"))
