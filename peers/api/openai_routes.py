@@ -91,7 +91,9 @@ class OpenAIDoor:
         if generic:
             messages = with_tool_prompt(messages, tools, req.tool_choice)
         check_prompt_size(node, sum(len(m["content"]) for m in messages), "messages")
-        variables = template_kwargs(req, node.tokenizer.template_variables)
+        variables = template_kwargs(
+            req.chat_template_kwargs, req.reasoning_effort, node.tokenizer.template_variables
+        )
         ask = Ask(
             chat=True,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,

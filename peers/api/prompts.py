@@ -3,7 +3,7 @@ a size that could fit the context, the chat template's own variables, completion
 and fill-in-the-middle."""
 
 from peers.api.door import ApiPeer
-from peers.api.schema import MAX_PROMPTS, ChatRequest, CompletionRequest
+from peers.api.schema import MAX_PROMPTS, CompletionRequest
 from peers.transport.errors import InvalidRequest
 
 MAX_CHARS_PER_TOKEN = 64  # no token of a real vocabulary is longer: longer prompts cannot fit
@@ -25,29 +25,31 @@ def text_of(content: str | list[dict]) -> str:
     return "".join(parts)
 
 
-def template_kwargs(req: ChatRequest, template_variables: frozenset[str]) -> dict:
-    """The variables a chat request gives its chat template (chat_template_kwargs, and
+def template_kwargs(
+    kwargs: dict | None, reasoning_effort: str | None, template_variables: frozenset[str]
+) -> dict:
+    """The variables a request gives its chat template (its chat_template_kwargs, and its
     reasoning_effort), each one the template reads (`template_variables`): one it would not read
     is refused, never dropped."""
-    given = dict(req.chat_template_kwargs or {})
+    given = dict(kwargs or {})
     unread = sorted(k for k in given if k not in template_variables)
     if unread:
         raise InvalidRequest(
             f"chat_template_kwargs: the model's chat template does not read {', '.join(unread)}",
             param="chat_template_kwargs",
         )
-    if req.reasoning_effort is not None:
+    if reasoning_effort is not None:
         if "reasoning_effort" not in template_variables:
             raise InvalidRequest(
                 "reasoning_effort: the model's chat template does not read reasoning_effort",
                 param="reasoning_effort",
             )
-        if given.get("reasoning_effort", req.reasoning_effort) != req.reasoning_effort:
+        if given.get("reasoning_effort", reasoning_effort) != reasoning_effort:
             raise InvalidRequest(
                 "reasoning_effort differs from chat_template_kwargs' reasoning_effort",
                 param="reasoning_effort",
             )
-        given["reasoning_effort"] = req.reasoning_effort
+        given["reasoning_effort"] = reasoning_effort
     return given
 
 

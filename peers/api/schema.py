@@ -2,9 +2,9 @@
 is refused with a 400 naming it (extra="forbid"); the only ones accepted without effect are
 metadata (NO_OP_FIELDS), as the README says."""
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from peers.entry.consensus import MAX_CONSENSUS
 from peers.transport.frames import MAX_TOP_LOGPROBS
@@ -35,6 +35,21 @@ TEMPLATE_ARGS = (
     "return_assistant_tokens_mask",
     "tokenizer_kwargs",
 )
+
+
+def _template_kwargs(value: dict) -> dict:
+    if len(value) > MAX_TEMPLATE_KWARGS:
+        raise ValueError(f"at most {MAX_TEMPLATE_KWARGS} entries, got {len(value)}")
+    clash = [k for k in value if k in TEMPLATE_ARGS]
+    if clash:
+        raise ValueError(
+            f"{', '.join(clash)} may not be set here: the request's own fields give them to the template"
+        )
+    return value
+
+
+# as in vLLM: more variables for the chat template (e.g. {"enable_thinking": false})
+TemplateKwargs = Annotated[dict[str, Any], AfterValidator(_template_kwargs)]
 
 # Accepted and without effect on the answer: they only describe the request
 NO_OP_FIELDS = ("user", "metadata", "store", "service_tier")
@@ -169,24 +184,9 @@ class ChatRequest(GenerationRequest):
     parallel_tool_calls: bool = True
     add_generation_prompt: bool = True  # as in vLLM
     continue_final_message: bool = False  # as in vLLM: the last (assistant) message is continued
-    # as in vLLM: more variables for the chat template (e.g. {"enable_thinking": false})
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
     # as in vLLM: the chat template's reasoning_effort (GPT-OSS reads it)
     reasoning_effort: Literal["low", "medium", "high"] | None = None
-
-    @field_validator("chat_template_kwargs")
-    @classmethod
-    def _template_kwargs(cls, value: dict | None):
-        if value is None:
-            return value
-        if len(value) > MAX_TEMPLATE_KWARGS:
-            raise ValueError(f"at most {MAX_TEMPLATE_KWARGS} entries, got {len(value)}")
-        clash = [k for k in value if k in TEMPLATE_ARGS]
-        if clash:
-            raise ValueError(
-                f"{', '.join(clash)} may not be set here: the request's own fields give them to the template"
-            )
-        return value
 
     @model_validator(mode="after")
     def _chat(self):

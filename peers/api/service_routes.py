@@ -12,8 +12,8 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from peers.api.door import ApiPeer
-from peers.api.prompts import check_prompt_size, text_of
-from peers.api.schema import ChatMessage
+from peers.api.prompts import check_prompt_size, template_kwargs, text_of
+from peers.api.schema import ChatMessage, TemplateKwargs
 from peers.api.tools import chat_messages
 from peers.transport.errors import InvalidRequest, ModelNotServed
 
@@ -28,6 +28,7 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_generation_prompt: bool = True
+    chat_template_kwargs: TemplateKwargs | None = None  # as /v1/chat/completions takes them
 
 
 class DetokenizeRequest(BaseModel):
@@ -86,6 +87,10 @@ class ServiceDoor:
         _check_model(node, req.model)
         if (req.prompt is None) == (req.messages is None):
             raise InvalidRequest("give either prompt or messages, not both", param="prompt")
+        if req.prompt is not None and req.chat_template_kwargs is not None:
+            raise InvalidRequest(
+                "chat_template_kwargs go with messages, not a prompt", param="chat_template_kwargs"
+            )
         if req.prompt is not None:
             check_prompt_size(node, len(req.prompt), "prompt")
             encode = partial(node.tokenizer.encode, req.prompt)
@@ -95,7 +100,10 @@ class ServiceDoor:
             except ValueError as e:
                 raise InvalidRequest(str(e), param="messages") from None
             check_prompt_size(node, sum(len(m["content"]) for m in messages), "messages")
-            encode = partial(node.tokenizer.encode_chat, messages, req.add_generation_prompt)
+            variables = template_kwargs(req.chat_template_kwargs, None, node.tokenizer.template_variables)
+            encode = partial(
+                node.tokenizer.encode_chat, messages, req.add_generation_prompt, template_kwargs=variables
+            )
         try:
             ids = await asyncio.get_running_loop().run_in_executor(self.pool, encode)
         except Exception as e:  # the chat template refused these messages (e.g. roles not alternating)

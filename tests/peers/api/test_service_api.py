@@ -268,3 +268,30 @@ def test_a_broken_chat_template_stops_the_peer_at_start(tiny_llama):
         "peer: error: --chat-template (the text given): the chat template does not compile: line 1"
         in done.stderr
     )
+
+
+def test_tokenize_takes_chat_template_kwargs(tiny_llama):
+    template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% else %}<think>{% endif %}"
+    )
+
+    async def calls(http, node):
+        on = await http.post("/tokenize", json={"messages": HI})
+        off = await http.post(
+            "/tokenize", json={"messages": HI, "chat_template_kwargs": {"enable_thinking": False}}
+        )
+        unread = await http.post(
+            "/tokenize", json={"messages": HI, "chat_template_kwargs": {"thinking": False}}
+        )
+        prompt = await http.post(
+            "/tokenize", json={"prompt": "hi", "chat_template_kwargs": {"enable_thinking": False}}
+        )
+        encode = node.tokenizer.hf.encode
+        return on.json()["tokens"], off.json()["tokens"], unread, prompt, encode
+
+    on, off, unread, prompt, encode = ask(tiny_llama, calls, chat_template=template)
+    assert on == encode("hi<think>", add_special_tokens=False)
+    assert off == encode("hi<think></think>", add_special_tokens=False)
+    assert "does not read thinking" in error_of(unread, 400)["message"]
+    assert error_of(prompt, 400)["param"] == "chat_template_kwargs"
