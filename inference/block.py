@@ -22,7 +22,7 @@ from .kv_cache import LOCAL, CacheStore, Sender, SessionCache
 from .prefix_cache import PrefixCache
 from .quant import check_quant, quantize_block, quantize_linears, release_freed_memory
 from .sessions import Sessions
-from .weights import Checkpoint
+from .weights import Checkpoint, open_checkpoint
 
 _LOADING = threading.Lock()
 log = logging.getLogger("layerswarm.inference")
@@ -64,13 +64,21 @@ def parse_span(text: str, total: int) -> Span:
     return Span(start, end, total)
 
 
-def resolve_device(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
-    """CPU float32 by default; cuda defaults to bfloat16."""
+def resolve_device(
+    device: str | None, dtype: str | None, checkpoint_dtype: torch.dtype | None = None
+) -> tuple[torch.device, torch.dtype]:
+    """CPU float32 by default; cuda defaults to the checkpoint's own float16 or bfloat16, else
+    bfloat16."""
     dev = torch.device(device or "cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for, but CUDA is not available on this machine")
+    if dtype is None and dev.type == "cuda":
+        return dev, checkpoint_dtype if checkpoint_dtype in (
+            torch.float16,
+            torch.bfloat16,
+        ) else torch.bfloat16
     if dtype is None:
-        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+        return dev, torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     return dev, DTYPES[dtype]
@@ -417,8 +425,9 @@ def load_block(
         span = parse_span(layers, total)
     else:
         span = Span(layers[0], layers[1], total)
-    dev, dt = resolve_device(device, dtype)
-    checkpoint = Checkpoint(Path(model_path))
+    saved = getattr(config, "dtype", None)  # the checkpoint's own dtype (a name or a torch.dtype)
+    dev, dt = resolve_device(device, dtype, getattr(torch, saved, None) if isinstance(saved, str) else saved)
+    checkpoint = open_checkpoint(Path(model_path))  # safetensors, a GGUF read in place, or Hub shards
     with _LOADING:  # init_empty_weights patches torch for the whole process while it runs
         block = Block(config, span, max_cache_tokens, idle_timeout_s, prefix_cache_tokens)
         block.load_weights(checkpoint, dev, dt, quant)
