@@ -216,3 +216,25 @@ def test_chunks_carry_the_thought_apart_and_only_for_thinking_models():
     assert deltas == [{"reasoning_content": "hmm"}, {"reasoning_content": "!", "content": "Hi"}]
     plain = Shape("r", "m", True, tokenizer, None, [])
     assert "reasoning_content" not in plain.whole([Choice(0, ["Hi"])], {})["choices"][0]["message"]
+
+
+def test_calls_after_the_thought_are_tool_calls_streamed_or_whole():
+    call = '<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>'
+    shape = Shape("r", "m", True, node().tokenizer, None, [ADD], reasoning=True)
+    choice = shape.whole([Choice(0, [call], reasoning=["I should add."], finish="stop")], {})["choices"][0]
+    assert (
+        choice["finish_reason"] == "tool_calls" and choice["message"]["reasoning_content"] == "I should add."
+    )
+    assert choice["message"]["content"] is None and len(choice["message"]["tool_calls"]) == 1
+    chunks = Chunks(shape, 1, [])
+    out = [
+        c
+        for e in (Delta(0, "", (), "I should add."), Delta(0, call, ()), Finish(0, "stop"))
+        for c in chunks.of(e)
+    ]
+    deltas = [c["choices"][0]["delta"] for c in out]
+    assert deltas[0] == {"reasoning_content": "I should add."}
+    assert (
+        deltas[1]["tool_calls"][0]["function"]["name"] == "add"
+        and out[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    )
