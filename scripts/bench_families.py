@@ -1,0 +1,158 @@
+"""Benchmark: a block's compute for each family against transformers' own model of that family, in
+one process on this machine. Per family, a random model of a small real-looking shape (hidden
+512, 4 layers; mixtures of experts: 8 experts, top 2) saved as safetensors, then, alternating, best
+of `--runs` each:
+
+- the block: `load_block` of all its layers; `--streams` sessions prefill `--prompt` tokens each,
+  then decode `--tokens` steps, every session's step in one batched forward (as a peer's
+  scheduler runs them);
+- transformers: the family's ...ForCausalLM with its own cache, the same sessions as one batch
+  (same-length prompts: no padding), the same prefill and decode steps.
+
+Reported: decode tokens per second of each (streams x tokens over the decode time) and the ratio
+(block / transformers; >= 1 means the block is not slower). Both produce float32 logits of every
+sequence at every step; the first steps' logits are compared (max difference).
+
+    python scripts/bench_families.py [--families qwen3 mixtral ...] [--streams 8] [--tokens 32]
+                                     [--prompt 64] [--runs 3] [--threads 1]
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
+
+from inference.batch import Step  # noqa: E402
+from inference.block import load_block  # noqa: E402
+from tests.helpers import FAMILIES, save_tiny_model  # noqa: E402
+
+SHAPE = dict(
+    hidden_size=512,
+    intermediate_size=1408,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=64,
+    vocab_size=4096,
+    max_position_embeddings=4096,
+)
+MOE_SHAPE = dict(moe_intermediate_size=352, num_experts=8, num_local_experts=8, n_routed_experts=8)
+LATENT = dict(
+    num_key_value_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32
+)
+
+
+def shape_of(kind: str) -> dict:
+    shape = dict(SHAPE)
+    if kind in ("qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "glm4_moe"):
+        shape.update(MOE_SHAPE)
+    if kind == "gpt_oss":
+        shape["intermediate_size"] = 352  # (its experts' width)
+    if kind == "deepseek_v3":
+        shape.update(LATENT, v_head_dim=64, head_dim=32)  # (its head_dim is the rotary part of a head)
+    if kind == "gemma3_text":
+        shape["query_pre_attn_scalar"] = 64
+    return shape
+
+
+def block_run(block, prompts: torch.Tensor, tokens: int) -> tuple[float, torch.Tensor]:
+    ids = [f"s{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
+    outs = block.forward_batch([Step(sid, p[None], 0) for sid, p in zip(ids, prompts, strict=True)])
+    errors = [o for o in outs if isinstance(o, Exception)]
+    if errors:
+        raise errors[0]
+    first = torch.cat(outs)[:, -1]
+    nxt = first.argmax(-1)
+    length = prompts.shape[1]
+    started = time.perf_counter()
+    for t in range(tokens):
+        steps = [Step(sid, nxt[i].view(1, 1), length + t) for i, sid in enumerate(ids)]
+        nxt = torch.cat(block.forward_batch(steps))[:, -1].argmax(-1)
+    elapsed = time.perf_counter() - started
+    for sid in ids:
+        block.close(sid)
+    return elapsed, first
+
+
+@torch.inference_mode()
+def reference_run(model, prompts: torch.Tensor, tokens: int) -> tuple[float, torch.Tensor]:
+    cache = DynamicCache(config=model.config)
+    first = model(prompts, past_key_values=cache, use_cache=True).logits[:, -1].float()
+    nxt = first.argmax(-1)
+    started = time.perf_counter()
+    for _ in range(tokens):
+        nxt = model(nxt[:, None], past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
+    return time.perf_counter() - started, first
+
+
+def bench(kind: str, args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_tiny_model(kind, Path(tmp) / kind, **shape_of(kind))
+        block = load_block(path, prefix_cache_tokens=0)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, attn_implementation="sdpa"
+            )
+        except ValueError:  # (GPT-OSS runs only eagerly in transformers)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, attn_implementation="eager"
+            )
+        model.eval()
+    torch.manual_seed(1)
+    prompts = torch.randint(3, 4000, (args.streams, args.prompt))
+    ours, theirs, diff = [], [], 0.0
+    for _ in range(args.runs):
+        t_block, first_block = block_run(block, prompts, args.tokens)
+        t_ref, first_ref = reference_run(model, prompts, args.tokens)
+        ours.append(t_block)
+        theirs.append(t_ref)
+        diff = max(diff, (first_block - first_ref).abs().max().item())
+    n = args.streams * args.tokens
+    block_tps, ref_tps = n / min(ours), n / min(theirs)
+    return {
+        "family": kind,
+        "block": block_tps,
+        "transformers": ref_tps,
+        "ratio": block_tps / ref_tps,
+        "diff": diff,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(
+        f"{args.streams} streams, {args.prompt}-token prompts, {args.tokens} decode steps, {args.threads} thread(s)"
+    )
+    print("| family | block tok/s | transformers tok/s | ratio | max logit diff |")
+    print("| --- | --- | --- | --- | --- |")
+    rows = []
+    for kind in args.families:
+        row = bench(kind, args)
+        rows.append(row)
+        print(
+            f"| {row['family']} | {row['block']:.1f} | {row['transformers']:.1f} | {row['ratio']:.2f} | {row['diff']:.1e} |",
+            flush=True,
+        )
+    print(f"median ratio {statistics.median(r['ratio'] for r in rows):.2f}")
+
+
+if __name__ == "__main__":
+    main()
