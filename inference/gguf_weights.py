@@ -63,9 +63,13 @@ def describe_gguf(gguf: Path, config) -> dict:
 
 def check_gguf_architecture(architecture: str, model_type: str, gguf: Path) -> None:
     if architecture not in GGUF_ARCHITECTURES or model_type not in GGUF_ARCHITECTURES:
-        shown = architecture if model_type == architecture else f"{architecture} ({model_type})"
+        shown = (
+            repr(architecture)
+            if model_type == architecture
+            else f"{architecture!r} (model type {model_type!r})"
+        )
         raise UnsupportedArchitectureError(
-            f"GGUF architecture {shown!r} of {gguf.name} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}"
+            f"GGUF architecture {shown} of {gguf.name} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}"
         )
 
 

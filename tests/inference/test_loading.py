@@ -112,6 +112,80 @@ def test_unknown_model_and_unsupported_architecture(tmp_path):
     GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path)
     save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")
     with pytest.raises(
-        UnsupportedArchitectureError, match="'gpt2' is not supported; supported: deepseek_v3, .*, llama, .*, qwen3_moe"
+        UnsupportedArchitectureError,
+        match="'gpt2' is not supported; supported: deepseek_v3, .*, llama, .*, qwen3_moe",
     ):
         load_block(tmp_path, "0:1")
+
+
+def _llama_cpp_permute(w, n_head: int):
+    """What llama.cpp's converter does to q/k rows (transformers' loader undoes it)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_a_gguf_backed_directory_reads_the_original_tensors(tiny_llama, tmp_path):
+    """A tiny llama written as an F32 GGUF the way llama.cpp writes it (q/k permuted) reads back
+    as the original tensors by their Hugging Face names; another architecture is refused by name."""
+    import gguf
+    from transformers import AutoConfig
+
+    from inference.gguf_weights import describe_gguf
+    from inference.weights import MARKER, checkpoint_weights, open_checkpoint
+
+    config = AutoConfig.from_pretrained(tiny_llama)
+    original = Checkpoint(tiny_llama).read(list(Checkpoint(tiny_llama).files))
+    parts = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    for i in range(config.num_hidden_layers):
+        names.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{g}.weight" for hf, g in parts.items()})
+    file = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(file, "llama")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    for hf, g in names.items():
+        w = original[hf].numpy()
+        if ".q_proj." in hf:
+            w = _llama_cpp_permute(w, config.num_attention_heads)
+        elif ".k_proj." in hf:
+            w = _llama_cpp_permute(w, config.num_key_value_heads)
+        writer.add_tensor(g, w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    model_dir = tmp_path / "model"
+    config.save_pretrained(model_dir)
+    (model_dir / MARKER).write_text(json.dumps(describe_gguf(file, config)))
+
+    checkpoint = open_checkpoint(model_dir)
+    got = checkpoint.read(sorted(names))
+    assert all(torch.equal(got[n], original[n]) for n in names)
+    assert checkpoint_weights(model_dir) == checkpoint_weights(tiny_llama)
+    assert isinstance(open_checkpoint(tiny_llama), Checkpoint)  # a plain (or converted) directory
+
+    other = tmp_path / "other.gguf"
+    writer = gguf.GGUFWriter(other, "gpt2")
+    writer.add_tensor("token_embd.weight", original["model.embed_tokens.weight"].numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(
+        UnsupportedArchitectureError, match="GGUF architecture 'gpt2'.*supported: llama, qwen2, qwen3"
+    ):
+        describe_gguf(other, config)
