@@ -123,7 +123,6 @@ def graph_problem(block) -> str | None:
     features = [
         ("attention sinks", lambda layer: getattr(layer.self_attn, "sinks", None) is not None),
         ("multi-head latent attention", lambda layer: hasattr(layer.self_attn, "kv_a_proj_with_mqa")),
-        ("rotary embeddings per layer type", lambda layer: block.family.rotary_per_layer_type),
     ]
     for name, has in features:
         if any(has(layer) for layer in block.layers):

@@ -9,6 +9,7 @@ import torch
 from inference.architectures import FAMILIES as HOSTED
 from inference.batch import Step
 from inference.block import load_block
+from inference.cuda_graphs import GraphSettings, graph_problem
 from inference.errors import UnsupportedArchitectureError
 from tests.helpers import FAMILIES, monolithic
 
@@ -73,3 +74,30 @@ def test_a_family_that_cannot_be_served_exactly_is_refused_with_why(family_model
         get_family(AutoConfig.for_model("gemma3"))
     with pytest.raises(UnsupportedArchitectureError, match="not supported; supported: .*qwen3_moe"):
         get_family(AutoConfig.for_model("bert"))
+
+
+STATIC = GraphSettings(batch_sizes=(1, 4), positions=64, slots=4, shortest=8)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_static_decode_steps_match_or_the_family_is_left_eager_with_why(family_model, kind):
+    """The static decode step that CUDA graphs capture, run eagerly here: exact for the families
+    it can hold; the others (mixtures of experts, sinks, latent attention) run every step eagerly,
+    and graph_problem says why."""
+    path = family_model(kind)
+    blocks = [load_block(path, layers, max_cache_tokens=4096) for layers in SPLITS[0]]
+    problems = [graph_problem(block) for block in blocks]
+    if kind in ("qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "glm4_moe"):
+        assert all(problems), problems
+        assert not any(block.enable_decode_graphs(STATIC, capture=False) for block in blocks)
+        return
+    assert problems == [None] * 3
+    assert all(block.enable_decode_graphs(STATIC, capture=False) for block in blocks)
+    model = monolithic(path)
+    prompts = [p + [40 + i, 41, 42, 43, 44, 45] for i, p in enumerate(PROMPTS)]
+    with torch.no_grad():
+        expected = [model(torch.tensor([p])).logits[0] for p in prompts]
+    got = chain_logits(blocks, prompts)
+    assert all(block.graphs.steps > 0 for block in blocks)  # the decode steps went the static way
+    for g, e in zip(got, expected, strict=True):
+        assert torch.allclose(g, e, atol=1e-4, rtol=0), (kind, (g - e).abs().max())
