@@ -123,10 +123,31 @@ def _llama_cpp_permute(w, n_head: int):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _write_gguf(file, arch: str, config, names: dict, original: dict):
+    """`original` (HF names) as an F32 GGUF of `arch` under the GGUF `names`, q/k permuted."""
+    import gguf
+
+    writer = gguf.GGUFWriter(file, arch)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    for hf, g in names.items():
+        w = original[hf].numpy()
+        if ".q_proj." in hf:
+            w = _llama_cpp_permute(w, config.num_attention_heads)
+        elif ".k_proj." in hf:
+            w = _llama_cpp_permute(w, config.num_key_value_heads)
+        writer.add_tensor(g, w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return file
+
+
 def test_a_gguf_backed_directory_reads_the_original_tensors(tiny_llama, tmp_path):
     """A tiny llama written as an F32 GGUF the way llama.cpp writes it (q/k permuted) reads back
     as the original tensors by their Hugging Face names; another architecture is refused by name."""
-    import gguf
     from transformers import AutoConfig
 
     from inference.gguf_weights import describe_gguf
@@ -152,22 +173,7 @@ def test_a_gguf_backed_directory_reads_the_original_tensors(tiny_llama, tmp_path
     }
     for i in range(config.num_hidden_layers):
         names.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{g}.weight" for hf, g in parts.items()})
-    file = tmp_path / "tiny.gguf"
-    writer = gguf.GGUFWriter(file, "llama")
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    for hf, g in names.items():
-        w = original[hf].numpy()
-        if ".q_proj." in hf:
-            w = _llama_cpp_permute(w, config.num_attention_heads)
-        elif ".k_proj." in hf:
-            w = _llama_cpp_permute(w, config.num_key_value_heads)
-        writer.add_tensor(g, w)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    file = _write_gguf(tmp_path / "tiny.gguf", "llama", config, names, original)
     model_dir = tmp_path / "model"
     config.save_pretrained(model_dir)
     (model_dir / MARKER).write_text(json.dumps(describe_gguf(file, config)))
@@ -178,13 +184,8 @@ def test_a_gguf_backed_directory_reads_the_original_tensors(tiny_llama, tmp_path
     assert checkpoint_weights(model_dir) == checkpoint_weights(tiny_llama)
     assert isinstance(open_checkpoint(tiny_llama), Checkpoint)  # a plain (or converted) directory
 
-    other = tmp_path / "other.gguf"
-    writer = gguf.GGUFWriter(other, "gpt2")
-    writer.add_tensor("token_embd.weight", original["model.embed_tokens.weight"].numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    embed = {"model.embed_tokens.weight": "token_embd.weight"}
+    other = _write_gguf(tmp_path / "other.gguf", "gpt2", config, embed, original)
     with pytest.raises(
         UnsupportedArchitectureError, match="GGUF architecture 'gpt2'.*supported: llama, qwen2, qwen3"
     ):
