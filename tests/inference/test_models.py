@@ -92,6 +92,7 @@ def test_the_default_gguf_read_in_place_equals_transformers_loading(tmp_path, mo
 
     from inference.gguf_weights import GgufCheckpoint
     from inference.weights import checkpoint_weights, open_checkpoint
+    from inference.whole_model import load_whole_model
 
     gguf = models_module.builtin_gguf(models_module.DEFAULT_MODEL)
     monkeypatch.setenv("LAYERSWARM_CACHE", str(tmp_path))
@@ -108,3 +109,7 @@ def test_the_default_gguf_read_in_place_equals_transformers_loading(tmp_path, mo
     unequal = [name for name, t in state.items() if not torch.equal(got[name].float(), t)]
     assert unequal == []
     assert checkpoint_weights(source.path) == sum(t.numel() for t in state.values())
+    whole = load_whole_model(source.path)  # the reference tests and benchmarks build, from the GGUF
+    tokens = torch.tensor([[1, 504, 3458, 282, 4469, 314]])
+    with torch.no_grad():
+        assert torch.equal(whole(tokens).logits, reference.eval()(tokens).logits)
