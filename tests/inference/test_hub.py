@@ -56,6 +56,14 @@ def fake_hub(root, requested: Counter) -> FastAPI:
         }
         if request.method == "HEAD":
             return Response(headers=headers)
+        ranged = request.headers.get("range", "")
+        if ranged.startswith("bytes="):  # a header read: counted apart from downloads
+            first, last = (int(x) for x in ranged[len("bytes=") :].split("-"))
+            requested[f"{file} (range)"] += 1
+            part = body[first : last + 1]
+            headers["Content-Length"] = str(len(part))
+            headers["Content-Range"] = f"bytes {first}-{first + len(part) - 1}/{len(body)}"
+            return Response(part, status_code=206, headers=headers)
         requested[file] += 1
         return Response(body, headers=headers)
 
@@ -63,21 +71,35 @@ def fake_hub(root, requested: Counter) -> FastAPI:
 
 
 @pytest.fixture
-def hub(tmp_path):
+def serve():
+    """root directory -> (endpoint, files requested) of a Hub serving it as REPO; stopped after."""
+    servers = []
+
+    def start(root):
+        requested: Counter = Counter()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(fake_hub(root, requested), port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        while not server.started:
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{port}", requested
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def hub(tmp_path, serve):
     root = save_tiny_model("llama", tmp_path / "repo")
     shard_per_layer(root)
-    requested: Counter = Counter()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(fake_hub(root, requested), port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", root, requested
-    server.should_exit = True
-    thread.join(10)
+    endpoint, requested = serve(root)
+    return endpoint, root, requested
 
 
 PROBE = """
@@ -133,3 +155,25 @@ def test_a_peer_fetches_only_the_shards_of_its_layers(tmp_path, hub):
     missing = run_probe(tmp_path, "http://127.0.0.1:9", layer=2, offline=True)
     assert "WeightFileError" in missing["error"] and "model-2.safetensors" in missing["error"]
     assert "not in the Hugging Face cache" in missing["error"]
+
+
+@pytest.mark.slow
+def test_a_single_file_repo_is_indexed_from_its_header_alone(tmp_path, serve):
+    root = save_tiny_model("llama", tmp_path / "repo")
+    endpoint, requested = serve(root)
+    got = run_probe(tmp_path, endpoint, layer=0, offline=False)
+    originals = load_file(root / "model.safetensors")
+    assert got["weights"] == sum(t.numel() for t in originals.values())
+    assert got["sums"] == {n: float(t.double().sum()) for n, t in originals.items() if ".layers.0." in n}
+    assert requested["model.safetensors (range)"] >= 1  # the names came from the header
+    assert requested["model.safetensors"] == 1  # then the one file, once, for the layer
+
+
+def test_an_unknown_repo_offline_names_the_missing_file(tmp_path, monkeypatch):
+    from inference import ModelNotFoundError, resolve_model
+
+    monkeypatch.setenv("LAYERSWARM_CACHE", str(tmp_path))
+    with pytest.raises(
+        ModelNotFoundError, match="config.json of acme/no-such-model is not in the Hugging Face cache"
+    ):
+        resolve_model("acme/no-such-model")
