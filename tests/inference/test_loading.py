@@ -190,3 +190,17 @@ def test_a_gguf_backed_directory_reads_the_original_tensors(tiny_llama, tmp_path
         UnsupportedArchitectureError, match="GGUF architecture 'gpt2'.*supported: llama, qwen2, qwen3"
     ):
         describe_gguf(other, config)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # untied and tied embeddings
+def test_load_whole_model_equals_from_pretrained(tiny_models, kind):
+    from transformers import AutoModelForCausalLM
+
+    from inference.whole_model import load_whole_model
+
+    path = tiny_models[kind]
+    whole = load_whole_model(path, torch.float32, attn_implementation="eager")
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    tokens = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(whole(tokens).logits, reference.eval()(tokens).logits)
