@@ -60,7 +60,9 @@ def resolve_model(name: str) -> ModelSource:
     """Turn a model name into a local Hugging Face directory, describing a GGUF once if needed."""
     if name in BUILTIN_MODELS:
         builtin = BUILTIN_MODELS[name]
-        target = cache_root() / "models" / f"{name}-{builtin.version}"
+        target = (
+            cache_root() / "models" / f"{name}-{builtin.version}-gguf"
+        )  # (a table of the GGUF, no weights)
         return ModelSource(name, _convert_once(target, lambda: _fetch_builtin(builtin)))
     path = Path(name).expanduser()
     if path.is_dir():

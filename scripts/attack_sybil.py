@@ -165,12 +165,12 @@ class Flood:
 def monolithic_texts(model_path: Path, prompts: list[str], max_tokens: int) -> list[str]:
     """Each prompt's greedy chat reply by the monolithic transformers model (what every peer must give)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from inference import Tokenizer
+    from inference.whole_model import load_whole_model
 
     tok = Tokenizer(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    model = load_whole_model(model_path, torch.float32)
     texts = []
     with torch.inference_mode():
         for prompt in prompts:

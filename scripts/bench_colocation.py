@@ -28,10 +28,11 @@ WARMUP = 8
 
 def monolithic(path: str, tokens: int) -> float:
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from inference.whole_model import load_whole_model
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = load_whole_model(path, torch.float32)
     times = []
     with torch.inference_mode():
         out = model(torch.tensor([PROMPT]), use_cache=True)

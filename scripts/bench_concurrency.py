@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from inference import Tokenizer, resolve_model  # noqa: E402
+from inference.whole_model import load_whole_model  # noqa: E402
 from scripts.machine import cores, cpu_name  # noqa: E402
 from scripts.prefix_reuse import prefix_scenario  # noqa: E402
 from scripts.swarm_load import SPLIT, median, prompts_for, start_swarm, swarm_wave  # noqa: E402
@@ -159,10 +160,9 @@ def parse_args() -> tuple[argparse.Namespace, list[int]]:
 
 def load_monolithic(name: str, levels: list[int]) -> tuple:
     """The monolithic model, its source and tokenizer, the pad id and each level's batch."""
-    from transformers import AutoModelForCausalLM
 
     source = resolve_model(name)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
+    model = load_whole_model(source.path, torch.float32)
     tokenizer = Tokenizer(source.path)
     hf_tok = tokenizer._tok
     pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else min(tokenizer.eos_token_ids)

@@ -23,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from bench_swarm import monolithic_run as monolithic_ttft_and_decode  # noqa: E402
 
 from inference import Tokenizer, resolve_model  # noqa: E402
+from inference.whole_model import load_whole_model  # noqa: E402
 from scripts.machine import cpu_model  # noqa: E402
 from tests.peers.processes import Swarm  # noqa: E402
 
@@ -195,10 +196,9 @@ def report(args: argparse.Namespace, model_id: str, rows: list, paths: list) -> 
 
 def main() -> int:
     args = parse_args()
-    from transformers import AutoModelForCausalLM
 
     source = resolve_model(args.model)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
+    model = load_whole_model(source.path, torch.float32)
     tokenizer = Tokenizer(source.path)
     rows, paths = [], []
     for delay in [float(d) for d in args.delays.split(",")]:

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from inference import Tokenizer, resolve_model  # noqa: E402
+from inference.whole_model import load_whole_model  # noqa: E402
 from tests.peers.processes import Swarm  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -68,10 +69,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
 
-    from transformers import AutoModelForCausalLM
-
     source = resolve_model(args.model)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
+    model = load_whole_model(source.path, torch.float32)
     ids = Tokenizer(source.path).encode(PROMPT)
     swarm = Swarm(args.model, Path(tempfile.mkdtemp(prefix="bench-")), threads=None)  # as users run them
     try:

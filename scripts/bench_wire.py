@@ -42,11 +42,11 @@ def forced(model: str, modes: list[str], prompts: list[list[int]], tokens: int) 
     """Teacher-forced agreement of each mode with the lossless wire (see the module's doc):
     {mode: (runs that agree, mean |change of the top-2 gap|)}."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from inference.whole_model import load_whole_model
     from peers.transport.wire import decode_hidden, encode_hidden
 
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    lm = load_whole_model(model, torch.float32)
     state = {"mode": "lossless", "prompt": 0}
 
     def wire(tensor: torch.Tensor, start: int) -> torch.Tensor:

@@ -148,6 +148,12 @@ def _byte_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def monolithic(path: Path):
+    """transformers' whole model of `path` in float32: from_pretrained where the directory holds
+    safetensors files, else read through the checkpoint behind it (a GGUF read in place)."""
+    from inference.whole_model import load_whole_model
+
+    if not any(Path(path).glob("*.safetensors")):
+        return load_whole_model(Path(path), torch.float32, attn_implementation="sdpa")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     except ValueError:  # a family transformers runs only eagerly (GPT-OSS: attention sinks)
