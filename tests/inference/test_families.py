@@ -70,6 +70,9 @@ def test_a_family_that_cannot_be_served_exactly_is_refused_with_why(family_model
     config = AutoConfig.for_model("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     with pytest.raises(UnsupportedArchitectureError, match="dynamic"):
         get_family(config)
+    config = AutoConfig.for_model("deepseek_v3", quantization_config={"quant_method": "fp8"})
+    with pytest.raises(UnsupportedArchitectureError, match="quantized \\('fp8'\\)"):
+        get_family(config)
     with pytest.raises(UnsupportedArchitectureError, match="gemma3_text"):
         get_family(AutoConfig.for_model("gemma3"))
     with pytest.raises(UnsupportedArchitectureError, match="not supported; supported: .*qwen3_moe"):
