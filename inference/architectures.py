@@ -69,8 +69,12 @@ def _inexact(config: PretrainedConfig) -> str | None:
     """Why a config of a supported family turns on something a block does not reproduce."""
     quantized = getattr(config, "quantization_config", None)
     if quantized:
-        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else type(quantized).__name__
-        return f"its checkpoint is quantized ({method!r}); serve a bfloat16 conversion, or let --quant quantize"
+        method = (
+            quantized.get("quant_method", "?") if isinstance(quantized, dict) else type(quantized).__name__
+        )
+        return (
+            f"its checkpoint is quantized ({method!r}); serve a bfloat16 conversion, or let --quant quantize"
+        )
     if getattr(config, "use_bidirectional_attention", False):
         return "use_bidirectional_attention is set (its attention is not causal)"
     if getattr(config, "attn_logit_softcapping", None) is not None and config.model_type != "gemma3_text":
