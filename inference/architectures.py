@@ -98,6 +98,26 @@ def causal_lm_class(config: PretrainedConfig) -> type:
     return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
 
 
+def family_parts(config: PretrainedConfig, start: int, end: int) -> dict:
+    """The parts of the family's own model a block of layers [start, end) keeps, built on the meta
+    device (the embedding and norm are used by the first and last blocks only)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = causal_lm_class(config)(config)
+    base = getattr(model, model.base_model_prefix)
+    return {
+        "embed_tokens": base.embed_tokens,
+        "layers": list(base.layers[start:end]),
+        "norm": base.norm,
+        "rotary": base.rotary_emb,
+        "keep_fp32": (
+            tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ()),
+            tuple(getattr(model, "_keep_in_fp32_modules", None) or ()),
+        ),
+    }
+
+
 def layer_type(config: PretrainedConfig, layer: int) -> str:
     """A layer's attention type ("full_attention" or "sliding_attention")."""
     layer_types = getattr(config, "layer_types", None)

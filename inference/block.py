@@ -13,7 +13,7 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from .architectures import causal_lm_class, get_family, layer_type, sliding_window
+from .architectures import family_parts, get_family, layer_type, sliding_window
 from .batch import ATTENTION, BatchCache, Segment, Step
 from .cuda_graphs import DecodeGraphs, GraphSettings, graph_problem
 from .errors import InferenceError, LayerRangeError, ModelNotFoundError
@@ -106,7 +106,7 @@ class Block(nn.Module):
         super().__init__()
         self.family = get_family(config)
         self.config, self.span = config, span
-        parts = _family_parts(config, span)
+        parts = family_parts(config, span.start, span.end)
         if span.is_first:
             self.embed_tokens = parts["embed_tokens"]  # the family's own (Gemma 3 scales it)
         self.layers = nn.ModuleList(parts["layers"])
@@ -115,6 +115,7 @@ class Block(nn.Module):
             with init_empty_weights():  # its own tensor; tied to the embedding below where one is held
                 self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = parts["rotary"]  # a few buffers, computed here, not loaded
+        self.keep_fp32 = parts["keep_fp32"]  # (always, in float16) name parts held in float32
         self.windows = [sliding_window(config, i) for i in range(span.start, span.end)]
         self.layer_types = [layer_type(config, i) for i in range(span.start, span.end)]
         self.latent = frozenset(  # layers caching a compressed latent (multi-head latent attention)
@@ -168,10 +169,20 @@ class Block(nn.Module):
         cap = getattr(self.config, "final_logit_softcapping", None) if self.family.final_softcap else None
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
+    def dtype_of(self, name: str) -> torch.dtype:
+        """What a tensor is held in: the block's dtype, but float32 for what the family keeps in
+        float32 (routers' weights and correction biases; in float16, GPT-OSS's norms),
+        as transformers loads them."""
+        keep = list(self.keep_fp32[0]) + (list(self.keep_fp32[1]) if self._dtype == torch.float16 else [])
+        if any(f".{pattern}." in f".{name}." for pattern in keep):
+            return torch.float32
+        return self._dtype
+
     def checkpoint_names(self, checkpoint: Checkpoint) -> dict[str, str]:
-        """Block parameter name -> checkpoint tensor name, for this block's share only."""
+        """Block tensor name -> checkpoint tensor name, for this block's share only: parameters
+        and persistent buffers (DeepSeek-V3's and GLM-4.5's routers keep a correction bias so)."""
         names = {}
-        for name, _ in self.named_parameters():
+        for name in self.state_dict(keep_vars=True):
             if name.startswith("layers."):
                 _, local, rest = name.split(".", 2)
                 names[name] = f"model.layers.{self.span.start + int(local)}.{rest}"
@@ -197,7 +208,9 @@ class Block(nn.Module):
             reads = {name: locate(names[name], checkpoint) for name in part_names}
             tensors = checkpoint.read(sorted({source for read in reads.values() for source in read.names}))
             state = {
-                name: read.combine([tensors[n] for n in read.names]).to(device=device, dtype=dtype)
+                name: read.combine([tensors[n] for n in read.names]).to(
+                    device=device, dtype=self.dtype_of(name)
+                )
                 for name, read in reads.items()
             }
             if quant != "none":  # what stays float leaves the file's memory map, which then closes
@@ -217,7 +230,10 @@ class Block(nn.Module):
         quantize_block(self, quant)  # the lm_head and the embedding; the layers are done
         if quant != "none":
             release_freed_memory()
-        self.rotary.to(device)
+        for module in self.modules():  # buffers computed at build time (rotary, embedding scale)
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer.device != device:
+                    setattr(module, name, buffer.to(device))
         missing = [n for n, p in self.named_parameters() if p.is_meta]
         assert not missing, f"parameters left unloaded: {missing}"
 
@@ -388,19 +404,6 @@ class Block(nn.Module):
         logits = self.logits(torch.cat([p.reshape(-1, p.shape[-1]) for p in picked]))
         chunks = logits.split([b * t for b, t in shapes])
         return [chunk.view(b, t, -1) for chunk, (b, t) in zip(chunks, shapes, strict=True)]  # [B, T', V]
-
-
-def _family_parts(config: PretrainedConfig, span: Span) -> dict:
-    """The parts of the family's own model a block of `span` keeps, built on the meta device."""
-    with init_empty_weights():
-        model = causal_lm_class(config)(config)
-    base = getattr(model, model.base_model_prefix)
-    return {
-        "embed_tokens": base.embed_tokens,
-        "layers": list(base.layers[span.start : span.end]),
-        "norm": base.norm,
-        "rotary": base.rotary_emb,
-    }
 
 
 def load_block(

@@ -105,7 +105,10 @@ class GgufCheckpoint:
         try:
             size = self.gguf.stat().st_size
         except OSError as e:
-            raise WeightFileError(f"the GGUF file {self.gguf} that {path} reads from is gone: {e}") from e
+            raise WeightFileError(
+                f"the GGUF file {self.gguf} that {path} reads from is gone ({e}); remove {path} to describe "
+                "the model again"
+            ) from e
         if size != table["gguf_bytes"]:
             raise WeightFileError(
                 f"{self.gguf} changed since {path} described it ({size} bytes, was {table['gguf_bytes']}); "

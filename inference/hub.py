@@ -134,18 +134,23 @@ def _download(repo: str, file: str, revision: str | None, error: type = ModelNot
             f"{file} of {where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and it cannot be "
             "downloaded (HF_HUB_OFFLINE is set or the Hub is unreachable)"
         ) from None
-    except OSError as e:  # huggingface_hub's HTTP errors (no such repo, file, revision) are OSErrors
+    except (OSError, ValueError) as e:  # HTTP errors (no such repo, file, revision); names it refuses
         raise error(f"cannot download {file} of {where}: {type(e).__name__}: {e}") from e
 
 
 def _download_optional(repo: str, file: str, revision: str) -> Path | None:
     """The file, or None where the repo has none (or, offline, the cache has none)."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
         return Path(hf_hub_download(repo, file, revision=revision))
+    except LocalEntryNotFoundError:  # (a subclass of the next: "not cached, cannot ask", not "none")
+        raise ModelNotFoundError(
+            f"{file} of {repo} is not in the Hugging Face cache and cannot be downloaded "
+            "(HF_HUB_OFFLINE is set or the Hub is unreachable)"
+        ) from None
     except EntryNotFoundError:
         return None
-    except OSError as e:  # the Hub answered with an error other than "no such file"
+    except (OSError, ValueError) as e:  # the Hub answered with an error other than "no such file"
         raise ModelNotFoundError(f"cannot download {file} of {repo}: {type(e).__name__}: {e}") from e

@@ -60,10 +60,13 @@ def resolve_model(name: str) -> ModelSource:
     """Turn a model name into a local Hugging Face directory, describing a GGUF once if needed."""
     if name in BUILTIN_MODELS:
         builtin = BUILTIN_MODELS[name]
-        target = (
-            cache_root() / "models" / f"{name}-{builtin.version}-gguf"
-        )  # (a table of the GGUF, no weights)
-        return ModelSource(name, _convert_once(target, lambda: _fetch_builtin(builtin)))
+        target = cache_root() / "models" / f"{name}-{builtin.version}-gguf"  # (a table of the GGUF)
+        described = _convert_once(target, lambda: _fetch_builtin(builtin))
+        if not Path(json.loads((described / "layerswarm.json").read_text()).get("gguf", "")).is_file():
+            # the file it described is gone (its package reinstalled elsewhere): describe it again
+            shutil.rmtree(described, ignore_errors=True)
+            described = _convert_once(target, lambda: _fetch_builtin(builtin))
+        return ModelSource(name, described)
     path = Path(name).expanduser()
     if path.is_dir():
         _check_hf_dir(path)
@@ -146,7 +149,12 @@ def _describe_gguf(gguf: Path, out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as e:
         raise WeightFileError(f"cannot read GGUF file {gguf}: {e}") from e
-    table = describe_gguf(gguf, config)  # refuses an unsupported architecture, naming it
+    try:
+        table = describe_gguf(gguf, config)  # refuses an unsupported architecture, naming it
+    except (ValueError, KeyError, IndexError) as e:  # a header gguf's reader cannot parse
+        raise WeightFileError(
+            f"cannot read the tensor table of GGUF file {gguf}: {type(e).__name__}: {e}"
+        ) from e
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.save_pretrained(out)

@@ -186,7 +186,9 @@ class QuantizedExperts(nn.Module):
         experts, rows, cols = weight.shape
         self.shape, self.dtype = weight.shape, weight.dtype
         if bits == 4 and cols % 2:
-            raise ValueError(f"int4 packs two weights a byte: experts of {tuple(weight.shape)} have odd rows")
+            raise ValueError(
+                f"int4 packs two weights a byte: experts of {tuple(weight.shape)} have rows of an odd length"
+            )
         self.weight = GroupQuantized(weight.detach().reshape(experts * rows, cols), bits)
 
     def __getitem__(self, idx) -> torch.Tensor:

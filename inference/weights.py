@@ -5,7 +5,7 @@
 import json
 import math
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import safe_open
@@ -37,6 +37,10 @@ class Checkpoint:
             raise WeightFileError(f"cannot read the weight index of {path}: {e}") from e
         if not self.files:
             raise WeightFileError(f"{path} has no safetensors weights")
+        for file in set(self.files.values()):  # an index names shards beside it, nothing else
+            shard = PurePosixPath(file) if isinstance(file, str) else None
+            if shard is None or shard.is_absolute() or ".." in shard.parts or not shard.parts:
+                raise WeightFileError(f"the weight index of {path} names an unsafe shard path {file!r}")
 
     def __contains__(self, name: str) -> bool:
         return name in self.files

@@ -124,6 +124,9 @@ def save_tiny_model(kind: str, path: Path, seed: int = 0, **overrides) -> Path:
         for p in model.parameters():
             if p.dim() >= 2:  # (mixtures of experts hold theirs as [experts, out, in])
                 p.normal_(0, 0.2)
+        for name, buffer in model.named_buffers():  # e.g. a router's correction bias (zeros at init)
+            if name in model.state_dict() and buffer.is_floating_point():
+                buffer.normal_(0, 1.0)
     model.save_pretrained(path)
     _byte_tokenizer(config.vocab_size).save_pretrained(path)
     return path

@@ -18,7 +18,7 @@ from inference.grammar import GrammarError
 from peers.api.asks import Ask, admit, chat_grammar, grammar_param, max_tokens_for, run_specs
 from peers.api.door import ApiPeer
 from peers.api.events import Event
-from peers.api.prompts import check_prompt_size, completion_prompts, template_kwargs, text_of
+from peers.api.prompts import check_prompt_size, completion_prompts, prompt_chars, template_kwargs, text_of
 from peers.api.reasoning import reasoning_of
 from peers.api.runs import Run, Usage, best, collect, first_events, merged, usage
 from peers.api.schema import ChatRequest, CompletionRequest, GenerationRequest
@@ -90,10 +90,10 @@ class OpenAIDoor:
             raise InvalidRequest(str(e), param="messages") from None
         if generic:
             messages = with_tool_prompt(messages, tools, req.tool_choice)
-        check_prompt_size(node, sum(len(m["content"]) for m in messages), "messages")
         variables = template_kwargs(
             req.chat_template_kwargs, req.reasoning_effort, node.tokenizer.template_variables
         )
+        check_prompt_size(node, prompt_chars(messages, variables), "messages")
         ask = Ask(
             chat=True,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,

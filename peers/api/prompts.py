@@ -2,6 +2,8 @@
 a size that could fit the context, the chat template's own variables, completions' prompt forms
 and fill-in-the-middle."""
 
+import json
+
 from peers.api.door import ApiPeer
 from peers.api.schema import MAX_PROMPTS, CompletionRequest
 from peers.transport.errors import InvalidRequest
@@ -51,6 +53,12 @@ def template_kwargs(
             )
         given["reasoning_effort"] = reasoning_effort
     return given
+
+
+def prompt_chars(messages: list[dict], variables: dict | None) -> int:
+    """The characters a chat prompt renders from: its messages' contents and the chat template's
+    variables (chat_template_kwargs are rendered into the prompt too)."""
+    return sum(len(m["content"]) for m in messages) + (len(json.dumps(variables)) if variables else 0)
 
 
 def check_prompt_size(node: ApiPeer, chars: int, param: str) -> None:

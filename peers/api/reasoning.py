@@ -37,7 +37,8 @@ class Reasoning:
         """Where the output of a prompt ending in `prompt_tail` (decoded keeping the markers)
         starts."""
         if self.format == "think":
-            return ReasoningStart(self.format, prompt_tail.rfind(THINK_OPEN) > prompt_tail.rfind(THINK_CLOSE))
+            # only a generation prompt that ends by opening the thought (a user may write "<think>")
+            return ReasoningStart(self.format, prompt_tail.rstrip().endswith(THINK_OPEN))
         last_start = prompt_tail.rfind(START)
         last_message = prompt_tail.rfind(MESSAGE)
         last_end = max(prompt_tail.rfind(m) for m in (END, RETURN, CALL))

@@ -12,7 +12,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from peers.api.door import ApiPeer
-from peers.api.prompts import check_prompt_size, template_kwargs, text_of
+from peers.api.prompts import check_prompt_size, prompt_chars, template_kwargs, text_of
 from peers.api.schema import ChatMessage, TemplateKwargs
 from peers.api.tools import chat_messages
 from peers.transport.errors import InvalidRequest, ModelNotServed
@@ -99,8 +99,8 @@ class ServiceDoor:
                 messages = chat_messages(req.messages, text_of, generic_tools=False)
             except ValueError as e:
                 raise InvalidRequest(str(e), param="messages") from None
-            check_prompt_size(node, sum(len(m["content"]) for m in messages), "messages")
             variables = template_kwargs(req.chat_template_kwargs, None, node.tokenizer.template_variables)
+            check_prompt_size(node, prompt_chars(messages, variables), "messages")
             encode = partial(
                 node.tokenizer.encode_chat, messages, req.add_generation_prompt, template_kwargs=variables
             )

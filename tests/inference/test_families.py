@@ -104,3 +104,16 @@ def test_static_decode_steps_match_or_the_family_is_left_eager_with_why(family_m
     assert all(block.graphs.steps > 0 for block in blocks)  # the decode steps went the static way
     for g, e in zip(got, expected, strict=True):
         assert torch.allclose(g, e, atol=1e-4, rtol=0), (kind, (g - e).abs().max())
+
+
+def test_what_the_family_keeps_in_float32_stays_float32_in_bfloat16(family_model):
+    """DeepSeek-V3's router weights and correction bias (a buffer, loaded like a parameter) are
+    held in float32 in a bfloat16 block, as transformers holds them; the rest is bfloat16."""
+    path = family_model("deepseek_v3")
+    block = load_block(path, "2:4", dtype="bfloat16")
+    model = monolithic(path)
+    gate, reference = block.layers[0].mlp.gate, model.model.layers[2].mlp.gate
+    assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(gate.e_score_correction_bias, reference.e_score_correction_bias)
+    assert gate.e_score_correction_bias.abs().sum() > 0
+    assert block.layers[0].self_attn.o_proj.weight.dtype == torch.bfloat16

@@ -204,3 +204,29 @@ def test_load_whole_model_equals_from_pretrained(tiny_models, kind):
     tokens = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.equal(whole(tokens).logits, reference.eval()(tokens).logits)
+
+
+@pytest.mark.parametrize(
+    "shard", ["/etc/secret.safetensors", "../other/model.safetensors", "a/../../b.safetensors"]
+)
+def test_an_index_naming_a_shard_outside_its_directory_is_refused(tmp_path, shard):
+    """A hostile index (a Hub repo's, say) cannot make a peer read weights from elsewhere."""
+    import json
+
+    from inference.errors import WeightFileError
+    from inference.weights import Checkpoint
+
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": shard}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(WeightFileError, match="unsafe shard path"):
+        Checkpoint(tmp_path)
+
+
+def test_a_hub_file_that_is_neither_cached_nor_reachable_is_an_error_not_absent():
+    """Offline, a tokenizer file missing from the cache is not taken for one the repo lacks (a
+    model directory without its tokenizer would be kept for good)."""
+    from inference.errors import ModelNotFoundError
+    from inference.hub import _download_optional
+
+    with pytest.raises(ModelNotFoundError, match="not in the Hugging Face cache"):
+        _download_optional("nobody-here/no-such-model", "tokenizer.json", "main")

@@ -113,3 +113,21 @@ def test_the_default_gguf_read_in_place_equals_transformers_loading(tmp_path, mo
     tokens = torch.tensor([[1, 504, 3458, 282, 4469, 314]])
     with torch.no_grad():
         assert torch.equal(whole(tokens).logits, reference.eval()(tokens).logits)
+
+
+def test_a_builtin_whose_gguf_moved_is_described_again(tmp_path, monkeypatch):
+    """The built-in's table names the GGUF file it read; when that file is gone (its package
+    reinstalled elsewhere, a cache shared across machines), the next resolve describes it again."""
+    from inference import resolve_model
+    from inference.models import builtin_gguf
+
+    gguf = builtin_gguf("smollm2-135m")
+    monkeypatch.setenv("LAYERSWARM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "downloads").mkdir(parents=True)  # (a link this cache finds, not a download)
+    (tmp_path / "cache" / "downloads" / gguf.name).symlink_to(gguf)
+    first = resolve_model("smollm2-135m").path
+    table = json.loads((first / "layerswarm.json").read_text())
+    table["gguf"] = str(tmp_path / "gone.gguf")
+    (first / "layerswarm.json").write_text(json.dumps(table))
+    again = resolve_model("smollm2-135m").path
+    assert Path(json.loads((again / "layerswarm.json").read_text())["gguf"]).is_file()

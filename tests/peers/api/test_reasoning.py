@@ -103,6 +103,10 @@ def test_where_the_prompt_leaves_the_output():
     assert think.start("<|im_start|>assistant\n<think>\n") == ReasoningStart("think", True)
     assert not think.start("assistant\n<think>\n\n</think>\n\n").inside
     assert not think.start("<|im_start|>assistant\n").inside
+    # a user who writes "<think>" opens nothing: only a generation prompt ending in it does
+    assert not think.start(
+        "<|im_start|>user\nWhy print <think> first?<|im_end|>\n<|im_start|>assistant\n"
+    ).inside
     harmony = Reasoning("harmony", frozenset())
     assert harmony.start("<|end|><|start|>assistant") == ReasoningStart("harmony", False)
     opened = harmony.start("<|start|>assistant<|channel|>analysis<|message|>")

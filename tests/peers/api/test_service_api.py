@@ -287,10 +287,13 @@ def test_tokenize_takes_chat_template_kwargs(tiny_llama):
         prompt = await http.post(
             "/tokenize", json={"prompt": "hi", "chat_template_kwargs": {"enable_thinking": False}}
         )
+        huge = {"enable_thinking": "x" * (node.context_length * 64)}  # rendered into the prompt too
+        too_long = await http.post("/tokenize", json={"messages": HI, "chat_template_kwargs": huge})
         encode = node.tokenizer.hf.encode
-        return on.json()["tokens"], off.json()["tokens"], unread, prompt, encode
+        return on.json()["tokens"], off.json()["tokens"], unread, prompt, encode, too_long
 
-    on, off, unread, prompt, encode = ask(tiny_llama, calls, chat_template=template)
+    on, off, unread, prompt, encode, too_long = ask(tiny_llama, calls, chat_template=template)
+    assert error_of(too_long, 400)["code"] == "context_length_exceeded"
     assert on == encode("hi<think>", add_special_tokens=False)
     assert off == encode("hi<think></think>", add_special_tokens=False)
     assert "does not read thinking" in error_of(unread, 400)["message"]
