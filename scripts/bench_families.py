@@ -7,14 +7,16 @@ of `--runs` each:
   then decode `--tokens` steps, every session's step in one batched forward (as a peer's
   scheduler runs them);
 - transformers: the family's ...ForCausalLM with its own cache, the same sessions as one batch
-  (same-length prompts: no padding), the same prefill and decode steps.
+  (prompts of one length by default: no padding; with `--mixed`, lengths from a quarter to 1.75x
+  `--prompt`, left-padded with their attention mask and positions), the same prefill and decode
+  steps.
 
 Reported: decode tokens per second of each (streams x tokens over the decode time) and the ratio
 (block / transformers; >= 1 means the block is not slower). Both produce float32 logits of every
 sequence at every step; the first steps' logits are compared (max difference).
 
     python scripts/bench_families.py [--families qwen3 mixtral ...] [--streams 8] [--tokens 32]
-                                     [--prompt 64] [--runs 3] [--threads 1]
+                                     [--prompt 64] [--runs 3] [--threads 1] [--mixed]
 """
 
 import argparse
@@ -63,7 +65,8 @@ def shape_of(kind: str) -> dict:
     return shape
 
 
-def block_run(block, prompts: torch.Tensor, tokens: int) -> tuple[float, torch.Tensor]:
+def block_run(block, prompts: list[torch.Tensor], tokens: int) -> tuple[float, torch.Tensor]:
+    """The sessions as a peer's scheduler batches them: each prompt's own length, no padding."""
     ids = [f"s{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
     outs = block.forward_batch([Step(sid, p[None], 0) for sid, p in zip(ids, prompts, strict=True)])
     errors = [o for o in outs if isinstance(o, Exception)]
@@ -71,10 +74,9 @@ def block_run(block, prompts: torch.Tensor, tokens: int) -> tuple[float, torch.T
         raise errors[0]
     first = torch.cat(outs)[:, -1]
     nxt = first.argmax(-1)
-    length = prompts.shape[1]
     started = time.perf_counter()
     for t in range(tokens):
-        steps = [Step(sid, nxt[i].view(1, 1), length + t) for i, sid in enumerate(ids)]
+        steps = [Step(sid, nxt[i].view(1, 1), len(prompts[i]) + t) for i, sid in enumerate(ids)]
         nxt = torch.cat(block.forward_batch(steps))[:, -1].argmax(-1)
     elapsed = time.perf_counter() - started
     for sid in ids:
@@ -83,13 +85,25 @@ def block_run(block, prompts: torch.Tensor, tokens: int) -> tuple[float, torch.T
 
 
 @torch.inference_mode()
-def reference_run(model, prompts: torch.Tensor, tokens: int) -> tuple[float, torch.Tensor]:
+def reference_run(model, prompts: list[torch.Tensor], tokens: int) -> tuple[float, torch.Tensor]:
+    """One batch: prompts of different lengths left-padded, with their mask and positions."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p) :], mask[i, longest - len(p) :] = p, 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    first = model(prompts, past_key_values=cache, use_cache=True).logits[:, -1].float()
-    nxt = first.argmax(-1)
+    out = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    first = out.logits[:, -1].float()
+    nxt, position = first.argmax(-1), positions[:, -1:]
     started = time.perf_counter()
     for _ in range(tokens):
-        nxt = model(nxt[:, None], past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
+        mask, position = torch.cat([mask, mask.new_ones(len(prompts), 1)], 1), position + 1
+        out = model(
+            nxt[:, None], attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
+        )
+        nxt = out.logits[:, -1].argmax(-1)
     return time.perf_counter() - started, first
 
 
@@ -107,7 +121,13 @@ def bench(kind: str, args) -> dict:
             )
         model.eval()
     torch.manual_seed(1)
-    prompts = torch.randint(3, 4000, (args.streams, args.prompt))
+    if args.mixed:  # lengths spread from a quarter of --prompt to 1.75 of it, as real traffic
+        lengths = [
+            max(1, args.prompt * (1 + 6 * i // max(1, args.streams - 1)) // 4) for i in range(args.streams)
+        ]
+    else:
+        lengths = [args.prompt] * args.streams
+    prompts = [torch.randint(3, 4000, (n,)) for n in lengths]
     ours, theirs, diff = [], [], 0.0
     for _ in range(args.runs):
         t_block, first_block = block_run(block, prompts, args.tokens)
@@ -136,10 +156,14 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--mixed", action="store_true", help="prompts of different lengths (padded by transformers)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
-        f"{args.streams} streams, {args.prompt}-token prompts, {args.tokens} decode steps, {args.threads} thread(s)"
+        f"{args.streams} streams, {'mixed lengths around ' if args.mixed else ''}{args.prompt}-token prompts, "
+        f"{args.tokens} decode steps, {args.threads} thread(s)"
     )
     print("| family | block tok/s | transformers tok/s | ratio | max logit diff |")
     print("| --- | --- | --- | --- | --- |")
