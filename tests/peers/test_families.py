@@ -1,7 +1,8 @@
 """Every family a block hosts, served by a swarm of three peers (in one process, over httpx's
 in-memory transport): greedy text through the OpenAI API equal to transformers' monolithic model,
-8 concurrent sessions batched, prompt prefixes reused, drafted tokens checked (speculation), and a
-replica that drops out mid-generation failed over exactly."""
+8 concurrent sessions batched, prompt prefixes reused, drafted tokens checked (speculation), a
+replica that drops out mid-generation failed over exactly, and checked requests whose replicas'
+commitments agree."""
 
 import asyncio
 
@@ -9,6 +10,7 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
+from peers.entry.consensus import verified_generate
 from peers.entry.generation import generate
 from peers.transport.frames import Sampling
 from tests.helpers import FAMILIES, greedy_reference, monolithic
@@ -111,3 +113,31 @@ def test_drafted_and_failed_over_generations_of_each_family_stay_exact(family_mo
     assert got == expected
     assert drafted > 0
     assert dropped and failovers >= 1
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_checked_requests_of_each_family_agree_across_replicas(family_model, kind):
+    """Spans 0:1, 1:2 twice, 2:4 twice and an entry at --verify-rate 1: every step of every hop
+    is recomputed by the other replica and the commitments agree (nobody convicted), the text
+    the monolithic model's."""
+    path = family_model(kind)
+    model = monolithic(path)
+    expected = [greedy_reference(model, p, 8) for p in PROMPTS[:2]]
+
+    async def main():
+        settings = {0: {"verify_rate": 1.0}}
+        net, nodes = await start_swarm(path, ["0:1", "1:2", "1:2", "2:4", "2:4"], settings=settings)
+        entry = nodes[0]
+        try:
+            got = []
+            for prompt in PROMPTS[:2]:
+                gen = verified_generate(entry, prompt, 8, Sampling(temperature=0), frozenset())
+                got.append([step[0].token async for step in gen])
+            return got, entry.verification
+        finally:
+            await stop_swarm(nodes)
+
+    got, stats = asyncio.run(main())
+    assert got == expected
+    assert stats.steps > 0 and stats.unchecked_steps == 0, stats
+    assert stats.disagreements == 0 and not stats.convicted, stats
