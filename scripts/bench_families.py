@@ -52,17 +52,31 @@ LATENT = dict(
 )
 
 
-def shape_of(kind: str) -> dict:
+def shape_of(kind: str, hidden: int = 512) -> dict:
+    """The family's bench shape; `hidden` scales widths and heads (64 dims a head) from 512."""
     shape = dict(SHAPE)
+    if hidden != 512:
+        shape.update(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_attention_heads=hidden // 64)
+        shape["num_key_value_heads"] = hidden // 128
     if kind in ("qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "glm4_moe"):
         shape.update(MOE_SHAPE)
     if kind == "gpt_oss":
         shape["intermediate_size"] = 352  # (its experts' width)
     if kind == "deepseek_v3":
         shape.update(LATENT, v_head_dim=64, head_dim=32)  # (its head_dim is the rotary part of a head)
+        shape["num_key_value_heads"] = shape["num_attention_heads"]  # (latent attention: one KV per head)
     if kind == "gemma3_text":
         shape["query_pre_attn_scalar"] = 64
     return shape
+
+
+def per_layer(kind: str, layers: int) -> dict:
+    """The families' per-layer lists, as long as the layers asked for."""
+    if kind in ("gemma3_text", "gpt_oss"):
+        return {"layer_types": (["sliding_attention", "full_attention"] * layers)[:layers]}
+    if kind == "smollm3":
+        return {"no_rope_layers": [1] * (layers - 1) + [0]}
+    return {}
 
 
 def block_run(block, prompts: list[torch.Tensor], tokens: int) -> tuple[float, torch.Tensor]:
@@ -109,7 +123,12 @@ def reference_run(model, prompts: list[torch.Tensor], tokens: int) -> tuple[floa
 
 def bench(kind: str, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_tiny_model(kind, Path(tmp) / kind, **shape_of(kind))
+        shape = {
+            **shape_of(kind, args.hidden),
+            **per_layer(kind, args.layers),
+            "num_hidden_layers": args.layers,
+        }
+        path = save_tiny_model(kind, Path(tmp) / kind, **shape)
         block = load_block(path, prefix_cache_tokens=0)
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -156,6 +175,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--hidden", type=int, default=512, help="hidden size (a multiple of 128)")
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument(
         "--mixed", action="store_true", help="prompts of different lengths (padded by transformers)"
     )
