@@ -15,28 +15,25 @@ from .errors import UnsupportedArchitectureError
 @dataclass(frozen=True)
 class Family:
     model_type: str
-    label: str  # for people: the README table, errors
-    moe: bool = False
-    rotary_per_layer_type: bool = False  # the rotary embedding takes each layer's type (Gemma 3)
-    final_softcap: bool = False  # logits = cap * tanh(logits / cap) (config.final_logit_softcapping)
+    moe: bool = False  # its layers route tokens to experts (README "Models": the table)
 
 
 FAMILIES = {
     f.model_type: f
     for f in (
-        Family("llama", "Llama"),
-        Family("mistral", "Mistral"),
-        Family("qwen2", "Qwen2"),
-        Family("qwen3", "Qwen3"),
-        Family("qwen3_moe", "Qwen3-MoE", moe=True),
-        Family("gemma3_text", "Gemma 3 (text)", rotary_per_layer_type=True, final_softcap=True),
-        Family("phi3", "Phi-3 / Phi-4"),
-        Family("mixtral", "Mixtral", moe=True),
-        Family("deepseek_v3", "DeepSeek-V3 / Kimi K2", moe=True),
-        Family("gpt_oss", "GPT-OSS", moe=True),
-        Family("glm4_moe", "GLM-4.5 (glm4_moe)", moe=True),
-        Family("olmo2", "OLMo 2"),
-        Family("smollm3", "SmolLM3"),
+        Family("llama"),
+        Family("mistral"),
+        Family("qwen2"),
+        Family("qwen3"),
+        Family("qwen3_moe", moe=True),
+        Family("gemma3_text"),
+        Family("phi3"),
+        Family("mixtral", moe=True),
+        Family("deepseek_v3", moe=True),  # (Kimi K2's architecture)
+        Family("gpt_oss", moe=True),
+        Family("glm4_moe", moe=True),
+        Family("olmo2"),
+        Family("smollm3"),
     )
 }
 SUPPORTED = tuple(sorted(FAMILIES))
@@ -91,10 +88,10 @@ def _nested(rope: dict) -> bool:
 
 
 def causal_lm_class(config: PretrainedConfig) -> type:
-    """The family's ...ForCausalLM class (a block builds one on the meta device and keeps its parts)."""
+    """The family's ...ForCausalLM class (a block builds one on the meta device and keeps its parts);
+    `config` is one get_family accepted."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    get_family(config)
     return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
 
 

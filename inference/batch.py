@@ -87,6 +87,8 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         raise RuntimeError(f"layer {layer} ran attention without this step's KV cache")
     window = batch.windows.get(layer)
     sinks, softcap = kwargs.get("s_aux"), kwargs.get("softcap")
+    # the fused kernel, unless the layer needs what it lacks (_explicit_attention)
+    fused = sinks is None and softcap is None and value.shape[-1] == query.shape[-1]
     outs = []
     for i, s in enumerate(batch.segments):
         end = s.past + s.steps
@@ -100,17 +102,11 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         if s.steps == 1:
             if window is not None and end > window:
                 k, v = k[:, :, end - window :], v[:, :, end - window :]
-        elif (
-            window is None
-            and s.past == 0
-            and sinks is None
-            and softcap is None
-            and v.shape[-1] == q.shape[-1]
-        ):
+        elif window is None and s.past == 0 and fused:
             causal = True
         else:
             mask = _mask(s.past, s.steps, window, q.device)
-        if sinks is None and softcap is None and v.shape[-1] == q.shape[-1]:
+        if fused:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=True
             )

@@ -115,9 +115,15 @@ class Block(nn.Module):
             with init_empty_weights():  # its own tensor; tied to the embedding below where one is held
                 self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = parts["rotary"]  # a few buffers, computed here, not loaded
+        rope = getattr(self.rotary, "rope_type", "default")
+        self.rope_by_type = isinstance(rope, dict)  # one rotary embedding per layer type (Gemma 3)
+        # a rotary embedding that depends on the sequence's length, computed per sequence (longrope)
+        self.rope_per_sequence = "longrope" in (rope.values() if self.rope_by_type else [rope])
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 3
         self.keep_fp32 = parts["keep_fp32"]  # (always, in float16) name parts held in float32
         self.windows = [sliding_window(config, i) for i in range(span.start, span.end)]
         self.layer_types = [layer_type(config, i) for i in range(span.start, span.end)]
+        self.rope_kinds = sorted(set(self.layer_types))
         self.latent = frozenset(  # layers caching a compressed latent (multi-head latent attention)
             layer.self_attn.layer_idx
             for layer in self.layers
@@ -146,13 +152,10 @@ class Block(nn.Module):
     def position_embeddings(self, hidden: torch.Tensor, pos: torch.Tensor, lengths: list[int]) -> dict:
         """cos and sin for the flat batch's positions, per layer type. A rotary embedding that
         depends on the sequence's length (longrope) is computed per sequence, as alone."""
-        kinds = set(self.layer_types)
-        rope = getattr(self.rotary, "rope_type", "default")
-        per_sequence = "longrope" in (rope.values() if isinstance(rope, dict) else [rope])
 
         def embed(kind: str):
-            args = (kind,) if self.family.rotary_per_layer_type else ()
-            if not per_sequence or len(lengths) == 1:
+            args = (kind,) if self.rope_by_type else ()
+            if not self.rope_per_sequence or len(lengths) == 1:
                 return self.rotary(hidden, pos, *args)
             parts = [
                 self.rotary(h, p, *args)
@@ -160,13 +163,13 @@ class Block(nn.Module):
             ]
             return tuple(torch.cat(t, dim=1) for t in zip(*parts, strict=True))
 
-        return {kind: embed(kind) for kind in kinds}
+        return {kind: embed(kind) for kind in self.rope_kinds}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits of the last layer's hidden states: the final norm, lm_head and, where the
         family has it, final soft-capping."""
         logits = self.lm_head(self.norm(hidden)).float()
-        cap = getattr(self.config, "final_logit_softcapping", None) if self.family.final_softcap else None
+        cap = self.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def dtype_of(self, name: str) -> torch.dtype:

@@ -115,18 +115,14 @@ class StaticDecode:
 
 def graph_problem(block) -> str | None:
     """Why this block's decode step cannot be captured, or None."""
-    rope = getattr(block.rotary, "rope_type", "default")
-    if "dynamic" in str(rope) or "longrope" in str(rope):
-        return f"its rotary embedding ({rope!r}) changes with the sequence length"
+    if block.rope_per_sequence:  # ("dynamic" rotary embeddings are refused at load: get_family)
+        return f"its rotary embedding ({block.rotary.rope_type!r}) changes with the sequence length"
     if block.family.moe:
         return "its mixture of experts picks experts per token (a shape a graph cannot fix)"
-    features = [
-        ("attention sinks", lambda layer: getattr(layer.self_attn, "sinks", None) is not None),
-        ("multi-head latent attention", lambda layer: hasattr(layer.self_attn, "kv_a_proj_with_mqa")),
-    ]
-    for name, has in features:
-        if any(has(layer) for layer in block.layers):
-            return f"the static decode step has no {name}"
+    if any(getattr(layer.self_attn, "sinks", None) is not None for layer in block.layers):
+        return "the static decode step has no attention sinks"
+    if block.latent:
+        return "the static decode step has no multi-head latent attention"
     return None
 
 
