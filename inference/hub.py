@@ -4,6 +4,7 @@ tensor in it is first read, so a peer fetches only the shards that hold its laye
 through huggingface_hub's cache (HF_HUB_CACHE, HF_ENDPOINT, HF_HUB_OFFLINE apply)."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -47,7 +48,7 @@ def hub_model_dir(repo: str, models_dir: Path) -> Path:
     try:
         shutil.copyfile(config, tmp / "config.json")
         for name in OPTIONAL_FILES:
-            found = _download_optional(repo, name, revision)
+            found = _download(repo, name, revision, optional=True)
             if found is not None:
                 shutil.copyfile(found, tmp / name)
         weights = _write_index(repo, revision, tmp)
@@ -76,7 +77,7 @@ def shard_fetcher(repo: str, revision: str) -> Callable[[str], Path]:
 def _write_index(repo: str, revision: str, out: Path) -> int:
     """Copy (or, for a single-file repo, write from the file's header) the safetensors index;
     returns how many weights the model has, without downloading any shard."""
-    index = _download_optional(repo, INDEX, revision)
+    index = _download(repo, INDEX, revision, optional=True)
     if index is not None:
         shutil.copyfile(index, out / INDEX)
         metadata = json.loads(index.read_text()).get("metadata") or {}
@@ -89,7 +90,7 @@ def _write_index(repo: str, revision: str, out: Path) -> int:
         return int(metadata["total_size"]) // _ITEM_BYTES.get(dtype, 4)
     shapes = _single_file_shapes(repo, revision)
     weight_map = dict.fromkeys(shapes, SINGLE)
-    total = sum(_product(shape) for shape in shapes.values())
+    total = sum(math.prod(shape) for shape in shapes.values())
     (out / INDEX).write_text(json.dumps({"metadata": {"total_parameters": total}, "weight_map": weight_map}))
     return total
 
@@ -115,42 +116,25 @@ def _single_file_shapes(repo: str, revision: str) -> dict[str, list[int]]:
     return {name: info.shape for name, info in header.tensors.items()}
 
 
-def _product(shape: list[int]) -> int:
-    total = 1
-    for d in shape:
-        total *= d
-    return total
-
-
-def _download(repo: str, file: str, revision: str | None, error: type = ModelNotFoundError) -> Path:
+def _download(
+    repo: str, file: str, revision: str | None, error: type = ModelNotFoundError, optional: bool = False
+) -> Path | None:
+    """The file of `repo` at `revision`, through the Hugging Face cache; with `optional`, None where
+    the repo has no such file (a file that is neither cached nor reachable is an error either way)."""
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     where = f"{repo}" + (f" at {revision[:12]}" if revision else "")
     try:
         return Path(hf_hub_download(repo, file, revision=revision))
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError:  # (a subclass of the next: "not cached, cannot ask", not "none")
         raise error(
             f"{file} of {where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and it cannot be "
             "downloaded (HF_HUB_OFFLINE is set or the Hub is unreachable)"
         ) from None
+    except EntryNotFoundError as e:
+        if optional:
+            return None
+        raise error(f"{repo} has no {file}: {e}") from e
     except (OSError, ValueError) as e:  # HTTP errors (no such repo, file, revision); names it refuses
         raise error(f"cannot download {file} of {where}: {type(e).__name__}: {e}") from e
-
-
-def _download_optional(repo: str, file: str, revision: str) -> Path | None:
-    """The file, or None where the repo has none (or, offline, the cache has none)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    try:
-        return Path(hf_hub_download(repo, file, revision=revision))
-    except LocalEntryNotFoundError:  # (a subclass of the next: "not cached, cannot ask", not "none")
-        raise ModelNotFoundError(
-            f"{file} of {repo} is not in the Hugging Face cache and cannot be downloaded "
-            "(HF_HUB_OFFLINE is set or the Hub is unreachable)"
-        ) from None
-    except EntryNotFoundError:
-        return None
-    except (OSError, ValueError) as e:  # the Hub answered with an error other than "no such file"
-        raise ModelNotFoundError(f"cannot download {file} of {repo}: {type(e).__name__}: {e}") from e

@@ -21,7 +21,7 @@ from pathlib import Path
 from .errors import ModelNotFoundError, WeightFileError
 from .gguf_weights import describe_gguf
 from .hub import hub_model_dir, is_hub_id
-from .weights import MARKER
+from .weights import MARKER, read_marker
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,11 @@ def resolve_model(name: str) -> ModelSource:
     if name in BUILTIN_MODELS:
         builtin = BUILTIN_MODELS[name]
         target = cache_root() / "models" / f"{name}-{builtin.version}-gguf"  # (a table of the GGUF)
-        described = _convert_once(target, lambda: _fetch_builtin(builtin))
-        if not Path(json.loads((described / "layerswarm.json").read_text()).get("gguf", "")).is_file():
+        described = _describe_once(target, lambda: _fetch_builtin(builtin))
+        if not Path(read_marker(described).get("gguf", "")).is_file():
             # the file it described is gone (its package reinstalled elsewhere): describe it again
             shutil.rmtree(described, ignore_errors=True)
-            described = _convert_once(target, lambda: _fetch_builtin(builtin))
+            described = _describe_once(target, lambda: _fetch_builtin(builtin))
         return ModelSource(name, described)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -75,7 +75,7 @@ def resolve_model(name: str) -> ModelSource:
         stat = path.stat()
         key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
         target = cache_root() / "models" / f"{path.stem}-{key[:12]}"
-        return ModelSource(path.stem, _convert_once(target, lambda: path.resolve()))
+        return ModelSource(path.stem, _describe_once(target, lambda: path.resolve()))
     if is_hub_id(name):
         return ModelSource(name, hub_model_dir(name, cache_root() / "models"))
     known = ", ".join(sorted(BUILTIN_MODELS))
@@ -97,7 +97,7 @@ def _check_hf_dir(path: Path) -> None:
         raise WeightFileError(f"{path} has no *.safetensors weight files")
 
 
-def _convert_once(target: Path, gguf_path) -> Path:
+def _describe_once(target: Path, gguf_path) -> Path:
     """Describe the GGUF file into `target` unless already there (or converted there by an earlier
     version); safe under concurrent first uses."""
     if (target / "config.json").is_file():

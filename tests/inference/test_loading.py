@@ -226,7 +226,7 @@ def test_a_hub_file_that_is_neither_cached_nor_reachable_is_an_error_not_absent(
     """Offline, a tokenizer file missing from the cache is not taken for one the repo lacks (a
     model directory without its tokenizer would be kept for good)."""
     from inference.errors import ModelNotFoundError
-    from inference.hub import _download_optional
+    from inference.hub import _download
 
     with pytest.raises(ModelNotFoundError, match="not in the Hugging Face cache"):
-        _download_optional("nobody-here/no-such-model", "tokenizer.json", "main")
+        _download("nobody-here/no-such-model", "tokenizer.json", "main", optional=True)
