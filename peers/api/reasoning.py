@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from peers.api.textstream import partial_tail
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 START, CHANNEL, MESSAGE, END, RETURN, CALL = (
     "<|start|>",
@@ -85,15 +87,6 @@ def channel_of(header: str) -> str:
         return ""
     words = header[at + len(CHANNEL) :].split("<|")[0].split()
     return words[0] if words else ""
-
-
-def partial_tail(text: str, markers: tuple[str, ...]) -> int:
-    """Length of the longest tail of `text` that begins one of `markers` (held back: a marker
-    may be arriving)."""
-    for k in range(min(max(len(m) for m in markers) - 1, len(text)), 0, -1):
-        if any(m.startswith(text[-k:]) for m in markers):
-            return k
-    return 0
 
 
 class ThinkParser:

@@ -39,13 +39,7 @@ class TextStream:
 
     def _held(self, text: str) -> int:
         """Length of the longest tail of `text` that begins some stop string."""
-        held = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), held, -1):
-                if text.endswith(s[:k]):
-                    held = k
-                    break
-        return held
+        return partial_tail(text, self.stop)
 
     def finish(self) -> str:
         """The rest of the text, once generation has ended."""
@@ -57,3 +51,15 @@ class TextStream:
         out = self.text[self.sent : upto]
         self.sent = upto
         return out
+
+
+def partial_tail(text: str, markers) -> int:
+    """Length of the longest tail of `text` that begins (and is not the whole of) one of `markers`:
+    held back, as a marker may be arriving."""
+    held = 0
+    for m in markers:
+        for k in range(min(len(m) - 1, len(text)), held, -1):
+            if text.endswith(m[:k]):
+                held = k
+                break
+    return held

@@ -8,11 +8,9 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
-from inference.architectures import get_family
-from inference.block import DTYPES
-from inference.errors import ModelNotFoundError
+from inference.block import DTYPES, load_config
 from inference.models import resolve_model
 from inference.quant import bytes_per_weight, check_quant
 
@@ -84,12 +82,7 @@ def read_config(model: str) -> tuple[str, PretrainedConfig]:
     else:
         source = resolve_model(model)
         name, path = source.model_id, source.path
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ModelNotFoundError(f"cannot read the model config in {path}: {e}") from e
-    get_family(config)
-    return name, config
+    return name, load_config(path)  # (families a block cannot serve are refused there)
 
 
 def model_bytes(
