@@ -36,31 +36,22 @@ FAMILIES = {  # model_type -> (config, the family's mixture-of-experts module)
         ),
         GptOssMLP,
     ),
-    "deepseek_v3": (  # shared experts (nn.Linear) beside the routed ones
-        lambda: DeepseekV3Config(
-            hidden_size=HIDDEN,
-            moe_intermediate_size=96,
-            n_routed_experts=EXPERTS,
-            num_experts_per_tok=TOP_K,
-            n_group=1,
-            topk_group=1,
-            n_shared_experts=1,
-        ),
-        DeepseekV3MoE,
-    ),
-    "glm4_moe": (
-        lambda: Glm4MoeConfig(
-            hidden_size=HIDDEN,
-            moe_intermediate_size=96,
-            n_routed_experts=EXPERTS,
-            num_experts_per_tok=TOP_K,
-            n_group=1,
-            topk_group=1,
-            n_shared_experts=1,
-        ),
-        Glm4MoeMoE,
-    ),
+    "deepseek_v3": (lambda: _grouped(DeepseekV3Config), DeepseekV3MoE),  # shared experts beside the routed
+    "glm4_moe": (lambda: _grouped(Glm4MoeConfig), Glm4MoeMoE),
 }
+
+
+def _grouped(config_class):
+    """A config of a family with grouped top-k routing and a shared expert (DeepSeek-V3, GLM-4.5)."""
+    return config_class(
+        hidden_size=HIDDEN,
+        moe_intermediate_size=96,
+        n_routed_experts=EXPERTS,
+        num_experts_per_tok=TOP_K,
+        n_group=1,
+        topk_group=1,
+        n_shared_experts=1,
+    )
 
 
 def _moe(family: str, implementation: str = "grouped_mm") -> nn.Module:

@@ -12,7 +12,14 @@ from transformers import AutoTokenizer, GenerationConfig
 import peers.api.runs
 from inference import Tokenizer
 from peers.api.events import Delta, Finish
-from peers.api.reasoning import HarmonyParser, Reasoning, ReasoningStart, ThinkParser, reasoning_of
+from peers.api.reasoning import (
+    HARMONY_MARKERS,
+    HarmonyParser,
+    Reasoning,
+    ReasoningStart,
+    ThinkParser,
+    reasoning_of,
+)
 from peers.api.runs import Run, RunSpec, collect
 from peers.api.schema import Tool
 from peers.api.shapes import Choice, Shape
@@ -21,15 +28,7 @@ from peers.entry.generation import Token
 from peers.transport.frames import Sampling
 from tests.peers.api.fakes import node
 
-HARMONY_SPECIALS = [
-    "<|start|>",
-    "<|channel|>",
-    "<|message|>",
-    "<|end|>",
-    "<|return|>",
-    "<|call|>",
-    "<|constrain|>",
-]
+HARMONY_SPECIALS = list(HARMONY_MARKERS)  # GPT-OSS's vocabulary has them as special tokens
 HARMONY_TEMPLATE = (
     "{% if reasoning_effort is defined %}<|start|>system<|message|>Reasoning: {{ reasoning_effort }}<|end|>{% endif %}"
     "{% for m in messages %}<|start|>{{ m.role }}{% if m.role == 'assistant' %}<|channel|>final{% endif %}"
