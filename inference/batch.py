@@ -47,7 +47,11 @@ class BatchCache:
     written into the sessions' own buffers; attention reads them back per sequence."""
 
     def __init__(
-        self, segments: list[Segment], windows: dict[int, int | None], latent: frozenset[int] = frozenset()
+        self,
+        segments: list[Segment],
+        windows: dict[int, int | None],
+        latent: frozenset[int] = frozenset(),
+        pool=None,
     ):
         self.segments = segments
         self.windows = windows  # global layer -> sliding window or None
@@ -56,10 +60,16 @@ class BatchCache:
         self.latent = latent
         self.history: list[int] = []  # where each segment's history starts in what update returned
         self.updated: set[int] = set()
+        # decode rows whose sessions hold slots of the block's pool (inference/kv_slots.py): written
+        # with one indexed store and attended in one call per layer; the rest one by one
+        self.pooled = Pooled.of(segments, pool, windows)
+        self.rest = self.pooled.others if self.pooled else segments
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         # key, value: [1, kv_heads, N, head_dim] (a latent layer's: [1, 1, N, rank] and [1, 1, N, rope])
-        for s in self.segments:
+        if self.pooled:
+            self.pooled.write(layer_idx, key, value)
+        for s in self.rest:
             s.cache.write(
                 layer_idx,
                 s.row,
@@ -90,7 +100,7 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     # the fused kernel, unless the layer needs what it lacks (_explicit_attention)
     fused = sinks is None and softcap is None and value.shape[-1] == query.shape[-1]
     outs = []
-    for i, s in enumerate(batch.segments):
+    for i, s in enumerate(batch.rest):  # (all segments when the block has latent layers: no pool)
         end = s.past + s.steps
         if layer in batch.latent:  # keys and values expanded from the whole latent history
             start = batch.history[i]
@@ -113,8 +123,93 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         else:
             out = _explicit_attention(q, k, v, mask, scaling, sinks, softcap)
         outs.append(out)
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    return out.transpose(1, 2).contiguous(), None
+    if not batch.pooled:
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return out.transpose(1, 2).contiguous(), None
+    pooled = batch.pooled.attend(layer, query, scaling, sinks, softcap, fused)  # [n, heads, d]
+    if not outs and batch.pooled.rows == slice(0, query.shape[2]):
+        return pooled[None], None
+    whole = query.new_empty(1, query.shape[2], query.shape[1], pooled.shape[-1])  # [1, N, heads, d]
+    whole[0, batch.pooled.rows] = pooled
+    for s, out in zip(batch.rest, outs, strict=True):
+        whole[0, s.offset : s.offset + s.steps] = out[0].transpose(0, 1)
+    return whole, None
+
+
+class Pooled:
+    """Decode rows (one position each) of sessions whose keys and values live in slots of one
+    pool, in slot order: one indexed store writes them all, and each layer attends to the slots
+    in one call (a view of the pool's rows when the slots are consecutive), each row masked to
+    its own length and window."""
+
+    def __init__(self, pool, members: list[Segment], others: list[Segment], windows: dict[int, int | None]):
+        self.pool, self.others, self.windows = pool, others, windows
+        device = pool.kv[next(iter(pool.kv))][0].device
+        slots = [s.cache.slot for s in members]
+        offsets = [s.offset for s in members]
+        lengths = torch.tensor([s.past + 1 for s in members], device=device)
+        self.slots = torch.tensor(slots, device=device)
+        self.positions = lengths - 1
+        first = slots[0]  # consecutive slots are a view of the pool; others are gathered
+        self.view = (
+            slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
+        )
+        start = offsets[0]
+        contiguous = offsets == list(range(start, start + len(offsets)))
+        self.rows = slice(start, start + len(offsets)) if contiguous else torch.tensor(offsets, device=device)
+        self.longest = max(s.past + 1 for s in members)
+        shortest = min(s.past + 1 for s in members)
+        # where the rows write: consecutive slots at one position are a slice (an indexed store is slower)
+        same = self.view is not None and shortest == self.longest
+        self.at = (
+            (self.view, slice(None), self.longest - 1) if same else (self.slots, slice(None), self.positions)
+        )
+        self.masks: dict[int | None, tuple[int, torch.Tensor | None]] = {}  # window -> (first key, mask)
+        for window in set(windows.values()):
+            first_key = 0 if window is None else max(0, shortest - window)
+            if shortest == self.longest and (window is None or first_key == self.longest - window):
+                self.masks[window] = (first_key, None)  # every row attends to the same keys
+                continue
+            keys = torch.arange(first_key, self.longest, device=device)[None, :]
+            allowed = keys < lengths[:, None]
+            if window is not None:
+                allowed &= keys >= lengths[:, None] - window
+            self.masks[window] = (first_key, allowed[:, None, None, :])  # [n, 1, 1, keys]
+
+    @classmethod
+    def of(cls, segments: list[Segment], pool, windows: dict[int, int | None]) -> "Pooled | None":
+        """The pooled rows of a batch, or None when fewer than two rows hold slots of `pool`."""
+        if pool is None:
+            return None
+        members = [
+            s for s in segments if s.steps == 1 and s.cache.lease is not None and s.cache.lease.pool is pool
+        ]
+        if len(members) < 2:
+            return None
+        taken = {id(s) for s in members}
+        members.sort(key=lambda s: s.cache.slot)
+        return cls(pool, members, [s for s in segments if id(s) not in taken], windows)
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store the rows' new keys and values (of [1, kv_heads, N, d]) at their slots' positions."""
+        k, v = self.pool.kv[layer]
+        k[self.at] = key[0, :, self.rows].transpose(0, 1)  # [n, kv_heads, d]
+        v[self.at] = value[0, :, self.rows].transpose(0, 1)
+
+    def attend(self, layer, query, scaling, sinks, softcap, fused: bool) -> torch.Tensor:
+        """query [1, heads, N, d] -> the pooled rows' outputs [n, heads, d]."""
+        k, v = self.pool.kv[layer]
+        first_key, mask = self.masks[self.windows[layer]]
+        rows = self.view if self.view is not None else self.slots
+        keys, values = k[rows, :, first_key : self.longest], v[rows, :, first_key : self.longest]
+        q = query[0, :, self.rows].transpose(0, 1)  # [n, heads, d]
+        n, heads, dim = q.shape
+        if not fused:
+            return _explicit_attention(q[:, :, None], keys, values, mask, scaling, sinks, softcap)[:, :, 0]
+        # the query heads that share a KV head are that head's queries: no keys are repeated
+        q = q.reshape(n, keys.shape[1], heads // keys.shape[1], dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+        return out.reshape(n, heads, dim)
 
 
 def _explicit_attention(q, k, v, mask, scaling, sinks, softcap) -> torch.Tensor:
@@ -131,7 +226,7 @@ def _explicit_attention(q, k, v, mask, scaling, sinks, softcap) -> torch.Tensor:
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     if sinks is not None:
-        sink = sinks.reshape(1, -1, 1, 1).expand(-1, -1, scores.shape[2], -1).to(scores.dtype)
+        sink = sinks.reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], -1).to(scores.dtype)
         scores = torch.cat([scores, sink], dim=-1)
         scores = scores - scores.max(dim=-1, keepdim=True).values
         probs = F.softmax(scores, dim=-1, dtype=scores.dtype)[..., :-1]

@@ -19,6 +19,7 @@ from .cuda_graphs import DecodeGraphs, GraphSettings, graph_problem
 from .errors import InferenceError, LayerRangeError, ModelNotFoundError
 from .expert_weights import locate
 from .kv_cache import LOCAL, CacheStore, Sender, SessionCache
+from .kv_slots import eager_pool_shape
 from .prefix_cache import PrefixCache
 from .quant import check_quant, quantize_block, quantize_linears, release_freed_memory
 from .sessions import Sessions
@@ -249,10 +250,7 @@ class Block(nn.Module):
         if problem:
             log.warning("decode steps of layers %s are not captured: %s", self.span, problem)
             return False
-        if self.graphs is not None:  # (its pool's share of the budget comes back)
-            self.sessions.max_tokens += self.graphs.reserved
-            self.graphs = None
-        self.graphs = DecodeGraphs(self, settings or GraphSettings(), capture)
+        self.graphs = DecodeGraphs(self, settings or GraphSettings(), capture)  # (a pool of its own)
         return True
 
     @property
@@ -360,27 +358,25 @@ class Block(nn.Module):
         return results
 
     def _run(self, start: int, end: int, items: list[tuple[Step, SessionCache]]) -> list[torch.Tensor]:
-        segments, flat, positions, offset = [], [], [], 0
+        segments, flat, positions, lengths, offset, device = [], [], [], [], 0, self.device
         for step, session in items:
             batch, steps = step.inputs.shape[:2]
             for row in range(batch):
                 segments.append(Segment(session, row, offset, steps, session.length))
                 offset += steps
-            x = step.inputs.to(self.device)
+            x = step.inputs.to(device)
             flat.append(
                 x.reshape(batch * steps) if start == 0 else x.reshape(batch * steps, -1).to(self.dtype)
             )
-            positions.append(
-                torch.arange(session.length, session.length + steps, device=self.device).repeat(batch)
-            )
+            positions.extend(list(range(session.length, session.length + steps)) * batch)
+            lengths.append(batch * steps)
         x = torch.cat(flat)[None]  # [1, N] ids or [1, N, H]
-        pos = torch.cat(positions)[None]  # [1, N]
+        pos = torch.tensor(positions, device=device)[None]  # [1, N]
         hidden = self.embed_tokens(x) if start == 0 else x  # [1, N, H]
-        cos_sin = self.position_embeddings(hidden, pos, [len(p) for p in positions])
+        cos_sin = self.position_embeddings(hidden, pos, lengths)
         local = slice(start - self.span.start, end - self.span.start)
-        cache = BatchCache(
-            segments, dict(zip(range(start, end), self.windows[local], strict=True)), self.latent
-        )
+        windows = dict(zip(range(start, end), self.windows[local], strict=True))
+        cache = BatchCache(segments, windows, self.latent, self.kv.pool)
         for layer, kind in zip(self.layers[local], self.layer_types[local], strict=True):
             hidden = layer(
                 hidden,
@@ -442,4 +438,6 @@ def load_block(
         cuda_graphs = dev.type == "cuda"
     if cuda_graphs:
         block.enable_decode_graphs(GraphSettings.within(max_cache_tokens, config.max_position_embeddings))
+    elif not block.latent and (shape := eager_pool_shape(max_cache_tokens, config.max_position_embeddings)):
+        block.kv.enable_pool(config, block.dtype, block.device, *shape)  # decode rows attend together
     return block

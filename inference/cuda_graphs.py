@@ -133,24 +133,8 @@ class DecodeGraphs:
         config, span = block.config, block.span
         self.block, self.settings, self.capture = block, settings, capture
         positions = min(settings.positions, getattr(config, "max_position_embeddings", settings.positions))
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.pool = SlotPool(
-            range(span.start, span.end),
-            settings.slots,
-            positions,
-            config.num_key_value_heads,
-            head_dim,
-            block.dtype,
-            block.device,
-        )
-        # the pool's positions come out of the block's KV budget: sessions in slots hold none of it
-        self.reserved = settings.slots * positions
-        if self.reserved >= block.sessions.max_tokens:
-            raise ValueError(
-                f"a pool of {settings.slots} slots of {positions} positions takes the whole KV "
-                f"budget of {block.sessions.max_tokens} token slots"
-            )
-        block.sessions.max_tokens -= self.reserved
+        # the slots sessions lease (Sessions.enable_pool takes their positions out of the budget)
+        self.pool = block.kv.enable_pool(config, block.dtype, block.device, settings.slots, positions)
         self.windows = dict(zip(range(span.start, span.end), block.windows, strict=True))
         largest, device = settings.batch_sizes[-1], block.device
         if span.is_first:
@@ -179,14 +163,6 @@ class DecodeGraphs:
             "slot_positions": self.pool.positions,
             "slot_bytes": self.pool.nbytes,
         }
-
-    def bind(self, session) -> None:
-        """Give a fresh session of one sequence a slot, if one is free."""
-        if not self.enabled or session.batch != 1:
-            return
-        lease = self.pool.lease()
-        if lease is not None:
-            session.bind(lease, self.pool.views(lease.slot), self.pool.positions)
 
     def forward(self, layers: tuple[int, int], items: list, eager: Callable[[list], list]) -> list:
         """Outputs of one layer range's (Step, SessionCache) items, as Block._run gives them: the

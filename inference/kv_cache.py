@@ -142,6 +142,12 @@ def _slots(session: SessionCache) -> int:
     return 0 if session.lease is not None else session.batch * session.capacity
 
 
+def _share(session: SessionCache) -> int:
+    """Token slots a session counts against its sender's share: a leased slot's positions too
+    (a sender not vouched for must not hold the pool's slots beyond its share)."""
+    return session.batch * session.capacity
+
+
 def _resized(t: torch.Tensor, capacity: int) -> torch.Tensor:
     out = t.new_empty((*t.shape[:2], capacity, t.shape[3]))
     n = min(capacity, t.shape[2])
@@ -188,7 +194,7 @@ class CacheStore:
     def held_by(self, sender: Sender) -> int:
         """Token slots the sessions a sender opened hold (by its key)."""
         with self._lock:
-            return sum(_slots(s) for s in self._sessions.values() if s.sender.key == sender.key)
+            return sum(_share(s) for s in self._sessions.values() if s.sender.key == sender.key)
 
     def open(
         self, session_id: str, batch: int, refuse_closed: bool = False, sender: Sender = LOCAL
@@ -240,6 +246,8 @@ class CacheStore:
         with self._lock:
             if session.lease is None or capacity > session.slot_positions:
                 self._make_room(session, session.batch * (capacity - held))
+            else:  # growing inside its slot: the budget is untouched, the sender's share is not
+                self._admit(session, session.batch * (capacity - session.capacity))
             session.grow_to(capacity)
 
     def widen(self, session: SessionCache, batch: int) -> None:
@@ -316,8 +324,8 @@ class CacheStore:
         asker = session.sender
         if asker.vouched:
             return
-        mine = sum(_slots(s) for s in self._sessions.values() if s.sender.key == asker.key)
-        strangers = sum(_slots(s) for s in self._sessions.values() if not s.sender.vouched)
+        mine = sum(_share(s) for s in self._sessions.values() if s.sender.key == asker.key)
+        strangers = sum(_share(s) for s in self._sessions.values() if not s.sender.vouched)
         limit, pool, now = self.stranger_tokens, int(self.max_tokens * STRANGERS_SHARE), self._clock()
         for other_id, other in list(self._sessions.items()):  # least recently used first
             if mine + extra <= limit and strangers + extra <= pool:
@@ -325,7 +333,7 @@ class CacheStore:
             own = other_id != session.session_id and other.sender.key == asker.key
             if own and now - other.last_used >= EVICT_IDLE_S:
                 del self._sessions[other_id]
-                mine, strangers = mine - _slots(other), strangers - _slots(other)
+                mine, strangers = mine - _share(other), strangers - _share(other)
         what = f"session {session.session_id!r} needs {extra} more KV token slots"
         if mine + extra > limit:
             raise CacheFullError(

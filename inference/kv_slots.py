@@ -1,15 +1,40 @@
-"""Static KV buffers for captured decode steps: per layer, keys and values of `slots` sessions
-at fixed addresses, so that a CUDA graph can read and write them (inference/cuda_graphs.py).
+"""A pool of KV slots: per layer, keys and values of `slots` sessions in one buffer
+[slots + 1, kv_heads, positions, head_dim], so that the decode rows of many sessions are written
+with one indexed store and attended in one call (inference/batch.py), and a CUDA graph can read
+and write them at fixed addresses (inference/cuda_graphs.py).
 
 A session of one sequence leases a slot when it opens and keeps its keys and values there
 (SessionCache.bind): the varlen forward and the captured decode step use the same memory. The
 slot comes back when the session leaves it (it outgrows the slot, or widens) or is dropped.
-The last row of every buffer is scratch: padded rows of a captured batch write there.
+The last row of every buffer is scratch: padded rows of a captured batch write there. The
+buffers are allocated, not filled: on a CPU a slot's memory is taken as sessions write it.
 """
 
+import math
+import mmap
 import threading
 
 import torch
+
+EAGER_POSITIONS = 1024  # positions a slot holds without CUDA graphs (longer sessions leave it)
+EAGER_SLOTS = 32  # slots at most; the pool takes at most half the KV budget
+EAGER_MIN_SLOTS = 8  # a smaller budget keeps every session in buffers of its own
+
+
+def eager_pool_shape(max_cache_tokens: int, context: int) -> tuple[int, int] | None:
+    """(slots, positions) of the pool a block without CUDA graphs keeps, or None for none."""
+    positions = max(1, min(EAGER_POSITIONS, context))
+    slots = min(EAGER_SLOTS, max_cache_tokens // 2 // positions)
+    return (slots, positions) if slots >= EAGER_MIN_SLOTS else None
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of zeros; on a CPU in anonymous memory, which the kernel hands out zeroed as it is
+    first written, so that an idle pool takes no memory."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, max(1, size)), dtype=dtype, count=math.prod(shape)).view(shape)
 
 
 class Lease:
@@ -43,14 +68,9 @@ class SlotPool:
             raise ValueError(f"a slot pool needs slots >= 1 and positions >= 1, got {slots} and {positions}")
         self.layers, self.slots, self.positions = layers, slots, positions
         shape = (slots + 1, kv_heads, positions, head_dim)  # [slots + scratch, kv_heads, positions, d]
-        # zeros, not empty: a scratch row is read before anything wrote it (padded rows attend to it)
-        self.kv = {
-            layer: (
-                torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros(shape, dtype=dtype, device=device),
-            )
-            for layer in layers
-        }
+        # zeros: padded rows attend to the scratch row, and a shorter row's masked positions are
+        # read (a garbage NaN times a zero weight is NaN)
+        self.kv = {layer: (_zeros(shape, dtype, device), _zeros(shape, dtype, device)) for layer in layers}
         self._free = list(reversed(range(slots)))  # pop() hands out slot 0 first
         # reentrant: a Lease's release runs from a weakref finalizer, which the cyclic garbage
         # collector may call inside lease() (an allocation) on the thread that holds the lock

@@ -1,11 +1,14 @@
-"""The sessions of one block: its KV cache store, its prefix cache and the binding of new
-sessions to captured decode graphs, so that Block itself holds only weights and the forward."""
+"""The sessions of one block: its KV cache store, its prefix cache and its pool of KV slots
+(which new sessions lease), so that Block itself holds only weights and the forward."""
 
 from typing import Any
+
+import torch
 
 from .batch import Step
 from .errors import SessionError
 from .kv_cache import LOCAL, CacheStore, Sender, SessionCache
+from .kv_slots import SlotPool
 from .prefix_cache import BLOCK_TOKENS, PrefixCache
 
 
@@ -25,7 +28,29 @@ class Sessions:
         self.hidden_size, self.vocab_size = hidden_size, vocab_size
         self.store = CacheStore(max_cache_tokens, idle_timeout_s)
         self.prefixes = PrefixCache(prefix_cache_tokens)
-        self.graphs: Any = None  # the block's DecodeGraphs, which binds each new session to a slot
+        self.graphs: Any = None  # the block's DecodeGraphs (captured decode steps over the pool)
+        self.pool: SlotPool | None = None  # KV slots that new sessions of one sequence lease
+        self.reserved = 0  # token slots of the budget the pool holds
+
+    def enable_pool(
+        self, config, dtype: torch.dtype, device: torch.device, slots: int, positions: int
+    ) -> SlotPool:
+        """A pool of `slots` KV slots of `positions` each (inference/kv_slots.py), in place of any
+        earlier one; its positions come out of the KV budget (sessions in slots hold none of it)."""
+        self.store.max_tokens += self.reserved
+        self.pool, self.reserved = None, 0
+        reserved = slots * positions
+        if reserved >= self.store.max_tokens:
+            raise ValueError(
+                f"a pool of {slots} slots of {positions} positions takes the whole KV "
+                f"budget of {self.store.max_tokens} token slots"
+            )
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        layers = range(self.start, self.end)
+        self.pool = SlotPool(layers, slots, positions, config.num_key_value_heads, head_dim, dtype, device)
+        self.store.max_tokens -= reserved
+        self.reserved = reserved
+        return self.pool
 
     def __len__(self) -> int:
         return len(self.store)
@@ -39,8 +64,10 @@ class Sessions:
     def _open(self, session_id: str, batch: int, layers: tuple[int, int], sender: Sender) -> SessionCache:
         session = self.store.open(session_id, batch, refuse_closed=True, sender=sender)
         session.layers = layers
-        if self.graphs is not None:
-            self.graphs.bind(session)
+        if self.pool is not None and batch == 1:
+            lease = self.pool.lease()
+            if lease is not None:
+                session.bind(lease, self.pool.views(lease.slot), self.pool.positions)
         return session
 
     def restore_prefix(

@@ -65,17 +65,29 @@ def test_a_refused_first_step_leaves_no_session_behind():
     assert "big" not in sessions.store and len(sessions) == 0
 
 
-def test_new_sessions_are_bound_to_the_decode_graphs():
-    bound = []
+def test_new_sessions_of_one_sequence_lease_a_slot_of_the_pool():
+    """The pool's positions come out of the budget; a session of one sequence keeps its keys and
+    values in a slot (none of the budget), a wider one and one past the slots in buffers of its
+    own; a stranger's slot still counts against its share; a second pool gives the first's back."""
+    from types import SimpleNamespace
 
-    class Graphs:
-        def bind(self, session):
-            bound.append(session.session_id)
+    from inference.kv_cache import Sender
 
-    sessions = make()
-    sessions.graphs = Graphs()
-    sessions.session_for(Step("a", ids(1, 2), 0), (0, 4))
-    assert bound == ["a"]
+    sessions = make(max_tokens=1024)
+    config = SimpleNamespace(hidden_size=8, num_attention_heads=2, num_key_value_heads=1)
+    pool = sessions.enable_pool(config, torch.float32, torch.device("cpu"), slots=2, positions=128)
+    assert sessions.store.max_tokens == 1024 - 256 and pool.kv[0][0].shape == (3, 1, 128, 4)
+    a = sessions.session_for(Step("a", ids(1, 20), 0), (0, 4))
+    wide = sessions.session_for(Step("w", ids(2, 2), 0), (0, 4))
+    stranger = Sender("10.0.0.9")
+    b = sessions.session_for(Step("b", ids(1, 4), 0, sender=stranger), (0, 4))
+    c = sessions.session_for(Step("c", ids(1, 4), 0), (0, 4))
+    assert (a.slot, b.slot, wide.slot, c.slot) == (0, 1, None, None) and pool.free == 0
+    assert sessions.store.used_tokens == wide.batch * wide.capacity + c.capacity  # (slots hold none)
+    assert sessions.store.held_by(stranger) == b.capacity > 0
+    with pytest.raises(ValueError, match="takes the whole KV budget of 1024"):
+        sessions.enable_pool(config, torch.float32, torch.device("cpu"), slots=8, positions=128)
+    assert sessions.store.max_tokens == 1024 and sessions.pool is None
 
 
 def test_prefix_guards():
