@@ -49,6 +49,12 @@ class SchedulerSettings:
     # cores, and one forward of all sessions costs far less than one per wave. Otherwise 0:
     # every peer computes while the others' outputs travel.
     batch_wait_s: float | None = None
+    # Pipelined micro-batches: while this peer does not share its cores with other peers, a
+    # forward takes at most 1/stages of the decode steps of the sessions stepping here (those
+    # seen within RECENT_S), so that the sessions of a pipeline of `stages` peers move as that
+    # many micro-batches, one computing on each stage, instead of one batch that leaves every
+    # stage but one idle. Off: every queued decode step runs in the next forward.
+    micro_batches: bool = True
 
     def __post_init__(self):
         for name in ("max_batch_tokens", "prefill_chunk", "max_queue"):
@@ -82,6 +88,7 @@ class Job:
     draft: int = 0  # drafted tokens at the end: sample after each of the last draft + 1 positions
     controls: tuple[Controls, ...] = ()  # per sampled row, or none (see StepRequest.controls)
     sender: Sender = LOCAL  # who sent the step (its KV counts against that sender: inference/kv_cache.py)
+    stages: int = 1  # stages of the pipeline the step runs through (its route's hops): micro-batches
 
     @property
     def batch(self) -> int:

@@ -283,6 +283,8 @@ class HopRunner:
             draft=req.draft,
             controls=req.controls if last else (),
             sender=STEP_SENDER.get(),
+            # the pipeline's depth: the hops from here on, or as many spans as this one as the model has
+            stages=max(len(req.hops), round(self.table.me.total_layers / (hop.end - hop.start))),
         )
         try:
             out = await self.scheduler.run(job)
