@@ -11,6 +11,7 @@ from dataclasses import replace
 
 from . import __version__
 from .config import NodeConfig
+from .cores import parse_cpus, pin_cpus
 from .option_values import LOOPBACK
 from .options import Flag, add_flags, config_flag, config_flags, read_config
 
@@ -329,8 +330,13 @@ def _set_wait_policy(policy: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "serve":  # read by OpenMP when torch loads: set it first
+    if args.command == "serve":  # read by OpenMP when torch loads, and inherited by its threads: first
         _set_wait_policy(args.omp_wait_policy)
+        try:
+            pin_cpus(parse_cpus(args.cpus))
+        except ValueError as e:
+            print(f"peer: error: {e}", file=sys.stderr)
+            return 2
     from inference import InferenceError
     from peers.sdk import SwarmAPIError
     from peers.transport.logs import setup_logging

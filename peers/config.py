@@ -4,6 +4,7 @@ settings `peer serve` builds, and the flags its parser is generated from (peers/
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from peers.cores import check_cpus, format_cpus, parse_cpus
 from peers.option_values import (
     OPEN_SWARM_VERIFY_RATE,
     check_key,
@@ -121,10 +122,25 @@ class NodeConfig:
     quant: str = option(  # this peer's weights, weight-only (inference/quant.py)
         "none", Flag("--quant", QUANT_HELP, choices=QUANT_CHOICES), check=one_of(QUANT_CHOICES)
     )
-    threads: int | None = option(  # torch threads; None: the cores shared among this host's peers
+    cpus: tuple[int, ...] = option(  # () = every core this process may use (peers/cores.py)
+        (),
+        Flag(
+            "--cpus",
+            "the CPU cores this peer runs on, e.g. 0, 0,1 or 2-3 (its whole process is pinned to them); "
+            "its forwards then use that many threads and take no turns with other peers (default: every core)",
+            default=None,
+            type=str,
+            metavar="LIST",
+        ),
+        check=check_cpus,
+        read=lambda args: parse_cpus(args.cpus),
+    )
+    threads: int | None = option(  # torch threads; None: --cpus' count, else OMP_NUM_THREADS, else every core
         None,
         Flag(
-            "--threads", "torch threads of this peer's forwards (default: OMP_NUM_THREADS, else every core)"
+            "--threads",
+            "torch threads of this peer's forwards (default: as many as --cpus names, else OMP_NUM_THREADS, "
+            "else every core)",
         ),
         check=at_least(1),
     )
@@ -132,9 +148,9 @@ class NodeConfig:
         "auto",
         Flag(
             "--core-turns",
-            "forwards of the peers on this machine take turns, one at a time, so that their threads "
-            "never fight for the cores (default auto: on for a CPU peer that shares the machine with other "
-            "peers whose threads together outnumber the cores)",
+            "forwards of the peers on this machine take turns, one at a time, on the cores they share, so "
+            "that their threads never fight for them (default auto: on for a CPU peer without --cpus that "
+            "shares the machine with other peers whose threads together outnumber the cores)",
             choices=CORE_TURNS,
         ),
         check=one_of(CORE_TURNS),
@@ -362,6 +378,11 @@ class NodeConfig:
 
             if torch.device(self.device or "cpu").type != "cuda":
                 raise ValueError(f"cuda_graphs 'on' needs a CUDA device, got device {self.device or 'cpu'!r}")
+        if self.cpus and self.threads is not None and self.threads > len(self.cpus):
+            raise ValueError(
+                f"--threads {self.threads} is more than the cores --cpus {format_cpus(self.cpus)} gives "
+                f"({len(self.cpus)}): give at most {len(self.cpus)} threads, or more cores"
+            )
         if self.draft_model and not self.speculative:
             raise ValueError("a draft model has no use without speculative decoding (--no-speculative)")
 

@@ -29,6 +29,7 @@ def health(node: PeerNode) -> dict:
         "steps_served": node.steps_served,
         "incarnation": me.incarnation,
         "active_requests": node.active_requests,
+        "cpus": list(node.cpus),
         "threads": node.threads,
         "core_turns": node.scheduler.turns is not None,
         "cuda_graphs": block.graphs.to_json() if block and block.graphs else None,

@@ -7,9 +7,12 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
+
+from peers.cores import format_cpus, split_cpus, usable_cpus
 
 START_TIMEOUT_S = 600.0
 
@@ -62,6 +65,21 @@ def read_preset(config: str) -> str:
     )
 
 
+def core_layout(peers: int, cpus: Sequence[int], named: bool = False) -> tuple[list[list[str]], str]:
+    """Each peer's --cpus flags and a sentence saying how the peers use this machine's cores:
+    disjoint cores where there are at least as many as peers (an even split), else shared cores
+    with core turns; `named`: the preset names the peers' cores itself (kept as it says)."""
+    if named:
+        return [[] for _ in range(peers)], "cores as the config names them (--cpus)"
+    split = split_cpus(peers, cpus)
+    if split is None:
+        return [[] for _ in range(peers)], (
+            f"{peers} peers share {len(cpus)} cores ({format_cpus(cpus)}): their forwards take turns on them"
+        )
+    each = ", ".join(format_cpus(own) for own in split)
+    return [["--cpus", format_cpus(own)] for own in split], f"each peer on cores of its own: {each}"
+
+
 def run_local_swarm(
     config_path: str,
     model_override: str | None = None,
@@ -79,6 +97,9 @@ def run_local_swarm(
 
     resolve_model(model)  # fetch and convert once, before the peers start
     first = f"{host}:{peers[0]['port']}"
+    named = any("--cpus" in peer.get("args", []) for peer in peers)
+    pins, layout = core_layout(len(peers), usable_cpus(), named)
+    print(f"peer swarm: {layout}", file=sys.stderr, flush=True)
     procs = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that `finally` stops the peers
     for i, peer in enumerate(peers):
@@ -87,6 +108,7 @@ def run_local_swarm(
         peer_quant = quant or peer.get("quant", preset.get("quant"))
         extra += ["--quant", peer_quant] if peer_quant else []
         extra += ["--served-model-name", *served_names] if served_names else []
+        extra += pins[i]
         join = [first] if i else []
         cmd = serve_command(model, peer["port"], peer.get("layers"), join, host, extra + peer.get("args", []))
         procs.append(subprocess.Popen(cmd, start_new_session=True))

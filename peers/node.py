@@ -18,6 +18,7 @@ from inference.core_turns import ThreadPolicy, colocated_peers
 from inference.quant import weights_bytes
 from inference.scheduler import Scheduler
 from peers.config import CUDA_GRAPHS, NodeConfig
+from peers.cores import pin_cpus
 from peers.entry.speculative import SpeculationStats
 from peers.hop import HopRunner
 from peers.metrics import Metrics
@@ -54,6 +55,7 @@ class PeerNode:
         """`http` carries every request to other peers; tests may pass one over an in-memory
         transport. By default a pooled keep-alive client."""
         self.config = config
+        pin_cpus(config.cpus)  # --cpus (peer serve pinned the process before torch loaded already)
         source = resolve_model(config.model)
         self.model_id, self.model_path = source.model_id, source.path
         self.model_config = load_config(source.path)
@@ -96,7 +98,7 @@ class PeerNode:
             self.table, post, self.list_seeds(), self._housekeeping, self.accusations, self.metrics
         )
         self.scheduler = Scheduler(lambda: self.block, config.scheduler, metrics=self.metrics)
-        self.cpu = ThreadPolicy(self.scheduler, config.threads, config.core_turns, config.device)
+        self.cpu = ThreadPolicy(self.scheduler, config.threads, config.core_turns, config.device, config.cpus)
         self.active_requests = 0  # entry requests in flight here
         self.speculation = SpeculationStats()
         self.progress = Progress()  # how far the steps that reached this hop got (direct return)
@@ -175,6 +177,11 @@ class PeerNode:
     @property
     def threads(self) -> int:
         return self.cpu.threads
+
+    @property
+    def cpus(self) -> tuple[int, ...]:
+        """The cores this peer's forwards run on (--cpus, else every core it may use)."""
+        return self.cpu.cores
 
     @property
     def max_steps_body_bytes(self) -> int:

@@ -154,6 +154,7 @@ FLAGS = {
         "--device": (None, None, None, None, None, "StoreAction"),
         "--dtype": (None, None, None, None, None, "StoreAction"),
         "--quant": ("none", None, ("none", "int8", "int4"), None, None, "StoreAction"),
+        "--cpus": (None, str, None, "LIST", None, "StoreAction"),
         "--threads": (None, int, None, None, None, "StoreAction"),
         "--core-turns": ("auto", None, ("auto", "on", "off"), None, None, "StoreAction"),
         "--cuda-graphs": ("auto", None, ("auto", "on", "off"), None, None, "StoreAction"),
