@@ -4,7 +4,7 @@ to first token of requests that share a long system prompt, with and without pre
 
     python scripts/bench_concurrency.py [--model smollm2-135m] [--runs 3] [--streams 1,4,8,16,32]
         [--max-tokens 32] [--entries first|all] [--threads N] [--peer-args '...'] [--no-prefix]
-        [--json PATH]
+        [--pinned] [--json PATH]
 
 With LAYERSWARM_SWARM_KEY set, the swarm is a private one (every peer-to-peer request signed).
 
@@ -14,6 +14,10 @@ all completion tokens over the wall time of the whole wave; time to first token 
 delta) and the gaps between content deltas are taken per stream. The monolithic model runs
 `generate` on the same N chat prompts, left-padded, as one batch, with as many torch threads as
 the machine has cores. Values are medians over --runs runs (percentiles are taken per run).
+
+--pinned measures the layout of scripts/pinned_layout.py instead: two peers (0:15, 15:30), each on
+a core of its own with one thread, against the monolithic batch on one core with one thread (run
+while the swarm is idle); the prefix scenario is left out.
 """
 
 import argparse
@@ -34,6 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from inference import Tokenizer, resolve_model  # noqa: E402
 from inference.whole_model import load_whole_model  # noqa: E402
 from scripts.machine import cores, cpu_name  # noqa: E402
+from scripts.pinned_layout import PINNED_SPLIT, describe, on_one_core, pinned_cores, start_pinned_swarm  # noqa: E402
 from scripts.prefix_reuse import prefix_scenario  # noqa: E402
 from scripts.swarm_load import SPLIT, median, prompts_for, start_swarm, swarm_wave  # noqa: E402
 
@@ -88,12 +93,21 @@ def report_table(levels: list[int], results: dict) -> None:
         )
 
 
-def goals(results: dict, prefix: dict | None) -> list[dict]:
+def goals(results: dict, prefix: dict | None, pinned: bool = False) -> list[dict]:
     out = []
 
     def goal(name: str, value: float | None, ok: bool | None, detail: str) -> None:
         out.append({"goal": name, "value": value, "pass": ok, "detail": detail})
 
+    if pinned:  # a 2-stage pipeline with both stages busy: close to 2x one core
+        for n, least in ((16, 1.7), (8, 1.5)):
+            name = f"pinned {n}-stream ratio >= {least}"
+            if n in results:
+                ratio = results[n]["ratio"]
+                goal(name, ratio, ratio >= least, f"swarm/monolithic on one core {ratio:.2f}")
+            else:
+                goal(name, None, None, f"{n} streams not measured")
+        return out
     if 8 in results:
         ratio = results[8]["ratio"]
         goal("8-stream ratio >= 0.9", ratio, ratio >= 0.9, f"swarm/monolithic {ratio:.2f}")
@@ -148,13 +162,26 @@ def parse_args() -> tuple[argparse.Namespace, list[int]]:
         "--prefix",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also measure time to first token with a shared ~500-token system prompt",
+        help="also measure time to first token with a shared ~500-token system prompt (not with --pinned)",
+    )
+    parser.add_argument(
+        "--pinned",
+        action="store_true",
+        help="two peers (0:15, 15:30) each on a core of its own with one thread, against the monolithic "
+        "model on one core with one thread",
     )
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
     levels = [int(s) for s in args.streams.split(",") if s.strip()]
     if not levels or min(levels) < 1 or args.runs < 1 or args.max_tokens < 2:
         parser.error("--streams needs levels >= 1, --runs >= 1, --max-tokens >= 2")
+    if args.pinned and args.threads is not None:
+        parser.error("--pinned gives each peer one core and one thread: leave out --threads")
+    if args.pinned:
+        try:
+            pinned_cores()
+        except ValueError as e:
+            parser.error(str(e))
     return args, levels
 
 
@@ -176,14 +203,17 @@ def alternate(
     """Every level on both sides, run after run, after a warm-up of both: (swarm runs, monolithic
     runs) per level. `mono` is (model, pad_id, inputs)."""
     model, pad_id, inputs = mono
+    core = pinned_cores()[0] if args.pinned else None  # the monolithic model's one core
     swarm_runs = {n: [] for n in levels}
     mono_runs = {n: [] for n in levels}
     warm = max(levels)
     swarm_wave(entries, model_id, prompts_for(warm), 2)  # warm up both
-    monolithic_wave(model, inputs[warm], pad_id, 2)
+    with on_one_core(core):
+        monolithic_wave(model, inputs[warm], pad_id, 2)
     for run in range(args.runs):  # alternate, so that machine noise hits both alike
         for n in levels:
-            mono_runs[n].append(monolithic_wave(model, inputs[n], pad_id, args.max_tokens))
+            with on_one_core(core):
+                mono_runs[n].append(monolithic_wave(model, inputs[n], pad_id, args.max_tokens))
             swarm_runs[n].append(swarm_wave(entries, model_id, prompts_for(n), args.max_tokens))
             s, m = swarm_runs[n][-1], mono_runs[n][-1]
             print(
@@ -244,9 +274,10 @@ def report(
     """Print the machine, the table, the prefix scenario and the goals; returns the goals."""
     print()
     print(f"CPU: {cpu_name()}, {n_cores} cores")
+    layout = describe() if args.pinned else f"peer threads {args.threads or 'peer default'}"
     print(
-        f"model {model_id}, split {','.join(SPLIT)}, {args.max_tokens} new tokens per stream, "
-        f"median of {args.runs} runs, entries {args.entries}, peer threads {args.threads or 'peer default'}, "
+        f"model {model_id}, split {','.join(PINNED_SPLIT if args.pinned else SPLIT)}, {args.max_tokens} new "
+        f"tokens per stream, median of {args.runs} runs, entries {args.entries}, {layout}, "
         f"monolithic torch threads {torch.get_num_threads()}"
     )
     print()
@@ -260,7 +291,7 @@ def report(
     print()
     if prefix is not None:
         report_prefix(prefix)
-    checks = goals(results, prefix)
+    checks = goals(results, prefix, args.pinned)
     for g in checks:
         verdict = "n/a " if g["pass"] is None else ("PASS" if g["pass"] else "FAIL")
         print(f"goal {verdict} {g['goal']}: {g['detail']}")
@@ -281,7 +312,8 @@ def write_json(
         "cpu": cpu_name(),
         "cores": n_cores,
         "model": model_id,
-        "split": list(SPLIT),
+        "split": list(PINNED_SPLIT if args.pinned else SPLIT),
+        "pinned": args.pinned,
         "runs": args.runs,
         "max_tokens": args.max_tokens,
         "entries": args.entries,
@@ -297,17 +329,21 @@ def write_json(
 def main() -> int:
     args, levels = parse_args()
     n_cores = cores()
-    torch.set_num_threads(n_cores)  # the whole machine, as the swarm's peers share all of it
+    # the whole machine, as the swarm's peers share all of it; pinned: one core, as each peer has
+    torch.set_num_threads(1 if args.pinned else n_cores)
     model, source, tokenizer, pad_id, inputs = load_monolithic(args.model, levels)
     prefix = None
-    swarm, why = start_swarm(args.model, args.threads, shlex.split(args.peer_args))
+    if args.pinned:
+        swarm, why = start_pinned_swarm(args.model, shlex.split(args.peer_args), "bench-concurrency-")
+    else:
+        swarm, why = start_swarm(args.model, args.threads, shlex.split(args.peer_args))
     try:
         if why is not None:
             print(f"the swarm did not start: {why}", file=sys.stderr)
             return 1
         entries = [p.address for p in swarm.peers] if args.entries == "all" else [swarm.peers[0].address]
         swarm_runs, mono_runs = alternate(args, levels, entries, source.model_id, (model, pad_id, inputs))
-        if args.prefix:
+        if args.prefix and not args.pinned:
             prefix = prefix_scenario(args, source.model_id, tokenizer, swarm.peers[0].address)
     finally:
         swarm.stop()

@@ -3,7 +3,10 @@ delay per hop (every peer behind a delay proxy), with and without speculative de
 draftable prompts (repeat a passage, edit given code, summarize) and a novel one (a story);
 monolithic transformers on the same prompts in the same run, alternating, medians.
 
-    python scripts/bench_latency.py [--runs 3] [--max-tokens 64] [--delays 0,20]
+    python scripts/bench_latency.py [--runs 3] [--max-tokens 64] [--delays 0,20] [--pinned]
+
+--pinned measures the layout of scripts/pinned_layout.py instead: two peers (0:15, 15:30), each on
+a core of its own with one thread, against the monolithic model on one core with one thread.
 """
 
 import argparse
@@ -25,6 +28,7 @@ from bench_swarm import monolithic_run as monolithic_ttft_and_decode  # noqa: E4
 from inference import Tokenizer, resolve_model  # noqa: E402
 from inference.whole_model import load_whole_model  # noqa: E402
 from scripts.machine import cpu_model  # noqa: E402
+from scripts.pinned_layout import PINNED_SPLIT, describe, on_one_core, pinned_cores, start_pinned_swarm  # noqa: E402
 from tests.peers.processes import Swarm  # noqa: E402
 
 PASSAGE = (
@@ -99,7 +103,13 @@ def swarm_run(
     return per_token, (after["accepted"] - before["accepted"]) / drafted if drafted else 0.0
 
 
-def start_swarm(model: str, split: list[str], delay_ms: float, peer_args: list[str]) -> Swarm:
+def start_swarm(model: str, split: list[str], delay_ms: float, peer_args: list[str], pinned: bool) -> Swarm:
+    if pinned:
+        swarm, why = start_pinned_swarm(model, peer_args, "bench-latency-", delay_ms or None)
+        if why is not None:
+            swarm.stop()
+            raise RuntimeError(f"the pinned swarm did not start: {why}")
+        return swarm
     log_dir = Path(tempfile.mkdtemp(prefix="bench-latency-"))
     swarm = Swarm(model, log_dir, peer_args, threads=None)  # threads as users run them
     for layers in split:
@@ -114,13 +124,27 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--split", default="0:10,10:20,20:30")
+    parser.add_argument("--split", default=None, help="layer spans (default 0:10,10:20,20:30)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--delays", default="0,20", help="one-way ms per hop, comma-separated")
     parser.add_argument("--prompts", default=",".join(PROMPTS), help="which prompt kinds, comma-separated")
     parser.add_argument("--peer-args", default="", help="extra `peer serve` flags, e.g. --no-direct-return")
+    parser.add_argument(
+        "--pinned",
+        action="store_true",
+        help="two peers (0:15, 15:30) each on a core of its own with one thread, against the monolithic "
+        "model on one core with one thread",
+    )
     args = parser.parse_args()
+    if args.pinned and args.split is not None:
+        parser.error("--pinned has its own split (0:15,15:30): leave out --split")
+    if args.pinned:
+        try:
+            pinned_cores()
+        except ValueError as e:
+            parser.error(str(e))
+    args.split = ",".join(PINNED_SPLIT) if args.pinned else args.split or "0:10,10:20,20:30"
     unknown = set(args.prompts.split(",")) - set(PROMPTS)
     if unknown:
         parser.error(f"unknown prompt kinds {sorted(unknown)}; choose from {', '.join(PROMPTS)}")
@@ -135,16 +159,19 @@ def measure(
     acceptance) per kind and a path (delay, layers, mean ms per step of each phase, the entry's
     direct-return counters) per peer."""
     rows, paths = [], []
-    swarm = start_swarm(args.model, args.split.split(","), delay, args.peer_args.split())
+    swarm = start_swarm(args.model, args.split.split(","), delay, args.peer_args.split(), args.pinned)
+    core = pinned_cores()[0] if args.pinned else None  # the monolithic model's one core
     try:
         entry = swarm.peers[0].address  # the client talks to the entry directly; hops pay the delay
         swarm_run(entry, model_id, PROMPTS["story"], 8, True)  # warm up
-        monolithic_run(model, chat_ids(tokenizer, PROMPTS["story"]), 8)
+        with on_one_core(core):
+            monolithic_run(model, chat_ids(tokenizer, PROMPTS["story"]), 8)
         for kind in args.prompts.split(","):
             content, samples = PROMPTS[kind], []
             ids = chat_ids(tokenizer, content)
             for _ in range(args.runs):  # alternate, so that machine noise hits all alike
-                mono = monolithic_run(model, ids, args.max_tokens)
+                with on_one_core(core):
+                    mono = monolithic_run(model, ids, args.max_tokens)
                 plain, _ = swarm_run(entry, model_id, content, args.max_tokens, False)
                 spec, rate = swarm_run(entry, model_id, content, args.max_tokens, True)
                 samples.append((mono, plain, spec, rate))
@@ -165,6 +192,7 @@ def report(args: argparse.Namespace, model_id: str, rows: list, paths: list) -> 
     print(
         f"\nmodel {model_id}, split {args.split}, {args.max_tokens} new tokens (greedy), median of "
         f"{args.runs} runs; {cpu_model()}; peer flags: {args.peer_args or 'defaults'}"
+        + (f"; {describe()}" if args.pinned else "")
     )
     head = (
         f"{'delay':>6} {'prompt':<10} {'mono ms/tok':>11} {'swarm':>8} {'swarm+spec':>10} {'spec tok/s':>10} "
@@ -196,7 +224,8 @@ def report(args: argparse.Namespace, model_id: str, rows: list, paths: list) -> 
 
 def main() -> int:
     args = parse_args()
-
+    if args.pinned:  # one thread, as each pinned peer has
+        torch.set_num_threads(1)
     source = resolve_model(args.model)
     model = load_whole_model(source.path, torch.float32)
     tokenizer = Tokenizer(source.path)
