@@ -9,6 +9,7 @@ from peers.api.door import ApiPeer
 from peers.api.reasoning import PROMPT_TAIL_TOKENS, Reasoning, ReasoningStart
 from peers.api.runs import RunSpec
 from peers.api.schema import ChatRequest, GenerationRequest, NamedTool
+from peers.entry.admission import kv_tokens
 from peers.entry.generation import RETRY_AFTER_S
 from peers.entry.steering import Steering
 from peers.transport.errors import InvalidRequest, ModelNotServed, Overloaded, SwarmUnavailable
@@ -96,6 +97,18 @@ def max_tokens_for(node: ApiPeer, req: GenerationRequest, prompt_ids: list[int])
             code="context_length_exceeded",
         )
     return asked or min(DEFAULT_MAX_TOKENS, room)
+
+
+def kv_need(node: ApiPeer, req: GenerationRequest, ask: Ask, prompt_tokens: list[int]) -> int:
+    """The KV token slots a request may hold on each peer of its route, from its prompts' token
+    counts (estimated before tokenizing, true after): each prompt plus max_tokens for each of
+    its sequences."""
+    asked = req.max_completion_tokens or req.max_tokens
+    sequences = ask.best_of or req.n
+    return sum(
+        kv_tokens(p, asked or min(DEFAULT_MAX_TOKENS, max(1, node.context_length - p)), sequences)
+        for p in prompt_tokens
+    )
 
 
 def sampling_of(node: ApiPeer, req: GenerationRequest, ask: Ask) -> Sampling:

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from inference.grammar import GrammarError
-from peers.api.asks import Ask, admit, chat_grammar, grammar_param, max_tokens_for, run_specs
+from peers.api.asks import Ask, admit, chat_grammar, grammar_param, kv_need, max_tokens_for, run_specs
 from peers.api.door import ApiPeer
 from peers.api.events import Event
 from peers.api.prompts import check_prompt_size, completion_prompts, prompt_chars, template_kwargs, text_of
@@ -25,10 +25,11 @@ from peers.api.schema import ChatRequest, CompletionRequest, GenerationRequest
 from peers.api.shapes import Shape
 from peers.api.sse import Chunks, sse
 from peers.api.tools import chat_messages, template_tools, with_tool_prompt
-from peers.entry.generation import banned_now, current_route
+from peers.entry.admission import Admission, Ticket
+from peers.entry.generation import NoRoom, banned_now, current_route
 from peers.entry.prefix import routing_key
 from peers.entry.routes import unchecked_layers
-from peers.swarm.routing import NoRouteError
+from peers.swarm.routing import NoRouteError, coverage
 from peers.transport.errors import InvalidRequest, SwarmUnavailable
 from peers.transport.logs import RUN_KEY
 
@@ -36,6 +37,15 @@ __all__ = ["OpenAIDoor", "router", "unless_gone"]
 
 UNCHECKED_HEADER = "x-layerswarm-unchecked-layers"  # spans of the route no other peer could recompute
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
+# the tokenizer's tokens per character, measured on this text before any prompt of enough
+# characters (MEASURED_CHARS) measures it: a request's KV is estimated before it is tokenized
+SAMPLE_TEXT = (
+    "The committee met on Tuesday to review the budget for the coming year. After a long "
+    "discussion of costs, schedules and staffing, the members agreed to fund the new library, "
+    "repair two bridges and hire eleven teachers; the vote was 7 to 2. "
+) * 4
+MEASURED_CHARS = 256
+RATIO_WEIGHT = 0.2  # of each measured prompt in the tokens-per-character average
 
 log = logging.getLogger("layerswarm.api")
 T = TypeVar("T")
@@ -75,6 +85,9 @@ class OpenAIDoor:
         self.node = node
         # tokenizing runs off the event loop, one prompt at a time
         self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        config = node.config
+        self.admission = Admission(config.max_cache_tokens, config.scheduler.max_queue_wait_s)
+        self.tokens_per_char: float | None = None
 
     async def off_loop(self, fn: Callable[..., T], *args: object) -> T:
         """`fn(*args)` on the tokenizing thread."""
@@ -93,7 +106,7 @@ class OpenAIDoor:
         variables = template_kwargs(
             req.chat_template_kwargs, req.reasoning_effort, node.tokenizer.template_variables
         )
-        check_prompt_size(node, prompt_chars(messages, variables), "messages")
+        check_prompt_size(node, prompt_chars(messages, variables), "messages")  # (before any tokenizing)
         ask = Ask(
             chat=True,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
@@ -102,7 +115,9 @@ class OpenAIDoor:
             reasoning=reasoning_of(node.tokenizer),
         )
         given = template_tools(tools) if tools and not generic else None
-        return await self.complete(req, ask, lambda: self._chat_ids(req, messages, given, variables), request)
+        chars = prompt_chars(messages, variables)
+        ids = lambda: self._chat_ids(req, messages, given, variables)  # noqa: E731
+        return await self.complete(req, ask, ids, request, [chars])
 
     async def _chat_ids(
         self, req: ChatRequest, messages: list[dict], tools: list[dict] | None, variables: dict
@@ -136,7 +151,8 @@ class OpenAIDoor:
         for p in req.prompts() if req.echo else ():
             echo.append(p if isinstance(p, str) else await self.off_loop(self.node.tokenizer.decode, p))
         ask = Ask(chat=False, logprobs=req.logprobs, echo=tuple(echo), best_of=req.best_of)
-        return await self.complete(req, ask, prompt_ids, request)
+        sizes = [len(p) if isinstance(p, str) else p for p in prompts]
+        return await self.complete(req, ask, prompt_ids, request, sizes)
 
     async def complete(
         self,
@@ -144,19 +160,91 @@ class OpenAIDoor:
         ask: Ask,
         prompt_ids: Callable[[], Awaitable[list[list[int]]]],
         request: Request,
+        sizes: list[int | list[int]],
     ):
-        """Admit the request, tokenize its prompts (`prompt_ids()`), then answer it."""
+        """Admit the request: at once, after a wait in the queue, or never (429 at once); then
+        tokenize its prompts (`prompt_ids()`) and answer it. `sizes`: each prompt's characters
+        (text) or its token ids, for the estimate of its KV before tokenizing."""
         node = self.node
         admit(node, req)
-        node.active_requests += 1  # counted from admission, released once when the response is done
-        release = _once(lambda: setattr(node, "active_requests", node.active_requests - 1))
+        node.active_requests += 1  # counted from arrival, released once when the response is done
+        out = _once(lambda: setattr(node, "active_requests", node.active_requests - 1))
+        try:
+            guess = [len(s) if isinstance(s, list) else self.tokens_of_chars(s) for s in sizes]
+            ticket = await self.queued(kv_need(node, req, ask, guess), request)
+        except BaseException:
+            out()
+            raise
+        if ticket is None:
+            out()
+            return Response(status_code=499)  # nobody waits for it
+
+        def release() -> None:
+            self.admission.release(ticket)
+            out()
+
         try:
             prompts = await prompt_ids()
+            self.measured(sizes, prompts)
             max_tokens = [max_tokens_for(node, req, ids) for ids in prompts]
-            return await self.respond(self.answer(req, ask, prompts, max_tokens, release, request))
+            self.admission.resize(ticket, kv_need(node, req, ask, [len(ids) for ids in prompts]))
+            return await self.answered(req, ask, prompts, max_tokens, release, request, ticket)
         except BaseException:
+            self.admission.release(ticket, finished=False)  # (its time is no request's time)
             release()
             raise
+
+    async def queued(self, tokens: int, request: Request) -> Ticket | None:
+        """The request's admission ticket for `tokens` KV token slots: Overloaded at once where
+        it would wait past --max-queue-wait; None where its client went away while it waited."""
+        node = self.node
+        counts = coverage(node.table.serving(node.model_id), node.total_layers)
+        self.admission.set_budget(node.config.max_cache_tokens * max(1, min(counts, default=1)))
+        ticket = self.admission.enter(tokens)  # (Overloaded at once)
+        if ticket.admitted.done():
+            return ticket
+        waiting = asyncio.ensure_future(self.admission.wait(ticket))
+        return ticket if await unless_gone(waiting, request, "queued request") else None
+
+    async def answered(
+        self,
+        req: GenerationRequest,
+        ask: Ask,
+        prompts: list[list[int]],
+        max_tokens: list[int],
+        release: Callable[[], None],
+        request: Request,
+        ticket: Ticket,
+    ) -> Response | dict:
+        """The answer of an admitted request. One that a full peer refuses before its first
+        token goes back to the head of the queue where this entry's other requests will free
+        room (else it is refused now): it was admitted, so it is served, and before anyone
+        admitted after it."""
+        while True:
+            try:
+                return await self.respond(self.answer(req, ask, prompts, max_tokens, release, request))
+            except NoRoom as e:
+                if not self.admission.requeue(ticket):
+                    raise
+                log.info("%s; back at the head of the queue", e.message)
+            if not await unless_gone(
+                asyncio.ensure_future(self.admission.wait(ticket)), request, "queued request"
+            ):
+                release()
+                return Response(status_code=499)
+
+    def tokens_of_chars(self, chars: int) -> int:
+        """A prompt's tokens, estimated from its characters before it is tokenized."""
+        if self.tokens_per_char is None:
+            self.tokens_per_char = len(self.node.tokenizer.encode(SAMPLE_TEXT)) / len(SAMPLE_TEXT)
+        return max(1, round(chars * self.tokens_per_char))
+
+    def measured(self, sizes: list[int | list[int]], prompts: list[list[int]]) -> None:
+        """Tokens per character as the prompts of enough text tokenized."""
+        for size, ids in zip(sizes, prompts, strict=True):
+            if isinstance(size, int) and size >= MEASURED_CHARS:
+                ratio, old = len(ids) / size, self.tokens_per_char
+                self.tokens_per_char = ratio if old is None else old + RATIO_WEIGHT * (ratio - old)
 
     def answer(
         self,
@@ -234,12 +322,11 @@ async def whole(answer: Answer) -> Response | dict:
     """The answer as one JSON body, once every sequence has ended."""
     req, ask = answer.req, answer.ask
     task = asyncio.ensure_future(collect(answer.events, answer.prompts * (ask.best_of or req.n)))
-    try:
-        if not await unless_gone(task, answer.request):
-            return Response(status_code=499)  # nobody reads it
-        choices = task.result()
-    finally:
+    if not await unless_gone(task, answer.request):
         answer.release()
+        return Response(status_code=499)  # nobody reads it
+    choices = task.result()  # (a failure is released by the caller, or queued again: NoRoom)
+    answer.release()
     if ask.best_of:
         choices = best(choices, answer.prompts, ask.best_of, req.n)
     for k, choice in enumerate(choices):

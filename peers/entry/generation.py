@@ -21,13 +21,19 @@ from peers.transport.errors import HopFailed, Overloaded, SwarmError, SwarmUnava
 from peers.transport.frames import Sampling
 from peers.transport.results import StepResult, reporter_of
 
-__all__ = ["RETRY_AFTER_S", "Checks", "Token", "banned_now", "current_route", "generate"]
+__all__ = ["RETRY_AFTER_S", "Checks", "NoRoom", "Token", "banned_now", "current_route", "generate"]
 
 log = logging.getLogger("layerswarm.entry")
 
 RETRY_AFTER_S = 1
 FIRST_DELAY_S, MAX_DELAY_S = 0.05, 1.0  # backoff while no route is left
 NO_ROOM = ("cache_full", "busy", "too_large")  # healthy peers without room: avoided, not banned
+
+
+class NoRoom(Overloaded):
+    """No route had room for a request before its first token (its peers answered cache_full or
+    busy): refused at once, never after a backoff, so that the entry's admission can queue it
+    again (peers/entry/admission.py)."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,7 @@ class Failover:
                 f"no room for this request: {next(iter(self.too_large.values()))}"
             ) from None
         if self.full and not started:  # healthy peers without room now: come back later
-            raise Overloaded(
+            raise NoRoom(
                 f"no room for this request: {next(iter(self.full.values()))}", RETRY_AFTER_S
             ) from None
         self._give_up_if_late(why)

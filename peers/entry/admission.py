@@ -1,0 +1,203 @@
+"""Admission at arrival: one FIFO queue (within a priority) in front of an entry's generation.
+
+A request holds KV on every peer of its route (its prompt, plus max_tokens per sequence): it is
+admitted when that fits what this entry believes its routes' peers can hold beside what it has
+admitted already (--max-requests, counted at the door, bounds the queue and the requests served
+together). One that would wait longer than --max-queue-wait for that is refused at once
+(Overloaded: 429, its Retry-After the queue's expected wait), before its prompt is tokenized; a
+queued one is never overtaken by a later one of the same priority, and never refused for waiting. What peers can hold is learned: at first
+each peer holds this entry's own budget; a peer that answers an admitted request "no room"
+lowers it to what this entry holds, and every request that ends raises it again, a little.
+"""
+
+import asyncio
+import bisect
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from peers.transport.errors import Overloaded
+
+__all__ = ["Admission", "Ticket", "kv_tokens"]
+
+MEAN_WEIGHT = 0.2  # of each finished request's time in the mean (an exponential moving average)
+RECOVERY = 0.25  # of a finished request's tokens, the room a learned limit gets back
+
+
+def kv_tokens(prompt_tokens: int, max_tokens: int, sequences: int = 1) -> int:
+    """The KV token slots a request may hold on each peer of its route."""
+    return prompt_tokens + sequences * max_tokens
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request's place: in the queue (`admitted` not done), then admitted until released."""
+
+    tokens: int  # the KV token slots it may hold (an estimate until its prompt is tokenized)
+    priority: int  # lower goes first; FIFO within one
+    order: int  # arrival order (a requeued ticket gets one before every other)
+    admitted: asyncio.Future = field(repr=False)  # its result: when it was admitted (monotonic)
+    released: bool = False
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.priority, self.order
+
+
+class Admission:
+    """The queue and the room of one entry: enter() waits for room or refuses at once; release()
+    frees it; requeue() puts an admitted request that a full peer refused back at the head."""
+
+    def __init__(
+        self,
+        budget_tokens: int,
+        max_wait_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if budget_tokens < 1 or max_wait_s <= 0:
+            raise ValueError(
+                f"admission needs a positive budget and wait, got budget_tokens={budget_tokens}, "
+                f"max_wait_s={max_wait_s}"
+            )
+        self.budget_tokens, self.max_wait_s = budget_tokens, max_wait_s
+        self.limit_tokens = budget_tokens  # what the peers hold for this entry, as learned
+        self.clock = clock
+        self.waiting: list[Ticket] = []  # by key: the head first
+        self.running: set[Ticket] = set()
+        self.held_tokens = 0  # of the running tickets
+        self.mean_s: float | None = None  # a request's time from admission to its end
+        self.refused = 0
+        self._order, self._front = 0, 0
+
+    def set_budget(self, tokens: int) -> None:
+        """What the peers of this entry's routes can hold, before anything is learned."""
+        tokens = max(1, tokens)
+        if tokens != self.budget_tokens:
+            self.limit_tokens = min(tokens, self.limit_tokens + max(0, tokens - self.budget_tokens))
+            self.budget_tokens = tokens
+            self._pump()
+
+    def fits(self, tokens: int) -> bool:
+        """Whether a request of `tokens` could start now (one alone always may)."""
+        if not self.running:
+            return True
+        return self.held_tokens + tokens <= self.limit_tokens
+
+    def expected_wait_s(self, tokens: int, priority: int = 0) -> float | None:
+        """How long a request of `tokens` arriving now would wait for room: 0 where it starts at
+        once; None where nothing has been measured yet to tell."""
+        ahead = [t for t in self.waiting if t.priority <= priority]
+        if not ahead and self.fits(tokens):
+            return 0.0
+        if self.mean_s is None:
+            return None
+        sizes = [t.tokens for t in (*self.running, *ahead)] + [tokens]
+        per = sum(sizes) / len(sizes)
+        slots = max(1, int(self.limit_tokens // per))
+        before = max(1, len(self.running) + len(ahead) + 1 - slots)  # requests that must end first
+        return before * self.mean_s / slots
+
+    def enter(self, tokens: int, priority: int = 0) -> Ticket:
+        """A ticket, admitted or queued (then wait() for it); Overloaded at once where the wait
+        would pass max_wait_s. Nothing here awaits: a refusal costs no turn of the event loop."""
+        wait_s = self.expected_wait_s(tokens, priority)
+        if wait_s is None or wait_s > self.max_wait_s:
+            self.refused += 1
+            raise Overloaded(self._refusal(wait_s), math.ceil(wait_s if wait_s else self.max_wait_s))
+        self._order += 1
+        ticket = Ticket(tokens, priority, self._order, asyncio.get_running_loop().create_future())
+        if wait_s == 0:
+            self._admit(ticket)
+        else:
+            bisect.insort(self.waiting, ticket, key=lambda t: t.key)
+        return ticket
+
+    async def wait(self, ticket: Ticket) -> None:
+        """Until `ticket` is admitted (cancelled while queued: it leaves the queue; once
+        admitted: it is released)."""
+        if ticket.admitted.done():
+            return
+        try:
+            await asyncio.shield(ticket.admitted)
+        except asyncio.CancelledError:
+            if ticket in self.waiting:
+                self.waiting.remove(ticket)
+                self._pump()  # (a smaller one behind it may fit now)
+            else:
+                self.release(ticket, finished=False)
+            raise
+
+    def _refusal(self, wait_s: float | None) -> str:
+        queue = f"{len(self.running)} requests run here and {len(self.waiting)} wait"
+        if wait_s is None:
+            return f"no room for this request now ({queue}); retry later or use another peer"
+        return (
+            f"no room for this request within --max-queue-wait {self.max_wait_s:g} s ({queue}; the "
+            f"expected wait is {wait_s:.1f} s); retry later or use another peer"
+        )
+
+    def resize(self, ticket: Ticket, tokens: int) -> None:
+        """The ticket's true size, once its prompt is tokenized."""
+        if ticket in self.running:
+            self.held_tokens += tokens - ticket.tokens
+        ticket.tokens = tokens
+        self._pump()
+
+    def release(self, ticket: Ticket, finished: bool = True) -> None:
+        """The request ended (`finished`: it ran to its end, and its time counts in the mean)."""
+        if ticket.released:
+            return
+        ticket.released = True
+        if ticket in self.waiting:
+            self.waiting.remove(ticket)
+        elif ticket in self.running:
+            self.running.discard(ticket)
+            self.held_tokens -= ticket.tokens
+            if finished:
+                took = self.clock() - ticket.admitted.result()
+                self.mean_s = (
+                    took if self.mean_s is None else self.mean_s + MEAN_WEIGHT * (took - self.mean_s)
+                )
+                gain = max(1, int(ticket.tokens * RECOVERY))
+                self.limit_tokens = min(self.budget_tokens, self.limit_tokens + gain)
+        self._pump()
+
+    def requeue(self, ticket: Ticket) -> bool:
+        """A peer had no room for admitted `ticket` before its first token: where this entry
+        holds other requests (whose ends will free room), learn that the peers hold no more than
+        those, and put it back at the head of the queue (True); else False: nothing of this
+        entry's will free room, so the caller refuses it now."""
+        if ticket not in self.running or len(self.running) == 1:
+            return False
+        self.running.discard(ticket)
+        self.held_tokens -= ticket.tokens
+        self.limit_tokens = max(1, min(self.limit_tokens, self.held_tokens))
+        self._front -= 1
+        ticket.order, ticket.admitted = self._front, asyncio.get_running_loop().create_future()
+        bisect.insort(self.waiting, ticket, key=lambda t: t.key)
+        self._pump()
+        return True
+
+    def _admit(self, ticket: Ticket) -> None:
+        self.running.add(ticket)
+        self.held_tokens += ticket.tokens
+        ticket.admitted.set_result(self.clock())
+
+    def _pump(self) -> None:
+        """Admit from the head while it fits: never one behind a head that does not."""
+        while self.waiting and self.fits(self.waiting[0].tokens):
+            ticket = self.waiting.pop(0)
+            if not ticket.admitted.done():
+                self._admit(ticket)
+
+    def to_json(self) -> dict:
+        return {
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "held_tokens": self.held_tokens,
+            "limit_tokens": self.limit_tokens,
+            "budget_tokens": self.budget_tokens,
+            "mean_s": self.mean_s,
+            "refused": self.refused,
+        }
