@@ -3,6 +3,7 @@
 local swarm splits a machine's cores."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from inference.core_turns import CoreTurns, ThreadPolicy
 from peers.config import NodeConfig
 from peers.cores import check_cpus, format_cpus, parse_cpus, split_cpus, usable_cpus
 from peers.local_swarm import core_layout
-from tests.peers.processes import Swarm
+from tests.peers.processes import Swarm, free_port, wait_until
 
 
 class FakeScheduler:
@@ -180,3 +181,33 @@ def test_a_peer_started_with_cpus_runs_on_those_cores(tiny_llama, tmp_path):
         assert health["cpus"] == [0] and health["threads"] == 1 and health["core_turns"] is False
     finally:
         swarm.stop()
+
+
+@pytest.mark.processes
+def test_peer_swarm_gives_its_peers_cores_of_their_own_when_there_are_enough(tiny_llama, tmp_path):
+    ports = [free_port(), free_port()]
+    preset = tmp_path / "two.toml"
+    peers = "".join(
+        f'[[peers]]\nport = {port}\nlayers = "{span}"\n'
+        for port, span in zip(ports, ("0:2", "2:4"), strict=True)
+    )
+    preset.write_text(f'model = "{tiny_llama}"\nhost = "127.0.0.1"\n{peers}')
+    split = split_cpus(2, usable_cpus())
+    log = tmp_path / "swarm.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "peers.cli", "swarm", "--config", str(preset)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(lambda: "LayerSwarm is serving" in log.read_text(), 120, log.read_text)
+        said = log.read_text()
+        cpus = [httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["cpus"] for port in ports]
+        if split is None:  # one core: the two peers share it, in turns
+            assert "take turns" in said and cpus == [list(usable_cpus())] * 2
+        else:
+            assert "each peer on cores of its own" in said and cpus == [list(own) for own in split]
+    finally:
+        proc.send_signal(signal.SIGTERM)  # it stops its peers
+        proc.wait(60)
