@@ -21,7 +21,7 @@ from peers.transport.errors import Overloaded
 
 __all__ = ["Admission", "Ticket", "kv_tokens"]
 
-MEAN_WEIGHT = 0.2  # of each finished request's time in the mean (an exponential moving average)
+DRAIN_DECAY = 0.8  # of the drain rate's past, kept at each request's end (the rest is forgotten)
 RECOVERY = 0.25  # of a finished request's tokens, the room a learned limit gets back
 
 
@@ -66,7 +66,10 @@ class Admission:
         self.waiting: list[Ticket] = []  # by key: the head first
         self.running: set[Ticket] = set()
         self.held_tokens = 0  # of the running tickets
-        self.mean_s: float | None = None  # a request's time from admission to its end
+        # the rate at which requests' KV drains (their tokens, as they end, over the time this
+        # entry had requests running), each past end weighing DRAIN_DECAY times the next
+        self._drained_tokens, self._drained_s = 0.0, 0.0
+        self._since = 0.0  # the last end, or the start of the running period
         self.refused = 0
         self._order, self._front = 0, 0
 
@@ -84,19 +87,23 @@ class Admission:
             return True
         return self.held_tokens + tokens <= self.limit_tokens
 
+    @property
+    def drain_rate(self) -> float | None:
+        """KV token slots freed per second while requests run here (None: none ended yet)."""
+        return self._drained_tokens / self._drained_s if self._drained_s > 0 else None
+
     def expected_wait_s(self, tokens: int, priority: int = 0) -> float | None:
         """How long a request of `tokens` arriving now would wait for room: 0 where it starts at
-        once; None where nothing has been measured yet to tell."""
+        once; None where no request has ended yet to tell. The tokens held and queued ahead of
+        it beyond what fits must drain first, at the measured rate."""
         ahead = [t for t in self.waiting if t.priority <= priority]
         if not ahead and self.fits(tokens):
             return 0.0
-        if self.mean_s is None:
+        rate = self.drain_rate
+        if rate is None:
             return None
-        sizes = [t.tokens for t in (*self.running, *ahead)] + [tokens]
-        per = sum(sizes) / len(sizes)
-        slots = max(1, int(self.limit_tokens // per))
-        before = max(1, len(self.running) + len(ahead) + 1 - slots)  # requests that must end first
-        return before * self.mean_s / slots
+        excess = self.held_tokens + sum(t.tokens for t in ahead) + tokens - self.limit_tokens
+        return max(excess, 1) / rate
 
     def enter(self, tokens: int, priority: int = 0) -> Ticket:
         """A ticket, admitted or queued (then wait() for it); Overloaded at once where the wait
@@ -145,7 +152,7 @@ class Admission:
         self._pump()
 
     def release(self, ticket: Ticket, finished: bool = True) -> None:
-        """The request ended (`finished`: it ran to its end, and its time counts in the mean)."""
+        """The request ended (`finished`: it ran to its end, and its tokens count as drained)."""
         if ticket.released:
             return
         ticket.released = True
@@ -155,10 +162,10 @@ class Admission:
             self.running.discard(ticket)
             self.held_tokens -= ticket.tokens
             if finished:
-                took = self.clock() - ticket.admitted.result()
-                self.mean_s = (
-                    took if self.mean_s is None else self.mean_s + MEAN_WEIGHT * (took - self.mean_s)
-                )
+                now = self.clock()
+                self._drained_tokens = self._drained_tokens * DRAIN_DECAY + ticket.tokens
+                self._drained_s = self._drained_s * DRAIN_DECAY + (now - self._since)
+                self._since = now
                 gain = max(1, int(ticket.tokens * RECOVERY))
                 self.limit_tokens = min(self.budget_tokens, self.limit_tokens + gain)
         self._pump()
@@ -180,6 +187,8 @@ class Admission:
         return True
 
     def _admit(self, ticket: Ticket) -> None:
+        if not self.running:
+            self._since = self.clock()  # (time with nothing running drains nothing)
         self.running.add(ticket)
         self.held_tokens += ticket.tokens
         ticket.admitted.set_result(self.clock())
@@ -198,6 +207,6 @@ class Admission:
             "held_tokens": self.held_tokens,
             "limit_tokens": self.limit_tokens,
             "budget_tokens": self.budget_tokens,
-            "mean_s": self.mean_s,
+            "drain_tokens_per_s": self.drain_rate,
             "refused": self.refused,
         }

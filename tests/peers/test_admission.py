@@ -1,0 +1,163 @@
+"""Admission at arrival (peers/entry/admission.py): the queue's order and its Retry-After, then
+many concurrent long prompts against three real peers with a small KV budget: every refusal
+comes at once, every admitted request completes with the monolithic greedy text, and no session
+stays open. Before admission a refused request waited seconds in the peers' step queues."""
+
+import asyncio
+import statistics
+import time
+
+import httpx
+import pytest
+from transformers import AutoTokenizer
+
+from peers.entry.admission import Admission
+from peers.transport.errors import Overloaded
+from tests.helpers import greedy_reference, monolithic, save_tiny_model
+from tests.peers.processes import tiny_route, wait_until
+
+BUDGET = 2048  # KV token slots a peer holds: four of the prompts below at once
+REQUESTS = 64
+MAX_TOKENS = 12
+REFUSAL_S = 0.5  # the issue's bound on a refusal, measured at the client
+WIDE = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=8)  # compute that queues
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def measured(admission: Admission, clock: Clock) -> None:
+    """One request of 100 tokens that took 2 s: the queue drains 50 tokens a second."""
+    ticket = admission.enter(100)
+    clock.now += 2.0
+    admission.release(ticket)
+    assert admission.drain_rate == 50
+
+
+async def _queue_order():
+    clock = Clock()
+    admission = Admission(budget_tokens=100, max_wait_s=10, clock=clock)
+    with pytest.raises(Overloaded) as cold:  # nothing measured: no wait can be promised
+        admission.enter(60), admission.enter(60)
+    assert cold.value.retry_after_s == 10
+    admission.release(next(iter(admission.running)), finished=False)
+    measured(admission, clock)
+    a = admission.enter(60)
+    b = admission.enter(60)  # waits for a
+    c = admission.enter(30)  # would fit beside a, but never overtakes b
+    urgent = admission.enter(60, priority=-1)  # a higher priority goes first
+    assert a.admitted.done() and not any(t.admitted.done() for t in (b, c, urgent))
+    assert admission.waiting == [urgent, b, c]
+    admission.release(a)
+    assert urgent.admitted.done() and not b.admitted.done() and not c.admitted.done()
+    admission.release(urgent)
+    assert b.admitted.done() and c.admitted.done()  # 60 + 30 fit together
+    gone = admission.enter(60)
+    waiting = asyncio.ensure_future(admission.wait(gone))
+    await asyncio.sleep(0)
+    waiting.cancel()  # its client went away: it leaves the queue
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert gone not in admission.waiting
+
+
+def test_the_queue_is_fifo_within_a_priority():
+    asyncio.run(_queue_order())
+
+
+async def _retry_after():
+    clock = Clock()
+    admission = Admission(budget_tokens=100, max_wait_s=5, clock=clock)
+    measured(admission, clock)
+    admission.enter(60)
+    waits = [admission.expected_wait_s(60)]
+    for _ in range(4):  # each one waits for the 60 tokens of the one before to drain too
+        admission.enter(60)
+        waits.append(admission.expected_wait_s(60))
+    assert waits == pytest.approx([0.4, 1.6, 2.8, 4.0, 5.2])  # (20 + 60 k tokens at 50 a second)
+    with pytest.raises(Overloaded) as refused:
+        admission.enter(60)
+    assert refused.value.retry_after_s == 6 and "--max-queue-wait 5 s" in refused.value.message
+    assert admission.refused == 1 and len(admission.waiting) == 4
+
+
+def test_retry_after_is_the_queues_expected_wait():
+    asyncio.run(_retry_after())
+
+
+async def _requeue():
+    clock = Clock()
+    admission = Admission(budget_tokens=100, max_wait_s=10, clock=clock)
+    measured(admission, clock)
+    a, b = admission.enter(40), admission.enter(40)
+    later = admission.enter(40)  # queued behind them
+    assert admission.requeue(b)  # a full peer refused b: the peers hold no more than a
+    assert admission.limit_tokens == 40 and admission.waiting == [b, later]
+    admission.release(a)  # b, first again, starts before the one that came after it
+    assert b.admitted.done() and not later.admitted.done()
+    assert not admission.requeue(b)  # alone: nothing of this entry's will free room
+    assert admission.limit_tokens == 50  # each end gives back a quarter of its tokens
+
+
+def test_a_request_a_full_peer_refused_goes_back_to_the_head():
+    asyncio.run(_requeue())
+
+
+# --- real peers ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    return save_tiny_model("llama", tmp_path_factory.mktemp("wide") / "llama", **WIDE)
+
+
+def prompt_of(i: int) -> str:
+    return f"{i:03d} " + "the quick brown fox jumps over the lazy dog " * 9  # ~410 tokens
+
+
+async def post(client: httpx.AsyncClient, url: str, i: int, timeout: float = 120) -> tuple:
+    body = {"model": "llama", "prompt": prompt_of(i), "max_tokens": MAX_TOKENS, "temperature": 0}
+    t0 = time.monotonic()
+    try:
+        r = await client.post(f"{url}/v1/completions", json={**body, "ignore_eos": True}, timeout=timeout)
+    except httpx.ReadTimeout:
+        return i, None, time.monotonic() - t0
+    return i, r, time.monotonic() - t0
+
+
+async def wave(url: str) -> tuple[list, list]:
+    """REQUESTS long prompts at once, and four clients that hang up after 1 s (queued or served)."""
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=2 * REQUESTS)) as client:
+        everyone = [post(client, url, i) for i in range(REQUESTS)]
+        impatient = [post(client, url, 1000 + i, timeout=1.0) for i in range(4)]
+        results = await asyncio.gather(*everyone, *impatient)
+    return results[:REQUESTS], results[REQUESTS:]
+
+
+@pytest.mark.slow
+def test_many_long_prompts_are_refused_at_once_or_served(wide_model, tmp_path):
+    tok = AutoTokenizer.from_pretrained(wide_model)
+    with tiny_route(wide_model, tmp_path, ["--max-cache-tokens", str(BUDGET)]) as swarm:
+        entry = swarm.peers[0]
+        asyncio.run(wave(entry.url))  # the mean request time is measured on a first wave
+        results, impatient = asyncio.run(wave(entry.url))
+        wait_until(
+            lambda: all(p.health()["sessions"] == 0 for p in swarm.peers), 15, swarm._why, interval_s=0.1
+        )
+    served = {i: r.json()["choices"][0]["text"] for i, r, _ in results if r.status_code == 200}
+    refused = [(took, r) for _, r, took in results if r.status_code != 200]
+    assert {r.status_code for _, r in refused} <= {429}, [r.text for _, r in refused]
+    assert served and refused, (len(served), len(refused))
+    times = sorted(took for took, _ in refused)
+    slow = [(round(took, 2), r.json()["error"]["message"]) for took, r in refused if took > REFUSAL_S]
+    assert not slow, f"median {statistics.median(times):.2f} s; slow refusals: {slow[:5]}"
+    assert all(int(r.headers["retry-after"]) >= 1 for _, r in refused)
+    assert all(r is None or r.status_code in (200, 429) for _, r, _ in impatient)
+    model = monolithic(wide_model)
+    for i, text in served.items():
+        ids = tok.encode(prompt_of(i))
+        assert text == tok.decode(greedy_reference(model, ids, MAX_TOKENS), skip_special_tokens=True), i
