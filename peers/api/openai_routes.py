@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TypeVar
 
 from fastapi import APIRouter, Request
@@ -85,9 +86,13 @@ class OpenAIDoor:
         self.node = node
         # tokenizing runs off the event loop, one prompt at a time
         self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
-        config = node.config
-        self.admission = Admission(config.max_cache_tokens, config.scheduler.max_queue_wait_s)
         self.tokens_per_char: float | None = None
+
+    @cached_property
+    def admission(self) -> Admission:
+        """The queue in front of this entry's generation (made at the first request)."""
+        config = self.node.config
+        return Admission(config.max_cache_tokens, config.scheduler.max_queue_wait_s)
 
     async def off_loop(self, fn: Callable[..., T], *args: object) -> T:
         """`fn(*args)` on the tokenizing thread."""
