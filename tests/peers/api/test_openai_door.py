@@ -374,9 +374,9 @@ def test_continue_final_message_continues_it(tiny_swarm, model, tok):
 
 
 IGNORE_CONTROLS = """
-import inference.scheduler
+import inference.step_sampling
 from inference.sampling import RowControls
-inference.scheduler._row_controls = lambda controls, sampling, vocab: RowControls()  # samples as it likes
+inference.step_sampling._row_controls = lambda controls, sampling, vocab: RowControls()  # samples as it likes
 """
 
 
