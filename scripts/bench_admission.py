@@ -7,8 +7,10 @@ the client, and whether any session stays open on a peer afterwards.
 
 Each wave sends --requests non-streamed greedy chat completions at once, each a distinct prompt of
 --prompt-tokens tokens (chat template included); the first wave meets an entry that has measured
-nothing yet, the later ones one that knows how fast its queue drains. Goal (issue 25): every
-refusal within 0.5 s, every accepted request completed, no session left open.
+nothing yet, the later ones one that knows how fast its queue drains. Before them, a wave of the
+same requests for a model the swarm does not serve (404 at the door, before any admission) shows
+the floor: what the HTTP round trip of that many requests at once costs on this machine. Goal
+(issue 25): every refusal within 0.5 s, every accepted request completed, no session left open.
 """
 
 import argparse
@@ -164,12 +166,14 @@ def main() -> int:
         print(
             f"{args.requests} concurrent chats of {args.prompt_tokens} prompt tokens, {args.max_tokens} out"
         )
+        floor = sorted(r["s"] for r in asyncio.run(wave(url, "no-such-model", prompts[: args.requests], 1)))
+        print(f"floor (404 at the door): max {floor[-1]:.2f} s, median {statistics.median(floor):.2f} s")
         for k in range(args.waves):
             batch = prompts[k * args.requests : (k + 1) * args.requests]
             s = summary(asyncio.run(wave(url, args.model, batch, args.max_tokens)), args.max_tokens)
             sessions = open_sessions(swarm)
             report(k, s, sessions)
-            results.append({**s, "sessions": sessions})
+            results.append({**s, "sessions": sessions, "floor_max_s": floor[-1]})
     finally:
         swarm.stop()
     if args.json:
