@@ -12,6 +12,7 @@ from peers.option_values import (
     check_port,
     check_served_names,
     check_share,
+    on_off,
     read_api_keys,
     read_chat_template,
     read_origins,
@@ -72,6 +73,15 @@ SCHEDULER_FLAGS = {
         "merge; else 0)",
         None,
         float,
+    ),
+    "micro_batches": Flag(
+        "--micro-batches",
+        "on: a peer with cores (or a GPU) of its own takes at most 1/stages of the sessions' decode "
+        "steps a forward, so that a pipeline's stages compute at once (pipelined micro-batches); "
+        "off: every queued decode step runs in the next forward",
+        True,
+        on_off,
+        metavar="on|off",
     ),
 }
 GOSSIP_FLAGS = {

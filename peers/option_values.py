@@ -11,6 +11,13 @@ MIN_KEY_CHARS = 8  # an API key's or the metrics key's
 OPEN_SWARM_VERIFY_RATE = 0.05  # strangers may join: check one request in 20 (costs under 10%, README)
 
 
+def on_off(text: str) -> bool:
+    """`on` or `off` as a bool (a switch whose default is on, inside nested settings)."""
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text == "on"
+
+
 def check_port(name: str, port: int) -> None:
     if not 0 < port <= MAX_PORT:
         raise ValueError(f"{name} must be in 1..{MAX_PORT}, got {port}")

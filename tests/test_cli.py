@@ -14,7 +14,7 @@ import pytest
 import peers
 from peers import cli
 from peers.config import NodeConfig
-from peers.option_values import OPEN_SWARM_VERIFY_RATE, read_verify_rate
+from peers.option_values import OPEN_SWARM_VERIFY_RATE, on_off, read_verify_rate
 from peers.options import read_config
 
 
@@ -164,6 +164,7 @@ FLAGS = {
         "--max-step-queue": (1024, int, None, None, None, "StoreAction"),
         "--max-queue-wait": (10.0, float, None, None, None, "StoreAction"),
         "--batch-wait": (None, float, None, None, None, "StoreAction"),
+        "--micro-batches": (True, on_off, None, "on|off", None, "StoreAction"),
         "--no-prefix-reuse": (False, None, None, None, 0, "StoreTrueAction"),
         "--wire": ("lossless", None, ("lossless", "bf16", "fp16", "int8"), None, None, "StoreAction"),
         "--no-direct-return": (False, None, None, None, 0, "StoreTrueAction"),
