@@ -51,9 +51,12 @@ class SchedulerSettings:
     batch_wait_s: float | None = None
     # Pipelined micro-batches: while this peer does not share its cores with other peers, a
     # forward takes at most 1/stages of the decode steps of the sessions stepping here (those
-    # seen within RECENT_S), so that the sessions of a pipeline of `stages` peers move as that
-    # many micro-batches, one computing on each stage, instead of one batch that leaves every
-    # stage but one idle. Off: every queued decode step runs in the next forward.
+    # seen within RECENT_S), and waits for that many while the missing ones are due back (as
+    # co-located waves do: MERGE_FRACTION of their round time, at most MAX_MERGE_WAIT_S), so
+    # that the sessions of a pipeline of `stages` peers move as that many whole micro-batches,
+    # one computing on each stage, instead of one batch that leaves every stage but one idle or
+    # many small ones that each pay for reading the weights. Off: every queued decode step runs
+    # in the next forward.
     micro_batches: bool = True
 
     def __post_init__(self):

@@ -153,14 +153,16 @@ class Scheduler:
         to batch_wait_s from the oldest queued step, or (batch_wait_s None, co-located) for
         those due back soon (see SchedulerSettings.batch_wait_s)."""
         fixed = self.settings.batch_wait_s
-        if fixed is None and not self.colocated or fixed == 0:
+        micro = fixed is None and not self.colocated
+        if fixed is None and not self.colocated and self._micro_target() is None or fixed == 0:
             return
         while self._queue:
             now = self._clock()
             self._drop_stale(now)
             queued = {j.session_id for j in self._queue}
             missing = [self._recent[sid] for sid in self._recent.keys() - queued]
-            if not missing:
+            target = self._micro_target() if micro else None
+            if not missing or micro and (target is None or sum(j.is_decode for j in self._queue) >= target):
                 return
             oldest = min(j.enqueued for j in self._queue)
             until = oldest + fixed if fixed is not None else self._merge_until(oldest, queued, missing)
@@ -276,6 +278,15 @@ class Scheduler:
                 if self.metrics is not None:
                     self.metrics.queue_wait.observe(now - job.enqueued)
         return batch
+
+    def _micro_target(self) -> int | None:
+        """The decode steps a micro-batch holds (the sessions stepping here over the stages),
+        or None where micro-batches do not apply."""
+        decodes = [job for job in self._queue if job.is_decode]
+        stages = max((job.stages for job in decodes), default=1)
+        if stages < 2 or self.colocated or not self.settings.micro_batches:
+            return None
+        return -(-len(self._recent.keys() | {job.session_id for job in decodes}) // stages)
 
     def _micro_batch(self, decodes: list[Job]) -> int:
         """How many of the queued decode steps (oldest first) the next forward takes: all, or

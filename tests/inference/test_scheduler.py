@@ -260,16 +260,16 @@ def test_colocated_a_slow_session_does_not_hold_the_others(tiny_llama):
 
 
 def test_one_steps_sampling_failure_stays_its_own(tiny_llama, monkeypatch):
-    import inference.scheduler as scheduler
+    import inference.step_sampling as step_sampling
 
-    real = scheduler.sample_many
+    real = step_sampling.sample_many
 
     def fragile(logits, params, steps, controls=None):
         if any(p.seed == 666 for p in params):
             raise RuntimeError("this session's sampling broke")
         return real(logits, params, steps, controls)
 
-    monkeypatch.setattr(scheduler, "sample_many", fragile)
+    monkeypatch.setattr(step_sampling, "sample_many", fragile)
     block = load_block(tiny_llama)
 
     async def main():
