@@ -15,6 +15,9 @@ from transformers import AttentionInterface
 from .kv_cache import LOCAL, Sender, SessionCache
 
 ATTENTION = "layerswarm_varlen"
+POOLED_PADDING = (
+    0.25  # pooled decode rows attend to the longest one's keys, the others' masked: at most this share
+)
 
 
 @dataclass
@@ -178,13 +181,18 @@ class Pooled:
 
     @classmethod
     def of(cls, segments: list[Segment], pool, windows: dict[int, int | None]) -> "Pooled | None":
-        """The pooled rows of a batch, or None when fewer than two rows hold slots of `pool`."""
+        """The pooled rows of a batch, or None when fewer than two rows hold slots of `pool`, or
+        when their lengths differ so much that attending to the longest would cost more than
+        attending one by one (more than POOLED_PADDING of the keys masked)."""
         if pool is None:
             return None
         members = [
             s for s in segments if s.steps == 1 and s.cache.lease is not None and s.cache.lease.pool is pool
         ]
         if len(members) < 2:
+            return None
+        longest = max(s.past + 1 for s in members)
+        if sum(s.past + 1 for s in members) < (1 - POOLED_PADDING) * longest * len(members):
             return None
         taken = {id(s) for s in members}
         members.sort(key=lambda s: s.cache.slot)
