@@ -19,7 +19,6 @@ from tests.peers.processes import tiny_route, wait_until
 BUDGET = 2048  # KV token slots a peer holds: four of the prompts below at once
 REQUESTS = 64
 MAX_TOKENS = 12
-REFUSAL_S = 0.5  # the bound on a refusal, measured at the client
 WIDE = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=8)  # compute that queues
 
 
@@ -152,9 +151,14 @@ def test_many_long_prompts_are_refused_at_once_or_served(wide_model, tmp_path):
     refused = [(took, r) for _, r, took in results if r.status_code != 200]
     assert {r.status_code for _, r in refused} <= {429}, [r.text for _, r in refused]
     assert served and refused, (len(served), len(refused))
+    # refused at once: before any admitted request of the wave is done (before, a refusal came
+    # after the step queue's wait, when many were); the 0.5 s bound is scripts/bench_admission.py's
     times = sorted(took for took, _ in refused)
-    slow = [(round(took, 2), r.json()["error"]["message"]) for took, r in refused if took > REFUSAL_S]
-    assert not slow, f"median {statistics.median(times):.2f} s; slow refusals: {slow[:5]}"
+    first_done = min(took for _, r, took in results if r.status_code == 200)
+    slow = [(round(took, 2), r.json()["error"]["message"]) for took, r in refused if took >= first_done]
+    assert not slow, (
+        f"first served after {first_done:.2f} s, median refusal {statistics.median(times):.2f} s: {slow[:5]}"
+    )
     assert all(int(r.headers["retry-after"]) >= 1 for _, r in refused)
     assert all(r is None or r.status_code in (200, 429) for _, r, _ in impatient)
     model = monolithic(wide_model)
