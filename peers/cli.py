@@ -166,6 +166,8 @@ def _run(node, config: NodeConfig, sock, log_level: str) -> int:
             timeout_graceful_shutdown=int(config.drain_s) + 1,
             access_log=False,
             http=guarded_h11(config.max_connections, config.header_timeout_s),
+            ws_max_size=node.max_steps_body_bytes + (64 << 10),  # (a steps stream's message: its header too)
+            ws_ping_interval=None,
         ),
     )
     server.loop = asyncio.new_event_loop()

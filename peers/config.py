@@ -182,6 +182,14 @@ class NodeConfig:
     prefix_reuse: bool = option(
         True, Flag("--no-prefix-reuse", "never reuse the KV of prompt prefixes computed before")
     )
+    hop_stream: bool = option(
+        True,
+        Flag(
+            "--no-hop-stream",
+            "send steps to next peers as one HTTP request a message, not over one persistent "
+            "websocket per next peer (the lean hop; a peer that takes none is sent to by HTTP anyway)",
+        ),
+    )
     wire: str = option(  # how hidden states travel to next hops that accept it (peers/transport/wire.py)
         WIRE_CHOICES[0],
         Flag(

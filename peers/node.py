@@ -41,8 +41,9 @@ from peers.transport.auth import SwarmAuth
 from peers.transport.direct import Progress, Returns
 from peers.transport.forwarder import Forwarder
 from peers.transport.frames import Hop, StepRequest
-from peers.transport.limits import post_capped
+from peers.transport.limits import MAX_REPLY_BYTES, post_capped
 from peers.transport.results import StepResult
+from peers.transport.stream import Streams
 from peers.transport.wire import accepted_encodings
 
 log = logging.getLogger("layerswarm.peer")
@@ -52,8 +53,7 @@ STEPS_BODY_SLACK_BYTES = 4 << 20  # frame headers of a steps message, beyond its
 
 class PeerNode:
     def __init__(self, config: NodeConfig, http: httpx.AsyncClient | None = None):
-        """`http` carries every request to other peers; tests may pass one over an in-memory
-        transport. By default a pooled keep-alive client."""
+        """`http` carries requests to other peers (tests: in-memory); by default a keep-alive pool."""
         self.config = config
         pin_cpus(config.cpus)  # --cpus (peer serve pinned the process before torch loaded already)
         source = resolve_model(config.model)
@@ -78,6 +78,7 @@ class PeerNode:
             self.links,
             config.wire,
             self._wire_accepted,
+            self._streams(own_client=http is None),
         )
         self.bans = Bans(config.ban_s, config.ban_max_s)
         self.failovers = 0  # re-routes this entry made (a failed, busy or full peer, a lost session)
@@ -344,7 +345,15 @@ class PeerNode:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.scheduler.close()
         self.cpu.close()
+        if self.forwarder.streams is not None:
+            await self.forwarder.streams.close()
         await self.http.aclose()
+
+    def _streams(self, own_client: bool) -> Streams | None:
+        """The lean hop's streams (--no-hop-stream: none; a client given is in-memory: HTTP only)."""
+        return (
+            Streams(self.config.swarm_key, MAX_REPLY_BYTES) if self.config.hop_stream and own_client else None
+        )
 
     def list_seeds(self) -> list[str]:
         return [s for s in self.config.join if s != self.config.address]

@@ -9,7 +9,7 @@ import logging
 import socket
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 
 from inference.kv_cache import Sender
@@ -32,6 +32,7 @@ from peers.transport.frames import (
 )
 from peers.transport.logs import REQUEST_ID
 from peers.transport.results import failure_body, outcome_of, step_error_body, step_result_body
+from peers.transport.stream import PATH_STEPS_STREAM, serve_stream
 
 log = logging.getLogger("layerswarm.server")
 DECODE_OFF_LOOP_BYTES = 1 << 20  # a larger message is decoded in a thread, not on the event loop
@@ -49,6 +50,7 @@ class SwarmRoutes:
     def router(self) -> APIRouter:
         router = APIRouter()
         router.add_api_route(PATH_STEPS, self.steps, methods=["POST"])
+        router.add_api_websocket_route(PATH_STEPS_STREAM, self.steps_stream)
         router.add_api_route(PATH_RESULTS, self.results, methods=["POST"])
         router.add_api_route(PATH_PROGRESS, self.progress, methods=["GET"])
         router.add_api_route(PATH_CLOSE, self.close, methods=["POST"])
@@ -60,6 +62,20 @@ class SwarmRoutes:
         """Several steps in one message; each runs as if it came alone, one result each."""
         t0 = time.perf_counter()
         body = await request.body()
+        read_s = time.perf_counter() - t0
+        peer = request.client.host if request.client else ""
+        task = asyncio.ensure_future(self.message(body, peer, read_s))
+        if not await unless_gone(task, request, "its steps"):  # the sender gave up: so does this peer
+            return Response(status_code=499)
+        status, reply = task.result()
+        return JSONResponse(reply, status_code=status)
+
+    async def steps_stream(self, ws: WebSocket) -> None:
+        """The same messages over one persistent websocket (peers/transport/stream.py)."""
+        await serve_stream(ws, self.message, self.node.max_steps_body_bytes)
+
+    async def message(self, body: bytes, peer: str, read_s: float = 0.0) -> tuple[int, dict]:
+        """A steps message's answer: (status, JSON) as POST /swarm/steps gives it."""
         t1 = time.perf_counter()
         try:
             if len(body) > DECODE_OFF_LOOP_BYTES:
@@ -67,14 +83,11 @@ class SwarmRoutes:
             else:
                 reqs = decode_steps(body)
         except ProtocolError as e:
-            return JSONResponse(step_error_body(str(e), None, "bad_request"), status_code=400)
-        self.node.hop_times.add("read_body", t1 - t0, len(reqs))
+            return 400, step_error_body(str(e), None, "bad_request")
+        self.node.hop_times.add("read_body", read_s, len(reqs))
         self.node.hop_times.add("decode", time.perf_counter() - t1, len(reqs))
-        sender = await self.sender_of(request)
-        task = asyncio.ensure_future(asyncio.gather(*(self.run(r, sender) for r in reqs)))
-        if not await unless_gone(task, request, "its steps"):  # the sender gave up: so does this peer
-            return Response(status_code=499)
-        return JSONResponse({"results": list(task.result())})
+        sender = await self.sender_of(peer)
+        return 200, {"results": list(await asyncio.gather(*(self.run(r, sender) for r in reqs)))}
 
     async def run(self, req: StepRequest, sender: Sender) -> dict:
         """One frame of a message: its result, its acceptance (direct return) or its failure."""
@@ -91,11 +104,10 @@ class SwarmRoutes:
             log.exception("step failed")
             return step_error_body(f"{type(e).__name__}: {e}", self.node.peer_id, "failed")
 
-    async def sender_of(self, request: Request) -> Sender:
+    async def sender_of(self, peer: str) -> Sender:
         """Who sent a steps message: its remote host (a frame does not say who sent it), vouched
         for in a private swarm (every request is signed by a member) or where a vouched peer of
         this peer's table has its address."""
-        peer = request.client.host if request.client else ""
         host = canonical_host(peer) or peer
         if self.node.config.swarm_key is not None:
             return Sender(f"host:{host}", vouched=True)

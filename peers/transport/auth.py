@@ -12,6 +12,7 @@ within that window (a replayed request is refused), and the MAC is compared in c
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import time
@@ -22,6 +23,9 @@ from contextvars import ContextVar
 import httpx
 
 from peers.transport.limits import json_error
+from peers.transport.stream_format import StreamFormatError, parse_stream_message
+
+log = logging.getLogger("layerswarm.auth")
 
 SWARM_PREFIX = "/swarm/"
 API_PREFIX = "/v1/"
@@ -116,6 +120,8 @@ class Guard:
         self.replays = ReplayCache(clock=clock)
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket" and scope["path"].startswith(SWARM_PREFIX) and self.swarm_key:
+            return await self._websocket(scope, receive, send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
@@ -135,26 +141,57 @@ class Guard:
             body, receive = await _read_body(receive)
             if body is None:
                 return  # the client went away (or BodyLimits already answered)
-            expected = _mac(self.swarm_key, scope["method"], path, headers[H_TIME], headers[H_NONCE], body)
-            if not hmac.compare_digest(expected, headers[H_AUTH]):
-                return await self._refuse(
-                    send,
-                    "the request is not signed with this swarm's key",
-                    "authentication_error",
-                    "invalid_swarm_auth",
-                )
-            if not self.replays.first_time(headers[H_NONCE]):
-                return await self._refuse(
-                    send,
-                    "this signed request was seen before (a replay)",
-                    "authentication_error",
-                    "invalid_swarm_auth",
-                )
+            why = self._signature_problem(headers, scope["method"], path, body)
+            if why:
+                return await self._refuse(send, why, "authentication_error", "invalid_swarm_auth")
         as_requester = _REQUESTER.set(self._requester(scope))
         try:
             await self.app(scope, receive, send)
         finally:
             _REQUESTER.reset(as_requester)
+
+    def _signature_problem(self, headers: dict, method: str, path: str, body: bytes) -> str | None:
+        """Why a stamped request (or stream message) is not this swarm's, or None."""
+        expected = _mac(self.swarm_key, method, path, headers[H_TIME], headers[H_NONCE], body)
+        if not hmac.compare_digest(expected, headers[H_AUTH]):
+            return "the request is not signed with this swarm's key"
+        if not self.replays.first_time(headers[H_NONCE]):
+            return "this signed request was seen before (a replay)"
+        return None
+
+    async def _websocket(self, scope, receive, send):
+        """A private swarm's steps stream (peers/transport/stream.py): the handshake and every
+        message signed; a bad one is refused (before the handshake: 403) or closes the stream."""
+        path = scope["path"]
+        headers = _headers(scope)
+        why = self._stamp_problem(headers) or self._signature_problem(headers, "GET", path, b"")
+        if why:
+            log.warning("steps stream refused: %s", why)
+            return await send({"type": "websocket.close", "code": 1008})
+
+        async def checked() -> dict:
+            message = await receive()
+            if message["type"] == "websocket.receive":
+                why = self._message_problem(path, message.get("bytes"))
+                if why:
+                    log.warning("steps stream closed: %s", why)
+                    await send({"type": "websocket.close", "code": 1008})
+                    return {"type": "websocket.disconnect", "code": 1008}
+            return message
+
+        as_requester = _REQUESTER.set(self._requester(scope))
+        try:
+            await self.app(scope, checked, send)
+        finally:
+            _REQUESTER.reset(as_requester)
+
+    def _message_problem(self, path: str, data: bytes | None) -> str | None:
+        try:
+            _, headers, body = parse_stream_message(data)
+        except StreamFormatError as e:
+            return str(e)
+        headers = {k.lower(): v for k, v in headers.items()}
+        return self._stamp_problem(headers) or self._signature_problem(headers, "POST", path, body)
 
     def _requester(self, scope) -> str:
         """The API key of a /v1/ request where the door takes keys (checked by now), else the host."""

@@ -28,6 +28,7 @@ from peers.transport.frames import (
 )
 from peers.transport.limits import ReplyTooLarge, post_capped
 from peers.transport.results import StepResult, parse_steps_reply, results_message
+from peers.transport.stream import Streams
 from peers.transport.wire import LOSSLESS, hop_encoding
 
 log = logging.getLogger("layerswarm.forwarding")
@@ -68,9 +69,12 @@ class Forwarder:
         links: Links | None = None,
         wire: str = LOSSLESS,
         accepts: Callable[[str], tuple[str, ...]] = lambda peer_id: (LOSSLESS,),
+        streams: Streams | None = None,
     ):
-        """`links`, if given, learns the round-trip time of each next hop's acknowledgement."""
-        self.me, self.http, self.links = me, http, links
+        """`links`, if given, learns the round-trip time of each next hop's acknowledgement;
+        `streams`, if given, carries steps messages over persistent websockets (the lean hop),
+        HTTP where a next peer takes none."""
+        self.me, self.http, self.links, self.streams = me, http, links, streams
         self.wire, self.accepts = wire, accepts
         self.hop_timeout_s, self.per_token_s = hop_timeout_s, per_token_s
         self._outbox: dict[tuple[str, bool], list[tuple[StepRequest, asyncio.Future]]] = {}
@@ -83,7 +87,8 @@ class Forwarder:
 
     def to_json(self) -> dict:
         """The step messages sent and the frames in them (a section of /health)."""
-        return {"messages": self.messages, "frames": self.frames}
+        streams = {"streams": self.streams.to_json()} if self.streams is not None else {}
+        return {"messages": self.messages, "frames": self.frames, **streams}
 
     def deadline_s(self, req: StepRequest) -> float:
         """How long the next hop has to answer `req`: to acknowledge it (returned directly: one
@@ -180,13 +185,15 @@ class Forwarder:
             timed = self.links is not None and all(q.reply_to for q in reqs)
             timed = timed and sum(q.tensor.shape[1] for q in reqs) <= SMALL_FRAME_POSITIONS
             sent = time.monotonic()
-            r = await post_capped(
-                self.http,
-                f"http://{nxt.address}{PATH_STEPS}",
-                timeout,
-                content=body,
-                headers={"content-type": STEP_CONTENT_TYPE},
-            )
+            r = None if self.streams is None else await self.streams.post(nxt.address, body, timeout)
+            if r is None:
+                r = await post_capped(
+                    self.http,
+                    f"http://{nxt.address}{PATH_STEPS}",
+                    timeout,
+                    content=body,
+                    headers={"content-type": STEP_CONTENT_TYPE},
+                )
             results = parse_steps_reply(r, nxt.peer_id, len(reqs))
             if timed and r.status_code == 200:
                 self.links.observe(nxt.peer_id, time.monotonic() - sent)

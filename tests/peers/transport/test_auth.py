@@ -28,6 +28,8 @@ from peers.transport.frames import (
     StepRequest,
     encode_steps,
 )
+from peers.transport.stream import PATH_STEPS_STREAM
+from peers.transport.stream_format import parse_stream_answer, stream_message
 from tests.peers.processes import Swarm
 
 KEY = "correct horse battery staple"
@@ -121,6 +123,61 @@ def test_unsigned_or_bad_peer_requests_get_401_before_any_work(private, attack):
         r = httpx.post(url, content=body, headers={**h, **ctype}, timeout=30)
     assert r.status_code == 401, r.text
     assert served(p0) == before  # nothing was computed
+
+
+def stream_exchange(peer, handshake_key: str | None, messages: list[bytes]) -> list:
+    """Open a steps stream to `peer` (the handshake signed with `handshake_key`, or not at all),
+    send `messages`, and read the answers: each (status, JSON) or the exception that ended it."""
+    from websockets.asyncio.client import connect
+
+    async def main():
+        h = sign_headers(handshake_key.encode(), "GET", PATH_STEPS_STREAM, b"") if handshake_key else {}
+        out = []
+        async with connect(f"ws://{peer.address}{PATH_STEPS_STREAM}", additional_headers=h, proxy=None) as ws:
+            for message in messages:
+                await ws.send(message)
+                try:
+                    _, status, reply = parse_stream_answer(await asyncio.wait_for(ws.recv(), 30))
+                    out.append((status, reply))
+                except Exception as e:
+                    out.append(e)
+                    break
+        return out
+
+    return asyncio.run(main())
+
+
+def test_the_steps_stream_is_signed_like_every_peer_request(private):
+    """The lean hop's websocket (peers/transport/stream.py): the handshake must be signed; so must
+    every message (a wrong key, a tampered body or a replay closes the stream before any work)."""
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+    p0 = private.peers[0]
+    body = step_body(private.peers)
+    with pytest.raises(InvalidStatus):
+        stream_exchange(p0, None, [])
+    with pytest.raises(InvalidStatus):
+        stream_exchange(p0, "not the swarm's key at all", [])
+
+    def message(key: str, payload: bytes, signed_body: bytes | None = None) -> bytes:
+        h = sign_headers(
+            key.encode(), "POST", PATH_STEPS_STREAM, payload if signed_body is None else signed_body
+        )
+        return stream_message(1, h, payload)
+
+    good = message(KEY, body)
+    for attack in (
+        message("not the swarm's key at all", body),
+        message(KEY, body[:-1] + b"\x01", signed_body=body),
+    ):
+        before = served(p0)
+        (outcome,) = stream_exchange(p0, KEY, [attack])
+        assert isinstance(outcome, ConnectionClosed), outcome
+        assert served(p0) == before
+    before = served(p0)
+    first, replay = stream_exchange(p0, KEY, [good, good])
+    assert first[0] == 200 and isinstance(replay, ConnectionClosed), (first, replay)
+    assert served(p0) == before + 1  # the signed message ran; its replay did not
 
 
 @pytest.mark.parametrize("path", [PATH_CLOSE, PATH_GOSSIP])
