@@ -30,6 +30,7 @@ HEALTH_FIELDS = {
     "claims",
     "active_requests",
     "threads",
+    "cpus",
     "core_turns",
     "cuda_graphs",
     "failovers",

@@ -15,6 +15,7 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from peers import AsyncSwarmClient, SwarmAPIError, SwarmClient, SwarmConnectionError, SwarmTimeoutError
+from peers.entry.generation import NoRoom
 from peers.sdk import STATUS_OF_CODE, STATUS_OF_TYPE, fetch_table, root_url
 from peers.transport import errors as server_errors
 
@@ -184,6 +185,7 @@ IN_BAND = [
     server_errors.Forbidden("not yours"),
     server_errors.ModelNotServed("gpt-9", MODEL),
     server_errors.Overloaded("no room"),
+    NoRoom("no route had room before the first token"),
     server_errors.SwarmUnavailable("no peer serves layers 1-2"),
     server_errors.HopFailed("peer-b", "refused"),
 ]
