@@ -140,6 +140,12 @@ def guarded_h11(max_connections: int, header_timeout_s: float) -> type[H11Protoc
             if not self.transport.is_closing():
                 self._arm()
 
+        def handle_websocket_upgrade(self, event) -> None:
+            if self._header_timer is not None:  # (a steps stream lives on: its headers came in time)
+                self._header_timer.cancel()
+                self._header_timer = None
+            super().handle_websocket_upgrade(event)
+
         def connection_lost(self, exc) -> None:
             if getattr(self, "_header_timer", None) is not None:
                 self._header_timer.cancel()

@@ -110,6 +110,7 @@ class Streams:
         self._conns: dict[str, Connection] = {}
         self._connecting: dict[str, asyncio.Future] = {}
         self._http_until: dict[str, float] = {}
+        self.connects = 0  # streams opened
         self.messages = 0  # messages sent over streams
         self.fallbacks = 0  # messages that went by HTTP because a stream could not be had
 
@@ -120,6 +121,7 @@ class Streams:
     def to_json(self) -> dict:
         return {
             "open": sum(not c.closed for c in self._conns.values()),
+            "connects": self.connects,
             "messages": self.messages,
             "http_fallbacks": self.fallbacks,
         }
@@ -152,15 +154,17 @@ class Streams:
             return await asyncio.shield(self._connecting[address])
         future = asyncio.get_running_loop().create_future()
         self._connecting[address] = future
+        conn = None
         try:
             conn = await self._open(address)
+            if conn is None:
+                self._http_until[address] = self.clock() + RETRY_S
+            else:
+                self._conns[address] = conn
+                self.connects += 1
         finally:
             del self._connecting[address]
-        if conn is None:
-            self._http_until[address] = self.clock() + RETRY_S
-        else:
-            self._conns[address] = conn
-        future.set_result(conn)
+            future.set_result(conn)  # (also when this task is cancelled: nobody waits for ever)
         return conn
 
     async def _open(self, address: str) -> Connection | None:

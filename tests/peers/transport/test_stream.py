@@ -74,6 +74,20 @@ def test_steps_go_over_streams_and_the_text_is_the_models(tiny_llama, tmp_path, 
         assert all("streams" not in f for f in forwarded) and forwarded[0]["messages"] > 0
 
 
+def test_a_stream_outlives_the_header_timeout(tiny_llama, tmp_path):
+    """uvicorn's connection (whose header timer closes idle connections) becomes the stream's:
+    its timer must not close the stream once the handshake came in time."""
+    import time
+
+    with tiny_route(tiny_llama, tmp_path, ["--header-timeout", "1"]) as swarm:
+        entry = swarm.peers[0]
+        first = completion(entry, "hello there")
+        time.sleep(2.5)
+        assert completion(entry, "hello there") == first
+        streams = entry.health()["forwarded"]["streams"]
+    assert streams["connects"] == 1 and streams["open"] == 1, streams
+
+
 def test_a_malformed_message_closes_the_stream_without_work(tiny_llama, tmp_path):
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
