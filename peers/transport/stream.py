@@ -180,6 +180,7 @@ class Streams:
                     max_size=self.max_reply_bytes,
                     compression=None,
                     open_timeout=CONNECT_TIMEOUT_S,
+                    close_timeout=CONNECT_TIMEOUT_S,  # (a peer that does not answer the close is not waited for)
                     ping_interval=None,
                     proxy=None,
                 ),
