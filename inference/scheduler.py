@@ -150,19 +150,22 @@ class Scheduler:
 
     async def _gather(self) -> None:
         """Wait while sessions that stepped here within RECENT_S are neither queued nor gone: up
-        to batch_wait_s from the oldest queued step, or (batch_wait_s None, co-located) for
-        those due back soon (see SchedulerSettings.batch_wait_s)."""
+        to batch_wait_s from the oldest queued step, or (batch_wait_s None) for those due back
+        soon: co-located, all of them (see SchedulerSettings.batch_wait_s); else until the next
+        micro-batch is whole (SchedulerSettings.micro_batches)."""
         fixed = self.settings.batch_wait_s
-        micro = fixed is None and not self.colocated
-        if fixed is None and not self.colocated and self._micro_target() is None or fixed == 0:
-            return
-        while self._queue:
+        micro = fixed is None and not self.colocated  # (then it waits only to fill a micro-batch)
+        while self._queue and fixed != 0:
             now = self._clock()
             self._drop_stale(now)
             queued = {j.session_id for j in self._queue}
             missing = [self._recent[sid] for sid in self._recent.keys() - queued]
-            target = self._micro_target() if micro else None
-            if not missing or micro and (target is None or sum(j.is_decode for j in self._queue) >= target):
+            if micro:
+                decodes = [j for j in self._queue if j.is_decode]
+                target = self._micro_batch(decodes)
+                if target is None or len(decodes) >= target:
+                    return
+            if not missing:
                 return
             oldest = min(j.enqueued for j in self._queue)
             until = oldest + fixed if fixed is not None else self._merge_until(oldest, queued, missing)
@@ -253,7 +256,7 @@ class Scheduler:
                 )
         budget, batch = s.max_batch_tokens, []
         decodes = [j for j in self._queue if j.is_decode]
-        decodes = decodes[: self._micro_batch(decodes)]
+        decodes = decodes[: self._micro_batch(decodes) or len(decodes)]
         prefills = [j for j in self._queue if not j.is_decode]
         # while prompts wait, decode steps leave room for one chunk, so that no prompt starves
         reserved = min(s.prefill_chunk, s.max_batch_tokens // 2) if prefills else 0
@@ -279,24 +282,14 @@ class Scheduler:
                     self.metrics.queue_wait.observe(now - job.enqueued)
         return batch
 
-    def _micro_target(self) -> int | None:
-        """The decode steps a micro-batch holds (the sessions stepping here over the stages),
-        or None where micro-batches do not apply."""
-        decodes = [job for job in self._queue if job.is_decode]
+    def _micro_batch(self, decodes: list[Job]) -> int | None:
+        """How many of the queued decode steps (oldest first) a micro-batch holds: the sessions
+        stepping here (seen within RECENT_S, or queued) over the pipeline's stages, rounded up;
+        None where micro-batches do not apply (SchedulerSettings.micro_batches)."""
         stages = max((job.stages for job in decodes), default=1)
         if stages < 2 or self.colocated or not self.settings.micro_batches:
             return None
         return -(-len(self._recent.keys() | {job.session_id for job in decodes}) // stages)
-
-    def _micro_batch(self, decodes: list[Job]) -> int:
-        """How many of the queued decode steps (oldest first) the next forward takes: all, or
-        with micro-batches (SchedulerSettings.micro_batches) the sessions stepping here over
-        the pipeline's stages, rounded up."""
-        stages = max((job.stages for job in decodes), default=1)
-        if stages < 2 or self.colocated or not self.settings.micro_batches:
-            return len(decodes)
-        active = len(self._recent.keys() | {job.session_id for job in decodes})
-        return -(-active // stages)
 
     def _finish(self, job: Job, result=None, error: BaseException | None = None) -> None:
         if job in self._queue:
