@@ -14,7 +14,10 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm goes on
 
 @pytest.fixture(scope="package")
 def swarm(default_model, tmp_path_factory):
-    swarm = Swarm("smollm2-135m", tmp_path_factory.mktemp("compat-logs"))
+    # these tests are about the door, not membership: a peer busy with a long prompt on a loaded
+    # machine may send no gossip for seconds, and must not drop out of the entry's routes meanwhile
+    calm = ["--suspect-after", "30", "--dead-after", "60", "--tombstone", "120"]
+    swarm = Swarm("smollm2-135m", tmp_path_factory.mktemp("compat-logs"), args=calm)
     try:
         swarm.add("0:15")
         swarm.add("15:30")
