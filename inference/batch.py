@@ -15,9 +15,8 @@ from transformers import AttentionInterface
 from .kv_cache import LOCAL, Sender, SessionCache
 
 ATTENTION = "layerswarm_varlen"
-POOLED_PADDING = (
-    0.25  # pooled decode rows attend to the longest one's keys, the others' masked: at most this share
-)
+# pooled decode rows attend to the longest one's keys, the others' masked: at most this share of them
+POOLED_PADDING = 0.25
 
 
 @dataclass
@@ -147,9 +146,11 @@ class Pooled:
 
     def __init__(self, pool, members: list[Segment], others: list[Segment], windows: dict[int, int | None]):
         self.pool, self.others, self.windows = pool, others, windows
-        device = pool.kv[next(iter(pool.kv))][0].device
+        device = pool.device
         slots = [s.cache.slot for s in members]
         offsets = [s.offset for s in members]
+        self.longest = max(s.past + 1 for s in members)
+        shortest = min(s.past + 1 for s in members)
         lengths = torch.tensor([s.past + 1 for s in members], device=device)
         self.slots = torch.tensor(slots, device=device)
         self.positions = lengths - 1
@@ -160,8 +161,6 @@ class Pooled:
         start = offsets[0]
         contiguous = offsets == list(range(start, start + len(offsets)))
         self.rows = slice(start, start + len(offsets)) if contiguous else torch.tensor(offsets, device=device)
-        self.longest = max(s.past + 1 for s in members)
-        shortest = min(s.past + 1 for s in members)
         # where the rows write: consecutive slots at one position are a slice (an indexed store is slower)
         same = self.view is not None and shortest == self.longest
         self.at = (

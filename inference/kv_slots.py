@@ -6,8 +6,8 @@ and write them at fixed addresses (inference/cuda_graphs.py).
 A session of one sequence leases a slot when it opens and keeps its keys and values there
 (SessionCache.bind): the varlen forward and the captured decode step use the same memory. The
 slot comes back when the session leaves it (it outgrows the slot, or widens) or is dropped.
-The last row of every buffer is scratch: padded rows of a captured batch write there. The
-buffers are allocated, not filled: on a CPU a slot's memory is taken as sessions write it.
+The last row of every buffer is scratch: padded rows of a captured batch write there. On a
+CPU the buffers take memory as sessions write them, not before (`_zeros`).
 """
 
 import math
@@ -79,6 +79,10 @@ class SlotPool:
     @property
     def scratch(self) -> int:
         return self.slots
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv[self.layers[0]][0].device
 
     @property
     def nbytes(self) -> int:
