@@ -144,6 +144,10 @@ class Guard:
             why = self._signature_problem(headers, scope["method"], path, body)
             if why:
                 return await self._refuse(send, why, "authentication_error", "invalid_swarm_auth")
+        await self._as_requester(scope, receive, send)
+
+    async def _as_requester(self, scope, receive, send) -> None:
+        """The app, run as the request's requester (see `requester`)."""
         as_requester = _REQUESTER.set(self._requester(scope))
         try:
             await self.app(scope, receive, send)
@@ -179,11 +183,7 @@ class Guard:
                     return {"type": "websocket.disconnect", "code": 1008}
             return message
 
-        as_requester = _REQUESTER.set(self._requester(scope))
-        try:
-            await self.app(scope, checked, send)
-        finally:
-            _REQUESTER.reset(as_requester)
+        await self._as_requester(scope, checked, send)
 
     def _message_problem(self, path: str, data: bytes | None) -> str | None:
         try:

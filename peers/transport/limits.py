@@ -30,6 +30,13 @@ class ReplyTooLarge(httpx.HTTPError):
     """Another peer's answer passed the size a peer reads."""
 
 
+def error_body(
+    message: str, code: str | None, kind: str = "invalid_request_error", param: str | None = None
+) -> dict:
+    """An error answer's JSON in OpenAI's shape."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
 def json_error(
     status: int,
     message: str,
@@ -40,7 +47,7 @@ def json_error(
 ) -> tuple[dict, dict]:
     """The two ASGI messages of an error answer in OpenAI's JSON shape, sent by middleware
     before (or instead of) the app."""
-    body = json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
+    body = json.dumps(error_body(message, code, kind, param)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if close:
         headers.append((b"connection", b"close"))

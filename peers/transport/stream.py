@@ -20,6 +20,7 @@ import time
 import httpx
 
 from peers.transport.auth import sign_headers
+from peers.transport.limits import error_body
 from peers.transport.stream_format import (
     StreamFormatError,
     parse_stream_answer,
@@ -34,6 +35,7 @@ PATH_STEPS_STREAM = "/swarm/steps/stream"
 MAX_INFLIGHT = 64  # messages open on one connection
 CONNECT_TIMEOUT_S = 2.0
 RETRY_S = 60.0  # after a failed connect, a peer's steps go by HTTP this long
+IDLE_S = 300.0  # a receiver closes a stream that carried no message this long (none running)
 
 
 class NotSent(Exception):
@@ -201,7 +203,8 @@ async def serve_stream(ws, handle, max_message_bytes: int) -> None:
     """The receiving end of a steps stream (a starlette WebSocket): each message's body goes to
     `handle(body, host) -> (status, reply)` as POST /swarm/steps's would; answers go back as
     they are ready. At most MAX_INFLIGHT messages run at once: past that the stream is not read
-    (the sender's messages wait in the TCP window). A malformed message closes the stream."""
+    (the sender's messages wait in the TCP window). A malformed message closes the stream, and so
+    does IDLE_S without a message while none runs."""
     from starlette.websockets import WebSocketDisconnect
 
     await ws.accept()
@@ -211,8 +214,9 @@ async def serve_stream(ws, handle, max_message_bytes: int) -> None:
 
     async def answer(msg_id: int, body: bytes) -> None:
         try:
-            if len(body) > max_message_bytes:
-                status, reply = 413, {"error": f"a steps message has at most {max_message_bytes} bytes"}
+            if len(body) > max_message_bytes:  # (as BodyLimits answers POST /swarm/steps)
+                why = f"the steps message has {len(body)} bytes; the limit here is {max_message_bytes}"
+                status, reply = 413, error_body(why, "too_large")
             else:
                 status, reply = await handle(body, host)
             async with sending:
@@ -224,7 +228,11 @@ async def serve_stream(ws, handle, max_message_bytes: int) -> None:
 
     try:
         while True:
-            data = await ws.receive_bytes()
+            try:  # (an idle stream holds a connection: it is closed, and opened again when needed)
+                data = await asyncio.wait_for(ws.receive_bytes(), None if running else IDLE_S)
+            except TimeoutError:
+                await ws.close()
+                return
             msg_id, _, body = parse_stream_message(data)
             await slots.acquire()
             task = asyncio.ensure_future(answer(msg_id, body))

@@ -109,3 +109,21 @@ def test_a_malformed_message_closes_the_stream_without_work(tiny_llama, tmp_path
 
         assert asyncio.run(main()) == [400]
         assert peer.health()["steps_served"] == before
+
+
+def test_an_idle_stream_is_closed(tiny_llama, make_swarm):
+    """A stream that carries nothing holds one of the peer's connections: it is closed after
+    IDLE_S (1 s here) without a message, and a sender opens it again when it needs it."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    swarm = make_swarm(tiny_llama)
+    peer = swarm.add("0:4", patch="import peers.transport.stream as stream\nstream.IDLE_S = 1.0")
+    swarm.wait_ready()
+
+    async def main():
+        async with connect(f"ws://{peer.address}{PATH_STEPS_STREAM}", proxy=None) as ws:
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+
+    asyncio.run(main())
