@@ -96,19 +96,21 @@ def max_tokens_for(node: ApiPeer, req: GenerationRequest, prompt_ids: list[int])
             param="messages" if isinstance(req, ChatRequest) else "prompt",
             code="context_length_exceeded",
         )
-    return asked or min(DEFAULT_MAX_TOKENS, room)
+    return _max_tokens(node, req, len(prompt_ids))
+
+
+def _max_tokens(node: ApiPeer, req: GenerationRequest, prompt_tokens: int) -> int:
+    """The max_tokens asked, else the default within the context's room."""
+    asked = req.max_completion_tokens or req.max_tokens
+    return asked or min(DEFAULT_MAX_TOKENS, max(1, node.context_length - prompt_tokens))
 
 
 def kv_need(node: ApiPeer, req: GenerationRequest, ask: Ask, prompt_tokens: list[int]) -> int:
     """The KV token slots a request may hold on each peer of its route, from its prompts' token
     counts (estimated before tokenizing, true after): each prompt plus max_tokens for each of
     its sequences."""
-    asked = req.max_completion_tokens or req.max_tokens
     sequences = ask.best_of or req.n
-    return sum(
-        kv_tokens(p, asked or min(DEFAULT_MAX_TOKENS, max(1, node.context_length - p)), sequences)
-        for p in prompt_tokens
-    )
+    return sum(kv_tokens(p, _max_tokens(node, req, p), sequences) for p in prompt_tokens)
 
 
 def sampling_of(node: ApiPeer, req: GenerationRequest, ask: Ask) -> Sampling:

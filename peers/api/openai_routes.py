@@ -111,7 +111,8 @@ class OpenAIDoor:
         variables = template_kwargs(
             req.chat_template_kwargs, req.reasoning_effort, node.tokenizer.template_variables
         )
-        check_prompt_size(node, prompt_chars(messages, variables), "messages")  # (before any tokenizing)
+        chars = prompt_chars(messages, variables)
+        check_prompt_size(node, chars, "messages")  # (before any tokenizing)
         ask = Ask(
             chat=True,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
@@ -120,7 +121,6 @@ class OpenAIDoor:
             reasoning=reasoning_of(node.tokenizer),
         )
         given = template_tools(tools) if tools and not generic else None
-        chars = prompt_chars(messages, variables)
         ids = lambda: self._chat_ids(req, messages, given, variables)  # noqa: E731
         return await self.complete(req, ask, ids, request, [chars])
 
@@ -184,8 +184,8 @@ class OpenAIDoor:
             out()
             return Response(status_code=499)  # nobody waits for it
 
-        def release() -> None:
-            self.admission.release(ticket)
+        def release(finished: bool = True) -> None:
+            self.admission.release(ticket, finished)
             out()
 
         try:
@@ -195,8 +195,7 @@ class OpenAIDoor:
             self.admission.resize(ticket, kv_need(node, req, ask, [len(ids) for ids in prompts]))
             return await self.answered(req, ask, prompts, max_tokens, release, request, ticket)
         except BaseException:
-            self.admission.release(ticket, finished=False)  # (its time is no request's time)
-            release()
+            release(finished=False)  # (its time is no request's time)
             raise
 
     async def queued(self, tokens: int, request: Request) -> Ticket | None:
@@ -206,10 +205,16 @@ class OpenAIDoor:
         counts = coverage(node.table.serving(node.model_id), node.total_layers)
         self.admission.set_budget(node.config.max_cache_tokens * max(1, min(counts, default=1)))
         ticket = self.admission.enter(tokens)  # (Overloaded at once)
+        return ticket if await self.admitted(ticket, request) else None
+
+    async def admitted(self, ticket: Ticket, request: Request) -> bool:
+        """Wait in the queue until `ticket` is admitted: False where its client went away meanwhile
+        (it left the queue)."""
         if ticket.admitted.done():
-            return ticket
-        waiting = asyncio.ensure_future(self.admission.wait(ticket))
-        return ticket if await unless_gone(waiting, request, "queued request") else None
+            return True
+        return await unless_gone(
+            asyncio.ensure_future(self.admission.wait(ticket)), request, "queued request"
+        )
 
     async def answered(
         self,
@@ -232,9 +237,7 @@ class OpenAIDoor:
                 if not self.admission.requeue(ticket):
                     raise
                 log.info("%s; back at the head of the queue", e.message)
-            if not await unless_gone(
-                asyncio.ensure_future(self.admission.wait(ticket)), request, "queued request"
-            ):
+            if not await self.admitted(ticket, request):
                 release()
                 return Response(status_code=499)
 
