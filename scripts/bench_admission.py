@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from inference import Tokenizer, resolve_model  # noqa: E402
-from scripts.swarm_load import start_swarm  # noqa: E402
+from scripts.swarm_load import chat_bodies, start_swarm, wave_client  # noqa: E402
 
 REFUSAL_GOAL_S = 0.5
 FILLER = (
@@ -38,7 +38,6 @@ FILLER = (
     "they came back, and the council met in the fish hall on the first Monday of each month to "
     "argue about the breakwater, the ferry timetable and the price of diesel."
 )
-REQUEST_TIMEOUT_S = 600.0
 
 
 def long_prompts(tokenizer: Tokenizer, n: int, tokens: int) -> list[str]:
@@ -75,19 +74,8 @@ async def one(client: httpx.AsyncClient, url: str, body: dict) -> dict:
 
 
 async def wave(url: str, model: str, prompts: list[str], max_tokens: int) -> list[dict]:
-    limits = httpx.Limits(max_connections=len(prompts) + 8, max_keepalive_connections=len(prompts) + 8)
-    timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=30.0)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        bodies = [
-            {
-                "model": model,
-                "messages": [{"role": "user", "content": p}],
-                "max_tokens": max_tokens,
-                "temperature": 0,
-                "ignore_eos": True,
-            }
-            for p in prompts
-        ]
+    async with wave_client(len(prompts)) as client:
+        bodies = chat_bodies(model, prompts, max_tokens, stream=False)
         return await asyncio.gather(*(one(client, url, b) for b in bodies))
 
 

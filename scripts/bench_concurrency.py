@@ -38,7 +38,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from inference import Tokenizer, resolve_model  # noqa: E402
 from inference.whole_model import load_whole_model  # noqa: E402
 from scripts.machine import cores, cpu_name  # noqa: E402
-from scripts.pinned_layout import PINNED_SPLIT, describe, on_one_core, pinned_cores, start_pinned_swarm  # noqa: E402
+from scripts.pinned_layout import (  # noqa: E402
+    PINNED_SPLIT,
+    add_pinned_flag,
+    check_pinned,
+    describe,
+    on_one_core,
+    pinned_cores,
+    start_pinned_swarm,
+)
 from scripts.prefix_reuse import prefix_scenario  # noqa: E402
 from scripts.swarm_load import SPLIT, median, prompts_for, start_swarm, swarm_wave  # noqa: E402
 
@@ -164,12 +172,7 @@ def parse_args() -> tuple[argparse.Namespace, list[int]]:
         default=True,
         help="also measure time to first token with a shared ~500-token system prompt (not with --pinned)",
     )
-    parser.add_argument(
-        "--pinned",
-        action="store_true",
-        help="two peers (0:15, 15:30) each on a core of its own with one thread, against the monolithic "
-        "model on one core with one thread",
-    )
+    add_pinned_flag(parser)
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
     levels = [int(s) for s in args.streams.split(",") if s.strip()]
@@ -177,11 +180,7 @@ def parse_args() -> tuple[argparse.Namespace, list[int]]:
         parser.error("--streams needs levels >= 1, --runs >= 1, --max-tokens >= 2")
     if args.pinned and args.threads is not None:
         parser.error("--pinned gives each peer one core and one thread: leave out --threads")
-    if args.pinned:
-        try:
-            pinned_cores()
-        except ValueError as e:
-            parser.error(str(e))
+    check_pinned(parser, args)
     return args, levels
 
 

@@ -28,7 +28,15 @@ from bench_swarm import monolithic_run as monolithic_ttft_and_decode  # noqa: E4
 from inference import Tokenizer, resolve_model  # noqa: E402
 from inference.whole_model import load_whole_model  # noqa: E402
 from scripts.machine import cpu_model  # noqa: E402
-from scripts.pinned_layout import PINNED_SPLIT, describe, on_one_core, pinned_cores, start_pinned_swarm  # noqa: E402
+from scripts.pinned_layout import (  # noqa: E402
+    PINNED_SPLIT,
+    add_pinned_flag,
+    check_pinned,
+    describe,
+    on_one_core,
+    pinned_cores,
+    start_pinned_swarm,
+)
 from tests.peers.processes import Swarm  # noqa: E402
 
 PASSAGE = (
@@ -130,20 +138,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--delays", default="0,20", help="one-way ms per hop, comma-separated")
     parser.add_argument("--prompts", default=",".join(PROMPTS), help="which prompt kinds, comma-separated")
     parser.add_argument("--peer-args", default="", help="extra `peer serve` flags, e.g. --no-direct-return")
-    parser.add_argument(
-        "--pinned",
-        action="store_true",
-        help="two peers (0:15, 15:30) each on a core of its own with one thread, against the monolithic "
-        "model on one core with one thread",
-    )
+    add_pinned_flag(parser)
     args = parser.parse_args()
     if args.pinned and args.split is not None:
         parser.error("--pinned has its own split (0:15,15:30): leave out --split")
-    if args.pinned:
-        try:
-            pinned_cores()
-        except ValueError as e:
-            parser.error(str(e))
+    check_pinned(parser, args)
     args.split = ",".join(PINNED_SPLIT) if args.pinned else args.split or "0:10,10:20,20:30"
     unknown = set(args.prompts.split(",")) - set(PROMPTS)
     if unknown:

@@ -2,19 +2,17 @@
 a core of its own with one thread (`peer serve --cpus`), against the monolithic model with one
 thread on one of those cores, measured in the same run while the swarm is idle."""
 
+import argparse
 import os
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
+from scripts.swarm_load import start_problem
 from tests.peers.processes import Swarm
 
 PINNED_SPLIT = ("0:15", "15:30")
-START_TIMEOUT_S = 300.0
 
 
 def pinned_cores() -> tuple[int, ...]:
@@ -42,18 +40,7 @@ def start_pinned_swarm(
     swarm = Swarm(model, Path(tempfile.mkdtemp(prefix=prefix)), args=list(args), threads=None)
     for layers, core in zip(PINNED_SPLIT, pinned_cores(), strict=True):
         swarm.add(layers, args=["--cpus", str(core)], delay_ms=delay_ms)  # one thread: its one core
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        dead = [p for p in swarm.peers if not p.alive()]
-        if dead:
-            return swarm, f"peer {dead[0].address} exited:\n{dead[0].log_tail(10)}"
-        try:
-            if all(p.health() for p in swarm.peers) and all(not p.table()["gaps"] for p in swarm.peers):
-                return swarm, None
-        except (httpx.HTTPError, ValueError, KeyError):
-            pass
-        time.sleep(0.5)
-    return swarm, f"no complete route within {START_TIMEOUT_S:.0f} s:\n{swarm._why()}"
+    return swarm, start_problem(swarm)
 
 
 @contextmanager
@@ -69,3 +56,21 @@ def on_one_core(core: int | None) -> Iterator[None]:
         yield
     finally:
         os.sched_setaffinity(0, before)
+
+
+def add_pinned_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pinned",
+        action="store_true",
+        help="two peers (0:15, 15:30) each on a core of its own with one thread, against the monolithic "
+        "model on one core with one thread",
+    )
+
+
+def check_pinned(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--pinned needs a core for each peer (parser.error where this process has fewer)."""
+    if args.pinned:
+        try:
+            pinned_cores()
+        except ValueError as e:
+            parser.error(str(e))

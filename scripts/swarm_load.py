@@ -134,22 +134,31 @@ async def one_stream(client: httpx.AsyncClient, entry: str, body: dict) -> dict:
     return result
 
 
+def wave_client(requests: int) -> httpx.AsyncClient:
+    """A client for `requests` requests at once."""
+    limits = httpx.Limits(max_connections=requests + 8, max_keepalive_connections=requests + 8)
+    return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=30.0))
+
+
+def chat_bodies(model_id: str, prompts: list[str], max_tokens: int, stream: bool) -> list[dict]:
+    """Greedy chat completions of `prompts`, each `max_tokens` long (ignore_eos)."""
+    streamed = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+    return [
+        {
+            "model": model_id,
+            "messages": [{"role": "user", "content": p}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            **streamed,
+        }
+        for p in prompts
+    ]
+
+
 async def swarm_wave_async(entries: list[str], model_id: str, prompts: list[str], max_tokens: int) -> dict:
-    limits = httpx.Limits(max_connections=len(prompts) + 8, max_keepalive_connections=len(prompts) + 8)
-    timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=30.0)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        bodies = [
-            {
-                "model": model_id,
-                "messages": [{"role": "user", "content": p}],
-                "max_tokens": max_tokens,
-                "temperature": 0,
-                "ignore_eos": True,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-            for p in prompts
-        ]
+    async with wave_client(len(prompts)) as client:
+        bodies = chat_bodies(model_id, prompts, max_tokens, stream=True)
         t0 = time.perf_counter()
         streams = await asyncio.gather(
             *(one_stream(client, entries[i % len(entries)], b) for i, b in enumerate(bodies))
@@ -187,15 +196,21 @@ def start_swarm(model: str, threads: int | None, args: list[str] = ()) -> tuple[
     swarm = Swarm(model, log_dir, args=list(args), threads=threads)
     for layers in SPLIT:
         swarm.add(layers)
+    return swarm, start_problem(swarm)
+
+
+def start_problem(swarm: Swarm) -> str | None:
+    """Wait until every peer of `swarm` serves and has a complete route: None, or why not (a
+    peer exited, or no complete route within START_TIMEOUT_S)."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         dead = [p for p in swarm.peers if not p.alive()]
         if dead:
-            return swarm, f"peer {dead[0].address} exited:\n{dead[0].log_tail(10)}"
+            return f"peer {dead[0].address} exited:\n{dead[0].log_tail(10)}"
         try:
             if all(p.health() for p in swarm.peers) and all(not p.table()["gaps"] for p in swarm.peers):
-                return swarm, None
+                return None
         except (httpx.HTTPError, ValueError, KeyError):
             pass
         time.sleep(0.5)
-    return swarm, f"no complete route within {START_TIMEOUT_S:.0f} s:\n{swarm._why()}"
+    return f"no complete route within {START_TIMEOUT_S:.0f} s:\n{swarm._why()}"
