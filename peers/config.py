@@ -183,11 +183,11 @@ class NodeConfig:
         True, Flag("--no-prefix-reuse", "never reuse the KV of prompt prefixes computed before")
     )
     hop_stream: bool = option(
-        False,
+        True,
         Flag(
-            "--hop-stream",
-            "send steps to next peers over one persistent websocket per next peer (the lean hop), "
-            "not as one HTTP request a message (a peer that takes none is sent to by HTTP)",
+            "--no-hop-stream",
+            "send steps to next peers as one HTTP request a message, not over one persistent "
+            "websocket per next peer (the lean hop; a peer that takes none is sent to by HTTP anyway)",
         ),
     )
     wire: str = option(  # how hidden states travel to next hops that accept it (peers/transport/wire.py)

@@ -350,7 +350,7 @@ class PeerNode:
         await self.http.aclose()
 
     def _streams(self, own_client: bool) -> Streams | None:
-        """The lean hop's streams (--hop-stream; none for a client given: in-memory, HTTP only)."""
+        """The lean hop's streams (off with --no-hop-stream; none for a client given: in-memory, HTTP only)."""
         return (
             Streams(self.config.swarm_key, MAX_REPLY_BYTES) if self.config.hop_stream and own_client else None
         )

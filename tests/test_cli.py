@@ -165,7 +165,7 @@ FLAGS = {
         "--max-queue-wait": (10.0, float, None, None, None, "StoreAction"),
         "--batch-wait": (None, float, None, None, None, "StoreAction"),
         "--micro-batches": (True, on_off, None, "on|off", None, "StoreAction"),
-        "--hop-stream": (False, None, None, None, 0, "StoreTrueAction"),
+        "--no-hop-stream": (False, None, None, None, 0, "StoreTrueAction"),
         "--no-prefix-reuse": (False, None, None, None, 0, "StoreTrueAction"),
         "--wire": ("lossless", None, ("lossless", "bf16", "fp16", "int8"), None, None, "StoreAction"),
         "--no-direct-return": (False, None, None, None, 0, "StoreTrueAction"),

@@ -1,6 +1,6 @@
 """The lean hop (peers/transport/stream.py): steps messages over one persistent websocket per next
 peer. Real peers on loopback: a swarm's steps go over streams and its greedy text is the
-monolithic model's; without `--hop-stream` they go by HTTP; a next peer that takes no stream gets
+monolithic model's; `--no-hop-stream` sends them by HTTP; a next peer that takes no stream gets
 them by HTTP; a malformed message closes the stream without any work; the framing round-trips."""
 
 import asyncio
@@ -60,7 +60,7 @@ def completion(peer, prompt: str, n: int = 8) -> str:
 @pytest.mark.parametrize("stream", [True, False])
 def test_steps_go_over_streams_and_the_text_is_the_models(tiny_llama, tmp_path, stream):
     tok, model = AutoTokenizer.from_pretrained(tiny_llama), monolithic(tiny_llama)
-    args = ["--hop-stream"] if stream else []
+    args = [] if stream else ["--no-hop-stream"]
     with tiny_route(tiny_llama, tmp_path, args) as swarm:
         entry = swarm.peers[0]
         for prompt in ("hello there", "the stream is"):
@@ -79,7 +79,7 @@ def test_a_stream_outlives_the_header_timeout(tiny_llama, tmp_path):
     its timer must not close the stream once the handshake came in time."""
     import time
 
-    with tiny_route(tiny_llama, tmp_path, ["--header-timeout", "1", "--hop-stream"]) as swarm:
+    with tiny_route(tiny_llama, tmp_path, ["--header-timeout", "1"]) as swarm:
         entry = swarm.peers[0]
         first = completion(entry, "hello there")
         time.sleep(2.5)
