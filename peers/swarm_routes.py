@@ -5,6 +5,7 @@ sender is its remote host, vouched for where a vouched peer of the table lives t
 
 import asyncio
 import ipaddress
+import json
 import logging
 import socket
 import time
@@ -72,7 +73,8 @@ class SwarmRoutes:
 
     async def steps_stream(self, ws: WebSocket) -> None:
         """The same messages over one persistent websocket (peers/transport/stream.py)."""
-        await serve_stream(ws, self.message, self.node.max_steps_body_bytes)
+        handlers = {"steps": self.message, "results": self.results_message}
+        await serve_stream(ws, handlers, self.node.max_steps_body_bytes)
 
     async def message(self, body: bytes, peer: str, read_s: float = 0.0) -> tuple[int, dict]:
         """A steps message's answer: (status, JSON) as POST /swarm/steps gives it."""
@@ -123,15 +125,27 @@ class SwarmRoutes:
 
     async def results(self, body: dict) -> Response:
         """Direct return: results (or failures) of this entry's steps, from a peer of their route."""
+        status, reply = self.take_results(body)
+        return JSONResponse(reply, status_code=status)
+
+    async def results_message(self, body: bytes, peer: str) -> tuple[int, dict]:
+        """The same over a stream (peers/transport/stream.py): the body as POST /swarm/results's."""
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        return self.take_results(parsed if isinstance(parsed, dict) else {})
+
+    def take_results(self, body: dict) -> tuple[int, dict]:
         sender, items = body.get("from"), body.get("results")
         if not isinstance(sender, str) or not isinstance(items, list) or len(items) > MAX_STEPS_PER_MESSAGE:
-            return JSONResponse(step_error_body("bad results message", None, "bad_request"), status_code=400)
+            return 400, step_error_body("bad results message", None, "bad_request")
         taken = 0
         for item in items:
             step_id = item.get("step_id") if isinstance(item, dict) else None
             if isinstance(step_id, str):
                 taken += self.node.returns.deliver(sender, step_id, outcome_of(item, sender))
-        return JSONResponse({"taken": taken})
+        return 200, {"taken": taken}
 
     async def progress(self, step: str) -> dict:
         """How far a step got here (the entry asks when the step is late)."""

@@ -23,7 +23,7 @@ from contextvars import ContextVar
 import httpx
 
 from peers.transport.limits import json_error
-from peers.transport.stream_format import StreamFormatError, parse_stream_message
+from peers.transport.stream_format import SIGNED_PATHS, StreamFormatError, message_kind, parse_stream_message
 
 log = logging.getLogger("layerswarm.auth")
 
@@ -176,7 +176,7 @@ class Guard:
         async def checked() -> dict:
             message = await receive()
             if message["type"] == "websocket.receive":
-                why = self._message_problem(path, message.get("bytes"))
+                why = self._message_problem(message.get("bytes"))
                 if why:
                     log.warning("steps stream closed: %s", why)
                     await send({"type": "websocket.close", "code": 1008})
@@ -185,13 +185,14 @@ class Guard:
 
         await self._as_requester(scope, checked, send)
 
-    def _message_problem(self, path: str, data: bytes | None) -> str | None:
+    def _message_problem(self, data: bytes | None) -> str | None:
         try:
             _, headers, body = parse_stream_message(data)
+            signed = SIGNED_PATHS[message_kind(headers)]  # (over the kind's path: a kind changed breaks it)
         except StreamFormatError as e:
             return str(e)
         headers = {k.lower(): v for k, v in headers.items()}
-        return self._stamp_problem(headers) or self._signature_problem(headers, "POST", path, body)
+        return self._stamp_problem(headers) or self._signature_problem(headers, "POST", signed, body)
 
     def _requester(self, scope) -> str:
         """The API key of a /v1/ request where the door takes keys (checked by now), else the host."""

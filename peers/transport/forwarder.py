@@ -3,6 +3,7 @@ along a route. The HTTP client is given, not built here, so that several peers c
 test process over httpx's in-memory transports."""
 
 import asyncio
+import json
 import logging
 import time
 from collections import Counter
@@ -115,13 +116,19 @@ class Forwarder:
             self._start(self._post_results(address, items))
 
     async def _post_results(self, address: str, items: list[tuple[str, dict]]) -> None:
+        body = json.dumps(results_message(self.me, items)).encode()
         for attempt in range(2):  # once more after a moment; then the entry finds out by probing
             try:
-                r = await self.http.post(
-                    f"http://{address}{PATH_RESULTS}",
-                    json=results_message(self.me, items),
-                    timeout=self.hop_timeout_s,
-                )
+                r = None
+                if self.streams is not None:  # (over the stream to the entry, where it takes one)
+                    r = await self.streams.post(address, body, self.hop_timeout_s, kind="results")
+                if r is None:
+                    r = await self.http.post(
+                        f"http://{address}{PATH_RESULTS}",
+                        content=body,
+                        headers={"content-type": "application/json"},
+                        timeout=self.hop_timeout_s,
+                    )
                 if r.status_code == 200:
                     return
                 log.info("the entry at %s refused %d results: status %d", address, len(items), r.status_code)

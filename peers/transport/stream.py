@@ -3,8 +3,9 @@ address (the `websockets` package; uvicorn serves the other end), instead of one
 message: no request line, headers or connection handling per step.
 
 A message is `id (8 bytes) | header length (4) | header (JSON: the swarm signature of the body,
-when the swarm has a key) | body` (the body as POST /swarm/steps takes it); the answer is
-`id (8) | status (2) | JSON`, the same JSON as that POST's. Answers may come back in any order
+when the swarm has a key; `kind`: "results" for the results of steps returned directly to an
+entry, else a steps message) | body` (the body as POST /swarm/steps, or /swarm/results, takes
+it); the answer is `id (8) | status (2) | JSON`, the same JSON as that POST's. Answers may come back in any order
 (steps that run the rest of a route take longer); at most MAX_INFLIGHT messages are open on a
 connection, and a receiver reads no more while it runs that many (back-pressure). A private
 swarm signs the handshake and every message (peers/transport/auth.py checks them: a bad one
@@ -22,7 +23,10 @@ import httpx
 from peers.transport.auth import sign_headers
 from peers.transport.limits import error_body
 from peers.transport.stream_format import (
+    PATH_STEPS_STREAM,
+    SIGNED_PATHS,
     StreamFormatError,
+    message_kind,
     parse_stream_answer,
     parse_stream_message,
     stream_answer,
@@ -31,7 +35,6 @@ from peers.transport.stream_format import (
 
 log = logging.getLogger("layerswarm.forwarding")
 
-PATH_STEPS_STREAM = "/swarm/steps/stream"
 MAX_INFLIGHT = 64  # messages open on one connection
 CONNECT_TIMEOUT_S = 2.0
 RETRY_S = 60.0  # after a failed connect, a peer's steps go by HTTP this long
@@ -114,34 +117,42 @@ class Streams:
         self._http_until: dict[str, float] = {}
         self.connects = 0  # streams opened
         self.messages = 0  # messages sent over streams
+        self.results_messages = 0  # of which results of steps returned directly
         self.fallbacks = 0  # messages that went by HTTP because a stream could not be had
 
-    def sign(self, method: str, body: bytes) -> dict[str, str]:
-        """The swarm signature of the handshake ("GET", b"") or a message ("POST", its body)."""
-        return sign_headers(self.key, method, PATH_STEPS_STREAM, body) if self.key else {}
+    def sign(self, method: str, body: bytes, kind: str = "steps") -> dict[str, str]:
+        """The swarm signature of the handshake ("GET", b"") or a message ("POST", its body, and
+        what it carries: the signature covers its kind)."""
+        return sign_headers(self.key, method, SIGNED_PATHS[kind], body) if self.key else {}
 
     def to_json(self) -> dict:
         return {
             "open": sum(not c.closed for c in self._conns.values()),
             "connects": self.connects,
             "messages": self.messages,
+            "results_messages": self.results_messages,
             "http_fallbacks": self.fallbacks,
         }
 
-    async def post(self, address: str, body: bytes, timeout_s: float) -> httpx.Response | None:
-        """Send one steps message to `address` and return its answer as an HTTP response would
-        be; None where no stream can be had (the caller sends it by HTTP)."""
+    async def post(
+        self, address: str, body: bytes, timeout_s: float, kind: str = "steps"
+    ) -> httpx.Response | None:
+        """Send one message to `address` (a steps message, or the results of steps returned
+        directly to the entry there: `kind`) and return its answer as an HTTP response would be;
+        None where no stream can be had (the caller sends it by HTTP)."""
+        headers = {"kind": kind} if kind != "steps" else {}
         for _ in range(2):  # a connection that died since its last message is opened again once
             conn = await self._connection(address)
             if conn is None:
                 self.fallbacks += 1
                 return None
             try:
-                response = await conn.post(self.sign("POST", body), body, timeout_s)
+                response = await conn.post({**headers, **self.sign("POST", body, kind)}, body, timeout_s)
             except NotSent:
                 self._conns.pop(address, None)
                 continue
             self.messages += 1
+            self.results_messages += kind == "results"
             return response
         self.fallbacks += 1
         return None
@@ -199,10 +210,10 @@ class Streams:
         self._conns.clear()
 
 
-async def serve_stream(ws, handle, max_message_bytes: int) -> None:
+async def serve_stream(ws, handlers: dict, max_message_bytes: int) -> None:
     """The receiving end of a steps stream (a starlette WebSocket): each message's body goes to
-    `handle(body, host) -> (status, reply)` as POST /swarm/steps's would; answers go back as
-    they are ready. At most MAX_INFLIGHT messages run at once: past that the stream is not read
+    the handler of its kind, `handlers[kind](body, host) -> (status, reply)`, as POST
+    /swarm/steps (or /swarm/results) would take it; answers go back as they are ready. At most MAX_INFLIGHT messages run at once: past that the stream is not read
     (the sender's messages wait in the TCP window). A malformed message closes the stream, and so
     does IDLE_S without a message while none runs."""
     from starlette.websockets import WebSocketDisconnect
@@ -212,7 +223,7 @@ async def serve_stream(ws, handle, max_message_bytes: int) -> None:
     sending, running = asyncio.Lock(), set()
     slots = asyncio.Semaphore(MAX_INFLIGHT)
 
-    async def answer(msg_id: int, body: bytes) -> None:
+    async def answer(msg_id: int, handle, body: bytes) -> None:
         try:
             if len(body) > max_message_bytes:  # (as BodyLimits answers POST /swarm/steps)
                 why = f"the steps message has {len(body)} bytes; the limit here is {max_message_bytes}"
@@ -233,9 +244,12 @@ async def serve_stream(ws, handle, max_message_bytes: int) -> None:
             except TimeoutError:
                 await ws.close()
                 return
-            msg_id, _, body = parse_stream_message(data)
+            msg_id, headers, body = parse_stream_message(data)
+            handle = handlers.get(message_kind(headers))
+            if handle is None:
+                raise StreamFormatError(f"this peer takes no {message_kind(headers)} messages on a stream")
             await slots.acquire()
-            task = asyncio.ensure_future(answer(msg_id, body))
+            task = asyncio.ensure_future(answer(msg_id, handle, body))
             running.add(task)
             task.add_done_callback(running.discard)
     except (WebSocketDisconnect, RuntimeError, KeyError):  # (a text frame is a KeyError for receive_bytes)

@@ -12,6 +12,10 @@ class StreamFormatError(ValueError):
 # steps streams (peers/transport/stream.py): a message is id | header length | header (JSON) | body,
 # an answer id | status | JSON
 MAX_STREAM_HEADER_BYTES = 4096
+# what a message carries (its header's "kind"; steps where it names none), and the path its swarm
+# signature is made over: a kind changed on the way breaks the signature
+PATH_STEPS_STREAM = "/swarm/steps/stream"
+SIGNED_PATHS = {"steps": PATH_STEPS_STREAM, "results": PATH_STEPS_STREAM + "/results"}
 _STREAM_HEAD = struct.Struct("!QI")
 _STREAM_ANSWER = struct.Struct("!QH")
 
@@ -39,6 +43,14 @@ def parse_stream_message(data: bytes) -> tuple[int, dict[str, str], bytes]:
     ):
         raise StreamFormatError("a steps stream message's header maps names to strings")
     return msg_id, headers, data[_STREAM_HEAD.size + size :]
+
+
+def message_kind(headers: dict[str, str]) -> str:
+    """What a message carries: a key of SIGNED_PATHS (StreamFormatError for another)."""
+    kind = headers.get("kind", "steps")
+    if kind not in SIGNED_PATHS:
+        raise StreamFormatError(f"a steps stream message carries one of {sorted(SIGNED_PATHS)}, not {kind!r}")
+    return kind
 
 
 def stream_answer(msg_id: int, status: int, reply: dict) -> bytes:

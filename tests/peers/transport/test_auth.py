@@ -4,6 +4,7 @@ work; the OpenAI door answers only callers with a key; /health stays open."""
 
 import argparse
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from peers.transport.frames import (
     encode_steps,
 )
 from peers.transport.stream import PATH_STEPS_STREAM
-from peers.transport.stream_format import parse_stream_answer, stream_message
+from peers.transport.stream_format import SIGNED_PATHS, parse_stream_answer, stream_message
 from tests.peers.processes import Swarm
 
 KEY = "correct horse battery staple"
@@ -178,6 +179,15 @@ def test_the_steps_stream_is_signed_like_every_peer_request(private):
     first, replay = stream_exchange(p0, KEY, [good, good])
     assert first[0] == 200 and isinstance(replay, ConnectionClosed), (first, replay)
     assert served(p0) == before + 1  # the signed message ran; its replay did not
+
+    # a message's kind is under its signature: a steps message's signature does not carry results
+    results = json.dumps({"from": "anyone", "results": [{"step_id": "s1", "error": {}}]}).encode()
+    signed = sign_headers(KEY.encode(), "POST", SIGNED_PATHS["results"], results)
+    (taken,) = stream_exchange(p0, KEY, [stream_message(1, {**signed, "kind": "results"}, results)])
+    assert taken[0] == 200, taken
+    as_steps = sign_headers(KEY.encode(), "POST", PATH_STEPS_STREAM, results)
+    (outcome,) = stream_exchange(p0, KEY, [stream_message(1, {**as_steps, "kind": "results"}, results)])
+    assert isinstance(outcome, ConnectionClosed), outcome
 
 
 @pytest.mark.parametrize("path", [PATH_CLOSE, PATH_GOSSIP])

@@ -70,6 +70,9 @@ def test_steps_go_over_streams_and_the_text_is_the_models(tiny_llama, tmp_path, 
     if stream:
         assert forwarded[0]["streams"]["messages"] > 0 and forwarded[0]["streams"]["open"] >= 1
         assert forwarded[0]["streams"]["http_fallbacks"] == 0
+        # the last peer returns the results to the entry over a stream of its own
+        assert forwarded[-1]["streams"]["results_messages"] > 0, forwarded[-1]
+        assert forwarded[-1]["streams"]["http_fallbacks"] == 0
     else:
         assert all("streams" not in f for f in forwarded) and forwarded[0]["messages"] > 0
 
@@ -102,12 +105,18 @@ def test_a_malformed_message_closes_the_stream_without_work(tiny_llama, tmp_path
                 await ws.send(stream_message(1, {}, b"not a steps message"))
                 _, status, reply = parse_stream_answer(await ws.recv())  # a bad body: 400, stream stays
                 answers.append(status)
+                await ws.send(stream_message(2, {"kind": "results"}, b"[]"))  # not a results message: 400
+                answers.append(parse_stream_answer(await ws.recv())[1])
                 await ws.send(b"\x00\x01")  # not a stream message at all: the stream closes
                 with pytest.raises(ConnectionClosed):
                     await asyncio.wait_for(ws.recv(), 10)
-                return answers
+            async with connect(f"ws://{peer.address}{PATH_STEPS_STREAM}", proxy=None) as ws:
+                await ws.send(stream_message(3, {"kind": "gossip"}, b"{}"))  # a kind it takes none of
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), 10)
+            return answers
 
-        assert asyncio.run(main()) == [400]
+        assert asyncio.run(main()) == [400, 400]
         assert peer.health()["steps_served"] == before
 
 
