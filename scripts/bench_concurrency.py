@@ -15,7 +15,7 @@ delta) and the gaps between content deltas are taken per stream. The monolithic 
 `generate` on the same N chat prompts, left-padded, as one batch, with as many torch threads as
 the machine has cores. Values are medians over --runs runs (percentiles are taken per run).
 
---pinned measures the layout of scripts/pinned_layout.py instead: two peers (0:15, 15:30), each on
+--pinned measures the layout of scripts/pinned_layout.py instead: two peers (layers balanced by decode cost, or --pinned-split), each on
 a core of its own with one thread, against the monolithic batch on one core with one thread (run
 while the swarm is idle); the prefix scenario is left out.
 """
@@ -39,7 +39,6 @@ from inference import Tokenizer, resolve_model  # noqa: E402
 from inference.whole_model import load_whole_model  # noqa: E402
 from scripts.machine import cores, cpu_name  # noqa: E402
 from scripts.pinned_layout import (  # noqa: E402
-    PINNED_SPLIT,
     add_pinned_flag,
     check_pinned,
     describe,
@@ -273,9 +272,9 @@ def report(
     """Print the machine, the table, the prefix scenario and the goals; returns the goals."""
     print()
     print(f"CPU: {cpu_name()}, {n_cores} cores")
-    layout = describe() if args.pinned else f"peer threads {args.threads or 'peer default'}"
+    layout = describe(args.pinned_split) if args.pinned else f"peer threads {args.threads or 'peer default'}"
     print(
-        f"model {model_id}, split {','.join(PINNED_SPLIT if args.pinned else SPLIT)}, {args.max_tokens} new "
+        f"model {model_id}, split {','.join(args.pinned_split if args.pinned else SPLIT)}, {args.max_tokens} new "
         f"tokens per stream, median of {args.runs} runs, entries {args.entries}, {layout}, "
         f"monolithic torch threads {torch.get_num_threads()}"
     )
@@ -311,7 +310,7 @@ def write_json(
         "cpu": cpu_name(),
         "cores": n_cores,
         "model": model_id,
-        "split": list(PINNED_SPLIT if args.pinned else SPLIT),
+        "split": list(args.pinned_split if args.pinned else SPLIT),
         "pinned": args.pinned,
         "runs": args.runs,
         "max_tokens": args.max_tokens,
@@ -333,7 +332,9 @@ def main() -> int:
     model, source, tokenizer, pad_id, inputs = load_monolithic(args.model, levels)
     prefix = None
     if args.pinned:
-        swarm, why = start_pinned_swarm(args.model, shlex.split(args.peer_args), "bench-concurrency-")
+        swarm, why = start_pinned_swarm(
+            args.model, args.pinned_split, shlex.split(args.peer_args), "bench-concurrency-"
+        )
     else:
         swarm, why = start_swarm(args.model, args.threads, shlex.split(args.peer_args))
     try:

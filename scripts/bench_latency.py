@@ -5,7 +5,7 @@ monolithic transformers on the same prompts in the same run, alternating, median
 
     python scripts/bench_latency.py [--runs 3] [--max-tokens 64] [--delays 0,20] [--pinned]
 
---pinned measures the layout of scripts/pinned_layout.py instead: two peers (0:15, 15:30), each on
+--pinned measures the layout of scripts/pinned_layout.py instead: two peers (layers balanced by decode cost, or --pinned-split), each on
 a core of its own with one thread, against the monolithic model on one core with one thread.
 """
 
@@ -29,7 +29,6 @@ from inference import Tokenizer, resolve_model  # noqa: E402
 from inference.whole_model import load_whole_model  # noqa: E402
 from scripts.machine import cpu_model  # noqa: E402
 from scripts.pinned_layout import (  # noqa: E402
-    PINNED_SPLIT,
     add_pinned_flag,
     check_pinned,
     describe,
@@ -113,7 +112,7 @@ def swarm_run(
 
 def start_swarm(model: str, split: list[str], delay_ms: float, peer_args: list[str], pinned: bool) -> Swarm:
     if pinned:
-        swarm, why = start_pinned_swarm(model, peer_args, "bench-latency-", delay_ms or None)
+        swarm, why = start_pinned_swarm(model, tuple(split), peer_args, "bench-latency-", delay_ms or None)
         if why is not None:
             swarm.stop()
             raise RuntimeError(f"the pinned swarm did not start: {why}")
@@ -141,9 +140,9 @@ def parse_args() -> argparse.Namespace:
     add_pinned_flag(parser)
     args = parser.parse_args()
     if args.pinned and args.split is not None:
-        parser.error("--pinned has its own split (0:15,15:30): leave out --split")
+        parser.error("--pinned has its own split (--pinned-split): leave out --split")
     check_pinned(parser, args)
-    args.split = ",".join(PINNED_SPLIT) if args.pinned else args.split or "0:10,10:20,20:30"
+    args.split = ",".join(args.pinned_split) if args.pinned else args.split or "0:10,10:20,20:30"
     unknown = set(args.prompts.split(",")) - set(PROMPTS)
     if unknown:
         parser.error(f"unknown prompt kinds {sorted(unknown)}; choose from {', '.join(PROMPTS)}")
@@ -191,7 +190,7 @@ def report(args: argparse.Namespace, model_id: str, rows: list, paths: list) -> 
     print(
         f"\nmodel {model_id}, split {args.split}, {args.max_tokens} new tokens (greedy), median of "
         f"{args.runs} runs; {cpu_model()}; peer flags: {args.peer_args or 'defaults'}"
-        + (f"; {describe()}" if args.pinned else "")
+        + (f"; {describe(args.pinned_split)}" if args.pinned else "")
     )
     head = (
         f"{'delay':>6} {'prompt':<10} {'mono ms/tok':>11} {'swarm':>8} {'swarm+spec':>10} {'spec tok/s':>10} "

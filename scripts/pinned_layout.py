@@ -1,6 +1,8 @@
-"""The benchmarks' pinned layout (--pinned): two peers of the model, layers 0:15 and 15:30, each on
-a core of its own with one thread (`peer serve --cpus`), against the monolithic model with one
-thread on one of those cores, measured in the same run while the swarm is idle."""
+"""The benchmarks' pinned layout (--pinned): two peers of the model, each on a core of its own with
+one thread (`peer serve --cpus`), against the monolithic model with one thread on one of those
+cores, measured in the same run while the swarm is idle. The two peers' layers are balanced by
+the bytes a decode step reads (`peer plan --stages 2`: 0:19 and 19:30 of the default model, whose
+lm_head is as large as 8 layers), or `--pinned-split A:B,B:C`."""
 
 import argparse
 import os
@@ -12,33 +14,46 @@ from pathlib import Path
 from scripts.swarm_load import start_problem
 from tests.peers.processes import Swarm
 
-PINNED_SPLIT = ("0:15", "15:30")
+PINNED_PEERS = 2
+
+
+def balanced_split(model: str) -> tuple[str, ...]:
+    """The model's layers in PINNED_PEERS spans balanced by the bytes a decode step reads."""
+    from peers.swarm.plan import balanced_split as spans
+    from peers.swarm.plan import model_bytes, read_config
+
+    name, config = read_config(model)
+    return tuple(f"{a}:{b}" for a, b in spans(model_bytes(name, config, dtype="float32"), PINNED_PEERS))
 
 
 def pinned_cores() -> tuple[int, ...]:
-    """One core per peer of PINNED_SPLIT, from those this process may use."""
+    """One core per pinned peer, from those this process may use."""
     usable = sorted(os.sched_getaffinity(0))
-    if len(usable) < len(PINNED_SPLIT):
+    if len(usable) < PINNED_PEERS:
         raise ValueError(
-            f"--pinned needs {len(PINNED_SPLIT)} cores, one per peer; this process may use {len(usable)}"
+            f"--pinned needs {PINNED_PEERS} cores, one per peer; this process may use {len(usable)}"
         )
-    return tuple(usable[: len(PINNED_SPLIT)])
+    return tuple(usable[:PINNED_PEERS])
 
 
-def describe() -> str:
+def describe(split: tuple[str, ...]) -> str:
     cores = pinned_cores()
-    peers = ", ".join(f"{layers} on core {core}" for layers, core in zip(PINNED_SPLIT, cores, strict=True))
+    peers = ", ".join(f"{layers} on core {core}" for layers, core in zip(split, cores, strict=True))
     return f"pinned: peers {peers}, one thread each; monolithic on core {cores[0]}, one thread, swarm idle"
 
 
 def start_pinned_swarm(
-    model: str, args: list[str] = (), prefix: str = "bench-pinned-", delay_ms: float | None = None
+    model: str,
+    split: tuple[str, ...],
+    args: list[str] = (),
+    prefix: str = "bench-pinned-",
+    delay_ms: float | None = None,
 ) -> tuple[Swarm, str | None]:
-    """The pinned 2-peer swarm (with `delay_ms`, each behind a delay proxy) with a complete route
-    from every peer: (swarm, None) when it serves, or (swarm, why) when a peer failed to start
-    (the swarm must still be stopped)."""
+    """The pinned 2-peer swarm of `split` (with `delay_ms`, each behind a delay proxy) with a
+    complete route from every peer: (swarm, None) when it serves, or (swarm, why) when a peer
+    failed to start (the swarm must still be stopped)."""
     swarm = Swarm(model, Path(tempfile.mkdtemp(prefix=prefix)), args=list(args), threads=None)
-    for layers, core in zip(PINNED_SPLIT, pinned_cores(), strict=True):
+    for layers, core in zip(split, pinned_cores(), strict=True):
         swarm.add(layers, args=["--cpus", str(core)], delay_ms=delay_ms)  # one thread: its one core
     return swarm, start_problem(swarm)
 
@@ -62,15 +77,32 @@ def add_pinned_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pinned",
         action="store_true",
-        help="two peers (0:15, 15:30) each on a core of its own with one thread, against the monolithic "
-        "model on one core with one thread",
+        help="two peers each on a core of its own with one thread, against the monolithic model on one "
+        "core with one thread",
+    )
+    parser.add_argument(
+        "--pinned-split",
+        default=None,
+        metavar="A:B,B:C",
+        help="the pinned peers' layers (default: balanced by the bytes a decode step reads, as "
+        "`peer plan --stages 2` prints them)",
     )
 
 
 def check_pinned(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--pinned needs a core for each peer (parser.error where this process has fewer)."""
-    if args.pinned:
-        try:
-            pinned_cores()
-        except ValueError as e:
-            parser.error(str(e))
+    """--pinned needs a core for each peer (parser.error where this process has fewer); sets
+    args.pinned_split to the pinned peers' spans."""
+    if args.pinned_split is not None and not args.pinned:
+        parser.error("--pinned-split is the layout of --pinned: give --pinned too")
+    if not args.pinned:
+        return
+    try:
+        pinned_cores()
+    except ValueError as e:
+        parser.error(str(e))
+    if args.pinned_split is None:
+        args.pinned_split = balanced_split(args.model)
+    else:
+        args.pinned_split = tuple(s.strip() for s in args.pinned_split.split(","))
+        if len(args.pinned_split) != PINNED_PEERS:
+            parser.error(f"--pinned-split names {PINNED_PEERS} spans, one per pinned peer")
