@@ -104,13 +104,6 @@ PLAN_FLAGS = (
         None,
         float,
     ),
-    Flag(
-        "--stages",
-        "instead of --gpus: split the layers over this many pipeline stages, balanced by the bytes a "
-        "decode step reads (the last stage's lm_head counted)",
-        None,
-        int,
-    ),
     Flag("--json", "print the plan as JSON", action="store_true"),
 )
 
@@ -284,48 +277,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from peers.swarm.plan import format_plan, make_plan, plan_json
 
-    if args.stages is not None:
-        return _plan_stages(args)
     if args.gpus is None:
-        raise ValueError(
-            "plan needs --gpus, each device's memory (e.g. --gpus 24GB,24GB,16GB), or --stages N"
-        )
+        raise ValueError("plan needs --gpus, each device's memory: e.g. --gpus 24GB,24GB,16GB")
     plan = make_plan(args.model, args.gpus, args.quant, args.dtype, args.reserve_gb)
     print(plan_json(plan) if args.json else format_plan(plan))
-    return 0
-
-
-def _plan_stages(args: argparse.Namespace) -> int:
-    from peers.swarm.plan import balanced_split, gb, model_bytes, read_config
-
-    if args.gpus is not None or args.reserve_gb is not None:
-        raise ValueError("--stages splits by decode cost alone: leave out --gpus and --reserve-gb")
-    name, config = read_config(args.model)
-    parts = model_bytes(name, config, args.quant, args.dtype)
-    spans = balanced_split(parts, args.stages)
-    read = [sum(parts.layers[a:b]) + (parts.last if b == len(parts.layers) else 0) for a, b in spans]
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "model": name,
-                    "stages": [
-                        {"layers": f"{a}:{b}", "decode_bytes": r}
-                        for (a, b), r in zip(spans, read, strict=True)
-                    ],
-                },
-                indent=2,
-            )
-        )
-    else:
-        print(
-            f"{name}: {len(parts.layers)} layers in {args.stages} stage(s) balanced by the bytes a decode step reads"
-        )
-        for (a, b), r in zip(spans, read, strict=True):
-            print(
-                f"  {a}:{b:<6} {gb(r):>12}{'  (with the final norm and lm_head)' if b == len(parts.layers) else ''}"
-            )
-        print("split: " + ",".join(f"{a}:{b}" for a, b in spans))
     return 0
 
 

@@ -15,7 +15,7 @@ delta) and the gaps between content deltas are taken per stream. The monolithic 
 `generate` on the same N chat prompts, left-padded, as one batch, with as many torch threads as
 the machine has cores. Values are medians over --runs runs (percentiles are taken per run).
 
---pinned measures the layout of scripts/pinned_layout.py instead: two peers (layers balanced by decode cost, or --pinned-split), each on
+--pinned measures the layout of scripts/pinned_layout.py instead: two peers (0:15, 15:30, or --pinned-split), each on
 a core of its own with one thread, against the monolithic batch on one core with one thread (run
 while the swarm is idle); the prefix scenario is left out.
 """

@@ -5,7 +5,7 @@ monolithic transformers on the same prompts in the same run, alternating, median
 
     python scripts/bench_latency.py [--runs 3] [--max-tokens 64] [--delays 0,20] [--pinned]
 
---pinned measures the layout of scripts/pinned_layout.py instead: two peers (layers balanced by decode cost, or --pinned-split), each on
+--pinned measures the layout of scripts/pinned_layout.py instead: two peers (0:15, 15:30, or --pinned-split), each on
 a core of its own with one thread, against the monolithic model on one core with one thread.
 """
 

@@ -1,8 +1,7 @@
 """The benchmarks' pinned layout (--pinned): two peers of the model, each on a core of its own with
 one thread (`peer serve --cpus`), against the monolithic model with one thread on one of those
-cores, measured in the same run while the swarm is idle. The two peers' layers are balanced by
-the bytes a decode step reads (`peer plan --stages 2`: 0:19 and 19:30 of the default model, whose
-lm_head is as large as 8 layers), or `--pinned-split A:B,B:C`."""
+cores, measured in the same run while the swarm is idle. The two peers' layers: PINNED_SPLIT, or
+`--pinned-split A:B,B:C`."""
 
 import argparse
 import os
@@ -15,15 +14,11 @@ from scripts.swarm_load import start_problem
 from tests.peers.processes import Swarm
 
 PINNED_PEERS = 2
-
-
-def balanced_split(model: str) -> tuple[str, ...]:
-    """The model's layers in PINNED_PEERS spans balanced by the bytes a decode step reads."""
-    from peers.swarm.plan import balanced_split as spans
-    from peers.swarm.plan import model_bytes, read_config
-
-    name, config = read_config(model)
-    return tuple(f"{a}:{b}" for a, b in spans(model_bytes(name, config, dtype="float32"), PINNED_PEERS))
+# The default split. Measured (bench_concurrency.py --pinned, 8 / 16 streams, ratio to the
+# monolithic model on one core): 0:13 0.88 / 1.07, 0:15 0.94-0.98 / 1.16-1.21, 0:17 0.99 / 1.26,
+# 0:19 0.64-0.69 / 0.92-0.96. 0:19 balances the blocks' weights (the lm_head is as large as 8
+# layers), but the first peer is also the entry (the API, tokens, drafting, streaming).
+PINNED_SPLIT = ("0:15", "15:30")
 
 
 def pinned_cores() -> tuple[int, ...]:
@@ -84,8 +79,7 @@ def add_pinned_flag(parser: argparse.ArgumentParser) -> None:
         "--pinned-split",
         default=None,
         metavar="A:B,B:C",
-        help="the pinned peers' layers (default: balanced by the bytes a decode step reads, as "
-        "`peer plan --stages 2` prints them)",
+        help=f"the pinned peers' layers (default: {','.join(PINNED_SPLIT)})",
     )
 
 
@@ -101,7 +95,7 @@ def check_pinned(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     except ValueError as e:
         parser.error(str(e))
     if args.pinned_split is None:
-        args.pinned_split = balanced_split(args.model)
+        args.pinned_split = PINNED_SPLIT
     else:
         args.pinned_split = tuple(s.strip() for s in args.pinned_split.split(","))
         if len(args.pinned_split) != PINNED_PEERS:

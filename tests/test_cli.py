@@ -235,7 +235,6 @@ FLAGS = {
         "--quant": ("none", None, ("none", "int8", "int4"), None, None, "StoreAction"),
         "--dtype": ("bfloat16", None, None, None, None, "StoreAction"),
         "--reserve-gb": (None, float, None, None, None, "StoreAction"),
-        "--stages": (None, int, None, None, None, "StoreAction"),
         "--json": (False, None, None, None, 0, "StoreTrueAction"),
     },
 }
@@ -361,21 +360,9 @@ def test_plan_is_listed_and_prints_a_table_and_a_verdict(tmp_path):
     assert 0 < plan["left_start"] < 4 and plan["left_memory_bytes"] > plan["left_bytes"] > 0
 
 
-def test_plan_splits_stages_by_decode_cost(tmp_path):
-    path = _tiny_config(tmp_path / "moe")
-    done = run_peer("plan", "--model", str(path), "--stages", "2")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "split: 0:2,2:4"
-    as_json = json.loads(run_peer("plan", "--model", str(path), "--stages", "2", "--json").stdout)
-    assert [s["layers"] for s in as_json["stages"]] == ["0:2", "2:4"]
-    assert as_json["stages"][1]["decode_bytes"] > as_json["stages"][0]["decode_bytes"]  # (its lm_head)
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--stages", "2", "--gpus", "8GB"], "peer: error: --stages splits by decode cost alone"),
-        (["--stages", "5"], "peer: error: --stages must be between 1 and the model's 4 layers"),
         (["--gpus", "24GB,16XB"], "peer: error: --gpus entry 2 of 2: '16XB' is not a size such as 24GB"),
         ([], "peer: error: plan needs --gpus"),
         (["--gpus", "8GB", "--dtype", "float64"], "peer: error: dtype 'float64' is not one of"),

@@ -168,39 +168,6 @@ def split_layers(parts: ModelBytes, capacities: list[int]) -> list[tuple[int, in
     return shares
 
 
-def balanced_split(parts: ModelBytes, stages: int) -> list[tuple[int, int]]:
-    """`stages` contiguous spans of the layers whose decode steps take about as long: a decode step
-    reads every weight of its layers, so the spans' bytes are balanced (the largest as small as can
-    be), the last span's counting the final norm and lm_head (as many bytes as 8 layers of the
-    default model) and the first's not the embedding (a lookup of a few rows). In a pipeline the
-    slowest stage sets the pace, so a split by layer count leaves the others waiting on the last."""
-    count = len(parts.layers)
-    if not 1 <= stages <= count:
-        raise ValueError(f"--stages must be between 1 and the model's {count} layers, got {stages}")
-    ends = [0]
-    for b in parts.layers:
-        ends.append(ends[-1] + b)
-
-    def cost(start: int, end: int) -> int:
-        return ends[end] - ends[start] + (parts.last if end == count else 0)
-
-    # best[k][e]: the smallest largest cost of layers 0:e in k spans, and where the last one starts
-    best = [[(0, 0)] + [(float("inf"), 0)] * count]
-    for k in range(1, stages + 1):
-        row = [(float("inf"), 0)] * (count + 1)
-        for end in range(k, count + 1):
-            row[end] = min(
-                (max(best[k - 1][start][0], cost(start, end)), start) for start in range(k - 1, end)
-            )
-        best.append(row)
-    spans, end = [], count
-    for k in range(stages, 0, -1):
-        start = best[k][end][1]
-        spans.append((start, end))
-        end = start
-    return spans[::-1]
-
-
 def make_plan(
     model: str, gpus: str, quant: str = "none", dtype: str | None = None, reserve_gb: float | None = None
 ) -> Plan:

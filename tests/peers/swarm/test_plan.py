@@ -10,8 +10,6 @@ from transformers import LlamaConfig, Qwen2Config, Qwen3MoeConfig
 
 from inference.errors import UnsupportedArchitectureError
 from peers.swarm.plan import (
-    ModelBytes,
-    balanced_split,
     format_plan,
     make_plan,
     model_bytes,
@@ -190,34 +188,3 @@ def test_unsupported_families_and_missing_configs_are_refused(tmp_path):
         make_plan(str(path), "1GB")
     with pytest.raises(Exception, match="unknown model"):
         make_plan(str(tmp_path / "nothing"), "1GB")
-
-
-def _largest(parts: ModelBytes, spans) -> int:
-    count = len(parts.layers)
-    return max(sum(parts.layers[a:b]) + (parts.last if b == count else 0) for a, b in spans)
-
-
-@pytest.mark.parametrize("stages", [1, 2, 3, 4, 5])
-def test_stages_are_balanced_by_the_bytes_a_decode_step_reads(stages):
-    """The last stage counts the lm_head: it takes fewer layers; no other split of the layers into
-    as many contiguous spans has a smaller largest stage (all of them tried)."""
-    from itertools import combinations
-
-    parts = ModelBytes("m", "llama", (10, 10, 12, 10, 10, 9, 10, 10), first=80, last=30)
-    spans = balanced_split(parts, stages)
-    assert len(spans) == stages and spans[0][0] == 0 and spans[-1][1] == 8
-    assert all(a < b for a, b in spans) and all(spans[i][1] == spans[i + 1][0] for i in range(stages - 1))
-    best = min(
-        _largest(parts, list(zip((0, *cuts), (*cuts, 8), strict=True)))
-        for cuts in combinations(range(1, 8), stages - 1)
-    )
-    assert _largest(parts, spans) == best
-    if stages == 2:  # the embedding (a lookup) is not a stage's work; the lm_head is
-        assert spans == [(0, 5), (5, 8)]
-
-
-def test_stages_must_be_between_one_and_the_layers():
-    parts = ModelBytes("m", "llama", (1, 1, 1), first=0, last=0)
-    for stages in (0, 4):
-        with pytest.raises(ValueError, match="--stages must be between 1 and the model's 3 layers"):
-            balanced_split(parts, stages)
