@@ -18,6 +18,7 @@ def health(node: PeerNode) -> dict:
     return {
         "peer_id": node.peer_id,
         "address": me.address,
+        "reach": me.reach or "unknown",  # whether peers could dial this one back (peers/swarm/reach.py)
         "public_key": me.public_key,
         "model": node.model_id,
         "layers": [me.start, me.end],

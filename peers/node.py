@@ -35,13 +35,14 @@ from peers.swarm.identity import Identity
 from peers.swarm.links import Links, Speed
 from peers.swarm.membership import DEAD, JOINING, LEAVING, SERVING, PeerRecord, Table, new_incarnation
 from peers.swarm.placement import Placement, PlacementSettings, initial_span, layer_budget
+from peers.swarm.reach import Reachability
 from peers.swarm.reputation import Bans, Reputation
 from peers.timing import HopTimes
 from peers.transport.auth import SwarmAuth
 from peers.transport.direct import Progress, Returns
 from peers.transport.forwarder import Forwarder
 from peers.transport.frames import Hop, StepRequest
-from peers.transport.limits import MAX_REPLY_BYTES, post_capped
+from peers.transport.limits import MAX_REPLY_BYTES, fetch_capped, post_capped
 from peers.transport.results import StepResult
 from peers.transport.stream import Streams
 from peers.transport.wire import accepted_encodings
@@ -98,10 +99,10 @@ class PeerNode:
         self.gossip = Gossip(
             self.table, post, self.list_seeds(), self._housekeeping, self.accusations, self.metrics
         )
+        self.reach = Reachability(self.table, partial(fetch_capped, self.http))  # (dial-back checks)
         self.scheduler = Scheduler(lambda: self.block, config.scheduler, metrics=self.metrics)
         self.cpu = ThreadPolicy(self.scheduler, config.threads, config.core_turns, config.device, config.cpus)
-        self.active_requests = 0  # entry requests in flight here
-        self.speculation = SpeculationStats()
+        self.active_requests, self.speculation = 0, SpeculationStats()  # (entry requests in flight here)
         self.progress = Progress()  # how far the steps that reached this hop got (direct return)
         self.returns = Returns()  # this entry's steps in flight (direct return)
         self.hop_times = HopTimes()  # where steps' wall time goes here
@@ -301,6 +302,8 @@ class PeerNode:
         )
         if not self.placement.moving:
             self.spawn(self.placement.rebalance())
+        if self.block is not None and self.reach.due():
+            self.spawn(self.reach.check())
         self._fit_cores()
 
     def _fit_cores(self) -> None:

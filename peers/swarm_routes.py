@@ -18,6 +18,7 @@ from peers.api.openai_routes import unless_gone
 from peers.hop import STEP_SENDER
 from peers.node import PeerNode
 from peers.swarm.gossip import PATH_GOSSIP
+from peers.swarm.reach import PATH_DIALBACK
 from peers.swarm.routing import coverage, gaps
 from peers.transport.errors import HopFailed
 from peers.transport.frames import (
@@ -57,6 +58,7 @@ class SwarmRoutes:
         router.add_api_route(PATH_CLOSE, self.close, methods=["POST"])
         router.add_api_route(PATH_GOSSIP, self.gossip, methods=["POST"])
         router.add_api_route(PATH_TABLE, self.table, methods=["GET"])
+        router.add_api_route(PATH_DIALBACK, self.dialback, methods=["POST"])
         return router
 
     async def steps(self, request: Request) -> Response:
@@ -166,6 +168,16 @@ class SwarmRoutes:
             return self.node.gossip.receive(body, canonical_host(host) or host)
         except (KeyError, TypeError, ValueError) as e:
             return JSONResponse({"error": {"message": f"bad gossip: {e}"}}, status_code=400)
+
+    async def dialback(self, request: Request) -> JSONResponse:
+        """Dial the asking host back at the port it names (peers/swarm/reach.py)."""
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        host = request.client.host if request.client else ""
+        status, reply = await self.node.reach.answer(body, canonical_host(host) or host)
+        return JSONResponse(reply, status_code=status)
 
     async def table(self) -> dict:
         """This peer's table of the swarm, with the layers' coverage and its gaps."""

@@ -12,6 +12,7 @@ import torch
 from peers.entry.peer import EntryPeer
 from peers.entry.session import Ask, RouteSession
 from peers.swarm.commitments import check_commitments, checked_shadows, with_shadow
+from peers.swarm.record import UNREACHABLE
 from peers.transport.direct import probe_route
 from peers.transport.errors import HopFailed
 from peers.transport.frames import Hop, ReplyTo, Sampling, StepRequest
@@ -57,7 +58,8 @@ async def step(node: EntryPeer, session: RouteSession, ask: Ask, sampling: Sampl
     )
     shadow = next((s for s in shadows if (s.start, s.end) == (route[0].start, route[0].end)), None)
     # no hop sees a shadow: each opens its own seal, which names at most its next hop's shadow
-    if not verify and node.config.direct_return:  # (an entry that checks sends every step verified)
+    # (an entry that checks sends every step verified; one nobody can dial takes no results at its address)
+    if not verify and node.config.direct_return and node.table.me.reach != UNREACHABLE:
         main = direct_step(node, req)
     else:
         main = node.run_step(req) if route[0].peer_id == node.peer_id else node.forwarder.push(req)

@@ -35,6 +35,11 @@ _HOST = re.compile(
 _IPV6 = re.compile(r"\[[0-9A-Fa-f:.]{2,45}\]")
 
 
+# what a peer found of its own reachability (peers/swarm/reach.py): not known yet, dialled back, or not
+DIRECT, UNREACHABLE = "direct", "none"
+REACH = ("", DIRECT, UNREACHABLE)
+
+
 @dataclass(frozen=True)
 class PeerRecord:
     """What the swarm knows of one peer, signed by its owner (who alone changes it)."""
@@ -57,6 +62,9 @@ class PeerRecord:
     wire: tuple[str, ...] = ("lossless",)  # encodings of hidden states it accepts (peers/transport/wire.py)
     seal_key: str = (
         ""  # X25519, unpadded base64url: shadow instructions are sealed to it (peers/swarm/seals.py)
+    )
+    reach: str = (
+        ""  # "direct": peers dialled it back; "none": none could; "": not known (peers/swarm/reach.py)
     )
 
     @property
@@ -142,6 +150,7 @@ class PeerRecord:
             _links(data["links"]),
             _wire(data["wire"]),
             check_seal_key(data["seal_key"]),
+            _reach(data["reach"]),
         )
 
 
@@ -168,6 +177,12 @@ def check_address(value) -> str:
         or not (_HOST.fullmatch(host) or _IPV6.fullmatch(host))
     ):
         raise ValueError(f"an address must be host:port, got {value!r:.80}")
+    return value
+
+
+def _reach(value) -> str:
+    if value not in REACH:
+        raise ValueError(f"reach must be '', 'direct' or 'none', got {value!r:.40}")
     return value
 
 

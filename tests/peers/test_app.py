@@ -17,6 +17,7 @@ from tests.peers.test_inprocess import start_swarm, stop_swarm
 HEALTH_FIELDS = {
     "peer_id",
     "address",
+    "reach",
     "public_key",
     "model",
     "layers",
