@@ -372,10 +372,13 @@ def format_table(table: dict) -> str:
         f"swarm of {table['model']} ({table['total_layers']} layers), as seen by {table['me']} ({table['address']})",
         "",
     ]
-    rows.append(f"{'peer':<21} {'address':<22} {'layers':<9} {'state':<9} {'load':>4}")
+    rows.append(f"{'peer':<21} {'address':<22} {'layers':<9} {'state':<9} {'reach':<8} {'load':>4}")
     for p in sorted(table["peers"], key=lambda p: (p["start"], p["address"])):
         span = f"{p['start']}:{p['end']}" if p["end"] > p["start"] else "-"
-        rows.append(f"{p['peer_id']:<21} {p['address']:<22} {span:<9} {p['status']:<9} {p['load']:>4}")
+        reach = p.get("reach") or "unknown"  # (can others dial it? peers/swarm/reach.py)
+        rows.append(
+            f"{p['peer_id']:<21} {p['address']:<22} {span:<9} {p['status']:<9} {reach:<8} {p['load']:>4}"
+        )
     counts = table["coverage"]
     runs, start = [], 0
     for layer in range(1, len(counts) + 1):

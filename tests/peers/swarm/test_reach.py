@@ -5,6 +5,8 @@ exactly (its results stay on its own connections: none is sent to its address). 
 dial each other back are `direct`. A dial-back question names nothing but the asker's own port:
 the peer asked dials only the host the question came from, once per host every few seconds."""
 
+import subprocess
+import sys
 import time
 
 import httpx
@@ -42,6 +44,14 @@ def test_a_peer_nobody_can_dial_learns_it_and_says_so(behind_nat):
     assert [reach[p.address] for p in swarm.peers if p is not hidden] == ["direct", "direct"], reach
     entries = {e["address"]: e["reach"] for e in swarm.peers[0].table()["peers"]}
     assert entries[swarm.peers[1].address] == "direct"  # (published in the signed entry)
+    out = subprocess.run(
+        [sys.executable, "-m", "peers.cli", "status", "--peer", hidden.address],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    me = hidden.health()["peer_id"]
+    (mine,) = [line.split() for line in out.stdout.splitlines() if line.startswith(me)]
+    assert mine[4] == "none", out.stdout  # peer, address, layers, state, reach, load
 
 
 def test_an_entry_nobody_can_dial_keeps_its_results_on_its_own_connections(behind_nat, tiny_llama):
