@@ -77,6 +77,8 @@ class Peer:
         self.proc: subprocess.Popen | None = None
         self.proxy: subprocess.Popen | None = None  # a delay proxy in front of it (tests/delay_proxy.py)
         self.public = self.address  # what other peers dial: the proxy's address, if it has one
+        self.host = "127.0.0.1"  # what it listens on
+        self.prefix: list[str] = []  # what its command runs under (e.g. `ip netns exec NAME`)
         self.log_path = log_dir / f"peer-{self.port}.log"
 
     @property
@@ -94,10 +96,11 @@ class Peer:
     def start(self) -> "Peer":
         self._peer_id = None
         args = [*self.args, "--identity", str(self.identity_path)]
-        cmd = serve_command(self.model, self.port, self.layers, self.join, args=args)
+        cmd = serve_command(self.model, self.port, self.layers, self.join, self.host, args=args)
         if self.patch:  # python -m peers.cli ARGS -> python -c "PATCH; main(ARGS)" ARGS
             code = f"{self.patch}\nimport sys\nfrom peers.cli import main\nsys.exit(main(sys.argv[1:]))"
             cmd = [cmd[0], "-c", code, *cmd[3:]]
+        cmd = [*self.prefix, *cmd]
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
