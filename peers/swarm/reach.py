@@ -1,7 +1,9 @@
 """Whether others can dial this peer: found, not configured. A peer asks a few peers it knows to
 dial it back at the port it announced (as libp2p's AutoNAT does) and publishes the verdict in
 its signed entry (`reach`). The peer asked dials only the host the question came from: nobody
-can make a peer dial a third party, and a host is answered at most once every ANSWER_EVERY_S.
+can make a peer dial a third party. Each port of a host is answered at most once every
+ANSWER_EVERY_S, and at most MAX_ANSWERS questions in all in that time (peers sharing a machine
+ask at once, each for its own port).
 
 A peer that nobody can dial (behind a home router, or announcing an address that is not its
 own) serves no route at other entries (they route only to peers they dialled themselves:
@@ -25,7 +27,8 @@ ASK_PEERS = 3  # peers asked to dial back at each check
 CHECK_EVERY_S = 300.0  # a check this often (and at once after joining)
 RETRY_S = 10.0  # sooner while nobody answered
 DIAL_TIMEOUT_S = 2.0
-ANSWER_EVERY_S = 5.0  # one host's questions are answered at most this often
+ANSWER_EVERY_S = 5.0  # one host's questions about one port are answered at most this often
+MAX_ANSWERS = 16  # questions answered in all within ANSWER_EVERY_S
 ANSWER_BYTES = 64 << 10  # what a dial-back reads of the answer at the port dialled
 
 Fetch = Callable[..., Awaitable[httpx.Response]]
@@ -40,7 +43,7 @@ class Reachability:
         self.table, self.fetch, self.clock = table, fetch, clock
         self._next_check = 0.0
         self._checking = False
-        self._answered: dict[str, float] = {}  # host -> when its last question was answered
+        self._answered: dict[tuple[str, int], float] = {}  # (host, port) -> when last answered
         self.checks = 0
 
     def due(self) -> bool:
@@ -103,10 +106,11 @@ class Reachability:
         if not isinstance(peer_id, str) or not isinstance(port, int) or not 0 < port < 65536:
             return 400, {"error": {"message": "peer_id is a string, port an integer in 1-65535"}}
         now = self.clock()
-        if now - self._answered.get(host, float("-inf")) < ANSWER_EVERY_S:
-            return 429, {"error": {"message": f"one dial-back question per host every {ANSWER_EVERY_S:g} s"}}
-        self._answered = {h: t for h, t in self._answered.items() if now - t < ANSWER_EVERY_S}
-        self._answered[host] = now
+        self._answered = {k: t for k, t in self._answered.items() if now - t < ANSWER_EVERY_S}
+        if (host, port) in self._answered or len(self._answered) >= MAX_ANSWERS:
+            why = f"one dial-back question per port every {ANSWER_EVERY_S:g} s, {MAX_ANSWERS} in all"
+            return 429, {"error": {"message": why}}
+        self._answered[host, port] = now
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
             r = await self.fetch("GET", f"http://{where}/health", DIAL_TIMEOUT_S, ANSWER_BYTES)

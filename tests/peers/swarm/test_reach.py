@@ -3,7 +3,7 @@ announcing an address nobody can dial (as a volunteer behind a home router does)
 the peers it asks, publishes `reach: none`, and as an entry still answers its own requests
 exactly (its results stay on its own connections: none is sent to its address). Peers that
 dial each other back are `direct`. A dial-back question names nothing but the asker's own port:
-the peer asked dials only the host the question came from, once per host every few seconds."""
+the peer asked dials only the host the question came from, once per port every few seconds."""
 
 import subprocess
 import sys
@@ -13,7 +13,7 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
-from peers.swarm.reach import ANSWER_EVERY_S, PATH_DIALBACK
+from peers.swarm.reach import ANSWER_EVERY_S, MAX_ANSWERS, PATH_DIALBACK
 from tests.helpers import greedy_reference, monolithic
 from tests.peers.processes import free_port, wait_until
 
@@ -79,7 +79,13 @@ def test_a_dial_back_question_names_only_a_port_and_is_rate_limited(behind_nat):
     first = httpx.post(url, json={"peer_id": me, "port": swarm.peers[0].port}, timeout=10)
     assert first.status_code == 200 and first.json() == {"reachable": True, "seen_as": "127.0.0.1"}
     again = httpx.post(url, json={"peer_id": me, "port": swarm.peers[0].port}, timeout=10)
-    assert again.status_code == 429  # one question per host every ANSWER_EVERY_S
+    assert again.status_code == 429  # one question per port every ANSWER_EVERY_S
     time.sleep(ANSWER_EVERY_S)
     wrong = httpx.post(url, json={"peer_id": "someone else", "port": swarm.peers[0].port}, timeout=10)
     assert wrong.json()["reachable"] is False  # the peer answering there is not the one named
+    time.sleep(ANSWER_EVERY_S)
+    # a flood of questions, each for another port: a bounded number of dials (MAX_ANSWERS)
+    codes = [
+        httpx.post(url, json={"peer_id": me, "port": free_port()}, timeout=10).status_code for _ in range(20)
+    ]
+    assert codes[-1] == 429 and MAX_ANSWERS - 3 <= codes.count(200) <= MAX_ANSWERS, codes
