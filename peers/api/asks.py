@@ -15,7 +15,8 @@ from peers.entry.steering import Steering
 from peers.transport.errors import InvalidRequest, ModelNotServed, Overloaded, SwarmUnavailable
 from peers.transport.frames import Sampling
 
-DEFAULT_MAX_TOKENS = 1024  # when a request names none: this, or what the context has left
+DEFAULT_MAX_TOKENS = 1024  # when a chat request names none: this, or what the context has left
+COMPLETION_MAX_TOKENS = 16  # when a completion request names none (OpenAI's legacy API and vLLM)
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ def max_tokens_for(node: ApiPeer, req: GenerationRequest, prompt_ids: list[int])
 def _max_tokens(node: ApiPeer, req: GenerationRequest, prompt_tokens: int) -> int:
     """The max_tokens asked, else the default within the context's room."""
     asked = req.max_completion_tokens or req.max_tokens
-    return asked or min(DEFAULT_MAX_TOKENS, max(1, node.context_length - prompt_tokens))
+    default = DEFAULT_MAX_TOKENS if isinstance(req, ChatRequest) else COMPLETION_MAX_TOKENS
+    return asked or min(default, max(1, node.context_length - prompt_tokens))
 
 
 def kv_need(node: ApiPeer, req: GenerationRequest, ask: Ask, prompt_tokens: list[int]) -> int:

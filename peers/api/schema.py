@@ -80,7 +80,7 @@ class GenerationRequest(_Strict):
     min_tokens: int = Field(0, ge=0)  # an extension, as in vLLM: no stop id before that many
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)  # as in vLLM
     ignore_eos: bool = False  # an extension, as in vLLM: generate max_tokens whatever comes
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # (int64, as OpenAI's and vLLM's)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     consensus: int = Field(1, ge=1, le=MAX_CONSENSUS)  # an extension: k routes, the majority decides
@@ -194,6 +194,16 @@ class ChatRequest(GenerationRequest):
             raise ValueError("top_logprobs needs logprobs: true")
         if self.continue_final_message and self.messages[-1].role != "assistant":
             raise ValueError("continue_final_message continues a final assistant message")
+        if (
+            self.continue_final_message
+            and self.add_generation_prompt
+            and "add_generation_prompt" in self.model_fields_set
+        ):
+            # (as vLLM and llama.cpp: one continues the last message, the other opens a new one;
+            # left out, add_generation_prompt gives way to continue_final_message)
+            raise ValueError(
+                "add_generation_prompt: true and continue_final_message: true contradict each other"
+            )
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
             raise ValueError("tool_choice needs tools")
         if isinstance(self.tool_choice, NamedTool) and self.tool_choice.function.name not in {

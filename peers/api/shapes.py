@@ -127,11 +127,13 @@ class Shape:
         for text in texts:
             offsets.append(offset)
             offset += len(text)
-        top = (
-            [{self.tokenizer.token_text(a): lp for a, lp in t.top[: self.logprobs]} for t in tokens]
-            if self.logprobs
-            else None
-        )
+
+        def top_of(t: Token) -> dict:  # (the `logprobs` likeliest and the chosen one: up to logprobs + 1)
+            top = {self.tokenizer.token_text(a): lp for a, lp in t.top[: self.logprobs]}
+            top.setdefault(self.tokenizer.token_text(t.token), t.logprob)
+            return top
+
+        top = [top_of(t) for t in tokens]
         return {
             "tokens": texts,
             "token_logprobs": [t.logprob for t in tokens],

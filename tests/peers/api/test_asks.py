@@ -6,13 +6,22 @@ from types import SimpleNamespace
 import pytest
 from pydantic import ValidationError
 
-from peers.api.asks import DEFAULT_MAX_TOKENS, Ask, admit, chat_grammar, max_tokens_for, run_specs
+from peers.api.asks import (
+    COMPLETION_MAX_TOKENS,
+    DEFAULT_MAX_TOKENS,
+    Ask,
+    admit,
+    chat_grammar,
+    max_tokens_for,
+    run_specs,
+)
 from peers.api.prompts import check_prompt_size, completion_prompts, text_of
 from peers.api.schema import ChatRequest, CompletionRequest
 from peers.transport.errors import InvalidRequest, ModelNotServed, Overloaded, SwarmUnavailable
 from tests.peers.api.fakes import node as fake_node
 
 USER = [{"role": "user", "content": "hi"}]
+ASSISTANT_LAST = [*USER, {"role": "assistant", "content": "hel"}]
 TOOLS = [{"type": "function", "function": {"name": "add"}}]
 
 
@@ -38,6 +47,17 @@ def peer(**kw) -> SimpleNamespace:
         ({"model": "m", "messages": USER, "tool_choice": "auto"}, "tool_choice needs tools"),
         ({"model": "m", "messages": USER, "logit_bias": {"x": 1}}, "logit_bias maps token ids"),
         ({"model": "m", "messages": USER, "continue_final_message": True}, "continues a final assistant"),
+        (
+            {
+                "model": "m",
+                "messages": ASSISTANT_LAST,
+                "continue_final_message": True,
+                "add_generation_prompt": True,
+            },
+            "contradict each other",
+        ),
+        ({"model": "m", "messages": USER, "seed": 2**63}, "seed"),
+        ({"model": "m", "messages": USER, "seed": -(2**63) - 1}, "seed"),
         ({"model": "m", "messages": USER, "frobnicate": 1}, "frobnicate"),
         ({"model": "m", "messages": [{"role": "tool", "content": "1"}]}, "tool_call_id"),
         (
@@ -54,6 +74,18 @@ def peer(**kw) -> SimpleNamespace:
 def test_the_chat_schema_refuses(body, says):
     with pytest.raises(ValidationError, match=says):
         ChatRequest.model_validate(body)
+
+
+def test_continuing_the_last_message_leaves_out_the_generation_prompt_unless_both_are_asked():
+    continued = ChatRequest.model_validate(
+        {"model": "m", "messages": ASSISTANT_LAST, "continue_final_message": True}
+    )
+    assert continued.continue_final_message and "add_generation_prompt" not in continued.model_fields_set
+    both_off = {"continue_final_message": True, "add_generation_prompt": False}
+    assert ChatRequest.model_validate(
+        {"model": "m", "messages": ASSISTANT_LAST, **both_off}
+    ).continue_final_message
+    assert ChatRequest.model_validate({"model": "m", "messages": USER, "seed": 2**63 - 1}).seed == 2**63 - 1
 
 
 @pytest.mark.parametrize(
@@ -82,8 +114,15 @@ def test_admission():
 
 def test_max_tokens_fit_the_context():
     assert max_tokens_for(peer(), CompletionRequest(model="m", prompt="a"), [1] * 6) == 10
+    # left out: 16 for a completion (OpenAI's legacy API and vLLM), what the context has left
+    # (at most DEFAULT_MAX_TOKENS) for a chat
     assert (
         max_tokens_for(peer(context_length=4096), CompletionRequest(model="m", prompt="a"), [1])
+        == COMPLETION_MAX_TOKENS
+        == 16
+    )
+    assert (
+        max_tokens_for(peer(context_length=4096), ChatRequest(model="m", messages=USER), [1])
         == DEFAULT_MAX_TOKENS
     )
     with pytest.raises(

@@ -293,6 +293,20 @@ def test_completions_take_every_prompt_form(tiny_swarm, tok):
     assert chunks == {0: "abc" + one, 1: "zz top" + two}
 
 
+def test_completion_logprobs_hold_the_chosen_token_and_up_to_logprobs_more(tiny_swarm):
+    """As OpenAI's legacy API: `logprobs: k` gives the k likeliest tokens and the chosen one (up to
+    k + 1 entries), also for k = 0; and a completion that names no max_tokens gets 16."""
+    entry = tiny_swarm.peers[0]
+    for k in (0, 2):
+        body = {"prompt": "abc", "max_tokens": 4, "temperature": 0, "ignore_eos": True, "logprobs": k}
+        lp = ok(post(entry, "/v1/completions", body))["choices"][0]["logprobs"]
+        assert len(lp["top_logprobs"]) == len(lp["tokens"]) == 4, lp
+        for token, chosen, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True):
+            assert top[token] == chosen and 1 <= len(top) <= k + 1, (k, top)
+    unsized = ok(post(entry, "/v1/completions", {"prompt": "abc", "temperature": 0, "ignore_eos": True}))
+    assert unsized["usage"]["completion_tokens"] == 16
+
+
 def test_best_of_keeps_the_likeliest(tiny_swarm):
     entry = tiny_swarm.peers[0]
     body = {"prompt": "abc", "max_tokens": 6, "temperature": 1.0, "seed": 7}
