@@ -86,8 +86,9 @@ class Shape:
             message["reasoning_content"] = reasoning or None
         if self.tools:
             content, calls = split_calls(text, self.tools)
-            if calls:
+            if calls or content != text:  # (calls, or a call cut off: its markup is no content)
                 message["content"] = content
+            if calls:
                 message["tool_calls"] = openai_calls(calls)
         return message
 

@@ -72,8 +72,8 @@ class Chunks:
                 deltas = [{"index": k, **call} for k, call in enumerate(openai_calls(calls))]
                 yield shape.chunk(i, {"tool_calls": deltas})
                 reason = "tool_calls" if reason != "length" else reason
-            elif held:
-                yield shape.chunk(i, {"content": held})
+            elif rest:  # (a call cut off at the end is held back, and dropped)
+                yield shape.chunk(i, {"content": rest})
         yield shape.chunk(i, {} if shape.chat else "", reason)
 
 

@@ -97,7 +97,9 @@ def split_calls(text: str, tools: list[Tool]) -> tuple[str | None, list[dict]]:
     known = {t.function.name for t in tools}
     rest, calls = parse_tool_calls(text)
     good = [c for c in calls if c.get("name") in known and isinstance(c.get("arguments"), dict)]
-    if len(good) != len(calls) or not good:
+    if not calls:  # (a call cut off before its end, as a forced one by max_tokens, is no content)
+        return without_unfinished_call(text), []
+    if len(good) != len(calls):
         return text, []
     cut = rest.rfind(OPEN)
     if cut >= 0 and CLOSE not in rest[cut:]:
@@ -107,6 +109,16 @@ def split_calls(text: str, tools: list[Tool]) -> tuple[str | None, list[dict]]:
         if call not in unique:
             unique.append(call)
     return rest or None, unique
+
+
+def without_unfinished_call(text: str) -> str:
+    """The text before a call it ends with unfinished (`<tool_call>` without its close, or the
+    start of `<tool_call>` itself); the text itself where it ends with none."""
+    cut = text.rfind(OPEN)
+    if cut >= 0 and CLOSE not in text[cut:]:
+        return text[:cut].rstrip()
+    k = _partial_open(text)
+    return text[:-k].rstrip() if k else text
 
 
 def repeats_a_call(text: str) -> bool:
