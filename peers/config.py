@@ -182,6 +182,16 @@ class NodeConfig:
     prefix_reuse: bool = option(
         True, Flag("--no-prefix-reuse", "never reuse the KV of prompt prefixes computed before")
     )
+    generation_config: str = option(
+        "auto",
+        Flag(
+            "--generation-config",
+            "auto: a request that names no temperature, top_p, top_k, min_p or repetition_penalty gets "
+            "the model's (its generation_config.json, else a built-in model's card); none: OpenAI's",
+            choices=("auto", "none"),
+        ),
+        check=one_of(("auto", "none")),
+    )
     hop_stream: bool = option(
         True,
         Flag(

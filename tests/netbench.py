@@ -62,6 +62,50 @@ class Net:
         return [self.inet, self.router, self.home]
 
 
+def _internet(net: Net, tag: str) -> None:
+    """The bridge, its packet-swallowing default route, and this process's leg on it."""
+    inet = net.inet
+    _run("ip", "-n", inet, "link", "add", "br0", "type", "bridge")
+    _run("ip", "-n", inet, "link", "set", "br0", "up")
+    _run("ip", "-n", inet, "addr", "add", f"{net.public_ip}/24", "dev", "br0")
+    _run("ip", "-n", inet, "link", "add", "sink0", "type", "veth", "peer", "name", "sink1")
+    for dev in ("sink0", "sink1"):
+        _run("ip", "-n", inet, "link", "set", dev, "up")
+    _run("ip", "-n", inet, "route", "add", "default", "dev", "sink0")
+    _run("ip", "link", "add", f"lsc{tag}", "type", "veth", "peer", "name", f"lscb{tag}")
+    _run("ip", "link", "set", f"lscb{tag}", "netns", inet)
+    _run("ip", "-n", inet, "link", "set", f"lscb{tag}", "master", "br0", "up")
+    _run("ip", "addr", "add", f"{PUBLIC_NET}.254/24", "dev", f"lsc{tag}")
+    _run("ip", "link", "set", f"lsc{tag}", "up")
+
+
+def _home(net: Net, tag: str, random_fully: bool) -> None:
+    """The router (wan on the internet, lan at home, NAT and drops) and the home behind it."""
+    inet, nat, home = net.inet, net.router, net.home
+    _run("ip", "link", "add", f"lsw{tag}", "type", "veth", "peer", "name", f"lswb{tag}")
+    _run("ip", "link", "set", f"lsw{tag}", "netns", nat)
+    _run("ip", "link", "set", f"lswb{tag}", "netns", inet)
+    _run("ip", "-n", inet, "link", "set", f"lswb{tag}", "master", "br0", "up")
+    _run("ip", "-n", nat, "link", "set", f"lsw{tag}", "name", "wan", "up")
+    _run("ip", "-n", nat, "addr", "add", f"{net.router_ip}/24", "dev", "wan")
+    _run("ip", "link", "add", f"lsl{tag}", "type", "veth", "peer", "name", f"lsh{tag}")
+    _run("ip", "link", "set", f"lsl{tag}", "netns", nat)
+    _run("ip", "link", "set", f"lsh{tag}", "netns", home)
+    _run("ip", "-n", nat, "link", "set", f"lsl{tag}", "name", "lan", "up")
+    _run("ip", "-n", nat, "addr", "add", f"{HOME_NET}.1/24", "dev", "lan")
+    _run("ip", "-n", home, "link", "set", f"lsh{tag}", "name", "eth0", "up")
+    _run("ip", "-n", home, "addr", "add", f"{net.home_ip}/24", "dev", "eth0")
+    _run("ip", "-n", home, "route", "add", "default", "via", f"{HOME_NET}.1")
+    ipt = [*net.exec(nat), "iptables"]
+    _run(*net.exec(nat), "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    masquerade = ["-j", "MASQUERADE", *(["--random-fully"] if random_fully else [])]
+    _run(*ipt, "-t", "nat", "-A", "POSTROUTING", "-o", "wan", *masquerade)
+    for chain in ("FORWARD", "INPUT"):
+        established = ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"]
+        _run(*ipt, "-A", chain, "-i", "wan", *established)
+        _run(*ipt, "-A", chain, "-i", "wan", "-j", "DROP")
+
+
 @contextmanager
 def small_internet(random_fully: bool = False) -> Iterator[Net]:
     """One public network and one home behind a NAT router (see the module's docstring)."""
@@ -71,64 +115,8 @@ def small_internet(random_fully: bool = False) -> Iterator[Net]:
         for ns in net.namespaces():
             _run("ip", "netns", "add", ns)
             _run("ip", "-n", ns, "link", "set", "lo", "up")
-        inet, nat, home = net.inet, net.router, net.home
-        _run("ip", "-n", inet, "link", "add", "br0", "type", "bridge")
-        _run("ip", "-n", inet, "link", "set", "br0", "up")
-        _run("ip", "-n", inet, "addr", "add", f"{net.public_ip}/24", "dev", "br0")
-        _run("ip", "-n", inet, "link", "add", "sink0", "type", "veth", "peer", "name", "sink1")
-        for dev in ("sink0", "sink1"):
-            _run("ip", "-n", inet, "link", "set", dev, "up")
-        _run("ip", "-n", inet, "route", "add", "default", "dev", "sink0")
-        # this process's own leg on the internet (a client of the public peers)
-        _run("ip", "link", "add", f"lsc{tag}", "type", "veth", "peer", "name", f"lscb{tag}")
-        _run("ip", "link", "set", f"lscb{tag}", "netns", inet)
-        _run("ip", "-n", inet, "link", "set", f"lscb{tag}", "master", "br0", "up")
-        _run("ip", "addr", "add", f"{PUBLIC_NET}.254/24", "dev", f"lsc{tag}")
-        _run("ip", "link", "set", f"lsc{tag}", "up")
-        # the router: wan on the internet, lan at home
-        _run("ip", "link", "add", f"lsw{tag}", "type", "veth", "peer", "name", f"lswb{tag}")
-        _run("ip", "link", "set", f"lsw{tag}", "netns", nat)
-        _run("ip", "link", "set", f"lswb{tag}", "netns", inet)
-        _run("ip", "-n", inet, "link", "set", f"lswb{tag}", "master", "br0", "up")
-        _run("ip", "-n", nat, "link", "set", f"lsw{tag}", "name", "wan", "up")
-        _run("ip", "-n", nat, "addr", "add", f"{net.router_ip}/24", "dev", "wan")
-        _run("ip", "link", "add", f"lsl{tag}", "type", "veth", "peer", "name", f"lsh{tag}")
-        _run("ip", "link", "set", f"lsl{tag}", "netns", nat)
-        _run("ip", "link", "set", f"lsh{tag}", "netns", home)
-        _run("ip", "-n", nat, "link", "set", f"lsl{tag}", "name", "lan", "up")
-        _run("ip", "-n", nat, "addr", "add", f"{HOME_NET}.1/24", "dev", "lan")
-        _run("ip", "-n", home, "link", "set", f"lsh{tag}", "name", "eth0", "up")
-        _run("ip", "-n", home, "addr", "add", f"{net.home_ip}/24", "dev", "eth0")
-        _run("ip", "-n", home, "route", "add", "default", "via", f"{HOME_NET}.1")
-        ipt = [*net.exec(nat), "iptables"]
-        _run(*net.exec(nat), "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        _run(
-            *ipt,
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-o",
-            "wan",
-            "-j",
-            "MASQUERADE",
-            *(["--random-fully"] if random_fully else []),
-        )
-        for chain in ("FORWARD", "INPUT"):
-            _run(
-                *ipt,
-                "-A",
-                chain,
-                "-i",
-                "wan",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "ESTABLISHED,RELATED",
-                "-j",
-                "ACCEPT",
-            )
-            _run(*ipt, "-A", chain, "-i", "wan", "-j", "DROP")
+        _internet(net, tag)
+        _home(net, tag, random_fully)
         yield net
     finally:
         for ns in net.namespaces():

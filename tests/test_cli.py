@@ -167,6 +167,7 @@ FLAGS = {
         "--micro-batches": (True, on_off, None, "on|off", None, "StoreAction"),
         "--no-hop-stream": (False, None, None, None, 0, "StoreTrueAction"),
         "--no-prefix-reuse": (False, None, None, None, 0, "StoreTrueAction"),
+        "--generation-config": ("auto", None, ("auto", "none"), None, None, "StoreAction"),
         "--wire": ("lossless", None, ("lossless", "bf16", "fp16", "int8"), None, None, "StoreAction"),
         "--no-direct-return": (False, None, None, None, 0, "StoreTrueAction"),
         "--draft-model": (None, None, None, None, None, "StoreAction"),

@@ -2,9 +2,13 @@
 grammar its output follows, max_tokens, the sampling controls and steering, and from these the
 spec of each prompt's run."""
 
+import functools
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TypeVar
 
 from inference.grammar import GrammarError, json_object_grammar, json_schema_grammar, tool_call_grammar
+from inference.models import sampling_defaults
 from peers.api.door import ApiPeer
 from peers.api.reasoning import PROMPT_TAIL_TOKENS, Reasoning, ReasoningStart
 from peers.api.runs import RunSpec
@@ -17,6 +21,7 @@ from peers.transport.frames import Sampling
 
 DEFAULT_MAX_TOKENS = 1024  # when a chat request names none: this, or what the context has left
 COMPLETION_MAX_TOKENS = 16  # when a completion request names none (OpenAI's legacy API and vLLM)
+G = TypeVar("G", bound=GenerationRequest)
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,22 @@ def kv_need(node: ApiPeer, req: GenerationRequest, ask: Ask, prompt_tokens: list
     its sequences."""
     sequences = ask.best_of or req.n
     return sum(kv_tokens(p, _max_tokens(node, req, p), sequences) for p in prompt_tokens)
+
+
+@functools.cache
+def _model_sampling(model_id: str, path: str, mode: str) -> dict:
+    return {} if mode == "none" else sampling_defaults(model_id, Path(path))
+
+
+def model_sampling(node: ApiPeer) -> dict:
+    """What a request that names no sampling gets (--generation-config: the model's own)."""
+    return _model_sampling(node.model_id, str(node.model_path), node.config.generation_config)
+
+
+def with_model_sampling(node: ApiPeer, req: G) -> G:
+    """The request with the model's sampling (model_sampling) where it names none of its own."""
+    unset = {k: v for k, v in model_sampling(node).items() if k not in req.model_fields_set}
+    return req.model_copy(update=unset) if unset else req
 
 
 def sampling_of(node: ApiPeer, req: GenerationRequest, ask: Ask) -> Sampling:

@@ -1,6 +1,7 @@
 """What the OpenAI door needs of the peer it runs on, beyond what the entry needs: a small
 interface that the composition root's node satisfies, so that the API never imports the node."""
 
+from pathlib import Path
 from typing import Any, Protocol
 
 from inference import Tokenizer
@@ -15,5 +16,6 @@ class ApiPeer(EntryPeer, Protocol):
     active_requests: int
     served_model: str  # the name the API reports
     served_names: tuple[str, ...]  # the names it answers to
+    model_path: Path  # its model's directory (generation_config.json: asks.model_sampling)
 
     def should_verify(self) -> bool: ...

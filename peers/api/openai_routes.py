@@ -16,7 +16,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from inference.grammar import GrammarError
-from peers.api.asks import Ask, admit, chat_grammar, grammar_param, kv_need, max_tokens_for, run_specs
+from peers.api.asks import (
+    Ask,
+    admit,
+    chat_grammar,
+    grammar_param,
+    kv_need,
+    max_tokens_for,
+    run_specs,
+    with_model_sampling,
+)
 from peers.api.door import ApiPeer
 from peers.api.events import Event
 from peers.api.prompts import check_prompt_size, completion_prompts, prompt_chars, template_kwargs, text_of
@@ -100,6 +109,7 @@ class OpenAIDoor:
 
     async def chat(self, req: ChatRequest, request: Request):
         node = self.node
+        req = with_model_sampling(node, req)
         tools = list(req.tools or ()) if req.tool_choice != "none" else []
         generic = bool(tools) and not node.tokenizer.template_takes_tools
         try:
@@ -144,6 +154,7 @@ class OpenAIDoor:
         return [ids]
 
     async def completions(self, req: CompletionRequest, request: Request):
+        req = with_model_sampling(self.node, req)
         prompts = completion_prompts(self.node, req)
 
         async def prompt_ids() -> list[list[int]]:

@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from peers.api.asks import model_sampling
 from peers.api.door import ApiPeer
 from peers.api.prompts import check_prompt_size, prompt_chars, template_kwargs, text_of
 from peers.api.schema import ChatMessage, TemplateKwargs
@@ -72,6 +73,8 @@ class ServiceDoor:
             "created": self.created,
             "owned_by": "layerswarm",
             "max_model_len": self.node.context_length,
+            # what a request that names no sampling gets (--generation-config)
+            "sampling_defaults": model_sampling(self.node),
         }
 
     async def models(self) -> dict:

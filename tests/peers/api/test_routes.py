@@ -16,6 +16,9 @@ def peer() -> SimpleNamespace:
         served_names=("m", "alias"),
         context_length=64,
         model_config=SimpleNamespace(vocab_size=200),
+        model_id="smollm2-135m",  # (a built-in: its card's sampling, no generation_config.json here)
+        model_path="/nonexistent",
+        config=SimpleNamespace(generation_config="auto"),
     )
 
 
@@ -39,6 +42,7 @@ def test_the_service_routes_answer():
     with TestClient(app) as client:
         (card,) = client.get("/v1/models").json()["data"]
         assert card["id"] == "m" and card["max_model_len"] == 64 and card["object"] == "model"
+        assert card["sampling_defaults"] == {"temperature": 0.2, "top_p": 0.9}
         assert client.get("/v1/models/alias").json() == card
         assert client.post("/tokenize", json={"prompt": "hi"}).json() == {
             "tokens": [104, 105],
