@@ -20,8 +20,8 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(self._tok.chat_template)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=True))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
     @property
     def hf(self):

@@ -29,6 +29,9 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # (messages) the last, assistant, message continued
+    add_special_tokens: bool = True  # (prompt) a BOS where the tokenizer puts one, as /v1/completions
+    return_token_strs: bool = False  # each token's text too, as vLLM's "token_strs"
     chat_template_kwargs: TemplateKwargs | None = None  # as /v1/chat/completions takes them
 
 
@@ -90,13 +93,24 @@ class ServiceDoor:
         _check_model(node, req.model)
         if (req.prompt is None) == (req.messages is None):
             raise InvalidRequest("give either prompt or messages, not both", param="prompt")
-        if req.prompt is not None and req.chat_template_kwargs is not None:
+        given = req.model_fields_set
+        for name in ("chat_template_kwargs", "continue_final_message", "add_generation_prompt"):
+            if req.prompt is not None and name in given:
+                raise InvalidRequest(f"{name} goes with messages, not a prompt", param=name)
+        if req.messages is not None and "add_special_tokens" in given:
             raise InvalidRequest(
-                "chat_template_kwargs go with messages, not a prompt", param="chat_template_kwargs"
+                "add_special_tokens goes with a prompt (the chat template places special tokens)",
+                param="add_special_tokens",
+            )
+        if req.continue_final_message and req.add_generation_prompt and "add_generation_prompt" in given:
+            raise InvalidRequest(
+                "add_generation_prompt: true and continue_final_message: true contradict each other",
+                param="continue_final_message",
             )
         if req.prompt is not None:
             check_prompt_size(node, len(req.prompt), "prompt")
-            encode = partial(node.tokenizer.encode, req.prompt)
+            bare = {} if req.add_special_tokens else {"add_special_tokens": False}
+            encode = partial(node.tokenizer.encode, req.prompt, **bare)
         else:
             try:  # as a chat without tools renders them
                 messages = chat_messages(req.messages, text_of, generic_tools=False)
@@ -104,8 +118,17 @@ class ServiceDoor:
                 raise InvalidRequest(str(e), param="messages") from None
             variables = template_kwargs(req.chat_template_kwargs, None, node.tokenizer.template_variables)
             check_prompt_size(node, prompt_chars(messages, variables), "messages")
+            if req.continue_final_message and req.messages[-1].role != "assistant":
+                raise InvalidRequest(
+                    "continue_final_message continues a final assistant message",
+                    param="continue_final_message",
+                )
             encode = partial(
-                node.tokenizer.encode_chat, messages, req.add_generation_prompt, template_kwargs=variables
+                node.tokenizer.encode_chat,
+                messages,
+                req.add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+                template_kwargs=variables,
             )
         try:
             ids = await asyncio.get_running_loop().run_in_executor(self.pool, encode)
@@ -115,7 +138,11 @@ class ServiceDoor:
             raise InvalidRequest(
                 f"the model's chat template rejected the messages: {e}", param="messages"
             ) from e
-        return {"tokens": ids, "count": len(ids), "max_model_len": node.context_length}
+        ids = list(ids)
+        answer = {"tokens": ids, "count": len(ids), "max_model_len": node.context_length}
+        if req.return_token_strs:
+            answer["token_strs"] = [node.tokenizer.token_text(t) for t in ids]
+        return answer
 
     async def detokenize(self, req: DetokenizeRequest) -> dict:
         _check_model(self.node, req.model)

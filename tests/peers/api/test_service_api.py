@@ -75,6 +75,46 @@ def test_tokenize_and_detokenize_use_the_models_tokenizer(tiny_llama):
     assert back == {"prompt": "Hello there"}
 
 
+def test_tokenize_options_as_vllm_takes_them(tiny_llama):
+    """add_special_tokens (a prompt), return_token_strs, continue_final_message (messages); an option
+    of the other form, or add_generation_prompt given with continue_final_message, is a 400."""
+    said = [*HI, {"role": "assistant", "content": "hel"}]
+
+    async def calls(http, node):
+        tok = node.tokenizer
+        plain = (await http.post("/tokenize", json={"prompt": "Hello", "add_special_tokens": False})).json()
+        strs = (await http.post("/tokenize", json={"prompt": "Hello", "return_token_strs": True})).json()
+        cont = (await http.post("/tokenize", json={"messages": said, "continue_final_message": True})).json()
+        refused = [
+            await http.post("/tokenize", json={"prompt": "hi", "continue_final_message": True}),
+            await http.post("/tokenize", json={"messages": HI, "add_special_tokens": False}),
+            await http.post(
+                "/tokenize",
+                json={"messages": said, "continue_final_message": True, "add_generation_prompt": True},
+            ),
+            await http.post("/tokenize", json={"messages": HI, "continue_final_message": True}),
+        ]
+        expected = (
+            list(tok.hf.encode("Hello", add_special_tokens=False)),
+            tok.encode("Hello"),
+            tok.encode_chat(said, continue_final_message=True),
+            [tok.token_text(t) for t in tok.encode("Hello")],
+        )
+        return plain, strs, cont, refused, expected
+
+    plain, strs, cont, refused, (bare_ids, ids, cont_ids, texts) = ask(tiny_llama, calls)
+    assert plain["tokens"] == bare_ids and "token_strs" not in plain
+    assert strs["tokens"] == ids and strs["token_strs"] == texts
+    assert cont["tokens"] == cont_ids
+    params = [error_of(r, 400)["param"] for r in refused]
+    assert params == [
+        "continue_final_message",
+        "add_special_tokens",
+        "continue_final_message",
+        "continue_final_message",
+    ]
+
+
 def test_tokenize_refuses_bad_requests_in_openai_error_json(tiny_llama):
     async def calls(http, node):
         vocab = node.model_config.vocab_size
@@ -82,7 +122,7 @@ def test_tokenize_refuses_bad_requests_in_openai_error_json(tiny_llama):
             await http.post("/detokenize", json={"tokens": [5, vocab]}),
             await http.post("/detokenize", json={"tokens": [-1]}),
             await http.post("/detokenize", json={"tokens": [1.5]}),
-            await http.post("/tokenize", json={"prompt": "hi", "add_special_tokens": True}),
+            await http.post("/tokenize", json={"prompt": "hi", "return_tokens_as_ids": True}),
             await http.post("/detokenize", json={"tokens": [5], "skip_special": True}),
             await http.post("/tokenize", json={"prompt": "hi", "messages": HI}),
             await http.post("/tokenize", json={}),
@@ -95,8 +135,8 @@ def test_tokenize_refuses_bad_requests_in_openai_error_json(tiny_llama):
         error = error_of(r, 400)
         assert error["param"] == "tokens" and "vocabulary" in error["message"], error
     assert error_of(fraction, 400)["param"] == "tokens.0"
-    assert error_of(unknown, 400)["param"] == "add_special_tokens"
-    assert "add_special_tokens" in error_of(unknown, 400)["message"]
+    assert error_of(unknown, 400)["param"] == "return_tokens_as_ids"
+    assert "return_tokens_as_ids" in error_of(unknown, 400)["message"]
     assert error_of(unknown_too, 400)["param"] == "skip_special"
     assert error_of(both, 400)["type"] == "invalid_request_error"
     assert error_of(neither, 400)["type"] == "invalid_request_error"
