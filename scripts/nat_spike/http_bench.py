@@ -7,24 +7,12 @@ Runs in the project's venv (uvicorn, httpx, websockets are its dependencies).
 """
 
 import asyncio
-import os
 import statistics
 import struct
 import sys
 import time
 
-HIDDEN = (
-    struct.pack("<f", 1.5) * 4
-)  # HIDDEN_STATES=1: payloads are runs of this float32 (to find in a capture)
-
-
-def payload_of(size: int) -> bytes:
-    if os.environ.get("HIDDEN_STATES") == "1":
-        return (HIDDEN * (size // len(HIDDEN) + 1))[:size]
-    return os.urandom(size)
-
-
-COUNTS = {3072: 50, 2 * 1024 * 1024: 10}
+from payloads import COUNTS, payload_of  # noqa: E402  (this folder is on the path)
 
 
 async def app(scope, receive, send):

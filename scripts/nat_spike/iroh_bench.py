@@ -22,18 +22,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 ALPN = b"layerswarm/steps/0"
 WINDOW = int(os.environ.get("IROH_WINDOW", "0"))  # connection receive window, bytes (0: iroh's default)
-HIDDEN = (
-    struct.pack("<f", 1.5) * 4
-)  # HIDDEN_STATES=1: payloads are runs of this float32 (to find in a capture)
-
-
-def payload_of(size: int) -> bytes:
-    if os.environ.get("HIDDEN_STATES") == "1":
-        return (HIDDEN * (size // len(HIDDEN) + 1))[:size]
-    return os.urandom(size)
-
-
-COUNTS = {3072: 50, 2 * 1024 * 1024: 10}
+from payloads import COUNTS, payload_of  # noqa: E402  (this folder is on the path)
 
 
 def identity():
