@@ -5,11 +5,9 @@ streamed or not; the answer says finish_reason "length" and carries no tool_call
 import asyncio
 import json
 
-import httpx
 import pytest
 
-from peers.server import create_app
-from tests.peers.test_inprocess import start_swarm, stop_swarm
+from tests.peers.api.test_grammar_door import ask_door
 
 TOOLS = [
     {
@@ -25,16 +23,6 @@ TOOLS = [
     }
 ]
 CHOICES = {"required": "required", "named": {"type": "function", "function": {"name": "get_weather"}}}
-
-
-async def ask_door(model, bodies: list[dict]) -> list[httpx.Response]:
-    _, (node,) = await start_swarm(model, ["0:4"])
-    try:
-        transport = httpx.ASGITransport(app=create_app(node), raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://peer", timeout=60) as http:
-            return [await http.post("/v1/chat/completions", json=body) for body in bodies]
-    finally:
-        await stop_swarm([node])
 
 
 @pytest.fixture(scope="module")
