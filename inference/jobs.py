@@ -8,7 +8,7 @@ import torch
 
 from inference.block import Block
 from inference.kv_cache import LOCAL, Sender
-from inference.sampling import Controls, Sampling
+from inference.sampling import Controls, PositionScore, Sampling, Score
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class Sampled:
     top: tuple | None = field(default=None, repr=False)  # the last logits' top entries, when committing
     # with sampling.top_logprobs: per sampled token, the likeliest tokens and their logprobs
     alternatives: tuple[tuple[tuple[int, float], ...], ...] = ()
+    prompt: tuple[PositionScore, ...] = ()  # with Job.score: the scored positions, in order
 
 
 class Busy(Exception):
@@ -92,6 +93,8 @@ class Job:
     controls: tuple[Controls, ...] = ()  # per sampled row, or none (see StepRequest.controls)
     sender: Sender = LOCAL  # who sent the step (its KV counts against that sender: inference/kv_cache.py)
     stages: int = 1  # stages of the pipeline the step runs through (its route's hops): micro-batches
+    score: Score | None = None  # (the model's last layers) prompt logprobs of the step's positions
+    scores: list[PositionScore] = field(default_factory=list)  # those of the chunks computed so far
 
     @property
     def batch(self) -> int:

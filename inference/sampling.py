@@ -99,6 +99,26 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class Score:
+    """Prompt logprobs asked of the last peer: `targets[j]` is the token that follows the step's
+    j-th position (at most one per position); each gets its logprob, its rank in the vocabulary
+    and the `top` likeliest tokens there, from the unmodified model's logits."""
+
+    targets: tuple[int, ...]
+    top: int = 0
+
+
+@dataclass(frozen=True)
+class PositionScore:
+    """One scored position: the logprob of the token that follows it, that token's rank (1: the
+    likeliest) and the likeliest tokens with their logprobs."""
+
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Controls:
     """What the last peer applies to one sampled row's logits besides the request's sampling
     parameters, as the entry sends it: the tokens its sequence generated so far and how often

@@ -9,6 +9,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Protocol
 
 import torch
@@ -18,7 +19,7 @@ from inference.block import Block
 from inference.core_turns import CoreTurns
 from inference.errors import CacheFullError
 from inference.jobs import Busy, Job, NonFinite, Sampled, SchedulerSettings, SchedulerStats
-from inference.step_sampling import sample_steps
+from inference.step_sampling import sample_steps, score_positions
 
 log = logging.getLogger("layerswarm.scheduler")
 
@@ -328,7 +329,7 @@ def _compute(block: Block | None, batch: list[tuple[Job, int]]) -> list:
             job.inputs[:, job.done : job.done + size],
             job.position + job.done,
             job.layers,
-            last_only=not job.draft,
+            last_only=not job.draft and job.score is None,
             drafted=bool(job.draft),
             sender=job.sender,
         )
@@ -344,7 +345,8 @@ def _compute(block: Block | None, batch: list[tuple[Job, int]]) -> list:
             to_sample.append(i)  # the logits after a step's last position
     if to_sample:
         for i, result in zip(to_sample, sample_steps(batch, results, to_sample), strict=True):
-            results[i] = result
+            scored = batch[i][0].score is not None and isinstance(result, Sampled)
+            results[i] = replace(result, prompt=tuple(batch[i][0].scores)) if scored else result
     return results
 
 
@@ -383,6 +385,19 @@ def _chunk_result(block: Block, job: Job, size: int, out):
             block.store_prefix(job.session_id, job.prefix)
         except Exception as e:  # keeping a prefix is an optimisation: never fail the step for it
             log.warning("keeping the prefix of %s failed: %s", job.session_id, e)
+    if job.score is not None and job.sampling is not None:
+        try:
+            _score_chunk(job, size, out)
+        except ValueError as e:
+            return e
     if job.sampling is not None and job.remaining > size:
-        return None  # logits of a prompt's inner chunk: not needed
+        return None  # logits of a prompt's inner chunk: not needed (but for their scores)
     return out
+
+
+def _score_chunk(job: Job, size: int, logits: torch.Tensor) -> None:
+    """Score the positions of the chunk that starts at job.done (logits [B, size, V]; the first
+    sequence's, as every sequence of a prompt step holds the same prompt)."""
+    first, end = job.done, min(job.done + size, len(job.score.targets))
+    if end > first:
+        job.scores += score_positions(logits[0, : end - first], job.score.targets[first:end], job.score.top)

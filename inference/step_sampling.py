@@ -1,11 +1,14 @@
 """Sampling the steps of one forward that end the model: the tokens chosen after each step's last
-position (or each drafted position), their logprobs and the alternatives asked for."""
+position (or each drafted position), their logprobs and the alternatives asked for; and scoring a
+prompt's positions (prompt logprobs)."""
+
+from collections.abc import Sequence
 
 import torch
 
 from inference.grammar import unpack_mask
 from inference.jobs import Job, Sampled
-from inference.sampling import Controls, RowControls, Sampling, sample_many, top_entries
+from inference.sampling import Controls, PositionScore, RowControls, Sampling, sample_many, top_entries
 
 
 def sample_steps(batch: list[tuple[Job, int]], results: list, which: list[int]) -> list:
@@ -75,3 +78,28 @@ def _alternatives(logits: list[torch.Tensor], k: int) -> tuple:
         for row_ids, row_lps in zip(ids.tolist(), lps.tolist(), strict=True):
             out.append(tuple(zip(row_ids, row_lps, strict=True)))
     return tuple(out)
+
+
+def score_positions(logits: torch.Tensor, targets: Sequence[int], top: int) -> list[PositionScore]:
+    """logits [T, V] of one sequence's positions -> each position's score of its target (the
+    token that follows it: T of them): its logprob under the unmodified model, its rank, and
+    the `top` likeliest tokens. ValueError for a target outside the vocabulary."""
+    lps = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
+    vocab = lps.shape[-1]
+    ids = torch.tensor(list(targets), dtype=torch.long, device=lps.device)  # [T]
+    assert ids.shape[0] == lps.shape[0], f"{ids.shape[0]} targets for {lps.shape[0]} positions"
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"a prompt token to score lies outside [0, {vocab})")
+    chosen = lps.gather(1, ids[:, None])  # [T, 1]
+    ranks = (lps > chosen).sum(dim=-1) + 1  # [T]
+    tops: list[tuple] = [()] * len(ids)
+    if top > 0:
+        values, indices = lps.topk(min(top, vocab), dim=-1)  # [T, k]
+        tops = [
+            tuple(zip(row_ids, row_lps, strict=True))
+            for row_ids, row_lps in zip(indices.tolist(), values.tolist(), strict=True)
+        ]
+    return [
+        PositionScore(lp, rank, t)
+        for lp, rank, t in zip(chosen[:, 0].tolist(), ranks.tolist(), tops, strict=True)
+    ]

@@ -282,6 +282,7 @@ class HopRunner:
             commit=bool(req.verify),
             draft=req.draft,
             controls=req.controls if last else (),
+            score=req.score if last else None,
             sender=STEP_SENDER.get(),
             # the pipeline's depth: the hops from here on, or as many spans as this one as the model has
             stages=max(len(req.hops), round(self.table.me.total_layers / (hop.end - hop.start))),
@@ -299,7 +300,9 @@ class HopRunner:
             self.hop_times.add("queue", job.started - job.enqueued)
         self.hop_times.add("compute", job.compute_s)
         if isinstance(out, Sampled):
-            out = StepResult(out.tokens, out.logprobs, top=out.top, alternatives=out.alternatives)
+            out = StepResult(
+                out.tokens, out.logprobs, top=out.top, alternatives=out.alternatives, prompt=out.prompt
+            )
         return out, job
 
     def commit(self, req: StepRequest, hop: Hop, block: Block, top, sent: torch.Tensor | None) -> Commitment:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from peers.entry.peer import EntryPeer
 from peers.entry.prefix import prefix_hashes, routing_key
 from peers.entry.routes import banned_now, check_rate, current_route, route_around, seals_for, shadows_for
-from peers.entry.session import Ask, Observed, RouteSession, Token, context_digest, tokens_of
+from peers.entry.session import Ask, Observed, PromptScores, RouteSession, Token, context_digest, tokens_of
 from peers.entry.speculative import Speculation
 from peers.entry.steering import Steering, SteerState
 from peers.entry.step import seeded, step, uniform_steps
@@ -207,6 +207,7 @@ class Stepper:
         self.finished = [any(t in stop_ids for t in g) for g in generated]
         self.state: SteerState | None = None
         self.speculation: Speculation | None = None
+        self.scores: PromptScores | None = None  # prompt logprobs, where asked for
 
     def steer(self, steering: Steering | None) -> None:
         """Send `steering`'s controls with each step that samples."""
@@ -229,9 +230,11 @@ class Stepper:
         """The next step: a replay, a decode step, or a drafted one."""
         s = self.session
         rebuild = s.next_rebuild()
+        score = self.scores.wanted(s.prompt_ids, rebuild.rows) if self.scores and s.position == 0 else None
         # (a checked step reuses prefixes as any other: a shadow restores what it holds of the
-        # prompt and computes the rest, and one that cannot continue there leaves the step unchecked)
-        prefix = prefix_hashes(s.prompt_ids) if reuse and s.position == 0 else ()
+        # prompt and computes the rest, and one that cannot continue there leaves the step
+        # unchecked; a scored one computes every position)
+        prefix = prefix_hashes(s.prompt_ids) if reuse and s.position == 0 and score is None else ()
         checked = self.checks.observe is not None or uniform_steps(self.node)
         verify = context_digest(s.prompt_ids, s.generated) if checked else ""
         controls = ()
@@ -244,7 +247,7 @@ class Stepper:
             return Ask([rebuild.rows[0] + draft], prefix, verify, len(draft), controls)
         if self.state is not None and not rebuild.widens and len(s.pending) <= 1:  # tokens kept
             controls = self.state.controls(s.generated)
-        return Ask(rebuild.rows, prefix, verify, 0, controls)
+        return Ask(rebuild.rows, prefix, verify, 0, controls, score)
 
     async def send(self, ask: Ask) -> StepResult:
         result = await step(self.node, self.session, ask, self.sampling)
@@ -267,6 +270,8 @@ class Stepper:
                     return
             return
         s.sent(len(ask.rows[0]))
+        if ask.score is not None:
+            self.scores.positions = result.prompt
         if s.pending:  # a replay goes on (the prompt's last token is next, sent to every sequence)
             return
         tokens = tokens_of(result)
@@ -298,6 +303,7 @@ async def generate(
     speculative: bool = False,
     steering: Steering | None = None,
     checks: Checks | None = None,
+    scores: PromptScores | None = None,
 ) -> AsyncIterator[list[Token]]:
     """Yield the next token of each of `n` sequences of one prompt, step by step, until every
     sequence met a stop id or max_tokens; survives failing peers until failover_timeout_s.
@@ -306,7 +312,8 @@ async def generate(
     check them in one step (peers/entry/speculative.py); the tokens are the same as without it,
     and they are yielded one at a time, so that a consumer stopping at a stop string never sees
     past it. `steering`: penalties, min_tokens and a grammar, sent with each step that samples.
-    `checks`: for checked generation (see Checks)."""
+    `checks`: for checked generation (see Checks). `scores`: prompt logprobs, set before the
+    first token is yielded (computed in the prefill, with no prefix reused)."""
     checks = checks or Checks()
     generated = [list(h) for h in checks.history] if checks.history else [[] for _ in range(n)]
     if generated[0] and all(any(t in stop_ids for t in g) for g in generated):
@@ -315,6 +322,7 @@ async def generate(
         sampling = seeded(sampling)
     run = Stepper(node, prompt_ids, generated, max_tokens, sampling, stop_ids, checks)
     run.steer(steering)
+    run.scores = scores
     if speculative and n == 1 and checks.observe is None and not (checks.shadowed or uniform_steps(node)):
         run.speculate()
     session = run.session

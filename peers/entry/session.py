@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import xxhash
 
+from inference.sampling import PositionScore, Score
 from peers.transport.frames import Controls, Hop
 from peers.transport.results import StepResult
 
@@ -65,6 +66,23 @@ class Ask:
     verify: str = ""
     draft: int = 0
     controls: tuple[Controls, ...] = ()
+    score: Score | None = None  # prompt logprobs asked of the last peer (a step at position 0)
+
+
+@dataclass
+class PromptScores:
+    """Prompt logprobs a generation asks for (`top` likeliest tokens at each position besides the
+    prompt's own): `positions` holds the scores of the prompt's tokens after its first once the
+    step that brings them went through (the prefill; never from a reused prefix)."""
+
+    top: int = 0
+    positions: tuple[PositionScore, ...] | None = None
+
+    def wanted(self, prompt_ids: list[int], rows: list[list[int]]) -> Score | None:
+        """What a step of `rows` at position 0 asks for, while the scores are missing."""
+        if self.positions is not None:
+            return None
+        return Score(tuple(prompt_ids[1 : len(rows[0]) + 1]), self.top)
 
 
 def new_session_id() -> str:

@@ -55,6 +55,7 @@ async def step(node: EntryPeer, session: RouteSession, ask: Ask, sampling: Sampl
         draft=draft,
         request_id=REQUEST_ID.get(),
         controls=ask.controls,
+        score=ask.score,
     )
     shadow = next((s for s in shadows if (s.start, s.end) == (route[0].start, route[0].end)), None)
     # no hop sees a shadow: each opens its own seal, which names at most its next hop's shadow
@@ -74,6 +75,11 @@ async def step(node: EntryPeer, session: RouteSession, ask: Ask, sampling: Sampl
         raise HopFailed(
             route[-1].peer_id,
             f"it answered tokens {result.tokens[:4]!r:.80} where {expected} were asked for; ids must be in [0, {vocab})",
+        )
+    if ask.score is not None and len(result.prompt) != len(ask.score.targets):
+        raise HopFailed(
+            route[-1].peer_id,
+            f"it scored {len(result.prompt)} prompt positions where {len(ask.score.targets)} were asked for",
         )
     if verify:
         problem = check_commitments(

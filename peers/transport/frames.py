@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from inference.sampling import Controls, Sampling
+from inference.sampling import Controls, Sampling, Score
 from peers.swarm.checks import finite_number
 from peers.swarm.routing import Hop
 from peers.swarm.seals import SEAL_CHARS
@@ -89,6 +89,13 @@ class StepRequest:
     wire: str = (
         LOSSLESS  # how `tensor` travels (peers/transport/wire.py): the sender's forwarder chooses per hop
     )
+    score: Score | None = None  # prompt logprobs: the last peer scores the step's positions
+
+    @property
+    def sampled(self) -> int:
+        """How many last positions of each sequence the last peer reads the logits of (every
+        position of a scored step)."""
+        return self.tensor.shape[1] if self.score is not None else self.draft + 1
 
 
 def encode_tensor_frame(
@@ -153,7 +160,9 @@ def encode_step(req: StepRequest) -> bytes:
         header["request_id"] = req.request_id
     if req.controls:
         header["controls"] = [_controls_json(c) for c in req.controls]
-    return encode_tensor_frame(header, req.tensor, req.wire, req.draft + 1, req.position)
+    if req.score is not None:
+        header["score"] = {"targets": list(req.score.targets), "top": req.score.top}
+    return encode_tensor_frame(header, req.tensor, req.wire, req.sampled, req.position)
 
 
 _DEFAULT_SAMPLING = Sampling()
@@ -199,6 +208,7 @@ def decode_step(body: bytes) -> StepRequest:
             request_id=_typed(header.get("request_id", ""), str, "request_id"),
             controls=tuple(_controls(c) for c in _typed(header.get("controls", []), list, "controls")),
             wire=header.get("encoding", LOSSLESS),  # (checked by decode_tensor_frame)
+            score=_score(header["score"]) if "score" in header else None,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ProtocolError(f"bad step header: {e}") from e
@@ -232,11 +242,21 @@ def decode_step(body: bytes) -> StepRequest:
             f"a step has one row of controls per sampled row or none; this one has {len(req.controls)} "
             f"for a tensor of shape {list(tensor.shape)} drafting {req.draft}"
         )
+    _check_score(req)
     if req.request_id and not valid_request_id(req.request_id):
         raise ProtocolError("a step's request_id is 1 to 64 of A-Z a-z 0-9 . _ : -")
     if (tensor.dim() == 2) != (tensor.dtype == torch.int64):
         raise ProtocolError("token ids travel as int64 [B, T] and hidden states as floats [B, T, H]")
     return req
+
+
+def _check_score(req: StepRequest) -> None:
+    positions = req.tensor.shape[1]
+    if req.score is not None and (len(req.score.targets) > positions or req.draft or req.prefix):
+        raise ProtocolError(
+            f"a scored step scores at most its {positions} positions ({len(req.score.targets)} "
+            "asked), and drafts nothing and reuses no prefix"
+        )
 
 
 def _check_seals(req: StepRequest) -> None:
@@ -305,6 +325,17 @@ def _sampling(data: dict) -> Sampling:
         raise ValueError(f"sampling top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {s.top_logprobs}")
     s.params()  # the sampler's own range checks
     return s
+
+
+def _score(data) -> Score:
+    data = _typed(data, dict, "score")
+    unknown = set(data) - {"targets", "top"}
+    if unknown:
+        raise ValueError(f"unknown score fields {sorted(unknown)}")
+    top = _typed(data.get("top", 0), int, "score top")
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise ValueError(f"score top must be in [0, {MAX_TOP_LOGPROBS}], got {top}")
+    return Score(_token_ids(data.get("targets", []), "score targets"), top)
 
 
 def _token_ids(value, name: str) -> tuple[int, ...]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 
 import httpx
 
+from inference.sampling import PositionScore
 from peers.swarm.checks import finite_number
 from peers.swarm.commitments import MAX_COMMITMENTS, Commitment
 from peers.swarm.identity import SIGNATURE_CHARS, Identity, verify
@@ -23,12 +24,15 @@ class StepResult:
     top: tuple | None = field(default=None, repr=False)  # the last hop's committed logits, before signing
     # with sampling.top_logprobs: per sampled token, the likeliest tokens and their logprobs
     alternatives: tuple[tuple[tuple[int, float], ...], ...] = ()
+    prompt: tuple[PositionScore, ...] = ()  # a scored step's positions (StepRequest.score)
 
 
 def step_result_body(result: StepResult) -> dict:
     body = {"tokens": result.tokens, "logprobs": result.logprobs}
     if result.alternatives:
         body["top_logprobs"] = [[list(x) for x in alts] for alts in result.alternatives]
+    if result.prompt:
+        body["prompt_logprobs"] = [[p.logprob, p.rank, [list(x) for x in p.top]] for p in result.prompt]
     if result.commitments:
         body["commitments"] = [c.to_json() for c in result.commitments]
     if result.shadows:
@@ -212,6 +216,10 @@ def _parse(data, status: int, peer_id: str, answered_by: str) -> StepResult:
     except (TypeError, ValueError) as e:
         raise HopFailed(peer_id, f"a step reply with bad top_logprobs: {e}", claim=WRONG_ANSWER) from None
     try:
+        result = replace(result, prompt=_prompt_scores(data.get("prompt_logprobs")))
+    except (TypeError, ValueError) as e:
+        raise HopFailed(peer_id, f"a step reply with bad prompt_logprobs: {e}", claim=WRONG_ANSWER) from None
+    try:
         found = {}
         for key in ("commitments", "shadow_commitments"):
             items = data.get(key, [])
@@ -236,16 +244,36 @@ def _alternatives(data, tokens: int) -> tuple:
         return ()
     if not isinstance(data, list) or len(data) != tokens:
         raise ValueError(f"one list per sampled token ({tokens}) expected")
+    return tuple(_pairs(alts) for alts in data)
+
+
+def _pairs(alts) -> tuple[tuple[int, float], ...]:
+    if not isinstance(alts, list) or len(alts) > MAX_TOP_LOGPROBS:
+        raise ValueError(f"at most {MAX_TOP_LOGPROBS} alternatives per token")
+    pairs = []
+    for pair in alts:
+        if not (isinstance(pair, list) and len(pair) == 2 and type(pair[0]) is int and pair[0] >= 0):
+            raise ValueError(f"alternatives are [token, logprob] pairs, got {pair!r:.60}")
+        pairs.append((pair[0], _logprob(pair[1])))
+    return tuple(pairs)
+
+
+def _logprob(value) -> float:
+    if not finite_number(value) or value > 0:
+        raise ValueError(f"a logprob is a finite number <= 0, got {value!r:.60}")
+    return float(value)
+
+
+def _prompt_scores(data) -> tuple[PositionScore, ...]:
+    """A reply's prompt_logprobs: per scored position [logprob, rank, alternatives] (the entry
+    checks there is one per position it asked for)."""
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise ValueError("a list of scored positions expected")
     out = []
-    for alts in data:
-        if not isinstance(alts, list) or len(alts) > MAX_TOP_LOGPROBS:
-            raise ValueError(f"at most {MAX_TOP_LOGPROBS} alternatives per token")
-        pairs = []
-        for pair in alts:
-            if not (isinstance(pair, list) and len(pair) == 2 and type(pair[0]) is int and pair[0] >= 0):
-                raise ValueError(f"alternatives are [token, logprob] pairs, got {pair!r:.60}")
-            if not finite_number(pair[1]) or pair[1] > 0:
-                raise ValueError(f"a logprob is a finite number <= 0, got {pair[1]!r:.60}")
-            pairs.append((pair[0], float(pair[1])))
-        out.append(tuple(pairs))
+    for item in data:
+        if not (isinstance(item, list) and len(item) == 3 and type(item[1]) is int and item[1] >= 1):
+            raise ValueError(f"a scored position is [logprob, rank >= 1, alternatives], got {item!r:.60}")
+        out.append(PositionScore(_logprob(item[0]), item[1], _pairs(item[2])))
     return tuple(out)
