@@ -35,6 +35,7 @@ class Ask:
     echo: tuple[str, ...] = ()  # per prompt: text put before its outputs (completions' echo)
     best_of: int | None = None  # sequences generated per prompt, of which the n likeliest are kept
     reasoning: Reasoning | None = None  # a thinking model's chat: its thought apart from its content
+    scores: int | None = None  # prompt logprobs (echo with logprobs, prompt_logprobs): top tokens each
 
 
 def grammar_param(req: GenerationRequest) -> str:
@@ -189,10 +190,12 @@ def run_specs(
         stop_ids=eos | stop_ids,
         n=ask.best_of or req.n,
         routes=req.consensus,
-        verify=req.consensus == 1 and node.should_verify(),  # (each hop drawn at the rate)
+        # (each hop drawn at the rate; prompt logprobs come from the plain route)
+        verify=req.consensus == 1 and ask.scores is None and node.should_verify(),
         speculative=req.speculative and node.config.speculative,
         steering=steering,
         tools=bool(ask.tools),
+        scores=ask.scores,
     )
     specs = []
     for ids, limit in zip(prompts, max_tokens, strict=True):

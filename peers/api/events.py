@@ -4,6 +4,7 @@ answer and the stream of chunks read them."""
 
 from dataclasses import dataclass
 
+from inference.sampling import PositionScore
 from peers.entry.generation import Token
 
 
@@ -31,7 +32,17 @@ class Finish:
     reason: str
 
 
-Event = Stepped | Delta | Finish
+@dataclass(frozen=True)
+class Scored:
+    """Sequence `index`'s prompt was scored: `positions[j]` scores prompt_ids[j + 1] (prompt
+    logprobs; given before the sequence's first Delta)."""
+
+    index: int
+    prompt_ids: tuple[int, ...]
+    positions: tuple[PositionScore, ...]
+
+
+Event = Stepped | Delta | Finish | Scored
 
 
 def renumbered(event: Event, offset: int) -> Event:
@@ -41,4 +52,6 @@ def renumbered(event: Event, offset: int) -> Event:
         return Delta(event.index + offset, event.text, event.tokens, event.reasoning)
     if isinstance(event, Finish):
         return Finish(event.index + offset, event.reason)
+    if isinstance(event, Scored):
+        return Scored(event.index + offset, event.prompt_ids, event.positions)
     return event

@@ -129,6 +129,7 @@ class OpenAIDoor:
             grammar=chat_grammar(req, tools),
             tools=tuple(tools),
             reasoning=reasoning_of(node.tokenizer),
+            scores=req.prompt_logprobs,
         )
         given = template_tools(tools) if tools and not generic else None
         ids = lambda: self._chat_ids(req, messages, given, variables)  # noqa: E731
@@ -166,7 +167,9 @@ class OpenAIDoor:
         echo = []
         for p in req.prompts() if req.echo else ():
             echo.append(p if isinstance(p, str) else await self.off_loop(self.node.tokenizer.decode, p))
-        ask = Ask(chat=False, logprobs=req.logprobs, echo=tuple(echo), best_of=req.best_of)
+        asked = [k for k in (req.prompt_logprobs, req.logprobs if req.echo else None) if k is not None]
+        scores = max(asked) if asked else None  # (the prompt's logprobs: echoed, or vLLM's field)
+        ask = Ask(chat=False, logprobs=req.logprobs, echo=tuple(echo), best_of=req.best_of, scores=scores)
         sizes = [len(p) if isinstance(p, str) else p for p in prompts]
         return await self.complete(req, ask, prompt_ids, request, sizes)
 
@@ -293,6 +296,8 @@ class OpenAIDoor:
             ask.logprobs,
             list(ask.tools),
             ask.reasoning is not None,
+            req.prompt_logprobs,
+            echo=bool(ask.echo),
         )
         events = merged([r.events() for r in runs], ask.best_of or req.n)
         if ask.grammar is not None:

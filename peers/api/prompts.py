@@ -81,11 +81,6 @@ def completion_prompts(node: ApiPeer, req: CompletionRequest) -> list[str | list
         raise InvalidRequest("prompt must not be empty", param="prompt")
     if len(prompts) > MAX_PROMPTS:
         raise InvalidRequest(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", param="prompt")
-    if req.echo and req.logprobs is not None:
-        raise InvalidRequest(
-            "echo with logprobs is not supported: it needs the logprobs of the prompt's tokens",
-            param="echo",
-        )
     if req.suffix:
         prompts = fill_in_the_middle(node, prompts, req.suffix)
     check_prompt_size(node, max(len(p) for p in prompts), "prompt")

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 from peers.api.door import ApiPeer
-from peers.api.events import Delta, Event, Finish, Stepped, renumbered
+from peers.api.events import Delta, Event, Finish, Scored, Stepped, renumbered
 from peers.api.reasoning import ReasoningStart
 from peers.api.shapes import Choice
 from peers.api.textstream import TextStream
@@ -16,6 +16,7 @@ from peers.api.tools import repeats_a_call
 from peers.entry.consensus import checked_generate, verified_generate
 from peers.entry.generation import Token, generate
 from peers.entry.routes import checked_by_a_second_route
+from peers.entry.session import PromptScores
 from peers.entry.steering import Steering
 from peers.transport.frames import Sampling
 
@@ -90,6 +91,8 @@ async def collect(events: AsyncIterator[Event], count: int) -> list[Choice]:
             choices[event.index].tokens += event.tokens
         elif isinstance(event, Finish):
             choices[event.index].finish = event.reason
+        elif isinstance(event, Scored):
+            choices[event.index].prompt_ids, choices[event.index].scores = event.prompt_ids, event.positions
     return choices
 
 
@@ -154,6 +157,7 @@ class RunSpec:
     tools: bool = False
     reasoning: ReasoningStart | None = None
     keep: frozenset[int] = frozenset()  # special tokens kept in the text (the reasoning's markers)
+    scores: int | None = None  # prompt logprobs, with this many likeliest tokens per position
 
 
 class Run:
@@ -170,6 +174,7 @@ class Run:
         self.done = [False] * spec.n
         self.completion_tokens = 0
         self.clock = TokenClock(node.metrics, len(spec.prompt_ids))
+        self.scores = PromptScores(spec.scores) if spec.scores is not None else None
 
     def _generation(self) -> AsyncIterator[list[Token]]:
         spec = self.spec
@@ -180,13 +185,15 @@ class Run:
             return verified_generate(*args, steering=spec.steering)
         if spec.routes > 1:
             return checked_generate(*args, routes=spec.routes, steering=spec.steering)
-        return generate(*args, speculative=spec.speculative, steering=spec.steering)
+        return generate(*args, speculative=spec.speculative, steering=spec.steering, scores=self.scores)
 
     async def events(self) -> AsyncIterator[Event]:
         """Per sequence its Delta and Finish events; a Stepped after each step."""
         gen = self._generation()
         try:
             async for tokens in gen:
+                for event in self._scored():
+                    yield event
                 counted = self.completion_tokens
                 for i, tok in enumerate(tokens):
                     if not self.done[i]:
@@ -202,6 +209,14 @@ class Run:
                         yield event
         finally:
             await gen.aclose()
+
+    def _scored(self) -> Iterator[Scored]:
+        """Each sequence's prompt scores, once they came (with the first step's tokens)."""
+        if self.scores is None or self.scores.positions is None:
+            return
+        positions, self.scores = self.scores.positions, None
+        for i in range(self.n):
+            yield Scored(i, tuple(self.prompt_ids), positions)
 
     def _advance(self, i: int, tok: Token) -> Iterator[Event]:
         """Sequence i's new token: its text, and its end if it brings one."""

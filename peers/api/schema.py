@@ -87,11 +87,21 @@ class GenerationRequest(_Strict):
     speculative: bool = True  # an extension: false turns off drafting for this request
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # as in vLLM: each prompt token's logprob (and this many likeliest tokens at its position)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # metadata only (NO_OP_FIELDS)
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
+
+    @model_validator(mode="after")
+    def _prompt_logprobs(self):
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs are not available with stream: true (as in vLLM)")
+        if self.prompt_logprobs is not None and self.consensus > 1:
+            raise ValueError("prompt_logprobs come from one route: not with consensus > 1")
+        return self
 
     @model_validator(mode="after")
     def _bias(self):
@@ -228,6 +238,8 @@ class CompletionRequest(GenerationRequest):
             raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
         if self.best_of is not None and self.best_of > 1 and self.stream:
             raise ValueError("best_of cannot be streamed: the best sequences are known at the end")
+        if self.echo and self.logprobs is not None and self.consensus > 1:
+            raise ValueError("echo with logprobs scores the prompt on one route: not with consensus > 1")
         return self
 
     def prompts(self) -> list[str | list[int]]:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
+from inference.sampling import PositionScore
 from peers.api.tools import openai_calls, split_calls
 from peers.entry.generation import Token
 
@@ -22,6 +23,8 @@ class Choice:
     tokens: list[Token] = field(default_factory=list)
     finish: str = "length"
     echo: str = ""
+    prompt_ids: tuple[int, ...] = ()  # with prompt logprobs: the prompt, and its scores
+    scores: tuple[PositionScore, ...] = ()
 
 
 def fingerprint(model: str) -> str:
@@ -46,9 +49,14 @@ class Shape:
         logprobs: int | None,
         tools: list,
         reasoning: bool = False,
+        prompt_logprobs: int | None = None,
+        echo: bool = False,
     ):
         self.rid, self.model, self.chat, self.tokenizer = rid, model, chat, tokenizer
         self.logprobs, self.tools, self.reasoning = logprobs, tools, reasoning
+        # vLLM's prompt_logprobs (this many likeliest tokens each); completions' echo (with
+        # logprobs, the prompt's tokens come first in them)
+        self.prompt_logprobs, self.echo = prompt_logprobs, echo
         self.created = int(time.time())
         self.fingerprint = fingerprint(model)
 
@@ -74,9 +82,16 @@ class Shape:
                 out.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
             else:
                 lp = self._text_logprobs(c.tokens, len(c.echo)) if self.logprobs is not None else None
+                if lp is not None and self.echo:
+                    lp = {k: v + lp[k] for k, v in self.echo_logprobs(c.prompt_ids, c.scores).items()}
                 out.append({"index": i, "text": c.echo + text, "logprobs": lp, "finish_reason": c.finish})
+                if self.prompt_logprobs is not None:
+                    out[-1]["prompt_logprobs"] = self._prompt_logprobs(c)
         obj = "chat.completion" if self.chat else "text_completion"
-        return {**self._base(obj), "choices": out, "usage": usage}
+        body = {**self._base(obj), "choices": out, "usage": usage}
+        if self.chat and self.prompt_logprobs is not None:  # (vLLM: of the one prompt, beside the choices)
+            body["prompt_logprobs"] = self._prompt_logprobs(choices[0]) if choices else None
+        return body
 
     def _message(self, text: str, reasoning: str) -> dict:
         """A whole answer's message: its content, thought and tool calls."""
@@ -112,6 +127,44 @@ class Shape:
         return self._text_logprobs(tokens, offset)
 
     # --- logprobs
+    def echo_logprobs(self, prompt_ids: Sequence[int], scores: Sequence[PositionScore]) -> dict:
+        """An echoed prompt's tokens in completions' logprobs (the first has none: nothing
+        comes before it)."""
+        if not prompt_ids:  # (never scored: nothing to give)
+            return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        texts = [self.tokenizer.token_text(t) for t in prompt_ids]
+        offsets, offset = [], 0
+        for text in texts:
+            offsets.append(offset)
+            offset += len(text)
+        top: list[dict | None] = [None]
+        for token, s in zip(prompt_ids[1:], scores, strict=True):
+            alternatives = {self.tokenizer.token_text(a): lp for a, lp in s.top[: self.logprobs]}
+            alternatives.setdefault(self.tokenizer.token_text(token), s.logprob)
+            top.append(alternatives)
+        return {
+            "tokens": texts,
+            "token_logprobs": [None, *(s.logprob for s in scores)],
+            "top_logprobs": top,
+            "text_offset": offsets,
+        }
+
+    def _prompt_logprobs(self, c: Choice) -> list[dict | None]:
+        """vLLM's prompt_logprobs: per prompt token (none for the first) its own logprob and the
+        likeliest tokens', by token id, each with its rank and text."""
+        out: list[dict | None] = [None]
+        for token, s in zip(c.prompt_ids[1:], c.scores, strict=True):
+            entry = {
+                str(a): {"logprob": lp, "rank": r, "decoded_token": self.tokenizer.token_text(a)}
+                for r, (a, lp) in enumerate(s.top[: self.prompt_logprobs], start=1)
+            }
+            entry.setdefault(
+                str(token),
+                {"logprob": s.logprob, "rank": s.rank, "decoded_token": self.tokenizer.token_text(token)},
+            )
+            out.append(entry)
+        return out
+
     def _chat_logprobs(self, tokens: Sequence[Token]) -> list[dict]:
         def entry(token: int, logprob: float) -> dict:
             text = self.tokenizer.token_text(token)

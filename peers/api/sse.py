@@ -7,7 +7,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 
-from peers.api.events import Delta, Event, Finish
+from peers.api.events import Delta, Event, Finish, Scored
 from peers.api.shapes import Shape
 from peers.api.tools import CallFilter, openai_calls, split_calls
 from peers.transport.errors import SwarmError
@@ -35,7 +35,7 @@ class Chunks:
         for i in range(self.count):
             if self.shape.chat:
                 yield self.shape.chunk(i, {"role": "assistant", "content": ""})
-            elif self.echo:
+            elif self.echo and self.shape.logprobs is None:  # (with logprobs: once the prompt is scored)
                 yield self.shape.chunk(i, self.echo[i])
 
     def of(self, event: Event) -> Iterator[dict]:
@@ -44,6 +44,9 @@ class Chunks:
             yield from self._delta(event)
         elif isinstance(event, Finish):
             yield from self._finish(event)
+        elif isinstance(event, Scored) and self.echo and self.shape.logprobs is not None:
+            logprobs = self.shape.echo_logprobs(event.prompt_ids, event.positions)
+            yield self.shape.chunk(event.index, self.echo[event.index], logprobs=logprobs)
 
     def _delta(self, event: Delta) -> Iterator[dict]:
         shape, i = self.shape, event.index

@@ -140,8 +140,7 @@ def test_prompts_are_checked_before_tokenizing():
         completion_prompts(peer(), CompletionRequest(model="m", prompt=""))
     with pytest.raises(InvalidRequest, match=r"must be in \[0, 100\)"):
         completion_prompts(peer(), CompletionRequest(model="m", prompt=[1, 100]))
-    with pytest.raises(InvalidRequest, match="echo with logprobs"):
-        completion_prompts(peer(), CompletionRequest(model="m", prompt="a", echo=True, logprobs=1))
+    assert completion_prompts(peer(), CompletionRequest(model="m", prompt="a", echo=True, logprobs=1)) == ["a"]
     assert completion_prompts(peer(), CompletionRequest(model="m", prompt=["a", "b"])) == ["a", "b"]
     assert text_of([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]) == "ab"
     with pytest.raises(InvalidRequest, match="only text content parts"):

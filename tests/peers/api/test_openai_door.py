@@ -333,7 +333,6 @@ def test_best_of_keeps_the_likeliest(tiny_swarm):
         ),
         ("/v1/completions", {"prompt": "x", "top_logprobs": 2}, "top_logprobs"),
         ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
-        ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
         ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, "logit_bias"),
         ("/v1/completions", {"prompt": "x", "best_of": 2, "stream": True}, None),
         (

@@ -4,7 +4,8 @@ whole, keep-alive comments, an error as an event, `[DONE]` last and the request 
 import asyncio
 import json
 
-from peers.api.events import Delta, Finish, Stepped
+from inference.sampling import PositionScore
+from peers.api.events import Delta, Finish, Scored, Stepped
 from peers.api.schema import Tool
 from peers.api.shapes import Shape
 from peers.api.sse import KEEPALIVE, Chunks, sse
@@ -76,9 +77,14 @@ def test_a_chat_stream_opens_with_the_role_and_ends_with_usage_and_done():
 
 def test_a_completion_stream_echoes_and_counts_text_offsets():
     s = shape(chat=False, logprobs=1)
-    events = [Delta(0, "ab", tokens("ab")), Delta(0, "c", tokens("c")), Finish(0, "length")]
+    prompt = Scored(0, tuple(map(ord, "Q: ")), (PositionScore(-1.0, 2, ((7, -0.5),)), PositionScore(-0.5, 1)))
+    events = [prompt, Delta(0, "ab", tokens("ab")), Delta(0, "c", tokens("c")), Finish(0, "length")]
     got = parsed(asyncio.run(send(events, Chunks(s, 1, ["Q: "])))[0])
     assert [c["choices"][0]["text"] for c in got[:-1]] == ["Q: ", "ab", "c", ""]
+    echoed = got[0]["choices"][0]["logprobs"]  # (the prompt's, once it was scored)
+    assert echoed["tokens"] == ["Q", ":", " "] and echoed["token_logprobs"] == [None, -1.0, -0.5]
+    assert echoed["top_logprobs"] == [None, {chr(7): -0.5, ":": -1.0}, {" ": -0.5}]
+    assert echoed["text_offset"] == [0, 1, 2]
     assert got[1]["choices"][0]["logprobs"]["text_offset"] == [3, 4]
     assert got[2]["choices"][0]["logprobs"]["text_offset"] == [5]
     assert got[3]["choices"][0]["finish_reason"] == "length" and got[-1] == "[DONE]"
