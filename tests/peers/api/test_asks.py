@@ -140,7 +140,8 @@ def test_prompts_are_checked_before_tokenizing():
         completion_prompts(peer(), CompletionRequest(model="m", prompt=""))
     with pytest.raises(InvalidRequest, match=r"must be in \[0, 100\)"):
         completion_prompts(peer(), CompletionRequest(model="m", prompt=[1, 100]))
-    assert completion_prompts(peer(), CompletionRequest(model="m", prompt="a", echo=True, logprobs=1)) == ["a"]
+    echoed = CompletionRequest(model="m", prompt="a", echo=True, logprobs=1)
+    assert completion_prompts(peer(), echoed) == ["a"]
     assert completion_prompts(peer(), CompletionRequest(model="m", prompt=["a", "b"])) == ["a", "b"]
     assert text_of([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]) == "ab"
     with pytest.raises(InvalidRequest, match="only text content parts"):
