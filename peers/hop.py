@@ -300,8 +300,14 @@ class HopRunner:
             self.hop_times.add("queue", job.started - job.enqueued)
         self.hop_times.add("compute", job.compute_s)
         if isinstance(out, Sampled):
+            start = req.position + job.skipped if req.prefix else None  # (what was restored: cached)
             out = StepResult(
-                out.tokens, out.logprobs, top=out.top, alternatives=out.alternatives, prompt=out.prompt
+                out.tokens,
+                out.logprobs,
+                top=out.top,
+                alternatives=out.alternatives,
+                prompt=out.prompt,
+                computed_from=start,
             )
         return out, job
 

@@ -63,6 +63,12 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    cached_tokens: int = 0  # of the prompt tokens: those the peers' prefix caches held
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Usage":
+        cached = (data.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        return cls(data["prompt_tokens"], data["completion_tokens"], data["total_tokens"], cached)
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,7 @@ def _stream_error(err: dict) -> SwarmAPIError:
 def _completion(data: dict, chat: bool) -> Completion:
     choice = data["choices"][0]
     text = choice["message"]["content"] if chat else choice["text"]
-    return Completion(text, choice["finish_reason"], Usage(**data["usage"]), data["model"])
+    return Completion(text, choice["finish_reason"], Usage.from_json(data["usage"]), data["model"])
 
 
 _DONE = object()

@@ -16,7 +16,7 @@ from peers.api.tools import repeats_a_call
 from peers.entry.consensus import checked_generate, verified_generate
 from peers.entry.generation import Token, generate
 from peers.entry.routes import checked_by_a_second_route
-from peers.entry.session import PromptScores
+from peers.entry.session import Prefill
 from peers.entry.steering import Steering
 from peers.transport.frames import Sampling
 
@@ -65,7 +65,13 @@ class Usage:
 def usage(runs: list["Run"]) -> dict:
     p = sum(len(r.prompt_ids) for r in runs)
     c = sum(r.completion_tokens for r in runs)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    cached = sum(r.prefill.cached_tokens for r in runs)  # (restored from the peers' prefix caches)
+    return {
+        "prompt_tokens": p,
+        "completion_tokens": c,
+        "total_tokens": p + c,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 async def first_events(events: AsyncIterator[Event]) -> list[Event]:
@@ -174,7 +180,8 @@ class Run:
         self.done = [False] * spec.n
         self.completion_tokens = 0
         self.clock = TokenClock(node.metrics, len(spec.prompt_ids))
-        self.scores = PromptScores(spec.scores) if spec.scores is not None else None
+        self.prefill = Prefill(spec.scores)
+        self.scored = False
 
     def _generation(self) -> AsyncIterator[list[Token]]:
         spec = self.spec
@@ -185,7 +192,7 @@ class Run:
             return verified_generate(*args, steering=spec.steering)
         if spec.routes > 1:
             return checked_generate(*args, routes=spec.routes, steering=spec.steering)
-        return generate(*args, speculative=spec.speculative, steering=spec.steering, scores=self.scores)
+        return generate(*args, speculative=spec.speculative, steering=spec.steering, prefill=self.prefill)
 
     async def events(self) -> AsyncIterator[Event]:
         """Per sequence its Delta and Finish events; a Stepped after each step."""
@@ -212,11 +219,11 @@ class Run:
 
     def _scored(self) -> Iterator[Scored]:
         """Each sequence's prompt scores, once they came (with the first step's tokens)."""
-        if self.scores is None or self.scores.positions is None:
+        if self.scored or self.prefill.positions is None:
             return
-        positions, self.scores = self.scores.positions, None
+        self.scored = True
         for i in range(self.n):
-            yield Scored(i, tuple(self.prompt_ids), positions)
+            yield Scored(i, tuple(self.prompt_ids), self.prefill.positions)
 
     def _advance(self, i: int, tok: Token) -> Iterator[Event]:
         """Sequence i's new token: its text, and its end if it brings one."""

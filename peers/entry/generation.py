@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from peers.entry.peer import EntryPeer
 from peers.entry.prefix import prefix_hashes, routing_key
 from peers.entry.routes import banned_now, check_rate, current_route, route_around, seals_for, shadows_for
-from peers.entry.session import Ask, Observed, PromptScores, RouteSession, Token, context_digest, tokens_of
+from peers.entry.session import Ask, Observed, Prefill, RouteSession, Token, context_digest, tokens_of
 from peers.entry.speculative import Speculation
 from peers.entry.steering import Steering, SteerState
 from peers.entry.step import seeded, step, uniform_steps
@@ -207,7 +207,7 @@ class Stepper:
         self.finished = [any(t in stop_ids for t in g) for g in generated]
         self.state: SteerState | None = None
         self.speculation: Speculation | None = None
-        self.scores: PromptScores | None = None  # prompt logprobs, where asked for
+        self.prefill = Prefill()  # what the prefill tells the caller
 
     def steer(self, steering: Steering | None) -> None:
         """Send `steering`'s controls with each step that samples."""
@@ -230,7 +230,7 @@ class Stepper:
         """The next step: a replay, a decode step, or a drafted one."""
         s = self.session
         rebuild = s.next_rebuild()
-        score = self.scores.wanted(s.prompt_ids, rebuild.rows) if self.scores and s.position == 0 else None
+        score = self.prefill.wanted(s.prompt_ids, rebuild.rows) if s.position == 0 else None
         # (a checked step reuses prefixes as any other: a shadow restores what it holds of the
         # prompt and computes the rest, and one that cannot continue there leaves the step
         # unchecked; a scored one computes every position)
@@ -269,9 +269,11 @@ class Stepper:
                 if self.done:
                     return
             return
+        if ask.prefix and result.computed_from is not None:  # (a prefill: s.position is 0)
+            self.prefill.cached_tokens = min(max(result.computed_from - s.position, 0), len(ask.rows[0]) - 1)
         s.sent(len(ask.rows[0]))
         if ask.score is not None:
-            self.scores.positions = result.prompt
+            self.prefill.positions = result.prompt
         if s.pending:  # a replay goes on (the prompt's last token is next, sent to every sequence)
             return
         tokens = tokens_of(result)
@@ -303,7 +305,7 @@ async def generate(
     speculative: bool = False,
     steering: Steering | None = None,
     checks: Checks | None = None,
-    scores: PromptScores | None = None,
+    prefill: Prefill | None = None,
 ) -> AsyncIterator[list[Token]]:
     """Yield the next token of each of `n` sequences of one prompt, step by step, until every
     sequence met a stop id or max_tokens; survives failing peers until failover_timeout_s.
@@ -312,8 +314,8 @@ async def generate(
     check them in one step (peers/entry/speculative.py); the tokens are the same as without it,
     and they are yielded one at a time, so that a consumer stopping at a stop string never sees
     past it. `steering`: penalties, min_tokens and a grammar, sent with each step that samples.
-    `checks`: for checked generation (see Checks). `scores`: prompt logprobs, set before the
-    first token is yielded (computed in the prefill, with no prefix reused)."""
+    `checks`: for checked generation (see Checks). `prefill`: what the prefill tells, set before
+    the first token is yielded (prompt logprobs where it asks for them: no prefix reused then)."""
     checks = checks or Checks()
     generated = [list(h) for h in checks.history] if checks.history else [[] for _ in range(n)]
     if generated[0] and all(any(t in stop_ids for t in g) for g in generated):
@@ -322,7 +324,7 @@ async def generate(
         sampling = seeded(sampling)
     run = Stepper(node, prompt_ids, generated, max_tokens, sampling, stop_ids, checks)
     run.steer(steering)
-    run.scores = scores
+    run.prefill = prefill or run.prefill
     if speculative and n == 1 and checks.observe is None and not (checks.shadowed or uniform_steps(node)):
         run.speculate()
     session = run.session

@@ -70,19 +70,22 @@ class Ask:
 
 
 @dataclass
-class PromptScores:
-    """Prompt logprobs a generation asks for (`top` likeliest tokens at each position besides the
-    prompt's own): `positions` holds the scores of the prompt's tokens after its first once the
-    step that brings them went through (the prefill; never from a reused prefix)."""
+class Prefill:
+    """What a generation's prefill tells its caller: how many prompt tokens the route's peers
+    restored from their prefix caches (the last prefill's, after a failover), and, where asked
+    (`score_top`: that many likeliest tokens at each position besides the prompt's own), the
+    prompt logprobs: `positions` scores the prompt's tokens after its first once the step that
+    brings them went through (a prefill that reuses no prefix)."""
 
-    top: int = 0
+    score_top: int | None = None
     positions: tuple[PositionScore, ...] | None = None
+    cached_tokens: int = 0
 
     def wanted(self, prompt_ids: list[int], rows: list[list[int]]) -> Score | None:
         """What a step of `rows` at position 0 asks for, while the scores are missing."""
-        if self.positions is not None:
+        if self.score_top is None or self.positions is not None:
             return None
-        return Score(tuple(prompt_ids[1 : len(rows[0]) + 1]), self.top)
+        return Score(tuple(prompt_ids[1 : len(rows[0]) + 1]), self.score_top)
 
 
 def new_session_id() -> str:

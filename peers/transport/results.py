@@ -25,12 +25,16 @@ class StepResult:
     # with sampling.top_logprobs: per sampled token, the likeliest tokens and their logprobs
     alternatives: tuple[tuple[tuple[int, float], ...], ...] = ()
     prompt: tuple[PositionScore, ...] = ()  # a scored step's positions (StepRequest.score)
+    # a step with a prefix: where the last hop's compute started (positions before it were restored)
+    computed_from: int | None = None
 
 
 def step_result_body(result: StepResult) -> dict:
     body = {"tokens": result.tokens, "logprobs": result.logprobs}
     if result.alternatives:
         body["top_logprobs"] = [[list(x) for x in alts] for alts in result.alternatives]
+    if result.computed_from is not None:
+        body["computed_from"] = result.computed_from
     if result.prompt:
         body["prompt_logprobs"] = [[p.logprob, p.rank, [list(x) for x in p.top]] for p in result.prompt]
     if result.commitments:
@@ -215,8 +219,11 @@ def _parse(data, status: int, peer_id: str, answered_by: str) -> StepResult:
         result = replace(result, alternatives=_alternatives(data.get("top_logprobs"), len(result.tokens)))
     except (TypeError, ValueError) as e:
         raise HopFailed(peer_id, f"a step reply with bad top_logprobs: {e}", claim=WRONG_ANSWER) from None
+    start = data.get("computed_from")
+    if start is not None and (type(start) is not int or start < 0):
+        raise HopFailed(peer_id, f"a step reply with a bad computed_from {start!r:.40}", claim=WRONG_ANSWER)
     try:
-        result = replace(result, prompt=_prompt_scores(data.get("prompt_logprobs")))
+        result = replace(result, prompt=_prompt_scores(data.get("prompt_logprobs")), computed_from=start)
     except (TypeError, ValueError) as e:
         raise HopFailed(peer_id, f"a step reply with bad prompt_logprobs: {e}", claim=WRONG_ANSWER) from None
     try:

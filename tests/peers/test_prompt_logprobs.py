@@ -12,7 +12,7 @@ import torch
 from inference.sampling import Score
 from inference.scheduler import SchedulerSettings
 from peers.entry.generation import generate
-from peers.entry.session import PromptScores
+from peers.entry.session import Prefill
 from peers.transport.errors import HopFailed
 from peers.transport.frames import Hop, ProtocolError, Sampling, StepRequest, decode_step, encode_step
 from peers.transport.results import outcome_of
@@ -36,15 +36,15 @@ def reference(model, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor, tor
     return chosen, ranks, lps.topk(TOP, dim=-1).indices
 
 
-async def scored(node, prompt: list[int], n: int = 1, top: int = TOP) -> tuple[PromptScores, list]:
-    scores, tokens = PromptScores(top), []
+async def scored(node, prompt: list[int], n: int = 1, top: int | None = TOP) -> tuple[Prefill, list]:
+    scores, tokens = Prefill(top), []
     sampling = Sampling(temperature=0)
-    async for step in generate(node, prompt, 3, sampling, frozenset(), n, scores=scores):
+    async for step in generate(node, prompt, 3, sampling, frozenset(), n, prefill=scores):
         tokens.append([t.token for t in step])
     return scores, tokens
 
 
-def assert_equal_to(scores: PromptScores, expected) -> None:
+def assert_equal_to(scores: Prefill, expected) -> None:
     chosen, ranks, top = expected
     got = scores.positions
     assert got is not None and len(got) == len(chosen)
@@ -74,22 +74,25 @@ def test_prompt_scores_equal_the_monolithic_log_softmax(tiny_llama, spans):
 
 
 def test_a_scored_prompt_is_computed_whole_where_its_prefix_is_cached(tiny_llama):
-    """A prompt seen before has its prefix cached on the peers; its scores still cover every
-    position (the scored step restores none of it) and equal those of the first request."""
+    """A prompt seen before has its prefix cached on the peers: a plain request reuses it (and
+    says how many tokens were cached), a scored one computes every position (cached: 0) and its
+    scores cover them all."""
     prompt = PROMPT * 4  # long enough for cached prefix blocks
     expected = reference(monolithic(tiny_llama), prompt)
+    cache = {"prefix_cache_tokens": 4096}
 
     async def main():
-        net, nodes = await start_swarm(
-            tiny_llama, ["0:2", "2:4"], settings={0: {"prefix_cache_tokens": 4096}}
-        )
+        net, nodes = await start_swarm(tiny_llama, ["0:2", "2:4"], settings={0: cache, 1: cache})
         try:
-            await scored(nodes[0], prompt, top=0)  # the prefix is cached from here on
-            return await scored(nodes[0], prompt)
+            first, _ = await scored(nodes[0], prompt, top=None)  # the prefix is cached from here on
+            again, _ = await scored(nodes[0], prompt, top=None)
+            return first, again, (await scored(nodes[0], prompt))[0]
         finally:
             await stop_swarm(nodes)
 
-    scores, _ = asyncio.run(main())
+    first, again, scores = asyncio.run(main())
+    assert first.cached_tokens == 0 and 0 < again.cached_tokens < len(prompt)
+    assert first.positions is None and scores.cached_tokens == 0
     assert_equal_to(scores, expected)
 
 

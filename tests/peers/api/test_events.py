@@ -44,7 +44,8 @@ def test_a_run_turns_tokens_into_deltas_and_finishes(monkeypatch):
         Finish(0, "length"),
     ]
     assert run.completion_tokens == 4 and run.finish == ["length", "stop"]
-    assert usage([run]) == {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}
+    expected = {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}
+    assert usage([run]) == {**expected, "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_a_stop_string_ends_the_sequence_and_is_not_sent(monkeypatch):

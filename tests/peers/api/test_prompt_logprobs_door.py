@@ -105,3 +105,14 @@ def test_prompt_logprobs_it_cannot_give_are_refused_by_name(tiny_swarm, extra):
     r = post(tiny_swarm, "/v1/completions", body)
     assert r.status_code == 400, r.text
     assert "prompt_logprobs" in json.dumps(r.json()["error"])
+
+
+def test_usage_counts_the_prompt_tokens_the_prefix_cache_held(client):
+    prompt = "a prompt long enough for cached prefix blocks, said twice. " * 8
+    args = dict(model="llama", prompt=prompt, max_tokens=1, temperature=0)
+    first = client.completions.create(**args).usage
+    again = client.completions.create(**args).usage
+    assert first.prompt_tokens_details.cached_tokens == 0
+    assert 0 < again.prompt_tokens_details.cached_tokens < again.prompt_tokens
+    scored = client.completions.create(**args, echo=True, logprobs=0).usage  # computes every position
+    assert scored.prompt_tokens_details.cached_tokens == 0
