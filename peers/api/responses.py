@@ -194,9 +194,10 @@ async def stream(
                 continue
             for out in builder.of(event):
                 yield sse_bytes(out)
-        for out in builder.closing(response_usage(usage(answer.runs), builder.reasoning_tokens)):
+        last = builder.closing(response_usage(usage(answer.runs), builder.reasoning_tokens))
+        keep(builder.body())  # (before response.completed: a client may continue it at once)
+        for out in last:
             yield sse_bytes(out)
-        keep(builder.body())
     except SwarmError as e:
         yield sse_bytes(builder.error(renamed(e)))
     except Exception as e:

@@ -2,11 +2,13 @@
 a peer of the default model (in process, over httpx2's ASGI transport): greedy text equal to the
 chat path's for the same conversation (plain, instructions, tool results, previous_response_id),
 forced function calls whose arguments follow the schema, text.format json_schema, streamed events
-in OpenAI's order ending as the whole answer, store false, refusals by name, max_output_tokens."""
+in OpenAI's order ending as the whole answer, store false, refusals by name, max_output_tokens;
+with a thinking chat template, the thought as a reasoning item."""
 
 import asyncio
 import json
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +19,7 @@ import pytest
 
 from peers.server import create_app
 from tests.peers.api.compat.common import WEATHER_ARGS, City
+from tests.peers.api.test_reasoning_door import MESSAGES, QWEN3_LIKE
 from tests.peers.test_inprocess import start_swarm, stop_swarm
 
 pytestmark = pytest.mark.slow
@@ -64,8 +67,9 @@ class Door:
         return caught.value.body
 
 
-@pytest.fixture(scope="module")
-def door(default_model):
+@contextmanager
+def opened(model, settings: dict | None = None):
+    """A door of one peer of `model` (NodeConfig `settings`), on an event loop of its own thread."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -82,7 +86,7 @@ def door(default_model):
         )
         return client, http
 
-    _, (node,) = run(start_swarm(default_model, ["0:30"]))
+    _, (node,) = run(start_swarm(model, ["0:30"], settings={0: settings or {}}))
     try:
         client, http = run(clients(node))
         yield Door(run, client, http, node.served_model)
@@ -92,6 +96,12 @@ def door(default_model):
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=30)
         loop.close()
+
+
+@pytest.fixture(scope="module")
+def door(default_model):
+    with opened(default_model) as d:
+        yield d
 
 
 def test_text_equals_the_chat_path(door):
@@ -283,3 +293,19 @@ def test_max_output_tokens_cuts_the_answer(door):
     r = door.create(input=QUESTION, max_output_tokens=3)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
     assert r.output[0].status == "incomplete" and r.usage.output_tokens == 3
+
+
+def test_a_thought_comes_as_a_reasoning_item(default_model):
+    with opened(default_model, {"chat_template": QWEN3_LIKE}) as door:
+        r = door.create(input=MESSAGES)
+        message = door.chat(MESSAGES).choices[0].message
+        kw = {"model": door.model, "input": MESSAGES, "temperature": 0, "max_output_tokens": 24}
+        events, final = door.run(streamed(door.client, **kw))
+    thought, answer = r.output
+    assert thought.type == "reasoning" and thought.id.startswith("rs_") and thought.summary == []
+    assert [(c.type, c.text) for c in thought.content] == [("reasoning_text", message.reasoning_content)]
+    assert answer.type == "message" and r.output_text == message.content and "<think>" not in r.output_text
+    assert r.usage.output_tokens_details.reasoning_tokens > 0
+    said = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    assert said == message.reasoning_content and final.output_text == r.output_text
+    assert [e.output_index for e in events if e.type == "response.output_item.added"] == [0, 1]
