@@ -228,6 +228,8 @@ class ResponsesRequest(_Strict):
 def parsed(body: Any) -> ResponsesRequest:
     """The request body, validated: its problem is a 400 naming the parameter (of a union's
     branches, the one that went deepest: a list of items is no string)."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
     try:
         req = ResponsesRequest.model_validate(body)
     except ValidationError as e:

@@ -59,6 +59,11 @@ def test_a_request_is_refused_by_the_parameter_at_fault(body, param, named):
     assert caught.value.param == param and named in caught.value.message, caught.value.message
 
 
+def test_a_body_that_is_no_object_is_refused():
+    with pytest.raises(InvalidRequest, match="a JSON object"):
+        parsed(["model", "input"])
+
+
 def test_items_become_chat_messages():
     items = [
         {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "Be brief."}]},
