@@ -1,6 +1,6 @@
 """The peer's FastAPI app, assembled: the middleware stack (metrics, CORS, request ids, body
-limits, auth, outermost first), the error answers, and every router on one port (the OpenAI API,
-the service routes, the page, /metrics, /health, the swarm protocol)."""
+limits, auth, outermost first), the error answers, and every router on one port (the OpenAI API and its
+Responses API, the service routes, the page, /metrics, /health, the swarm protocol)."""
 
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -10,7 +10,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from peers.api.openai_routes import OpenAIDoor
 from peers.api.openai_routes import router as openai_router
+from peers.api.responses import router as responses_router
 from peers.api.service_routes import router as service_router
 from peers.health import health_router
 from peers.metrics import HTTPMetrics, Readings, metrics_router
@@ -33,7 +35,9 @@ def build_app(node: PeerNode, lifespan: Lifespan | None = None) -> FastAPI:
     app.add_exception_handler(HTTPException, http_error)
     add_middleware(app, node)
     node.metrics.watch(readings(node))
-    app.include_router(openai_router(node))
+    door = OpenAIDoor(node)  # (one admission queue for both APIs)
+    app.include_router(openai_router(door))
+    app.include_router(responses_router(door))
     app.include_router(service_router(node))
     view = View(node.table, node.http, node.model_id, node.total_layers, node.failover_log)
     app.include_router(view_router(view, private=node.config.swarm_key is not None))

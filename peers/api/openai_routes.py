@@ -59,11 +59,11 @@ RATIO_WEIGHT = 0.2  # of each measured prompt in the tokens-per-character averag
 
 log = logging.getLogger("layerswarm.api")
 T = TypeVar("T")
+Respond = Callable[["Answer"], Awaitable[Response | dict]]  # an admitted request's answer, shaped
 
 
-def router(node: ApiPeer) -> APIRouter:
-    """The completion routes of `node`'s door."""
-    door = OpenAIDoor(node)
+def router(door: "OpenAIDoor") -> APIRouter:
+    """The completion routes of a peer's door."""
     api = APIRouter()
     api.add_api_route("/v1/chat/completions", door.chat, methods=["POST"])
     api.add_api_route("/v1/completions", door.completions, methods=["POST"])
@@ -108,6 +108,10 @@ class OpenAIDoor:
         return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn, *args)
 
     async def chat(self, req: ChatRequest, request: Request):
+        return await self.chat_answer(req, request, self.respond)
+
+    async def chat_answer(self, req: ChatRequest, request: Request, respond: Respond):
+        """A chat request's answer as `respond` shapes it (the Responses API shapes its own)."""
         node = self.node
         req = with_model_sampling(node, req)
         tools = list(req.tools or ()) if req.tool_choice != "none" else []
@@ -133,7 +137,7 @@ class OpenAIDoor:
         )
         given = template_tools(tools) if tools and not generic else None
         ids = lambda: self._chat_ids(req, messages, given, variables)  # noqa: E731
-        return await self.complete(req, ask, ids, request, [chars])
+        return await self.complete(req, ask, ids, request, [chars], respond)
 
     async def _chat_ids(
         self, req: ChatRequest, messages: list[dict], tools: list[dict] | None, variables: dict
@@ -171,7 +175,7 @@ class OpenAIDoor:
         scores = max(asked) if asked else None  # (the prompt's logprobs: echoed, or vLLM's field)
         ask = Ask(chat=False, logprobs=req.logprobs, echo=tuple(echo), best_of=req.best_of, scores=scores)
         sizes = [len(p) if isinstance(p, str) else p for p in prompts]
-        return await self.complete(req, ask, prompt_ids, request, sizes)
+        return await self.complete(req, ask, prompt_ids, request, sizes, self.respond)
 
     async def complete(
         self,
@@ -180,10 +184,11 @@ class OpenAIDoor:
         prompt_ids: Callable[[], Awaitable[list[list[int]]]],
         request: Request,
         sizes: list[int | list[int]],
+        respond: Respond,
     ):
         """Admit the request: at once, after a wait in the queue, or never (429 at once); then
-        tokenize its prompts (`prompt_ids()`) and answer it. `sizes`: each prompt's characters
-        (text) or its token ids, for the estimate of its KV before tokenizing."""
+        tokenize its prompts (`prompt_ids()`) and answer it as `respond` shapes it. `sizes`: each
+        prompt's characters (text) or its token ids, for the estimate of its KV before tokenizing."""
         node = self.node
         admit(node, req)
         node.active_requests += 1  # counted from arrival, released once when the response is done
@@ -207,7 +212,7 @@ class OpenAIDoor:
             self.measured(sizes, prompts)
             max_tokens = [max_tokens_for(node, req, ids) for ids in prompts]
             self.admission.resize(ticket, kv_need(node, req, ask, [len(ids) for ids in prompts]))
-            return await self.answered(req, ask, prompts, max_tokens, release, request, ticket)
+            return await self.answered(req, ask, prompts, max_tokens, release, request, ticket, respond)
         except BaseException:
             release(finished=False)  # (its time is no request's time)
             raise
@@ -239,6 +244,7 @@ class OpenAIDoor:
         release: Callable[[], None],
         request: Request,
         ticket: Ticket,
+        respond: Respond,
     ) -> Response | dict:
         """The answer of an admitted request. One that a full peer refuses before its first
         token goes back to the head of the queue where this entry's other requests will free
@@ -246,7 +252,7 @@ class OpenAIDoor:
         admitted after it."""
         while True:
             try:
-                return await self.respond(self.answer(req, ask, prompts, max_tokens, release, request))
+                return await respond(self.answer(req, ask, prompts, max_tokens, release, request))
             except NoRoom as e:
                 if not self.admission.requeue(ticket):
                     raise

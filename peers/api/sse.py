@@ -91,7 +91,7 @@ async def sse(
     """The stream: `first` (events already taken), then the rest of `events`, with a keep-alive
     comment after each `keepalive_s` without one (a failover may take seconds); `usage()` is the
     final usage chunk's, or None for none; `release()` once the stream ends, however it ends."""
-    ticking = with_keepalive(_chained(first, events), keepalive_s)
+    ticking = with_keepalive(chained(first, events), keepalive_s)
     try:
         for chunk in chunks.opening():
             yield event_bytes(chunk)
@@ -116,7 +116,8 @@ async def sse(
     yield event_bytes("[DONE]")
 
 
-async def _chained(first: list[Event], events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+async def chained(first: list[Event], events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    """`first` (events already taken), then the rest of `events`."""
     for event in first:
         yield event
     async for event in events:

@@ -4,6 +4,7 @@ SwarmError
 ├── InvalidRequest     400  the caller's mistake (bad parameter, prompt too long)
 ├── Forbidden          403  not for this caller (a private swarm's page data, off loopback)
 ├── ModelNotServed     404  a model this swarm does not serve
+├── NotFound           404  something a request names that this peer does not hold (a stored response)
 ├── Overloaded         429  no room now (request limit, busy or full peers): retry after a while
 ├── SwarmUnavailable   503  no complete route, or failover gave up
 └── HopFailed          502  a peer of the route failed (the entry fails over on it)
@@ -56,6 +57,11 @@ class ModelNotServed(SwarmError):
             "model",
             "model_not_found",
         )
+
+
+class NotFound(SwarmError):
+    status = 404
+    kind = "invalid_request_error"
 
 
 class Overloaded(SwarmError):

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from peers.api import openai_routes, service_routes
+from peers.api import openai_routes, responses, service_routes
 from tests.peers.api.fakes import node
 
 
@@ -23,11 +23,15 @@ def peer() -> SimpleNamespace:
 
 
 def test_the_routes_and_their_methods():
-    routers = (openai_routes.router(peer()), service_routes.router(peer()))
+    door = openai_routes.OpenAIDoor(peer())
+    routers = (openai_routes.router(door), responses.router(door), service_routes.router(peer()))
     routes = {(r.path, m) for api in routers for r in api.routes for m in r.methods}
     assert routes == {
         ("/v1/chat/completions", "POST"),
         ("/v1/completions", "POST"),
+        ("/v1/responses", "POST"),
+        ("/v1/responses/{response_id}", "GET"),
+        ("/v1/responses/{response_id}", "DELETE"),
         ("/v1/models", "GET"),
         ("/v1/models/{model:path}", "GET"),
         ("/tokenize", "POST"),
