@@ -28,11 +28,11 @@ def sse_bytes(event: dict) -> bytes:
 
 
 def response_usage(usage: dict, reasoning_tokens: int) -> dict:
-    """The chat path's usage in the Responses API's shape (prefix reuse is not counted per
-    request: cached_tokens is 0)."""
+    """The chat path's usage in the Responses API's shape."""
+    cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
     return {
         "input_tokens": usage["prompt_tokens"],
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": cached},
         "output_tokens": usage["completion_tokens"],
         "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": usage["total_tokens"],
