@@ -4,6 +4,11 @@ received entry is validated field by field before any table takes it.
 A peer is its Ed25519 identity (peers/swarm/identity.py): its peer id is derived from its public key,
 and it signs every version of its own entry, its address included, so that no one can forge, move or
 revive another peer's entry. The table that merges these records is peers/swarm/membership.py.
+
+Peers of different versions gossip together: an entry may leave out the fields a newer version
+added (an older peer's: they take their defaults) and carry fields this version does not know (a
+newer peer's: kept, bounded, and passed on as they came). The signature covers exactly the
+fields the owner sent, so neither can be added, stripped or changed by anyone else.
 """
 
 import json
@@ -29,6 +34,14 @@ MAX_LINKS = 16  # round-trip times an entry publishes
 MAX_MS = 600_000.0  # the largest time an entry may publish
 MAX_WIRE_NAMES = 8  # encodings of hidden states an entry announces it accepts (peers/transport/wire.py)
 MAX_WIRE_NAME = 16  # characters of one
+# an entry's fields that every version sends; the others may be left out by an older peer
+REQUIRED_FIELDS = frozenset(
+    {"peer_id", "model", "total_layers", "start", "end", "state", "incarnation", "heartbeat"}
+    | {"address", "public_key", "signature", "dead_for_s", "seal_key"}
+)
+MAX_UNKNOWN_FIELDS = 8  # fields of a newer version an entry may carry
+MAX_UNKNOWN_CHARS = 1024  # JSON characters of each one (name included)
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _HOST = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
 )
@@ -66,16 +79,21 @@ class PeerRecord:
     reach: str = (
         ""  # "direct": peers dialled it back; "none": none could; "": not known (peers/swarm/reach.py)
     )
+    # (not fields of the entry itself) an older owner's fields it left out; a newer owner's fields
+    # this version does not know, as (name, canonical JSON): both as signed, passed on as they came
+    absent: frozenset[str] = frozenset()
+    unknown: tuple[tuple[str, str], ...] = ()
 
     @property
     def version(self) -> tuple[int, int]:
         return self.incarnation, self.heartbeat
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = {k: v for k, v in asdict(self).items() if k not in self.absent and k not in _NOT_SENT}
+        return out | {name: json.loads(value) for name, value in self.unknown}
 
     def signed_message(self) -> bytes:
-        fields = {k: v for k, v in asdict(self).items() if k not in ("signature", "dead_for_s")}
+        fields = {k: v for k, v in self.to_json().items() if k not in ("signature", "dead_for_s")}
         return b"layerswarm-entry\0" + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
     def signed(self, identity: Identity) -> "PeerRecord":
@@ -98,12 +116,12 @@ class PeerRecord:
         """A gossiped entry, checked field by field (ValueError names the first bad one)."""
         if not isinstance(data, dict):
             raise ValueError(f"a peer entry must be an object, got {type(data).__name__}")
-        names = cls.__dataclass_fields__.keys()
-        if data.keys() != names:
-            missing, extra = sorted(names - data.keys()), sorted(data.keys() - names)
-            raise ValueError(
-                f"a peer entry has the fields {sorted(names)}; missing {missing}, unknown {extra}"
-            )
+        missing = sorted(REQUIRED_FIELDS - data.keys())
+        if missing:
+            raise ValueError(f"a peer entry has the fields {sorted(REQUIRED_FIELDS)}; missing {missing}")
+        known = cls.__dataclass_fields__.keys() - _NOT_SENT
+        absent, unknown = frozenset(known - data.keys()), _unknown_fields(data, known)
+        data = {name: data.get(name, cls.__dataclass_fields__[name].default) for name in known}
         peer_id = data["peer_id"]
         if (
             not isinstance(peer_id, str)
@@ -151,6 +169,8 @@ class PeerRecord:
             _wire(data["wire"]),
             check_seal_key(data["seal_key"]),
             _reach(data["reach"]),
+            absent,
+            unknown,
         )
 
 
@@ -178,6 +198,27 @@ def check_address(value) -> str:
     ):
         raise ValueError(f"an address must be host:port, got {value!r:.80}")
     return value
+
+
+_NOT_SENT = frozenset({"absent", "unknown"})
+
+
+def _unknown_fields(data: dict, known) -> tuple[tuple[str, str], ...]:
+    """A newer version's fields of an entry, bounded, as (name, canonical JSON)."""
+    names = sorted(data.keys() - known)
+    if len(names) > MAX_UNKNOWN_FIELDS:
+        raise ValueError(
+            f"a peer entry carries at most {MAX_UNKNOWN_FIELDS} unknown fields, got {len(names)}"
+        )
+    out = []
+    for name in names:
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ValueError(f"an unknown field's name is 1 to 64 of a-z 0-9 _, got {name!r:.40}")
+        value = json.dumps(data[name], sort_keys=True, separators=(",", ":"))
+        if len(name) + len(value) > MAX_UNKNOWN_CHARS:
+            raise ValueError(f"the unknown field {name} is longer than {MAX_UNKNOWN_CHARS} characters")
+        out.append((name, value))
+    return tuple(out)
 
 
 def _reach(value) -> str:

@@ -70,7 +70,9 @@ def table_ids(peer) -> set[str]:
         ({"start": 3, "end": 9}, "end must be an integer in [0, 4]"),
         ({"dead_for_s": float("inf")}, "dead_for_s"),
         ({"state": "serving", "start": 2, "end": 2}, "not a range"),
-        ({"extra": 1}, "unknown ['extra']"),
+        ({"extra": 1}, "not signed by its owner"),  # (a newer version's field is kept only as signed)
+        ({f"x{i}": 1 for i in range(9)}, "at most 8 unknown fields"),
+        ({"x": "y" * 2000}, "longer than 1024"),
         ({"peer_id": "a" * 20}, "peer_id must be the id its public_key owns"),
         ({"signature": "abc"}, "signature must be 64 bytes"),
         ({"heartbeat": 2}, "not signed by its owner"),  # changed after signing
