@@ -10,8 +10,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from peers.api.openai_routes import OpenAIDoor
 from peers.api.openai_routes import router as openai_router
 from peers.api.service_routes import router as service_router
+from peers.entry.admission import Admission
 from peers.health import health_router
 from peers.metrics import HTTPMetrics, Readings, metrics_router
 from peers.node import PeerNode
@@ -32,13 +34,14 @@ def build_app(node: PeerNode, lifespan: Lifespan | None = None) -> FastAPI:
     install_handlers(app)
     app.add_exception_handler(HTTPException, http_error)
     add_middleware(app, node)
-    node.metrics.watch(readings(node))
-    app.include_router(openai_router(node))
+    door = OpenAIDoor(node)
+    node.metrics.watch(readings(node, door.admission))
+    app.include_router(openai_router(door))
     app.include_router(service_router(node))
     view = View(node.table, node.http, node.model_id, node.total_layers, node.failover_log)
     app.include_router(view_router(view, private=node.config.swarm_key is not None))
     app.include_router(metrics_router(node.metrics))
-    app.include_router(health_router(node))
+    app.include_router(health_router(node, door.admission))
     app.include_router(SwarmRoutes(node).router())
     return app
 
@@ -66,7 +69,7 @@ def add_middleware(app: FastAPI, node: PeerNode) -> None:
     app.add_middleware(HTTPMetrics, metrics=node.metrics)
 
 
-def readings(node: PeerNode) -> Readings:
+def readings(node: PeerNode, admission: Admission) -> Readings:
     """What /metrics reads from the node's components at each scrape."""
     return Readings(
         table=node.table,
@@ -80,6 +83,7 @@ def readings(node: PeerNode) -> Readings:
         ready=lambda: node.ready,
         queued_steps=lambda: len(node.scheduler),
         active_requests=lambda: node.active_requests,
+        waiting_requests=lambda: len(admission.waiting),
         steps_served=lambda: node.steps_served,
         prefix_counters=node.config.metrics_key is not None,
     )

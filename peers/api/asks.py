@@ -14,9 +14,8 @@ from peers.api.reasoning import PROMPT_TAIL_TOKENS, Reasoning, ReasoningStart
 from peers.api.runs import RunSpec
 from peers.api.schema import ChatRequest, GenerationRequest, NamedTool
 from peers.entry.admission import kv_tokens
-from peers.entry.generation import RETRY_AFTER_S
 from peers.entry.steering import Steering
-from peers.transport.errors import InvalidRequest, ModelNotServed, Overloaded, SwarmUnavailable
+from peers.transport.errors import InvalidRequest, ModelNotServed, SwarmUnavailable
 from peers.transport.frames import Sampling
 
 DEFAULT_MAX_TOKENS = 1024  # when a chat request names none: this, or what the context has left
@@ -69,16 +68,10 @@ def chat_grammar(req: ChatRequest, tools: list) -> str | None:
 
 
 def admit(node: ApiPeer, req: GenerationRequest) -> None:
-    """Before any work: the model, and room for one more request at this entry (so that no more
-    than --max-requests prompts wait for the tokenizer either)."""
+    """Before any work: the model, and a peer that is not shutting down (room at this entry is
+    the admission queue's: peers/entry/admission.py)."""
     if req.model not in node.served_names:
         raise ModelNotServed(req.model, node.served_model)
-    if node.active_requests >= node.config.max_requests:
-        raise Overloaded(
-            f"this peer already serves {node.active_requests} requests at once (--max-requests "
-            f"{node.config.max_requests}); retry in {RETRY_AFTER_S} s or use another peer",
-            RETRY_AFTER_S,
-        )
     if node.stopping or node.table.me.state in ("leaving", "dead"):
         raise SwarmUnavailable("this peer is shutting down; send the request to another peer")
 

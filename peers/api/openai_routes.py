@@ -8,7 +8,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cached_property
 from typing import TypeVar
 
 from fastapi import APIRouter, Request
@@ -61,9 +60,8 @@ log = logging.getLogger("layerswarm.api")
 T = TypeVar("T")
 
 
-def router(node: ApiPeer) -> APIRouter:
-    """The completion routes of `node`'s door."""
-    door = OpenAIDoor(node)
+def router(door: "OpenAIDoor") -> APIRouter:
+    """The completion routes of a peer's door."""
     api = APIRouter()
     api.add_api_route("/v1/chat/completions", door.chat, methods=["POST"])
     api.add_api_route("/v1/completions", door.completions, methods=["POST"])
@@ -96,12 +94,14 @@ class OpenAIDoor:
         # tokenizing runs off the event loop, one prompt at a time
         self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self.tokens_per_char: float | None = None
-
-    @cached_property
-    def admission(self) -> Admission:
-        """The queue in front of this entry's generation (made at the first request)."""
-        config = self.node.config
-        return Admission(config.max_cache_tokens, config.scheduler.max_queue_wait_s)
+        config = node.config
+        # the queue in front of this entry's generation (/health shows it)
+        self.admission = Admission(
+            config.max_cache_tokens,
+            config.scheduler.max_queue_wait_s,
+            config.max_requests,
+            config.max_waiting,
+        )
 
     async def off_loop(self, fn: Callable[..., T], *args: object) -> T:
         """`fn(*args)` on the tokenizing thread."""

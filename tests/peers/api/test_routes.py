@@ -18,12 +18,18 @@ def peer() -> SimpleNamespace:
         model_config=SimpleNamespace(vocab_size=200),
         model_id="smollm2-135m",  # (a built-in: its card's sampling, no generation_config.json here)
         model_path="/nonexistent",
-        config=SimpleNamespace(generation_config="auto"),
+        config=SimpleNamespace(
+            generation_config="auto",
+            max_cache_tokens=1024,
+            max_requests=4,
+            max_waiting=4,
+            scheduler=SimpleNamespace(max_queue_wait_s=10.0),
+        ),
     )
 
 
 def test_the_routes_and_their_methods():
-    routers = (openai_routes.router(peer()), service_routes.router(peer()))
+    routers = (openai_routes.router(openai_routes.OpenAIDoor(peer())), service_routes.router(peer()))
     routes = {(r.path, m) for api in routers for r in api.routes for m in r.methods}
     assert routes == {
         ("/v1/chat/completions", "POST"),
