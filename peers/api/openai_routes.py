@@ -33,7 +33,7 @@ from peers.api.runs import Run, Usage, best, collect, first_events, merged, usag
 from peers.api.schema import ChatRequest, CompletionRequest, GenerationRequest
 from peers.api.shapes import Shape
 from peers.api.sse import Chunks, sse
-from peers.api.tools import chat_messages, template_tools, with_tool_prompt
+from peers.api.tools import prompt_messages
 from peers.entry.admission import Admission, Ticket
 from peers.entry.generation import NoRoom, banned_now, current_route
 from peers.entry.prefix import routing_key
@@ -111,13 +111,12 @@ class OpenAIDoor:
         node = self.node
         req = with_model_sampling(node, req)
         tools = list(req.tools or ()) if req.tool_choice != "none" else []
-        generic = bool(tools) and not node.tokenizer.template_takes_tools
         try:
-            messages = chat_messages(req.messages, text_of, generic)
+            messages, given = prompt_messages(
+                req.messages, tools, req.tool_choice, node.tokenizer.template_takes_tools, text_of
+            )
         except ValueError as e:
             raise InvalidRequest(str(e), param="messages") from None
-        if generic:
-            messages = with_tool_prompt(messages, tools, req.tool_choice)
         variables = template_kwargs(
             req.chat_template_kwargs, req.reasoning_effort, node.tokenizer.template_variables
         )
@@ -130,7 +129,6 @@ class OpenAIDoor:
             tools=tuple(tools),
             reasoning=reasoning_of(node.tokenizer),
         )
-        given = template_tools(tools) if tools and not generic else None
         ids = lambda: self._chat_ids(req, messages, given, variables)  # noqa: E731
         return await self.complete(req, ask, ids, request, [chars])
 

@@ -156,6 +156,17 @@ class NamedTool(_Strict):
     function: NamedFunction
 
 
+ToolChoice = Literal["none", "auto", "required"] | NamedTool | None
+
+
+def check_tool_choice(tools: list[Tool] | None, choice: ToolChoice) -> None:
+    """ValueError where `choice` asks for tools that `tools` do not give."""
+    if choice is not None and choice != "none" and not tools:
+        raise ValueError("tool_choice needs tools")
+    if isinstance(choice, NamedTool) and choice.function.name not in {t.function.name for t in tools}:
+        raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools")
+
+
 class JsonSchemaFormat(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
@@ -180,7 +191,7 @@ class ChatRequest(GenerationRequest):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
-    tool_choice: Literal["none", "auto", "required"] | NamedTool | None = None
+    tool_choice: ToolChoice = None
     parallel_tool_calls: bool = True
     add_generation_prompt: bool = True  # as in vLLM
     continue_final_message: bool = False  # as in vLLM: the last (assistant) message is continued
@@ -204,14 +215,7 @@ class ChatRequest(GenerationRequest):
             raise ValueError(
                 "add_generation_prompt: true and continue_final_message: true contradict each other"
             )
-        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
-            raise ValueError("tool_choice needs tools")
-        if isinstance(self.tool_choice, NamedTool) and self.tool_choice.function.name not in {
-            t.function.name for t in self.tools or ()
-        }:
-            raise ValueError(
-                f"tool_choice names {self.tool_choice.function.name!r}, which is not among the tools"
-            )
+        check_tool_choice(self.tools, self.tool_choice)
         return self
 
 

@@ -49,6 +49,19 @@ def chat_messages(messages: list[ChatMessage], text_of, generic_tools: bool) -> 
     return out
 
 
+def prompt_messages(
+    messages: list[ChatMessage], tools: list[Tool], choice, takes_tools: bool, text_of
+) -> tuple[list[dict], list[dict] | None]:
+    """(the messages, the tools) as the chat template renders them, the one way a chat and
+    /tokenize do: `tools` (none where tool_choice is "none") go to a template that `takes_tools`,
+    else into the generic tool prompt. ValueError for messages that cannot be rendered."""
+    generic = bool(tools) and not takes_tools
+    out = chat_messages(messages, text_of, generic)
+    if generic:
+        return with_tool_prompt(out, tools, choice), None
+    return out, template_tools(tools) if tools else None
+
+
 def with_tool_prompt(messages: list[dict], tools: list[Tool], choice) -> list[dict]:
     """The generic tool prompt, joined to the system message (or one put first)."""
     prompt = tool_prompt(tools, choice)

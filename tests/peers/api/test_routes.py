@@ -38,6 +38,7 @@ def test_the_routes_and_their_methods():
         ("/v1/models/{model:path}", "GET"),
         ("/tokenize", "POST"),
         ("/detokenize", "POST"),
+        ("/tokenizer_info", "GET"),
         ("/version", "GET"),
     }
 
