@@ -22,6 +22,7 @@ from peers.api.asks import (
     grammar_param,
     kv_need,
     max_tokens_for,
+    own_grammar,
     run_specs,
     with_model_sampling,
 )
@@ -128,6 +129,7 @@ class OpenAIDoor:
             grammar=chat_grammar(req, tools),
             tools=tuple(tools),
             reasoning=reasoning_of(node.tokenizer),
+            token_ids=req.return_token_ids,
         )
         ids = lambda: self._chat_ids(req, messages, given, variables)  # noqa: E731
         return await self.complete(req, ask, ids, request, [chars])
@@ -164,7 +166,14 @@ class OpenAIDoor:
         echo = []
         for p in req.prompts() if req.echo else ():
             echo.append(p if isinstance(p, str) else await self.off_loop(self.node.tokenizer.decode, p))
-        ask = Ask(chat=False, logprobs=req.logprobs, echo=tuple(echo), best_of=req.best_of)
+        ask = Ask(
+            chat=False,
+            logprobs=req.logprobs,
+            grammar=own_grammar(req),
+            echo=tuple(echo),
+            best_of=req.best_of,
+            token_ids=req.return_token_ids,
+        )
         sizes = [len(p) if isinstance(p, str) else p for p in prompts]
         return await self.complete(req, ask, prompt_ids, request, sizes)
 
@@ -291,6 +300,7 @@ class OpenAIDoor:
             ask.logprobs,
             list(ask.tools),
             ask.reasoning is not None,
+            ask.token_ids,
         )
         events = merged([r.events() for r in runs], ask.best_of or req.n)
         if ask.grammar is not None:
@@ -319,7 +329,8 @@ class OpenAIDoor:
             raise
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         echo = [ask.echo[k] for k in range(answer.prompts) for _ in range(req.n)] if ask.echo else []
-        chunks = Chunks(answer.shape, answer.prompts * req.n, echo)
+        prompts = [run.prompt_ids for run in answer.runs for _ in range(req.n)]
+        chunks = Chunks(answer.shape, answer.prompts * req.n, echo, prompts)
         return StreamingResponse(
             sse(
                 first,
@@ -347,6 +358,7 @@ async def whole(answer: Answer) -> Response | dict:
     if ask.best_of:
         choices = best(choices, answer.prompts, ask.best_of, req.n)
     for k, choice in enumerate(choices):
+        choice.prompt = answer.runs[k // req.n].prompt_ids
         if ask.echo:
             choice.echo = ask.echo[k // req.n]
     body = answer.shape.whole(choices, usage(answer.runs))

@@ -22,6 +22,8 @@ class Choice:
     tokens: list[Token] = field(default_factory=list)
     finish: str = "length"
     echo: str = ""
+    ids: list[int] = field(default_factory=list)  # every token id it generated, its stop id too
+    prompt: list[int] = field(default_factory=list)  # its prompt's token ids (return_token_ids)
 
 
 def fingerprint(model: str) -> str:
@@ -35,7 +37,10 @@ def fingerprint(model: str) -> str:
 
 class Shape:
     """The responses of one request (chat or text completion); with `reasoning` (a thinking
-    model's chat), messages carry `reasoning_content`, null where there was no thought."""
+    model's chat), messages carry `reasoning_content`, null where there was no thought; with
+    `token_ids` (return_token_ids, as vLLM's), choices carry `token_ids` (the ids generated, or a
+    chunk's) and the prompt's ids come as `prompt_token_ids` (a chat's on the response, a
+    completion's on each choice; streamed, on the first chunk)."""
 
     def __init__(
         self,
@@ -46,9 +51,11 @@ class Shape:
         logprobs: int | None,
         tools: list,
         reasoning: bool = False,
+        token_ids: bool = False,
     ):
         self.rid, self.model, self.chat, self.tokenizer = rid, model, chat, tokenizer
         self.logprobs, self.tools, self.reasoning = logprobs, tools, reasoning
+        self.token_ids = token_ids
         self.created = int(time.time())
         self.fingerprint = fingerprint(model)
 
@@ -75,8 +82,15 @@ class Shape:
             else:
                 lp = self._text_logprobs(c.tokens, len(c.echo)) if self.logprobs is not None else None
                 out.append({"index": i, "text": c.echo + text, "logprobs": lp, "finish_reason": c.finish})
+            if self.token_ids:
+                if not self.chat:
+                    out[-1]["prompt_token_ids"] = c.prompt
+                out[-1]["token_ids"] = c.ids
         obj = "chat.completion" if self.chat else "text_completion"
-        return {**self._base(obj), "choices": out, "usage": usage}
+        body = {**self._base(obj), "choices": out, "usage": usage}
+        if self.token_ids and self.chat:
+            body["prompt_token_ids"] = choices[0].prompt if choices else []
+        return body
 
     def _message(self, text: str, reasoning: str) -> dict:
         """A whole answer's message: its content, thought and tool calls."""
@@ -93,12 +107,28 @@ class Shape:
         return message
 
     # --- streamed chunks
-    def chunk(self, index: int, delta: dict | str, finish: str | None = None, logprobs=None) -> dict:
+    def chunk(
+        self,
+        index: int,
+        delta: dict | str,
+        finish: str | None = None,
+        logprobs=None,
+        ids: Sequence[int] = (),
+        prompt: list[int] | None = None,
+    ) -> dict:
+        """One streamed chunk of choice `index`; with token_ids, the `ids` it covers (and
+        `prompt`, the prompt's ids, where it is the first chunk to carry them)."""
         if self.chat:
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-            return {**self._base("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish}
-        return {**self._base("text_completion"), "choices": [choice]}
+            chunk = {**self._base("chat.completion.chunk"), "choices": [choice]}
+        else:
+            choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish}
+            chunk = {**self._base("text_completion"), "choices": [choice]}
+        if self.token_ids:
+            choice["token_ids"] = list(ids)
+            if prompt is not None:
+                (chunk if self.chat else choice)["prompt_token_ids"] = prompt
+        return chunk
 
     def usage_chunk(self, usage: dict) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"

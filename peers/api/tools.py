@@ -16,7 +16,8 @@ CLOSE = "</tool_call>"
 def chat_messages(messages: list[ChatMessage], text_of, generic_tools: bool) -> list[dict]:
     """Request messages -> the dicts a chat template renders. With `generic_tools` (the template
     has no tool support) earlier calls become text in the calls' own format and tool results
-    user messages; otherwise they keep the shape transformers' templates take."""
+    user messages; otherwise they keep the shape transformers' templates take. An assistant's
+    earlier thought goes to the template as `reasoning_content` (Qwen3's reads it, as in vLLM)."""
     out: list[dict] = []
     for m in messages:
         role = "system" if m.role == "developer" else m.role
@@ -34,6 +35,8 @@ def chat_messages(messages: list[ChatMessage], text_of, generic_tools: bool) -> 
         d: dict = {"role": role, "content": content}
         if m.name is not None:
             d["name"] = m.name
+        if m.thought is not None:
+            d["reasoning_content"] = m.thought
         if m.tool_calls:
             calls = [(c.function.name, _arguments(c.function.arguments)) for c in m.tool_calls]
             if generic_tools:
