@@ -4,8 +4,8 @@ A request holds KV on every peer of its route (its prompt, plus max_tokens per s
 admitted when that fits what this entry believes its routes' peers can hold beside what it has
 admitted already, and fewer than --max-requests run here. The queue holds at most --max-waiting
 more: past --max-requests + --max-waiting requests in all, one more is refused at once (Overloaded:
-429). One that would wait longer than --max-queue-wait for KV is refused at once too (its
-Retry-After the queue's expected wait), before its prompt is tokenized; a queued one is never
+429). One whose expected wait (for KV, or for running requests to end) passes --max-queue-wait
+is refused at once too (its Retry-After that wait), before its prompt is tokenized; a queued one is never
 overtaken by a later one of the same priority, and never refused for waiting. Before any request
 has ended no wait can be estimated: one that waits only for a running request's place is queued,
 one that waits for KV is refused. What peers can hold is learned: at first
