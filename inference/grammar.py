@@ -82,8 +82,8 @@ def json_schema_grammar(schema: dict) -> str:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_LAYOUT)
     except (TypeError, ValueError, RecursionError) as e:
         raise GrammarError(f"invalid JSON schema: {e}") from None
-    _check(grammar, "JSON schema")
-    _check_start(grammar, "JSON schema")
+    check_grammar(grammar, "JSON schema")
+    check_start(grammar, "JSON schema")
     return grammar
 
 
@@ -124,7 +124,7 @@ def tool_call_grammar(tools: list[dict], name: str | None = None, parallel: bool
     more = ' ("\\n" call)*' if parallel else ""
     lark = f'start: call{more}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\nbody: %json {body}\n'
     grammar = llguidance.LLMatcher.grammar_from_lark(lark)
-    _check(grammar, "tool call grammar")
+    check_grammar(grammar, "tool call grammar")
     return grammar
 
 
@@ -159,7 +159,8 @@ def _parse_call(body: str) -> dict | None:
     return {"name": call["name"], "arguments": args} if isinstance(args, dict) else None
 
 
-def _check(grammar: str, what: str) -> None:
+def check_grammar(grammar: str, what: str) -> None:
+    """GrammarError naming `what` unless the engine compiles `grammar`."""
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:  # the first line: the rest is the engine's copy of the grammar
         log.warning("%s refused: %s", what, messages[0] if messages else "")
@@ -168,13 +169,13 @@ def _check(grammar: str, what: str) -> None:
         )
 
 
-def _check_start(grammar: str, what: str) -> None:
+def check_start(grammar: str, what: str) -> None:
     """The engine can begin `grammar`: its first mask over a byte vocabulary computes."""
     m = llguidance.LLMatcher(_byte_vocab(), grammar, log_level=0)
     m.compute_bitmask()
     if m.is_error():
         log.warning("%s refused at its first mask: %s", what, m.get_error())
-        raise GrammarError(f"invalid {what}: no JSON value satisfies it")
+        raise GrammarError(f"invalid {what}: no output satisfies it")
 
 
 @functools.cache

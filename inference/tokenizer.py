@@ -87,6 +87,21 @@ class Tokenizer:
         `template_kwargs` may give."""
         return template_variables(self.chat_template) if self.has_chat_template else frozenset()
 
+    def info(self) -> dict:
+        """The tokenizer's settings, as vLLM's /tokenizer_info gives them: its init arguments
+        (special tokens as their text, added tokens by id; no file paths), its class, the chat
+        template in use, and the special tokens' ids."""
+        tok = self._tok
+        kept = {k: v for k, v in tok.init_kwargs.items() if not k.endswith("_file") and k != "name_or_path"}
+        info = {**_plain(kept), "tokenizer_class": type(tok).__name__}
+        info.pop("chat_template", None)
+        if self.has_chat_template:
+            info["chat_template"] = self.chat_template
+        for name in ("bos", "eos", "pad", "unk"):
+            info[f"{name}_token"] = getattr(tok, f"{name}_token")
+            info[f"{name}_token_id"] = getattr(tok, f"{name}_token_id")
+        return info
+
     def vocab_ids(self, *names: str) -> dict[str, int]:
         """The ids of those of these tokens that the vocabulary has."""
         vocab = self._tok.get_vocab()
@@ -121,6 +136,17 @@ def template_variables(text: str) -> frozenset[str]:
 
     environment = _compile_jinja_template(text).environment
     return frozenset(meta.find_undeclared_variables(environment.parse(text)))
+
+
+def _plain(value):
+    """`value` as JSON takes it: an added token as its text, a mapping's keys as strings."""
+    if hasattr(value, "content"):
+        return value.content
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
 
 
 def _eos_ids(path: Path, tok) -> frozenset[int]:

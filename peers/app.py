@@ -14,6 +14,7 @@ from peers.api.openai_routes import OpenAIDoor
 from peers.api.openai_routes import router as openai_router
 from peers.api.responses import router as responses_router
 from peers.api.service_routes import router as service_router
+from peers.entry.admission import Admission
 from peers.health import health_router
 from peers.metrics import HTTPMetrics, Readings, metrics_router
 from peers.node import PeerNode
@@ -34,15 +35,15 @@ def build_app(node: PeerNode, lifespan: Lifespan | None = None) -> FastAPI:
     install_handlers(app)
     app.add_exception_handler(HTTPException, http_error)
     add_middleware(app, node)
-    node.metrics.watch(readings(node))
     door = OpenAIDoor(node)  # (one admission queue for both APIs)
+    node.metrics.watch(readings(node, door.admission))
     app.include_router(openai_router(door))
     app.include_router(responses_router(door))
     app.include_router(service_router(node))
     view = View(node.table, node.http, node.model_id, node.total_layers, node.failover_log)
     app.include_router(view_router(view, private=node.config.swarm_key is not None))
     app.include_router(metrics_router(node.metrics))
-    app.include_router(health_router(node))
+    app.include_router(health_router(node, door.admission))
     app.include_router(SwarmRoutes(node).router())
     return app
 
@@ -70,7 +71,7 @@ def add_middleware(app: FastAPI, node: PeerNode) -> None:
     app.add_middleware(HTTPMetrics, metrics=node.metrics)
 
 
-def readings(node: PeerNode) -> Readings:
+def readings(node: PeerNode, admission: Admission) -> Readings:
     """What /metrics reads from the node's components at each scrape."""
     return Readings(
         table=node.table,
@@ -84,6 +85,7 @@ def readings(node: PeerNode) -> Readings:
         ready=lambda: node.ready,
         queued_steps=lambda: len(node.scheduler),
         active_requests=lambda: node.active_requests,
+        waiting_requests=lambda: len(admission.waiting),
         steps_served=lambda: node.steps_served,
         prefix_counters=node.config.metrics_key is not None,
     )

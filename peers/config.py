@@ -296,7 +296,18 @@ class NodeConfig:
     )
     drain_s: float = option(10.0, Flag("--drain", "seconds in-flight requests get on shutdown"))
     max_requests: int = option(
-        64, Flag("--max-requests", "requests this entry serves at once; more get 429"), check=at_least(1)
+        64,
+        Flag("--max-requests", "requests this entry runs at once; more wait in its queue (--max-waiting)"),
+        check=at_least(1),
+    )
+    max_waiting: int = option(
+        256,
+        Flag(
+            "--max-waiting",
+            "requests that may wait in this entry's queue beyond --max-requests running ones, admitted "
+            "in order as those end; more get 429 (0: --max-requests bounds the requests running and queued together)",
+        ),
+        check=at_least(0),
     )
     max_body_bytes: int = option(  # a request body other than step frames
         DEFAULT_MAX_BODY_BYTES,

@@ -5,6 +5,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from peers.config import NodeConfig
+from peers.entry.admission import Admission
 from peers.node import PeerNode
 from peers.swarm.commitments import Accusations, VerificationStats
 from peers.swarm.routing import alone, coverage
@@ -12,7 +13,7 @@ from peers.transport.direct import Returns
 from peers.transport.frames import PATH_HEALTH
 
 
-def health(node: PeerNode) -> dict:
+def health(node: PeerNode, admission: Admission) -> dict:
     """The body of GET /health."""
     me, block, config = node.table.me, node.block, node.config
     return {
@@ -30,6 +31,7 @@ def health(node: PeerNode) -> dict:
         "steps_served": node.steps_served,
         "incarnation": me.incarnation,
         "active_requests": node.active_requests,
+        "admission": admission.to_json(),  # its queue: running, waiting, their bounds and KV
         "cpus": list(node.cpus),
         "threads": node.threads,
         "core_turns": node.scheduler.turns is not None,
@@ -80,12 +82,12 @@ def prefix_cache(config: NodeConfig) -> dict:
     }
 
 
-def health_router(node: PeerNode) -> APIRouter:
-    """GET /health over `node`."""
+def health_router(node: PeerNode, admission: Admission) -> APIRouter:
+    """GET /health over `node` and its door's `admission`."""
     router = APIRouter()
 
     @router.get(PATH_HEALTH)
     async def answer() -> JSONResponse:
-        return JSONResponse(health(node), status_code=200 if node.ready else 503)
+        return JSONResponse(health(node, admission), status_code=200 if node.ready else 503)
 
     return router

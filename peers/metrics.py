@@ -134,6 +134,7 @@ class Readings:
     ready: Callable[[], bool]
     queued_steps: Callable[[], int]
     active_requests: Callable[[], int]
+    waiting_requests: Callable[[], int]  # of those, queued for admission (--max-waiting)
     steps_served: Callable[[], int]
     prefix_counters: bool  # the prefix cache's hits and misses (only where /metrics needs a key)
 
@@ -175,6 +176,11 @@ class PeerCollector:
         yield _gauge("kv_slots_budget", "KV cache token slots this peer may use", r.kv_budget_tokens)
         yield _gauge("queued_steps", "Steps waiting in this peer's queue", r.queued_steps())
         yield _gauge("active_requests", "OpenAI requests this entry is answering", r.active_requests())
+        yield _gauge(
+            "waiting_requests",
+            "Of those, requests queued for admission (--max-waiting)",
+            r.waiting_requests(),
+        )
         yield _counter("steps_served", "Steps this peer computed and answered", r.steps_served())
 
     def wire(self) -> Iterator[Metric]:

@@ -184,6 +184,7 @@ FLAGS = {
         "--liar-ban": (3600.0, float, None, None, None, "StoreAction"),
         "--drain": (10.0, float, None, None, None, "StoreAction"),
         "--max-requests": (64, int, None, None, None, "StoreAction"),
+        "--max-waiting": (256, int, None, None, None, "StoreAction"),
         "--max-body-bytes": (4194304, int, None, None, None, "StoreAction"),
         "--read-timeout": (10.0, float, None, None, None, "StoreAction"),
         "--header-timeout": (10.0, float, None, None, None, "StoreAction"),

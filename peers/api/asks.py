@@ -3,25 +3,27 @@ grammar its output follows, max_tokens, the sampling controls and steering, and 
 spec of each prompt's run."""
 
 import functools
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
 from inference.grammar import GrammarError, json_object_grammar, json_schema_grammar, tool_call_grammar
+from inference.grammar_forms import choice_grammar, gbnf_grammar, regex_grammar
 from inference.models import sampling_defaults
 from peers.api.door import ApiPeer
 from peers.api.reasoning import PROMPT_TAIL_TOKENS, Reasoning, ReasoningStart
 from peers.api.runs import RunSpec
 from peers.api.schema import ChatRequest, GenerationRequest, NamedTool
 from peers.entry.admission import kv_tokens
-from peers.entry.generation import RETRY_AFTER_S
 from peers.entry.steering import Steering
-from peers.transport.errors import InvalidRequest, ModelNotServed, Overloaded, SwarmUnavailable
+from peers.transport.errors import InvalidRequest, ModelNotServed, SwarmUnavailable
 from peers.transport.frames import Sampling
 
 DEFAULT_MAX_TOKENS = 1024  # when a chat request names none: this, or what the context has left
 COMPLETION_MAX_TOKENS = 16  # when a completion request names none (OpenAI's legacy API and vLLM)
 G = TypeVar("G", bound=GenerationRequest)
+OWN_GRAMMARS = ("structured_outputs", "grammar")  # the fields of a grammar a request brings itself
 
 
 @dataclass(frozen=True)
@@ -36,18 +38,64 @@ class Ask:
     best_of: int | None = None  # sequences generated per prompt, of which the n likeliest are kept
     reasoning: Reasoning | None = None  # a thinking model's chat: its thought apart from its content
     scores: int | None = None  # prompt logprobs (echo with logprobs, prompt_logprobs): top tokens each
+    token_ids: bool = False  # the answer carries the prompt's and the output's token ids (vLLM's)
 
 
 def grammar_param(req: GenerationRequest) -> str:
-    """The parameter that set a request's grammar: its response_format, or its forced tools."""
+    """The parameter that set a request's grammar: structured_outputs, grammar, its
+    response_format, or its forced tools."""
+    for name in OWN_GRAMMARS:
+        if getattr(req, name) is not None:
+            return name
     fmt = req.response_format if isinstance(req, ChatRequest) else None
     return "response_format" if fmt is not None and fmt.type != "text" else "tool_choice"
 
 
+def own_grammar(req: GenerationRequest) -> str | None:
+    """The grammar a request brings itself (vLLM's structured_outputs or llama.cpp's grammar, one
+    at most), compiled: one the engine refuses is a 400 naming its field."""
+    so = req.structured_outputs
+    if so is not None and req.grammar is not None:
+        raise InvalidRequest("structured_outputs and grammar exclude each other", param="grammar")
+    if req.ignore_eos and (so is not None or req.grammar is not None):
+        raise InvalidRequest("ignore_eos cannot end a structured output", param="ignore_eos")
+    param = "grammar" if so is None else f"structured_outputs.{so.kind}"
+    try:
+        if so is None:
+            return None if req.grammar is None else gbnf_grammar(req.grammar)
+        if so.kind == "json":
+            return json_schema_grammar(_schema(so.json_schema))
+        if so.kind == "regex":
+            return regex_grammar(so.regex)
+        if so.kind == "choice":
+            return choice_grammar(so.choice)
+        return gbnf_grammar(so.grammar) if so.kind == "grammar" else json_object_grammar()
+    except GrammarError as e:
+        raise InvalidRequest(f"{param}: {e}", param=param) from None
+
+
+def _schema(schema: dict | str) -> dict:
+    """A JSON schema given as an object or as its JSON text."""
+    if isinstance(schema, dict):
+        return schema
+    try:
+        return json.loads(schema)
+    except ValueError as e:
+        raise GrammarError(f"the schema is not valid JSON: {e}") from None
+
+
 def chat_grammar(req: ChatRequest, tools: list) -> str | None:
-    """The grammar the output must follow: the response format's, or forced tool calls'."""
+    """The grammar the output must follow: the request's own, the response format's, or forced
+    tool calls'."""
     forced = isinstance(req.tool_choice, NamedTool) or req.tool_choice == "required"
     fmt = req.response_format
+    own = own_grammar(req)
+    if own is not None and (forced or (fmt is not None and fmt.type != "text")):
+        other = "tool_choice" if forced else "response_format"
+        param = grammar_param(req)
+        raise InvalidRequest(f"{param} and {other} exclude each other", param=param)
+    if own is not None:
+        return own
     if fmt is not None and fmt.type != "text" and forced:
         raise InvalidRequest(
             "response_format and a forced tool_choice exclude each other", param="response_format"
@@ -70,16 +118,10 @@ def chat_grammar(req: ChatRequest, tools: list) -> str | None:
 
 
 def admit(node: ApiPeer, req: GenerationRequest) -> None:
-    """Before any work: the model, and room for one more request at this entry (so that no more
-    than --max-requests prompts wait for the tokenizer either)."""
+    """Before any work: the model, and a peer that is not shutting down (room at this entry is
+    the admission queue's: peers/entry/admission.py)."""
     if req.model not in node.served_names:
         raise ModelNotServed(req.model, node.served_model)
-    if node.active_requests >= node.config.max_requests:
-        raise Overloaded(
-            f"this peer already serves {node.active_requests} requests at once (--max-requests "
-            f"{node.config.max_requests}); retry in {RETRY_AFTER_S} s or use another peer",
-            RETRY_AFTER_S,
-        )
     if node.stopping or node.table.me.state in ("leaving", "dead"):
         raise SwarmUnavailable("this peer is shutting down; send the request to another peer")
 

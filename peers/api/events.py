@@ -26,10 +26,12 @@ class Delta:
 
 @dataclass(frozen=True)
 class Finish:
-    """Sequence `index` ended: "stop" (a stop id, stop string or repeated call) or "length"."""
+    """Sequence `index` ended: "stop" (a stop id, stop string or repeated call) or "length";
+    `tokens`: the ids it generated that no Delta covered (the stop id, tokens of no text)."""
 
     index: int
     reason: str
+    tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ def renumbered(event: Event, offset: int) -> Event:
     if isinstance(event, Delta):
         return Delta(event.index + offset, event.text, event.tokens, event.reasoning)
     if isinstance(event, Finish):
-        return Finish(event.index + offset, event.reason)
+        return Finish(event.index + offset, event.reason, event.tokens)
     if isinstance(event, Scored):
         return Scored(event.index + offset, event.prompt_ids, event.positions)
     return event

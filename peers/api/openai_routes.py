@@ -8,7 +8,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cached_property
 from typing import TypeVar
 
 from fastapi import APIRouter, Request
@@ -23,6 +22,7 @@ from peers.api.asks import (
     grammar_param,
     kv_need,
     max_tokens_for,
+    own_grammar,
     run_specs,
     with_model_sampling,
 )
@@ -34,7 +34,7 @@ from peers.api.runs import Run, Usage, best, collect, first_events, merged, usag
 from peers.api.schema import ChatRequest, CompletionRequest, GenerationRequest
 from peers.api.shapes import Shape
 from peers.api.sse import Chunks, sse
-from peers.api.tools import chat_messages, template_tools, with_tool_prompt
+from peers.api.tools import prompt_messages
 from peers.entry.admission import Admission, Ticket
 from peers.entry.generation import NoRoom, banned_now, current_route
 from peers.entry.prefix import routing_key
@@ -96,12 +96,14 @@ class OpenAIDoor:
         # tokenizing runs off the event loop, one prompt at a time
         self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self.tokens_per_char: float | None = None
-
-    @cached_property
-    def admission(self) -> Admission:
-        """The queue in front of this entry's generation (made at the first request)."""
-        config = self.node.config
-        return Admission(config.max_cache_tokens, config.scheduler.max_queue_wait_s)
+        config = node.config
+        # the queue in front of this entry's generation (/health shows it)
+        self.admission = Admission(
+            config.max_cache_tokens,
+            config.scheduler.max_queue_wait_s,
+            config.max_requests,
+            config.max_waiting,
+        )
 
     async def off_loop(self, fn: Callable[..., T], *args: object) -> T:
         """`fn(*args)` on the tokenizing thread."""
@@ -115,13 +117,12 @@ class OpenAIDoor:
         node = self.node
         req = with_model_sampling(node, req)
         tools = list(req.tools or ()) if req.tool_choice != "none" else []
-        generic = bool(tools) and not node.tokenizer.template_takes_tools
         try:
-            messages = chat_messages(req.messages, text_of, generic)
+            messages, given = prompt_messages(
+                req.messages, tools, req.tool_choice, node.tokenizer.template_takes_tools, text_of
+            )
         except ValueError as e:
             raise InvalidRequest(str(e), param="messages") from None
-        if generic:
-            messages = with_tool_prompt(messages, tools, req.tool_choice)
         variables = template_kwargs(
             req.chat_template_kwargs, req.reasoning_effort, node.tokenizer.template_variables
         )
@@ -134,8 +135,8 @@ class OpenAIDoor:
             tools=tuple(tools),
             reasoning=reasoning_of(node.tokenizer),
             scores=req.prompt_logprobs,
+            token_ids=req.return_token_ids,
         )
-        given = template_tools(tools) if tools and not generic else None
         ids = lambda: self._chat_ids(req, messages, given, variables)  # noqa: E731
         return await self.complete(req, ask, ids, request, [chars], respond)
 
@@ -172,8 +173,15 @@ class OpenAIDoor:
         for p in req.prompts() if req.echo else ():
             echo.append(p if isinstance(p, str) else await self.off_loop(self.node.tokenizer.decode, p))
         asked = [k for k in (req.prompt_logprobs, req.logprobs if req.echo else None) if k is not None]
-        scores = max(asked) if asked else None  # (the prompt's logprobs: echoed, or vLLM's field)
-        ask = Ask(chat=False, logprobs=req.logprobs, echo=tuple(echo), best_of=req.best_of, scores=scores)
+        ask = Ask(
+            chat=False,
+            logprobs=req.logprobs,
+            grammar=own_grammar(req),
+            echo=tuple(echo),
+            best_of=req.best_of,
+            token_ids=req.return_token_ids,
+            scores=max(asked) if asked else None,  # (the prompt's logprobs: echoed, or vLLM's field)
+        )
         sizes = [len(p) if isinstance(p, str) else p for p in prompts]
         return await self.complete(req, ask, prompt_ids, request, sizes, self.respond)
 
@@ -302,6 +310,7 @@ class OpenAIDoor:
             ask.logprobs,
             list(ask.tools),
             ask.reasoning is not None,
+            ask.token_ids,
             req.prompt_logprobs,
             echo=bool(ask.echo),
         )
@@ -332,7 +341,8 @@ class OpenAIDoor:
             raise
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         echo = [ask.echo[k] for k in range(answer.prompts) for _ in range(req.n)] if ask.echo else []
-        chunks = Chunks(answer.shape, answer.prompts * req.n, echo)
+        prompts = [run.prompt_ids for run in answer.runs for _ in range(req.n)]
+        chunks = Chunks(answer.shape, answer.prompts * req.n, echo, prompts)
         return StreamingResponse(
             sse(
                 first,
@@ -360,6 +370,7 @@ async def whole(answer: Answer) -> Response | dict:
     if ask.best_of:
         choices = best(choices, answer.prompts, ask.best_of, req.n)
     for k, choice in enumerate(choices):
+        choice.prompt = answer.runs[k // req.n].prompt_ids
         if ask.echo:
             choice.echo = ask.echo[k // req.n]
     body = answer.shape.whole(choices, usage(answer.runs))

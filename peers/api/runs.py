@@ -95,8 +95,10 @@ async def collect(events: AsyncIterator[Event], count: int) -> list[Choice]:
             if event.reasoning:
                 choices[event.index].reasoning.append(event.reasoning)
             choices[event.index].tokens += event.tokens
+            choices[event.index].ids += [t.token for t in event.tokens]
         elif isinstance(event, Finish):
             choices[event.index].finish = event.reason
+            choices[event.index].ids += event.tokens
         elif isinstance(event, Scored):
             choices[event.index].prompt_ids, choices[event.index].scores = event.prompt_ids, event.positions
     return choices
@@ -229,7 +231,7 @@ class Run:
         """Sequence i's new token: its text, and its end if it brings one."""
         self.completion_tokens += 1
         if tok.token in self.stop_ids:
-            yield from self._end(i, "stop")
+            yield from self._end(i, "stop", tok.token)
             return
         self.held[i].append(tok)
         text = self.texts[i]
@@ -256,7 +258,9 @@ class Run:
         held, self.held[i] = self.held[i], []
         return tuple(held)
 
-    def _end(self, i: int, reason: str) -> Iterator[Event]:
+    def _end(self, i: int, reason: str, stop_id: int | None = None) -> Iterator[Event]:
+        """Sequence i ends (`stop_id`: the stop token that ended it, in no text)."""
         self.done[i], self.finish[i] = True, reason
         yield from self._out(i, self.texts[i].finish(), last=True)
-        yield Finish(i, reason)
+        rest = [t.token for t in self._take(i)] + ([stop_id] if stop_id is not None else [])
+        yield Finish(i, reason, tuple(rest))

@@ -63,6 +63,38 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class StructuredOutputs(_Strict):
+    """vLLM's structured_outputs: one constraint on the output. Its other fields (structural_tag,
+    whitespace_pattern, disable_additional_properties) are refused by name."""
+
+    json_schema: dict[str, Any] | str | None = Field(None, alias="json")  # a schema, or its JSON text
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # GBNF or Lark
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False  # (either way: JSON here has no free whitespace)
+    disable_fallback: bool = False  # (either way: one engine here, nothing to fall back to)
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("json_schema", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs takes exactly one of json, regex, choice, grammar, json_object; "
+                f"got {len(given)}"
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        """Which constraint it is: json, regex, choice, grammar or json_object."""
+        for name in ("regex", "choice", "grammar"):
+            if getattr(self, name) is not None:
+                return name
+        return "json" if self.json_schema is not None else "json_object"
+
+
 class GenerationRequest(_Strict):
     """The fields both completion endpoints take."""
 
@@ -89,6 +121,9 @@ class GenerationRequest(_Strict):
     stream_options: StreamOptions | None = None
     # as in vLLM: each prompt token's logprob (and this many likeliest tokens at its position)
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    return_token_ids: bool = False  # as in vLLM: the prompt's and the output's token ids too
+    structured_outputs: StructuredOutputs | None = None  # as in vLLM: the output follows it
+    grammar: str | None = None  # as in llama.cpp's server: a GBNF grammar the output follows
     # metadata only (NO_OP_FIELDS)
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -133,6 +168,9 @@ class ChatMessage(_Strict):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool's answer: to which call
+    # an assistant's earlier thought, as this server answers it (vLLM's newer name: reasoning)
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
     @model_validator(mode="after")
     def _shape(self):
@@ -142,7 +180,18 @@ class ChatMessage(_Strict):
             raise ValueError("only assistant messages carry tool_calls")
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("a tool message needs the tool_call_id it answers")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("only tool messages carry a tool_call_id (the call they answer)")
+        if (self.reasoning_content is not None or self.reasoning is not None) and self.role != "assistant":
+            raise ValueError("only assistant messages carry reasoning_content (an earlier thought)")
+        if self.reasoning_content is not None and self.reasoning is not None:
+            raise ValueError("reasoning_content and reasoning are one field: give one")
         return self
+
+    @property
+    def thought(self) -> str | None:
+        """An assistant's earlier thought (reasoning_content, or reasoning)."""
+        return self.reasoning_content if self.reasoning_content is not None else self.reasoning
 
 
 class FunctionDef(_Strict):
@@ -164,6 +213,17 @@ class NamedFunction(_Strict):
 class NamedTool(_Strict):
     type: Literal["function"]
     function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedTool | None
+
+
+def check_tool_choice(tools: list[Tool] | None, choice: ToolChoice) -> None:
+    """ValueError where `choice` asks for tools that `tools` do not give."""
+    if choice is not None and choice != "none" and not tools:
+        raise ValueError("tool_choice needs tools")
+    if isinstance(choice, NamedTool) and choice.function.name not in {t.function.name for t in tools}:
+        raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools")
 
 
 class JsonSchemaFormat(_Strict):
@@ -190,7 +250,7 @@ class ChatRequest(GenerationRequest):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
-    tool_choice: Literal["none", "auto", "required"] | NamedTool | None = None
+    tool_choice: ToolChoice = None
     parallel_tool_calls: bool = True
     add_generation_prompt: bool = True  # as in vLLM
     continue_final_message: bool = False  # as in vLLM: the last (assistant) message is continued
@@ -214,14 +274,7 @@ class ChatRequest(GenerationRequest):
             raise ValueError(
                 "add_generation_prompt: true and continue_final_message: true contradict each other"
             )
-        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
-            raise ValueError("tool_choice needs tools")
-        if isinstance(self.tool_choice, NamedTool) and self.tool_choice.function.name not in {
-            t.function.name for t in self.tools or ()
-        }:
-            raise ValueError(
-                f"tool_choice names {self.tool_choice.function.name!r}, which is not among the tools"
-            )
+        check_tool_choice(self.tools, self.tool_choice)
         return self
 
 

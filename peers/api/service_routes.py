@@ -1,27 +1,28 @@
 """The rest of the OpenAI door, beside the completions of peers/api/openai_routes.py: the model cards
-(/v1/models), the served model's tokenizer (/tokenize, /detokenize, as in vLLM) and the
-installed version (/version)."""
+(/v1/models), the served model's tokenizer (/tokenize, /detokenize, /tokenizer_info, as in vLLM)
+and the installed version (/version)."""
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from peers.api.asks import model_sampling
 from peers.api.door import ApiPeer
 from peers.api.prompts import check_prompt_size, prompt_chars, template_kwargs, text_of
-from peers.api.schema import ChatMessage, TemplateKwargs
-from peers.api.tools import chat_messages
+from peers.api.schema import MAX_TOOLS, ChatMessage, TemplateKwargs, Tool, ToolChoice, check_tool_choice
+from peers.api.tools import prompt_messages
 from peers.transport.errors import InvalidRequest, ModelNotServed
 
 
 class TokenizeRequest(BaseModel):
     """Either `prompt` (a text, special tokens added as /v1/completions does) or `messages`
-    (through the chat template, as /v1/chat/completions does)."""
+    (through the chat template, with `tools`, as /v1/chat/completions does)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -33,6 +34,16 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: bool = True  # (prompt) a BOS where the tokenizer puts one, as /v1/completions
     return_token_strs: bool = False  # each token's text too, as vLLM's "token_strs"
     chat_template_kwargs: TemplateKwargs | None = None  # as /v1/chat/completions takes them
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)  # (messages) rendered as a chat's
+    tool_choice: ToolChoice = None  # (messages) as a chat's: "none" renders no tools
+
+    @model_validator(mode="after")
+    def _tools(self):
+        check_tool_choice(self.tools, self.tool_choice)
+        return self
+
+
+CHAT_TOOLS = ("tools", "tool_choice")  # (messages only)
 
 
 class DetokenizeRequest(BaseModel):
@@ -57,6 +68,7 @@ def router(node: ApiPeer) -> APIRouter:
     api.add_api_route("/v1/models/{model:path}", door.model, methods=["GET"])
     api.add_api_route("/tokenize", door.tokenize, methods=["POST"])
     api.add_api_route("/detokenize", door.detokenize, methods=["POST"])
+    api.add_api_route("/tokenizer_info", door.tokenizer_info, methods=["GET"])
     api.add_api_route("/version", door.version_, methods=["GET"])
     return api
 
@@ -91,45 +103,8 @@ class ServiceDoor:
     async def tokenize(self, req: TokenizeRequest) -> dict:
         node = self.node
         _check_model(node, req.model)
-        if (req.prompt is None) == (req.messages is None):
-            raise InvalidRequest("give either prompt or messages, not both", param="prompt")
-        given = req.model_fields_set
-        for name in ("chat_template_kwargs", "continue_final_message", "add_generation_prompt"):
-            if req.prompt is not None and name in given:
-                raise InvalidRequest(f"{name} goes with messages, not a prompt", param=name)
-        if req.messages is not None and "add_special_tokens" in given:
-            raise InvalidRequest(
-                "add_special_tokens goes with a prompt (the chat template places special tokens)",
-                param="add_special_tokens",
-            )
-        if req.continue_final_message and req.add_generation_prompt and "add_generation_prompt" in given:
-            raise InvalidRequest(
-                "add_generation_prompt: true and continue_final_message: true contradict each other",
-                param="continue_final_message",
-            )
-        if req.prompt is not None:
-            check_prompt_size(node, len(req.prompt), "prompt")
-            bare = {} if req.add_special_tokens else {"add_special_tokens": False}
-            encode = partial(node.tokenizer.encode, req.prompt, **bare)
-        else:
-            try:  # as a chat without tools renders them
-                messages = chat_messages(req.messages, text_of, generic_tools=False)
-            except ValueError as e:
-                raise InvalidRequest(str(e), param="messages") from None
-            variables = template_kwargs(req.chat_template_kwargs, None, node.tokenizer.template_variables)
-            check_prompt_size(node, prompt_chars(messages, variables), "messages")
-            if req.continue_final_message and req.messages[-1].role != "assistant":
-                raise InvalidRequest(
-                    "continue_final_message continues a final assistant message",
-                    param="continue_final_message",
-                )
-            encode = partial(
-                node.tokenizer.encode_chat,
-                messages,
-                req.add_generation_prompt,
-                continue_final_message=req.continue_final_message,
-                template_kwargs=variables,
-            )
+        check_forms(req)
+        encode = prompt_encoder(node, req) if req.prompt is not None else chat_encoder(node, req)
         try:
             ids = await asyncio.get_running_loop().run_in_executor(self.pool, encode)
         except Exception as e:  # the chat template refused these messages (e.g. roles not alternating)
@@ -143,6 +118,10 @@ class ServiceDoor:
         if req.return_token_strs:
             answer["token_strs"] = [node.tokenizer.token_text(t) for t in ids]
         return answer
+
+    async def tokenizer_info(self) -> dict:
+        """The tokenizer's settings, as vLLM's GET /tokenizer_info gives them, and the context."""
+        return {**self.node.tokenizer.info(), "max_model_len": self.node.context_length}
 
     async def detokenize(self, req: DetokenizeRequest) -> dict:
         _check_model(self.node, req.model)
@@ -160,6 +139,58 @@ class ServiceDoor:
 
     async def version_(self) -> dict:
         return {"version": installed_version()}
+
+
+def check_forms(req: TokenizeRequest) -> None:
+    """A request of one form, prompt or messages, with the options of that form only."""
+    if (req.prompt is None) == (req.messages is None):
+        raise InvalidRequest("give either prompt or messages, not both", param="prompt")
+    given = req.model_fields_set
+    for name in ("chat_template_kwargs", "continue_final_message", "add_generation_prompt", *CHAT_TOOLS):
+        if req.prompt is not None and name in given:
+            raise InvalidRequest(f"{name} goes with messages, not a prompt", param=name)
+    if req.messages is not None and "add_special_tokens" in given:
+        raise InvalidRequest(
+            "add_special_tokens goes with a prompt (the chat template places special tokens)",
+            param="add_special_tokens",
+        )
+    if req.continue_final_message and req.add_generation_prompt and "add_generation_prompt" in given:
+        raise InvalidRequest(
+            "add_generation_prompt: true and continue_final_message: true contradict each other",
+            param="continue_final_message",
+        )
+    if req.messages is not None and req.continue_final_message and req.messages[-1].role != "assistant":
+        raise InvalidRequest(
+            "continue_final_message continues a final assistant message", param="continue_final_message"
+        )
+
+
+def prompt_encoder(node: ApiPeer, req: TokenizeRequest) -> Callable[[], list[int]]:
+    """The prompt's tokens, as /v1/completions takes it (special tokens unless left out)."""
+    check_prompt_size(node, len(req.prompt), "prompt")
+    bare = {} if req.add_special_tokens else {"add_special_tokens": False}
+    return partial(node.tokenizer.encode, req.prompt, **bare)
+
+
+def chat_encoder(node: ApiPeer, req: TokenizeRequest) -> Callable[[], list[int]]:
+    """The messages' tokens (and the tools'), as /v1/chat/completions renders them."""
+    tools = list(req.tools or ()) if req.tool_choice != "none" else []
+    try:
+        messages, given = prompt_messages(
+            req.messages, tools, req.tool_choice, node.tokenizer.template_takes_tools, text_of
+        )
+    except ValueError as e:
+        raise InvalidRequest(str(e), param="messages") from None
+    variables = template_kwargs(req.chat_template_kwargs, None, node.tokenizer.template_variables)
+    check_prompt_size(node, prompt_chars(messages, variables), "messages")
+    return partial(
+        node.tokenizer.encode_chat,
+        messages,
+        req.add_generation_prompt,
+        tools=given,
+        continue_final_message=req.continue_final_message,
+        template_kwargs=variables,
+    )
 
 
 def _check_model(node: ApiPeer, model: str | None) -> None:

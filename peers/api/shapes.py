@@ -25,6 +25,8 @@ class Choice:
     echo: str = ""
     prompt_ids: tuple[int, ...] = ()  # with prompt logprobs: the prompt, and its scores
     scores: tuple[PositionScore, ...] = ()
+    ids: list[int] = field(default_factory=list)  # every token id it generated, its stop id too
+    prompt: list[int] = field(default_factory=list)  # its prompt's token ids (return_token_ids)
 
 
 def fingerprint(model: str) -> str:
@@ -38,7 +40,10 @@ def fingerprint(model: str) -> str:
 
 class Shape:
     """The responses of one request (chat or text completion); with `reasoning` (a thinking
-    model's chat), messages carry `reasoning_content`, null where there was no thought."""
+    model's chat), messages carry `reasoning_content`, null where there was no thought; with
+    `token_ids` (return_token_ids, as vLLM's), choices carry `token_ids` (the ids generated, or a
+    chunk's) and the prompt's ids come as `prompt_token_ids` (a chat's on the response, a
+    completion's on each choice; streamed, on the first chunk)."""
 
     def __init__(
         self,
@@ -49,11 +54,13 @@ class Shape:
         logprobs: int | None,
         tools: list,
         reasoning: bool = False,
+        token_ids: bool = False,
         prompt_logprobs: int | None = None,
         echo: bool = False,
     ):
         self.rid, self.model, self.chat, self.tokenizer = rid, model, chat, tokenizer
         self.logprobs, self.tools, self.reasoning = logprobs, tools, reasoning
+        self.token_ids = token_ids
         # vLLM's prompt_logprobs (this many likeliest tokens each); completions' echo (with
         # logprobs, the prompt's tokens come first in them)
         self.prompt_logprobs, self.echo = prompt_logprobs, echo
@@ -87,8 +94,14 @@ class Shape:
                 out.append({"index": i, "text": c.echo + text, "logprobs": lp, "finish_reason": c.finish})
                 if self.prompt_logprobs is not None:
                     out[-1]["prompt_logprobs"] = self._prompt_logprobs(c)
+            if self.token_ids:
+                if not self.chat:
+                    out[-1]["prompt_token_ids"] = c.prompt
+                out[-1]["token_ids"] = c.ids
         obj = "chat.completion" if self.chat else "text_completion"
         body = {**self._base(obj), "choices": out, "usage": usage}
+        if self.token_ids and self.chat:
+            body["prompt_token_ids"] = choices[0].prompt if choices else []
         if self.chat and self.prompt_logprobs is not None:  # (vLLM: of the one prompt, beside the choices)
             body["prompt_logprobs"] = self._prompt_logprobs(choices[0]) if choices else None
         return body
@@ -108,12 +121,28 @@ class Shape:
         return message
 
     # --- streamed chunks
-    def chunk(self, index: int, delta: dict | str, finish: str | None = None, logprobs=None) -> dict:
+    def chunk(
+        self,
+        index: int,
+        delta: dict | str,
+        finish: str | None = None,
+        logprobs=None,
+        ids: Sequence[int] = (),
+        prompt: list[int] | None = None,
+    ) -> dict:
+        """One streamed chunk of choice `index`; with token_ids, the `ids` it covers (and
+        `prompt`, the prompt's ids, where it is the first chunk to carry them)."""
         if self.chat:
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-            return {**self._base("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish}
-        return {**self._base("text_completion"), "choices": [choice]}
+            chunk = {**self._base("chat.completion.chunk"), "choices": [choice]}
+        else:
+            choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish}
+            chunk = {**self._base("text_completion"), "choices": [choice]}
+        if self.token_ids:
+            choice["token_ids"] = list(ids)
+            if prompt is not None:
+                (chunk if self.chat else choice)["prompt_token_ids"] = prompt
+        return chunk
 
     def usage_chunk(self, usage: dict) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"

@@ -24,19 +24,29 @@ def event_bytes(data: dict | str) -> bytes:
 
 class Chunks:
     """The chunks of `count` streamed choices, event by event: chat streams open with the
-    assistant's role, completions with their echo; text offsets count on for text logprobs."""
+    assistant's role, completions with their echo; text offsets count on for text logprobs.
+    `prompts`: each choice's prompt ids, given once (return_token_ids: a chat's in the stream's
+    first chunk, a completion's in each choice's first)."""
 
-    def __init__(self, shape: Shape, count: int, echo: list[str]):
+    def __init__(self, shape: Shape, count: int, echo: list[str], prompts: list[list[int]] | None = None):
         self.shape, self.count, self.echo = shape, count, echo
         self.filters = [CallFilter() for _ in range(count)] if shape.tools else []
         self.offsets = [len(e) for e in echo] or [0] * count  # completions' text_offset
+        self.prompts: dict[int, list[int]] = dict(enumerate(prompts or ()))
+        if shape.chat:  # (one prompt: on the stream's first chunk only)
+            self.prompts = {i: p for i, p in self.prompts.items() if i == 0}
+
+    def chunk(self, i: int, delta: dict | str, finish: str | None = None, logprobs=None, ids=()) -> dict:
+        """Choice i's chunk, its prompt's ids with the first of them (return_token_ids)."""
+        prompt = self.prompts.pop(i, None) if self.shape.token_ids else None
+        return self.shape.chunk(i, delta, finish, logprobs, ids, prompt)
 
     def opening(self) -> Iterator[dict]:
         for i in range(self.count):
             if self.shape.chat:
-                yield self.shape.chunk(i, {"role": "assistant", "content": ""})
+                yield self.chunk(i, {"role": "assistant", "content": ""})
             elif self.echo and self.shape.logprobs is None:  # (with logprobs: once the prompt is scored)
-                yield self.shape.chunk(i, self.echo[i])
+                yield self.chunk(i, self.echo[i])
 
     def of(self, event: Event) -> Iterator[dict]:
         """The chunks that `event` brings (none for a step's end)."""
@@ -46,7 +56,7 @@ class Chunks:
             yield from self._finish(event)
         elif isinstance(event, Scored) and self.echo and self.shape.logprobs is not None:
             logprobs = self.shape.echo_logprobs(event.prompt_ids, event.positions)
-            yield self.shape.chunk(event.index, self.echo[event.index], logprobs=logprobs)
+            yield self.chunk(event.index, self.echo[event.index], logprobs=logprobs)
 
     def _delta(self, event: Delta) -> Iterator[dict]:
         shape, i = self.shape, event.index
@@ -54,15 +64,16 @@ class Chunks:
         logprobs = shape.delta_logprobs(event.tokens, self.offsets[i])
         if logprobs:
             self.offsets[i] += sum(len(shape.tokenizer.token_text(t.token)) for t in event.tokens)
-        if not (text or logprobs or event.reasoning):
+        ids = [t.token for t in event.tokens] if shape.token_ids else []
+        if not (text or logprobs or event.reasoning or ids):
             return
         if not shape.chat:
-            yield shape.chunk(i, text, logprobs=logprobs)
+            yield self.chunk(i, text, logprobs=logprobs, ids=ids)
             return
         delta = {"reasoning_content": event.reasoning} if event.reasoning else {}
         if text or not event.reasoning:
             delta["content"] = text
-        yield shape.chunk(i, delta, logprobs=logprobs)
+        yield self.chunk(i, delta, logprobs=logprobs, ids=ids)
 
     def _finish(self, event: Finish) -> Iterator[dict]:
         shape, i, reason = self.shape, event.index, event.reason
@@ -71,13 +82,13 @@ class Chunks:
             rest, calls = split_calls(held, shape.tools)
             if calls:
                 if rest:
-                    yield shape.chunk(i, {"content": rest})
+                    yield self.chunk(i, {"content": rest})
                 deltas = [{"index": k, **call} for k, call in enumerate(openai_calls(calls))]
-                yield shape.chunk(i, {"tool_calls": deltas})
+                yield self.chunk(i, {"tool_calls": deltas})
                 reason = "tool_calls" if reason != "length" else reason
             elif rest:  # (a call cut off at the end is held back, and dropped)
-                yield shape.chunk(i, {"content": rest})
-        yield shape.chunk(i, {} if shape.chat else "", reason)
+                yield self.chunk(i, {"content": rest})
+        yield self.chunk(i, {} if shape.chat else "", reason, ids=event.tokens)
 
 
 async def sse(

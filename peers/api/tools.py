@@ -16,7 +16,8 @@ CLOSE = "</tool_call>"
 def chat_messages(messages: list[ChatMessage], text_of, generic_tools: bool) -> list[dict]:
     """Request messages -> the dicts a chat template renders. With `generic_tools` (the template
     has no tool support) earlier calls become text in the calls' own format and tool results
-    user messages; otherwise they keep the shape transformers' templates take."""
+    user messages; otherwise they keep the shape transformers' templates take. An assistant's
+    earlier thought goes to the template as `reasoning_content` (Qwen3's reads it, as in vLLM)."""
     out: list[dict] = []
     for m in messages:
         role = "system" if m.role == "developer" else m.role
@@ -34,6 +35,8 @@ def chat_messages(messages: list[ChatMessage], text_of, generic_tools: bool) -> 
         d: dict = {"role": role, "content": content}
         if m.name is not None:
             d["name"] = m.name
+        if m.thought is not None:
+            d["reasoning_content"] = m.thought
         if m.tool_calls:
             calls = [(c.function.name, _arguments(c.function.arguments)) for c in m.tool_calls]
             if generic_tools:
@@ -47,6 +50,19 @@ def chat_messages(messages: list[ChatMessage], text_of, generic_tools: bool) -> 
     for d in out:
         d.pop("tool_results", None)
     return out
+
+
+def prompt_messages(
+    messages: list[ChatMessage], tools: list[Tool], choice, takes_tools: bool, text_of
+) -> tuple[list[dict], list[dict] | None]:
+    """(the messages, the tools) as the chat template renders them, the one way a chat and
+    /tokenize do: `tools` (none where tool_choice is "none") go to a template that `takes_tools`,
+    else into the generic tool prompt. ValueError for messages that cannot be rendered."""
+    generic = bool(tools) and not takes_tools
+    out = chat_messages(messages, text_of, generic)
+    if generic:
+        return with_tool_prompt(out, tools, choice), None
+    return out, template_tools(tools) if tools else None
 
 
 def with_tool_prompt(messages: list[dict], tools: list[Tool], choice) -> list[dict]:

@@ -2,10 +2,13 @@
 
 A request holds KV on every peer of its route (its prompt, plus max_tokens per sequence): it is
 admitted when that fits what this entry believes its routes' peers can hold beside what it has
-admitted already (--max-requests, counted at the door, bounds the queue and the requests served
-together). One that would wait longer than --max-queue-wait for that is refused at once
-(Overloaded: 429, its Retry-After the queue's expected wait), before its prompt is tokenized; a
-queued one is never overtaken by a later one of the same priority, and never refused for waiting. What peers can hold is learned: at first
+admitted already, and fewer than --max-requests run here. The queue holds at most --max-waiting
+more: past --max-requests + --max-waiting requests in all, one more is refused at once (Overloaded:
+429). One whose expected wait (for KV, or for running requests to end) passes --max-queue-wait
+is refused at once too (its Retry-After that wait), before its prompt is tokenized; a queued one is never
+overtaken by a later one of the same priority, and never refused for waiting. Before any request
+has ended no wait can be estimated: one that waits only for a running request's place is queued,
+one that waits for KV is refused. What peers can hold is learned: at first
 each peer holds this entry's own budget; a peer that answers an admitted request "no room"
 lowers it to what this entry holds, and every request that ends raises it again, a little.
 """
@@ -17,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from peers.entry.generation import RETRY_AFTER_S
 from peers.transport.errors import Overloaded
 
 __all__ = ["Admission", "Ticket", "kv_tokens"]
@@ -47,12 +51,15 @@ class Ticket:
 
 class Admission:
     """The queue and the room of one entry: enter() waits for room or refuses at once; release()
-    frees it; requeue() puts an admitted request that a full peer refused back at the head."""
+    frees it; requeue() puts an admitted request that a full peer refused back at the head.
+    `max_running` (None: no bound) requests run at once, and `max_waiting` more may wait."""
 
     def __init__(
         self,
         budget_tokens: int,
         max_wait_s: float,
+        max_running: int | None = None,
+        max_waiting: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ):
         if budget_tokens < 1 or max_wait_s <= 0:
@@ -60,7 +67,13 @@ class Admission:
                 f"admission needs a positive budget and wait, got budget_tokens={budget_tokens}, "
                 f"max_wait_s={max_wait_s}"
             )
+        if (max_running is not None and max_running < 1) or max_waiting < 0:
+            raise ValueError(
+                f"admission needs max_running >= 1 and max_waiting >= 0, got max_running={max_running}, "
+                f"max_waiting={max_waiting}"
+            )
         self.budget_tokens, self.max_wait_s = budget_tokens, max_wait_s
+        self.max_running, self.max_waiting = max_running, max_waiting
         self.limit_tokens = budget_tokens  # what the peers hold for this entry, as learned
         self.clock = clock
         self.waiting: list[Ticket] = []  # by key: the head first
@@ -83,9 +96,18 @@ class Admission:
 
     def fits(self, tokens: int) -> bool:
         """Whether a request of `tokens` could start now (one alone always may)."""
+        if self.max_running is not None and len(self.running) >= self.max_running:
+            return False
         if not self.running:
             return True
         return self.held_tokens + tokens <= self.limit_tokens
+
+    @property
+    def full(self) -> bool:
+        """Whether one more request, running or queued, would pass max_running + max_waiting."""
+        if self.max_running is None:
+            return False
+        return len(self.running) + len(self.waiting) >= self.max_running + self.max_waiting
 
     @property
     def drain_rate(self) -> float | None:
@@ -95,21 +117,41 @@ class Admission:
     def expected_wait_s(self, tokens: int, priority: int = 0) -> float | None:
         """How long a request of `tokens` arriving now would wait for room: 0 where it starts at
         once; None where no request has ended yet to tell. The tokens held and queued ahead of
-        it beyond what fits must drain first, at the measured rate."""
+        it beyond what fits must drain first, at the measured rate, and as many running
+        requests as there are ahead of it past max_running must end (each holding the mean)."""
         ahead = [t for t in self.waiting if t.priority <= priority]
         if not ahead and self.fits(tokens):
             return 0.0
         rate = self.drain_rate
         if rate is None:
             return None
-        excess = self.held_tokens + sum(t.tokens for t in ahead) + tokens - self.limit_tokens
-        return max(excess, 1) / rate
+        return max(self._excess_tokens(tokens, ahead), self._ends_tokens(len(ahead)), 1) / rate
+
+    def _excess_tokens(self, tokens: int, ahead: list[Ticket]) -> int:
+        """The KV tokens past the limit, were this request admitted after those `ahead`."""
+        return self.held_tokens + sum(t.tokens for t in ahead) + tokens - self.limit_tokens
+
+    def _ends_tokens(self, ahead: int) -> float:
+        """The tokens of the running requests that must end before a running place is free for
+        a request with `ahead` before it (each as much as the mean of those running)."""
+        if self.max_running is None or not self.running:
+            return 0.0
+        ends = len(self.running) + ahead + 1 - self.max_running
+        return max(0, ends) * self.held_tokens / len(self.running)
 
     def enter(self, tokens: int, priority: int = 0) -> Ticket:
-        """A ticket, admitted or queued (then wait() for it); Overloaded at once where the wait
-        would pass max_wait_s. Nothing here awaits: a refusal costs no turn of the event loop."""
+        """A ticket, admitted or queued (then wait() for it); Overloaded at once where the queue
+        is full or the wait would pass max_wait_s (before any request has ended, a wait for a
+        running place only is queued, a wait for KV refused). Nothing here awaits: a refusal
+        costs no turn of the event loop."""
+        if self.full:
+            self.refused += 1
+            raise Overloaded(self._full_refusal(), self._place_wait_s())
         wait_s = self.expected_wait_s(tokens, priority)
-        if wait_s is None or wait_s > self.max_wait_s:
+        ahead = [t for t in self.waiting if t.priority <= priority]
+        if wait_s is None and self._excess_tokens(tokens, ahead) <= 0:
+            wait_s = math.inf  # (only a running place is awaited: no KV wait to refuse it for)
+        elif wait_s is None or wait_s > self.max_wait_s:
             self.refused += 1
             raise Overloaded(self._refusal(wait_s), math.ceil(wait_s if wait_s else self.max_wait_s))
         self._order += 1
@@ -134,6 +176,21 @@ class Admission:
             else:
                 self.release(ticket, finished=False)
             raise
+
+    def _full_refusal(self) -> str:
+        return (
+            f"this peer already has {len(self.running)} requests running and {len(self.waiting)} "
+            f"waiting (--max-requests {self.max_running}, --max-waiting {self.max_waiting}); retry "
+            "later or use another peer"
+        )
+
+    def _place_wait_s(self) -> int:
+        """Retry-After for a full queue: until a running request is expected to end (1 s before
+        any has ended)."""
+        rate = self.drain_rate
+        if rate is None or not self.running:
+            return RETRY_AFTER_S
+        return max(RETRY_AFTER_S, math.ceil(self.held_tokens / len(self.running) / rate))
 
     def _refusal(self, wait_s: float | None) -> str:
         queue = f"{len(self.running)} requests run here and {len(self.waiting)} wait"
@@ -207,6 +264,8 @@ class Admission:
             "held_tokens": self.held_tokens,
             "limit_tokens": self.limit_tokens,
             "budget_tokens": self.budget_tokens,
+            "max_running": self.max_running,
+            "max_waiting": self.max_waiting,
             "drain_tokens_per_s": self.drain_rate,
             "refused": self.refused,
         }

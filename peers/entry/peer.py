@@ -29,6 +29,7 @@ class EntryOptions(Protocol):
     self_referee: bool
     speculative: bool
     max_requests: int
+    max_waiting: int
     sse_keepalive_s: float
     max_cache_tokens: int  # (the door's admission assumes each peer holds what this one does)
     scheduler: Any  # SchedulerSettings: max_queue_wait_s bounds a request's wait for room

@@ -14,12 +14,13 @@ from transformers import AutoTokenizer
 from peers.entry.admission import Admission
 from peers.transport.errors import Overloaded
 from tests.helpers import greedy_reference, monolithic, save_tiny_model
-from tests.peers.processes import tiny_route, wait_until
+from tests.peers.processes import Swarm, tiny_route, wait_until
 
 BUDGET = 2048  # KV token slots a peer holds: four of the prompts below at once
 REQUESTS = 64
 MAX_TOKENS = 12
 WIDE = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=8)  # compute that queues
+QUEUED = ["--max-requests", "1", "--max-waiting", "2"]
 
 
 class Clock:
@@ -106,6 +107,47 @@ def test_a_request_a_full_peer_refused_goes_back_to_the_head():
     asyncio.run(_requeue())
 
 
+async def _places():
+    clock = Clock()
+    admission = Admission(budget_tokens=1000, max_wait_s=10, max_running=2, max_waiting=2, clock=clock)
+    a, b = admission.enter(10), admission.enter(10)
+    c, d = admission.enter(10), admission.enter(10)  # queued for a running place, nothing measured yet
+    assert a.admitted.done() and b.admitted.done() and admission.waiting == [c, d]
+    with pytest.raises(Overloaded) as full:  # past --max-requests + --max-waiting: refused at once
+        admission.enter(10)
+    assert "--max-requests 2, --max-waiting 2" in full.value.message and full.value.retry_after_s == 1
+    leaving = asyncio.ensure_future(admission.wait(c))
+    await asyncio.sleep(0)
+    leaving.cancel()  # its client went away: its place is free
+    await asyncio.gather(leaving, return_exceptions=True)
+    assert admission.waiting == [d]
+    e = admission.enter(10)
+    clock.now += 2.0
+    admission.release(a)  # 10 tokens drained in 2 s; d, first in the queue, takes a's place
+    assert d.admitted.done() and not e.admitted.done() and admission.waiting == [e]
+    assert admission.expected_wait_s(10) == pytest.approx(4.0)  # e, then this: two ends of 10 tokens
+    admission.enter(10)
+    with pytest.raises(Overloaded) as full:
+        admission.enter(10)
+    assert full.value.retry_after_s == 2  # until one running request ends: 10 tokens at 5 a second
+    assert admission.to_json()["waiting"] == 2 and admission.refused == 2
+
+
+def test_requests_past_max_requests_wait_in_a_bounded_queue():
+    asyncio.run(_places())
+
+
+async def _no_waiting():
+    admission = Admission(budget_tokens=1000, max_wait_s=10, max_running=2, max_waiting=0)
+    admission.enter(10), admission.enter(10)
+    with pytest.raises(Overloaded, match="--max-waiting 0"):  # as before: --max-requests bounds all
+        admission.enter(10)
+
+
+def test_max_waiting_0_refuses_past_max_requests():
+    asyncio.run(_no_waiting())
+
+
 # --- real peers ---------------------------------------------------------------------------------
 
 
@@ -165,3 +207,72 @@ def test_many_long_prompts_are_refused_at_once_or_served(wide_model, tmp_path):
     for i, text in served.items():
         ids = tok.encode(prompt_of(i))
         assert text == tok.decode(greedy_reference(model, ids, MAX_TOKENS), skip_special_tokens=True), i
+
+
+def short(prompt: str, **extra) -> dict:
+    return {
+        "model": "llama",
+        "prompt": prompt,
+        "max_tokens": 4,
+        "temperature": 0,
+        "ignore_eos": True,
+        **extra,
+    }
+
+
+async def waiting(client: httpx.AsyncClient, n: int) -> None:
+    """Until the entry's queue holds `n` requests (its /health's admission)."""
+    for _ in range(200):
+        if (await client.get("/health")).json()["admission"]["waiting"] == n:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the queue never held {n}: {(await client.get('/health')).json()['admission']}")
+
+
+async def in_line(client: httpx.AsyncClient) -> tuple:
+    """One long streamed request runs (--max-requests 1); two more wait (--max-waiting 2) and a
+    fourth is refused; one waiting client hangs up, and another takes its place; the long one
+    ends (its client hangs up too) and the queue is served."""
+    long = short("a", max_tokens=400, stream=True, speculative=False)  # >= 400 hops of the proxy's delay
+    async with client.stream("POST", "/v1/completions", json=long) as running:
+        assert running.status_code == 200
+        lines = running.aiter_lines()  # (kept open: a closed iterator would close the response)
+        while not (await anext(lines)).startswith("data: "):  # until its first token: it runs
+            pass
+        b = asyncio.ensure_future(client.post("/v1/completions", json=short("b")))
+        c = asyncio.ensure_future(client.post("/v1/completions", json=short("c")))
+        await waiting(client, 2)
+        refused = await client.post("/v1/completions", json=short("d"))
+        c.cancel()  # hangs up while queued: it leaves the queue
+        await asyncio.gather(c, return_exceptions=True)
+        await waiting(client, 1)
+        e = asyncio.ensure_future(client.post("/v1/completions", json=short("e")))
+        await waiting(client, 2)
+        queued = not b.done() and not e.done()
+    return refused, queued, await b, await e
+
+
+def test_requests_past_max_requests_wait_their_turn(tiny_llama, tmp_path):
+    swarm = Swarm(tiny_llama, tmp_path, QUEUED)
+    try:
+        swarm.add("0:2")
+        swarm.add("2:4", delay_ms=30)  # every token crosses the proxy: the long request stays running
+        swarm.wait_ready()
+        swarm.wait_route(swarm.peers[0])
+
+        async def main():
+            async with httpx.AsyncClient(base_url=swarm.peers[0].url, timeout=60) as client:
+                return await in_line(client)
+
+        refused, queued, b, e = asyncio.run(main())
+        wait_until(lambda: swarm.peers[0].health()["admission"]["running"] == 0, 10)
+        admission = swarm.peers[0].health()["admission"]
+    finally:
+        swarm.stop()
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1", refused.text
+    error = refused.json()["error"]
+    assert error["type"] == "rate_limit_error" and "--max-waiting 2" in error["message"], error
+    assert queued  # (while the long one ran)
+    for r in (b, e):
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+    assert admission["waiting"] == 0 and admission["refused"] == 1, admission

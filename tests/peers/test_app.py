@@ -30,6 +30,7 @@ HEALTH_FIELDS = {
     "incarnation",
     "claims",
     "active_requests",
+    "admission",
     "threads",
     "cpus",
     "core_turns",
@@ -97,6 +98,8 @@ def test_health_answers_every_field(tiny_llama):
         "partitioned_by": "client_host",
     }
     assert h["forwarded"] == {"messages": 0, "frames": 0}
+    assert h["admission"]["running"] == h["admission"]["waiting"] == 0
+    assert (h["admission"]["max_running"], h["admission"]["max_waiting"]) == (64, 256)
     assert set(h["hop_path_ms"]) == {"read_body", "decode", "check", "queue", "compute", "hand_on"}
     # each section is its component's to_json(), in the order /health always gave
     assert list(h["direct_return"]) == ["enabled", *node.returns.to_json()]
@@ -117,6 +120,7 @@ def test_metrics_read_the_peer_once(tiny_llama):
     assert named[("layerswarm_peer_info", tuple(sorted(info.items())))] == 1
     assert named[("layerswarm_served_layers", ())] == 4
     assert named[("layerswarm_kv_slots_budget", ())] == node.config.max_cache_tokens
+    assert named[("layerswarm_waiting_requests", ())] == 0
     assert named[("layerswarm_table_peers", (("status", "serving"),))] == 1
     assert named[("layerswarm_wire_frames_total", (("encoding", "lossless"),))] == 0
     assert named[("layerswarm_failovers_total", (("reason", "failed"),))] == 0

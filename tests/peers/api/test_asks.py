@@ -17,7 +17,7 @@ from peers.api.asks import (
 )
 from peers.api.prompts import check_prompt_size, completion_prompts, text_of
 from peers.api.schema import ChatRequest, CompletionRequest
-from peers.transport.errors import InvalidRequest, ModelNotServed, Overloaded, SwarmUnavailable
+from peers.transport.errors import InvalidRequest, ModelNotServed, SwarmUnavailable
 from tests.peers.api.fakes import node as fake_node
 
 USER = [{"role": "user", "content": "hi"}]
@@ -30,7 +30,7 @@ def peer(**kw) -> SimpleNamespace:
         "served_names": ("m",),
         "served_model": "m",
         "active_requests": 0,
-        "config": SimpleNamespace(max_requests=2, speculative=True),
+        "config": SimpleNamespace(speculative=True),
         "stopping": False,
         "table": SimpleNamespace(me=SimpleNamespace(state="serving")),
         "context_length": 16,
@@ -106,8 +106,6 @@ def test_admission():
     admit(peer(), req)
     with pytest.raises(ModelNotServed):
         admit(peer(), CompletionRequest(model="other", prompt="a"))
-    with pytest.raises(Overloaded, match="--max-requests 2"):
-        admit(peer(active_requests=2), req)
     with pytest.raises(SwarmUnavailable, match="shutting down"):
         admit(peer(stopping=True), req)
 

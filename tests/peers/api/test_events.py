@@ -39,7 +39,7 @@ def test_a_run_turns_tokens_into_deltas_and_finishes(monkeypatch):
         Delta(1, "i", (Token(ord("i"), -0.5),)),
         Stepped(),
         Delta(0, "!", (Token(ord("!"), -0.5),)),
-        Finish(1, "stop"),
+        Finish(1, "stop", (0,)),  # (the stop id: in no text, one of the tokens generated)
         Stepped(),
         Finish(0, "length"),
     ]
@@ -52,13 +52,14 @@ def test_a_stop_string_ends_the_sequence_and_is_not_sent(monkeypatch):
     monkeypatch.setattr(peers.api.runs, "generate", fake_generation([[ord(c)] for c in "ab.cd"]))
     events = asyncio.run(events_of(Run(node(), spec(stops=[".c"]))))
     text = "".join(e.text for e in events if isinstance(e, Delta))
-    assert text == "ab" and events[-2:] == [Finish(0, "stop"), Stepped()]
+    # (".c", generated and cut off the text, are the finish's tokens)
+    assert text == "ab" and events[-2:] == [Finish(0, "stop", (ord("."), ord("c"))), Stepped()]
     assert sum(isinstance(e, Stepped) for e in events) == 4  # it ends at the step that completed ".c"
 
 
 def test_renumbered_moves_a_runs_sequences_and_leaves_steps():
     assert renumbered(Delta(1, "x", ()), 4) == Delta(5, "x", ())
-    assert renumbered(Finish(0, "stop"), 2) == Finish(2, "stop")
+    assert renumbered(Finish(0, "stop", (7,)), 2) == Finish(2, "stop", (7,))
     assert renumbered(Stepped(), 3) == Stepped()
     with pytest.raises(AttributeError):
         Delta(0, "x", ()).text = "y"  # frozen: an event is what was sent

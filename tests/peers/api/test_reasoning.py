@@ -188,7 +188,7 @@ def test_a_harmony_run_gives_thought_and_answer_apart(monkeypatch, harmony_model
     text = "<|channel|>analysis<|message|>Add.<|end|><|start|>assistant<|channel|>final<|message|>4<|return|>more"
     ids = tok.hf.encode(text, add_special_tokens=False)
     events = run_tokens(monkeypatch, tok, ids, start, reasoning.keep)
-    assert events[-2] == Finish(0, "stop")  # <|return|> ended it
+    assert events[-2] == Finish(0, "stop", (tok.vocab_ids("<|return|>")["<|return|>"],))  # it ended it
     choice = asyncio.run(collect(_aiter(events), 1))[0]
     message = Shape("r", "m", True, tok, None, [], reasoning=True).whole([choice], {})["choices"][0][
         "message"

@@ -18,7 +18,13 @@ def peer() -> SimpleNamespace:
         model_config=SimpleNamespace(vocab_size=200),
         model_id="smollm2-135m",  # (a built-in: its card's sampling, no generation_config.json here)
         model_path="/nonexistent",
-        config=SimpleNamespace(generation_config="auto"),
+        config=SimpleNamespace(
+            generation_config="auto",
+            max_cache_tokens=1024,
+            max_requests=4,
+            max_waiting=4,
+            scheduler=SimpleNamespace(max_queue_wait_s=10.0),
+        ),
     )
 
 
@@ -36,6 +42,7 @@ def test_the_routes_and_their_methods():
         ("/v1/models/{model:path}", "GET"),
         ("/tokenize", "POST"),
         ("/detokenize", "POST"),
+        ("/tokenizer_info", "GET"),
         ("/version", "GET"),
     }
 

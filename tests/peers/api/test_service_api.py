@@ -338,3 +338,76 @@ def test_tokenize_takes_chat_template_kwargs(tiny_llama):
     assert off == encode("hi<think></think>", add_special_tokens=False)
     assert "does not read thinking" in error_of(unread, 400)["message"]
     assert error_of(prompt, 400)["param"] == "chat_template_kwargs"
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}},
+        },
+    }
+]
+TOOLS_TEMPLATE = (  # a chat template that renders the tools itself
+    "{% if tools %}[{% for t in tools %}{{ t['function']['name'] }};{% endfor %}]{% endif %}"
+    "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("template", [None, TOOLS_TEMPLATE], ids=["generic-tool-prompt", "template-tools"])
+def test_tokenize_renders_tools_as_the_chat_does(tiny_llama, template):
+    """/tokenize's ids for messages and tools are those a chat of them feeds the model, whether
+    the chat template renders the tools or the generic tool prompt does; with a prompt, tools
+    are a 400 naming them."""
+    choices = ({}, {"tool_choice": "required"}, {"tool_choice": "none"})
+
+    async def calls(http, node):
+        fed, real = [], node.tokenizer.encode_chat
+        node.tokenizer.encode_chat = lambda *a, **kw: fed.append(real(*a, **kw)) or fed[-1]
+        chats, tokenized = [], []
+        for extra in choices:
+            body = {"messages": HI, "tools": TOOLS, **extra}
+            chat = await http.post("/v1/chat/completions", json={**body, "model": "llama", "max_tokens": 1})
+            chats.append((chat.status_code, fed[-1]))
+            tokenized.append((await http.post("/tokenize", json=body)).json()["tokens"])
+        bare = (await http.post("/tokenize", json={"messages": HI})).json()["tokens"]
+        refused = [
+            await http.post("/tokenize", json={"prompt": "hi", "tools": TOOLS}),
+            await http.post("/tokenize", json={"messages": HI, "tool_choice": "required"}),
+        ]
+        return chats, tokenized, bare, refused
+
+    settings = {"chat_template": template} if template else {}
+    chats, tokenized, bare, refused = ask(tiny_llama, calls, **settings)
+    assert [status for status, _ in chats] == [200] * len(choices)
+    assert tokenized == [ids for _, ids in chats]
+    auto, required, none = tokenized
+    assert auto != bare and none == bare  # tool_choice "none": no tools rendered, as the chat's
+    assert (required != auto) == (template is None)  # (the generic prompt says a call is required)
+    error = error_of(refused[0], 400)
+    assert error["param"] == "tools" and "goes with messages" in error["message"]
+    assert "tool_choice needs tools" in error_of(refused[1], 400)["message"]
+
+
+def test_tokenizer_info_as_vllm_gives_it(tiny_llama):
+    async def calls(http, node):
+        return (await http.get("/tokenizer_info")).json(), node.tokenizer.hf
+
+    (info, hf), (replaced, _) = ask(tiny_llama, calls), ask(tiny_llama, calls, chat_template=TEMPLATE)
+    assert info["tokenizer_class"] == type(hf).__name__
+    assert info["max_model_len"] == 512 and info["model_max_length"] == hf.model_max_length
+    special = {k: info[k] for k in info if k.split("_")[0] in ("bos", "eos", "pad", "unk")}
+    assert special == {
+        "bos_token": "<s>",
+        "bos_token_id": 1,
+        "eos_token": "</s>",
+        "eos_token_id": 2,
+        "pad_token": None,
+        "pad_token_id": None,
+        "unk_token": "<unk>",
+        "unk_token_id": 0,
+    }
+    assert info["added_tokens_decoder"] == {"0": "<unk>", "1": "<s>", "2": "</s>"}
+    assert info["chat_template"] == hf.chat_template and replaced["chat_template"] == TEMPLATE
+    assert not [k for k in info if k.endswith("_file") or k == "name_or_path"]  # no paths of the peer's
