@@ -4,11 +4,11 @@ A request holds KV on every peer of its route (its prompt, plus max_tokens per s
 admitted when that fits what this entry believes its routes' peers can hold beside what it has
 admitted already, and fewer than --max-requests run here. The queue holds at most --max-waiting
 more: past --max-requests + --max-waiting requests in all, one more is refused at once (Overloaded:
-429). One whose expected wait (for KV, or for running requests to end) passes --max-queue-wait
-is refused at once too (its Retry-After that wait), before its prompt is tokenized; a queued one is never
-overtaken by a later one of the same priority, and never refused for waiting. Before any request
-has ended no wait can be estimated: one that waits only for a running request's place is queued,
-one that waits for KV is refused. What peers can hold is learned: at first
+429), as vLLM's waiting queue: a wait for a running place alone is never refused below that bound.
+One whose expected wait for KV passes --max-queue-wait is refused at once (its Retry-After that
+wait), before its prompt is tokenized, as is one that needs KV before any request has ended (no
+wait can be estimated yet); a queued one is never overtaken by a later one of the same priority,
+and never refused for waiting. What peers can hold is learned: at first
 each peer holds this entry's own budget; a peer that answers an admitted request "no room"
 lowers it to what this entry holds, and every request that ends raises it again, a little.
 """
@@ -142,18 +142,19 @@ class Admission:
     def enter(self, tokens: int, priority: int = 0) -> Ticket:
         """A ticket, admitted or queued (then wait() for it); Overloaded at once where the queue
         is full or the wait would pass max_wait_s (before any request has ended, a wait for a
-        running place only is queued, a wait for KV refused). Nothing here awaits: a refusal
+        running place only is queued, a wait for KV refused; a wait for a running place alone is
+        never refused below the queue's bound). Nothing here awaits: a refusal
         costs no turn of the event loop."""
         if self.full:
             self.refused += 1
             raise Overloaded(self._full_refusal(), self._place_wait_s())
         wait_s = self.expected_wait_s(tokens, priority)
         ahead = [t for t in self.waiting if t.priority <= priority]
-        if wait_s is None and self._excess_tokens(tokens, ahead) <= 0:
-            wait_s = math.inf  # (only a running place is awaited: no KV wait to refuse it for)
-        elif wait_s is None or wait_s > self.max_wait_s:
+        excess, rate = self._excess_tokens(tokens, ahead), self.drain_rate
+        kv_wait_s = None if excess > 0 and rate is None else max(excess, 0) / (rate or 1)
+        if wait_s != 0 and (kv_wait_s is None or kv_wait_s > self.max_wait_s):
             self.refused += 1
-            raise Overloaded(self._refusal(wait_s), math.ceil(wait_s if wait_s else self.max_wait_s))
+            raise Overloaded(self._refusal(kv_wait_s), math.ceil(kv_wait_s or self.max_wait_s))
         self._order += 1
         ticket = Ticket(tokens, priority, self._order, asyncio.get_running_loop().create_future())
         if wait_s == 0:

@@ -126,6 +126,7 @@ async def _places():
     admission.release(a)  # 10 tokens drained in 2 s; d, first in the queue, takes a's place
     assert d.admitted.done() and not e.admitted.done() and admission.waiting == [e]
     assert admission.expected_wait_s(10) == pytest.approx(4.0)  # e, then this: two ends of 10 tokens
+    admission.max_wait_s = 1.0  # a wait for a running place alone is queued whatever its length
     admission.enter(10)
     with pytest.raises(Overloaded) as full:
         admission.enter(10)
