@@ -38,7 +38,7 @@ STATUS_OF_TYPE = {
     "hop_failed": 502,
     "service_unavailable": 503,
 }
-STATUS_OF_CODE = {"model_not_found": 404}
+STATUS_OF_CODE = {"model_not_found": 404, "previous_response_not_found": 404, "not_found": 404}
 
 
 class SwarmAPIError(Exception):

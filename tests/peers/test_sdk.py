@@ -188,6 +188,7 @@ IN_BAND = [
     NoRoom("no route had room before the first token"),
     server_errors.SwarmUnavailable("no peer serves layers 1-2"),
     server_errors.HopFailed("peer-b", "refused"),
+    server_errors.NotFound("no response 'resp_1' is kept here", code="previous_response_not_found"),
 ]
 
 
