@@ -120,8 +120,17 @@ def chat_grammar(req: ChatRequest, tools: list) -> str | None:
 def admit(node: ApiPeer, req: GenerationRequest) -> None:
     """Before any work: the model, and a peer that is not shutting down (room at this entry is
     the admission queue's: peers/entry/admission.py)."""
-    if req.model not in node.served_names:
+    if req.model is not None and req.model not in node.served_names:
         raise ModelNotServed(req.model, node.served_model)
+    asked = req.max_completion_tokens or req.max_tokens
+    if asked is not None and asked >= node.context_length:  # (never served: no queue, no retry)
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        raise InvalidRequest(
+            f"this model's maximum context length is {node.context_length} tokens; {param} {asked} "
+            "leaves no room for a prompt",
+            param=param,
+            code="context_length_exceeded",
+        )
     if node.stopping or node.table.me.state in ("leaving", "dead"):
         raise SwarmUnavailable("this peer is shutting down; send the request to another peer")
 
@@ -184,9 +193,17 @@ def sampling_of(node: ApiPeer, req: GenerationRequest, ask: Ask) -> Sampling:
     vocab = node.model_config.vocab_size
     bias = tuple(sorted((int(k), float(v)) for k, v in (req.logit_bias or {}).items()))
     if any(t >= vocab for t, _ in bias):
-        raise InvalidRequest(f"logit_bias names token ids outside [0, {vocab})", param="logit_bias")
+        outside = sorted(t for t, _ in bias if t >= vocab)
+        raise InvalidRequest(
+            f"logit_bias names token ids outside [0, {vocab}): {', '.join(map(str, outside))}",
+            param="logit_bias",
+        )
     if any(not 0 <= t < vocab for t in req.stop_token_ids or ()):
-        raise InvalidRequest(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+        outside = sorted(t for t in req.stop_token_ids if not 0 <= t < vocab)
+        raise InvalidRequest(
+            f"stop_token_ids must be in [0, {vocab}), got {', '.join(map(str, outside))}",
+            param="stop_token_ids",
+        )
     return Sampling(
         temperature=req.temperature,
         top_p=req.top_p,

@@ -28,7 +28,15 @@ from peers.api.asks import (
 )
 from peers.api.door import ApiPeer
 from peers.api.events import Event
-from peers.api.prompts import check_prompt_size, completion_prompts, prompt_chars, template_kwargs, text_of
+from peers.api.prompts import (
+    chat_echo,
+    check_prompt_size,
+    completion_prompts,
+    prompt_chars,
+    template_kwargs,
+    text_of,
+    truncated,
+)
 from peers.api.reasoning import reasoning_of
 from peers.api.runs import Run, Usage, best, collect, first_events, merged, usage
 from peers.api.schema import ChatRequest, CompletionRequest, GenerationRequest
@@ -136,6 +144,7 @@ class OpenAIDoor:
             reasoning=reasoning_of(node.tokenizer),
             scores=req.prompt_logprobs,
             token_ids=req.return_token_ids,
+            echo=(chat_echo(req),) if chat_echo(req) else (),
         )
         ids = lambda: self._chat_ids(req, messages, given, variables)  # noqa: E731
         return await self.complete(req, ask, ids, request, [chars], respond)
@@ -171,7 +180,10 @@ class OpenAIDoor:
 
         echo = []
         for p in req.prompts() if req.echo else ():
-            echo.append(p if isinstance(p, str) else await self.off_loop(self.node.tokenizer.decode, p))
+            # (token ids echo as vLLM's: their text with special tokens, as the logprobs name them)
+            echo.append(
+                p if isinstance(p, str) else await self.off_loop(self.node.tokenizer.decode, p, frozenset(p))
+            )
         asked = [k for k in (req.prompt_logprobs, req.logprobs if req.echo else None) if k is not None]
         ask = Ask(
             chat=False,
@@ -216,7 +228,7 @@ class OpenAIDoor:
             out()
 
         try:
-            prompts = await prompt_ids()
+            prompts = [truncated(node, req, ids) for ids in await prompt_ids()]
             self.measured(sizes, prompts)
             max_tokens = [max_tokens_for(node, req, ids) for ids in prompts]
             self.admission.resize(ticket, kv_need(node, req, ask, [len(ids) for ids in prompts]))
@@ -313,6 +325,7 @@ class OpenAIDoor:
             ask.token_ids,
             req.prompt_logprobs,
             echo=bool(ask.echo),
+            tokens_as_ids=req.return_tokens_as_token_ids,
         )
         events = merged([r.events() for r in runs], ask.best_of or req.n)
         if ask.grammar is not None:
@@ -340,9 +353,11 @@ class OpenAIDoor:
             await events.aclose()
             raise
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        continuous = include_usage and req.stream_options.continuous_usage_stats  # (as vLLM's)
         echo = [ask.echo[k] for k in range(answer.prompts) for _ in range(req.n)] if ask.echo else []
         prompts = [run.prompt_ids for run in answer.runs for _ in range(req.n)]
-        chunks = Chunks(answer.shape, answer.prompts * req.n, echo, prompts)
+        running = (lambda: usage(answer.runs)) if continuous else None
+        chunks = Chunks(answer.shape, answer.prompts * req.n, echo, prompts, running)
         return StreamingResponse(
             sse(
                 first,

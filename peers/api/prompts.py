@@ -74,6 +74,25 @@ def check_prompt_size(node: ApiPeer, chars: int, param: str) -> None:
         )
 
 
+def truncated(node, req, ids: list[int]) -> list[int]:
+    """A prompt's ids cut to the request's truncate_prompt_tokens (as vLLM's)."""
+    keep = req.truncate_prompt_tokens
+    if keep is None:
+        return ids
+    keep = node.context_length if keep == -1 else keep
+    return ids[:keep] if req.truncation_side == "right" else ids[-keep:]
+
+
+def chat_echo(req) -> str:
+    """The text a chat answer starts with under `echo` (vLLM's): the last message's, where it is
+    of the answer's role."""
+    last = req.messages[-1]
+    opens_new = req.add_generation_prompt and not req.continue_final_message
+    if not req.echo or (opens_new and last.role != "assistant") or last.content is None:
+        return ""
+    return text_of(last.content) if isinstance(last.content, list) else last.content
+
+
 def completion_prompts(node: ApiPeer, req: CompletionRequest) -> list[str | list[int]]:
     """A completions request's prompts, checked (and put around the suffix where one is given)."""
     prompts = req.prompts()

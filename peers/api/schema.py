@@ -61,6 +61,7 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # as vLLM's: usage so far on every chunk
 
 
 class StructuredOutputs(_Strict):
@@ -98,7 +99,7 @@ class StructuredOutputs(_Strict):
 class GenerationRequest(_Strict):
     """The fields both completion endpoints take."""
 
-    model: str
+    model: str | None = None  # None: the served model (as vLLM's; OpenAI's requires it)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
@@ -121,6 +122,11 @@ class GenerationRequest(_Strict):
     stream_options: StreamOptions | None = None
     # as in vLLM: each prompt token's logprob (and this many likeliest tokens at its position)
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # as in vLLM: keep this many of the prompt's tokens (-1: as many as the context holds), cut
+    # on `truncation_side` (left, the default: the last ones are kept)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    truncation_side: Literal["left", "right"] | None = None
+    return_tokens_as_token_ids: bool = False  # as in vLLM: logprobs name tokens "token_id:ID"
     return_token_ids: bool = False  # as in vLLM: the prompt's and the output's token ids too
     structured_outputs: StructuredOutputs | None = None  # as in vLLM: the output follows it
     grammar: str | None = None  # as in llama.cpp's server: a GBNF grammar the output follows
@@ -129,6 +135,14 @@ class GenerationRequest(_Strict):
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
+
+    @model_validator(mode="after")
+    def _truncation(self):
+        if self.truncate_prompt_tokens == 0:
+            raise ValueError("truncate_prompt_tokens keeps at least 1 token (or -1: the context's worth)")
+        if self.truncation_side is not None and self.truncate_prompt_tokens is None:
+            raise ValueError("truncation_side goes with truncate_prompt_tokens")
+        return self
 
     @model_validator(mode="after")
     def _prompt_logprobs(self):
@@ -143,11 +157,13 @@ class GenerationRequest(_Strict):
         if self.logit_bias is not None:
             if len(self.logit_bias) > MAX_LOGIT_BIAS:
                 raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS} entries")
-            for key, value in self.logit_bias.items():
-                if not key.isdigit() or not -100 <= value <= 100:
-                    raise ValueError(
-                        f"logit_bias maps token ids to biases in [-100, 100]; got {key!r}: {value}"
-                    )
+            bad = {k: v for k, v in self.logit_bias.items() if not k.isdigit() or not -100 <= v <= 100}
+            if bad:
+                raise ValueError(
+                    f"logit_bias maps token ids to biases in [-100, 100]; got {', '.join(f'{k!r}: {v}' for k, v in bad.items())}"
+                )
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options goes with stream: true")
         return self
 
 
@@ -246,6 +262,9 @@ class ResponseFormat(_Strict):
 
 class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    # as in vLLM: the answer starts with the last message's text where that message is of the
+    # answer's role (assistant, or the last message's own without a generation prompt)
+    echo: bool = False
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
@@ -291,6 +310,8 @@ class CompletionRequest(GenerationRequest):
             raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
         if self.best_of is not None and self.best_of > 1 and self.stream:
             raise ValueError("best_of cannot be streamed: the best sequences are known at the end")
+        if self.echo and self.truncate_prompt_tokens is not None:
+            raise ValueError("echo gives the whole prompt: not with truncate_prompt_tokens")
         if self.echo and self.logprobs is not None and self.consensus > 1:
             raise ValueError("echo with logprobs scores the prompt on one route: not with consensus > 1")
         return self

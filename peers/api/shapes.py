@@ -57,6 +57,7 @@ class Shape:
         token_ids: bool = False,
         prompt_logprobs: int | None = None,
         echo: bool = False,
+        tokens_as_ids: bool = False,
     ):
         self.rid, self.model, self.chat, self.tokenizer = rid, model, chat, tokenizer
         self.logprobs, self.tools, self.reasoning = logprobs, tools, reasoning
@@ -64,6 +65,7 @@ class Shape:
         # vLLM's prompt_logprobs (this many likeliest tokens each); completions' echo (with
         # logprobs, the prompt's tokens come first in them)
         self.prompt_logprobs, self.echo = prompt_logprobs, echo
+        self.tokens_as_ids = tokens_as_ids  # (vLLM's return_tokens_as_token_ids: "token_id:ID")
         self.created = int(time.time())
         self.fingerprint = fingerprint(model)
 
@@ -81,8 +83,8 @@ class Shape:
         out = []
         for i, c in enumerate(choices):
             text = "".join(c.text)
-            if self.chat:
-                message, finish = self._message(text, "".join(c.reasoning)), c.finish
+            if self.chat:  # (with vLLM's echo: the last message's text first)
+                message, finish = self._message(c.echo + text, "".join(c.reasoning)), c.finish
                 if "tool_calls" in message:
                     finish = "tool_calls" if finish != "length" else finish  # cut off: it says so
                 lp = {"content": self._chat_logprobs(c.tokens)} if self.logprobs is not None else None
@@ -92,8 +94,10 @@ class Shape:
                 if lp is not None and self.echo:
                     lp = {k: v + lp[k] for k, v in self.echo_logprobs(c.prompt_ids, c.scores).items()}
                 out.append({"index": i, "text": c.echo + text, "logprobs": lp, "finish_reason": c.finish})
-                if self.prompt_logprobs is not None:
-                    out[-1]["prompt_logprobs"] = self._prompt_logprobs(c)
+                # (null where not asked, as vLLM's)
+                out[-1]["prompt_logprobs"] = (
+                    None if self.prompt_logprobs is None else self._prompt_logprobs(c)
+                )
             if self.token_ids:
                 if not self.chat:
                     out[-1]["prompt_token_ids"] = c.prompt
@@ -102,8 +106,9 @@ class Shape:
         body = {**self._base(obj), "choices": out, "usage": usage}
         if self.token_ids and self.chat:
             body["prompt_token_ids"] = choices[0].prompt if choices else []
-        if self.chat and self.prompt_logprobs is not None:  # (vLLM: of the one prompt, beside the choices)
-            body["prompt_logprobs"] = self._prompt_logprobs(choices[0]) if choices else None
+        if self.chat:  # (vLLM: of the one prompt, beside the choices; null where not asked)
+            asked = self.prompt_logprobs is not None and choices
+            body["prompt_logprobs"] = self._prompt_logprobs(choices[0]) if asked else None
         return body
 
     def _message(self, text: str, reasoning: str) -> dict:
@@ -156,6 +161,10 @@ class Shape:
         return self._text_logprobs(tokens, offset)
 
     # --- logprobs
+    def _name(self, token: int) -> str:
+        """How logprobs name a token: its text, or "token_id:ID" (return_tokens_as_token_ids)."""
+        return f"token_id:{token}" if self.tokens_as_ids else self.tokenizer.token_text(token)
+
     def echo_logprobs(self, prompt_ids: Sequence[int], scores: Sequence[PositionScore]) -> dict:
         """An echoed prompt's tokens in completions' logprobs (the first has none: nothing
         comes before it)."""
@@ -168,11 +177,11 @@ class Shape:
             offset += len(text)
         top: list[dict | None] = [None]
         for token, s in zip(prompt_ids[1:], scores, strict=True):
-            alternatives = {self.tokenizer.token_text(a): lp for a, lp in s.top[: self.logprobs]}
-            alternatives.setdefault(self.tokenizer.token_text(token), s.logprob)
+            alternatives = {self._name(a): lp for a, lp in s.top[: self.logprobs]}
+            alternatives.setdefault(self._name(token), s.logprob)
             top.append(alternatives)
         return {
-            "tokens": texts,
+            "tokens": [self._name(t) for t in prompt_ids],
             "token_logprobs": [None, *(s.logprob for s in scores)],
             "top_logprobs": top,
             "text_offset": offsets,
@@ -184,19 +193,19 @@ class Shape:
         out: list[dict | None] = [None]
         for token, s in zip(c.prompt_ids[1:], c.scores, strict=True):
             entry = {
-                str(a): {"logprob": lp, "rank": r, "decoded_token": self.tokenizer.token_text(a)}
+                str(a): {"logprob": lp, "rank": r, "decoded_token": self._name(a)}
                 for r, (a, lp) in enumerate(s.top[: self.prompt_logprobs], start=1)
             }
             entry.setdefault(
                 str(token),
-                {"logprob": s.logprob, "rank": s.rank, "decoded_token": self.tokenizer.token_text(token)},
+                {"logprob": s.logprob, "rank": s.rank, "decoded_token": self._name(token)},
             )
             out.append(entry)
         return out
 
     def _chat_logprobs(self, tokens: Sequence[Token]) -> list[dict]:
         def entry(token: int, logprob: float) -> dict:
-            text = self.tokenizer.token_text(token)
+            text = self._name(token)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
         return [
@@ -212,13 +221,13 @@ class Shape:
             offset += len(text)
 
         def top_of(t: Token) -> dict:  # (the `logprobs` likeliest and the chosen one: up to logprobs + 1)
-            top = {self.tokenizer.token_text(a): lp for a, lp in t.top[: self.logprobs]}
-            top.setdefault(self.tokenizer.token_text(t.token), t.logprob)
+            top = {self._name(a): lp for a, lp in t.top[: self.logprobs]}
+            top.setdefault(self._name(t.token), t.logprob)
             return top
 
         top = [top_of(t) for t in tokens]
         return {
-            "tokens": texts,
+            "tokens": [self._name(t.token) for t in tokens],
             "token_logprobs": [t.logprob for t in tokens],
             "top_logprobs": top,
             "text_offset": offsets,

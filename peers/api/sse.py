@@ -26,10 +26,18 @@ class Chunks:
     """The chunks of `count` streamed choices, event by event: chat streams open with the
     assistant's role, completions with their echo; text offsets count on for text logprobs.
     `prompts`: each choice's prompt ids, given once (return_token_ids: a chat's in the stream's
-    first chunk, a completion's in each choice's first)."""
+    first chunk, a completion's in each choice's first). `usage`: the usage so far, put on every
+    chunk (vLLM's continuous_usage_stats)."""
 
-    def __init__(self, shape: Shape, count: int, echo: list[str], prompts: list[list[int]] | None = None):
-        self.shape, self.count, self.echo = shape, count, echo
+    def __init__(
+        self,
+        shape: Shape,
+        count: int,
+        echo: list[str],
+        prompts: list[list[int]] | None = None,
+        usage: Callable[[], dict] | None = None,
+    ):
+        self.shape, self.count, self.echo, self.usage = shape, count, echo, usage
         self.filters = [CallFilter() for _ in range(count)] if shape.tools else []
         self.offsets = [len(e) for e in echo] or [0] * count  # completions' text_offset
         self.prompts: dict[int, list[int]] = dict(enumerate(prompts or ()))
@@ -39,12 +47,15 @@ class Chunks:
     def chunk(self, i: int, delta: dict | str, finish: str | None = None, logprobs=None, ids=()) -> dict:
         """Choice i's chunk, its prompt's ids with the first of them (return_token_ids)."""
         prompt = self.prompts.pop(i, None) if self.shape.token_ids else None
-        return self.shape.chunk(i, delta, finish, logprobs, ids, prompt)
+        chunk = self.shape.chunk(i, delta, finish, logprobs, ids, prompt)
+        return chunk if self.usage is None else chunk | {"usage": self.usage()}
 
     def opening(self) -> Iterator[dict]:
         for i in range(self.count):
             if self.shape.chat:
                 yield self.chunk(i, {"role": "assistant", "content": ""})
+                if self.echo:  # (vLLM's echo: the last message's text)
+                    yield self.chunk(i, {"content": self.echo[i]})
             elif self.echo and self.shape.logprobs is None:  # (with logprobs: once the prompt is scored)
                 yield self.chunk(i, self.echo[i])
 

@@ -27,7 +27,8 @@ def expected(tiny_llama):
 
 @pytest.fixture(scope="module")
 def client(tiny_swarm):
-    return openai.OpenAI(base_url=f"{tiny_swarm.peers[0].url}/v1", api_key="none", max_retries=0)
+    with openai.OpenAI(base_url=f"{tiny_swarm.peers[0].url}/v1", api_key="none", max_retries=0) as client:
+        yield client
 
 
 def post(swarm, path: str, body: dict) -> httpx.Response:
