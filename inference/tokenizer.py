@@ -40,24 +40,34 @@ class Tokenizer:
         tools: list[dict] | None = None,
         continue_final_message: bool = False,
         template_kwargs: dict | None = None,
+        add_special_tokens: bool = False,
     ) -> list[int]:
         """Messages [{role, content}] through the chat template, ready for the assistant's turn
         (unless `add_generation_prompt` is false; with `continue_final_message`, continuing the
         last message, an assistant's); `template_kwargs`: more variables the template reads
-        (e.g. enable_thinking), among `template_variables`."""
+        (e.g. enable_thinking), among `template_variables`. `add_special_tokens`: the tokenizer's
+        special tokens (a BOS) added on top of what the template writes, as vLLM's option (a model
+        without a chat template: its generic prompt carries them already, and it is refused)."""
         if not self.has_chat_template:
+            if add_special_tokens:
+                raise ValueError(
+                    "the model has no chat template: its generic chat prompt carries the special tokens"
+                )
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
             if continue_final_message:
                 return self.encode(text.removesuffix("\n"))
             return self.encode(text + "assistant:" if add_generation_prompt else text)
-        ids = self._tok.apply_chat_template(
+        rendered = self._tok.apply_chat_template(
             messages,
             tools=tools,
             add_generation_prompt=add_generation_prompt and not continue_final_message,
             continue_final_message=continue_final_message,
-            tokenize=True,
+            tokenize=not add_special_tokens,
             **(template_kwargs or {}),
         )
+        if add_special_tokens:  # the rendered text, encoded as a prompt is
+            return self.encode(rendered, add_special_tokens=True)
+        ids = rendered
         if hasattr(ids, "keys"):  # transformers returns a BatchEncoding in recent versions
             ids = ids["input_ids"]
         return list(ids)
@@ -106,6 +116,11 @@ class Tokenizer:
         """The ids of those of these tokens that the vocabulary has."""
         vocab = self._tok.get_vocab()
         return {n: vocab[n] for n in names if n in vocab}
+
+    def token_pieces(self, ids: list[int]) -> list[str]:
+        """The vocabulary's entries for `ids` as it spells them (byte-level BPE writes a space as
+        'Ġ'), as vLLM's /tokenize gives `token_strs`."""
+        return list(self._tok.convert_ids_to_tokens(ids))
 
     def token_text(self, token: int) -> str:
         """One token on its own, special tokens included (logprobs name tokens so)."""

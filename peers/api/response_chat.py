@@ -1,10 +1,12 @@
 """A Responses API request as the chat path's request: instructions and input items become chat
 messages (function calls an assistant's tool_calls, their outputs tool messages), the flat
-function tools, tool_choice and text.format the chat's shapes; and the chat path's errors named
-by the Responses API's parameters."""
+function tools, tool_choice, text.format, reasoning.effort and include's logprobs the chat's
+shapes, vLLM's sampling extensions passed as they are; and the chat path's errors named by the
+Responses API's parameters."""
 
 from pydantic import ValidationError
 
+from peers.api.reasoning import reasoning_of
 from peers.api.response_schema import (
     FunctionCall,
     FunctionCallOutput,
@@ -26,6 +28,18 @@ PARAMS = {
     "max_completion_tokens": "max_output_tokens",
     "reasoning_effort": "reasoning.effort",
 }
+# vLLM's sampling extensions, the same on both paths
+SAMPLING = (
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "logit_bias",
+    "ignore_eos",
+)
 
 
 def chat_messages_of(items: list[Item]) -> list[dict]:
@@ -63,21 +77,42 @@ def response_format(fmt: TextFormat | None) -> dict | None:
     return {"type": "json_schema", "json_schema": {k: v for k, v in schema.items() if v is not None}}
 
 
-def chat_body(req: ResponsesRequest, items: list[Item]) -> dict:
-    """The chat request's body: the instructions first (a system message), then the items."""
+def thinking_off(tokenizer) -> dict:
+    """reasoning.effort "none": the chat template's variables that turn the thinking off
+    (enable_thinking false where the template reads it; none for a model that does not think).
+    A model that thinks and whose template cannot turn it off refuses it."""
+    if "enable_thinking" in tokenizer.template_variables:
+        return {"enable_thinking": False}
+    if reasoning_of(tokenizer) is None:
+        return {}
+    raise InvalidRequest(
+        "reasoning.effort: 'none' turns the thinking off, and this model's chat template cannot "
+        "(it reads no enable_thinking)",
+        param="reasoning.effort",
+    )
+
+
+def chat_body(req: ResponsesRequest, items: list[Item], tokenizer) -> dict:
+    """The chat request's body: the instructions first (a system message), then the items;
+    `tokenizer`: the model's, whose chat template says how reasoning.effort "none" is told."""
     messages = [{"role": "system", "content": req.instructions}] if req.instructions is not None else []
     messages += chat_messages_of(items)
     if not messages:
         raise InvalidRequest("input must hold at least one item", param="input")
     body: dict = {"model": req.model, "messages": messages, "stream": bool(req.stream)}
+    effort = req.reasoning.effort if req.reasoning else None
     optional = {
         "max_completion_tokens": req.max_output_tokens,
         "temperature": req.temperature,
         "top_p": req.top_p,
         "parallel_tool_calls": req.parallel_tool_calls,
         "response_format": response_format(req.text.format if req.text else None),
-        "reasoning_effort": req.reasoning.effort if req.reasoning else None,
+        "reasoning_effort": effort if effort != "none" else None,
+        "chat_template_kwargs": (thinking_off(tokenizer) or None) if effort == "none" else None,
+        **{name: getattr(req, name) for name in SAMPLING},
     }
+    if req.logprobs:
+        optional.update(logprobs=True, top_logprobs=req.top_logprobs or 0)
     body.update({k: v for k, v in optional.items() if v is not None})  # (unset: the model's own)
     if req.tools:
         body["tools"] = [
@@ -91,10 +126,11 @@ def chat_body(req: ResponsesRequest, items: list[Item]) -> dict:
     return body
 
 
-def chat_request(req: ResponsesRequest, items: list[Item]) -> ChatRequest:
-    """The chat path's request for `req` over the conversation `items`."""
+def chat_request(req: ResponsesRequest, items: list[Item], tokenizer) -> ChatRequest:
+    """The chat path's request for `req` over the conversation `items` (`tokenizer`: the
+    model's)."""
     try:
-        return ChatRequest.model_validate(chat_body(req, items))
+        return ChatRequest.model_validate(chat_body(req, items, tokenizer))
     except ValidationError as e:
         first = e.errors()[0]
         param = str(first["loc"][0]) if first.get("loc") else None

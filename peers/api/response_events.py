@@ -6,9 +6,11 @@ import copy
 import json
 import time
 import uuid
+from collections.abc import Callable, Sequence
 
 from peers.api.events import Delta, Event, Finish
 from peers.api.tools import CallFilter, openai_calls, split_calls
+from peers.entry.generation import Token
 from peers.transport.errors import SwarmError
 
 # the parts of an open item, by its type: (its content part's type, its text events' prefix)
@@ -20,6 +22,9 @@ PARTS = {
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
+
+
+Scored = Callable[[Sequence[Token]], list[dict]]  # tokens -> their logprobs, as output_text gives them
 
 
 def sse_bytes(event: dict) -> bytes:
@@ -42,10 +47,14 @@ def response_usage(usage: dict, reasoning_tokens: int) -> dict:
 class ResponseBuilder:
     """One response's output items as its events come: a thought becomes a reasoning item, text a
     message item, tool calls (held back from the text until it ends) function_call items.
-    `echoed`: the request's parameters the Response object repeats."""
+    `echoed`: the request's parameters the Response object repeats; `scored` (include's
+    logprobs): the logprobs of a message's tokens, on its output_text and its text events."""
 
-    def __init__(self, rid: str, model: str, echoed: dict, tools: list):
+    def __init__(self, rid: str, model: str, echoed: dict, tools: list, scored: Scored | None = None):
         self.rid, self.model, self.echoed, self.tools = rid, model, echoed, tools
+        self.scored = scored
+        self.pending: list[dict] = []  # the logprobs of tokens whose text is not written yet
+        self.scores: list[dict] = []  # the open message's logprobs
         self.created_at = int(time.time())
         self.calls = CallFilter() if tools else None
         self.output: list[dict] = []
@@ -88,6 +97,9 @@ class ResponseBuilder:
             if event.reasoning:
                 self.reasoning_tokens += len(event.tokens)
                 out += self._write("reasoning", event.reasoning)
+                self.pending = []  # (tokens held back so far were the thought's)
+            if self.scored is not None and (event.text or not event.reasoning):
+                self.pending += self.scored(event.tokens)
             text = self.calls.push(event.text) if self.calls is not None else event.text
             if text:
                 out += self._write("message", text)
@@ -102,6 +114,8 @@ class ResponseBuilder:
         calls: list[dict] = []
         if self.calls is not None:
             rest, calls = split_calls(self.calls.finish(), self.tools)
+            if calls:  # (held back with the calls, their tokens and the text's beside them: no logprobs)
+                self.pending = []
             if rest:
                 out += self._write("message", rest)
         cut = self.finish == "length"
@@ -126,7 +140,10 @@ class ResponseBuilder:
             out += self._open(kind)
         index, (_, prefix) = len(self.output) - 1, PARTS[kind]
         self.text.append(text)
-        extra = {"logprobs": []} if kind == "message" else {}
+        extra = {}
+        if kind == "message":  # (the tokens so far: the text held back with a call's comes later)
+            extra["logprobs"], self.pending = self.pending, []
+            self.scores += extra["logprobs"]
         delta = self.event(f"{prefix}.delta", item_id=self.open["id"], output_index=index, content_index=0)
         return [*out, {**delta, "delta": text, **extra}]
 
@@ -147,7 +164,7 @@ class ResponseBuilder:
                 "summary": [],
                 "content": [],
             }
-        self.open, self.text = item, []
+        self.open, self.text, self.scores = item, [], []
         self.output.append(item)
         index = len(self.output) - 1
         return [
@@ -161,10 +178,10 @@ class ResponseBuilder:
             ),
         ]
 
-    def _part(self, kind: str, text: str) -> dict:
+    def _part(self, kind: str, text: str, scores: list[dict] | None = None) -> dict:
         part_type, _ = PARTS[kind]
         if kind == "message":
-            return {"type": part_type, "text": text, "annotations": [], "logprobs": []}
+            return {"type": part_type, "text": text, "annotations": [], "logprobs": scores or []}
         return {"type": part_type, "text": text}
 
     def _close(self, status: str) -> list[dict]:
@@ -172,13 +189,13 @@ class ResponseBuilder:
         if item is None:
             return []
         kind, index, text = item["type"], len(self.output) - 1, "".join(self.text)
-        part, (_, prefix) = self._part(kind, text), PARTS[kind]
+        part, (_, prefix) = self._part(kind, text, self.scores), PARTS[kind]
         item["content"], item["status"] = [part], status
         self.open, self.text = None, []
         where = {"item_id": item["id"], "output_index": index, "content_index": 0}
         done = {**self.event(f"{prefix}.done", **where), "text": text}
         if kind == "message":
-            done["logprobs"] = []
+            done["logprobs"] = copy.deepcopy(self.scores)
         return [
             done,
             self.event("response.content_part.done", **where, part=copy.deepcopy(part)),

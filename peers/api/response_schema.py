@@ -1,7 +1,8 @@
 """The Responses API's request body (POST /v1/responses), as pydantic models: the input items
-(messages, function calls and their outputs, reasoning), function tools, tool_choice, text.format
-and reasoning. A field or an item type this server does not serve is refused by name, never
-dropped; `parsed` turns pydantic's errors into a 400 naming the parameter."""
+(messages, function calls and their outputs, reasoning), function tools, tool_choice, text.format,
+reasoning, include and vLLM's sampling extensions. A field, value or item type this server does
+not serve is refused by name, never dropped; `parsed` turns pydantic's errors into a 400 naming
+the parameter."""
 
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,7 @@ from pydantic import (
 
 from peers.api.schema import MAX_TOOLS
 from peers.transport.errors import InvalidRequest
+from peers.transport.frames import MAX_TOP_LOGPROBS
 
 MAX_INPUT_ITEMS = 2048
 MAX_METADATA_PAIRS = 16  # as OpenAI's: 16 pairs, keys up to 64 characters, values up to 512
@@ -34,6 +36,7 @@ TAGS = (
     "refusal",
 )
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
+LOGPROBS = "message.output_text.logprobs"  # the one `include` value served: output_text's logprobs
 
 
 class _Strict(BaseModel):
@@ -123,6 +126,14 @@ class Reasoning(_Strict):
     summary: list[Any] = Field(default_factory=list)  # (this server writes none)
     content: list[ReasoningText] | None = None
     status: ItemStatus | None = None
+    encrypted_content: None = None  # (as SDKs replay an item: null, carrying nothing)
+
+    @field_validator("encrypted_content", mode="before")
+    @classmethod
+    def _not_encrypted(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError("this server writes no encrypted reasoning and reads none; only null is taken")
+        return value
 
 
 Item = Annotated[
@@ -184,9 +195,10 @@ class TextConfig(_Strict):
 
 class ReasoningConfig(_Strict):
     """reasoning.effort: the chat template's reasoning_effort (a template that reads none refuses
-    it); no summaries are written (the thought comes whole, as a reasoning item)."""
+    it), or "none": the thinking turned off (response_chat.thinking_off); no summaries are
+    written (the thought comes whole, as a reasoning item)."""
 
-    effort: Literal["low", "medium", "high"] | None = None
+    effort: Literal["none", "low", "medium", "high"] | None = None
     summary: None = None
 
     @field_validator("summary", mode="before")
@@ -217,6 +229,39 @@ class ResponsesRequest(_Strict):
     user: str | None = None
     reasoning: ReasoningConfig | None = None
     truncation: Literal["disabled"] | None = None  # (a prompt past the context is a 400)
+    background: bool | None = None  # (false only: answered while the request waits)
+    include: list[str] | None = None  # (LOGPROBS only)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # (with include LOGPROBS)
+    # vLLM's sampling extensions, as the chat path takes them (it checks their values)
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool | None = None
+
+    @field_validator("background")
+    @classmethod
+    def _foreground(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("only false is served here (a response is answered while its request waits)")
+        return value
+
+    @field_validator("include")
+    @classmethod
+    def _included(cls, value: list[str] | None) -> list[str] | None:
+        other = [v for v in value or () if v != LOGPROBS]
+        if other:
+            raise ValueError(f"only {LOGPROBS!r} is served here, not {other[0]!r}")
+        return value
+
+    @property
+    def logprobs(self) -> bool:
+        """Whether output_text carries its tokens' logprobs (include names them)."""
+        return LOGPROBS in (self.include or ())
 
     def input_items(self) -> list[Item]:
         """The input as items (a string is one user message)."""
@@ -248,6 +293,8 @@ def checked(req: ResponsesRequest) -> None:
         raise InvalidRequest(
             f"tool_choice names {req.tool_choice.name!r}, which is not among the tools", param="tool_choice"
         )
+    if req.top_logprobs and not req.logprobs:
+        raise InvalidRequest(f"top_logprobs needs include: [{LOGPROBS!r}]", param="top_logprobs")
     pairs = (req.metadata or {}).items()
     if len(pairs) > MAX_METADATA_PAIRS or any(
         len(k) > MAX_METADATA_KEY_CHARS or len(v) > MAX_METADATA_VALUE_CHARS for k, v in pairs

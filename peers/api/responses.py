@@ -7,6 +7,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -21,6 +22,7 @@ from peers.api.response_schema import Item, ResponsesRequest, parsed
 from peers.api.response_store import ResponseStore
 from peers.api.runs import first_events, usage
 from peers.api.schema import ChatRequest
+from peers.api.shapes import chat_logprobs
 from peers.api.sse import KEEPALIVE, chained, with_keepalive
 from peers.transport.errors import InvalidRequest, NotFound, SwarmError
 
@@ -56,7 +58,9 @@ def echoed(req: ResponsesRequest, chat: ChatRequest) -> dict:
         "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
         "parallel_tool_calls": chat.parallel_tool_calls,
         "previous_response_id": req.previous_response_id,
-        "reasoning": {"effort": chat.reasoning_effort, "summary": None},
+        "reasoning": {"effort": req.reasoning.effort if req.reasoning else None, "summary": None},
+        "top_logprobs": req.top_logprobs,
+        "background": False,
         "store": req.store is not False,
         "metadata": req.metadata or {},
         "truncation": "disabled",
@@ -87,7 +91,7 @@ class ResponsesDoor:
             raise InvalidRequest("the request body is not valid JSON") from None
         req = parsed(body)
         items = [*self.conversation(req.previous_response_id), *req.input_items()]
-        chat = chat_request(req, items)
+        chat = chat_request(req, items, self.door.node.tokenizer)
         rid = "resp_" + uuid.uuid4().hex
 
         def keep(body: dict) -> None:
@@ -116,8 +120,10 @@ class ResponsesDoor:
 
     async def respond(self, answer: Answer, req: ResponsesRequest, rid: str, keep: Keep) -> Response | dict:
         """The answer as a Response: whole, or streamed."""
+        top = answer.ask.logprobs  # (None: not asked)
+        scored = partial(chat_logprobs, self.door.node.tokenizer, top=top) if top is not None else None
         builder = ResponseBuilder(
-            rid, self.door.node.served_model, echoed(req, answer.req), list(answer.ask.tools)
+            rid, self.door.node.served_model, echoed(req, answer.req), list(answer.ask.tools), scored
         )
         if req.stream:
             return await self.streamed(answer, builder, keep)

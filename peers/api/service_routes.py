@@ -22,7 +22,8 @@ from peers.transport.errors import InvalidRequest, ModelNotServed
 
 class TokenizeRequest(BaseModel):
     """Either `prompt` (a text, special tokens added as /v1/completions does) or `messages`
-    (through the chat template, with `tools`, as /v1/chat/completions does)."""
+    (through the chat template, with `tools`, as /v1/chat/completions does; special tokens added
+    on top of the template's only when asked, as vLLM's)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -31,8 +32,10 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # (messages) the last, assistant, message continued
-    add_special_tokens: bool = True  # (prompt) a BOS where the tokenizer puts one, as /v1/completions
-    return_token_strs: bool = False  # each token's text too, as vLLM's "token_strs"
+    # a BOS where the tokenizer puts one; None: a prompt's yes (as /v1/completions), messages' no
+    # (the chat template writes its own; yes adds the tokenizer's on top, as vLLM's)
+    add_special_tokens: bool | None = None
+    return_token_strs: bool = False  # each token's vocabulary piece too, as vLLM's "token_strs"
     chat_template_kwargs: TemplateKwargs | None = None  # as /v1/chat/completions takes them
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)  # (messages) rendered as a chat's
     tool_choice: ToolChoice = None  # (messages) as a chat's: "none" renders no tools
@@ -114,10 +117,8 @@ class ServiceDoor:
                 f"the model's chat template rejected the messages: {e}", param="messages"
             ) from e
         ids = list(ids)
-        answer = {"tokens": ids, "count": len(ids), "max_model_len": node.context_length}
-        if req.return_token_strs:
-            answer["token_strs"] = [node.tokenizer.token_text(t) for t in ids]
-        return answer
+        pieces = node.tokenizer.token_pieces(ids) if req.return_token_strs else None
+        return {"tokens": ids, "count": len(ids), "max_model_len": node.context_length, "token_strs": pieces}
 
     async def tokenizer_info(self) -> dict:
         """The tokenizer's settings, as vLLM's GET /tokenizer_info gives them, and the context."""
@@ -149,11 +150,6 @@ def check_forms(req: TokenizeRequest) -> None:
     for name in ("chat_template_kwargs", "continue_final_message", "add_generation_prompt", *CHAT_TOOLS):
         if req.prompt is not None and name in given:
             raise InvalidRequest(f"{name} goes with messages, not a prompt", param=name)
-    if req.messages is not None and "add_special_tokens" in given:
-        raise InvalidRequest(
-            "add_special_tokens goes with a prompt (the chat template places special tokens)",
-            param="add_special_tokens",
-        )
     if req.continue_final_message and req.add_generation_prompt and "add_generation_prompt" in given:
         raise InvalidRequest(
             "add_generation_prompt: true and continue_final_message: true contradict each other",
@@ -168,12 +164,19 @@ def check_forms(req: TokenizeRequest) -> None:
 def prompt_encoder(node: ApiPeer, req: TokenizeRequest) -> Callable[[], list[int]]:
     """The prompt's tokens, as /v1/completions takes it (special tokens unless left out)."""
     check_prompt_size(node, len(req.prompt), "prompt")
-    bare = {} if req.add_special_tokens else {"add_special_tokens": False}
+    bare = {} if req.add_special_tokens is not False else {"add_special_tokens": False}
     return partial(node.tokenizer.encode, req.prompt, **bare)
 
 
 def chat_encoder(node: ApiPeer, req: TokenizeRequest) -> Callable[[], list[int]]:
-    """The messages' tokens (and the tools'), as /v1/chat/completions renders them."""
+    """The messages' tokens (and the tools'), as /v1/chat/completions renders them (with
+    add_special_tokens, the tokenizer's special tokens added on top, as vLLM's)."""
+    if req.add_special_tokens and not node.tokenizer.has_chat_template:
+        raise InvalidRequest(
+            "add_special_tokens: this model has no chat template; its generic chat prompt carries the "
+            "tokenizer's special tokens already",
+            param="add_special_tokens",
+        )
     tools = list(req.tools or ()) if req.tool_choice != "none" else []
     try:
         messages, given = prompt_messages(
@@ -190,6 +193,7 @@ def chat_encoder(node: ApiPeer, req: TokenizeRequest) -> Callable[[], list[int]]
         tools=given,
         continue_final_message=req.continue_final_message,
         template_kwargs=variables,
+        add_special_tokens=bool(req.add_special_tokens),
     )
 
 

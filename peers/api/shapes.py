@@ -204,14 +204,7 @@ class Shape:
         return out
 
     def _chat_logprobs(self, tokens: Sequence[Token]) -> list[dict]:
-        def entry(token: int, logprob: float) -> dict:
-            text = self._name(token)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-        return [
-            {**entry(t.token, t.logprob), "top_logprobs": [entry(a, lp) for a, lp in t.top[: self.logprobs]]}
-            for t in tokens
-        ]
+        return chat_logprobs(self.tokenizer, tokens, self.logprobs or 0, self._name)
 
     def _text_logprobs(self, tokens: Sequence[Token], offset: int) -> dict:
         texts = [self.tokenizer.token_text(t.token) for t in tokens]
@@ -232,3 +225,18 @@ class Shape:
             "top_logprobs": top,
             "text_offset": offsets,
         }
+
+
+def chat_logprobs(tokenizer, tokens: Sequence[Token], top: int, name=None) -> list[dict]:
+    """Each token's logprob as the chat path gives them (and the Responses API's output_text):
+    {token, logprob, bytes, top_logprobs: the `top` likeliest, each {token, logprob, bytes}};
+    `name(token)` names a token (its text by default)."""
+    name = name or tokenizer.token_text
+
+    def entry(token: int, logprob: float) -> dict:
+        text = name(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return [
+        {**entry(t.token, t.logprob), "top_logprobs": [entry(a, lp) for a, lp in t.top[:top]]} for t in tokens
+    ]

@@ -19,6 +19,21 @@ WEATHER = {"type": "function", "name": "get_weather", "parameters": {"type": "ob
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 
 
+class Template:
+    """A tokenizer as the Responses path reads its chat template: the text, and its variables."""
+
+    def __init__(self, text: str, variables: frozenset[str] = frozenset()):
+        self.chat_template, self.template_variables = text, variables
+
+    def vocab_ids(self, *names: str) -> dict[str, int]:
+        return {n: i for i, n in enumerate(names)}
+
+
+PLAIN = Template("{{ messages }}")  # a model that does not think
+THINKS = Template("{{ messages }}<think></think>")  # one that does, and cannot be told not to
+SWITCHED = Template("{{ messages }}<think></think>", frozenset({"enable_thinking"}))
+
+
 def request(**kw) -> dict:
     return {"model": "m", "input": "hi", **kw}
 
@@ -26,7 +41,21 @@ def request(**kw) -> dict:
 @pytest.mark.parametrize(
     ("body", "param", "named"),
     [
-        (request(include=["x"]), "include", "'include'"),
+        (request(include=["x"]), "include", "not 'x'"),
+        (
+            request(include=["message.output_text.logprobs", "reasoning.encrypted_content"]),
+            "include",
+            "'reasoning",
+        ),
+        (request(top_logprobs=2), "top_logprobs", "needs include"),
+        (request(top_logprobs=21, include=["message.output_text.logprobs"]), "top_logprobs", "20"),
+        (request(background=True), "background", "only false"),
+        (
+            request(input=[{"type": "reasoning", "summary": [], "encrypted_content": "gAAA"}]),
+            "input.0.encrypted_content",
+            "only null",
+        ),
+        (request(reasoning={"effort": "minimal"}), "reasoning.effort", "'none'"),
         (request(prompt_cache_key="k"), "prompt_cache_key", "'prompt_cache_key'"),
         (request(tools=[{"type": "file_search"}]), "tools.0", "'file_search'"),
         (request(input=[{"type": "item_reference", "id": "x"}]), "input.0", "'item_reference'"),
@@ -101,7 +130,7 @@ def test_items_become_chat_messages():
     req = parsed(
         request(input=items, instructions="You help.", tools=[WEATHER], max_output_tokens=7, top_p=0.5)
     )
-    chat = chat_request(req, req.input_items())
+    chat = chat_request(req, req.input_items(), PLAIN)
     shapes = [(m.role, m.content, [c.id for c in m.tool_calls or ()], m.tool_call_id) for m in chat.messages]
     assert shapes == [
         ("system", "You help.", [], None),
@@ -123,7 +152,7 @@ def test_text_format_and_tool_choice_take_the_chat_shapes():
             text={"format": fmt}, tools=[WEATHER], tool_choice={"type": "function", "name": "get_weather"}
         )
     )
-    chat = chat_request(req, req.input_items())
+    chat = chat_request(req, req.input_items(), PLAIN)
     assert chat.response_format.json_schema.schema_ == schema and chat.response_format.json_schema.name == "a"
     assert chat.tool_choice.function.name == "get_weather"
 
@@ -212,3 +241,82 @@ def test_an_event_is_sent_under_its_own_type():
         sse_bytes(event)
         == b"event: response.output_text.delta\ndata: " + json.dumps(event).encode() + b"\n\n"
     )
+
+
+def test_vllms_forms_of_a_request_are_taken():
+    """background false, a replayed reasoning item with a null encrypted_content, the sampling
+    extensions (passed to the chat path as they are), include's logprobs (the chat's logprobs)."""
+    replayed = [
+        {"role": "user", "content": "hi"},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello."}]},
+        {"type": "reasoning", "id": "rs_1", "status": "completed", "summary": [], "encrypted_content": None},
+        {"role": "user", "content": "Again?"},
+    ]
+    extras = {
+        "top_k": 40,
+        "min_p": 0.05,
+        "repetition_penalty": 1.2,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+        "seed": 42,
+        "stop": ["\n\n"],
+        "logit_bias": {"7": -100.0},
+        "ignore_eos": True,
+    }
+    req = parsed(request(input=replayed, background=False, **extras))
+    chat = chat_request(req, req.input_items(), PLAIN)
+    assert [m.role for m in chat.messages] == ["user", "assistant", "user"]  # (the thought left out)
+    assert {k: getattr(chat, k) for k in extras} == extras and chat.logprobs is False
+    req = parsed(request(include=["message.output_text.logprobs"], top_logprobs=3))
+    chat = chat_request(req, req.input_items(), PLAIN)
+    assert (chat.logprobs, chat.top_logprobs) == (True, 3)
+    req = parsed(request(top_k=-1))
+    with pytest.raises(InvalidRequest) as caught:  # (the chat path checks the values, by name)
+        chat_request(req, req.input_items(), PLAIN)
+    assert caught.value.param == "top_k"
+
+
+def test_effort_none_turns_the_thinking_off_or_is_refused():
+    """Where the template reads enable_thinking, "none" sets it false; a model that does not think
+    has nothing to turn off; one that thinks and cannot be told not to refuses it by name."""
+    req = parsed(request(reasoning={"effort": "none"}))
+    switched = chat_request(req, req.input_items(), SWITCHED)
+    assert switched.chat_template_kwargs == {"enable_thinking": False} and switched.reasoning_effort is None
+    plain = chat_request(req, req.input_items(), PLAIN)
+    assert plain.chat_template_kwargs is None and plain.reasoning_effort is None
+    with pytest.raises(InvalidRequest) as caught:
+        chat_request(req, req.input_items(), THINKS)
+    assert caught.value.param == "reasoning.effort" and "enable_thinking" in caught.value.message
+
+
+def scored(tokens) -> list[dict]:
+    return [
+        {"token": chr(t.token), "logprob": t.logprob, "bytes": [t.token], "top_logprobs": []} for t in tokens
+    ]
+
+
+def test_output_text_carries_its_tokens_logprobs():
+    """With include's logprobs, each output_text delta carries its tokens' (those of text held back
+    with it included), the part and the done event all of them; a thought's tokens and a call's
+    carry none."""
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>'
+    tools = [Tool.model_validate({"type": "function", "function": {"name": "get_weather"}})]
+    events = [
+        Delta(0, "", (Token(ord("t"), -0.5),), "thinking"),
+        Delta(0, "", (Token(ord("h"), -0.25),)),  # (held back: no text yet)
+        Delta(0, "Hi", (Token(ord("H"), -0.1), Token(ord("i"), -0.2))),
+        Delta(0, " you", (Token(ord("y"), -0.3),)),
+        Delta(0, call, (Token(ord("<"), -0.4),)),
+        Finish(0, "stop"),
+    ]
+    builder = ResponseBuilder("resp_x", "m", {}, tools, scored)
+    out = [e for event in events for e in builder.of(event)]
+    out += builder.closing(response_usage(USAGE, builder.reasoning_tokens))
+    deltas = [[lp["token"] for lp in e["logprobs"]] for e in out if e["type"] == "response.output_text.delta"]
+    assert deltas == [["h", "H", "i"], ["y"]]
+    (done,) = [e for e in out if e["type"] == "response.output_text.done"]
+    thought, message, fc = builder.body()["output"]
+    assert [lp["token"] for lp in message["content"][0]["logprobs"]] == ["h", "H", "i", "y"]
+    assert done["logprobs"] == message["content"][0]["logprobs"] and fc["type"] == "function_call"
+    plain, _ = built([delta("Hi", tokens=2), Finish(0, "stop")])  # (not asked: empty lists, as OpenAI's)
+    assert all(e["logprobs"] == [] for e in plain if e["type"].startswith("response.output_text"))

@@ -56,8 +56,9 @@ class Door:
         return self.run(self.client.responses.create(**kw))
 
     def chat(self, messages: list[dict], max_tokens: int = 24, **kw) -> str:
+        kw = {"temperature": 0, **kw}
         made = self.client.chat.completions.create(
-            model=self.model, messages=messages, max_tokens=max_tokens, temperature=0, **kw
+            model=self.model, messages=messages, max_tokens=max_tokens, **kw
         )
         return self.run(made)
 
@@ -272,8 +273,8 @@ IMAGE = [{"role": "user", "content": [{"type": "input_image", "image_url": "http
 @pytest.mark.parametrize(
     ("field", "param", "named"),
     [
-        ({"include": ["reasoning.encrypted_content"]}, "include", "'include'"),
-        ({"background": True}, "background", "'background'"),
+        ({"include": ["reasoning.encrypted_content"]}, "include", "'reasoning.encrypted_content'"),
+        ({"background": True}, "background", "only false"),
         ({"tools": [{"type": "web_search"}]}, "tools.0", "'web_search'"),
         ({"input": IMAGE}, "input.0.content.0", "'input_image'"),
         ({"text": {"format": {"type": "text"}, "verbosity": "low"}}, "text.verbosity", "'text.verbosity'"),
@@ -289,6 +290,61 @@ def test_an_unserved_field_is_a_400_naming_it(door, field, param, named):
     assert error["param"] == param and named in error["message"], error
 
 
+LOGPROBS = {"include": ["message.output_text.logprobs"], "top_logprobs": 3}
+
+
+def entries(logprobs) -> list[tuple]:
+    """(token, logprob rounded, its alternatives' tokens) of each token's logprobs."""
+    return [(lp.token, round(lp.logprob, 4), [t.token for t in lp.top_logprobs]) for lp in logprobs]
+
+
+def test_output_text_logprobs_are_the_chat_paths(door):
+    """include's logprobs: the output_text part carries each token's, as the chat path gives them
+    for the same conversation; streamed, the text deltas carry them, together the whole's."""
+    r = door.create(input=QUESTION, **LOGPROBS)
+    chat = door.chat([{"role": "user", "content": QUESTION}], logprobs=True, top_logprobs=3)
+    part = r.output[0].content[0]
+    assert part.text == chat.choices[0].message.content and r.top_logprobs == 3
+    assert entries(part.logprobs) == entries(chat.choices[0].logprobs.content)
+    assert all(len(lp.top_logprobs) == 3 and lp.bytes == list(lp.token.encode()) for lp in part.logprobs)
+    kw = {"model": door.model, "input": QUESTION, "temperature": 0, "max_output_tokens": 24, **LOGPROBS}
+    events, final = door.run(streamed(door.client, **kw))
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert all(e.logprobs for e in deltas)
+    assert entries([lp for e in deltas for lp in e.logprobs]) == entries(part.logprobs)
+    (done,) = [e for e in events if e.type == "response.output_text.done"]
+    assert entries(done.logprobs) == entries(final.output[0].content[0].logprobs) == entries(part.logprobs)
+    plain = door.create(input=QUESTION)  # (not asked: none)
+    assert plain.output[0].content[0].logprobs == [] and plain.top_logprobs is None
+
+
+def test_vllms_request_forms_are_taken(door):
+    """As vLLM's Responses API takes them: background false, tools [], reasoning.effort "none" (a
+    model that does not think), a replayed reasoning item with a null encrypted_content, and the
+    sampling extensions, which sample as the chat path's do."""
+    extras = {"top_k": 40, "repetition_penalty": 1.2, "seed": 42, "min_p": 0.05, "stop": ["\n\n"]}
+    replay = [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi."}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello!"}]},
+        {"type": "reasoning", "summary": [], "encrypted_content": None},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": QUESTION}]},
+    ]
+    r = door.create(
+        input=replay,
+        background=False,
+        tools=[],
+        reasoning={"effort": "none"},
+        temperature=0.7,
+        extra_body=extras,
+    )
+    messages = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"}]
+    chat = door.chat([*messages, {"role": "user", "content": QUESTION}], temperature=0.7, extra_body=extras)
+    assert r.status in ("completed", "incomplete") and r.background is False
+    assert r.reasoning.effort == "none" and r.output_text == chat.choices[0].message.content
+    again = door.create(input=replay, temperature=0.7, extra_body={**extras, "seed": 7})
+    assert again.output_text != r.output_text  # (the seed samples: another seed, another text)
+
+
 def test_max_output_tokens_cuts_the_answer(door):
     r = door.create(input=QUESTION, max_output_tokens=3)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
@@ -301,6 +357,8 @@ def test_a_thought_comes_as_a_reasoning_item(default_model):
         message = door.chat(MESSAGES).choices[0].message
         kw = {"model": door.model, "input": MESSAGES, "temperature": 0, "max_output_tokens": 24}
         events, final = door.run(streamed(door.client, **kw))
+        off = door.create(input=MESSAGES, reasoning={"effort": "none"})
+        off_chat = door.chat(MESSAGES, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     thought, answer = r.output
     assert thought.type == "reasoning" and thought.id.startswith("rs_") and thought.summary == []
     assert [(c.type, c.text) for c in thought.content] == [("reasoning_text", message.reasoning_content)]
@@ -309,3 +367,7 @@ def test_a_thought_comes_as_a_reasoning_item(default_model):
     said = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
     assert said == message.reasoning_content and final.output_text == r.output_text
     assert [e.output_index for e in events if e.type == "response.output_item.added"] == [0, 1]
+    # effort "none": the template's enable_thinking false, no thought
+    assert [i.type for i in off.output] == ["message"] and off.reasoning.effort == "none"
+    assert off.output_text == off_chat.choices[0].message.content and off.output_text
+    assert off.usage.output_tokens_details.reasoning_tokens == 0

@@ -1,6 +1,6 @@
 """The rest of the OpenAI door, in process (one peer of the tiny Llama over httpx's ASGI
-transport): model cards, /tokenize and /detokenize, /version, OpenAI error JSON for unknown
-paths and methods, CORS, --served-model-name and --chat-template."""
+transport): model cards, /version, OpenAI error JSON for unknown paths and methods, CORS,
+--served-model-name and --chat-template (the tokenizer's routes: test_tokenize_door.py)."""
 
 import asyncio
 import subprocess
@@ -18,12 +18,12 @@ TEMPLATE = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_gen
 HI = [{"role": "user", "content": "hi"}]
 
 
-def ask(model, calls, **settings):
-    """Start one peer of all layers (NodeConfig `settings`), run `await calls(http, node)` against
-    its app, stop it; returns what `calls` returned."""
+def ask(model, calls, layers: str = "0:4", **settings):
+    """Start one peer of all `layers` (NodeConfig `settings`), run `await calls(http, node)`
+    against its app, stop it; returns what `calls` returned."""
 
     async def main():
-        net, (node,) = await start_swarm(model, ["0:4"], settings={0: settings})
+        net, (node,) = await start_swarm(model, [layers], settings={0: settings})
         try:
             transport = net.apps[node.config.address]
             async with httpx.AsyncClient(transport=transport, base_url="http://peer") as http:
@@ -56,92 +56,6 @@ def test_model_cards(tiny_llama):
     assert card["max_model_len"] == 512 and isinstance(card["created"], int)
     assert error_of(unknown, 404)["code"] == "model_not_found"
     assert error_of(slashed, 404)["code"] == "model_not_found"  # an id with a slash is an id too
-
-
-def test_tokenize_and_detokenize_use_the_models_tokenizer(tiny_llama):
-    async def calls(http, node):
-        tok = node.tokenizer
-        prompt = (await http.post("/tokenize", json={"model": "llama", "prompt": "Hello there"})).json()
-        chat = (await http.post("/tokenize", json={"model": "llama", "messages": HI})).json()
-        bare = (await http.post("/tokenize", json={"messages": HI, "add_generation_prompt": False})).json()
-        back = (await http.post("/detokenize", json={"model": "llama", "tokens": prompt["tokens"]})).json()
-        expected = (tok.encode("Hello there"), tok.encode_chat(HI), tok.encode_chat(HI, False))
-        return prompt, chat, bare, back, expected
-
-    prompt, chat, bare, back, (ids, chat_ids, bare_ids) = ask(tiny_llama, calls)
-    assert prompt == {"tokens": ids, "count": len(ids), "max_model_len": 512}
-    assert chat["tokens"] == chat_ids and chat["count"] == len(chat_ids)
-    assert bare["tokens"] == bare_ids and len(bare_ids) < len(chat_ids)  # no assistant's turn opened
-    assert back == {"prompt": "Hello there"}
-
-
-def test_tokenize_options_as_vllm_takes_them(tiny_llama):
-    """add_special_tokens (a prompt), return_token_strs, continue_final_message (messages); an option
-    of the other form, or add_generation_prompt given with continue_final_message, is a 400."""
-    said = [*HI, {"role": "assistant", "content": "hel"}]
-
-    async def calls(http, node):
-        tok = node.tokenizer
-        plain = (await http.post("/tokenize", json={"prompt": "Hello", "add_special_tokens": False})).json()
-        strs = (await http.post("/tokenize", json={"prompt": "Hello", "return_token_strs": True})).json()
-        cont = (await http.post("/tokenize", json={"messages": said, "continue_final_message": True})).json()
-        refused = [
-            await http.post("/tokenize", json={"prompt": "hi", "continue_final_message": True}),
-            await http.post("/tokenize", json={"messages": HI, "add_special_tokens": False}),
-            await http.post(
-                "/tokenize",
-                json={"messages": said, "continue_final_message": True, "add_generation_prompt": True},
-            ),
-            await http.post("/tokenize", json={"messages": HI, "continue_final_message": True}),
-        ]
-        expected = (
-            list(tok.hf.encode("Hello", add_special_tokens=False)),
-            tok.encode("Hello"),
-            tok.encode_chat(said, continue_final_message=True),
-            [tok.token_text(t) for t in tok.encode("Hello")],
-        )
-        return plain, strs, cont, refused, expected
-
-    plain, strs, cont, refused, (bare_ids, ids, cont_ids, texts) = ask(tiny_llama, calls)
-    assert plain["tokens"] == bare_ids and "token_strs" not in plain
-    assert strs["tokens"] == ids and strs["token_strs"] == texts
-    assert cont["tokens"] == cont_ids
-    params = [error_of(r, 400)["param"] for r in refused]
-    assert params == [
-        "continue_final_message",
-        "add_special_tokens",
-        "continue_final_message",
-        "continue_final_message",
-    ]
-
-
-def test_tokenize_refuses_bad_requests_in_openai_error_json(tiny_llama):
-    async def calls(http, node):
-        vocab = node.model_config.vocab_size
-        return (
-            await http.post("/detokenize", json={"tokens": [5, vocab]}),
-            await http.post("/detokenize", json={"tokens": [-1]}),
-            await http.post("/detokenize", json={"tokens": [1.5]}),
-            await http.post("/tokenize", json={"prompt": "hi", "return_tokens_as_ids": True}),
-            await http.post("/detokenize", json={"tokens": [5], "skip_special": True}),
-            await http.post("/tokenize", json={"prompt": "hi", "messages": HI}),
-            await http.post("/tokenize", json={}),
-            await http.post("/tokenize", json={"model": "gpt-4o", "prompt": "hi"}),
-            await http.post("/tokenize", json={"prompt": "x" * (512 * 64 + 1)}),
-        )
-
-    too_big, negative, fraction, unknown, unknown_too, both, neither, model, too_long = ask(tiny_llama, calls)
-    for r in (too_big, negative):
-        error = error_of(r, 400)
-        assert error["param"] == "tokens" and "vocabulary" in error["message"], error
-    assert error_of(fraction, 400)["param"] == "tokens.0"
-    assert error_of(unknown, 400)["param"] == "return_tokens_as_ids"
-    assert "return_tokens_as_ids" in error_of(unknown, 400)["message"]
-    assert error_of(unknown_too, 400)["param"] == "skip_special"
-    assert error_of(both, 400)["type"] == "invalid_request_error"
-    assert error_of(neither, 400)["type"] == "invalid_request_error"
-    assert error_of(model, 404)["code"] == "model_not_found"
-    assert error_of(too_long, 400)["code"] == "context_length_exceeded"  # the chat route's limit
 
 
 def test_version_and_openai_errors_for_unknown_paths_and_methods(tiny_llama):
@@ -308,106 +222,3 @@ def test_a_broken_chat_template_stops_the_peer_at_start(tiny_llama):
         "peer: error: --chat-template (the text given): the chat template does not compile: line 1"
         in done.stderr
     )
-
-
-def test_tokenize_takes_chat_template_kwargs(tiny_llama):
-    template = (
-        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-        "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% else %}<think>{% endif %}"
-    )
-
-    async def calls(http, node):
-        on = await http.post("/tokenize", json={"messages": HI})
-        off = await http.post(
-            "/tokenize", json={"messages": HI, "chat_template_kwargs": {"enable_thinking": False}}
-        )
-        unread = await http.post(
-            "/tokenize", json={"messages": HI, "chat_template_kwargs": {"thinking": False}}
-        )
-        prompt = await http.post(
-            "/tokenize", json={"prompt": "hi", "chat_template_kwargs": {"enable_thinking": False}}
-        )
-        huge = {"enable_thinking": "x" * (node.context_length * 64)}  # rendered into the prompt too
-        too_long = await http.post("/tokenize", json={"messages": HI, "chat_template_kwargs": huge})
-        encode = node.tokenizer.hf.encode
-        return on.json()["tokens"], off.json()["tokens"], unread, prompt, encode, too_long
-
-    on, off, unread, prompt, encode, too_long = ask(tiny_llama, calls, chat_template=template)
-    assert error_of(too_long, 400)["code"] == "context_length_exceeded"
-    assert on == encode("hi<think>", add_special_tokens=False)
-    assert off == encode("hi<think></think>", add_special_tokens=False)
-    assert "does not read thinking" in error_of(unread, 400)["message"]
-    assert error_of(prompt, 400)["param"] == "chat_template_kwargs"
-
-
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "add",
-            "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}},
-        },
-    }
-]
-TOOLS_TEMPLATE = (  # a chat template that renders the tools itself
-    "{% if tools %}[{% for t in tools %}{{ t['function']['name'] }};{% endfor %}]{% endif %}"
-    "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-)
-
-
-@pytest.mark.parametrize("template", [None, TOOLS_TEMPLATE], ids=["generic-tool-prompt", "template-tools"])
-def test_tokenize_renders_tools_as_the_chat_does(tiny_llama, template):
-    """/tokenize's ids for messages and tools are those a chat of them feeds the model, whether
-    the chat template renders the tools or the generic tool prompt does; with a prompt, tools
-    are a 400 naming them."""
-    choices = ({}, {"tool_choice": "required"}, {"tool_choice": "none"})
-
-    async def calls(http, node):
-        fed, real = [], node.tokenizer.encode_chat
-        node.tokenizer.encode_chat = lambda *a, **kw: fed.append(real(*a, **kw)) or fed[-1]
-        chats, tokenized = [], []
-        for extra in choices:
-            body = {"messages": HI, "tools": TOOLS, **extra}
-            chat = await http.post("/v1/chat/completions", json={**body, "model": "llama", "max_tokens": 1})
-            chats.append((chat.status_code, fed[-1]))
-            tokenized.append((await http.post("/tokenize", json=body)).json()["tokens"])
-        bare = (await http.post("/tokenize", json={"messages": HI})).json()["tokens"]
-        refused = [
-            await http.post("/tokenize", json={"prompt": "hi", "tools": TOOLS}),
-            await http.post("/tokenize", json={"messages": HI, "tool_choice": "required"}),
-        ]
-        return chats, tokenized, bare, refused
-
-    settings = {"chat_template": template} if template else {}
-    chats, tokenized, bare, refused = ask(tiny_llama, calls, **settings)
-    assert [status for status, _ in chats] == [200] * len(choices)
-    assert tokenized == [ids for _, ids in chats]
-    auto, required, none = tokenized
-    assert auto != bare and none == bare  # tool_choice "none": no tools rendered, as the chat's
-    assert (required != auto) == (template is None)  # (the generic prompt says a call is required)
-    error = error_of(refused[0], 400)
-    assert error["param"] == "tools" and "goes with messages" in error["message"]
-    assert "tool_choice needs tools" in error_of(refused[1], 400)["message"]
-
-
-def test_tokenizer_info_as_vllm_gives_it(tiny_llama):
-    async def calls(http, node):
-        return (await http.get("/tokenizer_info")).json(), node.tokenizer.hf
-
-    (info, hf), (replaced, _) = ask(tiny_llama, calls), ask(tiny_llama, calls, chat_template=TEMPLATE)
-    assert info["tokenizer_class"] == type(hf).__name__
-    assert info["max_model_len"] == 512 and info["model_max_length"] == hf.model_max_length
-    special = {k: info[k] for k in info if k.split("_")[0] in ("bos", "eos", "pad", "unk")}
-    assert special == {
-        "bos_token": "<s>",
-        "bos_token_id": 1,
-        "eos_token": "</s>",
-        "eos_token_id": 2,
-        "pad_token": None,
-        "pad_token_id": None,
-        "unk_token": "<unk>",
-        "unk_token_id": 0,
-    }
-    assert info["added_tokens_decoder"] == {"0": "<unk>", "1": "<s>", "2": "</s>"}
-    assert info["chat_template"] == hf.chat_template and replaced["chat_template"] == TEMPLATE
-    assert not [k for k in info if k.endswith("_file") or k == "name_or_path"]  # no paths of the peer's
