@@ -106,7 +106,9 @@ def completion_prompts(node: ApiPeer, req: CompletionRequest) -> list[str | list
     vocab = node.model_config.vocab_size
     for p in prompts:
         if not isinstance(p, str) and not all(0 <= t < vocab for t in p):
-            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
+            raise InvalidRequest(
+                f"prompt token ids must be in [0, {vocab}): an id out of vocabulary", param="prompt"
+            )
     return prompts
 
 

@@ -176,10 +176,10 @@ class Shape:
             offsets.append(offset)
             offset += len(text)
         top: list[dict | None] = [None]
-        for token, s in zip(prompt_ids[1:], scores, strict=True):
-            alternatives = {self._name(a): lp for a, lp in s.top[: self.logprobs]}
-            alternatives.setdefault(self._name(token), s.logprob)
-            top.append(alternatives)
+        for token, s in zip(prompt_ids[1:], scores, strict=True):  # (the token itself first, as vLLM's)
+            top.append(
+                {self._name(token): s.logprob} | {self._name(a): lp for a, lp in s.top[: self.logprobs]}
+            )
         return {
             "tokens": [self._name(t) for t in prompt_ids],
             "token_logprobs": [None, *(s.logprob for s in scores)],
@@ -213,10 +213,8 @@ class Shape:
             offsets.append(offset)
             offset += len(text)
 
-        def top_of(t: Token) -> dict:  # (the `logprobs` likeliest and the chosen one: up to logprobs + 1)
-            top = {self._name(a): lp for a, lp in t.top[: self.logprobs]}
-            top.setdefault(self._name(t.token), t.logprob)
-            return top
+        def top_of(t: Token) -> dict:  # (the chosen one first, as vLLM's, and the `logprobs` likeliest)
+            return {self._name(t.token): t.logprob} | {self._name(a): lp for a, lp in t.top[: self.logprobs]}
 
         top = [top_of(t) for t in tokens]
         return {
