@@ -212,7 +212,7 @@ class ReasoningConfig(_Strict):
 
 
 class ResponsesRequest(_Strict):
-    model: str
+    model: str | None = None  # None: the served model (as the chat path)
     input: str | list[Item] = Field(max_length=MAX_INPUT_ITEMS)
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)

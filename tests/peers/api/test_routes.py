@@ -59,6 +59,7 @@ def test_the_service_routes_answer():
             "tokens": [104, 105],
             "count": 2,
             "max_model_len": 64,
+            "token_strs": None,
         }
         assert client.post("/detokenize", json={"tokens": [104, 105]}).json() == {"prompt": "hi"}
         assert set(client.get("/version").json()) == {"version"}

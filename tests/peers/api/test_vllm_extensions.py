@@ -17,6 +17,7 @@ HI = [{"role": "user", "content": "hi"}]
 GREEDY = {"max_tokens": 4, "temperature": 0, "ignore_eos": True}
 CALLS = {  # name: (path, body)
     "no model": (CHAT, {"messages": HI, **GREEDY}),
+    "response without model": ("/v1/responses", {"input": "hi", "max_output_tokens": 3, "temperature": 0}),
     "model null": (TEXT, {"model": None, "prompt": "hello", **GREEDY}),
     "stream_options unstreamed": (
         CHAT,
@@ -104,6 +105,7 @@ def chunks(r: httpx.Response) -> list[dict]:
 def test_a_request_without_model_is_the_served_models(answers):
     assert ok(answers["no model"])["model"] == "llama"
     assert ok(answers["model null"])["model"] == "llama"
+    assert ok(answers["response without model"])["model"] == "llama"
 
 
 def test_stream_options_go_with_a_stream_and_usage_can_come_on_every_chunk(answers):

@@ -31,7 +31,11 @@ def test_streamed_chat_equals_whole_and_ends_with_usage(client, model_id):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     last = chunks[-1]
-    assert last.choices == [] and last.usage == whole.usage, last
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert last.choices == [] and [getattr(last.usage, k) for k in counts] == [
+        getattr(whole.usage, k) for k in counts
+    ]
+    assert last.usage.prompt_tokens_details.cached_tokens > 0  # (the same prompt again: its prefix was kept)
     assert all(c.usage is None for c in chunks[:-1])
     assert {c.system_fingerprint for c in chunks} == {whole.system_fingerprint}
 
