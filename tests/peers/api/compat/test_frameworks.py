@@ -1,7 +1,10 @@
 """The OpenAI door driven by langchain-openai and litellm as their users drive it: answers equal
 the openai package's, structured output parses into objects, tool calls make a round trip."""
 
+import asyncio
+import gc
 import json
+import warnings
 
 import jsonschema
 import pytest
@@ -9,6 +12,20 @@ import pytest
 from tests.peers.api.compat.common import COLORS, PROMPTS, City, chat, complete
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _their_leaks():
+    """The frameworks leave sockets of their own behind (an event loop, with its self-pipe, that
+    litellm or langchain never closes): closed here, their warning dropped, so that it does not
+    surface in whatever test of this process the garbage collector next runs in."""
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        for loop in [o for o in gc.get_objects() if isinstance(o, asyncio.BaseEventLoop)]:
+            if not loop.is_running() and not loop.is_closed():
+                loop.close()
+        gc.collect()
 
 
 # --- langchain-openai
