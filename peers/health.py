@@ -31,7 +31,7 @@ def health(node: PeerNode, admission: Admission) -> dict:
         "steps_served": node.steps_served,
         "incarnation": me.incarnation,
         "active_requests": node.active_requests,
-        "admission": admission.to_json(),  # its queue: running, waiting, their bounds and KV
+        "request_queue": admission.to_json(),  # its queue: running, waiting, their bounds and KV
         "cpus": list(node.cpus),
         "threads": node.threads,
         "core_turns": node.scheduler.turns is not None,

@@ -224,10 +224,10 @@ def short(prompt: str, **extra) -> dict:
 async def waiting(client: httpx.AsyncClient, n: int) -> None:
     """Until the entry's queue holds `n` requests (its /health's admission)."""
     for _ in range(200):
-        if (await client.get("/health")).json()["admission"]["waiting"] == n:
+        if (await client.get("/health")).json()["request_queue"]["waiting"] == n:
             return
         await asyncio.sleep(0.05)
-    raise AssertionError(f"the queue never held {n}: {(await client.get('/health')).json()['admission']}")
+    raise AssertionError(f"the queue never held {n}: {(await client.get('/health')).json()['request_queue']}")
 
 
 async def in_line(client: httpx.AsyncClient) -> tuple:
@@ -266,8 +266,8 @@ def test_requests_past_max_requests_wait_their_turn(tiny_llama, tmp_path):
                 return await in_line(client)
 
         refused, queued, b, e = asyncio.run(main())
-        wait_until(lambda: swarm.peers[0].health()["admission"]["running"] == 0, 10)
-        admission = swarm.peers[0].health()["admission"]
+        wait_until(lambda: swarm.peers[0].health()["request_queue"]["running"] == 0, 10)
+        admission = swarm.peers[0].health()["request_queue"]
     finally:
         swarm.stop()
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1", refused.text

@@ -30,7 +30,7 @@ HEALTH_FIELDS = {
     "incarnation",
     "claims",
     "active_requests",
-    "admission",
+    "request_queue",
     "threads",
     "cpus",
     "core_turns",
@@ -98,8 +98,8 @@ def test_health_answers_every_field(tiny_llama):
         "partitioned_by": "client_host",
     }
     assert h["forwarded"] == {"messages": 0, "frames": 0}
-    assert h["admission"]["running"] == h["admission"]["waiting"] == 0
-    assert (h["admission"]["max_running"], h["admission"]["max_waiting"]) == (64, 256)
+    assert h["request_queue"]["running"] == h["request_queue"]["waiting"] == 0
+    assert (h["request_queue"]["max_running"], h["request_queue"]["max_waiting"]) == (64, 256)
     assert set(h["hop_path_ms"]) == {"read_body", "decode", "check", "queue", "compute", "hand_on"}
     # each section is its component's to_json(), in the order /health always gave
     assert list(h["direct_return"]) == ["enabled", *node.returns.to_json()]

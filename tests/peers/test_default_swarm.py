@@ -133,9 +133,9 @@ def test_a_client_that_hangs_up_stops_its_generation(smol_swarm, stream):
 
 
 def test_a_stream_that_cannot_start_gets_its_real_status(smol_swarm):
-    """An entry admitting one request at a time: a second streamed request gets 429 with
-    Retry-After as its status, not 200 followed by an error event."""
-    entry = smol_swarm.add("0:1", args=["--max-requests", "1"])
+    """An entry admitting one request at a time, and none waiting: a second streamed request
+    gets 429 with Retry-After as its status, not 200 followed by an error event."""
+    entry = smol_swarm.add("0:1", args=["--max-requests", "1", "--max-waiting", "0"])
     smol_swarm.wait_ready([entry], timeout_s=300)
     smol_swarm.wait_route(entry)
     with httpx.stream("POST", f"{entry.url}/v1/chat/completions", json=LONG_STORY, timeout=120) as first:
