@@ -33,8 +33,8 @@ from peers.api.prompts import (
     check_prompt_size,
     completion_prompts,
     prompt_chars,
+    rendered_messages,
     template_kwargs,
-    text_of,
     truncated,
 )
 from peers.api.reasoning import reasoning_of
@@ -42,7 +42,6 @@ from peers.api.runs import Run, Usage, best, collect, first_events, merged, usag
 from peers.api.schema import ChatRequest, CompletionRequest, GenerationRequest
 from peers.api.shapes import Shape
 from peers.api.sse import Chunks, sse
-from peers.api.tools import prompt_messages
 from peers.entry.admission import Admission, Ticket
 from peers.entry.generation import NoRoom, banned_now, current_route
 from peers.entry.prefix import routing_key
@@ -125,12 +124,7 @@ class OpenAIDoor:
         node = self.node
         req = with_model_sampling(node, req)
         tools = list(req.tools or ()) if req.tool_choice != "none" else []
-        try:
-            messages, given = prompt_messages(
-                req.messages, tools, req.tool_choice, node.tokenizer.template_takes_tools, text_of
-            )
-        except ValueError as e:
-            raise InvalidRequest(str(e), param="messages") from None
+        messages, given = rendered_messages(node, req.messages, tools, req.tool_choice)
         variables = template_kwargs(
             req.chat_template_kwargs, req.reasoning_effort, node.tokenizer.template_variables
         )

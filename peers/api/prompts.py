@@ -6,6 +6,7 @@ import json
 
 from peers.api.door import ApiPeer
 from peers.api.schema import MAX_PROMPTS, CompletionRequest
+from peers.api.tools import prompt_messages
 from peers.transport.errors import InvalidRequest
 
 MAX_CHARS_PER_TOKEN = 64  # no token of a real vocabulary is longer: longer prompts cannot fit
@@ -72,6 +73,15 @@ def check_prompt_size(node: ApiPeer, chars: int, param: str) -> None:
             param=param,
             code="context_length_exceeded",
         )
+
+
+def rendered_messages(node: ApiPeer, messages, tools: list, tool_choice) -> tuple[list[dict], list | None]:
+    """A chat's messages (and tools) as its chat template takes them, for a chat and /tokenize
+    alike; a 400 naming `messages` where they cannot be."""
+    try:
+        return prompt_messages(messages, tools, tool_choice, node.tokenizer.template_takes_tools, text_of)
+    except ValueError as e:
+        raise InvalidRequest(str(e), param="messages") from None
 
 
 def truncated(node, req, ids: list[int]) -> list[int]:

@@ -14,9 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from peers.api.asks import model_sampling
 from peers.api.door import ApiPeer
-from peers.api.prompts import check_prompt_size, prompt_chars, template_kwargs, text_of
+from peers.api.prompts import check_prompt_size, prompt_chars, rendered_messages, template_kwargs
 from peers.api.schema import MAX_TOOLS, ChatMessage, TemplateKwargs, Tool, ToolChoice, check_tool_choice
-from peers.api.tools import prompt_messages
 from peers.transport.errors import InvalidRequest, ModelNotServed
 
 
@@ -178,12 +177,7 @@ def chat_encoder(node: ApiPeer, req: TokenizeRequest) -> Callable[[], list[int]]
             param="add_special_tokens",
         )
     tools = list(req.tools or ()) if req.tool_choice != "none" else []
-    try:
-        messages, given = prompt_messages(
-            req.messages, tools, req.tool_choice, node.tokenizer.template_takes_tools, text_of
-        )
-    except ValueError as e:
-        raise InvalidRequest(str(e), param="messages") from None
+    messages, given = rendered_messages(node, req.messages, tools, req.tool_choice)
     variables = template_kwargs(req.chat_template_kwargs, None, node.tokenizer.template_variables)
     check_prompt_size(node, prompt_chars(messages, variables), "messages")
     return partial(
