@@ -10,6 +10,7 @@ The last row of every buffer is scratch: padded rows of a captured batch write t
 CPU the buffers take memory as sessions write them, not before (`_zeros`).
 """
 
+import heapq
 import math
 import mmap
 import threading
@@ -50,7 +51,7 @@ class Lease:
             if self._released:
                 return
             self._released = True
-            self.pool._free.append(self.slot)
+            heapq.heappush(self.pool._free, self.slot)
 
 
 class SlotPool:
@@ -71,7 +72,9 @@ class SlotPool:
         # zeros: padded rows attend to the scratch row, and a shorter row's masked positions are
         # read (a garbage NaN times a zero weight is NaN)
         self.kv = {layer: (_zeros(shape, dtype, device), _zeros(shape, dtype, device)) for layer in layers}
-        self._free = list(reversed(range(slots)))  # pop() hands out slot 0 first
+        # a heap: the lowest free slot goes first, so sessions opened in turn hold consecutive
+        # slots in their batch's order (a view of the pool, and no reordering of their rows)
+        self._free = list(range(slots))
         # reentrant: a Lease's release runs from a weakref finalizer, which the cyclic garbage
         # collector may call inside lease() (an allocation) on the thread that holds the lock
         self._lock = threading.RLock()
@@ -95,7 +98,7 @@ class SlotPool:
     def lease(self) -> Lease | None:
         """A free slot, or None when every slot is held (the session keeps buffers of its own)."""
         with self._lock:
-            return Lease(self, self._free.pop()) if self._free else None
+            return Lease(self, heapq.heappop(self._free)) if self._free else None
 
     def views(self, slot: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """A slot's buffers, per global layer: keys and values [1, kv_heads, positions, head_dim]."""

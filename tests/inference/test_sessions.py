@@ -90,6 +90,22 @@ def test_new_sessions_of_one_sequence_lease_a_slot_of_the_pool():
     assert sessions.store.max_tokens == 1024 and sessions.pool is None
 
 
+def test_sessions_opened_in_turn_lease_the_lowest_free_slots():
+    """Slots go lowest first, also after sessions closed in any order: a batch of sessions opened
+    in turn holds consecutive slots in its own order (a view of the pool, rows not reordered)."""
+    from types import SimpleNamespace
+
+    sessions = make(max_tokens=4096)
+    config = SimpleNamespace(hidden_size=8, num_attention_heads=2, num_key_value_heads=1)
+    pool = sessions.enable_pool(config, torch.float32, torch.device("cpu"), slots=4, positions=64)
+    first = [sessions.session_for(Step(f"a{i}", ids(1, 4), 0), (0, 4)).slot for i in range(4)]
+    assert first == [0, 1, 2, 3] and pool.free == 0
+    for i in (0, 1, 2, 3):  # closed first to last: a stack would hand out 3, 2, 1, 0 next
+        sessions.close(f"a{i}")
+    again = [sessions.session_for(Step(f"b{i}", ids(1, 4), 0), (0, 4)).slot for i in range(4)]
+    assert again == [0, 1, 2, 3]
+
+
 def test_prefix_guards():
     sessions = make()
     assert sessions.restore_prefix("a", (0, 4), (), 0, 40) == 0  # no prefix: nothing to restore
