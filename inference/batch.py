@@ -101,6 +101,13 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     sinks, softcap = kwargs.get("s_aux"), kwargs.get("softcap")
     # the fused kernel, unless the layer needs what it lacks (_explicit_attention)
     fused = sinks is None and softcap is None and value.shape[-1] == query.shape[-1]
+    if layer in batch.latent and sinks is None and (rows := _latent_rows(batch, window, query, key, value)):
+        q, k, v = rows  # [heads, n, ...]: the rows are the batch dimension after the heads
+        if fused:
+            out = F.scaled_dot_product_attention(q, k, v, scale=scaling)
+        else:
+            out = _explicit_attention(q, k, v, None, scaling, None, softcap)
+        return out[:, :, 0].transpose(0, 1)[None], None  # [1, n, heads, d]
     outs = []
     for i, s in enumerate(batch.rest):  # (all segments when the block has latent layers: no pool)
         end = s.past + s.steps
@@ -136,6 +143,22 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     for s, out in zip(batch.rest, outs, strict=True):
         whole[0, s.offset : s.offset + s.steps] = out[0].transpose(0, 1)
     return whole, None
+
+
+def _latent_rows(batch: BatchCache, window: int | None, query, key, value):
+    """Decode rows of one length in a latent layer, as one batch: (q [heads, n, 1, d], k and v
+    [heads, n, T, d]: views of the histories expanded end to end, heads first so that the batch
+    dimensions fold into one without a copy), or None for any other mix."""
+    rest = batch.rest
+    if batch.pooled or window is not None or len(rest) < 2:
+        return None
+    end = rest[0].past + 1
+    if any(s.steps != 1 or s.past + 1 != end for s in rest) or key.shape[2] != len(rest) * end:
+        return None
+    heads, n = key.shape[1], len(rest)
+    k = key[0].reshape(heads, n, end, -1)
+    v = value[0].reshape(value.shape[1], n, end, -1)
+    return query[0][:, :, None], k, v
 
 
 class Pooled:
@@ -234,10 +257,12 @@ def _explicit_attention(q, k, v, mask, scaling, sinks, softcap) -> torch.Tensor:
     (multi-head latent attention's, DeepSeek-V3), scores soft-capped
     (cap * tanh(s / cap)) and attention sinks (one learned logit per head that takes part in the
     softmax and adds nothing to the output; GPT-OSS), as the families' own eager code does it."""
-    heads, kv_heads = q.shape[1], k.shape[1]
-    k = k.repeat_interleave(heads // kv_heads, dim=1)
-    v = v.repeat_interleave(heads // kv_heads, dim=1)
-    scores = torch.matmul(q, k.transpose(2, 3)) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
+    # the query heads that share a KV head are that head's rows: no keys or values are repeated
+    batch, heads, steps, dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    grouped = q.reshape(batch, kv_heads, heads // kv_heads * steps, dim)
+    scores = torch.matmul(grouped, k.transpose(2, 3)).view(batch, heads, steps, keys)
+    scores = scores * (scaling if scaling is not None else dim**-0.5)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
@@ -249,7 +274,8 @@ def _explicit_attention(q, k, v, mask, scaling, sinks, softcap) -> torch.Tensor:
         probs = F.softmax(scores, dim=-1, dtype=scores.dtype)[..., :-1]
     else:
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs.to(v.dtype), v)
+    probs = probs.to(v.dtype).reshape(batch, kv_heads, heads // kv_heads * steps, keys)
+    return torch.matmul(probs, v).view(batch, heads, steps, v.shape[-1])
 
 
 def _mask(past: int, steps: int, window: int | None, device) -> torch.Tensor:

@@ -59,6 +59,26 @@ def test_three_blocks_match_the_monolithic_model_at_three_splits(family_model, k
             assert torch.allclose(g, e, atol=1e-4, rtol=0), (kind, split, (g - e).abs().max())
 
 
+def test_latent_decode_rows_of_one_length_attend_as_one_batch(family_model, monkeypatch):
+    """DeepSeek-V3's decode rows of one length attend in one call over their expanded histories
+    (inference/batch.py _latent_rows), exact against the monolithic model."""
+    from inference import batch as batch_module
+
+    path = family_model("deepseek_v3")
+    model = monolithic(path)
+    prompts = [[5 + i, 17, 33, 80, 9, 44, 12, 7, 100, 3, 60, 61] for i in range(3)]
+    with torch.no_grad():
+        expected = [model(torch.tensor([p])).logits[0] for p in prompts]
+    batched, latent_rows = [], batch_module._latent_rows
+    monkeypatch.setattr(
+        batch_module, "_latent_rows", lambda *a: batched.append(latent_rows(*a)) or batched[-1]
+    )
+    got = chain_logits([load_block(path, layers) for layers in SPLITS[0]], prompts)
+    assert sum(rows is not None for rows in batched) == DECODE * 4  # every decode step, every layer
+    for g, e in zip(got, expected, strict=True):
+        assert torch.allclose(g, e, atol=1e-4, rtol=0), (g - e).abs().max()
+
+
 def test_a_family_that_cannot_be_served_exactly_is_refused_with_why(family_model, tmp_path):
     from transformers import AutoConfig
 

@@ -73,8 +73,8 @@ def test_pooled_rows_equal_the_rows_one_by_one(family_model, tiny_models, kind, 
     make = Pooled.of
     monkeypatch.setattr(Pooled, "of", lambda *a: used.append(make(*a)) or used[-1])
     want, got = drive(plain, script()), drive(pooled, script())
-    for a, b in zip(got, want, strict=True):
-        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
+    for a, b in zip(got, want, strict=True):  # (float32 sums in another order: ~1e-5 of hidden states ~4)
+        assert a.shape == b.shape and torch.allclose(a, b, atol=5e-5, rtol=1e-5), (a - b).abs().max()
     groups = [p for p in used if p is not None]
     assert any(p.view is None for p in groups) and any(p.view is not None for p in groups)
     assert any(mask is not None for p in groups for _, mask in p.masks.values())  # rows of different lengths
