@@ -15,8 +15,11 @@ from transformers import AttentionInterface
 from .kv_cache import LOCAL, Sender, SessionCache
 
 ATTENTION = "layerswarm_varlen"
-# pooled decode rows attend to the longest one's keys, the others' masked: at most this share of them
+# pooled decode rows attend to the longest one's keys, the others' masked: at most this share of
+# them, or more while the masked keys cost less to read than the attention calls the rows would
+# make one by one (~30 us a call on a CPU core, in bytes read at ~10 GB/s)
 POOLED_PADDING = 0.25
+CALL_BYTES = 300_000
 
 
 @dataclass
@@ -210,7 +213,8 @@ class Pooled:
     def of(cls, segments: list[Segment], pool, windows: dict[int, int | None]) -> "Pooled | None":
         """The pooled rows of a batch, or None when fewer than two rows hold slots of `pool`, or
         when their lengths differ so much that attending to the longest would cost more than
-        attending one by one (more than POOLED_PADDING of the keys masked)."""
+        attending one by one (more than POOLED_PADDING of the keys masked, and more bytes of masked
+        keys and values than CALL_BYTES for each call saved)."""
         if pool is None:
             return None
         members = [
@@ -219,7 +223,10 @@ class Pooled:
         if len(members) < 2:
             return None
         longest = max(s.past + 1 for s in members)
-        if sum(s.past + 1 for s in members) < (1 - POOLED_PADDING) * longest * len(members):
+        masked = longest * len(members) - sum(s.past + 1 for s in members)
+        if masked > POOLED_PADDING * longest * len(members) and (
+            masked * pool.position_bytes > (len(members) - 1) * CALL_BYTES
+        ):
             return None
         taken = {id(s) for s in members}
         members.sort(key=lambda s: s.cache.slot)

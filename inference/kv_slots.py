@@ -88,6 +88,12 @@ class SlotPool:
         return self.kv[self.layers[0]][0].device
 
     @property
+    def position_bytes(self) -> int:
+        """The bytes of one position's keys and values in one layer of a slot."""
+        k = self.kv[self.layers[0]][0]
+        return 2 * k.shape[1] * k.shape[3] * k.element_size()
+
+    @property
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.kv.values())
 

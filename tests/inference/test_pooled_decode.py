@@ -79,3 +79,26 @@ def test_pooled_rows_equal_the_rows_one_by_one(family_model, tiny_models, kind, 
     assert any(p.view is None for p in groups) and any(p.view is not None for p in groups)
     assert any(mask is not None for p in groups for _, mask in p.masks.values())  # rows of different lengths
     assert pooled.sessions.find("s0").slot is None  # it outgrew its slot and left it
+
+
+def test_rows_of_different_lengths_pool_while_their_masked_keys_cost_less_than_the_calls():
+    """Rows whose lengths differ attend in one pooled call while the masked keys and values they
+    would read cost less than the attention calls saved (CALL_BYTES each); past that, one by one."""
+    from types import SimpleNamespace
+
+    from inference.batch import CALL_BYTES, Segment
+    from inference.kv_slots import SlotPool
+
+    def pool(kv_heads: int) -> SlotPool:
+        return SlotPool(range(1), 8, 4096, kv_heads, 64, torch.float32, torch.device("cpu"))
+
+    def rows(p: SlotPool, lengths: list[int]) -> list[Segment]:
+        caches = [SimpleNamespace(lease=SimpleNamespace(pool=p), slot=i) for i in range(len(lengths))]
+        return [Segment(c, 0, i, 1, n - 1) for i, (c, n) in enumerate(zip(caches, lengths, strict=True))]
+
+    mixed = [16, 29, 43, 57, 70, 84, 98, 112]  # 44% of the longest's keys masked
+    small, wide = pool(4), pool(64)
+    assert small.position_bytes * (112 * 8 - sum(mixed)) <= 7 * CALL_BYTES
+    assert Pooled.of(rows(small, mixed), small, {0: None}) is not None
+    assert Pooled.of(rows(wide, mixed), wide, {0: None}) is None  # (64 KV heads: 17x the bytes)
+    assert Pooled.of(rows(wide, [100, 90, 110, 105]), wide, {0: None}) is not None  # (under 25% masked)
