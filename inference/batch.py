@@ -195,19 +195,27 @@ class Pooled:
                 torch.full((len(ends),), self.longest - 1, device=device) if lengths is None else lengths - 1
             )
             self.at = (self.slots, slice(None), positions)
-        self.masks: dict[int | None, tuple[int, torch.Tensor | None]] = {}  # window -> (first key, mask)
+        # window -> (first key, mask, None), or (0, mask, positions [n, window]) where each row
+        # gathers its own window's keys: a window much shorter than the rows' spread
+        self.masks: dict[int | None, tuple[int, torch.Tensor | None, torch.Tensor | None]] = {}
         for window in set(windows.values()):
             first_key = 0 if window is None else max(0, shortest - window)
             if shortest == self.longest and (window is None or first_key == self.longest - window):
-                self.masks[window] = (first_key, None)  # every row attends to the same keys
+                self.masks[window] = (first_key, None, None)  # every row attends to the same keys
                 continue
             if lengths is None:
                 lengths = torch.tensor(ends, device=device)
+            if window is not None and self.longest - first_key > 2 * window:
+                if self.slots is None:
+                    self.slots = torch.tensor(slots, device=device)
+                at = (lengths - window).clamp(min=0)[:, None] + torch.arange(window, device=device)[None, :]
+                self.masks[window] = (0, (at < lengths[:, None])[:, None, None, :], at)
+                continue
             keys = torch.arange(first_key, self.longest, device=device)[None, :]
             allowed = keys < lengths[:, None]
             if window is not None:
                 allowed &= keys >= lengths[:, None] - window
-            self.masks[window] = (first_key, allowed[:, None, None, :])  # [n, 1, 1, keys]
+            self.masks[window] = (first_key, allowed[:, None, None, :], None)  # [n, 1, 1, keys]
 
     @classmethod
     def of(cls, segments: list[Segment], pool, windows: dict[int, int | None]) -> "Pooled | None":
@@ -246,9 +254,13 @@ class Pooled:
     def attend(self, layer, query, scaling, sinks, softcap, fused: bool) -> torch.Tensor:
         """query [1, heads, N, d] -> the pooled rows' outputs [n, heads, d]."""
         k, v = self.pool.kv[layer]
-        first_key, mask = self.masks[self.windows[layer]]
-        rows = self.view if self.view is not None else self.slots
-        keys, values = k[rows, :, first_key : self.longest], v[rows, :, first_key : self.longest]
+        first_key, mask, at = self.masks[self.windows[layer]]
+        if at is not None:  # [n, window, kv_heads, d] -> [n, kv_heads, window, d]
+            rows = self.slots[:, None]
+            keys, values = k[rows, :, at].transpose(1, 2), v[rows, :, at].transpose(1, 2)
+        else:
+            rows = self.view if self.view is not None else self.slots
+            keys, values = k[rows, :, first_key : self.longest], v[rows, :, first_key : self.longest]
         q = query[0, :, self.rows].transpose(0, 1)  # [n, heads, d]
         n, heads, dim = q.shape
         if not fused:
