@@ -209,7 +209,8 @@ class Pooled:
                 if self.slots is None:
                     self.slots = torch.tensor(slots, device=device)
                 at = (lengths - window).clamp(min=0)[:, None] + torch.arange(window, device=device)[None, :]
-                self.masks[window] = (0, (at < lengths[:, None])[:, None, None, :], at)
+                inside = None if shortest >= window else (at < lengths[:, None])[:, None, None, :]
+                self.masks[window] = (0, inside, at)  # (no mask where every row fills its window)
                 continue
             keys = torch.arange(first_key, self.longest, device=device)[None, :]
             allowed = keys < lengths[:, None]
