@@ -175,7 +175,7 @@ class Pooled:
         device = pool.device
         slots = [s.cache.slot for s in members]
         offsets = [s.offset for s in members]
-        ends = [s.past + 1 for s in members]
+        self.ends = ends = [s.past + 1 for s in members]
         self.longest, shortest = max(ends), min(ends)
         first = slots[0]  # consecutive slots are a view of the pool; others are gathered
         self.view = (
@@ -194,7 +194,11 @@ class Pooled:
             positions = (
                 torch.full((len(ends),), self.longest - 1, device=device) if lengths is None else lengths - 1
             )
-            self.at = (self.slots, slice(None), positions)
+            # the rows' positions of each KV head, as rows of the pool seen as [-1, d] (one
+            # index_copy_: an indexed store with a slice between its indices costs more)
+            _, kv_heads, size, _ = pool.kv[pool.layers[0]][0].shape
+            heads = torch.arange(kv_heads, device=device)[None, :]
+            self.at = ((self.slots[:, None] * kv_heads + heads) * size + positions[:, None]).flatten()
         # window -> (first key, mask, None), or (0, mask, positions [n, window]) where each row
         # gathers its own window's keys: a window much shorter than the rows' spread
         self.masks: dict[int | None, tuple[int, torch.Tensor | None, torch.Tensor | None]] = {}
@@ -210,7 +214,12 @@ class Pooled:
                     self.slots = torch.tensor(slots, device=device)
                 at = (lengths - window).clamp(min=0)[:, None] + torch.arange(window, device=device)[None, :]
                 inside = None if shortest >= window else (at < lengths[:, None])[:, None, None, :]
-                self.masks[window] = (0, inside, at)  # (no mask where every row fills its window)
+                # each row's window of each KV head, as rows of the pool seen as [-1, d]: one
+                # index_select (an indexed read with a slice between its indices costs ~6x)
+                _, kv_heads, positions, _ = pool.kv[pool.layers[0]][0].shape
+                heads = torch.arange(kv_heads, device=device)[None, :, None]
+                flat = ((self.slots[:, None, None] * kv_heads + heads) * positions + at[:, None, :]).flatten()
+                self.masks[window] = (0, inside, flat)  # (no mask where every row fills its window)
                 continue
             keys = torch.arange(first_key, self.longest, device=device)[None, :]
             allowed = keys < lengths[:, None]
@@ -249,16 +258,24 @@ class Pooled:
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store the rows' new keys and values (of [1, kv_heads, N, d]) at their slots' positions."""
         k, v = self.pool.kv[layer]
-        k[self.at] = key[0, :, self.rows].transpose(0, 1)  # [n, kv_heads, d]
-        v[self.at] = value[0, :, self.rows].transpose(0, 1)
+        new_k, new_v = (
+            key[0, :, self.rows].transpose(0, 1),
+            value[0, :, self.rows].transpose(0, 1),
+        )  # [n, kv_heads, d]
+        if isinstance(self.at, tuple):
+            k[self.at], v[self.at] = new_k, new_v
+        else:
+            k.view(-1, k.shape[-1]).index_copy_(0, self.at, new_k.reshape(-1, k.shape[-1]))
+            v.view(-1, v.shape[-1]).index_copy_(0, self.at, new_v.reshape(-1, v.shape[-1]))
 
     def attend(self, layer, query, scaling, sinks, softcap, fused: bool) -> torch.Tensor:
         """query [1, heads, N, d] -> the pooled rows' outputs [n, heads, d]."""
         k, v = self.pool.kv[layer]
         first_key, mask, at = self.masks[self.windows[layer]]
-        if at is not None:  # [n, window, kv_heads, d] -> [n, kv_heads, window, d]
-            rows = self.slots[:, None]
-            keys, values = k[rows, :, at].transpose(1, 2), v[rows, :, at].transpose(1, 2)
+        if at is not None:  # each row's own window: [n, kv_heads, window, d]
+            shape = (len(self.ends), k.shape[1], -1, k.shape[-1])
+            keys = k.view(-1, k.shape[-1]).index_select(0, at).view(shape)
+            values = v.view(-1, v.shape[-1]).index_select(0, at).view(shape)
         else:
             rows = self.view if self.view is not None else self.slots
             keys, values = k[rows, :, first_key : self.longest], v[rows, :, first_key : self.longest]
