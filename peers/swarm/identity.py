@@ -74,6 +74,13 @@ class Identity:
         self._sealing = SealKey(secret)
         self.seal_key = self._sealing.public_key  # X25519, unpadded base64url: others seal to it
 
+    def raw_secret(self) -> bytes:
+        """The 32-byte Ed25519 private key, for a transport keyed by the same identity
+        (peers/transport/p2p.py: its libp2p peer id is this key)."""
+        return self._key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+
     @classmethod
     def generate(cls) -> "Identity":
         return cls(Ed25519PrivateKey.generate())

@@ -1,0 +1,270 @@
+"""Peer-to-peer streams through libp2p (py-libp2p, the `p2p` extra), for peers that cannot be
+dialled at an address of their own (README "Networks"): the engine that will carry steps through
+NATs, by relay (circuit relay v2) or hole punching (DCUtR), end to end encrypted (Noise) and
+keyed by the peer's own Ed25519 identity, so that its libp2p peer id is the same key as its
+LayerSwarm peer id.
+
+py-libp2p runs on trio; a peer runs on asyncio. A P2PNode keeps the libp2p host on a trio loop
+in a thread of its own and hands work across without blocking either loop: asyncio -> trio
+through the trio token's `run_sync_soon`, trio -> asyncio through `call_soon_threadsafe`.
+
+Requests to one peer share one persistent libp2p stream (opening a stream costs a protocol
+negotiation: ~17 ms a request on loopback when each had its own): `id (8) | length (4) | body`
+out, `id (8) | length (4) | answer` back, answers in any order; the answering side runs the
+asyncio handler it was given for each (at most MAX_INFLIGHT at once on a stream: past that it
+reads no more, back-pressure) and bounds what it reads (`max_bytes`). This module is the transport
+room's libp2p door; routing through it is built on it.
+"""
+
+import asyncio
+import logging
+import struct
+import threading
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger("layerswarm.p2p")
+
+PROTOCOL = "/layerswarm/steps/1"
+MAX_INFLIGHT = 64  # requests open on one stream
+HEADER = struct.Struct(">QI")  # id, length
+START_TIMEOUT_S = 10.0
+
+
+class P2PUnavailable(RuntimeError):
+    """The `p2p` extra (py-libp2p) is not installed."""
+
+
+def available() -> bool:
+    try:
+        import libp2p  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+async def _read_exact(stream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.read(n - len(buf))
+        if not chunk:
+            raise EOFError(f"the stream ended after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+async def _read_message(stream, max_bytes: int) -> tuple[int, bytes]:
+    msg_id, size = HEADER.unpack(await _read_exact(stream, HEADER.size))
+    if size > max_bytes:
+        raise ValueError(f"a message of {size} bytes; the limit is {max_bytes}")
+    return msg_id, await _read_exact(stream, size)
+
+
+class _Link:
+    """One stream to one peer (trio side): requests out, answers matched back by id."""
+
+    def __init__(self, stream):
+        import trio
+
+        self.stream, self.lock = stream, trio.Lock()
+        self.pending: dict[int, asyncio.Future] = {}
+        self.ids = 0
+        self.closed = False
+
+
+class P2PNode:
+    """A libp2p host on its own trio thread. `secret`: the peer's 32-byte Ed25519 private key;
+    `handler(body, remote_peer_id) -> answer`: an asyncio coroutine, run on the loop that
+    started the node for each request that comes in."""
+
+    def __init__(
+        self,
+        secret: bytes,
+        handler: Callable[[bytes, str], Awaitable[bytes]],
+        listen: str = "/ip4/127.0.0.1/tcp/0",
+        max_bytes: int = 64 << 20,
+    ):
+        if not available():
+            raise P2PUnavailable("peer-to-peer streams need the p2p extra: pip install 'layerswarm[p2p]'")
+        self.secret, self.handler, self.listen, self.max_bytes = secret, handler, listen, max_bytes
+        self.peer_id = ""  # libp2p's spelling (12D3KooW...), once started
+        self.addrs: list[str] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._token = None  # the trio loop's token: how asyncio hands it work
+        self._host = None
+        self._nursery = None
+        self._stop = None
+        self._thread: threading.Thread | None = None
+        self._links: dict = {}  # peer id -> _Link, or a trio.Event while it opens
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        started = self._loop.create_future()
+        self._thread = threading.Thread(target=self._run, args=(started,), name="p2p", daemon=True)
+        self._thread.start()
+        await asyncio.wait_for(started, START_TIMEOUT_S)
+
+    def _run(self, started: asyncio.Future) -> None:
+        import trio
+
+        def tell(fn, *args) -> None:
+            if not started.done():
+                self._loop.call_soon_threadsafe(fn, *args)
+
+        try:
+            trio.run(self._main, tell, started)
+        except BaseException as e:  # (a failed start is the starter's error; a later one is logged)
+            if started.done():
+                log.error("the libp2p host stopped: %s: %s", type(e).__name__, e)
+            else:
+                self._loop.call_soon_threadsafe(_fail, started, e)
+
+    async def _main(self, tell, started) -> None:
+        import multiaddr
+        import trio
+        from libp2p import new_host
+        from libp2p.crypto.ed25519 import create_new_key_pair
+
+        host = new_host(key_pair=create_new_key_pair(self.secret))
+        self._host, self._stop = host, trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+        async with host.run(listen_addrs=[multiaddr.Multiaddr(self.listen)]), trio.open_nursery() as nursery:
+            self._nursery = nursery
+            host.set_stream_handler(PROTOCOL, self._serve)
+            self.peer_id = str(host.get_id())
+            self.addrs = [str(a) for a in host.get_addrs()]
+            tell(_done, started)
+            await self._stop.wait()
+            with trio.move_on_after(2):  # (its connections' sockets closed, not left to the collector)
+                await host.get_network().close()
+            nursery.cancel_scope.cancel()
+
+    async def _serve(self, stream) -> None:
+        """Requests from another peer on one stream: each body to the asyncio handler (up to
+        MAX_INFLIGHT at once), each answer back with its id as it is ready."""
+        import trio
+
+        remote = str(stream.muxed_conn.peer_id)
+        slots, lock = trio.Semaphore(MAX_INFLIGHT), trio.Lock()
+
+        async def answer(msg_id: int, body: bytes) -> None:
+            try:
+                result = await self._in_asyncio(self.handler(body, remote))
+                async with lock:
+                    await stream.write(HEADER.pack(msg_id, len(result)) + result)
+            except Exception as e:  # (the sender times out and goes another way)
+                log.info("a p2p request from %s failed: %s: %s", remote, type(e).__name__, e)
+            finally:
+                slots.release()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    msg_id, body = await _read_message(stream, self.max_bytes)
+                    await slots.acquire()
+                    nursery.start_soon(answer, msg_id, body)
+        except Exception as e:  # the stream ended, or a malformed message: the stream is done
+            log.debug("a p2p stream from %s closed: %s", remote, e)
+            await stream.reset()
+
+    async def _in_asyncio(self, coro):
+        """Run an asyncio coroutine on the peer's loop; wait for it here, on trio."""
+        import trio
+
+        done, box, token = trio.Event(), {}, self._token
+
+        def finished(task: asyncio.Future) -> None:
+            box["task"] = task
+            token.run_sync_soon(done.set)
+
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(coro).add_done_callback(finished))
+        await done.wait()
+        return box["task"].result()
+
+    async def request(self, peer_id: str, addrs: list[str], body: bytes, timeout_s: float) -> bytes:
+        """Send `body` to the peer `peer_id` (libp2p's spelling) known at `addrs` (multiaddrs)
+        and return its answer."""
+        if len(body) > self.max_bytes:
+            raise ValueError(f"a message of {len(body)} bytes; the limit is {self.max_bytes}")
+        future, loop = self._loop.create_future(), self._loop
+
+        async def send() -> None:
+            try:
+                link = await self._link(peer_id, addrs, timeout_s)
+                async with link.lock:
+                    link.ids += 1
+                    link.pending[link.ids] = future
+                    await link.stream.write(HEADER.pack(link.ids, len(body)) + body)
+            except Exception as e:
+                loop.call_soon_threadsafe(_fail, future, e)
+
+        self._token.run_sync_soon(self._nursery.start_soon, send)
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            raise TimeoutError(f"no answer from {peer_id} within {timeout_s:g} s") from None
+
+    async def _link(self, peer_id: str, addrs: list[str], timeout_s: float) -> _Link:
+        """The open stream to `peer_id`, or a new one (one opening per peer at a time)."""
+        import multiaddr
+        import trio
+        from libp2p.peer.id import ID
+        from libp2p.peer.peerinfo import PeerInfo
+
+        while True:
+            link = self._links.get(peer_id)
+            if isinstance(link, _Link) and not link.closed:
+                return link
+            if link is None or isinstance(link, _Link):
+                break
+            await link.wait()  # (another request is opening it)
+        opening = self._links[peer_id] = trio.Event()
+        try:
+            with trio.fail_after(timeout_s):
+                peer = ID.from_base58(peer_id)
+                await self._host.connect(PeerInfo(peer, [multiaddr.Multiaddr(a) for a in addrs]))
+                stream = await self._host.new_stream(peer, [PROTOCOL])
+        except BaseException:
+            del self._links[peer_id]
+            raise
+        finally:
+            opening.set()
+        link = self._links[peer_id] = _Link(stream)
+        self._nursery.start_soon(self._read_answers, peer_id, link)
+        return link
+
+    async def _read_answers(self, peer_id: str, link: _Link) -> None:
+        loop = self._loop
+        try:
+            while True:
+                msg_id, answer = await _read_message(link.stream, self.max_bytes)
+                future = link.pending.pop(msg_id, None)
+                if future is not None:
+                    loop.call_soon_threadsafe(_done, future, answer)
+        except BaseException as e:
+            link.closed = True
+            if self._links.get(peer_id) is link:
+                del self._links[peer_id]
+            for future in link.pending.values():
+                loop.call_soon_threadsafe(_fail, future, EOFError(f"the p2p stream to {peer_id} closed: {e}"))
+            link.pending.clear()
+            if not isinstance(e, Exception):
+                raise
+
+    async def close(self) -> None:
+        if self._token is not None and self._stop is not None:
+            try:
+                self._token.run_sync_soon(self._stop.set)
+            except RuntimeError:  # (the trio loop has already ended)
+                pass
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, START_TIMEOUT_S)
+
+
+def _done(future: asyncio.Future, value=None) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _fail(future: asyncio.Future, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -1,0 +1,90 @@
+"""Peer-to-peer streams through libp2p (peers/transport/p2p.py): two nodes on loopback, each on
+its own trio thread beside this test's asyncio loop."""
+
+import asyncio
+import os
+
+import pytest
+
+pytest.importorskip("libp2p", reason="the p2p extra is not installed")
+
+from peers.swarm.identity import Identity  # noqa: E402
+from peers.transport.p2p import P2PNode  # noqa: E402
+
+
+async def echo(body: bytes, remote: str) -> bytes:
+    await asyncio.sleep(0.05 * (body[0] % 3))  # (answers come back in another order than asked)
+    return body[::-1] + remote.encode()
+
+
+def test_requests_share_one_stream_and_come_back_matched_by_id():
+    async def main():
+        a, b = P2PNode(os.urandom(32), echo), P2PNode(os.urandom(32), echo)
+        await a.start()
+        await b.start()
+        try:
+            bodies = [bytes([i]) + os.urandom(3000) for i in range(24)]
+            answers = await asyncio.gather(*(a.request(b.peer_id, b.addrs, x, 10) for x in bodies))
+            assert answers == [x[::-1] + a.peer_id.encode() for x in bodies]  # (b saw a's own peer id)
+            assert len(a._links) == 1  # one stream to b for all of them
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_the_libp2p_peer_id_is_the_peers_own_ed25519_key():
+    from cryptography.hazmat.primitives import serialization
+    from libp2p.peer.id import ID
+
+    identity = Identity.generate()
+
+    async def main():
+        node = P2PNode(identity.raw_secret(), echo)
+        await node.start()
+        await node.close()
+        return node.peer_id
+
+    key = ID.from_base58(asyncio.run(main())).extract_public_key().to_bytes()
+    raw = identity._key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert key == raw
+
+
+def test_a_message_over_the_receivers_limit_is_not_read_and_the_sender_is_told():
+    """Fails without the limit: the receiver would read and answer a body of any size."""
+
+    async def main():
+        a, b = P2PNode(os.urandom(32), echo), P2PNode(os.urandom(32), echo, max_bytes=1000)
+        await a.start()
+        await b.start()
+        try:
+            assert await a.request(b.peer_id, b.addrs, b"\x00small", 10) == b"llams\x00" + a.peer_id.encode()
+            with pytest.raises(EOFError, match="closed"):
+                await a.request(b.peer_id, b.addrs, b"\x00" * 5000, 10)
+            with pytest.raises(ValueError, match="bytes; the limit is 1000"):
+                await b.request(a.peer_id, a.addrs, b"\x00" * 5000 + b"x" * (64 << 20), 10)
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_closing_a_node_fails_what_waits_on_it():
+    async def slow(body: bytes, remote: str) -> bytes:
+        await asyncio.sleep(30)
+        return body
+
+    async def main():
+        a, b = P2PNode(os.urandom(32), echo), P2PNode(os.urandom(32), slow)
+        await a.start()
+        await b.start()
+        waiting = asyncio.ensure_future(a.request(b.peer_id, b.addrs, b"\x00x", 20))
+        await asyncio.sleep(0.5)
+        await b.close()
+        with pytest.raises(EOFError):
+            await asyncio.wait_for(waiting, 10)
+        await a.close()
+
+    asyncio.run(main())
