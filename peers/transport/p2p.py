@@ -17,6 +17,7 @@ room's libp2p door; routing through it is built on it.
 """
 
 import asyncio
+import contextlib
 import logging
 import struct
 import threading
@@ -26,6 +27,9 @@ log = logging.getLogger("layerswarm.p2p")
 
 PROTOCOL = "/layerswarm/steps/1"
 MAX_INFLIGHT = 64  # requests open on one stream
+# what a relaying peer gives others (circuit relay v2): circuits live an hour and carry at most
+# 1 GiB each, 16 at once, for at most 16 peers holding reservations
+RELAY_LIMITS = dict(duration=3600, data=1 << 30, max_circuit_conns=16, max_reservations=16)
 HEADER = struct.Struct(">QI")  # id, length
 START_TIMEOUT_S = 10.0
 
@@ -82,10 +86,13 @@ class P2PNode:
         handler: Callable[[bytes, str], Awaitable[bytes]],
         listen: str = "/ip4/127.0.0.1/tcp/0",
         max_bytes: int = 64 << 20,
+        relay: bool = False,
     ):
         if not available():
             raise P2PUnavailable("peer-to-peer streams need the p2p extra: pip install 'layerswarm[p2p]'")
         self.secret, self.handler, self.listen, self.max_bytes = secret, handler, listen, max_bytes
+        self.relay = relay  # relays circuits for others, within RELAY_LIMITS
+        self._circuits = None  # circuit relay v2: the protocol, the transport, reservations
         self.peer_id = ""  # libp2p's spelling (12D3KooW...), once started
         self.addrs: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -127,8 +134,12 @@ class P2PNode:
         host = new_host(key_pair=create_new_key_pair(self.secret))
         self._host, self._stop = host, trio.Event()
         self._token = trio.lowlevel.current_trio_token()
-        async with host.run(listen_addrs=[multiaddr.Multiaddr(self.listen)]), trio.open_nursery() as nursery:
-            self._nursery = nursery
+        async with (
+            host.run(listen_addrs=[multiaddr.Multiaddr(self.listen)]),
+            trio.open_nursery() as nursery,
+            _circuits(host, self.relay) as circuits,
+        ):
+            self._nursery, self._circuits = nursery, circuits
             host.set_stream_handler(PROTOCOL, self._serve)
             self.peer_id = str(host.get_id())
             self.addrs = [str(a) for a in host.get_addrs()]
@@ -137,6 +148,52 @@ class P2PNode:
             with trio.move_on_after(2):  # (its connections' sockets closed, not left to the collector)
                 await host.get_network().close()
             nursery.cancel_scope.cancel()
+
+    async def reserve(self, relay_id: str, relay_addrs: list[str], timeout_s: float = 10.0) -> str:
+        """Take a reservation at a relaying peer, so that others reach this one through it;
+        returns this peer's relayed address there (ConnectionError if the relay refused)."""
+        return await self._on_trio(self._reserve, relay_id, relay_addrs, timeout_s)
+
+    async def _reserve(self, relay_id: str, relay_addrs: list[str], timeout_s: float) -> str:
+        import multiaddr
+        import trio
+        from libp2p.peer.id import ID
+        from libp2p.peer.peerinfo import PeerInfo
+
+        peer = ID.from_base58(relay_id)
+        with trio.fail_after(timeout_s):
+            await self._host.connect(PeerInfo(peer, [multiaddr.Multiaddr(a) for a in relay_addrs]))
+            discovery = self._circuits.discovery
+            await discovery.discover_relays()
+            if not await discovery.make_reservation(peer):
+                raise ConnectionError(f"the relay {relay_id} refused a reservation")
+        direct = next(a for a in relay_addrs if "/p2p-circuit" not in a).split("/p2p/")[0]
+        return f"{direct}/p2p/{relay_id}/p2p-circuit/p2p/{self.peer_id}"
+
+    def relayed(self) -> dict:
+        """What this peer relays for others now: reservations and open circuits."""
+        if self._circuits is None:
+            return {"reservations": 0, "circuits": 0}
+        protocol = self._circuits.protocol
+        return {
+            "reservations": len(protocol.resource_manager._reservations),
+            "circuits": len(protocol._active_relays),
+        }
+
+    async def _on_trio(self, fn, *args):
+        """Run a trio coroutine function on the node's loop; wait for it here, on asyncio."""
+        future, loop = self._loop.create_future(), self._loop
+
+        async def run() -> None:
+            try:
+                result = await fn(*args)
+            except Exception as e:
+                loop.call_soon_threadsafe(_fail, future, e)
+                return
+            loop.call_soon_threadsafe(_done, future, result)
+
+        self._token.run_sync_soon(self._nursery.start_soon, run)
+        return await future
 
     async def _serve(self, stream) -> None:
         """Requests from another peer on one stream: each body to the asyncio handler (up to
@@ -221,7 +278,11 @@ class P2PNode:
         try:
             with trio.fail_after(timeout_s):
                 peer = ID.from_base58(peer_id)
-                await self._host.connect(PeerInfo(peer, [multiaddr.Multiaddr(a) for a in addrs]))
+                relayed = [a for a in addrs if "/p2p-circuit" in a]
+                if relayed and not self._host.get_network().get_connections(peer):
+                    await self._circuits.transport.dial(multiaddr.Multiaddr(relayed[0]))
+                else:
+                    await self._host.connect(PeerInfo(peer, [multiaddr.Multiaddr(a) for a in addrs]))
                 stream = await self._host.new_stream(peer, [PROTOCOL])
         except BaseException:
             del self._links[peer_id]
@@ -258,6 +319,35 @@ class P2PNode:
                 pass
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, START_TIMEOUT_S)
+
+
+class _Circuits:
+    def __init__(self, protocol, transport, discovery):
+        self.protocol, self.transport, self.discovery = protocol, transport, discovery
+
+
+@contextlib.asynccontextmanager
+async def _circuits(host, relay: bool):
+    """Circuit relay v2 on `host`: it takes relayed connections (and makes them); with `relay`,
+    it also relays for others within RELAY_LIMITS."""
+    from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+    from libp2p.relay.circuit_v2.discovery import RelayDiscovery
+    from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID, STOP_PROTOCOL_ID, CircuitV2Protocol
+    from libp2p.relay.circuit_v2.resources import RelayLimits
+    from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+    from libp2p.tools.anyio_service import background_trio_service
+
+    limits = RelayLimits(**RELAY_LIMITS)
+    protocol = CircuitV2Protocol(host, limits=limits, allow_hop=relay)
+    host.set_stream_handler(PROTOCOL_ID, protocol._handle_hop_stream)
+    host.set_stream_handler(STOP_PROTOCOL_ID, protocol._handle_stop_stream)
+    roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if relay else RelayRole(0))
+    async with background_trio_service(protocol):
+        transport = CircuitV2Transport(host, protocol, RelayConfig(roles=roles, limits=limits))
+        discovery = RelayDiscovery(host, auto_reserve=False)
+        transport.discovery = discovery
+        async with background_trio_service(discovery):
+            yield _Circuits(protocol, transport, discovery)
 
 
 def _done(future: asyncio.Future, value=None) -> None:

@@ -88,3 +88,48 @@ def test_closing_a_node_fails_what_waits_on_it():
         await a.close()
 
     asyncio.run(main())
+
+
+def test_a_peer_reached_through_a_relay_answers_and_the_relay_sees_only_ciphertext():
+    """B takes a reservation at a relaying peer R; A knows only B's relayed address there. What R
+    forwards is end-to-end encrypted (Noise between A and B): no run of the hidden states' bytes."""
+    import torch
+
+    hidden = torch.randn(4, 576).numpy().tobytes()  # a decode frame's hidden states, float32
+    seen: list[bytes] = []
+
+    async def main():
+        relay = P2PNode(os.urandom(32), echo, relay=True)
+        a, b = P2PNode(os.urandom(32), echo), P2PNode(os.urandom(32), echo)
+        for node in (relay, a, b):
+            await node.start()
+        forward = relay._circuits.protocol._relay_data
+
+        async def recorded(src, dst, *args, **kwargs):  # every byte the relay reads, kept
+            class Recording:
+                def __getattr__(self, name):
+                    return getattr(src, name)
+
+                async def read(self, n=None):
+                    data = await src.read(n)
+                    seen.append(bytes(data))
+                    return data
+
+            return await forward(Recording(), dst, *args, **kwargs)
+
+        relay._circuits.protocol._relay_data = recorded
+        try:
+            address = await b.reserve(relay.peer_id, relay.addrs)
+            assert "/p2p-circuit/p2p/" + b.peer_id in address
+            body = b"\x01" + hidden
+            assert await a.request(b.peer_id, [address], body, 20) == body[::-1] + a.peer_id.encode()
+            assert relay.relayed()["circuits"] >= 1
+        finally:
+            for node in (a, b, relay):
+                await node.close()
+
+    asyncio.run(main())
+    forwarded = b"".join(seen)
+    assert len(forwarded) > len(hidden)  # (the request and its answer went through the relay)
+    runs = {hidden[i : i + 32] for i in range(0, len(hidden) - 32, 16)}
+    assert not any(run in forwarded for run in runs)
