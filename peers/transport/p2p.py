@@ -31,11 +31,16 @@ MAX_INFLIGHT = 64  # requests open on one stream
 # 1 GiB each, 16 at once, for at most 16 peers holding reservations
 RELAY_LIMITS = dict(duration=3600, data=1 << 30, max_circuit_conns=16, max_reservations=16)
 HEADER = struct.Struct(">QI")  # id, length
+OK, FAILED = b"\x00", b"\x01"  # an answer's first byte
 START_TIMEOUT_S = 10.0
 
 
 class P2PUnavailable(RuntimeError):
     """The `p2p` extra (py-libp2p) is not installed."""
+
+
+class P2PRequestFailed(RuntimeError):
+    """The asked peer's handler failed the request (its answer says why)."""
 
 
 def available() -> bool:
@@ -70,9 +75,10 @@ class _Link:
         import trio
 
         self.stream, self.lock = stream, trio.Lock()
-        self.pending: dict[int, asyncio.Future] = {}
+        self.pending: dict[int, object] = {}  # id -> trio.Event, set when its answer came (or never will)
+        self.answers: dict[int, bytes] = {}
         self.ids = 0
-        self.closed = False
+        self.closed, self.why = False, ""
 
 
 class P2PNode:
@@ -102,13 +108,18 @@ class P2PNode:
         self._stop = None
         self._thread: threading.Thread | None = None
         self._links: dict = {}  # peer id -> _Link, or a trio.Event while it opens
+        self._waiting: set[asyncio.Future] = set()  # asyncio futures trio owes an outcome
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         started = self._loop.create_future()
         self._thread = threading.Thread(target=self._run, args=(started,), name="p2p", daemon=True)
         self._thread.start()
-        await asyncio.wait_for(started, START_TIMEOUT_S)
+        try:
+            await asyncio.wait_for(started, START_TIMEOUT_S)
+        except BaseException:
+            await self.close()
+            raise
 
     def _run(self, started: asyncio.Future) -> None:
         import trio
@@ -124,6 +135,10 @@ class P2PNode:
                 log.error("the libp2p host stopped: %s: %s", type(e).__name__, e)
             else:
                 self._loop.call_soon_threadsafe(_fail, started, e)
+        finally:  # whatever still waits on this node will not be answered
+            closed = EOFError("the p2p node closed")
+            for future in list(self._waiting):
+                self._loop.call_soon_threadsafe(_fail, future, closed)
 
     async def _main(self, tell, started) -> None:
         import multiaddr
@@ -152,7 +167,7 @@ class P2PNode:
     async def reserve(self, relay_id: str, relay_addrs: list[str], timeout_s: float = 10.0) -> str:
         """Take a reservation at a relaying peer, so that others reach this one through it;
         returns this peer's relayed address there (ConnectionError if the relay refused)."""
-        return await self._on_trio(self._reserve, relay_id, relay_addrs, timeout_s)
+        return await self._on_trio(self._reserve, relay_id, relay_addrs, timeout_s, timeout_s=timeout_s + 1)
 
     async def _reserve(self, relay_id: str, relay_addrs: list[str], timeout_s: float) -> str:
         import multiaddr
@@ -167,7 +182,10 @@ class P2PNode:
             await discovery.discover_relays()
             if not await discovery.make_reservation(peer):
                 raise ConnectionError(f"the relay {relay_id} refused a reservation")
-        direct = next(a for a in relay_addrs if "/p2p-circuit" not in a).split("/p2p/")[0]
+        direct = next((a for a in relay_addrs if "/p2p-circuit" not in a), None)
+        if direct is None:
+            raise ValueError(f"no direct address of the relay {relay_id} among {relay_addrs}")
+        direct = direct.split("/p2p/")[0]
         return f"{direct}/p2p/{relay_id}/p2p-circuit/p2p/{self.peer_id}"
 
     def relayed(self) -> dict:
@@ -180,20 +198,36 @@ class P2PNode:
             "circuits": len(protocol._active_relays),
         }
 
-    async def _on_trio(self, fn, *args):
-        """Run a trio coroutine function on the node's loop; wait for it here, on asyncio."""
+    async def _on_trio(self, fn, *args, timeout_s: float | None = None):
+        """Run a trio coroutine function on the node's loop; wait for it here, on asyncio (for
+        at most `timeout_s`). Its outcome always comes back: a result, its error, or EOFError
+        when the node closes first."""
         future, loop = self._loop.create_future(), self._loop
+        self._waiting.add(future)
+        future.add_done_callback(self._waiting.discard)
 
         async def run() -> None:
             try:
                 result = await fn(*args)
-            except Exception as e:
-                loop.call_soon_threadsafe(_fail, future, e)
+            except BaseException as e:  # (trio.Cancelled too: the node is closing)
+                loop.call_soon_threadsafe(
+                    _fail, future, e if isinstance(e, Exception) else EOFError("closed")
+                )
+                if not isinstance(e, Exception):
+                    raise
                 return
             loop.call_soon_threadsafe(_done, future, result)
 
-        self._token.run_sync_soon(self._nursery.start_soon, run)
-        return await future
+        try:
+            self._token.run_sync_soon(self._nursery.start_soon, run)
+        except (RuntimeError, AttributeError):  # (trio.RunFinishedError; never started)
+            future.cancel()
+            raise EOFError("the p2p node is closed") from None
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        finally:
+            if not future.done():
+                future.cancel()
 
     async def _serve(self, stream) -> None:
         """Requests from another peer on one stream: each body to the asyncio handler (up to
@@ -205,11 +239,15 @@ class P2PNode:
 
         async def answer(msg_id: int, body: bytes) -> None:
             try:
-                result = await self._in_asyncio(self.handler(body, remote))
+                result = OK + await self._in_asyncio(self.handler(body, remote))
+            except Exception as e:  # (its sender is told at once, not left to time out)
+                log.info("a p2p request from %s failed: %s: %s", remote, type(e).__name__, e)
+                result = FAILED + f"{type(e).__name__}: {e}".encode()[:1000]
+            try:
                 async with lock:
                     await stream.write(HEADER.pack(msg_id, len(result)) + result)
-            except Exception as e:  # (the sender times out and goes another way)
-                log.info("a p2p request from %s failed: %s: %s", remote, type(e).__name__, e)
+            except Exception as e:  # (the stream is gone: its sender finds out)
+                log.debug("a p2p answer to %s was lost: %s", remote, e)
             finally:
                 slots.release()
 
@@ -231,7 +269,12 @@ class P2PNode:
 
         def finished(task: asyncio.Future) -> None:
             box["task"] = task
-            token.run_sync_soon(done.set)
+            if not task.cancelled():
+                task.exception()  # (retrieved here: its error goes back to the sender)
+            try:
+                token.run_sync_soon(done.set)
+            except RuntimeError:  # (trio.RunFinishedError: the node closed meanwhile)
+                pass
 
         self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(coro).add_done_callback(finished))
         await done.wait()
@@ -239,26 +282,38 @@ class P2PNode:
 
     async def request(self, peer_id: str, addrs: list[str], body: bytes, timeout_s: float) -> bytes:
         """Send `body` to the peer `peer_id` (libp2p's spelling) known at `addrs` (multiaddrs)
-        and return its answer."""
+        and return its answer (P2PRequestFailed if its handler failed there)."""
         if len(body) > self.max_bytes:
             raise ValueError(f"a message of {len(body)} bytes; the limit is {self.max_bytes}")
-        future, loop = self._loop.create_future(), self._loop
-
-        async def send() -> None:
-            try:
-                link = await self._link(peer_id, addrs, timeout_s)
-                async with link.lock:
-                    link.ids += 1
-                    link.pending[link.ids] = future
-                    await link.stream.write(HEADER.pack(link.ids, len(body)) + body)
-            except Exception as e:
-                loop.call_soon_threadsafe(_fail, future, e)
-
-        self._token.run_sync_soon(self._nursery.start_soon, send)
         try:
-            return await asyncio.wait_for(future, timeout_s)
+            answer = await self._on_trio(self._ask, peer_id, addrs, body, timeout_s, timeout_s=timeout_s)
         except TimeoutError:
             raise TimeoutError(f"no answer from {peer_id} within {timeout_s:g} s") from None
+        status, answer = answer[:1], answer[1:]
+        if status != OK:
+            raise P2PRequestFailed(f"{peer_id} failed the request: {answer.decode(errors='replace')}")
+        return answer
+
+    async def _ask(self, peer_id: str, addrs: list[str], body: bytes, timeout_s: float) -> bytes:
+        import trio
+
+        with trio.move_on_after(timeout_s) as deadline:
+            link = await self._link(peer_id, addrs, timeout_s)
+            answered = trio.Event()
+            async with link.lock:
+                link.ids += 1
+                msg_id = link.ids
+                link.pending[msg_id] = answered
+                await link.stream.write(HEADER.pack(msg_id, len(body)) + body)
+            try:
+                await answered.wait()
+            finally:
+                link.pending.pop(msg_id, None)  # (answered, timed out or closed: never left behind)
+        if deadline.cancelled_caught:
+            raise TimeoutError(f"no answer from {peer_id} within {timeout_s:g} s")
+        if link.closed and msg_id not in link.answers:
+            raise EOFError(f"the p2p stream to {peer_id} closed: {link.why}")
+        return link.answers.pop(msg_id)
 
     async def _link(self, peer_id: str, addrs: list[str], timeout_s: float) -> _Link:
         """The open stream to `peer_id`, or a new one (one opening per peer at a time)."""
@@ -294,20 +349,19 @@ class P2PNode:
         return link
 
     async def _read_answers(self, peer_id: str, link: _Link) -> None:
-        loop = self._loop
         try:
             while True:
-                msg_id, answer = await _read_message(link.stream, self.max_bytes)
-                future = link.pending.pop(msg_id, None)
-                if future is not None:
-                    loop.call_soon_threadsafe(_done, future, answer)
+                msg_id, answer = await _read_message(link.stream, self.max_bytes + 1)
+                answered = link.pending.get(msg_id)
+                if answered is not None:  # (else its asker gave up)
+                    link.answers[msg_id] = answer
+                    answered.set()
         except BaseException as e:
-            link.closed = True
+            link.closed, link.why = True, str(e) or type(e).__name__
             if self._links.get(peer_id) is link:
                 del self._links[peer_id]
-            for future in link.pending.values():
-                loop.call_soon_threadsafe(_fail, future, EOFError(f"the p2p stream to {peer_id} closed: {e}"))
-            link.pending.clear()
+            for answered in link.pending.values():
+                answered.set()
             if not isinstance(e, Exception):
                 raise
 

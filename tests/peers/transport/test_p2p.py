@@ -133,3 +133,39 @@ def test_a_peer_reached_through_a_relay_answers_and_the_relay_sees_only_cipherte
     assert len(forwarded) > len(hidden)  # (the request and its answer went through the relay)
     runs = {hidden[i : i + 32] for i in range(0, len(hidden) - 32, 16)}
     assert not any(run in forwarded for run in runs)
+
+
+def test_a_failed_handler_is_answered_at_once_and_nothing_waits_on_for_ever():
+    """A handler's error comes back as P2PRequestFailed (not a wait for the timeout); a request
+    that times out leaves nothing behind on its stream; asking a closed node is an error at once."""
+    from peers.transport.p2p import P2PRequestFailed
+
+    async def failing(body: bytes, remote: str) -> bytes:
+        if body == b"slow":
+            await asyncio.sleep(5)
+        raise ValueError("no such step")
+
+    async def main():
+        a, b = P2PNode(os.urandom(32), echo), P2PNode(os.urandom(32), failing)
+        await a.start()
+        await b.start()
+        try:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(P2PRequestFailed, match="ValueError: no such step"):
+                await a.request(b.peer_id, b.addrs, b"x", 20)
+            assert asyncio.get_running_loop().time() - started < 5
+            for _ in range(3):
+                with pytest.raises(TimeoutError):
+                    await a.request(b.peer_id, b.addrs, b"slow", 0.3)
+            await asyncio.sleep(0.3)
+            link = next(iter(a._links.values()))
+            assert link.pending == {} and link.answers == {}
+        finally:
+            await a.close()
+            await b.close()
+        with pytest.raises(EOFError):
+            await asyncio.wait_for(a.reserve(b.peer_id, b.addrs), 5)
+        with pytest.raises(EOFError):
+            await asyncio.wait_for(a.request(b.peer_id, b.addrs, b"x", 5), 5)
+
+    asyncio.run(main())
