@@ -176,6 +176,7 @@ class Pooled:
         slots = [s.cache.slot for s in members]
         offsets = [s.offset for s in members]
         self.ends = ends = [s.past + 1 for s in members]
+        _, kv_heads, size, _ = pool.kv[pool.layers[0]][0].shape  # (the pool's layers share one shape)
         self.longest, shortest = max(ends), min(ends)
         first = slots[0]  # consecutive slots are a view of the pool; others are gathered
         self.view = (
@@ -196,7 +197,6 @@ class Pooled:
             )
             # the rows' positions of each KV head, as rows of the pool seen as [-1, d] (one
             # index_copy_: an indexed store with a slice between its indices costs more)
-            _, kv_heads, size, _ = pool.kv[pool.layers[0]][0].shape
             heads = torch.arange(kv_heads, device=device)[None, :]
             self.at = ((self.slots[:, None] * kv_heads + heads) * size + positions[:, None]).flatten()
         # window -> (first key, mask, None), or (0, mask, positions [n, window]) where each row
@@ -216,9 +216,8 @@ class Pooled:
                 inside = None if shortest >= window else (at < lengths[:, None])[:, None, None, :]
                 # each row's window of each KV head, as rows of the pool seen as [-1, d]: one
                 # index_select (an indexed read with a slice between its indices costs ~6x)
-                _, kv_heads, positions, _ = pool.kv[pool.layers[0]][0].shape
                 heads = torch.arange(kv_heads, device=device)[None, :, None]
-                flat = ((self.slots[:, None, None] * kv_heads + heads) * positions + at[:, None, :]).flatten()
+                flat = ((self.slots[:, None, None] * kv_heads + heads) * size + at[:, None, :]).flatten()
                 self.masks[window] = (0, inside, flat)  # (no mask where every row fills its window)
                 continue
             keys = torch.arange(first_key, self.longest, device=device)[None, :]
